@@ -1,0 +1,181 @@
+"""`DDPMTargetPipeline`: `diffusers.DDPMPipeline` for ε, x0 and μ models, with trajectories."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .scheduling_ddpm_target import DDPMTargetScheduler
+from .trajectory import DDPMTrajectory
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+STOCK_UNET = ("diffusers", "UNet2DModel")
+PACKAGE_SCHEDULER = ("ddpm_pipeline", "DDPMTargetScheduler")
+
+
+@dataclass
+class DDPMTargetPipelineOutput(ImagePipelineOutput):
+    """``images`` as the parent returns them, and the ``trajectory`` when one was asked for."""
+
+    trajectory: DDPMTrajectory | None = None
+
+
+class DDPMTargetPipeline(DDPMPipeline):
+    """Ancestral DDPM sampling for networks that predict ε, x0 or μ (and v), full or respaced.
+
+    Parameters:
+        unet: the denoising `UNet2DModel` (or :class:`~ddpm_pipeline.DDPMUNet`).
+        scheduler: a :class:`~ddpm_pipeline.DDPMTargetScheduler`; a stock `DDPMScheduler` is
+            converted to one with the same betas and options.
+
+    ``save_pretrained`` writes a folder that ``diffusers.DDPMPipeline.from_pretrained`` loads:
+    with stock class names only (no need for this package) for ε, x0 and v targets; with
+    ``["ddpm_pipeline", "DDPMTargetScheduler"]`` for μ, which then needs ``ddpm_pipeline``
+    installed.
+    """
+
+    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler):
+        if not isinstance(scheduler, DDPMScheduler):
+            raise TypeError(
+                f"DDPMTargetPipeline samples with DDPMTargetScheduler, got {type(scheduler).__name__}; "
+                "pass a DDPMTargetScheduler or a diffusers DDPMScheduler."
+            )
+        scheduler = DDPMTargetScheduler.from_stock_scheduler(scheduler)
+        super().__init__(unet=unet, scheduler=scheduler)
+        # DDPMUNet adds no config: record it as the stock class it saves as.
+        if isinstance(unet, UNet2DModel):
+            self.register_to_config(unet=STOCK_UNET)
+        self.register_to_config(scheduler=PACKAGE_SCHEDULER)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """Save as a `DDPMPipeline` folder (``model_index.json``, ``unet/``, ``scheduler/``).
+
+        For ε, x0 and v the scheduler is written as a stock `DDPMScheduler`
+        (:meth:`DDPMTargetScheduler.to_stock_scheduler`, which keeps this package's config in a
+        private key), so the folder loads without ``ddpm_pipeline``. Keyword arguments go to
+        `DiffusionPipeline.save_pretrained`.
+        """
+        if self.scheduler.is_stock_compatible():
+            portable = DDPMPipeline(unet=self.unet, scheduler=self.scheduler.to_stock_scheduler())
+        else:
+            portable = DDPMPipeline(unet=self.unet, scheduler=self.scheduler)
+            portable.register_to_config(scheduler=PACKAGE_SCHEDULER)
+        portable.register_to_config(unet=self.config.unet)
+        portable.save_pretrained(save_directory, **kwargs)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        trajectory_steps: int | Sequence[int] | None = None,
+    ) -> DDPMTargetPipelineOutput | tuple:
+        r"""Sample ``batch_size`` images by ancestral sampling.
+
+        Args:
+            batch_size: number of images.
+            generator: a `torch.Generator` (or one per image) for deterministic sampling.
+            num_inference_steps: how many of the T training steps to visit; ``None`` means all T.
+                Fewer steps respace the chain (``timestep_spacing`` picks them) and use each
+                step's exact respaced posterior (:meth:`DDPMTargetScheduler.step`).
+            output_type: ``"pil"`` (`PIL.Image` list), ``"np"`` (``[B, H, W, C]`` in [0, 1]) or
+                ``"pt"`` (``[B, C, H, W]`` in [0, 1]).
+            return_dict: return a :class:`DDPMTargetPipelineOutput` instead of a tuple.
+            trajectory_steps: record ``x_t``, ``ε̂`` and ``x̂_0`` at these visited timesteps, or at
+                this many evenly spaced ones (first and last included); see
+                :func:`~ddpm_pipeline.render_trajectory`.
+
+        Returns:
+            :class:`DDPMTargetPipelineOutput` (``images``, ``trajectory``), or the tuple
+            ``(images,)`` / ``(images, trajectory)`` when a trajectory was recorded.
+
+        The state ``x_t`` is kept in float32 when the UNet runs in half precision.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"Got {len(generator)} generators for batch_size {batch_size}: pass one per image.")
+        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        if num_inference_steps is None:
+            num_inference_steps = num_train_timesteps
+        if not 1 <= num_inference_steps <= num_train_timesteps:
+            raise ValueError(
+                f"num_inference_steps must be between 1 and num_train_timesteps={num_train_timesteps}, "
+                f"got {num_inference_steps}."
+            )
+
+        sample_size = self.unet.config.sample_size
+        size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
+        shape = (batch_size, self.unet.config.in_channels, *size)
+        device = self._execution_device
+        unet_dtype = self.unet.dtype
+        state_dtype = torch.float32 if unet_dtype in (torch.float16, torch.bfloat16) else unet_dtype
+        image = randn_tensor(shape, generator=generator, device=device, dtype=unet_dtype).to(state_dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps)
+        visited = [int(t) for t in self.scheduler.timesteps]
+        record = set(_trajectory_timesteps(trajectory_steps, visited))
+        snapshots: dict[str, list[torch.Tensor]] = {"samples": [], "noise": [], "x0": []}
+
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_output = self.unet(image.to(unet_dtype), t).sample
+            step = self.scheduler.step(model_output, t, image, generator=generator)
+            if int(t) in record:
+                snapshots["samples"].append(image.float().cpu())
+                snapshots["noise"].append(
+                    self.scheduler.predict_epsilon(model_output.float(), image.float(), int(t)).cpu()
+                )
+                snapshots["x0"].append(step.pred_original_sample.float().cpu())
+            image = step.prev_sample
+
+        trajectory = None
+        if record:
+            trajectory = DDPMTrajectory(
+                timesteps=[t for t in visited if t in record],
+                samples=torch.stack(snapshots["samples"]),
+                noise_predictions=torch.stack(snapshots["noise"]),
+                x0_predictions=torch.stack(snapshots["x0"]),
+            )
+
+        images = (image / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            images = images.float().cpu().permute(0, 2, 3, 1).numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+
+        if not return_dict:
+            return (images,) if trajectory is None else (images, trajectory)
+        return DDPMTargetPipelineOutput(images=images, trajectory=trajectory)
+
+
+def _trajectory_timesteps(trajectory_steps: int | Sequence[int] | None, visited: list[int]) -> list[int]:
+    """The visited timesteps to record: ``k`` evenly spaced ones, or the given ones (checked)."""
+    if trajectory_steps is None:
+        return []
+    if isinstance(trajectory_steps, (int, np.integer)):
+        count = int(trajectory_steps)
+        if count < 1:
+            raise ValueError(f"trajectory_steps must be ≥ 1, got {count}.")
+        positions = np.linspace(0, len(visited) - 1, min(count, len(visited))).round().astype(int)
+        return [visited[i] for i in sorted(set(positions.tolist()))]
+    chosen = [int(t) for t in trajectory_steps]
+    missing = sorted(set(chosen) - set(visited))
+    if missing:
+        raise ValueError(
+            f"trajectory_steps {missing} are not visited by this sampler (it visits {visited[0]}..{visited[-1]} "
+            f"in {len(visited)} steps); pick from pipe.scheduler.timesteps or pass a count."
+        )
+    return chosen

@@ -1,0 +1,24 @@
+"""Shared test settings: offline, deterministic, small."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+
+diffusers_logging.disable_progress_bar()
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+def public_config(config) -> dict:
+    """A config without diffusers' private bookkeeping keys (``_class_name``, ``_use_default_values``…)."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}

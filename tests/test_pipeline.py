@@ -1,0 +1,190 @@
+"""DDPMTargetPipeline: sampling, outputs, trajectories and folders stock diffusers loads."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import public_config
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
+from PIL import Image
+
+from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
+
+TARGETS = ["epsilon", "x0", "mu"]
+
+
+def make_pipeline(target="epsilon", channels=1, **scheduler_options) -> DDPMTargetPipeline:
+    torch.manual_seed(0)
+    unet = DDPMUNet.from_preset("ddpm-tiny-16", in_channels=channels).eval()
+    options = dict(prediction_type=target, num_train_timesteps=100, beta_schedule="cosine")
+    pipe = DDPMTargetPipeline(unet=unet, scheduler=DDPMTargetScheduler(**{**options, **scheduler_options}))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample(pipe, steps=10, batch_size=2, seed=0, **kwargs):
+    return pipe(
+        batch_size=batch_size,
+        generator=torch.Generator().manual_seed(seed),
+        num_inference_steps=steps,
+        output_type="pt",
+        **kwargs,
+    )
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_round_trip_through_ours_and_stock_loaders(tmp_path, target):
+    pipe = make_pipeline(target, variance_type="fixed_large", timestep_spacing="trailing")
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "DDPMPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DModel"]
+    expected_scheduler = ["ddpm_pipeline", "DDPMTargetScheduler"] if target == "mu" else ["diffusers", "DDPMScheduler"]
+    assert index["scheduler"] == expected_scheduler
+
+    reference = sample(pipe).images
+    ours = DDPMTargetPipeline.from_pretrained(tmp_path)
+    assert isinstance(ours.scheduler, DDPMTargetScheduler)
+    assert public_config(ours.scheduler.config) == public_config(pipe.scheduler.config)
+    assert public_config(ours.unet.config) == public_config(pipe.unet.config)
+    for name, tensor in pipe.unet.state_dict().items():
+        assert torch.equal(ours.unet.state_dict()[name], tensor), name
+    assert torch.equal(sample(ours).images, reference)
+
+    for loader in (DDPMPipeline, DiffusionPipeline):
+        stock = loader.from_pretrained(tmp_path)
+        stock.set_progress_bar_config(disable=True)
+        assert type(stock) is DDPMPipeline
+        images = stock(
+            batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10, output_type="pt"
+        ).images
+        if target == "mu":  # the stock pipeline drives our scheduler: identical
+            assert isinstance(stock.scheduler, DDPMTargetScheduler)
+            assert torch.equal(images, reference)
+        else:  # a stock DDPMScheduler with float32 tables
+            assert type(stock.scheduler) is DDPMScheduler
+            torch.testing.assert_close(images, reference, rtol=0, atol=2e-3)
+
+
+def test_stock_diffusers_without_the_package(tmp_path):
+    """ε and x0 folders load and sample where ddpm_pipeline cannot be imported; a μ folder cannot."""
+    for target in TARGETS:
+        make_pipeline(target).save_pretrained(tmp_path / target)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["ddpm_pipeline"] = None  # as if the package were not installed
+        import torch
+        from diffusers import DDPMPipeline
+        for target in {TARGETS!r}:
+            try:
+                pipe = DDPMPipeline.from_pretrained({str(tmp_path)!r} + "/" + target)
+                images = pipe(batch_size=1, num_inference_steps=5, output_type="np").images
+                print(target, "loaded", images.shape)
+            except Exception as error:
+                print(target, "failed", type(error).__name__)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert "epsilon loaded (1, 16, 16, 1)" in lines
+    assert "x0 loaded (1, 16, 16, 1)" in lines
+    assert any(line.startswith("mu failed") for line in lines)
+
+
+def test_same_images_as_stock_pipeline_on_the_full_chain():
+    """With a stock DDPMScheduler given, our pipeline draws the same noise and follows the same chain."""
+    pipe = make_pipeline("epsilon")
+    stock_scheduler = DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2")
+    stock = DDPMPipeline(unet=pipe.unet, scheduler=stock_scheduler)
+    ours = DDPMTargetPipeline(unet=pipe.unet, scheduler=stock_scheduler)
+    for p in (stock, ours):
+        p.set_progress_bar_config(disable=True)
+    assert isinstance(ours.scheduler, DDPMTargetScheduler)
+    a = ours(batch_size=3, generator=torch.Generator().manual_seed(1), num_inference_steps=100, output_type="pt").images
+    b = stock(
+        batch_size=3, generator=torch.Generator().manual_seed(1), num_inference_steps=100, output_type="pt"
+    ).images
+    torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("channels,mode", [(1, "L"), (3, "RGB")])
+def test_output_types_grayscale_and_rgb(channels, mode):
+    pipe = make_pipeline("x0", channels=channels)
+    kwargs = dict(batch_size=2, num_inference_steps=4)
+    pt = pipe(generator=torch.Generator().manual_seed(0), output_type="pt", **kwargs).images
+    np_images = pipe(generator=torch.Generator().manual_seed(0), output_type="np", **kwargs).images
+    pil = pipe(generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert pt.shape == (2, channels, 16, 16) and 0 <= pt.min() and pt.max() <= 1
+    assert isinstance(np_images, np.ndarray) and np_images.shape == (2, 16, 16, channels)
+    np.testing.assert_array_equal(np_images, pt.permute(0, 2, 3, 1).numpy())
+    assert len(pil) == 2 and pil[0].mode == mode and pil[0].size == (16, 16)
+    (images,) = pipe(generator=torch.Generator().manual_seed(0), output_type="pt", return_dict=False, **kwargs)
+    assert torch.equal(images, pt)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_trajectory(tmp_path, target):
+    pipe = make_pipeline(target)
+    out = sample(pipe, steps=20, trajectory_steps=5)
+    trajectory = out.trajectory
+    visited = [int(t) for t in pipe.scheduler.timesteps]
+    assert trajectory.timesteps[0] == visited[0] and trajectory.timesteps[-1] == 0
+    assert len(trajectory.timesteps) == 5
+    assert trajectory.samples.shape == (5, 2, 1, 16, 16)
+    # the first snapshot is the initial noise x_T
+    assert torch.equal(trajectory.samples[0], torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
+    # the last step maps x_1 to x̂0 exactly (b_0 = 1, c_0 = 0), so the image is the last x̂0
+    torch.testing.assert_close(out.images, (trajectory.x0_predictions[-1] / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-6)
+    # predicted noise is the network's ε̂, converted for x0 and μ models
+    t0 = trajectory.timesteps[0]
+    with torch.no_grad():
+        raw = pipe.unet(trajectory.samples[0], t0).sample
+    expected_noise = pipe.scheduler.predict_epsilon(raw, trajectory.samples[0], t0)
+    torch.testing.assert_close(trajectory.noise_predictions[0], expected_noise)
+    image = trajectory.save_png(tmp_path / "trajectory.png", max_images=2, cell_size=32)
+    reopened = Image.open(tmp_path / "trajectory.png")
+    assert reopened.size == image.size and reopened.size[0] > 5 * 32 and reopened.size[1] > 6 * 32
+
+
+def test_trajectory_at_chosen_steps_and_errors():
+    pipe = make_pipeline("epsilon")
+    pipe.scheduler.set_timesteps(10)
+    chosen = [int(pipe.scheduler.timesteps[2]), 0]
+    out = sample(pipe, steps=10, trajectory_steps=chosen)
+    assert out.trajectory.timesteps == chosen
+    with pytest.raises(ValueError, match="not visited"):
+        sample(pipe, steps=10, trajectory_steps=[5])
+    with pytest.raises(ValueError, match="num_inference_steps must be between 1 and num_train_timesteps=100"):
+        sample(pipe, steps=101)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(output_type="latent")
+    with pytest.raises(ValueError, match="generators for batch_size"):
+        pipe(batch_size=2, generator=[torch.Generator()])
+    with pytest.raises(TypeError, match="DDPMTargetScheduler"):
+        DDPMTargetPipeline(unet=pipe.unet, scheduler=object())
+
+
+def test_default_steps_is_the_full_chain_and_generators_per_image():
+    # ε, not μ: an untrained μ net's x̂0 = (μ̂ - c_t x_t)/b_t magnifies batch-size rounding by 1/b_t
+    pipe = make_pipeline("epsilon")
+    out = pipe(batch_size=2, generator=[torch.Generator().manual_seed(i) for i in range(2)], output_type="pt")
+    assert len(pipe.scheduler.timesteps) == 100
+    single = pipe(batch_size=1, generator=[torch.Generator().manual_seed(1)], output_type="pt").images
+    torch.testing.assert_close(out.images[1:], single)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sampling_matches_cpu():
+    pipe = make_pipeline("mu")
+    cpu = sample(pipe, steps=10).images
+    pipe.to("cuda")
+    gpu = pipe(
+        batch_size=2, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=10, output_type="pt"
+    ).images
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-3)
