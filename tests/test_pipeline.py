@@ -180,11 +180,13 @@ def test_default_steps_is_the_full_chain_and_generators_per_image():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_sampling_matches_cpu():
-    pipe = make_pipeline("mu")
+def test_cuda_sampling_matches_cpu(monkeypatch):
+    # ε: an untrained μ net magnifies rounding by 1/b_t (see above); TF32 off for an fp32 comparison
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    pipe = make_pipeline("epsilon")
     cpu = sample(pipe, steps=10).images
     pipe.to("cuda")
-    gpu = pipe(
-        batch_size=2, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=10, output_type="pt"
-    ).images
-    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-3)
+    gpu = pipe(batch_size=2, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=10, output_type="pt").images
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-4)
