@@ -187,6 +187,8 @@ def test_cuda_sampling_matches_cpu(monkeypatch):
     pipe = make_pipeline("epsilon")
     cpu = sample(pipe, steps=10).images
     pipe.to("cuda")
-    gpu = pipe(batch_size=2, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=10, output_type="pt").images
+    gpu = pipe(
+        batch_size=2, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=10, output_type="pt"
+    ).images
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-4)

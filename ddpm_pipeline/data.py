@@ -1,0 +1,211 @@
+"""Image data through HF `datasets`: a Hub name, an image folder, a saved data set, or the bundled one.
+
+Every source becomes a `datasets.Dataset` with an image column; :class:`ImagePreprocessor` turns
+its images into training tensors in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+#: Fashion-MNIST's 10,000 test images (MIT license, © 2017 Zalando SE; LICENSE beside them).
+BUNDLED_DIR = Path(__file__).parent / "bundled_data" / "fashion_mnist"
+BUNDLED_IMAGES = BUNDLED_DIR / "t10k-images-idx3-ubyte.gz"
+BUNDLED_LABELS = BUNDLED_DIR / "t10k-labels-idx1-ubyte.gz"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+IMAGE_COLUMN_NAMES = ("image", "img")
+RESIZE_MODES = ("auto", "crop", "pad")
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file (MNIST format, gzip or raw) as a numpy array.
+
+    Layout: two zero bytes, a type byte (``0x08`` = uint8), the number of dimensions ``d``, then
+    ``d`` big-endian uint32 sizes and the data in C order.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file (MNIST format): its header is {raw[:4]!r}.")
+    ndim = raw[3]
+    shape = tuple(int(n) for n in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: its header promises {shape} but it holds {data.size} values.")
+    return data.reshape(shape)
+
+
+def images_to_dataset(
+    images: np.ndarray, labels: np.ndarray | None = None, class_names: list[str] | None = None
+) -> datasets.Dataset:
+    """uint8 images ``[N, H, W]`` or ``[N, H, W, C]`` (and labels) as a Dataset with an Image column."""
+    columns: dict[str, list] = {"image": [Image.fromarray(image) for image in images]}
+    features = {"image": datasets.Image()}
+    if labels is not None:
+        if len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels.")
+        columns["label"] = [int(label) for label in labels]
+        features["label"] = datasets.ClassLabel(names=class_names) if class_names else datasets.Value("int64")
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+def idx_to_dataset(
+    images_path: str | Path, labels_path: str | Path | None = None, class_names: list[str] | None = None
+) -> datasets.Dataset:
+    """MNIST / Fashion-MNIST IDX files as a Dataset (``image``, and ``label`` when given)."""
+    images = read_idx(images_path)
+    if images.ndim != 3:
+        raise ValueError(f"{images_path} holds an array of shape {images.shape}; expected images [N, H, W].")
+    labels = read_idx(labels_path) if labels_path is not None else None
+    return images_to_dataset(images, labels, class_names)
+
+
+def cifar10_archive_to_dataset(archive_path: str | Path, split: str = "train") -> datasets.Dataset:
+    """The CIFAR-10 python archive (``cifar-10-python.tar.gz``) as a Dataset with ``img`` and
+    ``label`` columns, as the Hub's ``cifar10`` names them; ``split`` is ``"train"`` or ``"test"``."""
+    members = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    if split not in members:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    images, labels = [], []
+    with tarfile.open(archive_path, "r:*") as archive:
+        names = {Path(member.name).name: member for member in archive.getmembers()}
+        for wanted in members[split]:
+            if wanted not in names:
+                raise ValueError(f"{archive_path} has no {wanted}: is it the CIFAR-10 *python* archive?")
+            batch = pickle.loads(archive.extractfile(names[wanted]).read(), encoding="bytes")  # noqa: S301
+            images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.extend(batch[b"labels"])
+    dataset = images_to_dataset(np.concatenate(images), np.asarray(labels), CIFAR10_CLASSES)
+    return dataset.rename_column("image", "img")
+
+
+def bundled_dataset() -> datasets.Dataset:
+    """The data set shipped inside the package: Fashion-MNIST's 10,000 test images (28×28, gray)."""
+    return idx_to_dataset(BUNDLED_IMAGES, BUNDLED_LABELS, FASHION_MNIST_CLASSES)
+
+
+def load_image_dataset(
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    train_data_dir: str | Path | None = None,
+    dataset_path: str | Path | None = None,
+    cache_dir: str | None = None,
+) -> datasets.Dataset:
+    """One split of images from exactly one source, or the bundled data set when none is given.
+
+    ``dataset_name``: a Hub data set (``load_dataset(name, config, split=split)``);
+    ``train_data_dir``: a local folder of images (the ``imagefolder`` builder);
+    ``dataset_path``: a data set written by ``save_to_disk`` (a ``DatasetDict`` is indexed by
+    ``split``).
+    """
+    given = [
+        name
+        for name, value in (
+            ("dataset_name", dataset_name),
+            ("train_data_dir", train_data_dir),
+            ("dataset_path", dataset_path),
+        )
+        if value
+    ]
+    if len(given) > 1:
+        raise ValueError(f"Give one data source, not {' and '.join(given)}.")
+    if dataset_name:
+        return datasets.load_dataset(dataset_name, dataset_config, split=split, cache_dir=cache_dir)
+    if train_data_dir:
+        folder = Path(train_data_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--train_data_dir {folder} is not a folder.")
+        return datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=cache_dir)
+    if dataset_path:
+        path = Path(dataset_path)
+        if not path.exists():
+            raise FileNotFoundError(f"--dataset_path {path} does not exist (write one with Dataset.save_to_disk).")
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{path} has splits {sorted(loaded)}, not {split!r}: pass --split.")
+            loaded = loaded[split]
+        return loaded
+    return bundled_dataset()
+
+
+def find_image_column(dataset: datasets.Dataset, image_column: str | None = None) -> str:
+    """The column holding the images: ``image_column`` if given, else ``image`` or ``img``, else
+    the only column with an `Image` feature."""
+    columns = dataset.column_names
+    if image_column:
+        if image_column not in columns:
+            raise ValueError(f"--image_column {image_column!r} is not a column; the columns are {columns}.")
+        return image_column
+    for name in IMAGE_COLUMN_NAMES:
+        if name in columns:
+            return name
+    image_features = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
+    if len(image_features) == 1:
+        return image_features[0]
+    raise ValueError(f"Cannot tell which column holds the images (columns: {columns}); pass --image_column.")
+
+
+@dataclass(frozen=True)
+class ImagePreprocessor:
+    """PIL image → float tensor ``[C, R, R]`` in [-1, 1], the same for training and evaluation.
+
+    1. convert to ``"L"`` (``channels=1``) or ``"RGB"`` (``channels=3``);
+    2. ``resize_mode``: ``"pad"`` centers the image on a black R×R canvas (28 → 32 for MNIST-like
+       data); ``"crop"`` resizes the shorter side to R (bicubic) and center-crops; ``"auto"`` pads
+       images no larger than R and crops the rest;
+    3. scale ``x/127.5 - 1``; a random horizontal flip when ``random_flip``.
+    """
+
+    resolution: int
+    channels: int = 1
+    resize_mode: str = "auto"
+    random_flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}.")
+        if self.resolution < 1:
+            raise ValueError(f"resolution must be positive, got {self.resolution}.")
+
+    def to_pil(self, image: Image.Image) -> Image.Image:
+        """Steps 1–2: the R×R image in the right mode."""
+        image = image.convert("L" if self.channels == 1 else "RGB")
+        size = self.resolution
+        width, height = image.size
+        pad = self.resize_mode == "pad" or (self.resize_mode == "auto" and width <= size and height <= size)
+        if pad:
+            if width > size or height > size:
+                raise ValueError(f"Cannot pad a {width}x{height} image to {size}x{size}: use resize_mode='crop'.")
+            canvas = Image.new(image.mode, (size, size), 0)
+            canvas.paste(image, ((size - width) // 2, (size - height) // 2))
+            return canvas
+        scale = size / min(width, height)
+        resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
+        left, top = (resized.width - size) // 2, (resized.height - size) // 2
+        return resized.crop((left, top, left + size, top + size))
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        array = np.asarray(self.to_pil(image), dtype=np.float32)
+        tensor = torch.from_numpy(array.reshape(self.resolution, self.resolution, self.channels)).permute(2, 0, 1)
+        tensor = tensor / 127.5 - 1.0
+        if self.random_flip and torch.rand((), generator=generator).item() < 0.5:
+            tensor = tensor.flip(-1)
+        return tensor.contiguous()

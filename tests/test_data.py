@@ -1,0 +1,166 @@
+"""Data sources, column detection, preprocessing and the offline converters."""
+
+import gzip
+import io
+import pickle
+import struct
+import tarfile
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_pipeline.convert import main as convert
+from ddpm_pipeline.data import (
+    ImagePreprocessor,
+    bundled_dataset,
+    find_image_column,
+    load_image_dataset,
+    read_idx,
+)
+
+
+def write_idx(path, array: np.ndarray, compress: bool = True) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+
+
+def test_bundled_dataset_is_fashion_mnist_test_set():
+    dataset = bundled_dataset()
+    assert dataset.num_rows == 10_000
+    assert find_image_column(dataset) == "image"
+    first = dataset[0]
+    assert first["image"].size == (28, 28) and first["image"].mode == "L"
+    assert dataset.features["label"].names[first["label"]] == "Ankle boot"  # the set's first test image
+    counts = np.bincount(dataset["label"], minlength=10)
+    assert counts.tolist() == [1000] * 10
+    assert load_image_dataset().num_rows == 10_000  # no source given → bundled
+
+
+def test_read_idx_round_trip_and_errors(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 7, 6), dtype=np.uint8)
+    write_idx(tmp_path / "a.gz", images)
+    write_idx(tmp_path / "a.raw", images, compress=False)
+    assert np.array_equal(read_idx(tmp_path / "a.gz"), images)
+    assert np.array_equal(read_idx(tmp_path / "a.raw"), images)
+    (tmp_path / "bad").write_bytes(b"PNG.....")
+    with pytest.raises(ValueError, match="not an unsigned-byte IDX file"):
+        read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes((tmp_path / "a.raw").read_bytes()[:-3])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(tmp_path / "short")
+
+
+def test_idx_converter(tmp_path):
+    images = np.random.default_rng(1).integers(0, 256, (6, 28, 28), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 3, 4, 9], dtype=np.uint8)
+    write_idx(tmp_path / "img.gz", images)
+    write_idx(tmp_path / "lab.gz", labels)
+    out = convert(
+        [
+            "idx",
+            "--images",
+            str(tmp_path / "img.gz"),
+            "--labels",
+            str(tmp_path / "lab.gz"),
+            "--classes",
+            "fashion-mnist",
+            "--output",
+            str(tmp_path / "out"),
+        ]
+    )
+    dataset = load_image_dataset(dataset_path=out)
+    assert dataset.num_rows == 6 and dataset["label"] == labels.tolist()
+    assert np.array_equal(np.asarray(dataset[3]["image"]), images[3])
+    assert dataset.features["label"].names[9] == "Ankle boot"
+
+
+def test_cifar10_converter(tmp_path):
+    rng = np.random.default_rng(2)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    batches = {}
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            data = rng.integers(0, 256, (2, 3072), dtype=np.uint8)
+            batches[name] = data
+            blob = pickle.dumps({b"data": data, b"labels": [1, 7]})
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    out = convert(["cifar10", "--archive", str(archive), "--split", "train", "--output", str(tmp_path / "train")])
+    dataset = load_image_dataset(dataset_path=out)
+    assert dataset.num_rows == 10 and dataset.column_names == ["img", "label"]
+    assert find_image_column(dataset) == "img"
+    # CIFAR rows are channel-planar (1024 R, 1024 G, 1024 B)
+    expected = batches["data_batch_1"][0].reshape(3, 32, 32).transpose(1, 2, 0)
+    assert np.array_equal(np.asarray(dataset[0]["img"]), expected)
+    test = convert(["cifar10", "--archive", str(archive), "--split", "test", "--output", str(tmp_path / "test")])
+    assert load_image_dataset(dataset_path=test).num_rows == 2
+
+
+def test_imagefolder_source_and_column_detection(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(folder / "b.png")
+    Image.fromarray(rng.integers(0, 256, (20, 20, 4), dtype=np.uint8), "RGBA").save(folder / "c.png")
+    dataset = load_image_dataset(train_data_dir=folder)
+    assert dataset.num_rows == 3
+    column = find_image_column(dataset)
+    for channels in (1, 3):
+        preprocess = ImagePreprocessor(resolution=32, channels=channels)
+        tensors = [preprocess(image) for image in dataset[column]]
+        assert all(t.shape == (channels, 32, 32) for t in tensors)
+        assert all(-1 <= t.min() and t.max() <= 1 for t in tensors)
+    with pytest.raises(ValueError, match="Give one data source"):
+        load_image_dataset(train_data_dir=folder, dataset_path=folder)
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        load_image_dataset(train_data_dir=tmp_path / "missing")
+
+
+def test_saved_dataset_dict_and_column_rules(tmp_path):
+    pictures = [Image.new("L", (8, 8), 10 * i) for i in range(3)]
+    dataset = datasets.Dataset.from_dict(
+        {"picture": pictures, "n": [0, 1, 2]},
+        features=datasets.Features({"picture": datasets.Image(), "n": datasets.Value("int64")}),
+    )
+    datasets.DatasetDict({"train": dataset, "test": dataset.select([0])}).save_to_disk(str(tmp_path / "dd"))
+    assert load_image_dataset(dataset_path=tmp_path / "dd", split="test").num_rows == 1
+    with pytest.raises(ValueError, match="has splits"):
+        load_image_dataset(dataset_path=tmp_path / "dd", split="validation")
+    assert find_image_column(dataset) == "picture"  # the only Image feature
+    assert find_image_column(dataset, "picture") == "picture"
+    with pytest.raises(ValueError, match="--image_column 'photo' is not a column"):
+        find_image_column(dataset, "photo")
+    image = datasets.Image()
+    two = datasets.Dataset.from_dict(
+        {"a": pictures, "b": pictures}, features=datasets.Features({"a": image, "b": image})
+    )
+    with pytest.raises(ValueError, match="pass --image_column"):
+        find_image_column(two)
+
+
+def test_preprocessing_pads_crops_flips_and_scales():
+    square = Image.fromarray(np.full((28, 28), 255, np.uint8))
+    padded = ImagePreprocessor(resolution=32)(square)
+    assert padded.shape == (1, 32, 32)
+    assert (
+        torch.all(padded[:, 2:30, 2:30] == 1) and torch.all(padded[:, :2] == -1) and torch.all(padded[:, :, 30:] == -1)
+    )
+    gradient = Image.fromarray(np.tile(np.arange(64, dtype=np.uint8) * 4, (48, 1)))  # 64 wide, 48 high
+    cropped = ImagePreprocessor(resolution=16, resize_mode="crop")(gradient)
+    assert cropped.shape == (1, 16, 16)
+    assert cropped[0, 0, 0] < cropped[0, 0, -1]  # left-to-right gradient kept
+    flipper = ImagePreprocessor(resolution=16, resize_mode="crop", random_flip=True)
+    outcomes = {bool(flipper(gradient, torch.Generator().manual_seed(s))[0, 0, 0] > 0) for s in range(20)}
+    assert outcomes == {True, False}  # both orientations occur
+    rgb = ImagePreprocessor(resolution=8, channels=3)(Image.new("L", (8, 8), 0))
+    assert rgb.shape == (3, 8, 8) and torch.all(rgb == -1)
+    with pytest.raises(ValueError, match="Cannot pad a 40x40 image"):
+        ImagePreprocessor(resolution=32, resize_mode="pad")(Image.new("L", (40, 40)))
+    with pytest.raises(ValueError, match="channels must be 1"):
+        ImagePreprocessor(resolution=32, channels=2)
