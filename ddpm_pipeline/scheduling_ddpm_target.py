@@ -122,6 +122,7 @@ class DDPMTargetScheduler(DDPMScheduler):
         self.alphas = self.schedule.alphas.float()
         self.alphas_cumprod = self.schedule.alphas_cumprod.float()
         self._device_tables: dict[tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
+        self._conversions: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._previous: dict[int, int] = {}
 
     # ------------------------------------------------------------------ loading and saving
@@ -196,27 +197,22 @@ class DDPMTargetScheduler(DDPMScheduler):
         values = cached[timesteps.to(like.device).long()]
         return values.reshape(-1, *([1] * (like.ndim - 1)))
 
-    def _table(self, name: str) -> torch.Tensor:
-        return getattr(self.schedule, name)
+    def _schedule_coefficient(self, name: str, timesteps: Timesteps, like: torch.Tensor) -> float | torch.Tensor:
+        """:meth:`_coefficient` of the :class:`NoiseSchedule` table called ``name``."""
+        return self._coefficient(name, getattr(self.schedule, name), timesteps, like)
 
     # ------------------------------------------------------------------ forward process
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε`` (sample from ``q(x_t | x_0)``)."""
-        root_bar = self._coefficient(
-            "sqrt_alphas_cumprod", self._table("sqrt_alphas_cumprod"), timesteps, original_samples
-        )
-        root_one_minus = self._coefficient(
-            "sqrt_one_minus_alphas_cumprod", self._table("sqrt_one_minus_alphas_cumprod"), timesteps, original_samples
-        )
+        root_bar = self._schedule_coefficient("sqrt_alphas_cumprod", timesteps, original_samples)
+        root_one_minus = self._schedule_coefficient("sqrt_one_minus_alphas_cumprod", timesteps, original_samples)
         noisy = root_bar * _work(original_samples) + root_one_minus * _work(noise)
         return noisy.to(original_samples.dtype)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``v = √ᾱ_t ε - √(1-ᾱ_t) x_0`` (the ``v_prediction`` target)."""
-        root_bar = self._coefficient("sqrt_alphas_cumprod", self._table("sqrt_alphas_cumprod"), timesteps, sample)
-        root_one_minus = self._coefficient(
-            "sqrt_one_minus_alphas_cumprod", self._table("sqrt_one_minus_alphas_cumprod"), timesteps, sample
-        )
+        root_bar = self._schedule_coefficient("sqrt_alphas_cumprod", timesteps, sample)
+        root_one_minus = self._schedule_coefficient("sqrt_one_minus_alphas_cumprod", timesteps, sample)
         return (root_bar * _work(noise) - root_one_minus * _work(sample)).to(sample.dtype)
 
     # ------------------------------------------------------------------ parameterizations
@@ -239,8 +235,10 @@ class DDPMTargetScheduler(DDPMScheduler):
         to_type = canonical_prediction_type(to_type)
         if from_type == to_type:
             return model_output
-        k1, k2 = self.schedule.conversion_coefficients(from_type, to_type)
         name = f"{from_type}->{to_type}"
+        if name not in self._conversions:
+            self._conversions[name] = self.schedule.conversion_coefficients(from_type, to_type)
+        k1, k2 = self._conversions[name]
         c1 = self._coefficient(name + ":k1", k1, timesteps, sample)
         c2 = self._coefficient(name + ":k2", k2, timesteps, sample)
         out = c1 * _work(model_output) + c2 * _work(sample)
@@ -302,10 +300,10 @@ class DDPMTargetScheduler(DDPMScheduler):
             return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
         if weighting != "vlb":
             raise ValueError(f"Unknown loss weighting {weighting!r}: choose one of {', '.join(LOSS_WEIGHTINGS)}.")
-        weights = self.schedule.vlb_weights(self.config.prediction_type, self.config.variance_type)
-        key = ("vlb:" + self.config.prediction_type, timesteps.device, torch.float32)
+        key = ("vlb", timesteps.device, torch.float32)
         table = self._device_tables.get(key)
         if table is None:
+            weights = self.schedule.vlb_weights(self.config.prediction_type, self.config.variance_type)
             table = self._device_tables[key] = weights.float().to(timesteps.device)
         return table[timesteps.long()]
 
