@@ -6,6 +6,7 @@ sampling and evaluation call the methods here instead of re-deriving them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -188,14 +189,19 @@ class DDPMTargetScheduler(DDPMScheduler):
         """
         if isinstance(timesteps, (int, np.integer)) or (isinstance(timesteps, torch.Tensor) and timesteps.ndim == 0):
             return float(table[int(timesteps)])
-        dtype = _work_dtype(like.dtype)
-        key = (name, like.device, dtype)
-        cached = self._device_tables.get(key)
-        if cached is None:
-            cached = table.to(dtype=dtype).to(like.device)
-            self._device_tables[key] = cached
-        values = cached[timesteps.to(like.device).long()]
+        on_device = self._on_device(name, like.device, _work_dtype(like.dtype), lambda: table)
+        values = on_device[timesteps.to(like.device).long()]
         return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def _on_device(
+        self, name: str, device: torch.device, dtype: torch.dtype, build: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """The float64 table ``build()`` cast to ``dtype`` on ``device``, built and copied once per key."""
+        key = (name, device, dtype)
+        table = self._device_tables.get(key)
+        if table is None:
+            table = self._device_tables[key] = build().to(dtype=dtype).to(device)
+        return table
 
     def _schedule_coefficient(self, name: str, timesteps: Timesteps, like: torch.Tensor) -> float | torch.Tensor:
         """:meth:`_coefficient` of the :class:`NoiseSchedule` table called ``name``."""
@@ -300,11 +306,12 @@ class DDPMTargetScheduler(DDPMScheduler):
             return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
         if weighting != "vlb":
             raise ValueError(f"Unknown loss weighting {weighting!r}: choose one of {', '.join(LOSS_WEIGHTINGS)}.")
-        key = ("vlb", timesteps.device, torch.float32)
-        table = self._device_tables.get(key)
-        if table is None:
-            weights = self.schedule.vlb_weights(self.config.prediction_type, self.config.variance_type)
-            table = self._device_tables[key] = weights.float().to(timesteps.device)
+        table = self._on_device(
+            "vlb",
+            timesteps.device,
+            torch.float32,
+            lambda: self.schedule.vlb_weights(self.config.prediction_type, self.config.variance_type),
+        )
         return table[timesteps.long()]
 
     # ------------------------------------------------------------------ sampling
