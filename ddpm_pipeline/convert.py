@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> Path:
     for sub in (idx, cifar):
         sub.add_argument("--output", required=True, type=Path, help="folder for Dataset.save_to_disk")
     args = parser.parse_args(argv)
-    if args.output.exists() and any(args.output.iterdir()):
-        parser.error(f"--output {args.output} exists and is not empty; choose a new folder.")
+    if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
+        parser.error(f"--output {args.output} exists and is not an empty folder; choose a new folder.")
     if args.format == "idx":
         dataset = idx_to_dataset(args.images, args.labels, CLASS_NAMES[args.classes])
     else:

@@ -76,6 +76,10 @@ def test_idx_converter(tmp_path):
     assert dataset.num_rows == 6 and dataset["label"] == labels.tolist()
     assert np.array_equal(np.asarray(dataset[3]["image"]), images[3])
     assert dataset.features["label"].names[9] == "Ankle boot"
+    (tmp_path / "a_file").write_text("x")
+    for taken in (out, tmp_path / "a_file"):  # a non-empty folder or a file: refused before any work
+        with pytest.raises(SystemExit):
+            convert(["idx", "--images", str(tmp_path / "img.gz"), "--output", str(taken)])
 
 
 def test_cifar10_converter(tmp_path):
