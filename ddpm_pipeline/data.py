@@ -209,3 +209,50 @@ class ImagePreprocessor:
         if self.random_flip and torch.rand((), generator=generator).item() < 0.5:
             tensor = tensor.flip(-1)
         return tensor.contiguous()
+
+
+class TrainingImages(torch.utils.data.Dataset):
+    """A `datasets.Dataset`'s image column as preprocessed tensors ``[C, R, R]`` in [-1, 1].
+
+    Random flips are left to the training step (which draws them from its own seeded generator),
+    so an item depends only on its index and resumed runs see exactly the same data.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, image_column: str, preprocess: ImagePreprocessor):
+        if len(dataset) == 0:
+            raise ValueError("The training data set is empty.")
+        self.images = dataset.select_columns([image_column])
+        self.image_column = image_column
+        self.preprocess = ImagePreprocessor(preprocess.resolution, preprocess.channels, preprocess.resize_mode)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        image = self.images[int(index)][self.image_column]
+        if not isinstance(image, Image.Image):
+            raise TypeError(
+                f"Column {self.image_column!r} holds {type(image).__name__}, not images: pass --image_column."
+            )
+        return self.preprocess(image)
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """A fresh random order each epoch that depends only on ``(seed, epoch)``:
+    ``randperm(n, generator=seeded(seed + epoch))``. Call :meth:`set_epoch` before iterating; a
+    resumed run re-creates the same order and skips the batches already seen."""
+
+    def __init__(self, num_items: int, seed: int = 0):
+        self.num_items = num_items
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_items, generator=generator).tolist())

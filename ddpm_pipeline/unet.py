@@ -50,6 +50,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "norm_num_groups": 8,
         "dropout": 0.0,
     },
+    # The main job's network: Fashion-MNIST at its native 28x28 (levels 28, 14, 7) on two CPU cores.
+    "ddpm-small-28": {
+        **_DDPM_COMMON,
+        "sample_size": 28,
+        "in_channels": 1,
+        "out_channels": 1,
+        "layers_per_block": 1,
+        "block_out_channels": (24, 48, 96),
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 8,
+        "dropout": 0.0,
+    },
     # For tests: a few thousand parameters per block, 16x16.
     "ddpm-tiny-16": {
         **_DDPM_COMMON,
