@@ -1,0 +1,122 @@
+"""Resumable checkpoints: written atomically, found again by step, pruned to a limit.
+
+A checkpoint is a folder ``checkpoint-<step>`` holding Accelerate's ``save_state`` (weights,
+optimizer, learning-rate schedule, EMA, random states) and ``trainer_state.json``. It is written
+under a temporary name and renamed into place only once complete, so a crash mid-write never
+leaves a folder that looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE_NAME = "trainer_state.json"
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a folder named ``checkpoint-<step>``, else None."""
+    match = _CHECKPOINT_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest (smallest step) first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [
+        path
+        for path in folder.iterdir()
+        if path.is_dir() and checkpoint_step(path) is not None and (path / TRAINER_STATE_NAME).is_file()
+    ]
+    return sorted(found, key=checkpoint_step)
+
+
+def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | None) -> Path | None:
+    """The checkpoint folder ``--resume_from_checkpoint`` names.
+
+    ``None`` → none; ``"latest"`` → the newest complete one in ``output_dir`` (None when there is
+    none yet, so a first run and its restarts share one command); otherwise a path, which must be
+    a complete checkpoint.
+    """
+    if not resume_from_checkpoint:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {path} is not a folder: give a checkpoint-N folder from an "
+            f"earlier run's --output_dir, or 'latest'."
+        )
+    if not (path / TRAINER_STATE_NAME).is_file():
+        raise ValueError(
+            f"{path} has no {TRAINER_STATE_NAME}: it is not a complete checkpoint (an interrupted write "
+            f"leaves only a .tmp folder). Give another checkpoint-N folder or 'latest'."
+        )
+    return path
+
+
+def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    """The ``trainer_state.json`` of a checkpoint (``global_step``, ``training_config``…)."""
+    return json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
+
+
+def write_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    save_state: Callable[[Path], None],
+    trainer_state: dict[str, Any],
+    is_main_process: bool = True,
+    wait_for_everyone: Callable[[], None] = lambda: None,
+) -> Path:
+    """Write ``checkpoint-<step>`` atomically and return its path.
+
+    ``save_state(folder)`` (every process calls it: Accelerate writes each process's random
+    state) fills a temporary folder; the main process then adds ``trainer_state.json`` last and
+    renames the folder into place. An older checkpoint of the same step is replaced.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    temporary = output_dir / f".{final.name}.tmp"
+    if is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    wait_for_everyone()
+    save_state(temporary)
+    wait_for_everyone()
+    if is_main_process:
+        state_file = temporary / TRAINER_STATE_NAME
+        partial = state_file.with_suffix(".json.partial")
+        partial.write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+        os.replace(partial, state_file)
+        if final.exists():
+            stale = output_dir / f".{final.name}.old"
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(temporary, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(temporary, final)
+    wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[Path]:
+    """Delete the oldest complete checkpoints beyond ``total_limit``; return what was deleted."""
+    if total_limit is None:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    doomed = checkpoints[: max(0, len(checkpoints) - total_limit)]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed

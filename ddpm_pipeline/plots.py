@@ -1,0 +1,82 @@
+"""PNG outputs a person looks at: sample grids and the training-loss curve."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2, scale: int = 2) -> Image.Image:
+    """Tile images ``[N, H, W, C]`` with values in [0, 1] (C = 1 or 3) into one picture.
+
+    ``columns`` defaults to ``ceil(√N)``; cells are separated by ``padding`` white pixels and the
+    whole grid is enlarged ``scale`` times (nearest neighbour, so pixels stay sharp).
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"image_grid takes images [N, H, W, 1 or 3], got shape {images.shape}.")
+    count, height, width, channels = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    pixels = (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+    canvas = np.full(
+        (rows * (height + padding) + padding, columns * (width + padding) + padding, channels), 255, np.uint8
+    )
+    for index in range(count):
+        row, column = divmod(index, columns)
+        top, left = padding + row * (height + padding), padding + column * (width + padding)
+        canvas[top : top + height, left : left + width] = pixels[index]
+    grid = Image.fromarray(canvas[..., 0] if channels == 1 else canvas, mode="L" if channels == 1 else "RGB")
+    return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST) if scale > 1 else grid
+
+
+def save_image_grid(images: np.ndarray, path: str | Path, **grid_kwargs) -> Path:
+    """Write :func:`image_grid` of ``images`` as a PNG; return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, **grid_kwargs).save(path, format="PNG")
+    return path
+
+
+def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+    """Trailing mean over up to ``window`` values: ``m_i = mean(v_{max(0, i-window+1)..i})``."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return values
+    cumulative = np.concatenate([[0.0], np.cumsum(values)])
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(0, ends - window)
+    return (cumulative[ends] - cumulative[starts]) / (ends - starts)
+
+
+def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | Path, title: str = "") -> Path:
+    """Plot the per-step loss (faint) and its moving average (window = steps/50) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    if len(steps):
+        window = max(1, len(steps) // 50)
+        axis.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
+        axis.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=1.8,
+                  label=f"moving average ({window} steps)")  # fmt: skip
+        if min(losses) > 0:
+            axis.set_yscale("log")
+        axis.legend()
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("training loss")
+    axis.set_title(title or "training loss")
+    axis.grid(True, which="both", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    plt.close(figure)
+    return path
+

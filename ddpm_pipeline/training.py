@@ -1,0 +1,440 @@
+"""The training loop behind ``train_ddpm.py``: Accelerate, EMA, checkpoints, grids and logs.
+
+Reproducibility: the weights are initialized from ``--seed``; each epoch's data order depends
+only on ``(seed, epoch)`` (:class:`~ddpm_pipeline.data.EpochShuffleSampler`); every micro-batch
+draws its timesteps, noise, flips and dropout from a seed derived from ``(seed, epoch, batch,
+process)``. A run resumed from a checkpoint therefore continues exactly as the uninterrupted run
+would have (on the CPU: bit for bit).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from .checkpointing import (
+    list_checkpoints,
+    prune_checkpoints,
+    read_trainer_state,
+    resolve_checkpoint,
+    write_checkpoint,
+)
+from .data import EpochShuffleSampler, ImagePreprocessor, TrainingImages, find_image_column, load_image_dataset
+from .losses import diffusion_loss
+from .pipeline_ddpm_target import DDPMTargetPipeline
+from .plots import save_image_grid, save_loss_curve
+from .scheduling_ddpm_target import DDPMTargetScheduler
+from .training_config import CONFIG_FILE_NAME, TrainingConfig
+from .unet import DDPMUNet
+
+logger = get_logger(__name__, log_level="INFO")
+
+LOSS_HISTORY_NAME = "loss_history.csv"
+LOSS_CURVE_NAME = "loss_curve.png"
+SAMPLES_NAME = "samples.png"
+TRAJECTORY_NAME = "trajectory.png"
+GRID_FOLDER = "samples"
+
+
+@dataclass
+class TrainingResult:
+    """What a finished :func:`train` produced."""
+
+    output_dir: Path
+    global_step: int
+    final_loss: float | None
+    samples_path: Path | None
+
+
+def micro_batch_seed(seed: int, epoch: int, batch_index: int, process_index: int) -> int:
+    """A well-mixed 63-bit seed for one micro-batch (NumPy ``SeedSequence`` of the four numbers)."""
+    state = np.random.SeedSequence([seed, epoch, batch_index, process_index]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def cpu_threads_per_process(num_processes: int) -> int:
+    """The cores this process may use (its CPU affinity) shared among the local processes.
+
+    ``accelerate launch`` sets ``OMP_NUM_THREADS=1`` unless its config says ``use_cpu``, which
+    would leave a CPU run on one core; the trainer sets torch's thread count from this instead.
+    """
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+    return max(1, available // max(1, local_processes))
+
+
+def build_ema(unet: torch.nn.Module, config: TrainingConfig) -> EMAModel:
+    """diffusers' `EMAModel`: after the n-th optimizer step, ``θ̄ ← d_n θ̄ + (1 - d_n) θ`` with
+    ``d_1 = 0`` and, for ``n ≥ 2``, ``d_n = clamp(1 - (1 + (n-1)/γ)^(-p), min_decay, max_decay)``
+    (``--ema_warmup``) or ``clamp((1 + (n-1))/(10 + (n-1)), min_decay, max_decay)``."""
+    return EMAModel(
+        unet.parameters(),
+        decay=config.ema_max_decay,
+        min_decay=config.ema_min_decay,
+        use_ema_warmup=config.ema_warmup,
+        inv_gamma=config.ema_inv_gamma,
+        power=config.ema_power,
+        foreach=True,
+    )
+
+
+def build_scheduler(config: TrainingConfig) -> DDPMTargetScheduler:
+    """The noise scheduler these options describe."""
+    return DDPMTargetScheduler(
+        num_train_timesteps=config.num_train_timesteps,
+        beta_schedule=config.beta_schedule,
+        prediction_type=config.prediction_type,
+        variance_type=config.variance_type,
+    )
+
+
+def _tracker_config(config: TrainingConfig) -> dict[str, Any]:
+    """The options as TensorBoard hparams accept them (numbers, strings, booleans)."""
+    flat = {}
+    for key, value in config.to_dict().items():
+        flat[key] = value if isinstance(value, int | float | str | bool) else json.dumps(value)
+    return flat
+
+
+class _LossHistory:
+    """``loss_history.csv`` (step, loss, learning rate), kept across resumes: rows after the
+    resumed step (from the run that crashed) are dropped."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+        self.rows: list[tuple[int, float, float]] = []
+        if not enabled:
+            return
+        if resume_step > 0 and path.is_file():
+            with path.open(newline="") as handle:
+                for row in csv.DictReader(handle):
+                    if int(row["step"]) <= resume_step:
+                        self.rows.append((int(row["step"]), float(row["loss"]), float(row["lr"])))
+        with path.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["step", "loss", "lr"])
+            writer.writerows(self.rows)
+        self._handle = path.open("a", newline="")
+        self._writer = csv.writer(self._handle)
+
+    def append(self, step: int, loss: float, lr: float) -> None:
+        if self.enabled:
+            self.rows.append((step, loss, lr))
+            self._writer.writerow([step, f"{loss:.6g}", f"{lr:.6g}"])
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._handle.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._handle.close()
+
+
+class Trainer:
+    """One training run; :meth:`run` does everything (see :func:`train`)."""
+
+    def __init__(self, config: TrainingConfig):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            mixed_precision=config.mixed_precision,
+            log_with=None if config.report_to == "none" else config.report_to,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / config.logging_dir)
+            ),
+        )
+        if self.accelerator.device.type == "cpu":
+            torch.set_num_threads(config.num_cpu_threads or cpu_threads_per_process(self.accelerator.num_processes))
+        self.checkpoint = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint)
+        if self.checkpoint is not None:
+            self._check_resumable(self.checkpoint)
+        elif self.accelerator.is_main_process and list_checkpoints(self.output_dir):
+            logger.warning(
+                f"{self.output_dir} already holds checkpoints from an earlier run; this run starts afresh "
+                "and will replace them. Pass --resume_from_checkpoint latest to continue that run instead."
+            )
+        set_seed(config.seed)
+        self.unet_config = DDPMUNet.preset_config(config.model, **config.unet_overrides_dict())
+        self.noise_scheduler = build_scheduler(config)
+        self._build_data()
+        self.unet = DDPMUNet(**self.unet_config)
+        self.ema = build_ema(self.unet, config) if config.use_ema else None
+        self.optimizer = torch.optim.AdamW(
+            self.unet.parameters(),
+            lr=config.learning_rate,
+            betas=(config.adam_beta1, config.adam_beta2),
+            weight_decay=config.adam_weight_decay,
+            eps=config.adam_epsilon,
+        )
+        self.unet, self.optimizer, self.dataloader = self.accelerator.prepare(
+            self.unet, self.optimizer, self.dataloader
+        )
+        self.steps_per_epoch = math.ceil(len(self.dataloader) / config.gradient_accumulation_steps)
+        self.total_steps = config.max_train_steps or config.num_epochs * self.steps_per_epoch
+        # Stepped by hand once per optimizer step (not through accelerate.prepare, which steps it
+        # once per process), and checkpointed with the rest.
+        self.lr_scheduler = get_scheduler(
+            config.lr_scheduler,
+            optimizer=self.optimizer,
+            num_warmup_steps=config.lr_warmup_steps,
+            num_training_steps=self.total_steps,
+        )
+        self.accelerator.register_for_checkpointing(self.lr_scheduler)
+        if self.ema is not None:
+            self.ema.to(self.accelerator.device)
+            self.accelerator.register_for_checkpointing(self.ema)
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _check_resumable(self, checkpoint: Path) -> None:
+        saved = read_trainer_state(checkpoint).get("training_config")
+        if saved is None:
+            return
+        differences = TrainingConfig(**saved).architecture_differences(self.config)
+        if differences:
+            raise ValueError(
+                f"Cannot resume from {checkpoint}: it was trained with other model/diffusion options "
+                f"(checkpoint vs now: {'; '.join(differences)}). Repeat that run's options, or start a new "
+                "--output_dir."
+            )
+
+    def _build_data(self) -> None:
+        config = self.config
+        with self.accelerator.main_process_first():
+            dataset = load_image_dataset(
+                dataset_name=config.dataset_name,
+                dataset_config=config.dataset_config,
+                split=config.split,
+                train_data_dir=config.train_data_dir,
+                dataset_path=config.dataset_path,
+                cache_dir=config.cache_dir,
+            )
+        column = find_image_column(dataset, config.image_column)
+        preprocess = ImagePreprocessor(
+            resolution=self.unet_config["sample_size"],
+            channels=self.unet_config["in_channels"],
+            resize_mode=config.resize_mode,
+        )
+        self.train_images = TrainingImages(dataset, column, preprocess)
+        per_step = config.train_batch_size * self.accelerator.num_processes
+        if len(self.train_images) < per_step:
+            raise ValueError(
+                f"The data set has {len(self.train_images)} images, fewer than one batch of {per_step} "
+                f"(--train_batch_size {config.train_batch_size} × {self.accelerator.num_processes} processes): "
+                "lower --train_batch_size or add images."
+            )
+        self.sampler = EpochShuffleSampler(len(self.train_images), seed=config.seed)
+        self.dataloader = torch.utils.data.DataLoader(
+            self.train_images,
+            batch_size=config.train_batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=config.dataloader_num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=config.dataloader_num_workers > 0,
+        )
+
+    # -- pieces of the loop ------------------------------------------------------------------
+
+    def sampling_unet(self) -> DDPMUNet:
+        """A float32 copy of the network for sampling and saving, holding the EMA weights."""
+        unet = DDPMUNet(**self.unet_config)
+        unet.load_state_dict(self.accelerator.unwrap_model(self.unet).state_dict())
+        if self.ema is not None:
+            self.ema.copy_to(unet.parameters())
+        return unet.to(self.accelerator.device).eval()
+
+    def sampling_pipeline(self) -> DDPMTargetPipeline:
+        pipeline = DDPMTargetPipeline(unet=self.sampling_unet(), scheduler=build_scheduler(self.config))
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def save_grid(self, path: Path, trajectory_path: Path | None = None) -> Path:
+        """Sample ``--num_grid_images`` images (always from the same seed) and write the grid."""
+        pipeline = self.sampling_pipeline()
+        output = pipeline(
+            batch_size=self.config.num_grid_images,
+            generator=torch.Generator().manual_seed(self.config.seed),
+            num_inference_steps=self.config.grid_inference_steps,
+            output_type="np",
+            trajectory_steps=8 if trajectory_path is not None else None,
+        )
+        save_image_grid(output.images, path)
+        if trajectory_path is not None:
+            output.trajectory.save_png(trajectory_path)
+        return path
+
+    def save_checkpoint(self, step: int) -> Path:
+        path = write_checkpoint(
+            self.output_dir,
+            step,
+            save_state=lambda folder: self.accelerator.save_state(str(folder)),
+            trainer_state={
+                "global_step": step,
+                "epoch": step // self.steps_per_epoch,
+                "training_config": self.config.to_dict(),
+            },
+            is_main_process=self.accelerator.is_main_process,
+            wait_for_everyone=self.accelerator.wait_for_everyone,
+        )
+        if self.accelerator.is_main_process:
+            for removed in prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit):
+                logger.info(f"removed old checkpoint {removed}")
+        return path
+
+    def save_pipeline(self) -> None:
+        """``save_pretrained`` of the EMA pipeline into ``output_dir`` and the options beside it;
+        written to a temporary folder first and moved into place part by part."""
+        staging = self.output_dir / ".pipeline.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.sampling_pipeline().save_pretrained(staging)
+        self.config.save(staging / CONFIG_FILE_NAME)
+        for entry in sorted(staging.iterdir()):
+            target = self.output_dir / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            entry.replace(target)
+        staging.rmdir()
+
+    def _training_step(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its (detached) loss."""
+        config = self.config
+        torch.manual_seed(seed)  # dropout
+        generator = torch.Generator(device=images.device).manual_seed(seed)
+        if config.random_flip:
+            flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        with self.accelerator.accumulate(self.unet):
+            loss = diffusion_loss(
+                self.unet, self.noise_scheduler, images, weighting=config.loss_weighting, generator=generator
+            )
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and config.max_grad_norm is not None:
+                self.accelerator.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> TrainingResult:
+        config, accelerator = self.config, self.accelerator
+        is_main = accelerator.is_main_process
+        global_step = 0
+        if self.checkpoint is not None:
+            accelerator.load_state(str(self.checkpoint))
+            global_step = read_trainer_state(self.checkpoint)["global_step"]
+            logger.info(f"resumed from {self.checkpoint} at step {global_step}")
+        if is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            config.save(self.output_dir / CONFIG_FILE_NAME)
+        if config.report_to != "none":
+            accelerator.init_trackers("train_ddpm", config=_tracker_config(config))
+        history = _LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=is_main)
+        parameters = sum(p.numel() for p in self.unet.parameters())
+        logger.info(
+            f"{len(self.train_images)} images, {self.unet_config['in_channels']}×{self.unet_config['sample_size']}²; "
+            f"{config.model}: {parameters:,} parameters; {self.steps_per_epoch} steps per epoch; "
+            f"training to step {self.total_steps} (batch {config.train_batch_size} × "
+            f"{config.gradient_accumulation_steps} accumulation × {accelerator.num_processes} processes)"
+        )
+        progress = tqdm(
+            total=self.total_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process
+        )
+        first_epoch = global_step // self.steps_per_epoch
+        batches_done = (global_step % self.steps_per_epoch) * config.gradient_accumulation_steps
+        last_loss: float | None = None
+        micro_losses: list[torch.Tensor] = []
+        start = time.perf_counter()
+        epoch = first_epoch
+        while global_step < self.total_steps:
+            skip = batches_done if epoch == first_epoch else 0
+            loader = accelerator.skip_first_batches(self.dataloader, skip) if skip else self.dataloader
+            # Accelerate's loaders pass their own epoch count to the sampler when iterated; set it.
+            loader.set_epoch(epoch)
+            self.sampler.set_epoch(epoch)
+            self.unet.train()
+            for batch_index, images in enumerate(loader, start=skip):
+                seed = micro_batch_seed(config.seed, epoch, batch_index, accelerator.process_index)
+                micro_losses.append(self._training_step(images, seed))
+                if not accelerator.sync_gradients:
+                    continue
+                self.lr_scheduler.step()
+                if self.ema is not None:
+                    self.ema.step(self.unet.parameters())
+                global_step += 1
+                last_loss = accelerator.gather(torch.stack(micro_losses).mean()).mean().item()
+                micro_losses = []
+                lr = self.lr_scheduler.get_last_lr()[0]
+                history.append(global_step, last_loss, lr)
+                progress.update(1)
+                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+                accelerator.log({"loss": last_loss, "lr": lr, "epoch": epoch}, step=global_step)
+                done = global_step >= self.total_steps
+                if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 and not done:
+                    history.flush()
+                    self.save_checkpoint(global_step)
+                if config.save_images_steps and global_step % config.save_images_steps == 0 and not done:
+                    if is_main:
+                        self.save_grid(self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png")
+                    self.unet.train()
+                    accelerator.wait_for_everyone()
+                if done:
+                    break
+            epoch += 1
+        progress.close()
+        history.flush()
+        elapsed = time.perf_counter() - start
+        logger.info(f"trained to step {global_step} in {elapsed:.0f} s; writing the pipeline and the grid")
+        self.save_checkpoint(global_step)
+        samples_path = None
+        if is_main:
+            self.save_pipeline()
+            samples_path = self.save_grid(
+                self.output_dir / SAMPLES_NAME, trajectory_path=self.output_dir / TRAJECTORY_NAME
+            )
+            (self.output_dir / GRID_FOLDER).mkdir(exist_ok=True)
+            shutil.copyfile(samples_path, self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png")
+            steps, losses = [row[0] for row in history.rows], [row[1] for row in history.rows]
+            save_loss_curve(steps, losses, self.output_dir / LOSS_CURVE_NAME,
+                            title=f"{config.model}, {config.prediction_type} target, {config.beta_schedule} schedule")  # fmt: skip
+        history.close()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return TrainingResult(self.output_dir, global_step, last_loss, samples_path)
+
+
+def train(config: TrainingConfig) -> TrainingResult:
+    """Train a DDPM as ``config`` says and write, into ``config.output_dir``: the EMA pipeline
+    (``model_index.json``, ``unet/``, ``scheduler/``) with ``training_config.json``; ``samples.png``
+    and ``trajectory.png``; ``samples/step_N.png`` grids; ``loss_history.csv`` and
+    ``loss_curve.png``; ``checkpoint-N/`` folders; TensorBoard logs in ``logs/``."""
+    return Trainer(config).run()
+
+
+def main(argv: list[str] | None = None) -> TrainingResult:
+    """The ``train_ddpm.py`` command line."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    result = train(TrainingConfig.from_args(argv))
+    logger.info(f"done: the pipeline, samples.png and loss_curve.png are in {result.output_dir}")
+    return result

@@ -1,0 +1,260 @@
+"""`TrainingConfig`: every option of a training run, its defaults, checks and command line.
+
+The defaults are the main job: the small UNet preset trained on the bundled Fashion-MNIST images
+on a CPU in minutes. `docs` of each field is the command line's help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import RESIZE_MODES
+from .schedules import VARIANCE_TYPES, canonical_prediction_type
+from .unet import PRESETS
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+LOSS_WEIGHTINGS = ("simple", "vlb")
+BETA_SCHEDULES = ("linear", "cosine")
+TRAINING_PREDICTION_TYPES = ("epsilon", "x0", "mu", "v_prediction")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+REPORT_TO = ("tensorboard", "none")
+CONFIG_FILE_NAME = "training_config.json"
+
+#: Options that define the network and its objective: a checkpoint only resumes a run that agrees on them.
+ARCHITECTURE_FIELDS = (
+    "model",
+    "block_out_channels",
+    "layers_per_block",
+    "dropout",
+    "unet_overrides",
+    "resolution",
+    "channels",
+    "prediction_type",
+    "beta_schedule",
+    "num_train_timesteps",
+    "variance_type",
+)
+
+
+def _option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
+    """A dataclass field whose metadata carries its command-line help."""
+    factory = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(**factory, metadata={"help": help, **argparse_kwargs})
+
+
+@dataclass
+class TrainingConfig:
+    """All settings of one `train` run (see ``python train_ddpm.py --help``)."""
+
+    # data
+    dataset_name: str | None = _option(None, "A data set on the Hugging Face Hub, e.g. cifar10 (needs the network).")
+    dataset_config: str | None = _option(None, "The Hub data set's configuration name, if it has several.")
+    split: str = _option("train", "Which split of --dataset_name / --dataset_path to train on.")
+    train_data_dir: str | None = _option(None, "A local folder of images (read with the `imagefolder` builder).")
+    dataset_path: str | None = _option(None, "A data set written by `Dataset.save_to_disk` (see ddpm_pipeline.convert).")
+    image_column: str | None = _option(None, "The column holding the images (default: image, img, or the one Image column).")
+    cache_dir: str | None = _option(None, "Where `datasets` caches downloads and builds.")
+    resolution: int | None = _option(None, "Training image size in pixels (default: the model preset's sample_size).")
+    channels: int | None = _option(None, "1 = grayscale, 3 = RGB (default: the model preset's in_channels).", choices=(1, 3))
+    resize_mode: str = _option("auto", "pad (center on black), crop (resize + center crop), auto = pad if smaller.", choices=RESIZE_MODES)
+    random_flip: bool = _option(False, "Flip training images left-right at random.")
+    dataloader_num_workers: int = _option(0, "DataLoader worker processes (0 = load in the main process).")
+    num_cpu_threads: int | None = _option(None, "Torch threads per process when training on the CPU (default: the available cores / processes; `accelerate launch` would otherwise leave 1).")
+    # model
+    model: str = _option("ddpm-small-28", "UNet preset (DDPMUNet.preset_names()).", choices=tuple(sorted(PRESETS)))
+    block_out_channels: list[int] | None = _option(None, "Override the preset's channels per resolution level.", nargs="+", type=int)
+    layers_per_block: int | None = _option(None, "Override the preset's ResNet blocks per level.")
+    dropout: float | None = _option(None, "Override the preset's dropout rate.")
+    unet_overrides: str | None = _option(None, 'Any other UNet2DModel options as JSON, e.g. \'{"norm_num_groups": 16}\'.')
+    # diffusion
+    prediction_type: str = _option("epsilon", "What the network predicts: the noise, the clean image or the posterior mean.", choices=TRAINING_PREDICTION_TYPES)
+    beta_schedule: str = _option("linear", "Noise schedule: linear (Ho et al.) or cosine (Nichol & Dhariwal).", choices=BETA_SCHEDULES)
+    num_train_timesteps: int = _option(1000, "Diffusion steps T.")
+    loss_weighting: str = _option("simple", "simple = unweighted MSE on the target; vlb = the variational bound's weights.", choices=LOSS_WEIGHTINGS)
+    variance_type: str = _option("fixed_small", "Sampling variance: fixed_small (posterior β̃_t) or fixed_large (β_t).", choices=VARIANCE_TYPES)
+    # optimization
+    train_batch_size: int = _option(32, "Images per device per forward pass.")
+    gradient_accumulation_steps: int = _option(1, "Forward passes per optimizer step.")
+    learning_rate: float = _option(2e-3, "Peak learning rate (AdamW).")
+    lr_scheduler: str = _option("cosine", "Learning-rate schedule after warmup.", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _option(100, "Optimizer steps of linear warmup.")
+    adam_beta1: float = _option(0.9, "AdamW β1.")
+    adam_beta2: float = _option(0.999, "AdamW β2.")
+    adam_weight_decay: float = _option(0.0, "AdamW decoupled weight decay.")
+    adam_epsilon: float = _option(1e-8, "AdamW ε.")
+    max_grad_norm: float | None = _option(1.0, "Clip the gradient's global norm to this (none to disable).")
+    max_train_steps: int | None = _option(800, "Optimizer steps to train; overrides --num_epochs (none = use epochs).")
+    num_epochs: int = _option(10, "Passes over the data set when --max_train_steps is none.")
+    # EMA
+    use_ema: bool = _option(True, "Keep an exponential moving average of the weights for sampling and saving.")
+    ema_max_decay: float = _option(0.9999, "The EMA decay's ceiling.")
+    ema_min_decay: float = _option(0.0, "The EMA decay's floor.")
+    ema_warmup: bool = _option(True, "Warm the decay up as 1 - (1 + n/γ)^-p; without it, (1 + n)/(10 + n).")
+    ema_inv_gamma: float = _option(1.0, "γ of the EMA warmup.")
+    ema_power: float = _option(0.75, "p of the EMA warmup (3/4 suits short runs, 2/3 long ones).")
+    # precision and reproducibility
+    mixed_precision: str | None = _option(None, "no, fp16 or bf16 autocast (default: accelerate's config).", choices=MIXED_PRECISION)
+    seed: int = _option(0, "Seed for weights, data order, noise and dropout: a run is reproducible on the CPU.")
+    # outputs
+    output_dir: str = _option("outputs/ddpm-fashion-mnist", "Where the pipeline, checkpoints, grids and logs go.")
+    checkpointing_steps: int | None = _option(400, "Save a resumable checkpoint every N optimizer steps (none = only at the end).")
+    checkpoints_total_limit: int | None = _option(2, "Keep at most this many checkpoints, deleting the oldest.")
+    resume_from_checkpoint: str | None = _option(None, "latest, or the path of a checkpoint-N folder.")
+    save_images_steps: int | None = _option(400, "Write a sample grid every N optimizer steps (and always at the end).")
+    num_grid_images: int = _option(64, "Images in each sample grid (a square number looks best).")
+    grid_inference_steps: int = _option(100, "Sampling steps for the grids (respaced; T gives the full chain).")
+    report_to: str = _option("tensorboard", "Where to log the loss besides the progress bar.", choices=REPORT_TO)
+    logging_dir: str = _option("logs", "TensorBoard folder, relative to --output_dir.")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ValueError` naming the bad option and what to give instead."""
+        problems = []
+
+        def positive(name: str, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if value is None or value < 1:
+                problems.append(f"--{name} must be a positive integer, got {value}.")
+
+        for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "num_train_timesteps",
+                     "num_grid_images", "grid_inference_steps"):  # fmt: skip
+            positive(name)
+        for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "save_images_steps",
+                     "resolution", "layers_per_block", "num_cpu_threads"):  # fmt: skip
+            positive(name, allow_none=True)
+        if self.grid_inference_steps > self.num_train_timesteps:
+            problems.append(
+                f"--grid_inference_steps {self.grid_inference_steps} exceeds --num_train_timesteps "
+                f"{self.num_train_timesteps}."
+            )
+        if self.learning_rate <= 0:
+            problems.append(f"--learning_rate must be positive, got {self.learning_rate}.")
+        if self.lr_warmup_steps < 0:
+            problems.append(f"--lr_warmup_steps must be ≥ 0, got {self.lr_warmup_steps}.")
+        if not 0.0 <= self.ema_min_decay <= self.ema_max_decay < 1.0:
+            problems.append(
+                f"Need 0 ≤ --ema_min_decay ≤ --ema_max_decay < 1, got {self.ema_min_decay} and {self.ema_max_decay}."
+            )
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            problems.append(f"--dropout must be in [0, 1), got {self.dropout}.")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            problems.append(f"--max_grad_norm must be positive or none, got {self.max_grad_norm}.")
+        if self.dataloader_num_workers < 0:
+            problems.append(f"--dataloader_num_workers must be ≥ 0, got {self.dataloader_num_workers}.")
+        sources = [name for name in ("dataset_name", "train_data_dir", "dataset_path") if getattr(self, name)]
+        if len(sources) > 1:
+            problems.append(f"Give one data source, not {' and '.join('--' + name for name in sources)}.")
+        if self.unet_overrides:
+            try:
+                overrides = json.loads(self.unet_overrides)
+            except json.JSONDecodeError as error:
+                problems.append(f"--unet_overrides is not valid JSON ({error}): give e.g. '{{\"dropout\": 0.1}}'.")
+            else:
+                if not isinstance(overrides, dict):
+                    problems.append("--unet_overrides must be a JSON object of UNet2DModel options.")
+        canonical_prediction_type(self.prediction_type)  # raises with the accepted names
+        if problems:
+            raise ValueError("Bad training options:\n  " + "\n  ".join(problems))
+
+    # -- the network -------------------------------------------------------------------------
+
+    def unet_overrides_dict(self) -> dict[str, Any]:
+        """The preset overrides these options ask for (``--resolution`` → ``sample_size``,
+        ``--channels`` → ``in_channels``/``out_channels``, then the explicit overrides)."""
+        overrides: dict[str, Any] = json.loads(self.unet_overrides) if self.unet_overrides else {}
+        if self.resolution is not None:
+            overrides["sample_size"] = self.resolution
+        if self.channels is not None:
+            overrides["in_channels"] = overrides["out_channels"] = self.channels
+        if self.block_out_channels is not None:
+            overrides["block_out_channels"] = list(self.block_out_channels)
+        if self.layers_per_block is not None:
+            overrides["layers_per_block"] = self.layers_per_block
+        if self.dropout is not None:
+            overrides["dropout"] = self.dropout
+        return overrides
+
+    # -- records -----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the options as JSON (``training_config.json`` beside a pipeline)."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainingConfig:
+        """Read a file written by :meth:`save`; unknown keys (from other versions) are ignored."""
+        values = json.loads(Path(path).read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+    def architecture_differences(self, other: TrainingConfig) -> list[str]:
+        """The :data:`ARCHITECTURE_FIELDS` on which two runs disagree, as ``name: mine vs other's``."""
+        return [
+            f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}"
+            for name in ARCHITECTURE_FIELDS
+            if getattr(self, name) != getattr(other, name)
+        ]
+
+    # -- the command line --------------------------------------------------------------------
+
+    @classmethod
+    def argument_parser(cls) -> argparse.ArgumentParser:
+        """An `argparse` parser with one ``--option`` per field (``--no_option`` for booleans;
+        ``none`` for optional numbers)."""
+        parser = argparse.ArgumentParser(
+            prog="train_ddpm.py",
+            description="Train a DDPM (ε, x0 or μ target) with diffusers and Accelerate; "
+            "with no options, the small preset on the bundled Fashion-MNIST images.",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        for spec in dataclasses.fields(cls):
+            meta = dict(spec.metadata)
+            default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+            kwargs: dict[str, Any] = {"default": default, "help": meta.pop("help")}
+            if spec.type == "bool":
+                kwargs["action"] = argparse.BooleanOptionalAction
+            else:
+                kwargs["type"] = meta.pop("type") if "type" in meta else _ARG_TYPES[spec.type]
+                kwargs.update(meta)
+            parser.add_argument(f"--{spec.name}", **kwargs)
+        return parser
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> TrainingConfig:
+        """Parse a command line (``sys.argv[1:]`` when ``argv`` is None); bad values exit with the reason."""
+        parser = cls.argument_parser()
+        namespace = parser.parse_args(argv)
+        try:
+            return cls(**vars(namespace))
+        except ValueError as error:
+            parser.error(str(error))
+
+
+def _optional(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_ARG_TYPES: dict[str, Any] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "str | None": _optional(str),
+    "int | None": _optional(int),
+    "float | None": _optional(float),
+}

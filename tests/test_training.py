@@ -1,0 +1,261 @@
+"""train_ddpm.py end to end: outputs load with stock diffusers, resume is exact, EMA is what is saved."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import DDPMPipeline, UNet2DModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from ddpm_pipeline.checkpointing import list_checkpoints
+from ddpm_pipeline.training import Trainer, build_ema, main
+from ddpm_pipeline.training_config import TrainingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "ddpm-tiny-16", "--grid_inference_steps", "5", "--num_grid_images", "4", "--report_to", "none"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator (as separate launches would)."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run_training(output_dir, *options):
+    return main([*TINY, "--output_dir", str(output_dir), *map(str, options)])
+
+
+def saved_dataset(path, count=32, size=20, mode="L"):
+    """A small save_to_disk data set of smooth random images (an ``img`` column, as on the Hub)."""
+    rng = np.random.default_rng(0)
+    channels = 1 if mode == "L" else 3
+    images = []
+    for _ in range(count):
+        base = rng.uniform(0, 255, (5, 5, channels)).astype(np.uint8)
+        array = np.asarray(Image.fromarray(base.squeeze(-1) if channels == 1 else base).resize((size, size)))
+        images.append(Image.fromarray(array))
+    dataset = datasets.Dataset.from_dict({"img": images, "label": list(range(count))},
+                                         features=datasets.Features({"img": datasets.Image(), "label": datasets.Value("int64")}))  # fmt: skip
+    dataset.save_to_disk(str(path))
+    return path
+
+
+def read_loss_history(output_dir):
+    with open(Path(output_dir) / "loss_history.csv", newline="") as handle:
+        return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(handle)]
+
+
+def test_cli_on_bundled_data_writes_a_stock_loadable_pipeline(tmp_path):
+    out = tmp_path / "run"
+    result = run_training(out, "--resolution", "16", "--max_train_steps", "40", "--train_batch_size", "16",
+                          "--learning_rate", "3e-3", "--lr_warmup_steps", "5", "--checkpointing_steps", "20",
+                          "--save_images_steps", "20")  # fmt: skip
+    assert result.global_step == 40
+    for name in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json", "training_config.json",
+                 "samples.png", "trajectory.png", "loss_curve.png", "loss_history.csv", "samples/step_0000020.png",
+                 "samples/step_0000040.png"):  # fmt: skip
+        assert (out / name).is_file(), name
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-20", "checkpoint-40"]
+    assert Image.open(out / "samples.png").size == ((2 * 18 + 2) * 2,) * 2  # 2x2 grid of 16 px, padded, ×2
+    # the recorded options are the ones used, and reload as a TrainingConfig
+    recorded = TrainingConfig.load(out / "training_config.json")
+    assert recorded.max_train_steps == 40 and recorded.resolution == 16 and recorded.model == "ddpm-tiny-16"
+    # loss falls on real images
+    losses = [loss for _, loss in read_loss_history(out)]
+    assert len(losses) == 40
+    assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
+    # stock diffusers loads and samples it
+    pipeline = DDPMPipeline.from_pretrained(out)
+    assert type(pipeline.scheduler).__name__ == "DDPMScheduler"
+    images = pipeline(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()
+
+
+def test_cli_on_an_rgb_image_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for index in range(10):  # different sizes, and a grayscale file among RGB ones
+        size = (24 + index, 20)
+        array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        image = Image.fromarray(array) if index % 3 else Image.fromarray(array[..., 0])
+        image.save(folder / f"{index}.png")
+    out = tmp_path / "run"
+    run_training(out, "--train_data_dir", folder, "--channels", "3", "--resolution", "16", "--max_train_steps", "3",
+                 "--train_batch_size", "4", "--random_flip", "--prediction_type", "x0", "--beta_schedule", "cosine")  # fmt: skip
+    pipeline = DDPMPipeline.from_pretrained(out)
+    assert pipeline.unet.config.in_channels == 3 and pipeline.unet.config.sample_size == 16
+    assert pipeline.scheduler.config.prediction_type == "sample"
+    assert pipeline.scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    images = pipeline(batch_size=1, num_inference_steps=3, output_type="np").images
+    assert images.shape == (1, 16, 16, 3)
+
+
+def test_accelerate_launch_runs_the_script(tmp_path):
+    """The documented command itself: ``accelerate launch --config_file accelerate_config.yaml train_ddpm.py``."""
+    data = saved_dataset(tmp_path / "data", count=8, size=16)
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_config.yaml"),
+               str(ROOT / "train_ddpm.py"), *TINY, "--dataset_path", str(data), "--output_dir", str(out),
+               "--max_train_steps", "2", "--train_batch_size", "4", "--prediction_type", "mu"]  # fmt: skip
+    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    pipeline = DDPMPipeline.from_pretrained(out)  # μ: needs this package installed, which it is
+    assert type(pipeline.scheduler).__name__ == "DDPMTargetScheduler"
+    assert pipeline.scheduler.config.prediction_type == "mu"
+
+
+RESUME_OPTIONS = ["--max_train_steps", "12", "--train_batch_size", "4", "--gradient_accumulation_steps", "2",
+                  "--random_flip", "--dropout", "0.1", "--lr_warmup_steps", "2", "--lr_scheduler", "cosine",
+                  "--checkpointing_steps", "3", "--save_images_steps", "none", "--seed", "7"]  # fmt: skip
+
+
+def final_state(out):
+    checkpoint = out / "checkpoint-12"
+    weights = load_file(checkpoint / "model.safetensors")
+    ema = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=False)
+    return weights, ema, optimizer
+
+
+def test_resume_after_a_crash_gives_identical_weights(tmp_path, monkeypatch):
+    # 40 images, batch 4 × 2 accumulation → 5 optimizer steps per epoch: the crash after step 6 is
+    # in the second epoch, and the resumed run finishes it and crosses into the third.
+    data = saved_dataset(tmp_path / "data", count=40)
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    run_training(straight, "--dataset_path", data, *RESUME_OPTIONS)
+
+    original = Trainer.save_checkpoint
+
+    def save_then_crash(self, step):
+        path = original(self, step)
+        if step == 6:
+            raise KeyboardInterrupt("simulated crash after checkpoint-6")
+        return path
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(crashed, "--dataset_path", data, *RESUME_OPTIONS)
+    monkeypatch.setattr(Trainer, "save_checkpoint", original)
+    assert [p.name for p in list_checkpoints(crashed)] == ["checkpoint-3", "checkpoint-6"]
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    result = run_training(crashed, "--dataset_path", data, *RESUME_OPTIONS, "--resume_from_checkpoint", "latest")
+    assert result.global_step == 12
+
+    (weights_a, ema_a, optim_a), (weights_b, ema_b, optim_b) = final_state(straight), final_state(crashed)
+    assert weights_a.keys() == weights_b.keys()
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name
+    assert ema_a["optimization_step"] == ema_b["optimization_step"] == 12
+    for shadow_a, shadow_b in zip(ema_a["shadow_params"], ema_b["shadow_params"], strict=True):
+        assert torch.equal(shadow_a, shadow_b)
+    for state_a, state_b in zip(optim_a["state"].values(), optim_b["state"].values(), strict=True):
+        assert torch.equal(state_a["exp_avg_sq"], state_b["exp_avg_sq"])
+    assert read_loss_history(straight) == read_loss_history(crashed)  # the curve spans the crash
+    # and the saved pipelines are the same
+    unet_a = UNet2DModel.from_pretrained(straight / "unet")
+    unet_b = UNet2DModel.from_pretrained(crashed / "unet")
+    for (name, a), (_, b) in zip(unet_a.state_dict().items(), unet_b.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    data = saved_dataset(tmp_path / "data", count=8, size=16)
+    options = ["--dataset_path", data, "--max_train_steps", "2", "--train_batch_size", "4", "--random_flip",
+               "--save_images_steps", "none", "--checkpointing_steps", "none"]  # fmt: skip
+
+    def weights(name, seed):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        run_training(tmp_path / name, *options, "--seed", seed)
+        return load_file(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors")
+
+    first, again, other = weights("a", 1), weights("b", 1), weights("c", 2)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_saved_pipeline_holds_the_ema_weights(tmp_path):
+    data = saved_dataset(tmp_path / "data", count=8, size=16)
+    out = tmp_path / "run"
+    run_training(out, "--dataset_path", data, "--max_train_steps", "5", "--train_batch_size", "4",
+                 "--save_images_steps", "none", "--ema_max_decay", "0.9")  # fmt: skip
+    checkpoint = list_checkpoints(out)[-1]
+    raw = load_file(checkpoint / "model.safetensors")
+    ema = torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)
+    saved = UNet2DModel.from_pretrained(out / "unet")
+    names = [name for name, _ in saved.named_parameters()]
+    assert len(names) == len(ema["shadow_params"])
+    differs = 0
+    for (name, parameter), shadow in zip(saved.named_parameters(), ema["shadow_params"], strict=True):
+        assert torch.equal(parameter.detach(), shadow), name
+        differs += not torch.equal(parameter.detach(), raw[name])
+    assert differs > len(names) // 2  # the EMA is not the raw weights
+
+
+def test_ema_update_formula():
+    """θ̄_n = d_n θ̄_{n-1} + (1 - d_n) θ_n, d_1 = 0, d_n = min(max, 1 - (1 + (n-1)/γ)^-p)."""
+    config = TrainingConfig(ema_max_decay=0.95, ema_inv_gamma=2.0, ema_power=1.5)
+    module = torch.nn.Linear(3, 2)
+    ema = build_ema(module, config)
+    expected = [p.detach().clone() for p in module.parameters()]
+    generator = torch.Generator().manual_seed(0)
+    decays = []
+    for n in range(1, 40):
+        with torch.no_grad():
+            for parameter in module.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator))
+        decay = 0.0 if n == 1 else min(0.95, 1 - (1 + (n - 1) / 2.0) ** -1.5)
+        decays.append(decay)
+        expected = [decay * e + (1 - decay) * p.detach() for e, p in zip(expected, module.parameters(), strict=True)]
+        ema.step(module.parameters())
+        assert ema.cur_decay_value == pytest.approx(decay, abs=1e-12)
+    for shadow, value in zip(ema.shadow_params, expected, strict=True):
+        torch.testing.assert_close(shadow, value, rtol=1e-6, atol=1e-6)
+    assert decays[1] == pytest.approx(1 - 1.5**-1.5) and decays[-1] == 0.95  # warmed up, then capped
+    without_warmup = build_ema(module, TrainingConfig(ema_warmup=False, ema_max_decay=0.999))
+    assert without_warmup.get_decay(11) == pytest.approx(11 / 20)
+
+
+def test_resume_refuses_another_architecture(tmp_path):
+    data = saved_dataset(tmp_path / "data", count=8, size=16)
+    out = tmp_path / "run"
+    run_training(out, "--dataset_path", data, "--max_train_steps", "1", "--train_batch_size", "4", "--save_images_steps", "none")
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    with pytest.raises(ValueError, match="checkpoint vs now: prediction_type: 'epsilon' vs 'mu'"):
+        run_training(out, "--dataset_path", data, "--max_train_steps", "2", "--train_batch_size", "4",
+                     "--prediction_type", "mu", "--resume_from_checkpoint", "latest")  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        run_training(out, "--dataset_path", data, "--resume_from_checkpoint", tmp_path / "nowhere")
+
+
+def test_too_few_images_for_a_batch_is_a_clear_error(tmp_path):
+    data = saved_dataset(tmp_path / "data", count=3, size=16)
+    with pytest.raises(ValueError, match="lower --train_batch_size"):
+        run_training(tmp_path / "run", "--dataset_path", data, "--train_batch_size", "4")
+
+
+def test_training_config_json_matches_the_command_line(tmp_path):
+    data = saved_dataset(tmp_path / "data", count=8, size=16)
+    out = tmp_path / "run"
+    run_training(out, "--dataset_path", data, "--max_train_steps", "1", "--train_batch_size", "4",
+                 "--block_out_channels", "8", "16", "--save_images_steps", "none")  # fmt: skip
+    recorded = json.loads((out / "training_config.json").read_text())
+    assert recorded["block_out_channels"] == [8, 16] and recorded["dataset_path"] == str(data)
+    assert list(UNet2DModel.from_pretrained(out / "unet").config.block_out_channels) == [8, 16]

@@ -1,0 +1,163 @@
+"""Training's parts on their own: options, checkpoint files, data order, plots."""
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_pipeline.checkpointing import (
+    TRAINER_STATE_NAME,
+    list_checkpoints,
+    prune_checkpoints,
+    resolve_checkpoint,
+    write_checkpoint,
+)
+from ddpm_pipeline.data import EpochShuffleSampler, ImagePreprocessor, TrainingImages, load_image_dataset
+from ddpm_pipeline.plots import image_grid, moving_average, save_loss_curve
+from ddpm_pipeline.training import micro_batch_seed
+from ddpm_pipeline.training_config import TrainingConfig
+from ddpm_pipeline.unet import DDPMUNet
+
+
+def test_defaults_are_the_main_job():
+    config = TrainingConfig.from_args([])
+    assert config == TrainingConfig()
+    assert config.model == "ddpm-small-28" and config.dataset_name is None and config.train_data_dir is None
+    unet_config = DDPMUNet.preset_config(config.model, **config.unet_overrides_dict())
+    assert unet_config["sample_size"] == 28 and unet_config["in_channels"] == 1
+
+
+def test_command_line_types_none_and_booleans():
+    config = TrainingConfig.from_args(
+        ["--max_train_steps", "none", "--num_epochs", "3", "--no-use_ema", "--random_flip", "--dropout", "0.1",
+         "--block_out_channels", "8", "16", "--channels", "3", "--resolution", "32", "--prediction_type", "mu",
+         "--unet_overrides", '{"norm_num_groups": 4}', "--checkpoints_total_limit", "None"]  # fmt: skip
+    )
+    assert config.max_train_steps is None and config.num_epochs == 3 and config.checkpoints_total_limit is None
+    assert config.use_ema is False and config.random_flip is True
+    assert config.unet_overrides_dict() == {
+        "norm_num_groups": 4, "sample_size": 32, "in_channels": 3, "out_channels": 3,
+        "block_out_channels": [8, 16], "dropout": 0.1,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--train_batch_size", "0"], "--train_batch_size must be a positive integer"),
+        (["--grid_inference_steps", "2000"], "exceeds --num_train_timesteps"),
+        (["--ema_max_decay", "1.0"], "--ema_max_decay < 1"),
+        (["--unet_overrides", "{oops"], "not valid JSON"),
+        (["--dataset_name", "cifar10", "--train_data_dir", "x"], "Give one data source"),
+        (["--prediction_type", "noise"], "invalid choice"),
+    ],
+)
+def test_bad_options_exit_with_the_reason(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        TrainingConfig.from_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_config_save_load_and_architecture_differences(tmp_path):
+    config = TrainingConfig(prediction_type="mu", block_out_channels=[8, 16], learning_rate=1e-4)
+    config.save(tmp_path / "c.json")
+    data = json.loads((tmp_path / "c.json").read_text())
+    data["an_option_from_a_newer_version"] = 1
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    loaded = TrainingConfig.load(tmp_path / "c.json")
+    assert loaded == config
+    other = TrainingConfig(prediction_type="mu", block_out_channels=[8, 16], learning_rate=3e-4)
+    assert loaded.architecture_differences(other) == []  # optimizer settings may change on resume
+    assert loaded.architecture_differences(TrainingConfig()) == [
+        "block_out_channels: [8, 16] vs None",
+        "prediction_type: 'mu' vs 'epsilon'",
+    ]
+
+
+def fake_state(folder):
+    (folder / "model.safetensors").write_text("weights")
+
+
+def test_checkpoints_are_atomic_listed_pruned_and_resolved(tmp_path):
+    for step in (5, 10, 15):
+        write_checkpoint(tmp_path, step, fake_state, {"global_step": step})
+    # an interrupted write: a temporary folder, and a checkpoint folder without its state file
+    (tmp_path / ".checkpoint-20.tmp").mkdir()
+    (tmp_path / "checkpoint-25").mkdir()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-5", "checkpoint-10", "checkpoint-15"]
+    assert resolve_checkpoint(tmp_path, "latest").name == "checkpoint-15"
+    assert resolve_checkpoint(tmp_path, None) is None
+    assert resolve_checkpoint(tmp_path / "empty", "latest") is None  # first run with "latest": start afresh
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-25"))
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-99"))
+    removed = prune_checkpoints(tmp_path, 2)
+    assert [p.name for p in removed] == ["checkpoint-5"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-15"]
+    # rewriting a step replaces it whole; no temporary folders are left behind
+    write_checkpoint(tmp_path, 15, fake_state, {"global_step": 15, "again": True})
+    assert json.loads((tmp_path / "checkpoint-15" / TRAINER_STATE_NAME).read_text())["again"] is True
+    assert not list(tmp_path.glob(".checkpoint-1*"))
+
+
+def test_a_failed_save_leaves_no_checkpoint(tmp_path):
+    def failing(folder):
+        fake_state(folder)
+        raise OSError("disk full")
+
+    write_checkpoint(tmp_path, 5, fake_state, {"global_step": 5})
+    with pytest.raises(OSError, match="disk full"):
+        write_checkpoint(tmp_path, 10, failing, {"global_step": 10})
+    assert resolve_checkpoint(tmp_path, "latest").name == "checkpoint-5"
+
+
+def test_epoch_order_depends_only_on_seed_and_epoch():
+    sampler = EpochShuffleSampler(50, seed=3)
+    sampler.set_epoch(0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    second = list(sampler)
+    again = EpochShuffleSampler(50, seed=3)
+    again.set_epoch(1)
+    assert sorted(first) == list(range(50)) and first != second and list(again) == second
+    assert micro_batch_seed(0, 1, 2, 0) == micro_batch_seed(0, 1, 2, 0) != micro_batch_seed(0, 1, 2, 1)
+
+
+def test_training_images_from_each_source(tmp_path):
+    bundled = TrainingImages(load_image_dataset(), "image", ImagePreprocessor(28, channels=1))
+    assert len(bundled) == 10_000
+    item = bundled[0]
+    assert item.shape == (1, 28, 28) and item.min() >= -1 and item.max() <= 1
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    Image.new("RGB", (30, 20), (255, 0, 0)).save(folder / "red.png")
+    Image.new("L", (10, 10), 255).save(folder / "white.png")
+    images = load_image_dataset(train_data_dir=folder)
+    rgb = TrainingImages(images, "image", ImagePreprocessor(16, channels=3, resize_mode="crop"))
+    gray = TrainingImages(images, "image", ImagePreprocessor(16, channels=1, resize_mode="crop"))
+    by_color = sorted((rgb[i] for i in range(2)), key=lambda t: t[1].mean().item())
+    assert by_color[0].shape == (3, 16, 16)
+    assert torch.allclose(by_color[0][:, 8, 8], torch.tensor([1.0, -1.0, -1.0]))  # red stays red
+    assert torch.allclose(by_color[1], torch.ones(3, 16, 16))  # white gray → white RGB
+    assert {round(gray[i].mean().item(), 2) for i in range(2)} == {1.0, round(0.299 * 255 / 127.5 - 1, 2)}
+    labels_only = datasets.Dataset.from_dict({"image": [1, 2]})
+    with pytest.raises(TypeError, match="not images"):
+        TrainingImages(labels_only, "image", ImagePreprocessor(16))[0]
+
+
+def test_image_grid_and_loss_curve(tmp_path):
+    images = np.linspace(0, 1, 5 * 4 * 3 * 1).reshape(5, 4, 3, 1)
+    grid = image_grid(images, padding=1, scale=1)
+    assert grid.size == (3 * (3 + 1) + 1, 2 * (4 + 1) + 1) and grid.mode == "L"  # 3 columns, 2 rows
+    assert np.asarray(grid)[0].tolist() == [255] * grid.width  # padding is white
+    rgb = image_grid(np.zeros((4, 2, 2, 3)), scale=3)
+    assert rgb.mode == "RGB" and rgb.size == ((2 * 4 + 2) * 3,) * 2
+    with pytest.raises(ValueError, match="image_grid takes"):
+        image_grid(np.zeros((2, 4, 4)))
+    np.testing.assert_allclose(moving_average([1, 2, 3, 4], 2), [1, 1.5, 2.5, 3.5])
+    path = save_loss_curve(list(range(1, 101)), list(np.exp(-np.arange(100) / 30)), tmp_path / "curve.png")
+    assert Image.open(path).size == (840, 480)
