@@ -270,6 +270,39 @@ class DDPMTargetScheduler(DDPMScheduler):
         """``μ̃_t(x_t, x_0) = b_t x_0 + c_t x_t``, the mean of ``q(x_{t-1} | x_t, x_0)``."""
         return self.convert_prediction(original_samples, sample, timesteps, "mu", from_type="sample")
 
+    def posterior_mean_variance(
+        self, original_samples: torch.Tensor, sample: torch.Tensor, timesteps: Timesteps
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q(x_{t-1} | x_t, x_0) = N(μ̃_t, β̃_t I)``: returns ``(μ̃_t, log β̃_t)`` (the log variance
+        clipped at t = 0 to ``log β̃_1``, where ``β̃_0 = 0``), in the working dtype."""
+        mean = self.posterior_mean(_work(original_samples), _work(sample), timesteps)
+        log_variance = self._schedule_coefficient("posterior_log_variance_clipped", timesteps, mean)
+        return mean, torch.as_tensor(log_variance, dtype=mean.dtype, device=mean.device).expand_as(mean)
+
+    def model_mean_variance(
+        self, model_output: torch.Tensor, sample: torch.Tensor, timesteps: Timesteps
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reverse step on the training chain, ``p_θ(x_{t-1} | x_t) = N(μ_θ, σ_t² I)``: returns
+        ``(μ_θ, log σ_t²)`` with ``μ_θ = μ̃_t(x_t, x̂_0)``, ``x̂_0`` from :meth:`predict_x0` (clipped to
+        ``±clip_sample_range`` when ``clip_sample``, as :meth:`step` does), and ``σ_t²`` the
+        configured variance (:meth:`NoiseSchedule.model_variance`: ``β̃_t`` or ``β_t``, ``β̃_1`` at t = 0)."""
+        x0 = self.predict_x0(_work(model_output), _work(sample), timesteps)
+        if self.config.clip_sample:
+            x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
+        mean = self.posterior_mean(x0, _work(sample), timesteps)
+        variance_type = self.config.variance_type
+        table = self._on_device(
+            f"log_variance:{variance_type}",
+            mean.device,
+            mean.dtype,
+            lambda: self.schedule.model_variance(variance_type).log(),
+        )
+        if isinstance(timesteps, torch.Tensor) and timesteps.ndim > 0:
+            log_variance = table[timesteps.to(mean.device).long()].reshape(-1, *([1] * (mean.ndim - 1)))
+        else:
+            log_variance = table[int(timesteps)]
+        return mean, log_variance.expand_as(mean)
+
     def get_target(
         self,
         original_samples: torch.Tensor,

@@ -1,0 +1,169 @@
+"""The variational bound on the negative log-likelihood, in bits per dimension (DESIGN.md §1).
+
+``-log p(x_0) ≤ L = L_T + Σ_{t=2}^{T} L_{t-1} + L_0`` with (paper indices; diffusers' timestep
+``t`` is the paper's ``t + 1``)
+
+* ``L_T = KL(q(x_T | x_0) ‖ N(0, I))``, the prior term;
+* ``L_{t-1} = KL(q(x_{t-1} | x_t, x_0) ‖ p_θ(x_{t-1} | x_t))``, KLs between diagonal Gaussians;
+* ``L_0 = -log p_θ(x_0 | x_1)``, a discretized Gaussian over the 256 pixel bins (data in
+  ``[-1, 1]``, bin width ``2/255``, the outermost bins extended to ``±∞``).
+
+Each term is summed over pixels (nats) and divided by ``D · ln 2`` (``D = C·H·W``). The means and
+variances come from :class:`~ddpm_pipeline.DDPMTargetScheduler`
+(:meth:`~ddpm_pipeline.DDPMTargetScheduler.posterior_mean_variance`,
+:meth:`~ddpm_pipeline.DDPMTargetScheduler.model_mean_variance`), so ε, x0 and μ models and both
+variance types share this code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .scheduling_ddpm_target import DDPMTargetScheduler
+
+#: Half the width of a pixel bin for data scaled to [-1, 1].
+HALF_BIN = 1.0 / 255.0
+
+
+def normal_kl(mean_1: torch.Tensor, log_var_1: torch.Tensor, mean_2: torch.Tensor, log_var_2: torch.Tensor) -> torch.Tensor:
+    """``KL(N(m₁, v₁) ‖ N(m₂, v₂)) = ½ (log v₂ - log v₁ + v₁/v₂ + (m₁ - m₂)²/v₂ - 1)``, elementwise, nats."""
+    return 0.5 * (log_var_2 - log_var_1 + torch.exp(log_var_1 - log_var_2) + (mean_1 - mean_2) ** 2 * torch.exp(-log_var_2) - 1.0)
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """``log P(bin of x)`` under ``N(mean, exp(log_scale)²)``, elementwise, nats.
+
+    ``x`` holds pixel values ``k/127.5 - 1`` (``k = 0..255``); the bin is ``[x - 1/255, x + 1/255]``
+    with the lowest bin extended to ``-∞`` and the highest to ``+∞``:
+    ``log(Φ((x + 1/255 - m)/s) - Φ((x - 1/255 - m)/s))``. Computed in float64 with ``log Φ``
+    for the edge bins and the difference of the two tails in the middle (whichever side is more
+    accurate), so no bin's probability cancels to a spurious 0.
+    """
+    x, mean, log_scale = (torch.as_tensor(v, dtype=torch.float64) for v in (x, mean, log_scale))
+    inverse_scale = torch.exp(-log_scale)
+    upper = (x - mean + HALF_BIN) * inverse_scale
+    lower = (x - mean - HALF_BIN) * inverse_scale
+    log_cdf_upper = torch.special.log_ndtr(upper)  # log Φ(u): everything below the top edge
+    log_survival_lower = torch.special.log_ndtr(-lower)  # log(1 - Φ(l)): everything above the bottom edge
+    # A middle bin's Φ(u) - Φ(l), from the tail it lies in so that it does not cancel:
+    # log Φ(u) + log(1 - Φ(l)/Φ(u)) below the mean, log S(l) + log(1 - S(u)/S(l)) above it.
+    from_left = log_cdf_upper + torch.log1p(-torch.exp(torch.special.log_ndtr(lower) - log_cdf_upper))
+    from_right = log_survival_lower + torch.log1p(-torch.exp(torch.special.log_ndtr(-upper) - log_survival_lower))
+    log_middle = torch.where(upper <= 0, from_left, from_right)
+    return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_survival_lower, log_middle))
+
+
+@dataclass
+class BoundTerms:
+    """Per-image terms of the bound, in bits/dim (tensors ``[N]``)."""
+
+    prior: torch.Tensor
+    """``L_T / (D ln 2)``."""
+    diffusion: torch.Tensor
+    """``Σ_{t≥2} L_{t-1} / (D ln 2)``, exact or an unbiased estimate (see :func:`variational_bound`)."""
+    decoder: torch.Tensor
+    """``L_0 / (D ln 2)``."""
+    per_timestep: torch.Tensor | None = None
+    """``[N, T]``: ``L_{t-1}`` per diffusers timestep (index 0 holds ``L_0``), bits/dim, when every t was computed."""
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.prior + self.diffusion + self.decoder
+
+
+def prior_bpd(scheduler: DDPMTargetScheduler, original_samples: torch.Tensor) -> torch.Tensor:
+    """``L_T = KL(N(√ᾱ_T x_0, (1-ᾱ_T) I) ‖ N(0, I))`` per image, bits/dim."""
+    x0 = original_samples.double()
+    last = scheduler.config.num_train_timesteps - 1
+    alpha_bar = float(scheduler.schedule.alphas_cumprod[last])
+    mean = math.sqrt(alpha_bar) * x0
+    log_var = torch.full_like(x0, math.log1p(-alpha_bar))
+    kl = normal_kl(mean, log_var, torch.zeros_like(x0), torch.zeros_like(x0))
+    return _bits_per_dim(kl)
+
+
+def timestep_bpd(
+    model_output: torch.Tensor,
+    scheduler: DDPMTargetScheduler,
+    original_samples: torch.Tensor,
+    noisy_samples: torch.Tensor,
+    timesteps: torch.Tensor,
+) -> torch.Tensor:
+    """One term per image at diffusers timesteps ``t`` (``[N]``), bits/dim: the decoder NLL
+    ``-log p_θ(x_0 | x_t)`` where ``t = 0``, otherwise ``KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t))``."""
+    x0, xt, output = original_samples.double(), noisy_samples.double(), model_output.double()
+    true_mean, true_log_var = scheduler.posterior_mean_variance(x0, xt, timesteps)
+    model_mean, model_log_var = scheduler.model_mean_variance(output, xt, timesteps)
+    kl = normal_kl(true_mean, true_log_var, model_mean, model_log_var)
+    decoder = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)
+    is_decoder = (timesteps == 0).reshape(-1, *([1] * (x0.ndim - 1)))
+    return _bits_per_dim(torch.where(is_decoder, decoder, kl))
+
+
+@torch.no_grad()
+def variational_bound(
+    unet: Callable[..., object],
+    scheduler: DDPMTargetScheduler,
+    original_samples: torch.Tensor,
+    num_timesteps: int | None = None,
+    generator: torch.Generator | None = None,
+    show_progress: bool = False,
+) -> BoundTerms:
+    """The bound's terms for a batch of images in ``[-1, 1]`` (quantized to the 256 levels).
+
+    ``num_timesteps=None`` computes every ``L_{t-1}`` (``T`` network evaluations per image): the
+    exact bound. An integer ``K < T - 1`` draws ``K`` distinct timesteps per image uniformly from
+    ``1..T-1`` and scales their sum by ``(T-1)/K``: an unbiased estimate of ``Σ_{t≥2} L_{t-1}``
+    (the prior and decoder terms are always exact). ``x_t`` is drawn from ``q(x_t | x_0)`` with
+    ``generator`` (each KL is in closed form given ``x_t``, so the bound is an expectation over
+    those draws, as in DDPM and improved-diffusion).
+    """
+    device = original_samples.device
+    model_dtype = original_samples.dtype  # the network sees x_t in the images' dtype; the terms are float64
+    x0 = quantize(original_samples.double())
+    batch = x0.shape[0]
+    num_train = scheduler.config.num_train_timesteps
+    if num_timesteps is None or num_timesteps >= num_train - 1:
+        chosen = torch.arange(1, num_train, device=device).expand(batch, -1)
+        scale = 1.0
+    else:
+        if num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be at least 1 (or None for every timestep), got {num_timesteps}.")
+        order = torch.rand(batch, num_train - 1, generator=generator, device=generator.device if generator else "cpu")
+        chosen = order.argsort(dim=1)[:, :num_timesteps].to(device) + 1
+        scale = (num_train - 1) / num_timesteps
+    all_timesteps = torch.cat([torch.zeros(batch, 1, dtype=torch.long, device=device), chosen.long()], dim=1)
+    terms = torch.zeros(batch, all_timesteps.shape[1], dtype=torch.float64, device=device)
+    columns = range(all_timesteps.shape[1])
+    for column in tqdm(columns, desc="timesteps of the bound", disable=not show_progress, leave=False):
+        t = all_timesteps[:, column]
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else "cpu")
+        xt = scheduler.add_noise(x0, noise.to(device=device, dtype=x0.dtype), t)
+        output = unet(xt.to(model_dtype), t)
+        output = getattr(output, "sample", output)
+        terms[:, column] = timestep_bpd(output, scheduler, x0, xt, t)
+    per_timestep = None
+    if scale == 1.0:
+        per_timestep = terms.cpu()
+    return BoundTerms(
+        prior=prior_bpd(scheduler, x0).cpu(),
+        diffusion=(terms[:, 1:].sum(dim=1) * scale).cpu(),
+        decoder=terms[:, 0].cpu(),
+        per_timestep=per_timestep,
+    )
+
+
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Snap values in ``[-1, 1]`` to the 256 levels ``k/127.5 - 1`` (the data the bound is of)."""
+    return (((images.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1).to(images.dtype)
+
+
+def _bits_per_dim(nats: torch.Tensor) -> torch.Tensor:
+    """Sum over all but the batch dimension, divided by ``D · ln 2``."""
+    per_image = nats.flatten(1)
+    return per_image.sum(dim=1) / (per_image.shape[1] * math.log(2.0))
