@@ -13,17 +13,29 @@ from .unet import DDPMUNet
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``evaluate`` and ``EvaluationConfig`` are imported on first use (they pull in torch-fidelity)."""
+    if name in ("evaluate", "EvaluationConfig"):
+        from . import evaluation
+
+        return getattr(evaluation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "DDPMTargetPipeline",
     "DDPMTargetPipelineOutput",
     "DDPMTargetScheduler",
     "DDPMTrajectory",
     "DDPMUNet",
+    "EvaluationConfig",
     "ModelMixin",
     "NoiseSchedule",
     "SchedulerMixin",
     "cosine_betas",
     "diffusion_loss",
+    "evaluate",
     "linear_betas",
     "make_betas",
     "render_trajectory",

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -41,6 +40,7 @@ from .losses import diffusion_loss
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid, save_loss_curve
 from .scheduling_ddpm_target import DDPMTargetScheduler
+from .seeding import derive_seed
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
 from .unet import DDPMUNet
 
@@ -64,9 +64,8 @@ class TrainingResult:
 
 
 def micro_batch_seed(seed: int, epoch: int, batch_index: int, process_index: int) -> int:
-    """A well-mixed 63-bit seed for one micro-batch (NumPy ``SeedSequence`` of the four numbers)."""
-    state = np.random.SeedSequence([seed, epoch, batch_index, process_index]).generate_state(2, np.uint32)
-    return int((int(state[0]) << 31) ^ int(state[1]))
+    """The seed of one micro-batch: :func:`~ddpm_pipeline.seeding.derive_seed` of the four numbers."""
+    return derive_seed(seed, epoch, batch_index, process_index)
 
 
 def cpu_threads_per_process(num_processes: int) -> int:

