@@ -266,3 +266,22 @@ def test_reference_forms_are_recognised(tmp_path, reference_data):
 
     with pytest.raises(ValueError, match="lacks \\['sigma'\\]"):
         ReferenceStatistics.load(tmp_path / "only-mu.npz")
+
+
+def test_full_weights_with_the_classifier_allow_the_inception_score(tmp_path, converted_weights):
+    """A torch-fidelity-format file that has fc (as torch-fidelity's own download does) selects the
+    stock extractor, which computes logits. (Here the fc is random: only the plumbing is tested.)"""
+    from ddpm_pipeline.features import INCEPTION, FeatureExtractorSpec
+
+    state = torch.load(converted_weights, weights_only=True)
+    generator = torch.Generator().manual_seed(0)
+    state["fc.weight"] = torch.randn(1008, 2048, generator=generator) * 0.01
+    state["fc.bias"] = torch.zeros(1008)
+    full = tmp_path / "full.pth"
+    torch.save(state, full)
+    spec = FeatureExtractorSpec.for_weights(full)
+    assert spec.name == INCEPTION and spec.has_classifier
+    spec.check_metrics(["fid", "isc"])  # no error
+    network = spec.create(["logits_unbiased"], "cpu")
+    logits = network(torch.zeros(1, 3, 299, 299, dtype=torch.uint8))[0]
+    assert logits.shape == (1, 1008)
