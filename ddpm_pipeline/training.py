@@ -148,6 +148,33 @@ class _LossHistory:
             self._handle.close()
 
 
+class _PendingLosses:
+    """Per-step losses kept on the device and read back in one transfer by :meth:`flush`, so the
+    loop does not wait for the GPU every step; each step still gets its row in the history, its
+    TensorBoard point and the progress bar's postfix."""
+
+    def __init__(self, accelerator: Accelerator, history: _LossHistory, progress: tqdm):
+        self.accelerator, self.history, self.progress = accelerator, history, progress
+        self.pending: list[tuple[int, torch.Tensor, float, int]] = []
+        self.last_loss: float | None = None
+
+    def add(self, step: int, loss: torch.Tensor, lr: float, epoch: int) -> None:
+        self.pending.append((step, loss.detach(), lr, epoch))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        stacked = torch.stack([loss for _, loss, _, _ in self.pending])
+        gathered = self.accelerator.gather(stacked[None]).mean(dim=0).tolist()  # mean over processes
+        for (step, _, lr, epoch), loss in zip(self.pending, gathered, strict=True):
+            self.history.append(step, loss, lr)
+            self.accelerator.log({"loss": loss, "lr": lr, "epoch": epoch}, step=step)
+        step, _, lr, epoch = self.pending[-1]
+        self.last_loss = gathered[-1]
+        self.progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+        self.pending = []
+
+
 class Trainer:
     """One training run; :meth:`run` does everything (see :func:`train`)."""
 
@@ -315,8 +342,15 @@ class Trainer:
             entry.replace(target)
         staging.rmdir()
 
-    def _training_step(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns its (detached) loss."""
+    def after_optimizer_step(self) -> None:
+        """Once per optimizer step: advance the learning-rate schedule and update the EMA weights."""
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.step(self.unet.parameters())
+
+    def training_step(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch (and the optimizer step when the gradients are
+        complete); returns its loss, detached and still on the device (no host sync)."""
         config = self.config
         torch.manual_seed(seed)  # dropout
         generator = torch.Generator(device=images.device).manual_seed(seed)
@@ -362,8 +396,9 @@ class Trainer:
         )
         first_epoch = global_step // self.steps_per_epoch
         batches_done = (global_step % self.steps_per_epoch) * config.gradient_accumulation_steps
-        last_loss: float | None = None
         micro_losses: list[torch.Tensor] = []
+        log_every = config.log_every or (1 if accelerator.device.type == "cpu" else 25)
+        pending_losses = _PendingLosses(accelerator, history, progress)
         start = time.perf_counter()
         epoch = first_epoch
         while global_step < self.total_steps:
@@ -375,22 +410,20 @@ class Trainer:
             self.unet.train()
             for batch_index, images in enumerate(loader, start=skip):
                 seed = micro_batch_seed(config.seed, epoch, batch_index, accelerator.process_index)
-                micro_losses.append(self._training_step(images, seed))
+                micro_losses.append(self.training_step(images, seed))
                 if not accelerator.sync_gradients:
                     continue
-                self.lr_scheduler.step()
-                if self.ema is not None:
-                    self.ema.step(self.unet.parameters())
-                global_step += 1
-                last_loss = accelerator.gather(torch.stack(micro_losses).mean()).mean().item()
-                micro_losses = []
                 lr = self.lr_scheduler.get_last_lr()[0]
-                history.append(global_step, last_loss, lr)
+                self.after_optimizer_step()
+                global_step += 1
+                pending_losses.add(global_step, torch.stack(micro_losses).mean(), lr, epoch)
+                micro_losses = []
                 progress.update(1)
-                progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
-                accelerator.log({"loss": last_loss, "lr": lr, "epoch": epoch}, step=global_step)
                 done = global_step >= self.total_steps
+                if global_step % log_every == 0:
+                    pending_losses.flush()
                 if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 and not done:
+                    pending_losses.flush()
                     history.flush()
                     self.save_checkpoint(global_step)
                 if config.save_images_steps and global_step % config.save_images_steps == 0 and not done:
@@ -401,6 +434,7 @@ class Trainer:
                 if done:
                     break
             epoch += 1
+        pending_losses.flush()
         progress.close()
         history.flush()
         elapsed = time.perf_counter() - start
@@ -420,7 +454,7 @@ class Trainer:
         history.close()
         accelerator.wait_for_everyone()
         accelerator.end_training()
-        return TrainingResult(self.output_dir, global_step, last_loss, samples_path)
+        return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, samples_path)
 
 
 def train(config: TrainingConfig) -> TrainingResult:

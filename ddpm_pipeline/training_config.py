@@ -110,6 +110,9 @@ class TrainingConfig:
     grid_inference_steps: int = _option(100, "Sampling steps for the grids (respaced; T gives the full chain).")
     report_to: str = _option("tensorboard", "Where to log the loss besides the progress bar.", choices=REPORT_TO)
     logging_dir: str = _option("logs", "TensorBoard folder, relative to --output_dir.")
+    log_every: int | None = _option(
+        None, "Read the loss back from the device every N steps (each step is still logged); none = 1 on the CPU, 25 on a GPU, where every read stalls the pipeline."  # noqa: E501
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -129,7 +132,7 @@ class TrainingConfig:
                      "num_grid_images", "grid_inference_steps"):  # fmt: skip
             positive(name)
         for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "save_images_steps",
-                     "resolution", "layers_per_block", "num_cpu_threads"):  # fmt: skip
+                     "resolution", "layers_per_block", "num_cpu_threads", "log_every"):  # fmt: skip
             positive(name, allow_none=True)
         if self.grid_inference_steps > self.num_train_timesteps:
             problems.append(

@@ -190,6 +190,24 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
+def test_reading_losses_back_every_few_steps_logs_every_step_the_same(tmp_path):
+    """--log_every N keeps losses on the device between reads: same rows, same values, same weights."""
+    data = saved_dataset(tmp_path / "data", count=8, size=16)
+    options = ["--dataset_path", data, "--max_train_steps", "7", "--train_batch_size", "4",
+               "--save_images_steps", "none", "--checkpointing_steps", "3"]  # fmt: skip
+
+    def run(name, every):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        result = run_training(tmp_path / name, *options, "--log_every", every)
+        return result, read_loss_history(tmp_path / name)
+
+    (each, each_rows), (batched, batched_rows) = run("each", 1), run("batched", 3)
+    assert [step for step, _ in batched_rows] == list(range(1, 8))
+    assert batched_rows == each_rows
+    assert batched.final_loss == each.final_loss == pytest.approx(each_rows[-1][1], rel=1e-5)  # the CSV keeps 6 digits
+
+
 def test_saved_pipeline_holds_the_ema_weights(tmp_path):
     data = saved_dataset(tmp_path / "data", count=8, size=16)
     out = tmp_path / "run"
