@@ -1,0 +1,203 @@
+"""Training throughput: train_ddpm.py's own step against the stock diffusers recipe, in one process.
+
+    python benchmarks/bench_train.py --device cpu --model ddpm-small-28 --batch_size 32
+    python benchmarks/bench_train.py --device cuda --model ddpm-cifar10-32 --batch_size 128 --mixed_precision bf16
+
+Both train the same UNet configuration on the same batch, resident on the device, with AdamW,
+EMA and gradient clipping at 1. *Ours* is :meth:`ddpm_pipeline.training.Trainer.training_step`
+plus :meth:`~ddpm_pipeline.training.Trainer.after_optimizer_step`, built from a
+:class:`~ddpm_pipeline.training_config.TrainingConfig` exactly as ``train_ddpm.py`` builds it.
+*Stock* is diffusers' ``train_unconditional.py`` recipe: ``UNet2DModel`` + ``DDPMScheduler`` +
+``AdamW`` + ``EMAModel`` (no foreach) and, on CUDA, fp16 autocast with a ``GradScaler``. The two are
+timed in alternating blocks and the median block is reported; prints images/s for each and the
+ratio, peak memory on CUDA, and model FLOP utilization for ``ddpm-cifar10-32``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image
+
+from ddpm_pipeline.training import Trainer
+from ddpm_pipeline.training_config import TrainingConfig
+from ddpm_pipeline.unet import DDPMUNet
+
+#: FLOPs per training image (forward + backward = 3 × 12.1 GFLOP, DESIGN.md §2).
+TRAIN_FLOPS = {"ddpm-cifar10-32": 36.3e9}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tiny_dataset(folder: Path, count: int, resolution: int, channels: int) -> Path:
+    """A saved data set the Trainer can be built from (its images are not what we time)."""
+    rng = np.random.default_rng(0)
+    mode = "L" if channels == 1 else "RGB"
+    shape = (resolution, resolution) if channels == 1 else (resolution, resolution, 3)
+    images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode) for _ in range(count)]
+    features = datasets.Features({"image": datasets.Image()})
+    datasets.Dataset.from_dict({"image": images}, features=features).save_to_disk(str(folder))
+    return folder
+
+
+class OurStep:
+    """train_ddpm.py's step, from its own Trainer."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path):
+        config = DDPMUNet.preset_config(args.model)
+        data = tiny_dataset(workdir / "data", args.batch_size, config["sample_size"], config["in_channels"])
+        options = ["--model", args.model, "--dataset_path", str(data), "--train_batch_size", str(args.batch_size),
+                   "--output_dir", str(workdir / "ours"), "--report_to", "none", "--max_train_steps", "1000000",
+                   "--lr_warmup_steps", "0", "--mixed_precision", args.mixed_precision]  # fmt: skip
+        self.trainer = Trainer(TrainingConfig.from_args(options))
+        self.step_index = 0
+
+    def __call__(self, images: torch.Tensor) -> None:
+        self.trainer.training_step(images, seed=self.step_index)
+        self.trainer.after_optimizer_step()
+        self.step_index += 1
+
+
+class StockStep:
+    """diffusers' unconditional training example, step for step."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        torch.manual_seed(0)
+        self.unet = UNet2DModel(**DDPMUNet.preset_config(args.model)).to(device).train()
+        self.scheduler = DDPMScheduler(num_train_timesteps=1000)
+        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+        self.lr_scheduler = get_scheduler("cosine", optimizer=self.optimizer, num_warmup_steps=0, num_training_steps=10**6)
+        self.ema = EMAModel(self.unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+        self.ema.to(device)
+        self.device = device
+        self.autocast = device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast else None
+
+    def __call__(self, images: torch.Tensor) -> None:
+        noise = torch.randn(images.shape, device=images.device)
+        timesteps = torch.randint(0, 1000, (images.shape[0],), device=images.device).long()
+        noisy = self.scheduler.add_noise(images, noise, timesteps)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
+            output = self.unet(noisy, timesteps).sample
+            loss = F.mse_loss(output.float(), noise)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad()
+        self.ema.step(self.unet.parameters())
+
+
+def matmul_peak_tflops(device: torch.device) -> float | None:
+    """Measured bf16 matmul throughput (8192³), the MFU denominator."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    synchronize(device)
+    return 20 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
+
+
+def time_blocks(steps: dict, images: torch.Tensor, device: torch.device, block: int, blocks: int) -> dict:
+    """Alternate ``block`` steps of each contender ``blocks`` times; median seconds per step, peak memory."""
+    seconds = {name: [] for name in steps}
+    memory = dict.fromkeys(steps, 0)
+    for _ in range(blocks):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(block):
+                step(images)
+            synchronize(device)
+            seconds[name].append((time.perf_counter() - start) / block)
+            if device.type == "cuda":
+                memory[name] = max(memory[name], torch.cuda.max_memory_allocated(device))
+    return {name: (statistics.median(values), memory[name]) for name, values in seconds.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default="ddpm-cifar10-32")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"], help="ours (stock uses fp16 on CUDA)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each first")
+    parser.add_argument("--block", type=int, default=5, help="steps per timed block")
+    parser.add_argument("--blocks", type=int, default=4, help="timed blocks of each")
+    parser.add_argument("--output", type=Path, help="append the result as a JSON line")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as folder:
+        ours = OurStep(args, Path(folder))
+        if ours.trainer.accelerator.device.type != device.type:
+            parser.error(f"Accelerate chose {ours.trainer.accelerator.device}, not --device {device}.")
+        stock = StockStep(args, device)
+        config = DDPMUNet.preset_config(args.model)
+        shape = (args.batch_size, config["in_channels"], config["sample_size"], config["sample_size"])
+        images = torch.rand(shape, generator=torch.Generator().manual_seed(0)).mul(2).sub(1).to(device)
+        for _ in range(args.warmup):
+            ours(images)
+            stock(images)
+        timed = time_blocks({"ours": ours, "stock": stock}, images, device, args.block, args.blocks)
+    peak = matmul_peak_tflops(device)
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "mixed_precision_ours": args.mixed_precision,
+        "mixed_precision_stock": "fp16" if device.type == "cuda" else "no",
+        "torch": torch.__version__,
+    }
+    for name, (seconds, memory) in timed.items():
+        result[f"{name}_images_per_s"] = args.batch_size / seconds
+        result[f"{name}_steps_per_s"] = 1 / seconds
+        if device.type == "cuda":
+            result[f"{name}_peak_memory_gib"] = memory / 2**30
+        if peak and args.model in TRAIN_FLOPS:
+            result[f"{name}_mfu"] = args.batch_size / seconds * TRAIN_FLOPS[args.model] / (peak * 1e12)
+    result["bf16_matmul_peak_tflops"] = peak
+    result["speedup"] = result["ours_images_per_s"] / result["stock_images_per_s"]
+    print(f"{result['device']}, {args.model}, batch {args.batch_size}:")
+    for name in ("ours", "stock"):
+        extra = f", {result[f'{name}_peak_memory_gib']:.2f} GiB" if device.type == "cuda" else ""
+        mfu = f", MFU {result[f'{name}_mfu']:.1%}" if f"{name}_mfu" in result else ""
+        print(f"  {name:5s} {result[f'{name}_images_per_s']:9.1f} img/s  {result[f'{name}_steps_per_s']:7.2f} steps/s{extra}{mfu}")
+    print(f"  ours / stock = {result['speedup']:.2f}x")
+    if args.output:
+        with args.output.open("a") as handle:
+            handle.write(json.dumps(result) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

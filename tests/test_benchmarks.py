@@ -1,0 +1,41 @@
+"""The GPU benchmarks also run on the CPU at toy scale, so they keep working between GPU sessions."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_bench_train_on_the_cpu(tmp_path):
+    output = tmp_path / "train.jsonl"
+    result = load("bench_train").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "4",
+                                       "--warmup", "1", "--block", "1", "--blocks", "2", "--output", str(output)])  # fmt: skip
+    assert result["ours_images_per_s"] > 0 and result["stock_images_per_s"] > 0
+    assert result["speedup"] == pytest.approx(result["ours_images_per_s"] / result["stock_images_per_s"])
+    assert json.loads(output.read_text())["model"] == "ddpm-tiny-16"
+
+
+def test_bench_sample_on_the_cpu(tmp_path):
+    result = load("bench_sample").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "2",
+                                        "--num_inference_steps", "3", "--repeats", "1"])  # fmt: skip
+    assert result["ours_unet_evals_per_s"] > 0 and result["stock_unet_evals_per_s"] > 0
