@@ -1,13 +1,15 @@
 """Sampling throughput: DDPMTargetPipeline against stock diffusers.DDPMPipeline, in one process.
 
     python benchmarks/bench_sample.py --device cpu --model ddpm-small-28 --batch_size 64 --num_inference_steps 20
-    python benchmarks/bench_sample.py --device cuda --model ddpm-cifar10-32 --batch_size 256 --num_inference_steps 1000
+    python benchmarks/bench_sample.py --device cuda --model ddpm-cifar10-32 --batch_size 256 1024 --num_inference_steps 1000
 
 Both pipelines hold the same UNet weights (randomly initialised: speed does not depend on them)
-and sample the same batch with the same number of steps; stock runs its UNet in fp16 on CUDA (as
-diffusers users do with ``torch_dtype=torch.float16``), ours as ``--dtype`` says. Prints UNet
-evaluations per second (batch × steps / seconds) and images per second for each, their ratio,
-and the time 50,000 samples would take at that rate.
+and sample the same batch with the same number of steps, each drawing its noise from a generator
+on the device. Stock runs its UNet in fp16 on CUDA (as diffusers users do with
+``torch_dtype=torch.float16``); ours runs :meth:`~ddpm_pipeline.DDPMTargetPipeline.enable_fast_sampling`
+with its defaults (on CUDA: bf16, channels_last, torch.compile with CUDA graphs) unless told
+otherwise. For each batch size, prints UNet evaluations per second (batch × steps / seconds) and
+images per second for each, their ratio, and the hours 50,000 samples take at that rate.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
+from ddpm_pipeline.speed import is_channels_last
 
 
 def synchronize(device: torch.device) -> None:
@@ -39,9 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="ddpm-cifar10-32")
-    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, nargs="+", default=[256], help="one or more; the best is reported")
     parser.add_argument("--num_inference_steps", type=int, default=1000)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="our UNet's dtype")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="our UNet's dtype")
+    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None, help="ours (default: on for CUDA)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="ours (default: on for CUDA)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (alternating); the median is reported")
     parser.add_argument("--output", type=Path, help="append the result as a JSON line")
     args = parser.parse_args(argv)
@@ -51,43 +56,56 @@ def main(argv: list[str] | None = None) -> dict:
     stock_dtype = torch.float16 if device.type == "cuda" else torch.float32
     stock_unet = DDPMUNet.from_preset(args.model)
     stock_unet.load_state_dict(unet.state_dict())
-    ours = DDPMTargetPipeline(_to(unet, device, getattr(torch, args.dtype)), DDPMTargetScheduler())
+    ours = DDPMTargetPipeline(unet.to(device), DDPMTargetScheduler())
+    ours.enable_fast_sampling(dtype=args.dtype, channels_last=args.channels_last, compile=args.compile)
     stock = DDPMPipeline(_to(stock_unet, device, stock_dtype).eval(), DDPMScheduler())
     for pipeline in (ours, stock):
         pipeline.set_progress_bar_config(disable=True)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
 
-    def run(pipeline, steps: int) -> float:
+    def run(pipeline, batch_size: int, steps: int) -> float:
+        if device.type == "cuda":  # ours: what enable_fast_sampling chose; stock: torch's defaults
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32 if pipeline is ours else (False, True)
         synchronize(device)
         start = time.perf_counter()
-        pipeline(batch_size=args.batch_size, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np")
+        pipeline(batch_size=batch_size, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(0), output_type="np")
         synchronize(device)
         return time.perf_counter() - start
 
-    run(ours, 2)
-    run(stock, 2)
-    seconds = {"ours": [], "stock": []}
-    for _ in range(args.repeats):
-        seconds["ours"].append(run(ours, args.num_inference_steps))
-        seconds["stock"].append(run(stock, args.num_inference_steps))
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "model": args.model,
-        "batch_size": args.batch_size,
         "num_inference_steps": args.num_inference_steps,
-        "dtype_ours": args.dtype,
+        "dtype_ours": str(ours.unet.dtype).removeprefix("torch."),
         "dtype_stock": str(stock_dtype).removeprefix("torch."),
+        "channels_last_ours": is_channels_last(ours.unet),
         "torch": torch.__version__,
+        "batches": {},
     }
-    for name, values in seconds.items():
-        median = statistics.median(values)
-        result[f"{name}_unet_evals_per_s"] = args.batch_size * args.num_inference_steps / median
-        result[f"{name}_images_per_s"] = args.batch_size / median
-        result[f"{name}_hours_for_50k_at_{args.num_inference_steps}_steps"] = 50000 / (args.batch_size / median) / 3600
-    result["speedup"] = result["ours_unet_evals_per_s"] / result["stock_unet_evals_per_s"]
-    print(f"{result['device']}, {args.model}, batch {args.batch_size}, {args.num_inference_steps} steps:")
-    for name in ("ours", "stock"):
-        print(f"  {name:5s} {result[f'{name}_unet_evals_per_s']:10.1f} UNet evals/s  {result[f'{name}_images_per_s']:8.2f} img/s")
-    print(f"  ours / stock = {result['speedup']:.2f}x")
+    print(f"{result['device']}, {args.model}, {args.num_inference_steps} steps, ours in {result['dtype_ours']}:")
+    for batch_size in args.batch_size:
+        run(ours, batch_size, 3)  # compiles / captures for this shape
+        run(stock, batch_size, 3)
+        seconds = {"ours": [], "stock": []}
+        for _ in range(args.repeats):
+            seconds["ours"].append(run(ours, batch_size, args.num_inference_steps))
+            seconds["stock"].append(run(stock, batch_size, args.num_inference_steps))
+        entry = {}
+        for name, values in seconds.items():
+            median = statistics.median(values)
+            entry[f"{name}_unet_evals_per_s"] = batch_size * args.num_inference_steps / median
+            entry[f"{name}_images_per_s"] = batch_size / median
+            entry[f"{name}_hours_for_50k"] = 50000 / (batch_size / median) / 3600
+        entry["speedup"] = entry["ours_unet_evals_per_s"] / entry["stock_unet_evals_per_s"]
+        result["batches"][str(batch_size)] = entry
+        print(f"  batch {batch_size}:")
+        for name in ("ours", "stock"):
+            print(f"    {name:5s} {entry[f'{name}_unet_evals_per_s']:10.1f} UNet evals/s  {entry[f'{name}_images_per_s']:8.2f} img/s  "
+                  f"50k samples: {entry[f'{name}_hours_for_50k']:.2f} h")  # fmt: skip
+        print(f"    ours / stock = {entry['speedup']:.2f}x")
+    best = max(result["batches"], key=lambda b: result["batches"][b]["ours_unet_evals_per_s"])
+    result["best_batch_size"] = int(best)
+    result.update(result["batches"][best])
     if args.output:
         with args.output.open("a") as handle:
             handle.write(json.dumps(result) + "\n")

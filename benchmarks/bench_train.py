@@ -1,16 +1,20 @@
 """Training throughput: train_ddpm.py's own step against the stock diffusers recipe, in one process.
 
     python benchmarks/bench_train.py --device cpu --model ddpm-small-28 --batch_size 32
-    python benchmarks/bench_train.py --device cuda --model ddpm-cifar10-32 --batch_size 128 --mixed_precision bf16
+    python benchmarks/bench_train.py --device cuda --model ddpm-cifar10-32 --batch_size 128 [--profile]
 
 Both train the same UNet configuration on the same batch, resident on the device, with AdamW,
 EMA and gradient clipping at 1. *Ours* is :meth:`ddpm_pipeline.training.Trainer.training_step`
 plus :meth:`~ddpm_pipeline.training.Trainer.after_optimizer_step`, built from a
-:class:`~ddpm_pipeline.training_config.TrainingConfig` exactly as ``train_ddpm.py`` builds it.
+:class:`~ddpm_pipeline.training_config.TrainingConfig` exactly as ``train_ddpm.py`` builds it, so
+with its defaults (on CUDA: bf16 autocast, TF32, channels_last, torch.compile, fused AdamW);
+any other ``train_ddpm.py`` option given here (e.g. ``--no-compile_unet``) goes to ours.
 *Stock* is diffusers' ``train_unconditional.py`` recipe: ``UNet2DModel`` + ``DDPMScheduler`` +
-``AdamW`` + ``EMAModel`` (no foreach) and, on CUDA, fp16 autocast with a ``GradScaler``. The two are
-timed in alternating blocks and the median block is reported; prints images/s for each and the
-ratio, peak memory on CUDA, and model FLOP utilization for ``ddpm-cifar10-32``.
+``AdamW`` + ``EMAModel`` (no foreach) and, on CUDA, fp16 autocast with a ``GradScaler``, under
+torch's default TF32 flags. The two are timed in alternating blocks and the median block is
+reported; prints images/s for each and the ratio, peak memory on CUDA, and model FLOP
+utilization for ``ddpm-cifar10-32``. ``--profile`` adds each side's top kernels and how much of
+a step the device is busy.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
 
+from ddpm_pipeline.speed import set_tf32
 from ddpm_pipeline.training import Trainer
 from ddpm_pipeline.training_config import TrainingConfig
 from ddpm_pipeline.unet import DDPMUNet
@@ -63,11 +68,19 @@ class OurStep:
         data = tiny_dataset(workdir / "data", args.batch_size, config["sample_size"], config["in_channels"])
         options = ["--model", args.model, "--dataset_path", str(data), "--train_batch_size", str(args.batch_size),
                    "--output_dir", str(workdir / "ours"), "--report_to", "none", "--max_train_steps", "1000000",
-                   "--lr_warmup_steps", "0", "--mixed_precision", args.mixed_precision]  # fmt: skip
+                   "--lr_warmup_steps", "0", "--mixed_precision", args.mixed_precision, *args.ours]  # fmt: skip
         self.trainer = Trainer(TrainingConfig.from_args(options))
         self.step_index = 0
 
+    def describe(self) -> dict:
+        trainer = self.trainer
+        return {"mixed_precision": trainer.mixed_precision, "tf32": trainer.allow_tf32,
+                "channels_last": trainer.channels_last, "compile": trainer.compile_unet,
+                "fused_adam": trainer.fused_adam}  # fmt: skip
+
     def __call__(self, images: torch.Tensor) -> None:
+        if images.is_cuda:
+            set_tf32(self.trainer.allow_tf32)
         self.trainer.training_step(images, seed=self.step_index)
         self.trainer.after_optimizer_step()
         self.step_index += 1
@@ -89,6 +102,9 @@ class StockStep:
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast else None
 
     def __call__(self, images: torch.Tensor) -> None:
+        if images.is_cuda:  # torch's defaults: TF32 for convolutions, not for matmuls
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = True
         noise = torch.randn(images.shape, device=images.device)
         timesteps = torch.randint(0, 1000, (images.shape[0],), device=images.device).long()
         noisy = self.scheduler.add_noise(images, noise, timesteps)
@@ -145,17 +161,47 @@ def time_blocks(steps: dict, images: torch.Tensor, device: torch.device, block: 
     return {name: (statistics.median(values), memory[name]) for name, values in seconds.items()}
 
 
+def profile_steps(steps: dict, images: torch.Tensor, device: torch.device, count: int = 5, top: int = 12) -> dict:
+    """Each contender's top kernels over ``count`` steps, and the device's busy share of the wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    report = {}
+    for name, step in steps.items():
+        synchronize(device)
+        start = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for _ in range(count):
+                step(images)
+            synchronize(device)
+        wall = time.perf_counter() - start
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+        busy = sum(getattr(e, key) for e in events) / 1e6
+        report[name] = {
+            "wall_s": wall,
+            "device_busy_s" if device.type == "cuda" else "cpu_op_s": busy,
+            "top": [(e.key, getattr(e, key) / 1e3 / count, e.count // count) for e in events[:top]],
+        }
+        print(f"  {name}: {count} steps in {wall * 1e3:.1f} ms, {'device busy' if device.type == 'cuda' else 'op time'} "
+              f"{busy * 1e3:.1f} ms ({busy / wall:.0%})")  # fmt: skip
+        for kernel, ms, calls in report[name]["top"]:
+            print(f"    {ms:8.2f} ms/step  {calls:5d}×  {kernel[:100]}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="ddpm-cifar10-32")
     parser.add_argument("--batch_size", type=int, default=128)
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"], help="ours (stock uses fp16 on CUDA)")
+    parser.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "bf16", "fp16"], help="ours (stock uses fp16 on CUDA)")
+    parser.add_argument("--profile", action="store_true", help="also print each side's top kernels")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each first")
     parser.add_argument("--block", type=int, default=5, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=4, help="timed blocks of each")
     parser.add_argument("--output", type=Path, help="append the result as a JSON line")
-    args = parser.parse_args(argv)
+    args, args.ours = parser.parse_known_args(argv)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as folder:
         ours = OurStep(args, Path(folder))
@@ -169,12 +215,16 @@ def main(argv: list[str] | None = None) -> dict:
             ours(images)
             stock(images)
         timed = time_blocks({"ours": ours, "stock": stock}, images, device, args.block, args.blocks)
+        profiled = profile_steps({"ours": ours, "stock": stock}, images, device) if args.profile else None
+        settings = ours.describe()
     peak = matmul_peak_tflops(device)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "model": args.model,
         "batch_size": args.batch_size,
-        "mixed_precision_ours": args.mixed_precision,
+        "ours_settings": settings,
+        "ours_extra_options": args.ours,
+        "mixed_precision_ours": settings["mixed_precision"],
         "mixed_precision_stock": "fp16" if device.type == "cuda" else "no",
         "torch": torch.__version__,
     }
@@ -187,7 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
             result[f"{name}_mfu"] = args.batch_size / seconds * TRAIN_FLOPS[args.model] / (peak * 1e12)
     result["bf16_matmul_peak_tflops"] = peak
     result["speedup"] = result["ours_images_per_s"] / result["stock_images_per_s"]
-    print(f"{result['device']}, {args.model}, batch {args.batch_size}:")
+    if profiled is not None:
+        result["profile"] = profiled
+    print(f"{result['device']}, {args.model}, batch {args.batch_size}; ours: {settings}")
     for name in ("ours", "stock"):
         extra = f", {result[f'{name}_peak_memory_gib']:.2f} GiB" if device.type == "cuda" else ""
         mfu = f", MFU {result[f'{name}_mfu']:.1%}" if f"{name}_mfu" in result else ""

@@ -256,3 +256,33 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(self.num_items, generator=generator).tolist())
+
+
+class IndexDataset(torch.utils.data.Dataset):
+    """The indices ``0..n-1`` as a data set: the loader of a device-resident data set yields index
+    batches (in the sampler's order, sharded and skipped like any other), and the training loop
+    gathers the images from the device tensor."""
+
+    def __init__(self, num_items: int):
+        self.num_items = num_items
+
+    def __len__(self) -> int:
+        return self.num_items
+
+    def __getitem__(self, index: int) -> int:
+        return int(index)
+
+
+def stack_images(images: TrainingImages, device: torch.device | str, batch_size: int = 512, progress: bool = True) -> torch.Tensor:
+    """Every preprocessed image of ``images`` in one float32 tensor ``[N, C, R, R]`` on ``device``:
+    ``stack_images(images)[i]`` equals ``images[i]`` exactly."""
+    from tqdm.auto import tqdm
+
+    first = images[0]
+    stacked = torch.empty((len(images), *first.shape), dtype=first.dtype, device=device)
+    # No DataLoader here: iterating one draws from the global RNG, which would change the weights'
+    # initialization that follows.
+    for start in tqdm(range(0, len(images), batch_size), desc="data to device", disable=not progress):
+        stop = min(start + batch_size, len(images))
+        stacked[start:stop] = torch.stack([images[i] for i in range(start, stop)]).to(device)
+    return stacked

@@ -13,6 +13,15 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .scheduling_ddpm_target import DDPMTargetScheduler
+from .speed import (
+    auto_flag,
+    compile_module,
+    is_channels_last,
+    needs_full_precision,
+    resolve_sampling_dtype,
+    set_tf32,
+    to_channels_last,
+)
 from .trajectory import DDPMTrajectory
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -70,6 +79,42 @@ class DDPMTargetPipeline(DDPMPipeline):
         portable.register_to_config(unet=self.config.unet)
         portable.save_pretrained(save_directory, **kwargs)
 
+    def enable_fast_sampling(
+        self,
+        dtype: torch.dtype | str | None = "auto",
+        channels_last: bool | None = None,
+        compile: bool | None = None,
+        compile_mode: str | None = None,
+        allow_tf32: bool | None = None,
+    ) -> DDPMTargetPipeline:
+        """Switch on the fast sampling paths, in place (call after ``pipe.to(device)``); returns the pipeline.
+
+        Args:
+            dtype: the UNet's dtype; ``"auto"`` = bfloat16 on CUDA, float32 on the CPU and for μ
+                models (see :mod:`ddpm_pipeline.speed`). The state ``x_t`` and the scheduler's
+                arithmetic stay in float32 whatever the UNet's dtype.
+            channels_last: NHWC weights and activations (``None``: on for CUDA).
+            compile: ``torch.compile`` the UNet in place (``None``: on for CUDA).
+            compile_mode: ``None`` = ``"reduce-overhead"`` on CUDA, which replays the fixed-shape
+                UNet call as a CUDA graph, and the default mode elsewhere.
+            allow_tf32: TF32 tensor cores for float32 work on CUDA (``None``: on except for μ).
+
+        For reproducible and fast sampling on a GPU, pass a generator on the device
+        (``torch.Generator("cuda")``): a CPU generator draws each step's noise on the CPU and copies it.
+        """
+        device = self.unet.device
+        prediction_type = self.scheduler.config.prediction_type
+        dtype = resolve_sampling_dtype(dtype, device, prediction_type)
+        if self.unet.dtype != dtype:
+            self.unet.to(dtype=dtype)
+        if auto_flag(channels_last, device):
+            to_channels_last(self.unet)
+        if device.type == "cuda":
+            set_tf32(allow_tf32 if allow_tf32 is not None else not needs_full_precision(prediction_type))
+        if auto_flag(compile, device):
+            compile_module(self.unet, compile_mode or ("reduce-overhead" if device.type == "cuda" else None))
+        return self
+
     @torch.no_grad()
     def __call__(
         self,
@@ -126,11 +171,18 @@ class DDPMTargetPipeline(DDPMPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps)
         visited = [int(t) for t in self.scheduler.timesteps]
+        # The UNet's timesteps go to the device once (not one copy per step); step() keeps its
+        # coefficients as Python floats, so the loop never waits for the device.
+        unet_timesteps = self.scheduler.timesteps.to(device)
+        memory_format = torch.channels_last if is_channels_last(self.unet) else torch.contiguous_format
         record = set(_trajectory_timesteps(trajectory_steps, visited))
         snapshots: dict[str, list[torch.Tensor]] = {"samples": [], "noise": [], "x0": []}
 
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_output = self.unet(image.to(unet_dtype), t).sample
+        for index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            if device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # a compiled UNet's CUDA graph may reuse its output
+            unet_input = image.to(dtype=unet_dtype, memory_format=memory_format)
+            model_output = self.unet(unet_input, unet_timesteps[index]).sample
             step = self.scheduler.step(model_output, t, image, generator=generator)
             if int(t) in record:
                 snapshots["samples"].append(image.float().cpu())

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.state import PartialState
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -35,12 +36,32 @@ from .checkpointing import (
     resolve_checkpoint,
     write_checkpoint,
 )
-from .data import EpochShuffleSampler, ImagePreprocessor, TrainingImages, find_image_column, load_image_dataset
+from .data import (
+    EpochShuffleSampler,
+    ImagePreprocessor,
+    IndexDataset,
+    TrainingImages,
+    find_image_column,
+    load_image_dataset,
+    stack_images,
+)
 from .losses import diffusion_loss
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid, save_loss_curve
+from .push import check_hub_access, push_to_hub
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .seeding import derive_seed
+from .speed import (
+    auto_flag,
+    build_adamw,
+    compile_module,
+    default_num_workers,
+    fits_on_device,
+    needs_full_precision,
+    resolve_mixed_precision,
+    set_tf32,
+    to_channels_last,
+)
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
 from .unet import DDPMUNet
 
@@ -161,18 +182,23 @@ class _PendingLosses:
     def add(self, step: int, loss: torch.Tensor, lr: float, epoch: int) -> None:
         self.pending.append((step, loss.detach(), lr, epoch))
 
-    def flush(self) -> None:
+    def flush(self) -> list[int]:
+        """Log the pending losses; return the steps whose loss was not finite."""
         if not self.pending:
-            return
+            return []
         stacked = torch.stack([loss for _, loss, _, _ in self.pending])
         gathered = self.accelerator.gather(stacked[None]).mean(dim=0).tolist()  # mean over processes
+        nonfinite = []
         for (step, _, lr, epoch), loss in zip(self.pending, gathered, strict=True):
             self.history.append(step, loss, lr)
             self.accelerator.log({"loss": loss, "lr": lr, "epoch": epoch}, step=step)
+            if not math.isfinite(loss):
+                nonfinite.append(step)
         step, _, lr, epoch = self.pending[-1]
         self.last_loss = gathered[-1]
         self.progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
         self.pending = []
+        return nonfinite
 
 
 class Trainer:
@@ -181,9 +207,13 @@ class Trainer:
     def __init__(self, config: TrainingConfig):
         self.config = config
         self.output_dir = Path(config.output_dir)
+        device = PartialState().device
+        on_gpu = device.type == "cuda"
+        self.mixed_precision = resolve_mixed_precision(config.mixed_precision, device, config.prediction_type)
         self.accelerator = Accelerator(
             gradient_accumulation_steps=config.gradient_accumulation_steps,
-            mixed_precision=config.mixed_precision,
+            mixed_precision=self.mixed_precision,
+            dataloader_config=DataLoaderConfiguration(non_blocking=on_gpu),
             log_with=None if config.report_to == "none" else config.report_to,
             project_config=ProjectConfiguration(
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / config.logging_dir)
@@ -191,6 +221,15 @@ class Trainer:
         )
         if self.accelerator.device.type == "cpu":
             torch.set_num_threads(config.num_cpu_threads or cpu_threads_per_process(self.accelerator.num_processes))
+        strict_fp32 = needs_full_precision(config.prediction_type)
+        self.allow_tf32 = config.allow_tf32 if config.allow_tf32 is not None else on_gpu and not strict_fp32
+        self.channels_last = auto_flag(config.channels_last, device)
+        self.compile_unet = auto_flag(config.compile_unet, device)
+        # skipping a non-finite step happens inside the fused AdamW kernel (its found_inf input)
+        self.fused_adam = auto_flag(config.fused_adam, device) or config.nonfinite_loss == "skip"
+        self.skipped_steps = torch.zeros((), device=device)
+        if on_gpu:
+            set_tf32(self.allow_tf32)
         self.checkpoint = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint)
         if self.checkpoint is not None:
             self._check_resumable(self.checkpoint)
@@ -199,14 +238,20 @@ class Trainer:
                 f"{self.output_dir} already holds checkpoints from an earlier run; this run starts afresh "
                 "and will replace them. Pass --resume_from_checkpoint latest to continue that run instead."
             )
+        if config.push_to_hub and self.accelerator.is_main_process:
+            user = check_hub_access(config.hub_token)
+            logger.info(f"will push the finished pipeline to {config.hub_model_id} as {user}")
         set_seed(config.seed)
         self.unet_config = DDPMUNet.preset_config(config.model, **config.unet_overrides_dict())
         self.noise_scheduler = build_scheduler(config)
         self._build_data()
         self.unet = DDPMUNet(**self.unet_config)
+        if self.channels_last:
+            to_channels_last(self.unet)
         self.ema = build_ema(self.unet, config) if config.use_ema else None
-        self.optimizer = torch.optim.AdamW(
+        self.optimizer = build_adamw(
             self.unet.parameters(),
+            fused=self.fused_adam,
             lr=config.learning_rate,
             betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.adam_weight_decay,
@@ -215,6 +260,8 @@ class Trainer:
         self.unet, self.optimizer, self.dataloader = self.accelerator.prepare(
             self.unet, self.optimizer, self.dataloader
         )
+        if self.compile_unet:
+            compile_module(self.unet, config.compile_mode)
         self.steps_per_epoch = math.ceil(len(self.dataloader) / config.gradient_accumulation_steps)
         self.total_steps = config.max_train_steps or config.num_epochs * self.steps_per_epoch
         # Stepped by hand once per optimizer step (not through accelerate.prepare, which steps it
@@ -270,15 +317,39 @@ class Trainer:
                 "lower --train_batch_size or add images."
             )
         self.sampler = EpochShuffleSampler(len(self.train_images), seed=config.seed)
+        self.device_images = self._device_resident_images()
+        on_device = self.device_images is not None
+        workers = config.dataloader_num_workers
+        if workers is None:
+            workers = default_num_workers(self.accelerator.device, self.accelerator.num_processes, on_device)
         self.dataloader = torch.utils.data.DataLoader(
-            self.train_images,
+            IndexDataset(len(self.train_images)) if on_device else self.train_images,
             batch_size=config.train_batch_size,
             sampler=self.sampler,
             drop_last=True,
-            num_workers=config.dataloader_num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=config.dataloader_num_workers > 0,
+            num_workers=workers,
+            pin_memory=self.accelerator.device.type == "cuda" and not on_device,
+            persistent_workers=workers > 0,
         )
+
+    def _device_resident_images(self) -> torch.Tensor | None:
+        """The whole preprocessed data set on the device, when ``--data_on_device`` asks for it (or,
+        by default, on a GPU when it takes at most a quarter of its memory); else None."""
+        config, device = self.config, self.accelerator.device
+        item_bytes = 4 * self.unet_config["in_channels"] * self.unet_config["sample_size"] ** 2
+        total_bytes = item_bytes * len(self.train_images)
+        wanted = config.data_on_device
+        if wanted is None:
+            wanted = fits_on_device(total_bytes, device)
+        elif wanted and device.type == "cuda" and not fits_on_device(total_bytes, device, fraction=0.9):
+            raise ValueError(
+                f"--data_on_device: the preprocessed data set takes {total_bytes / 2**30:.1f} GiB, more than the "
+                f"GPU can hold beside the model; drop --data_on_device (the loader streams it instead)."
+            )
+        if not wanted:
+            return None
+        logger.info(f"preprocessing {len(self.train_images)} images into {device} memory ({total_bytes / 2**20:.0f} MiB)")
+        return stack_images(self.train_images, device, progress=self.accelerator.is_local_main_process)
 
     # -- pieces of the loop ------------------------------------------------------------------
 
@@ -352,6 +423,10 @@ class Trainer:
         """Forward and backward of one micro-batch (and the optimizer step when the gradients are
         complete); returns its loss, detached and still on the device (no host sync)."""
         config = self.config
+        if self.device_images is not None and not images.is_floating_point():
+            images = self.device_images[images]  # a batch of indices into the device-resident data set
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         torch.manual_seed(seed)  # dropout
         generator = torch.Generator(device=images.device).manual_seed(seed)
         if config.random_flip:
@@ -362,11 +437,46 @@ class Trainer:
                 self.unet, self.noise_scheduler, images, weighting=config.loss_weighting, generator=generator
             )
             self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients and config.max_grad_norm is not None:
-                self.accelerator.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
+            if self.accelerator.sync_gradients:
+                if config.max_grad_norm is not None:
+                    grad_norm = self.accelerator.clip_grad_norm_(self.unet.parameters(), config.max_grad_norm)
+                elif config.nonfinite_loss == "skip":
+                    grad_norm = self.accelerator.clip_grad_norm_(self.unet.parameters(), math.inf)
+                if config.nonfinite_loss == "skip":
+                    # the norm of the synchronized gradients: every process skips the same steps
+                    found_inf = (~torch.isfinite(grad_norm)).float()
+                    self.optimizer.optimizer.found_inf = found_inf
+                    self.skipped_steps += found_inf
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def _check_finite(self, nonfinite_steps: list[int], global_step: int, history: _LossHistory) -> None:
+        """Act on the steps whose loss was NaN/inf (found when the losses are read back, every
+        ``--log_every`` steps and always before anything is saved): stop, or count the skipped
+        updates and stop past ``--max_skipped_steps``."""
+        if not nonfinite_steps:
+            return
+        config = self.config
+        shown = ", ".join(map(str, nonfinite_steps[:5])) + (" …" if len(nonfinite_steps) > 5 else "")
+        if config.nonfinite_loss == "stop":
+            history.flush()
+            checkpoints = list_checkpoints(self.output_dir)
+            raise FloatingPointError(
+                f"The training loss became NaN/inf at step {nonfinite_steps[0]} (steps {shown}); stopped at step "
+                f"{global_step} without saving anything from these steps. The last checkpoint is "
+                f"{checkpoints[-1] if checkpoints else 'none (start again)'}: resume with --resume_from_checkpoint "
+                "latest and a lower --learning_rate, a --max_grad_norm, or --mixed_precision no; or pass "
+                "--nonfinite_loss skip to skip such steps."
+            )
+        skipped = int(self.skipped_steps.item())
+        logger.warning(f"skipped the update of {len(nonfinite_steps)} step(s) with a NaN/inf loss ({shown}); {skipped} in all")
+        if skipped > config.max_skipped_steps:
+            history.flush()
+            raise FloatingPointError(
+                f"{skipped} optimizer steps had a NaN/inf loss, more than --max_skipped_steps {config.max_skipped_steps}: "
+                "the run is diverging. Resume from the last checkpoint with a lower --learning_rate."
+            )
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -421,12 +531,13 @@ class Trainer:
                 progress.update(1)
                 done = global_step >= self.total_steps
                 if global_step % log_every == 0:
-                    pending_losses.flush()
+                    self._check_finite(pending_losses.flush(), global_step, history)
                 if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 and not done:
-                    pending_losses.flush()
+                    self._check_finite(pending_losses.flush(), global_step, history)
                     history.flush()
                     self.save_checkpoint(global_step)
                 if config.save_images_steps and global_step % config.save_images_steps == 0 and not done:
+                    self._check_finite(pending_losses.flush(), global_step, history)
                     if is_main:
                         self.save_grid(self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png")
                     self.unet.train()
@@ -434,7 +545,7 @@ class Trainer:
                 if done:
                     break
             epoch += 1
-        pending_losses.flush()
+        self._check_finite(pending_losses.flush(), global_step, history)
         progress.close()
         history.flush()
         elapsed = time.perf_counter() - start
@@ -452,6 +563,10 @@ class Trainer:
             save_loss_curve(steps, losses, self.output_dir / LOSS_CURVE_NAME,
                             title=f"{config.model}, {config.prediction_type} target, {config.beta_schedule} schedule")  # fmt: skip
         history.close()
+        if is_main and config.push_to_hub:
+            info = push_to_hub(self.output_dir, config.hub_model_id, private=config.hub_private,
+                               token=config.hub_token, license=config.hub_license)  # fmt: skip
+            logger.info(f"pushed to the Hub: {getattr(info, 'commit_url', info)}")
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, samples_path)

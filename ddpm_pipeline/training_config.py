@@ -21,7 +21,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 LOSS_WEIGHTINGS = ("simple", "vlb")
 BETA_SCHEDULES = ("linear", "cosine")
 TRAINING_PREDICTION_TYPES = ("epsilon", "x0", "mu", "v_prediction")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "none")
 CONFIG_FILE_NAME = "training_config.json"
 
@@ -63,7 +63,7 @@ class TrainingConfig:
     channels: int | None = _option(None, "1 = grayscale, 3 = RGB (default: the model preset's in_channels).", choices=(1, 3))
     resize_mode: str = _option("auto", "pad (center on black), crop (resize + center crop), auto = pad if smaller.", choices=RESIZE_MODES)
     random_flip: bool = _option(False, "Flip training images left-right at random.")
-    dataloader_num_workers: int = _option(0, "DataLoader worker processes (0 = load in the main process).")
+    dataloader_num_workers: int | None = _option(None, "DataLoader worker processes (0 = load in the main process; none = 0 on the CPU or with --data_on_device, else up to 8 per GPU).")
     num_cpu_threads: int | None = _option(None, "Torch threads per process when training on the CPU (default: the available cores / processes; `accelerate launch` would otherwise leave 1).")
     # model
     model: str = _option("ddpm-small-28", "UNet preset (DDPMUNet.preset_names()).", choices=tuple(sorted(PRESETS)))
@@ -87,6 +87,8 @@ class TrainingConfig:
     adam_beta2: float = _option(0.999, "AdamW β2.")
     adam_weight_decay: float = _option(0.0, "AdamW decoupled weight decay.")
     adam_epsilon: float = _option(1e-8, "AdamW ε.")
+    nonfinite_loss: str = _option("stop", "On a NaN/inf loss: stop (with the step named; nothing non-finite is saved) or skip that optimizer step (done on the device, with fused AdamW).", choices=("stop", "skip"))
+    max_skipped_steps: int = _option(100, "With --nonfinite_loss skip: stop once this many steps have been skipped.")
     max_grad_norm: float | None = _option(1.0, "Clip the gradient's global norm to this (none to disable).")
     max_train_steps: int | None = _option(800, "Optimizer steps to train; overrides --num_epochs (none = use epochs).")
     num_epochs: int = _option(10, "Passes over the data set when --max_train_steps is none.")
@@ -98,7 +100,14 @@ class TrainingConfig:
     ema_inv_gamma: float = _option(1.0, "γ of the EMA warmup.")
     ema_power: float = _option(0.75, "p of the EMA warmup (3/4 suits short runs, 2/3 long ones).")
     # precision and reproducibility
-    mixed_precision: str | None = _option(None, "no, fp16 or bf16 autocast (default: accelerate's config).", choices=MIXED_PRECISION)
+    mixed_precision: str | None = _option("auto", "Autocast precision with float32 master weights and loss: auto = bf16 on a GPU (fp32 for the μ target, which half precision ruins), no on the CPU.", choices=MIXED_PRECISION)
+    # speed (none = on for a GPU, off on the CPU; see ddpm_pipeline.speed)
+    allow_tf32: bool | None = _option(None, "Let fp32 matmuls/convolutions use TF32 tensor cores (never for the μ target unless given).")
+    channels_last: bool | None = _option(None, "Keep the UNet's weights and activations in NHWC memory layout.")
+    compile_unet: bool | None = _option(None, "torch.compile the UNet (the first steps take a while to compile).")
+    compile_mode: str | None = _option(None, "torch.compile mode, e.g. max-autotune-no-cudagraphs (none = the default mode).")
+    fused_adam: bool | None = _option(None, "One fused AdamW kernel per step (else multi-tensor foreach kernels).")
+    data_on_device: bool | None = _option(None, "Preprocess the whole data set once into device memory (auto: on a GPU when it takes at most a quarter of its memory).")
     seed: int = _option(0, "Seed for weights, data order, noise and dropout: a run is reproducible on the CPU.")
     # outputs
     output_dir: str = _option("outputs/ddpm-fashion-mnist", "Where the pipeline, checkpoints, grids and logs go.")
@@ -110,6 +119,11 @@ class TrainingConfig:
     grid_inference_steps: int = _option(100, "Sampling steps for the grids (respaced; T gives the full chain).")
     report_to: str = _option("tensorboard", "Where to log the loss besides the progress bar.", choices=REPORT_TO)
     logging_dir: str = _option("logs", "TensorBoard folder, relative to --output_dir.")
+    push_to_hub: bool = _option(False, "Upload the finished pipeline with a model card to the Hub (needs --hub_model_id and a login).")
+    hub_model_id: str | None = _option(None, "The Hub repo to push to, user-or-org/name (created if needed).")
+    hub_private: bool = _option(False, "Create the Hub repo as private.")
+    hub_token: str | None = _option(None, "A Hub token with write access (default: the saved `hf auth login`); never written to disk.")
+    hub_license: str = _option("apache-2.0", "The license named in the model card.")
     log_every: int | None = _option(
         None, "Read the loss back from the device every N steps (each step is still logged); none = 1 on the CPU, 25 on a GPU, where every read stalls the pipeline."  # noqa: E501
     )
@@ -132,7 +146,7 @@ class TrainingConfig:
                      "num_grid_images", "grid_inference_steps"):  # fmt: skip
             positive(name)
         for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "save_images_steps",
-                     "resolution", "layers_per_block", "num_cpu_threads", "log_every"):  # fmt: skip
+                     "resolution", "layers_per_block", "num_cpu_threads", "log_every", "max_skipped_steps"):  # fmt: skip
             positive(name, allow_none=True)
         if self.grid_inference_steps > self.num_train_timesteps:
             problems.append(
@@ -151,7 +165,7 @@ class TrainingConfig:
             problems.append(f"--dropout must be in [0, 1), got {self.dropout}.")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             problems.append(f"--max_grad_norm must be positive or none, got {self.max_grad_norm}.")
-        if self.dataloader_num_workers < 0:
+        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
             problems.append(f"--dataloader_num_workers must be ≥ 0, got {self.dataloader_num_workers}.")
         sources = [name for name in ("dataset_name", "train_data_dir", "dataset_path") if getattr(self, name)]
         if len(sources) > 1:
@@ -164,6 +178,10 @@ class TrainingConfig:
             else:
                 if not isinstance(overrides, dict):
                     problems.append("--unet_overrides must be a JSON object of UNet2DModel options.")
+        if self.push_to_hub:
+            repo = self.hub_model_id
+            if not repo or repo.count("/") != 1 or not all(repo.split("/")):
+                problems.append(f"--push_to_hub needs --hub_model_id user-or-org/model-name, got {repo!r}.")
         canonical_prediction_type(self.prediction_type)  # raises with the accepted names
         if problems:
             raise ValueError("Bad training options:\n  " + "\n  ".join(problems))
@@ -189,7 +207,8 @@ class TrainingConfig:
     # -- records -----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every option, except the Hub token (a secret: it is never saved or logged)."""
+        return {**dataclasses.asdict(self), "hub_token": None}
 
     def save(self, path: str | Path) -> None:
         """Write the options as JSON (``training_config.json`` beside a pipeline)."""
@@ -226,7 +245,7 @@ class TrainingConfig:
             meta = dict(spec.metadata)
             default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
             kwargs: dict[str, Any] = {"default": default, "help": meta.pop("help")}
-            if spec.type == "bool":
+            if spec.type in ("bool", "bool | None"):
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
                 kwargs["type"] = meta.pop("type") if "type" in meta else _ARG_TYPES[spec.type]

@@ -29,13 +29,21 @@ def _fresh_accelerate_state():
 def test_bench_train_on_the_cpu(tmp_path):
     output = tmp_path / "train.jsonl"
     result = load("bench_train").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "4",
-                                       "--warmup", "1", "--block", "1", "--blocks", "2", "--output", str(output)])  # fmt: skip
+                                       "--warmup", "1", "--block", "1", "--blocks", "2", "--output", str(output),
+                                       "--profile", "--channels_last"])  # fmt: skip
     assert result["ours_images_per_s"] > 0 and result["stock_images_per_s"] > 0
+    # train_ddpm.py options reach our Trainer; the CPU defaults are otherwise the plain path
+    assert result["ours_extra_options"] == ["--channels_last"]
+    assert result["ours_settings"] == {"mixed_precision": "no", "tf32": False, "channels_last": True,
+                                       "compile": False, "fused_adam": False}  # fmt: skip
+    assert set(result["profile"]) == {"ours", "stock"} and result["profile"]["ours"]["top"]
     assert result["speedup"] == pytest.approx(result["ours_images_per_s"] / result["stock_images_per_s"])
     assert json.loads(output.read_text())["model"] == "ddpm-tiny-16"
 
 
 def test_bench_sample_on_the_cpu(tmp_path):
-    result = load("bench_sample").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "2",
+    result = load("bench_sample").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "2", "3",
                                         "--num_inference_steps", "3", "--repeats", "1"])  # fmt: skip
+    assert set(result["batches"]) == {"2", "3"} and result["best_batch_size"] in (2, 3)
     assert result["ours_unet_evals_per_s"] > 0 and result["stock_unet_evals_per_s"] > 0
+    assert result["dtype_ours"] == "float32" and result["channels_last_ours"] is False  # CPU defaults

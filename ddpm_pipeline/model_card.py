@@ -1,0 +1,198 @@
+"""The model card (``README.md``) of a trained pipeline folder, for the Hugging Face Hub.
+
+The card's YAML metadata is huggingface_hub's `ModelCardData` (``library_name: diffusers``, tags,
+data set, ``pipeline_tag``, license and, when ``eval_metrics.py`` has scored the model, its
+metrics as ``model-index``); the body gives the recipe, the sample grid, the loading snippet and
+the training options.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .scheduling_ddpm_target import DDPMTargetScheduler
+from .training_config import CONFIG_FILE_NAME, TrainingConfig
+
+CARD_NAME = "README.md"
+EVAL_REPORT_NAME = "eval_results.json"
+TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm"]
+PIPELINE_TAG = "unconditional-image-generation"
+BUNDLED_DATASET_ID = "zalando-datasets/fashion_mnist"
+TARGET_NAMES = {"epsilon": "the noise ε", "sample": "the clean image x0", "mu": "the posterior mean μ", "v_prediction": "v"}
+#: report key → (model-index metric type, display name); bits/dim is read from its own record.
+METRIC_NAMES = {
+    "fid": ("fid", "FID"),
+    "kernel_inception_distance_mean": ("kid", "KID"),
+    "inception_score_mean": ("inception_score", "Inception Score"),
+    "precision": ("precision", "Precision"),
+    "recall": ("recall", "Recall"),
+}
+
+
+def needs_package(pipeline_dir: str | Path) -> bool:
+    """Whether loading the folder needs ``ddpm_pipeline`` (its scheduler is not a stock class: μ)."""
+    index = json.loads((Path(pipeline_dir) / "model_index.json").read_text())
+    return index.get("scheduler", [None])[0] != "diffusers"
+
+
+def dataset_id(config: TrainingConfig | None) -> str | None:
+    """The Hub data set the model was trained on: ``--dataset_name``, or Fashion-MNIST for the
+    bundled images; None for local folders (not on the Hub)."""
+    if config is None:
+        return None
+    if config.dataset_name:
+        return config.dataset_name
+    if not config.train_data_dir and not config.dataset_path:
+        return BUNDLED_DATASET_ID
+    return None
+
+
+def eval_results(report: dict[str, Any], dataset: str | None, dataset_name: str) -> list[EvalResult]:
+    """The metrics of an ``eval_metrics.py`` report as `EvalResult`s (model-index entries)."""
+    metrics = report.get("metrics", {})
+    samples = report.get("num_samples")
+    steps = report.get("num_inference_steps")
+    setting = f"{samples} samples, {steps} steps" if samples else ""
+    common = {"task_type": PIPELINE_TAG, "dataset_type": dataset or "custom", "dataset_name": dataset_name}
+    results = []
+    for key, (metric_type, display) in METRIC_NAMES.items():
+        if isinstance(metrics.get(key), int | float):
+            name = f"{display} ({setting})" if setting else display
+            results.append(EvalResult(metric_type=metric_type, metric_value=round(float(metrics[key]), 6),
+                                      metric_name=name, **common))  # fmt: skip
+    bpd = metrics.get("bpd")
+    if isinstance(bpd, dict) and isinstance(bpd.get("bits_per_dim"), int | float):
+        results.append(EvalResult(metric_type="bits_per_dim", metric_value=round(float(bpd["bits_per_dim"]), 6),
+                                  metric_name="NLL bound (bits/dim)", **common))  # fmt: skip
+    return results
+
+
+def load_training_config(pipeline_dir: str | Path) -> TrainingConfig | None:
+    path = Path(pipeline_dir) / CONFIG_FILE_NAME
+    return TrainingConfig.load(path) if path.is_file() else None
+
+
+def load_eval_report(pipeline_dir: str | Path, eval_report: str | Path | None = None) -> dict[str, Any] | None:
+    """The ``eval_metrics.py`` report: ``eval_report`` if given, else ``eval_results.json`` in the folder."""
+    path = Path(eval_report) if eval_report else Path(pipeline_dir) / EVAL_REPORT_NAME
+    if eval_report and not path.is_file():
+        raise FileNotFoundError(f"--eval_report {path} does not exist: give the JSON file eval_metrics.py wrote.")
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def build_model_card(
+    pipeline_dir: str | Path,
+    repo_id: str,
+    license: str = "apache-2.0",
+    eval_report: str | Path | None = None,
+) -> ModelCard:
+    """The card of the pipeline in ``pipeline_dir`` as it will be published under ``repo_id``."""
+    pipeline_dir = Path(pipeline_dir)
+    if not (pipeline_dir / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"{pipeline_dir} has no model_index.json: give the --output_dir of a finished train_ddpm.py run "
+            "(or any folder written by DDPMPipeline.save_pretrained)."
+        )
+    config = load_training_config(pipeline_dir)
+    scheduler = DDPMTargetScheduler.from_pretrained(pipeline_dir / "scheduler").config
+    prediction_type, beta_schedule = scheduler.prediction_type, scheduler.beta_schedule
+    dataset = dataset_id(config)
+    dataset_name = "Fashion-MNIST" if dataset == BUNDLED_DATASET_ID else (dataset or "a local image data set")
+    report = load_eval_report(pipeline_dir, eval_report)
+    results = eval_results(report, dataset, dataset_name) if report else []
+    data = ModelCardData(
+        library_name="diffusers",
+        license=license,
+        tags=list(TAGS),
+        datasets=[dataset] if dataset else None,
+        pipeline_tag=PIPELINE_TAG,
+        model_name=repo_id.split("/")[-1],
+        eval_results=results or None,
+    )
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n" + _body(pipeline_dir, repo_id, config, prediction_type, beta_schedule, dataset_name, report))
+    return card
+
+
+def _body(
+    pipeline_dir: Path,
+    repo_id: str,
+    config: TrainingConfig | None,
+    prediction_type: str,
+    beta_schedule: str,
+    dataset_name: str,
+    report: dict[str, Any] | None,
+) -> str:
+    unet = json.loads((pipeline_dir / "unet" / "config.json").read_text())
+    lines = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"An unconditional DDPM (Ho et al. 2020) trained on {dataset_name} with "
+        "[ddpm_pipeline](https://pypi.org/project/ddpm_pipeline/) and 🤗 diffusers: a `UNet2DModel` "
+        f"({unet.get('sample_size')}×{unet.get('sample_size')}, {unet.get('in_channels')} channel(s), "
+        f"channels {unet.get('block_out_channels')}) that predicts {TARGET_NAMES.get(prediction_type, prediction_type)}, "
+        f"with the {beta_schedule} noise schedule.",
+        "",
+    ]
+    if (pipeline_dir / "samples.png").is_file():
+        lines += ["![samples from the EMA weights](samples.png)", ""]
+    lines += ["## Use", ""]
+    if needs_package(pipeline_dir):
+        lines += [
+            "This model predicts the posterior mean μ, which stock `DDPMScheduler` cannot sample, so loading it "
+            "needs `pip install ddpm_pipeline` (its `DDPMTargetScheduler` is named in `model_index.json`); then:",
+            "",
+            "```python",
+            "from diffusers import DDPMPipeline  # with ddpm_pipeline installed",
+            f'image = DDPMPipeline.from_pretrained("{repo_id}")().images[0]',
+            "```",
+        ]
+    else:
+        lines += [
+            "Stock diffusers is all it needs (the folder names only diffusers classes):",
+            "",
+            "```python",
+            "from diffusers import DDPMPipeline",
+            f'image = DDPMPipeline.from_pretrained("{repo_id}")().images[0]',
+            "```",
+            "",
+            "`ddpm_pipeline.DDPMTargetPipeline` loads it too, adding respaced exact-posterior sampling and trajectories.",
+        ]
+    if report:
+        lines += ["", "## Evaluation", "", _metrics_table(report)]
+    if config is not None:
+        lines += ["", "## Training", "", "| option | value |", "| --- | --- |"]
+        for key, value in sorted(config.to_dict().items()):
+            if value is not None and key not in ("output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint"):
+                lines.append(f"| `{key}` | `{value}` |")
+    return "\n".join(lines) + "\n"
+
+
+def _metrics_table(report: dict[str, Any]) -> str:
+    metrics = report.get("metrics", {})
+    rows = ["| metric | value |", "| --- | --- |"]
+    for key, (_, display) in METRIC_NAMES.items():
+        if isinstance(metrics.get(key), int | float):
+            rows.append(f"| {display} | {metrics[key]:.4g} |")
+    bpd = metrics.get("bpd")
+    if isinstance(bpd, dict) and "bits_per_dim" in bpd:
+        rows.append(f"| NLL bound, bits/dim | {bpd['bits_per_dim']:.4g} |")
+    reference = report.get("reference", {}) or {}
+    rows += ["", f"{report.get('num_samples')} samples with {report.get('num_inference_steps')} sampling steps, "
+             f"against {reference.get('num_images', '?')} reference images ({reference.get('source', '?')}), "
+             "computed by `eval_metrics.py` with torch-fidelity."]  # fmt: skip
+    return "\n".join(rows)
+
+
+def write_model_card(pipeline_dir: str | Path, repo_id: str, license: str = "apache-2.0",
+                     eval_report: str | Path | None = None) -> Path:  # fmt: skip
+    """Write the card as ``README.md`` in ``pipeline_dir`` (replacing an older one); returns its path."""
+    path = Path(pipeline_dir) / CARD_NAME
+    card = build_model_card(pipeline_dir, repo_id, license=license, eval_report=eval_report)
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(str(card))
+    partial.replace(path)
+    return path

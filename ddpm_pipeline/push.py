@@ -1,0 +1,107 @@
+"""Publish a trained pipeline folder on the Hugging Face Hub, with its model card.
+
+    python -m ddpm_pipeline.push outputs/ddpm-fashion-mnist --repo_id USER/NAME [--private] [--token T]
+
+One push is one commit (`HfApi.upload_folder`): the repo is created if needed, large files go
+through the Hub's LFS storage, files the Hub already holds are not sent again (so a push that
+was interrupted can simply be repeated), and pushing an unchanged folder makes no new commit.
+Checkpoints and temporary folders stay local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi
+
+from .model_card import write_model_card
+
+logger = logging.getLogger(__name__)
+
+#: What stays local: resumable checkpoints and the temporary folders of atomic writes.
+IGNORE_PATTERNS = ["checkpoint-*", ".*", "*.tmp", "*.partial"]
+
+
+def check_repo_id(repo_id: str | None) -> str:
+    """``repo_id`` if it has the ``namespace/name`` form the Hub expects, else a clear error."""
+    if not repo_id or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(
+            f"--hub_model_id / --repo_id must be 'user-or-org/model-name', got {repo_id!r}."
+        )
+    return repo_id
+
+
+def check_hub_access(token: str | None = None, api: HfApi | None = None) -> str:
+    """The Hub user name the token (or saved login) belongs to; a clear error when there is none,
+    so a training run that is to be pushed fails at start-up rather than after training."""
+    api = api or HfApi(token=token)
+    try:
+        return api.whoami()["name"]
+    except Exception as error:  # offline, no login, bad token: all mean the push cannot happen
+        raise RuntimeError(
+            f"--push_to_hub cannot reach the Hub with these credentials ({type(error).__name__}: {error}). "
+            "Log in with `hf auth login` or pass --hub_token; or drop --push_to_hub and push the finished "
+            "folder later with `python -m ddpm_pipeline.push OUTPUT_DIR --repo_id USER/NAME`."
+        ) from error
+
+
+def push_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    private: bool = False,
+    token: str | None = None,
+    license: str = "apache-2.0",
+    eval_report: str | Path | None = None,
+    commit_message: str | None = None,
+    api: HfApi | None = None,
+) -> Any:
+    """Write the model card into ``folder`` and upload the folder to ``repo_id`` in one commit.
+
+    Returns `upload_folder`'s `CommitInfo` (its ``commit_url``). ``api`` defaults to
+    ``HfApi(token=token)``; ``token=None`` uses the locally saved login (``hf auth login``).
+    """
+    folder = Path(folder)
+    check_repo_id(repo_id)
+    card = write_model_card(folder, repo_id, license=license, eval_report=eval_report)
+    logger.info(f"wrote the model card {card}")
+    api = api or HfApi(token=token)
+    url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    logger.info(f"uploading {folder} to {url}")
+    return api.upload_folder(
+        repo_id=repo_id,
+        repo_type="model",
+        folder_path=str(folder),
+        commit_message=commit_message or f"Upload DDPM pipeline from {folder.name}",
+        ignore_patterns=IGNORE_PATTERNS,
+    )
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """The ``python -m ddpm_pipeline.push`` command line."""
+    parser = argparse.ArgumentParser(prog="python -m ddpm_pipeline.push", description=__doc__.split("\n")[0])
+    parser.add_argument("folder", type=Path, help="a train_ddpm.py --output_dir (or any DDPMPipeline folder)")
+    parser.add_argument("--repo_id", required=True, help="user-or-org/model-name on the Hub")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--token", help="a Hub token with write access (default: the saved login)")
+    parser.add_argument("--license", default="apache-2.0", help="the license in the card's metadata")
+    parser.add_argument("--eval_report", type=Path, help="eval_metrics.py's JSON (default: FOLDER/eval_results.json if present)")
+    parser.add_argument("--commit_message")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        check_repo_id(args.repo_id)
+        if not (args.folder / "model_index.json").is_file():
+            raise FileNotFoundError(f"{args.folder} has no model_index.json: give a finished train_ddpm.py --output_dir.")
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
+    info = push_to_hub(args.folder, args.repo_id, private=args.private, token=args.token, license=args.license,
+                       eval_report=args.eval_report, commit_message=args.commit_message)  # fmt: skip
+    print(getattr(info, "commit_url", info))
+    return info
+
+
+if __name__ == "__main__":
+    main()

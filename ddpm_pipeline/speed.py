@@ -1,0 +1,141 @@
+"""Fast paths for training and sampling, and the policy that picks them per device and target.
+
+Every fast path is an option of the same code; ``None`` means *auto*: on for a CUDA device, off on
+the CPU. None of them changes the math: channels_last, fused AdamW, the device-resident data set
+and ``torch.compile`` compute the same loss and update as the plain step up to float rounding
+(tests/test_speed.py); bf16 autocast keeps float32 master weights and a float32 loss.
+
+The one exception is the posterior-mean (μ) target. A μ network carries ``x_0`` only through
+``b_t x_0`` next to ``c_t x_t`` with ``b_t / c_t ≈ 1e-4`` at large ``t``, below the resolution of
+bf16/fp16 (8/11 mantissa bits) and of TF32 (10 bits), and ``x̂_0 = (μ̂ - c_t x_t) / b_t`` magnifies
+the rounding: on an H100 a μ network's images moved by 0.16 (mean abs, [0, 1] scale) in half
+precision against 0.001 for ε (benchmarks/RESULTS.md). *Auto* therefore keeps μ runs in strict
+float32 (no autocast, no TF32); asking for half precision with μ works but warns.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+
+from .schedules import canonical_prediction_type
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISION_CHOICES = ("auto", "no", "fp16", "bf16")
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def needs_full_precision(prediction_type: str) -> bool:
+    """Whether a target must be computed in strict float32 (μ: see the module docstring)."""
+    return canonical_prediction_type(prediction_type) == "mu"
+
+
+def auto_flag(requested: bool | None, device: torch.device | str) -> bool:
+    """An on/off option: ``requested`` when given, else on for CUDA and off elsewhere."""
+    if requested is not None:
+        return requested
+    return torch.device(device).type == "cuda"
+
+
+def resolve_mixed_precision(requested: str | None, device: torch.device | str, prediction_type: str) -> str | None:
+    """The autocast precision of a run: ``"auto"`` → ``"bf16"`` on a CUDA device that supports it,
+    ``"no"`` on the CPU and for the μ target; ``None`` → Accelerate's own config; any other value as
+    given (with a warning for half precision and μ)."""
+    if requested is None:
+        return None
+    if requested not in MIXED_PRECISION_CHOICES:
+        raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {requested!r}.")
+    device = torch.device(device)
+    if requested == "auto":
+        if device.type != "cuda" or needs_full_precision(prediction_type):
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if requested in HALF_DTYPES and needs_full_precision(prediction_type):
+        warnings.warn(
+            f"mixed_precision={requested} with the μ target: half precision rounds away most of x0's signal in "
+            "μ̂ at large t (see ddpm_pipeline.speed); use mixed_precision='no' for exact μ training.",
+            stacklevel=2,
+        )
+    return requested
+
+
+def resolve_sampling_dtype(requested: torch.dtype | str | None, device: torch.device | str, prediction_type: str) -> torch.dtype:
+    """The UNet's dtype for sampling: ``None``/``"auto"`` → bfloat16 on CUDA (float32 for μ and on
+    the CPU); a dtype or its name (``"bfloat16"``, ``"float16"``, ``"float32"``) as given."""
+    if requested is None or requested == "auto":
+        device = torch.device(device)
+        if device.type != "cuda" or needs_full_precision(prediction_type):
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = getattr(torch, requested) if isinstance(requested, str) else requested
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype or its name, got {requested!r}.")
+    if dtype in (torch.float16, torch.bfloat16) and needs_full_precision(prediction_type):
+        warnings.warn(
+            f"Sampling a μ model in {dtype}: half precision rounds away most of x0's signal in μ̂ at large t "
+            "(see ddpm_pipeline.speed); use float32.",
+            stacklevel=2,
+        )
+    return dtype
+
+
+def set_tf32(enabled: bool) -> None:
+    """Let CUDA matmuls and convolutions use TF32 tensor cores (10-bit mantissa) or forbid it."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
+    """Store the module's 4-D weights as NHWC (``torch.channels_last``), in place; returns it."""
+    return module.to(memory_format=torch.channels_last)
+
+
+def is_channels_last(module: torch.nn.Module) -> bool:
+    """Whether the module stores its convolution weights as NHWC, judged by the first one whose
+    layout tells (more than one input channel and a kernel over 1×1)."""
+    for weight in module.parameters():
+        if weight.ndim == 4 and weight.shape[1] > 1 and weight.shape[2] * weight.shape[3] > 1:
+            return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    return False
+
+
+def compile_module(module: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+    """``torch.compile`` the module in place (``nn.Module.compile``: its class, attributes and
+    ``state_dict`` keys stay as they are, so saving and checkpointing are unchanged); returns it."""
+    module.compile(mode=mode)
+    return module
+
+
+def build_adamw(parameters, fused: bool, **hyperparameters) -> torch.optim.AdamW:
+    """AdamW, as one fused kernel per step (``fused=True``) or as multi-tensor ``foreach`` kernels.
+
+    Both implement ``m ← β1 m + (1-β1) g``, ``v ← β2 v + (1-β2) g²``,
+    ``θ ← θ(1 - lr·wd) - lr · m̂ / (√v̂ + ε)`` with bias-corrected ``m̂, v̂``; they differ only in
+    float rounding, and their state dicts are interchangeable (a run may resume with the other).
+    """
+    if fused:
+        return torch.optim.AdamW(parameters, fused=True, **hyperparameters)
+    return torch.optim.AdamW(parameters, foreach=True, **hyperparameters)
+
+
+def fits_on_device(num_bytes: int, device: torch.device | str, fraction: float = 0.25) -> bool:
+    """Whether a tensor of ``num_bytes`` takes at most ``fraction`` of the CUDA device's memory
+    (always false for other devices, where the data set already lives in host memory)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory
+    return num_bytes <= fraction * total
+
+
+def default_num_workers(device: torch.device | str, num_processes: int, data_on_device: bool) -> int:
+    """DataLoader workers when none are asked for: 0 on the CPU (the cores are training) and when
+    the data set is on the device; else up to 8 per process on a GPU machine."""
+    if torch.device(device).type != "cuda" or data_on_device:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, num_processes) - 1))

@@ -1,0 +1,181 @@
+"""Model cards and Hub pushes, offline.
+
+The upload path is tested by recording the exact `HfApi` calls on a stand-in object (no HTTP, no
+network): which repo is created, with which privacy, which folder is uploaded in how many commits,
+and which of its files the ignore patterns let through (huggingface_hub's own filter).
+"""
+
+import json
+
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState, GradientState
+from huggingface_hub import ModelCard
+from huggingface_hub.utils import filter_repo_objects
+from PIL import Image
+
+from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
+from ddpm_pipeline import push as push_module
+from ddpm_pipeline.model_card import BUNDLED_DATASET_ID, build_model_card, write_model_card
+from ddpm_pipeline.push import IGNORE_PATTERNS, check_hub_access, push_to_hub
+from ddpm_pipeline.training import main as train_main
+from ddpm_pipeline.training_config import TrainingConfig
+
+REPORT = {
+    "num_samples": 5000,
+    "num_inference_steps": 1000,
+    "metrics": {"fid": 12.3456, "kernel_inception_distance_mean": 0.0123, "kernel_inception_distance_std": 0.001,
+                "precision": 0.61, "recall": 0.52, "bpd": {"bits_per_dim": 3.21, "bits_per_dim_stderr": 0.02}},
+    "reference": {"source": "bundled", "num_images": 10000},
+}  # fmt: skip
+
+
+class RecordingHfApi:
+    """Stands in for `huggingface_hub.HfApi`: records each call and its arguments, sends nothing."""
+
+    def __init__(self, token=None, fail_whoami=False):
+        self.token, self.fail_whoami, self.calls = token, fail_whoami, []
+
+    def whoami(self):
+        self.calls.append(("whoami", {}))
+        if self.fail_whoami:
+            raise OSError("offline")
+        return {"name": "someone"}
+
+    def create_repo(self, **kwargs):
+        self.calls.append(("create_repo", kwargs))
+        return f"https://huggingface.co/{kwargs['repo_id']}"
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{kwargs['repo_id']}/commit/abc"})()
+
+
+def pipeline_folder(path, prediction_type="epsilon", config=None, report=None):
+    torch.manual_seed(0)
+    scheduler = DDPMTargetScheduler(prediction_type=prediction_type, beta_schedule="cosine")
+    DDPMTargetPipeline(DDPMUNet.from_preset("ddpm-tiny-16"), scheduler).save_pretrained(path)
+    (config or TrainingConfig(model="ddpm-tiny-16", prediction_type=prediction_type)).save(path / "training_config.json")
+    Image.new("L", (8, 8)).save(path / "samples.png")
+    (path / "checkpoint-10").mkdir()
+    (path / "checkpoint-10" / "model.safetensors").write_bytes(b"x")
+    (path / ".pipeline.tmp").mkdir()
+    if report:
+        (path / "eval_results.json").write_text(json.dumps(report))
+    return path
+
+
+def card_metadata(card: ModelCard) -> dict:
+    return yaml.safe_load(str(card).split("---")[1])
+
+
+def test_model_card_of_an_epsilon_model_with_metrics(tmp_path):
+    folder = pipeline_folder(tmp_path / "p", report=REPORT)
+    card = build_model_card(folder, "someone/fmnist-ddpm", license="mit")
+    meta = card_metadata(card)
+    assert meta["library_name"] == "diffusers" and meta["license"] == "mit"
+    assert meta["tags"] == ["pytorch", "diffusers", "unconditional-image-generation", "ddpm"]
+    assert meta["pipeline_tag"] == "unconditional-image-generation"
+    assert meta["datasets"] == [BUNDLED_DATASET_ID]
+    (index,) = meta["model-index"]
+    assert index["name"] == "fmnist-ddpm"
+    metrics = {m["type"]: m["value"] for m in index["results"][0]["metrics"]}
+    assert metrics == {"fid": 12.3456, "kid": 0.0123, "precision": 0.61, "recall": 0.52, "bits_per_dim": 3.21}
+    assert index["results"][0]["task"]["type"] == "unconditional-image-generation"
+    body = card.text
+    assert 'DDPMPipeline.from_pretrained("someone/fmnist-ddpm")().images[0]' in body
+    assert "Stock diffusers is all it needs" in body and "pip install ddpm_pipeline" not in body
+    assert "![samples from the EMA weights](samples.png)" in body
+    assert "the noise ε" in body and "cosine" in body
+    assert "| `model` | `ddpm-tiny-16` |" in body and "| FID | 12.35 |" in body
+    assert "5000 samples with 1000 sampling steps" in body
+
+
+def test_model_card_of_a_mu_model_says_the_package_is_needed(tmp_path):
+    folder = pipeline_folder(tmp_path / "p", prediction_type="mu")
+    card = build_model_card(folder, "someone/mu")
+    assert "pip install ddpm_pipeline" in card.text and "the posterior mean μ" in card.text
+    meta = card_metadata(card)
+    assert "model-index" not in meta  # no evaluation report, no metrics claimed
+
+
+def test_model_card_of_local_data_names_no_hub_dataset(tmp_path):
+    config = TrainingConfig(model="ddpm-tiny-16", train_data_dir=str(tmp_path))
+    card = build_model_card(pipeline_folder(tmp_path / "p", config=config), "someone/x")
+    assert "datasets" not in card_metadata(card)
+    config = TrainingConfig(model="ddpm-tiny-16", dataset_name="cifar10")
+    card = build_model_card(pipeline_folder(tmp_path / "q", config=config), "someone/x")
+    assert card_metadata(card)["datasets"] == ["cifar10"]
+
+
+def test_model_card_needs_a_pipeline_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        build_model_card(tmp_path, "someone/x")
+    folder = pipeline_folder(tmp_path / "p")
+    with pytest.raises(FileNotFoundError, match="--eval_report"):
+        build_model_card(folder, "someone/x", eval_report=tmp_path / "missing.json")
+
+
+def test_push_makes_one_commit_of_the_folder_without_checkpoints(tmp_path):
+    folder = pipeline_folder(tmp_path / "p", report=REPORT)
+    api = RecordingHfApi()
+    info = push_to_hub(folder, "someone/fmnist-ddpm", private=True, api=api)
+    assert info.commit_url.endswith("/commit/abc")
+    assert [name for name, _ in api.calls] == ["create_repo", "upload_folder"]
+    assert api.calls[0][1] == {"repo_id": "someone/fmnist-ddpm", "repo_type": "model", "private": True, "exist_ok": True}
+    upload = api.calls[1][1]
+    assert upload["repo_id"] == "someone/fmnist-ddpm" and upload["folder_path"] == str(folder)
+    assert upload["ignore_patterns"] == IGNORE_PATTERNS
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    sent = sorted(filter_repo_objects(files, ignore_patterns=upload["ignore_patterns"]))
+    assert "README.md" in sent and "unet/diffusion_pytorch_model.safetensors" in sent and "eval_results.json" in sent
+    assert not any(p.startswith(("checkpoint-", ".")) for p in sent)
+    assert ModelCard.load(folder / "README.md").data.library_name == "diffusers"
+
+
+def test_repo_id_and_hub_access_errors_are_clear(tmp_path):
+    folder = pipeline_folder(tmp_path / "p")
+    with pytest.raises(ValueError, match="user-or-org/model-name"):
+        push_to_hub(folder, "no-namespace", api=RecordingHfApi())
+    with pytest.raises(RuntimeError, match="hf auth login"):
+        check_hub_access(api=RecordingHfApi(fail_whoami=True))
+    with pytest.raises(SystemExit):
+        push_module.main([str(tmp_path / "nowhere"), "--repo_id", "someone/x"])
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_train_ddpm_push_to_hub(tmp_path, monkeypatch, fresh_accelerate_state):
+    apis = []
+    monkeypatch.setattr(push_module, "HfApi", lambda token=None: apis.append(RecordingHfApi(token)) or apis[-1])
+    out = tmp_path / "run"
+    train_main(["--model", "ddpm-tiny-16", "--resolution", "16", "--max_train_steps", "2", "--train_batch_size", "4",
+                "--grid_inference_steps", "2", "--num_grid_images", "4", "--report_to", "none", "--output_dir", str(out),
+                "--push_to_hub", "--hub_model_id", "someone/tiny", "--hub_private", "--hub_token", "hf_secret"])  # fmt: skip
+    calls = [name for api in apis for name, _ in api.calls]
+    assert calls == ["whoami", "create_repo", "upload_folder"]  # access checked at start-up, one commit at the end
+    assert all(api.token == "hf_secret" for api in apis)
+    assert (out / "README.md").is_file() and "someone/tiny" in (out / "README.md").read_text()
+    assert "hf_secret" not in (out / "training_config.json").read_text()  # the token never reaches the disk
+
+
+def test_push_to_hub_without_a_repo_id_stops_before_training(tmp_path):
+    with pytest.raises(SystemExit):
+        TrainingConfig.from_args(["--push_to_hub", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--hub_model_id"):
+        TrainingConfig(push_to_hub=True, hub_model_id="bad")
+
+
+def test_card_file_is_replaced_atomically(tmp_path):
+    folder = pipeline_folder(tmp_path / "p")
+    (folder / "README.md").write_text("old")
+    path = write_model_card(folder, "someone/x")
+    assert path.read_text().startswith("---") and not (folder / "README.md.tmp").exists()

@@ -1,0 +1,218 @@
+"""Fast paths are options of the same code: they compute the same losses, updates and images."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+
+from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
+from ddpm_pipeline.data import IndexDataset, stack_images
+from ddpm_pipeline.speed import (
+    auto_flag,
+    build_adamw,
+    default_num_workers,
+    needs_full_precision,
+    resolve_mixed_precision,
+    resolve_sampling_dtype,
+)
+from ddpm_pipeline.training import Trainer, main
+from ddpm_pipeline.training_config import TrainingConfig
+
+TINY = ["--model", "ddpm-tiny-16", "--resolution", "16", "--grid_inference_steps", "3", "--num_grid_images", "4",
+        "--report_to", "none", "--train_batch_size", "8", "--lr_warmup_steps", "2", "--learning_rate", "2e-3",
+        "--save_images_steps", "none"]  # fmt: skip
+PLAIN = ["--no-channels_last", "--no-fused_adam", "--no-data_on_device", "--no-compile_unet", "--mixed_precision", "no"]
+FAST_CPU = ["--channels_last", "--fused_adam", "--data_on_device", "--no-compile_unet", "--mixed_precision", "no"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def test_auto_policy_on_cpu_and_gpu(monkeypatch):
+    assert auto_flag(None, "cpu") is False and auto_flag(None, "cuda") is True
+    assert auto_flag(False, "cuda") is False and auto_flag(True, "cpu") is True
+    assert resolve_mixed_precision("auto", "cpu", "epsilon") == "no"
+    assert resolve_mixed_precision(None, "cpu", "epsilon") is None  # Accelerate's config decides
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_mixed_precision("auto", "cuda", "epsilon") == "bf16"
+    assert resolve_mixed_precision("auto", "cuda", "x0") == "bf16"
+    assert resolve_mixed_precision("auto", "cuda", "mu") == "no"  # μ needs strict fp32
+    assert resolve_sampling_dtype("auto", "cuda", "epsilon") == torch.bfloat16
+    assert resolve_sampling_dtype(None, "cuda", "mu") == torch.float32
+    assert resolve_sampling_dtype("auto", "cpu", "epsilon") == torch.float32
+    assert resolve_sampling_dtype("float16", "cuda", "epsilon") == torch.float16
+    assert needs_full_precision("mu") and not needs_full_precision("sample")
+    with pytest.warns(UserWarning, match="μ target"):
+        assert resolve_mixed_precision("bf16", "cuda", "mu") == "bf16"
+    with pytest.warns(UserWarning, match="μ model"):
+        resolve_sampling_dtype(torch.bfloat16, "cuda", "mu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_mixed_precision("bf16", "cuda", "epsilon")
+    with pytest.raises(ValueError, match="floating torch dtype"):
+        resolve_sampling_dtype("int8", "cpu", "epsilon")
+    assert default_num_workers("cpu", 1, data_on_device=False) == 0
+    assert default_num_workers("cuda", 1, data_on_device=True) == 0
+
+
+def test_device_resident_data_equals_the_loader():
+    config = TrainingConfig.from_args([*TINY, *FAST_CPU, "--output_dir", "unused"])
+    trainer = Trainer(config)
+    assert isinstance(trainer.dataloader.dataset, IndexDataset)
+    stacked = trainer.device_images
+    assert stacked.shape == (len(trainer.train_images), 1, 16, 16) and stacked.dtype == torch.float32
+    for index in (0, 7, len(trainer.train_images) - 1):
+        assert torch.equal(stacked[index], trainer.train_images[index])
+    assert torch.equal(stack_images(trainer.train_images, "cpu", batch_size=333, progress=False), stacked)
+    # the index loader follows the same seeded order as the image loader would
+    trainer.sampler.set_epoch(3)
+    order = list(trainer.sampler)[:8]
+    trainer.dataloader.set_epoch(3)
+    assert next(iter(trainer.dataloader)).tolist() == order
+
+
+def test_fused_and_foreach_adamw_agree():
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32), torch.randn(32)]
+    results = []
+    for fused in (False, True):
+        params = [w.clone().requires_grad_() for w in weights]
+        optimizer = build_adamw(params, fused=fused, lr=1e-2, betas=(0.9, 0.999), weight_decay=0.01, eps=1e-8)
+        torch.manual_seed(1)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+        results.append([p.detach() for p in params])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def final_unet_weights(out):
+    return load_file(str(out / "checkpoint-6" / "model.safetensors"))
+
+
+def test_fast_training_path_matches_the_plain_one(tmp_path):
+    """channels_last + fused AdamW + the device-resident data set (no compile: see the CUDA test)
+    give the same per-step losses and the same weights as the plain path, on the CPU in fp32."""
+    plain = main([*TINY, *PLAIN, "--max_train_steps", "6", "--output_dir", str(tmp_path / "plain")])
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    fast = main([*TINY, *FAST_CPU, "--max_train_steps", "6", "--output_dir", str(tmp_path / "fast")])
+    assert plain.global_step == fast.global_step == 6
+    losses = {}
+    for name in ("plain", "fast"):
+        rows = (tmp_path / name / "loss_history.csv").read_text().splitlines()[1:]
+        losses[name] = np.array([float(row.split(",")[1]) for row in rows])
+    np.testing.assert_allclose(losses["fast"], losses["plain"], rtol=1e-5)
+    plain_weights, fast_weights = final_unet_weights(tmp_path / "plain"), final_unet_weights(tmp_path / "fast")
+    assert plain_weights.keys() == fast_weights.keys()
+    for key in plain_weights:
+        torch.testing.assert_close(fast_weights[key], plain_weights[key], rtol=1e-4, atol=1e-5)
+    # the fast run's outputs are ordinary: the saved pipeline is contiguous and loads
+    pipeline = DDPMTargetPipeline.from_pretrained(tmp_path / "fast")
+    assert all(p.is_contiguous() for p in pipeline.unet.parameters())
+
+
+def test_fast_run_resumes_from_its_checkpoint(tmp_path):
+    """A channels_last + fused run's checkpoint (NHWC weights, fused optimizer state) resumes."""
+    out = tmp_path / "run"
+    main([*TINY, *FAST_CPU, "--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", str(out)])
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    result = main([*TINY, *PLAIN, "--max_train_steps", "6", "--checkpointing_steps", "2", "--output_dir", str(out),
+                   "--resume_from_checkpoint", "latest"])  # fmt: skip
+    assert result.global_step == 6 and np.isfinite(result.final_loss)
+
+
+def test_bf16_autocast_step_keeps_fp32_master_weights_and_loss(tmp_path):
+    """bf16 autocast: float32 weights, optimizer state and loss; the loss agrees with fp32 to 1%."""
+    losses, trainers = {}, {}
+    for precision in ("no", "bf16"):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        config = TrainingConfig.from_args([*TINY, *PLAIN[:-2], "--mixed_precision", precision,
+                                           "--output_dir", str(tmp_path / precision)])  # fmt: skip
+        trainer = trainers[precision] = Trainer(config)
+        assert trainer.mixed_precision == precision
+        images = torch.stack([trainer.train_images[i] for i in range(8)])
+        losses[precision] = [trainer.training_step(images, seed=s) for s in range(3)]
+    for fp32, bf16 in zip(losses["no"], losses["bf16"], strict=True):
+        assert bf16.dtype == torch.float32
+        assert abs(bf16.item() - fp32.item()) <= 0.01 * fp32.item()
+    unet = trainers["bf16"].accelerator.unwrap_model(trainers["bf16"].unet)
+    assert all(p.dtype == torch.float32 for p in unet.parameters())
+    state = trainers["bf16"].optimizer.state_dict()["state"]
+    assert all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+
+
+def test_mu_target_stays_in_fp32_by_default(tmp_path):
+    config = TrainingConfig.from_args([*TINY, "--prediction_type", "mu", "--output_dir", str(tmp_path)])
+    trainer = Trainer(config)
+    assert config.mixed_precision == "auto" and trainer.mixed_precision == "no" and trainer.allow_tf32 is False
+
+
+def tiny_pipeline(prediction_type="epsilon", **scheduler_options):
+    torch.manual_seed(0)
+    scheduler = DDPMTargetScheduler(prediction_type=prediction_type, **scheduler_options)
+    return DDPMTargetPipeline(DDPMUNet.from_preset("ddpm-tiny-16"), scheduler)
+
+
+# μ: an untrained μ network's output *is* the next state, so iterating it is chaotic: float32
+# rounding differences between memory layouts (~1e-7) grow about tenfold every 10 steps (1e-5
+# after 10, 0.5 after 50). The μ check therefore runs a short full chain (T = 10, cosine).
+@pytest.mark.parametrize(
+    ("prediction_type", "steps", "options", "atol"),
+    [
+        ("epsilon", 12, {}, 1e-5),
+        ("x0", 12, {}, 1e-5),
+        ("mu", None, {"num_train_timesteps": 10, "beta_schedule": "cosine"}, 5e-5),
+    ],
+)
+def test_fast_sampling_gives_the_same_images_on_cpu(prediction_type, steps, options, atol):
+    """channels_last (fp32, CPU) samples the same images as the plain pipeline."""
+    plain = tiny_pipeline(prediction_type, **options)
+    fast = tiny_pipeline(prediction_type, **options).enable_fast_sampling(channels_last=True, compile=False)
+    assert fast.unet.dtype == torch.float32  # auto on the CPU
+    kwargs = {"batch_size": 3, "num_inference_steps": steps, "output_type": "np"}
+    expected = plain(generator=torch.Generator().manual_seed(5), **kwargs).images
+    images = fast(generator=torch.Generator().manual_seed(5), **kwargs).images
+    np.testing.assert_allclose(images, expected, atol=atol)
+
+
+@needs_cuda
+def test_compiled_bf16_cuda_sampling_agrees_with_fp32():
+    """bf16 + channels_last + torch.compile with CUDA graphs, against fp32 on the same GPU."""
+    plain = tiny_pipeline().to("cuda")
+    plain.enable_fast_sampling(dtype=torch.float32, channels_last=False, compile=False, allow_tf32=False)
+    fast = tiny_pipeline().to("cuda").enable_fast_sampling()
+    assert fast.unet.dtype == torch.bfloat16
+    kwargs = {"batch_size": 4, "num_inference_steps": 20, "output_type": "np"}
+    expected = plain(generator=torch.Generator("cuda").manual_seed(5), **kwargs).images
+    images = fast(generator=torch.Generator("cuda").manual_seed(5), **kwargs).images
+    assert np.abs(images - expected).mean() < 0.01
+
+
+@needs_cuda
+def test_compiled_cuda_training_step_matches_eager(tmp_path):
+    """torch.compile of the UNet on the GPU: same losses as eager in fp32 (TF32 off)."""
+    runs = {}
+    for name, compiled in (("eager", "--no-compile_unet"), ("compiled", "--compile_unet")):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        result = main([*TINY, compiled, "--mixed_precision", "no", "--no-allow_tf32", "--max_train_steps", "6",
+                       "--log_every", "1", "--output_dir", str(tmp_path / name)])  # fmt: skip
+        rows = (tmp_path / name / "loss_history.csv").read_text().splitlines()[1:]
+        runs[name] = np.array([float(row.split(",")[1]) for row in rows])
+        assert result.global_step == 6
+    np.testing.assert_allclose(runs["compiled"], runs["eager"], rtol=1e-3)
