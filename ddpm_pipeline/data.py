@@ -7,6 +7,8 @@ its images into training tensors in [-1, 1].
 from __future__ import annotations
 
 import gzip
+import io
+import logging
 import pickle
 import tarfile
 from dataclasses import dataclass
@@ -27,6 +29,13 @@ FASHION_MNIST_CLASSES = [
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_COLUMN_NAMES = ("image", "img")
 RESIZE_MODES = ("auto", "crop", "pad")
+BAD_IMAGE_POLICIES = ("skip", "fail")
+
+logger = logging.getLogger(__name__)
+
+
+class BadImageError(ValueError):
+    """An image of the data set that cannot be read or preprocessed; the message names it."""
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -130,6 +139,12 @@ def load_image_dataset(
         folder = Path(train_data_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"--train_data_dir {folder} is not a folder.")
+        extensions = {ext.lower() for ext in Image.registered_extensions()}
+        if not any(path.is_file() and path.suffix.lower() in extensions for path in folder.rglob("*")):
+            raise ValueError(
+                f"--train_data_dir {folder} holds no image files (.png, .jpg, .webp, … in it or its subfolders): "
+                "point it at the folder of images."
+            )
         return datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=cache_dir)
     if dataset_path:
         path = Path(dataset_path)
@@ -186,8 +201,9 @@ class ImagePreprocessor:
             raise ValueError(f"resolution must be positive, got {self.resolution}.")
 
     def to_pil(self, image: Image.Image) -> Image.Image:
-        """Steps 1–2: the R×R image in the right mode."""
-        image = image.convert("L" if self.channels == 1 else "RGB")
+        """Steps 1–2: the R×R image in the right mode (transparent pixels composited on black,
+        16-bit images scaled to 8 bits)."""
+        image = _to_8bit_opaque(image).convert("L" if self.channels == 1 else "RGB")
         size = self.resolution
         width, height = image.size
         pad = self.resize_mode == "pad" or (self.resize_mode == "auto" and width <= size and height <= size)
@@ -211,6 +227,20 @@ class ImagePreprocessor:
         return tensor.contiguous()
 
 
+def _to_8bit_opaque(image: Image.Image) -> Image.Image:
+    """``image`` with 8-bit channels and no alpha: 16-bit (``I;16``, ``I``) gray scaled by 255/65535
+    (``I`` only when its values exceed 255), transparency composited on black (like the padding)."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        array = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(array * (255 / 65535) + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("I", "F"):
+        return Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return image
+
+
 class TrainingImages(torch.utils.data.Dataset):
     """A `datasets.Dataset`'s image column as preprocessed tensors ``[C, R, R]`` in [-1, 1].
 
@@ -218,23 +248,64 @@ class TrainingImages(torch.utils.data.Dataset):
     so an item depends only on its index and resumed runs see exactly the same data.
     """
 
-    def __init__(self, dataset: datasets.Dataset, image_column: str, preprocess: ImagePreprocessor):
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        image_column: str,
+        preprocess: ImagePreprocessor,
+        bad_images: str = "skip",
+    ):
         if len(dataset) == 0:
             raise ValueError("The training data set is empty.")
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"bad_images must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {bad_images!r}.")
         self.images = dataset.select_columns([image_column])
+        # Decode here rather than in `datasets`, so a bad file is caught and named.
+        self.undecoded = isinstance(dataset.features.get(image_column), datasets.Image)
+        if self.undecoded:
+            self.images = self.images.cast_column(image_column, datasets.Image(decode=False))
         self.image_column = image_column
         self.preprocess = ImagePreprocessor(preprocess.resolution, preprocess.channels, preprocess.resize_mode)
+        self.bad_images = bad_images
+        self.skipped: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        image = self.images[int(index)][self.image_column]
-        if not isinstance(image, Image.Image):
+    def load(self, index: int) -> torch.Tensor:
+        """Image ``index`` preprocessed; `BadImageError` naming it when it cannot be."""
+        item = self.images[int(index)][self.image_column]
+        if self.undecoded:
+            name = item.get("path") or f"image {index} (stored in the data set)"
+            try:
+                image = Image.open(io.BytesIO(item["bytes"])) if item.get("bytes") else Image.open(item["path"])
+                image.load()
+                return self.preprocess(image)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                raise BadImageError(f"{name} cannot be used: {type(error).__name__}: {error}") from error
+        if not isinstance(item, Image.Image):
             raise TypeError(
-                f"Column {self.image_column!r} holds {type(image).__name__}, not images: pass --image_column."
+                f"Column {self.image_column!r} holds {type(item).__name__}, not images: pass --image_column."
             )
-        return self.preprocess(image)
+        try:
+            return self.preprocess(item)
+        except ValueError as error:
+            raise BadImageError(f"image {index} cannot be used: {error}") from error
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """Image ``index``; a bad one is, with ``bad_images="skip"``, replaced by the next readable
+        image (the same one every time, so runs stay reproducible) and counted in :attr:`skipped`."""
+        for offset in range(len(self)):
+            candidate = (int(index) + offset) % len(self)
+            try:
+                return self.load(candidate)
+            except BadImageError as error:
+                if self.bad_images == "fail":
+                    raise BadImageError(f"{error}. Fix or remove it, or pass --bad_images skip to train without it.") from error
+                if candidate not in self.skipped:
+                    self.skipped.add(candidate)
+                    logger.warning(f"skipping a bad image ({len(self.skipped)} so far): {error}")
+        raise ValueError("No image of the data set can be read: check the files (see the warnings above).")
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler[int]):

@@ -30,6 +30,7 @@ from .likelihood import BoundTerms, variational_bound
 from .metrics import FEATURE_METRICS, feature_metrics, parse_metrics
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_bound_terms_plot, save_image_grid
+from .preflight import check_pipeline_folder
 from .reference import DataSource, reference_statistics
 from .sample_store import SampleStore, image_batches, image_files
 from .training_config import CONFIG_FILE_NAME
@@ -240,6 +241,8 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     pipeline = None
     training = None
     if config.model is not None:
+        if Path(config.model).exists():  # else a Hub repo id, checked by from_pretrained
+            check_pipeline_folder(config.model)
         pipeline = DDPMTargetPipeline.from_pretrained(config.model).to(device)
         training = load_training_config(config.model)
         preprocess = model_preprocessing(pipeline, training, config.resize_mode)

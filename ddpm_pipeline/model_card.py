@@ -14,6 +14,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .preflight import check_pipeline_folder
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
 
@@ -92,11 +93,7 @@ def build_model_card(
 ) -> ModelCard:
     """The card of the pipeline in ``pipeline_dir`` as it will be published under ``repo_id``."""
     pipeline_dir = Path(pipeline_dir)
-    if not (pipeline_dir / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"{pipeline_dir} has no model_index.json: give the --output_dir of a finished train_ddpm.py run "
-            "(or any folder written by DDPMPipeline.save_pretrained)."
-        )
+    check_pipeline_folder(pipeline_dir)
     config = load_training_config(pipeline_dir)
     scheduler = DDPMTargetScheduler.from_pretrained(pipeline_dir / "scheduler").config
     prediction_type, beta_schedule = scheduler.prediction_type, scheduler.beta_schedule

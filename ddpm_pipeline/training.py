@@ -48,6 +48,7 @@ from .data import (
 from .losses import diffusion_loss
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid, save_loss_curve
+from .preflight import check_free_space, check_output_dir, check_unet_config, run_output_bytes
 from .push import check_hub_access, push_to_hub
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .seeding import derive_seed
@@ -230,6 +231,8 @@ class Trainer:
         self.skipped_steps = torch.zeros((), device=device)
         if on_gpu:
             set_tf32(self.allow_tf32)
+        if self.accelerator.is_main_process:
+            check_output_dir(self.output_dir)
         self.checkpoint = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint)
         if self.checkpoint is not None:
             self._check_resumable(self.checkpoint)
@@ -243,9 +246,13 @@ class Trainer:
             logger.info(f"will push the finished pipeline to {config.hub_model_id} as {user}")
         set_seed(config.seed)
         self.unet_config = DDPMUNet.preset_config(config.model, **config.unet_overrides_dict())
+        check_unet_config(self.unet_config)
         self.noise_scheduler = build_scheduler(config)
-        self._build_data()
         self.unet = DDPMUNet(**self.unet_config)
+        if self.accelerator.is_main_process:
+            parameters = sum(p.numel() for p in self.unet.parameters())
+            check_free_space(self.output_dir, run_output_bytes(parameters, config.checkpoints_total_limit))
+        self._build_data()
         if self.channels_last:
             to_channels_last(self.unet)
         self.ema = build_ema(self.unet, config) if config.use_ema else None
@@ -308,7 +315,7 @@ class Trainer:
             channels=self.unet_config["in_channels"],
             resize_mode=config.resize_mode,
         )
-        self.train_images = TrainingImages(dataset, column, preprocess)
+        self.train_images = TrainingImages(dataset, column, preprocess, bad_images=config.bad_images)
         per_step = config.train_batch_size * self.accelerator.num_processes
         if len(self.train_images) < per_step:
             raise ValueError(
@@ -550,6 +557,8 @@ class Trainer:
         history.flush()
         elapsed = time.perf_counter() - start
         logger.info(f"trained to step {global_step} in {elapsed:.0f} s; writing the pipeline and the grid")
+        if self.train_images.skipped:  # counted here when the main process loaded them (workers count their own)
+            logger.warning(f"{len(self.train_images.skipped)} bad image(s) were skipped (see the warnings above)")
         self.save_checkpoint(global_step)
         samples_path = None
         if is_main:

@@ -62,6 +62,7 @@ class TrainingConfig:
     resolution: int | None = _option(None, "Training image size in pixels (default: the model preset's sample_size).")
     channels: int | None = _option(None, "1 = grayscale, 3 = RGB (default: the model preset's in_channels).", choices=(1, 3))
     resize_mode: str = _option("auto", "pad (center on black), crop (resize + center crop), auto = pad if smaller.", choices=RESIZE_MODES)
+    bad_images: str = _option("skip", "An unreadable or unusable image: skip it (logged and counted; the next readable image stands in) or fail naming the file.", choices=("skip", "fail"))
     random_flip: bool = _option(False, "Flip training images left-right at random.")
     dataloader_num_workers: int | None = _option(None, "DataLoader worker processes (0 = load in the main process; none = 0 on the CPU or with --data_on_device, else up to 8 per GPU).")
     num_cpu_threads: int | None = _option(None, "Torch threads per process when training on the CPU (default: the available cores / processes; `accelerate launch` would otherwise leave 1).")

@@ -1,15 +1,25 @@
 """Long runs survive bad luck: NaN losses, full disks, bad files, killed processes."""
 
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
 from safetensors.torch import load_file
 
 import ddpm_pipeline.training as training_module
-from ddpm_pipeline.checkpointing import list_checkpoints
+from ddpm_pipeline import evaluate, preflight
+from ddpm_pipeline.checkpointing import list_checkpoints, resolve_checkpoint
+from ddpm_pipeline.data import BadImageError, ImagePreprocessor, TrainingImages, load_image_dataset
 from ddpm_pipeline.training import main
 
 TINY = ["--model", "ddpm-tiny-16", "--resolution", "16", "--grid_inference_steps", "2", "--num_grid_images", "4",
@@ -71,3 +81,157 @@ def test_too_many_skipped_steps_stop_the_run(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match="more than --max_skipped_steps 2"):
         main([*TINY, "--max_train_steps", "6", "--nonfinite_loss", "skip", "--max_skipped_steps", "2",
               "--log_every", "1", "--output_dir", str(tmp_path / "run")])  # fmt: skip
+
+
+def messy_folder(folder):
+    """Good images in several modes and sizes, and every kind of bad file."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 20), dtype=np.uint8)).save(folder / f"good{i}.png")
+    Image.new("RGBA", (12, 12), (255, 255, 255, 0)).save(folder / "transparent.png")  # fully transparent white
+    Image.new("P", (12, 12), 3).save(folder / "palette.png")
+    Image.new("L", (1, 1), 255).save(folder / "tiny.png")
+    Image.new("RGB", (1500, 1000), (0, 0, 255)).save(folder / "huge.jpg")
+    Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(folder / "sixteen_bit.png")
+    (folder / "zero_bytes.png").write_bytes(b"")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    good = (folder / "good0.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "notes.txt").write_text("not an image: the imagefolder builder leaves it out")
+    return folder
+
+
+def test_bad_files_are_named_skipped_and_counted(tmp_path):
+    images = TrainingImages(load_image_dataset(train_data_dir=messy_folder(tmp_path / "imgs")), "image",
+                            ImagePreprocessor(16, channels=1))  # fmt: skip
+    assert len(images) == 14  # 11 images + 3 bad files, no .txt
+    items = [images[i] for i in range(len(images))]
+    assert all(item.shape == (1, 16, 16) and torch.isfinite(item).all() for item in items)
+    skipped_names = sorted(Path(images.images[i]["image"]["path"]).name for i in images.skipped)
+    assert skipped_names == ["corrupt.png", "truncated.png", "zero_bytes.png"]
+    by_name = {Path(images.images[i]["image"]["path"]).name: images.load(i) for i in range(len(images)) if i not in images.skipped}
+    assert torch.equal(by_name["transparent.png"], -torch.ones(1, 16, 16))  # transparent → black, like the padding
+    assert by_name["sixteen_bit.png"].max() == 1.0  # 65535 → white, not clipped garbage
+    assert by_name["tiny.png"][0, 7, 7] == 1.0 and by_name["tiny.png"][0, 0, 0] == -1.0  # padded to 16
+    assert by_name["huge.jpg"].shape == (1, 16, 16)  # resized and cropped
+
+
+def test_bad_files_fail_when_asked_naming_the_file(tmp_path):
+    folder = messy_folder(tmp_path / "imgs")
+    images = TrainingImages(load_image_dataset(train_data_dir=folder), "image", ImagePreprocessor(16), bad_images="fail")
+    with pytest.raises(BadImageError, match=r"corrupt\.png cannot be used.*--bad_images skip"):
+        for i in range(len(images)):
+            images[i]
+
+
+def test_training_on_a_messy_folder_does_not_crash(tmp_path, caplog):
+    out = tmp_path / "run"
+    result = main([*TINY, "--train_data_dir", str(messy_folder(tmp_path / "imgs")), "--max_train_steps", "8",
+                   "--output_dir", str(out)])  # fmt: skip
+    assert result.global_step == 8 and np.isfinite(result.final_loss)
+    assert "bad image(s) were skipped" in caplog.text
+
+
+def test_empty_image_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="holds no image files"):
+        load_image_dataset(train_data_dir=tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--resolution", "29"], "not divisible by 2"),
+        (["--unet_overrides", '{"out_channels": 3}'], "in_channels 1 ≠ out_channels 3"),
+        (["--block_out_channels", "12", "24"], "not divisible by norm_num_groups 8"),
+    ],
+)
+def test_bad_network_options_fail_before_any_work(tmp_path, options, message):
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=message):
+        main([*TINY, *options, "--max_train_steps", "2", "--output_dir", str(out)])
+    assert not list_checkpoints(out) and not (out / "training_config.json").exists()
+
+
+def test_unwritable_output_dir_fails_at_start_up(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="is not writable"):
+        main([*TINY, "--max_train_steps", "2", "--output_dir", str(blocker / "run")])
+
+
+def test_full_disk_fails_at_start_up(tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
+    with pytest.raises(OSError, match="MiB free, but this run's checkpoints and pipeline need about"):
+        main([*TINY, "--max_train_steps", "2", "--output_dir", str(tmp_path / "run")])
+    assert preflight.run_output_bytes(1_000_000, 2) == 3 * 16_000_000 + 4_000_000 + preflight.OUTPUT_SLACK_BYTES
+
+
+def test_incomplete_or_mismatched_pipeline_folders_are_named(tmp_path):
+    out = tmp_path / "run"
+    main([*TINY, "--max_train_steps", "1", "--output_dir", str(out)])
+    preflight.check_pipeline_folder(out)  # complete
+    (out / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="missing unet/diffusion_pytorch_model.safetensors"):
+        preflight.check_pipeline_folder(out)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        evaluate(model=str(out), metrics="bpd", output=str(tmp_path / "r.json"))
+    shutil.rmtree(out / "scheduler")
+    with pytest.raises(FileNotFoundError, match="scheduler/scheduler_config.json"):
+        preflight.check_pipeline_folder(out)
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        preflight.check_pipeline_folder(tmp_path / "nowhere")
+
+
+KILLABLE_TRAINER = """
+import sys, time
+from pathlib import Path
+from ddpm_pipeline import training
+
+original = training.write_checkpoint
+
+def write_then_hang_at_step_4(output_dir, step, save_state, **kwargs):
+    def save_state_and_hang(folder):
+        save_state(folder)  # the weights are on disk, trainer_state.json not yet
+        if step == 4:
+            (Path(output_dir) / "KILL_ME_NOW").write_text(str(folder))
+            time.sleep(600)
+    return original(output_dir, step, save_state_and_hang, **kwargs)
+
+training.write_checkpoint = write_then_hang_at_step_4
+training.main(sys.argv[1:])
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
+    """A real training process, SIGKILLed in the middle of writing checkpoint-4: checkpoint-2
+    stays intact, `latest` ignores the half-written folder, and the resumed run ends with the
+    weights of an uninterrupted run."""
+    options = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "2", "--checkpoints_total_limit", "none"]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-c", KILLABLE_TRAINER, *options, "--output_dir", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (killed / "KILL_ME_NOW").exists():
+        assert process.poll() is None, "the training process ended before reaching the checkpoint write"
+        assert time.monotonic() < deadline, "the training process never reached checkpoint-4"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert (killed / ".checkpoint-4.tmp" / "model.safetensors").is_file()  # the half-written checkpoint
+    assert [p.name for p in list_checkpoints(killed)] == ["checkpoint-2"]
+    assert resolve_checkpoint(killed, "latest") == killed / "checkpoint-2"
+    result = main([*options, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
+    assert result.global_step == 6
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    main([*options, "--output_dir", str(tmp_path / "straight")])
+    resumed = load_file(str(killed / "checkpoint-6" / "model.safetensors"))
+    straight = load_file(str(tmp_path / "straight" / "checkpoint-6" / "model.safetensors"))
+    assert all(torch.equal(resumed[name], straight[name]) for name in straight)
+    assert not (killed / ".checkpoint-4.tmp").exists()  # cleaned up by the rewrite of checkpoint-4

@@ -1,0 +1,108 @@
+"""Checks made before any work: a run that cannot finish should say so at start-up, not after an hour.
+
+Each raises an error that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+#: Bytes one checkpoint holds per parameter: fp32 weights, EMA weights, AdamW's two moments.
+CHECKPOINT_BYTES_PER_PARAMETER = 16
+#: Room for grids, logs, the loss history and file-system overhead.
+OUTPUT_SLACK_BYTES = 64 * 2**20
+
+
+def check_output_dir(output_dir: str | Path) -> Path:
+    """Create ``output_dir`` if needed and prove it writable by writing and deleting a probe file."""
+    folder = Path(output_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{uuid.uuid4().hex}"
+        probe.write_bytes(b"0" * 4096)
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(
+            f"--output_dir {folder} is not writable ({error.strerror or error}): pick a folder you can write to, "
+            "or fix its permissions, before training."
+        ) from error
+    return folder
+
+
+def run_output_bytes(num_parameters: int, checkpoints_kept: int | None) -> int:
+    """Disk a run needs at its peak: ``(kept + 1)`` checkpoints (one more while the next is written
+    before the oldest is pruned) of 16 bytes per parameter, the saved fp32 pipeline, and slack."""
+    kept = 1 if checkpoints_kept is None else checkpoints_kept  # unlimited: checked for the first ones
+    return (kept + 1) * CHECKPOINT_BYTES_PER_PARAMETER * num_parameters + 4 * num_parameters + OUTPUT_SLACK_BYTES
+
+
+def check_free_space(output_dir: str | Path, needed_bytes: int) -> None:
+    """Raise when the file system of ``output_dir`` has less free space than ``needed_bytes``."""
+    free = shutil.disk_usage(output_dir).free
+    if free < needed_bytes:
+        raise OSError(
+            f"--output_dir {output_dir} has {free / 2**20:.0f} MiB free, but this run's checkpoints and pipeline "
+            f"need about {needed_bytes / 2**20:.0f} MiB: free some space, choose another --output_dir, or keep "
+            "fewer checkpoints (--checkpoints_total_limit)."
+        )
+
+
+def check_unet_config(config: dict[str, Any]) -> None:
+    """The network can be built and trained on its images: equal in/out channels, a resolution the
+    down-sampling path divides, channel counts its GroupNorm groups divide."""
+    problems = []
+    levels = len(config["block_out_channels"])
+    factor = 2 ** (levels - 1)
+    size = config["sample_size"]
+    sizes = [size] if isinstance(size, int) else list(size)
+    if any(s % factor for s in sizes):
+        nearest = sorted({max(factor, round(s / factor) * factor) for s in sizes})
+        problems.append(
+            f"resolution {size} is not divisible by {factor}, the UNet's down-sampling over {levels} levels: "
+            f"use --resolution {nearest[0]} (or a multiple of {factor})."
+        )
+    if config["in_channels"] != config["out_channels"]:
+        problems.append(
+            f"in_channels {config['in_channels']} ≠ out_channels {config['out_channels']}: a DDPM predicts a tensor "
+            "shaped like its input; set both with --channels."
+        )
+    groups = config.get("norm_num_groups", 32)
+    bad = [c for c in config["block_out_channels"] if c % groups]
+    if bad:
+        problems.append(f"block_out_channels {bad} are not divisible by norm_num_groups {groups}: change one of them.")
+    if problems:
+        raise ValueError("The UNet configuration cannot train:\n  " + "\n  ".join(problems))
+
+
+def check_pipeline_folder(folder: str | Path) -> None:
+    """A saved pipeline folder has its index, a UNet (config and weights) and a scheduler, and
+    they agree; raise naming what is missing or mismatched."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: give a train_ddpm.py --output_dir or a save_pretrained folder.")
+    missing = [name for name in ("model_index.json", "unet/config.json", "scheduler/scheduler_config.json")
+               if not (folder / name).is_file()]  # fmt: skip
+    weights = list((folder / "unet").glob("diffusion_pytorch_model*.safetensors")) + list(
+        (folder / "unet").glob("diffusion_pytorch_model*.bin")
+    )
+    if not weights and (folder / "unet").is_dir():
+        missing.append("unet/diffusion_pytorch_model.safetensors")
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is not a complete pipeline folder: missing {', '.join(missing)}. Point to a finished "
+            "train_ddpm.py --output_dir (an interrupted run can be finished with --resume_from_checkpoint latest)."
+        )
+    index = json.loads((folder / "model_index.json").read_text())
+    for part in ("unet", "scheduler"):
+        if part not in index:
+            raise ValueError(f"{folder}/model_index.json lists no {part!r}: it is not a DDPM pipeline folder.")
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    if unet.get("in_channels") != unet.get("out_channels"):
+        raise ValueError(
+            f"{folder}/unet predicts {unet.get('out_channels')} channels from {unet.get('in_channels')}: "
+            "a DDPM UNet's output must match its input (learned-variance models are not supported)."
+        )
