@@ -85,9 +85,12 @@ class TrainingResult:
     samples_path: Path | None
 
 
-def micro_batch_seed(seed: int, epoch: int, batch_index: int, process_index: int) -> int:
-    """The seed of one micro-batch: :func:`~ddpm_pipeline.seeding.derive_seed` of the four numbers."""
-    return derive_seed(seed, epoch, batch_index, process_index)
+def micro_batch_seed(seed: int, epoch: int, batch_index: int) -> int:
+    """The seed of one micro-batch step: :func:`~ddpm_pipeline.seeding.derive_seed` of the three
+    numbers. It is the same in every process: each draws the timesteps, noise and flips of the
+    whole global batch and keeps its own rows, so N processes train exactly as one process with
+    N times the batch (dropout aside, whose masks are drawn per process)."""
+    return derive_seed(seed, epoch, batch_index)
 
 
 def cpu_threads_per_process(num_processes: int) -> int:
@@ -208,10 +211,15 @@ class Trainer:
     def __init__(self, config: TrainingConfig):
         self.config = config
         self.output_dir = Path(config.output_dir)
-        device = PartialState().device
+        # Launched as several processes on a machine without CUDA (`accelerate launch --multi_gpu`,
+        # torchrun): Accelerate only joins them (gloo) when told they run on the CPU.
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        cpu_processes = world_size > 1 and not torch.cuda.is_available()
+        device = PartialState(cpu=cpu_processes).device
         on_gpu = device.type == "cuda"
         self.mixed_precision = resolve_mixed_precision(config.mixed_precision, device, config.prediction_type)
         self.accelerator = Accelerator(
+            cpu=cpu_processes,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             mixed_precision=self.mixed_precision,
             dataloader_config=DataLoaderConfiguration(non_blocking=on_gpu),
@@ -220,6 +228,12 @@ class Trainer:
                 project_dir=str(self.output_dir), logging_dir=str(self.output_dir / config.logging_dir)
             ),
         )
+        if self.accelerator.num_processes != world_size:
+            raise RuntimeError(
+                f"Launched as {world_size} processes, but Accelerate joined {self.accelerator.num_processes}: "
+                "each would train alone and overwrite the others' outputs. Launch with `accelerate launch "
+                "--multi_gpu --num_processes N train_ddpm.py` (GPUs, or gloo on CPUs) or a matching accelerate config."
+            )
         if self.accelerator.device.type == "cpu":
             torch.set_num_threads(config.num_cpu_threads or cpu_threads_per_process(self.accelerator.num_processes))
         strict_fp32 = needs_full_precision(config.prediction_type)
@@ -434,14 +448,22 @@ class Trainer:
             images = self.device_images[images]  # a batch of indices into the device-resident data set
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        torch.manual_seed(seed)  # dropout
+        processes, rank, batch = self.accelerator.num_processes, self.accelerator.process_index, images.shape[0]
+        torch.manual_seed(derive_seed(seed, rank))  # dropout
         generator = torch.Generator(device=images.device).manual_seed(seed)
+        rows = slice(rank * batch, (rank + 1) * batch)  # this process's rows of the global batch's draws
         if config.random_flip:
-            flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
+            flip = torch.rand(processes * batch, device=images.device, generator=generator)[rows] < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (processes * batch,),
+                                  device=images.device, generator=generator)[rows]  # fmt: skip
+        noise = torch.randn((processes * batch, *images.shape[1:]), device=images.device, dtype=images.dtype,
+                            generator=generator)[rows]  # fmt: skip
+        if self.channels_last:
+            noise = noise.contiguous(memory_format=torch.channels_last)
         with self.accelerator.accumulate(self.unet):
             loss = diffusion_loss(
-                self.unet, self.noise_scheduler, images, weighting=config.loss_weighting, generator=generator
+                self.unet, self.noise_scheduler, images, weighting=config.loss_weighting, timesteps=timesteps, noise=noise
             )
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
@@ -526,7 +548,7 @@ class Trainer:
             self.sampler.set_epoch(epoch)
             self.unet.train()
             for batch_index, images in enumerate(loader, start=skip):
-                seed = micro_batch_seed(config.seed, epoch, batch_index, accelerator.process_index)
+                seed = micro_batch_seed(config.seed, epoch, batch_index)
                 micro_losses.append(self.training_step(images, seed))
                 if not accelerator.sync_gradients:
                     continue

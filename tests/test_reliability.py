@@ -235,3 +235,68 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     straight = load_file(str(tmp_path / "straight" / "checkpoint-6" / "model.safetensors"))
     assert all(torch.equal(resumed[name], straight[name]) for name in straight)
     assert not (killed / ".checkpoint-4.tmp").exists()  # cleaned up by the rewrite of checkpoint-4
+
+
+RECORDING_TRAINER = """
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+
+from ddpm_pipeline import training
+
+seen, last_weights = [], {}
+original = training.Trainer.training_step
+
+def recording_step(self, images, seed):
+    seen.append(images.tolist())  # with --data_on_device, the batch's indices into the data set
+    loss = original(self, images, seed)
+    last_weights.update({k: v.detach().clone() for k, v in self.accelerator.unwrap_model(self.unet).state_dict().items()})
+    return loss
+
+training.Trainer.training_step = recording_step
+training.main(sys.argv[1:])
+out = Path(sys.argv[sys.argv.index("--output_dir") + 1])
+torch.save({"seen": seen, "weights": last_weights}, out / f"rank{PartialState().process_index}.pt")
+"""
+
+
+def test_two_cpu_processes_train_as_one_with_the_global_batch(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU (gloo): different shards, identical
+    weights on both ranks after each step, checkpoints and outputs written once, and the result
+    equal to one process with the same global batch."""
+    script = tmp_path / "recording_trainer.py"
+    script.write_text(RECORDING_TRAINER)
+    common = [*TINY[:TINY.index("--train_batch_size")], "--lr_warmup_steps", "0", "--save_images_steps", "none",
+              "--max_train_steps", "3", "--checkpointing_steps", "2", "--data_on_device", "--random_flip",
+              "--num_cpu_threads", "1"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    two, one = tmp_path / "two", tmp_path / "one"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]  # fmt: skip
+    subprocess.run([*launch, *common, "--train_batch_size", "4", "--output_dir", str(two)], check=True, env=env,
+                   timeout=600, capture_output=True)  # fmt: skip
+    subprocess.run([sys.executable, str(script), *common, "--train_batch_size", "8", "--output_dir", str(one)],
+                   check=True, env=env, timeout=600, capture_output=True)  # fmt: skip
+    rank0, rank1 = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
+    single = torch.load(one / "rank0.pt")
+    # each step, the two ranks saw disjoint halves of the single process's global batch
+    for step in range(3):
+        assert not set(rank0["seen"][step]) & set(rank1["seen"][step])
+        assert sorted(rank0["seen"][step] + rank1["seen"][step]) == sorted(single["seen"][step])
+    # gradients were synchronized: the ranks hold the same weights
+    for name, weight in rank0["weights"].items():
+        assert torch.equal(weight, rank1["weights"][name]), name
+    # and they equal the one-process run's, to float tolerance (the gradient all-reduce sums in another order)
+    for name, weight in single["weights"].items():
+        torch.testing.assert_close(rank0["weights"][name], weight, rtol=1e-4, atol=1e-5)
+    # one checkpoint series, one pipeline, one loss history: written by the main process only
+    assert [p.name for p in list_checkpoints(two)] == ["checkpoint-2", "checkpoint-3"]
+    assert {p.name for p in (two / "checkpoint-3").iterdir()} >= {"model.safetensors", "random_states_0.pkl",
+                                                                   "random_states_1.pkl", "trainer_state.json"}  # fmt: skip
+    assert len((two / "loss_history.csv").read_text().splitlines()) == 1 + 3
+    ema_two = torch.load(two / "checkpoint-3" / "custom_checkpoint_1.pkl", weights_only=False)
+    ema_one = torch.load(one / "checkpoint-3" / "custom_checkpoint_1.pkl", weights_only=False)
+    for a, b in zip(ema_two["shadow_params"], ema_one["shadow_params"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -124,7 +124,7 @@ def test_epoch_order_depends_only_on_seed_and_epoch():
     again = EpochShuffleSampler(50, seed=3)
     again.set_epoch(1)
     assert sorted(first) == list(range(50)) and first != second and list(again) == second
-    assert micro_batch_seed(0, 1, 2, 0) == micro_batch_seed(0, 1, 2, 0) != micro_batch_seed(0, 1, 2, 1)
+    assert micro_batch_seed(0, 1, 2) == micro_batch_seed(0, 1, 2) != micro_batch_seed(0, 1, 3) != micro_batch_seed(0, 2, 2)
 
 
 def test_training_images_from_each_source(tmp_path):
