@@ -183,6 +183,10 @@ class TrainingConfig:
             repo = self.hub_model_id
             if not repo or repo.count("/") != 1 or not all(repo.split("/")):
                 problems.append(f"--push_to_hub needs --hub_model_id user-or-org/model-name, got {repo!r}.")
+        for spec in dataclasses.fields(self):  # options with a fixed set of values, also when built from Python
+            choices, value = spec.metadata.get("choices"), getattr(self, spec.name)
+            if choices and value is not None and value not in choices:
+                problems.append(f"--{spec.name} {value!r} is not one of: {', '.join(map(str, choices))}.")
         canonical_prediction_type(self.prediction_type)  # raises with the accepted names
         if problems:
             raise ValueError("Bad training options:\n  " + "\n  ".join(problems))

@@ -8,6 +8,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
 diffusers_logging.disable_progress_bar()
@@ -22,3 +23,18 @@ def _seed_everything():
 def public_config(config) -> dict:
     """A config without diffusers' private bookkeeping keys (``_class_name``, ``_use_default_values``…)."""
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide state, so the next in-process run builds its own (as a
+    separate launch would)."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Each test that trains in-process starts and ends with a fresh Accelerate state."""
+    reset_accelerate()
+    yield
+    reset_accelerate()

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,14 +17,6 @@ def load(name):
     spec.loader.exec_module(module)
     return module
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def test_bench_train_on_the_cpu(tmp_path):

@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
@@ -143,14 +142,6 @@ def test_repo_id_and_hub_access_errors_are_clear(tmp_path):
     with pytest.raises(SystemExit):
         push_module.main([str(tmp_path / "nowhere"), "--repo_id", "someone/x"])
 
-
-@pytest.fixture
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def test_train_ddpm_push_to_hub(tmp_path, monkeypatch, fresh_accelerate_state):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -21,18 +21,13 @@ from ddpm_pipeline import evaluate, preflight
 from ddpm_pipeline.checkpointing import list_checkpoints, resolve_checkpoint
 from ddpm_pipeline.data import BadImageError, ImagePreprocessor, TrainingImages, load_image_dataset
 from ddpm_pipeline.training import main
+from ddpm_pipeline.training_config import TrainingConfig
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 TINY = ["--model", "ddpm-tiny-16", "--resolution", "16", "--grid_inference_steps", "2", "--num_grid_images", "4",
         "--report_to", "none", "--train_batch_size", "4", "--lr_warmup_steps", "0", "--save_images_steps", "none"]  # fmt: skip
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture
@@ -155,6 +150,17 @@ def test_bad_network_options_fail_before_any_work(tmp_path, options, message):
     assert not list_checkpoints(out) and not (out / "training_config.json").exists()
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("prediction_type", "noise"), ("beta_schedule", "quadratic"), ("bad_images", "ignore")]
+)
+def test_unknown_target_or_schedule_is_refused_from_python_and_the_command_line(field, value, capsys):
+    with pytest.raises(ValueError, match=f"--{field} '{value}' is not one of|Unknown prediction_type"):
+        TrainingConfig(**{field: value})
+    with pytest.raises(SystemExit):
+        TrainingConfig.from_args([f"--{field}", value])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_unwritable_output_dir_fails_at_start_up(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -228,8 +234,7 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     assert resolve_checkpoint(killed, "latest") == killed / "checkpoint-2"
     result = main([*options, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"])
     assert result.global_step == 6
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     main([*options, "--output_dir", str(tmp_path / "straight")])
     resumed = load_file(str(killed / "checkpoint-6" / "model.safetensors"))
     straight = load_file(str(tmp_path / "straight" / "checkpoint-6" / "model.safetensors"))

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate
 from safetensors.torch import load_file
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
@@ -21,6 +21,8 @@ from ddpm_pipeline.speed import (
 from ddpm_pipeline.training import Trainer, main
 from ddpm_pipeline.training_config import TrainingConfig
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 TINY = ["--model", "ddpm-tiny-16", "--resolution", "16", "--grid_inference_steps", "3", "--num_grid_images", "4",
         "--report_to", "none", "--train_batch_size", "8", "--lr_warmup_steps", "2", "--learning_rate", "2e-3",
         "--save_images_steps", "none"]  # fmt: skip
@@ -28,14 +30,6 @@ PLAIN = ["--no-channels_last", "--no-fused_adam", "--no-data_on_device", "--no-c
 FAST_CPU = ["--channels_last", "--fused_adam", "--data_on_device", "--no-compile_unet", "--mixed_precision", "no"]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def test_auto_policy_on_cpu_and_gpu(monkeypatch):
@@ -106,8 +100,7 @@ def test_fast_training_path_matches_the_plain_one(tmp_path):
     """channels_last + fused AdamW + the device-resident data set (no compile: see the CUDA test)
     give the same per-step losses and the same weights as the plain path, on the CPU in fp32."""
     plain = main([*TINY, *PLAIN, "--max_train_steps", "6", "--output_dir", str(tmp_path / "plain")])
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     fast = main([*TINY, *FAST_CPU, "--max_train_steps", "6", "--output_dir", str(tmp_path / "fast")])
     assert plain.global_step == fast.global_step == 6
     losses = {}
@@ -128,8 +121,7 @@ def test_fast_run_resumes_from_its_checkpoint(tmp_path):
     """A channels_last + fused run's checkpoint (NHWC weights, fused optimizer state) resumes."""
     out = tmp_path / "run"
     main([*TINY, *FAST_CPU, "--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", str(out)])
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     result = main([*TINY, *PLAIN, "--max_train_steps", "6", "--checkpointing_steps", "2", "--output_dir", str(out),
                    "--resume_from_checkpoint", "latest"])  # fmt: skip
     assert result.global_step == 6 and np.isfinite(result.final_loss)
@@ -139,8 +131,7 @@ def test_bf16_autocast_step_keeps_fp32_master_weights_and_loss(tmp_path):
     """bf16 autocast: float32 weights, optimizer state and loss; the loss agrees with fp32 to 1%."""
     losses, trainers = {}, {}
     for precision in ("no", "bf16"):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
         config = TrainingConfig.from_args([*TINY, *PLAIN[:-2], "--mixed_precision", precision,
                                            "--output_dir", str(tmp_path / precision)])  # fmt: skip
         trainer = trainers[precision] = Trainer(config)
@@ -208,8 +199,7 @@ def test_compiled_cuda_training_step_matches_eager(tmp_path):
     """torch.compile of the UNet on the GPU: same losses as eager in fp32 (TF32 off)."""
     runs = {}
     for name, compiled in (("eager", "--no-compile_unet"), ("compiled", "--compile_unet")):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
         result = main([*TINY, compiled, "--mixed_precision", "no", "--no-allow_tf32", "--max_train_steps", "6",
                        "--log_every", "1", "--output_dir", str(tmp_path / name)])  # fmt: skip
         rows = (tmp_path / name / "loss_history.csv").read_text().splitlines()[1:]

@@ -11,7 +11,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate
 from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
@@ -20,18 +20,11 @@ from ddpm_pipeline.checkpointing import list_checkpoints
 from ddpm_pipeline.training import Trainer, build_ema, main
 from ddpm_pipeline.training_config import TrainingConfig
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "ddpm-tiny-16", "--grid_inference_steps", "5", "--num_grid_images", "4", "--report_to", "none"]
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator (as separate launches would)."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def run_training(output_dir, *options):
@@ -152,8 +145,7 @@ def test_resume_after_a_crash_gives_identical_weights(tmp_path, monkeypatch):
         run_training(crashed, "--dataset_path", data, *RESUME_OPTIONS)
     monkeypatch.setattr(Trainer, "save_checkpoint", original)
     assert [p.name for p in list_checkpoints(crashed)] == ["checkpoint-3", "checkpoint-6"]
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     result = run_training(crashed, "--dataset_path", data, *RESUME_OPTIONS, "--resume_from_checkpoint", "latest")
     assert result.global_step == 12
 
@@ -180,8 +172,7 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
                "--save_images_steps", "none", "--checkpointing_steps", "none"]  # fmt: skip
 
     def weights(name, seed):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
         run_training(tmp_path / name, *options, "--seed", seed)
         return load_file(tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors")
 
@@ -197,8 +188,7 @@ def test_reading_losses_back_every_few_steps_logs_every_step_the_same(tmp_path):
                "--save_images_steps", "none", "--checkpointing_steps", "3"]  # fmt: skip
 
     def run(name, every):
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
+        reset_accelerate()
         result = run_training(tmp_path / name, *options, "--log_every", every)
         return result, read_loss_history(tmp_path / name)
 
@@ -254,8 +244,7 @@ def test_resume_refuses_another_architecture(tmp_path):
     data = saved_dataset(tmp_path / "data", count=8, size=16)
     out = tmp_path / "run"
     run_training(out, "--dataset_path", data, "--max_train_steps", "1", "--train_batch_size", "4", "--save_images_steps", "none")
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     with pytest.raises(ValueError, match="checkpoint vs now: prediction_type: 'epsilon' vs 'mu'"):
         run_training(out, "--dataset_path", data, "--max_train_steps", "2", "--train_batch_size", "4",
                      "--prediction_type", "mu", "--resume_from_checkpoint", "latest")  # fmt: skip
