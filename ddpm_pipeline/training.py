@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import PartialState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -77,12 +78,15 @@ GRID_FOLDER = "samples"
 
 @dataclass
 class TrainingResult:
-    """What a finished :func:`train` produced."""
+    """What :func:`train` produced. ``finished`` is False when ``--stop_after_minutes`` ended this
+    invocation early: the run continues with ``--resume_from_checkpoint latest``."""
 
     output_dir: Path
     global_step: int
     final_loss: float | None
     samples_path: Path | None
+    finished: bool = True
+    train_seconds: float = 0.0
 
 
 def micro_batch_seed(seed: int, epoch: int, batch_index: int) -> int:
@@ -203,6 +207,27 @@ class _PendingLosses:
         self.progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
         self.pending = []
         return nonfinite
+
+
+class _TrainingClock:
+    """Seconds spent training, summed over resumed pieces of a run; writing checkpoints and grids
+    does not count (:meth:`paused`)."""
+
+    def __init__(self, earlier_seconds: float = 0.0):
+        self.earlier = earlier_seconds
+        self.started = time.perf_counter()
+        self.excluded = 0.0
+
+    def total(self) -> float:
+        return self.earlier + time.perf_counter() - self.started - self.excluded
+
+    @contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
 
 
 class Trainer:
@@ -402,7 +427,7 @@ class Trainer:
             output.trajectory.save_png(trajectory_path)
         return path
 
-    def save_checkpoint(self, step: int) -> Path:
+    def save_checkpoint(self, step: int, train_seconds: float = 0.0) -> Path:
         path = write_checkpoint(
             self.output_dir,
             step,
@@ -410,6 +435,7 @@ class Trainer:
             trainer_state={
                 "global_step": step,
                 "epoch": step // self.steps_per_epoch,
+                "train_seconds": train_seconds,
                 "training_config": self.config.to_dict(),
             },
             is_main_process=self.accelerator.is_main_process,
@@ -480,6 +506,22 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    def _time_limits(self, clock: _TrainingClock, piece_start: float) -> tuple[bool, bool]:
+        """(training budget spent, this piece's time is up), as the main process sees them, so that
+        every process stops at the same step."""
+        config = self.config
+        flags = torch.tensor(
+            [
+                config.max_train_minutes is not None and clock.total() >= 60 * config.max_train_minutes,
+                config.stop_after_minutes is not None and time.perf_counter() - piece_start >= 60 * config.stop_after_minutes,
+            ],
+            device=self.accelerator.device,
+        )
+        if self.accelerator.num_processes > 1:
+            flags = broadcast(flags, from_process=0)
+        out_of_budget, piece_over = flags.tolist()
+        return bool(out_of_budget), bool(piece_over)
+
     def _check_finite(self, nonfinite_steps: list[int], global_step: int, history: _LossHistory) -> None:
         """Act on the steps whose loss was NaN/inf (found when the losses are read back, every
         ``--log_every`` steps and always before anything is saved): stop, or count the skipped
@@ -512,11 +554,12 @@ class Trainer:
     def run(self) -> TrainingResult:
         config, accelerator = self.config, self.accelerator
         is_main = accelerator.is_main_process
-        global_step = 0
+        global_step, earlier_seconds = 0, 0.0
         if self.checkpoint is not None:
             accelerator.load_state(str(self.checkpoint))
-            global_step = read_trainer_state(self.checkpoint)["global_step"]
-            logger.info(f"resumed from {self.checkpoint} at step {global_step}")
+            state = read_trainer_state(self.checkpoint)
+            global_step, earlier_seconds = state["global_step"], state.get("train_seconds", 0.0)
+            logger.info(f"resumed from {self.checkpoint} at step {global_step} ({earlier_seconds / 60:.1f} min trained)")
         if is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / CONFIG_FILE_NAME)
@@ -538,7 +581,9 @@ class Trainer:
         micro_losses: list[torch.Tensor] = []
         log_every = config.log_every or (1 if accelerator.device.type == "cpu" else 25)
         pending_losses = _PendingLosses(accelerator, history, progress)
-        start = time.perf_counter()
+        clock = _TrainingClock(earlier_seconds)
+        piece_start = time.perf_counter()
+        stopped_early = budget_spent = False
         epoch = first_epoch
         while global_step < self.total_steps:
             skip = batches_done if epoch == first_epoch else 0
@@ -561,27 +606,45 @@ class Trainer:
                 done = global_step >= self.total_steps
                 if global_step % log_every == 0:
                     self._check_finite(pending_losses.flush(), global_step, history)
+                    budget_spent, stopped_early = self._time_limits(clock, piece_start)
+                    done = done or budget_spent
+                if stopped_early and not done:
+                    break
                 if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 and not done:
                     self._check_finite(pending_losses.flush(), global_step, history)
                     history.flush()
-                    self.save_checkpoint(global_step)
+                    with clock.paused():
+                        self.save_checkpoint(global_step, clock.total())
                 if config.save_images_steps and global_step % config.save_images_steps == 0 and not done:
                     self._check_finite(pending_losses.flush(), global_step, history)
-                    if is_main:
-                        self.save_grid(self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png")
-                    self.unet.train()
-                    accelerator.wait_for_everyone()
+                    with clock.paused():
+                        if is_main:
+                            self.save_grid(self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png")
+                        self.unet.train()
+                        accelerator.wait_for_everyone()
                 if done:
                     break
+            if done or stopped_early:
+                break
             epoch += 1
         self._check_finite(pending_losses.flush(), global_step, history)
         progress.close()
         history.flush()
-        elapsed = time.perf_counter() - start
-        logger.info(f"trained to step {global_step} in {elapsed:.0f} s; writing the pipeline and the grid")
+        train_seconds = clock.total()
+        if stopped_early and not budget_spent and global_step < self.total_steps:
+            self.save_checkpoint(global_step, train_seconds)
+            logger.info(
+                f"stopped this piece after {config.stop_after_minutes} min at step {global_step} "
+                f"({train_seconds / 60:.1f} min trained in all); continue with --resume_from_checkpoint latest"
+            )
+            history.close()
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+            return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, None, False, train_seconds)
+        logger.info(f"trained to step {global_step} in {train_seconds:.0f} s; writing the pipeline and the grid")
         if self.train_images.skipped:  # counted here when the main process loaded them (workers count their own)
             logger.warning(f"{len(self.train_images.skipped)} bad image(s) were skipped (see the warnings above)")
-        self.save_checkpoint(global_step)
+        self.save_checkpoint(global_step, train_seconds)
         samples_path = None
         if is_main:
             self.save_pipeline()
@@ -600,7 +663,7 @@ class Trainer:
             logger.info(f"pushed to the Hub: {getattr(info, 'commit_url', info)}")
         accelerator.wait_for_everyone()
         accelerator.end_training()
-        return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, samples_path)
+        return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, samples_path, True, train_seconds)
 
 
 def train(config: TrainingConfig) -> TrainingResult:

@@ -93,6 +93,8 @@ class TrainingConfig:
     max_grad_norm: float | None = _option(1.0, "Clip the gradient's global norm to this (none to disable).")
     max_train_steps: int | None = _option(800, "Optimizer steps to train; overrides --num_epochs (none = use epochs).")
     num_epochs: int = _option(10, "Passes over the data set when --max_train_steps is none.")
+    max_train_minutes: float | None = _option(None, "A training-time budget: stop (and save as usual) once this many minutes were spent training, summed over resumed pieces; checked every --log_every steps. Pair it with --lr_scheduler constant_with_warmup (decaying schedules assume --max_train_steps).")
+    stop_after_minutes: float | None = _option(None, "End this invocation after this many wall-clock minutes with a checkpoint, to continue later with --resume_from_checkpoint latest (for time-limited jobs); the run itself is unchanged.")
     # EMA
     use_ema: bool = _option(True, "Keep an exponential moving average of the weights for sampling and saving.")
     ema_max_decay: float = _option(0.9999, "The EMA decay's ceiling.")
@@ -154,6 +156,10 @@ class TrainingConfig:
                 f"--grid_inference_steps {self.grid_inference_steps} exceeds --num_train_timesteps "
                 f"{self.num_train_timesteps}."
             )
+        for name in ("max_train_minutes", "stop_after_minutes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                problems.append(f"--{name} must be positive or none, got {value}.")
         if self.learning_rate <= 0:
             problems.append(f"--learning_rate must be positive, got {self.learning_rate}.")
         if self.lr_warmup_steps < 0:

@@ -1,5 +1,6 @@
 """Long runs survive bad luck: NaN losses, full disks, bad files, killed processes."""
 
+import json
 import math
 import os
 import shutil
@@ -305,3 +306,42 @@ def test_two_cpu_processes_train_as_one_with_the_global_batch(tmp_path):
     ema_one = torch.load(one / "checkpoint-3" / "custom_checkpoint_1.pkl", weights_only=False)
     for a, b in zip(ema_two["shadow_params"], ema_one["shadow_params"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_time_budget_stops_training_and_saves_as_usual(tmp_path):
+    out = tmp_path / "run"
+    result = main([*TINY, "--max_train_steps", "100000", "--max_train_minutes", "0.05", "--lr_scheduler",
+                   "constant_with_warmup", "--output_dir", str(out)])  # fmt: skip
+    assert result.finished and 0 < result.global_step < 100000
+    assert 3.0 <= result.train_seconds < 60
+    state = json.loads((out / f"checkpoint-{result.global_step}" / "trainer_state.json").read_text())
+    assert state["train_seconds"] == pytest.approx(result.train_seconds)
+    assert (out / "model_index.json").is_file() and (out / "samples.png").is_file()
+
+
+def test_pieces_of_a_run_give_the_uninterrupted_result(tmp_path, monkeypatch):
+    """--stop_after_minutes ends an invocation with a checkpoint; repeating the command with
+    --resume_from_checkpoint latest continues, and the pieces end with the uninterrupted weights."""
+    options = [*TINY, "--max_train_steps", "12", "--checkpointing_steps", "none"]
+    pieces = tmp_path / "pieces"
+    clock = {"now": 0.0}
+    monkeypatch.setattr(training_module.time, "perf_counter", lambda: clock.__setitem__("now", clock["now"] + 1.0) or clock["now"])
+    results = []
+    for _ in range(10):
+        reset_accelerate()
+        results.append(main([*options, "--stop_after_minutes", "0.1", "--resume_from_checkpoint", "latest",
+                             "--output_dir", str(pieces)]))  # fmt: skip
+        if results[-1].finished:
+            break
+    assert len(results) > 1 and not results[0].finished and results[-1].finished
+    assert results[0].global_step < 12 == results[-1].global_step
+    assert results[-1].train_seconds > results[0].train_seconds  # the clock sums the pieces
+    monkeypatch.undo()
+    reset_accelerate()
+    main([*options, "--output_dir", str(tmp_path / "straight")])
+    a = load_file(str(pieces / "checkpoint-12" / "model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "checkpoint-12" / "model.safetensors"))
+    assert all(torch.equal(a[name], b[name]) for name in b)
+    assert [row.split(",")[:2] for row in (pieces / "loss_history.csv").read_text().splitlines()] == [
+        row.split(",")[:2] for row in (tmp_path / "straight" / "loss_history.csv").read_text().splitlines()
+    ]
