@@ -169,6 +169,7 @@ def _body(
 
 
 def _metrics_table(report: dict[str, Any]) -> str:
+    """The report's metrics as a table, with how each was measured."""
     metrics = report.get("metrics", {})
     rows = ["| metric | value |", "| --- | --- |"]
     for key, (_, display) in METRIC_NAMES.items():
@@ -176,12 +177,21 @@ def _metrics_table(report: dict[str, Any]) -> str:
             rows.append(f"| {display} | {metrics[key]:.4g} |")
     bpd = metrics.get("bpd")
     if isinstance(bpd, dict) and "bits_per_dim" in bpd:
-        rows.append(f"| NLL bound, bits/dim | {bpd['bits_per_dim']:.4g} |")
-    reference = report.get("reference", {}) or {}
-    rows += ["", f"{report.get('num_samples')} samples with {report.get('num_inference_steps')} sampling steps, "
-             f"against {reference.get('num_images', '?')} reference images ({reference.get('source', '?')}), "
-             "computed by `eval_metrics.py` with torch-fidelity."]  # fmt: skip
-    return "\n".join(rows)
+        stderr = bpd.get("bits_per_dim_stderr")
+        rows.append(f"| NLL bound, bits/dim | {bpd['bits_per_dim']:.4g}{f' ± {stderr:.2g}' if stderr else ''} |")
+    notes = []
+    if any(key in metrics for key in METRIC_NAMES):
+        reference = report.get("reference") or {}
+        notes.append(
+            f"Sample metrics: {report.get('num_samples')} samples with {report.get('num_inference_steps')} sampling "
+            f"steps against {reference.get('num_images', 'the')} reference images ({reference.get('source', 'see the report')})."
+        )
+    if isinstance(bpd, dict) and "bits_per_dim" in bpd:
+        timesteps = bpd.get("timesteps")
+        how = "every timestep" if timesteps in (None, "all") else f"{timesteps} random timesteps per image (unbiased)"
+        notes.append(f"Bits/dim: the variational bound over {bpd.get('num_images')} images of {bpd.get('data')}, {how}.")
+    notes.append("Computed by `eval_metrics.py` (torch-fidelity for the sample metrics).")
+    return "\n".join(rows) + "\n\n" + " ".join(notes)
 
 
 def write_model_card(pipeline_dir: str | Path, repo_id: str, license: str = "apache-2.0",
