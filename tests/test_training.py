@@ -134,8 +134,8 @@ def test_resume_after_a_crash_gives_identical_weights(tmp_path, monkeypatch):
 
     original = Trainer.save_checkpoint
 
-    def save_then_crash(self, step):
-        path = original(self, step)
+    def save_then_crash(self, step, *args, **kwargs):
+        path = original(self, step, *args, **kwargs)
         if step == 6:
             raise KeyboardInterrupt("simulated crash after checkpoint-6")
         return path
