@@ -510,6 +510,8 @@ class Trainer:
         """(training budget spent, this piece's time is up), as the main process sees them, so that
         every process stops at the same step."""
         config = self.config
+        if config.max_train_minutes is None and config.stop_after_minutes is None:
+            return False, False  # no limits: no tensor, no device read, no collective
         flags = torch.tensor(
             [
                 config.max_train_minutes is not None and clock.total() >= 60 * config.max_train_minutes,
