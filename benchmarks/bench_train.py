@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,16 +30,15 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from PIL import Image
 
 from ddpm_pipeline.speed import set_tf32
 from ddpm_pipeline.training import Trainer
 from ddpm_pipeline.training_config import TrainingConfig
 from ddpm_pipeline.unet import DDPMUNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stock_recipe import StockRecipe  # noqa: E402  (a sibling file: the benchmarks run as scripts)
 
 #: FLOPs per training image (forward + backward = 3 × 12.1 GFLOP, DESIGN.md §2).
 TRAIN_FLOPS = {"ddpm-cifar10-32": 36.3e9}
@@ -87,43 +87,13 @@ class OurStep:
 
 
 class StockStep:
-    """diffusers' unconditional training example, step for step."""
+    """diffusers' unconditional training example, step for step (:mod:`stock_recipe`)."""
 
     def __init__(self, args: argparse.Namespace, device: torch.device):
-        torch.manual_seed(0)
-        self.unet = UNet2DModel(**DDPMUNet.preset_config(args.model)).to(device).train()
-        self.scheduler = DDPMScheduler(num_train_timesteps=1000)
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
-        self.lr_scheduler = get_scheduler("cosine", optimizer=self.optimizer, num_warmup_steps=0, num_training_steps=10**6)
-        self.ema = EMAModel(self.unet.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
-        self.ema.to(device)
-        self.device = device
-        self.autocast = device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if self.autocast else None
+        self.recipe = StockRecipe(DDPMUNet.preset_config(args.model), device)
 
     def __call__(self, images: torch.Tensor) -> None:
-        if images.is_cuda:  # torch's defaults: TF32 for convolutions, not for matmuls
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = True
-        noise = torch.randn(images.shape, device=images.device)
-        timesteps = torch.randint(0, 1000, (images.shape[0],), device=images.device).long()
-        noisy = self.scheduler.add_noise(images, noise, timesteps)
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.autocast):
-            output = self.unet(noisy, timesteps).sample
-            loss = F.mse_loss(output.float(), noise)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
-            self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad()
-        self.ema.step(self.unet.parameters())
+        self.recipe.step(images)
 
 
 def matmul_peak_tflops(device: torch.device) -> float | None:

@@ -167,6 +167,14 @@ def samples_preprocessing(files: list[Path], config: EvaluationConfig) -> ImageP
     return ImagePreprocessor(config.resolution or max(size), channels, config.resize_mode or "auto")
 
 
+def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed: int, batch_size: int) -> SampleStore:
+    """The store of ``model``'s samples in ``folder`` for these sampling options: what :func:`evaluate`
+    fills and reads, so a caller that fills it first (with a faster pipeline, or in time-limited
+    pieces) has its samples scored rather than redone."""
+    settings = {"model": _model_identity(model), "num_inference_steps": num_inference_steps, "seed": seed, "batch_size": batch_size}
+    return SampleStore(folder, settings)
+
+
 def bound_over_data(
     pipeline: DDPMTargetPipeline,
     source: DataSource,
@@ -249,11 +257,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         samples_folder, reused, sample_paths = None, 0, []
         if feature_wanted:
             samples_folder = Path(config.samples_dir) if config.samples_dir else Path(f"{stem}-samples")
-            store = SampleStore(
-                samples_folder,
-                {"model": _model_identity(config.model), "num_inference_steps": config.num_inference_steps,
-                 "seed": config.seed, "batch_size": config.batch_size},
-            )  # fmt: skip
+            store = sample_store(samples_folder, config.model, config.num_inference_steps, config.seed, config.batch_size)
             reused = min(store.existing(), config.num_samples)
             tick = time.perf_counter()
             store.fill(pipeline, config.num_samples)

@@ -112,3 +112,40 @@ def save_bound_terms_plot(per_timestep: Sequence[float], path: str | Path, title
     figure.savefig(path, format="png")
     plt.close(figure)
     return path
+
+
+def save_metric_curves(
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    path: str | Path,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    floor: float | None = None,
+    floor_label: str = "floor",
+) -> Path:
+    """Plot one line with markers per named series ``{label: (x values, y values)}`` (each sorted
+    by x), and an optional horizontal ``floor`` line (e.g. real data's own FID), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for label, (xs, ys) in series.items():
+        order = np.argsort(np.asarray(xs, dtype=np.float64))
+        axis.plot(np.asarray(xs, dtype=np.float64)[order], np.asarray(ys, dtype=np.float64)[order],
+                  marker="o", linewidth=1.6, label=label)  # fmt: skip
+    if floor is not None:
+        axis.axhline(floor, color="gray", linestyle="--", linewidth=1.2, label=floor_label)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(True, alpha=0.3)
+    if series or floor is not None:
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    plt.close(figure)
+    return path

@@ -1,0 +1,680 @@
+"""Quality study on Fashion-MNIST: which target and schedule win at a fixed training budget.
+
+One command trains one *recipe* for a budget of training minutes (or steps), samples with the EMA
+weights, and scores the samples with FID and KID against the statistics of the whole training set
+(60k images, zero-padded to 32×32) and the model with bits/dim on the 10k test images; it appends
+one JSON line per (budget milestone, sampler) to ``--results``::
+
+    python benchmarks/quality_fmnist.py run eps-linear --inception_weights weights/inception-fid-nofc.pth
+    python benchmarks/quality_fmnist.py run stock ...          # diffusers' own recipe, same protocol
+    python benchmarks/quality_fmnist.py floor ...              # FID-5k of 5,000 real test images
+    python benchmarks/quality_fmnist.py report --markdown study.md --plot fid_vs_minutes.png
+
+Recipes: ``{eps, x0, mu_simple, mu_vlb}-{linear, cosine}`` are ``train_ddpm.py`` with that target,
+schedule and loss weighting (any other ``train_ddpm.py`` option given on the command line goes to
+them); ``stock`` is diffusers' ``train_unconditional.py`` recipe (:mod:`stock_recipe`) on the same
+network, data, budget and sampler. Every recipe is sampled by the same :class:`DDPMTargetPipeline`
+(its fast path on a GPU), with each of ``--sampler_steps`` (1000 = the full chain, fewer =
+respaced), from the same seed.
+
+**Pieces.** ``--stop_after_minutes M`` ends the command after about M minutes of wall-clock with
+exit status 3 and everything done so far on disk (training checkpoints, numbered sample PNGs,
+partial bits/dim sums, finished scores); the same command again continues where it stopped, and
+the result is the one an uninterrupted run gives (the training clock counts training only, and
+every random draw is seeded by what it is, not by when it happens). Each command does at least one
+unit of work (a training check interval, a batch of samples, a batch of bits/dim, one scoring).
+
+**Budget.** ``--budget 5`` minutes of training (the trainer's clock: steps, including compilation,
+excluding checkpoint and grid writing), or ``--budget_unit steps``. ``--milestones 1,2,3,5`` also
+scores the model at those earlier budgets (the run is continued from each), for FID-vs-minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ddpm_pipeline.checkpointing import list_checkpoints
+from ddpm_pipeline.data import (
+    BUNDLED_IMAGES,
+    BUNDLED_LABELS,
+    ImagePreprocessor,
+    TrainingImages,
+    find_image_column,
+    idx_to_dataset,
+    stack_images,
+)
+from ddpm_pipeline.evaluation import device_description, evaluate, package_versions, sample_store
+from ddpm_pipeline.likelihood import variational_bound
+from ddpm_pipeline.pipeline_ddpm_target import DDPMTargetPipeline
+from ddpm_pipeline.plots import save_loss_curve, save_metric_curves
+from ddpm_pipeline.reference import DataSource
+from ddpm_pipeline.scheduling_ddpm_target import DDPMTargetScheduler
+from ddpm_pipeline.seeding import derive_seed
+from ddpm_pipeline.training import micro_batch_seed, train
+from ddpm_pipeline.training_config import TrainingConfig
+from ddpm_pipeline.unet import DDPMUNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stock_recipe import STOCK_DEFAULTS, StockRecipe  # noqa: E402  (a sibling file: the benchmarks run as scripts)
+
+PIECE_OVER_EXIT = 3
+STUDY = "quality_fmnist"
+TARGETS = {"eps": ("epsilon", "simple"), "x0": ("x0", "simple"), "mu_simple": ("mu", "simple"), "mu_vlb": ("mu", "vlb")}
+SCHEDULES = ("linear", "cosine")
+#: recipe name → train_ddpm.py's prediction_type, beta_schedule and loss_weighting
+OUR_RECIPES = {
+    f"{target}-{schedule}": {"prediction_type": prediction, "beta_schedule": schedule, "loss_weighting": weighting}
+    for target, (prediction, weighting) in TARGETS.items()
+    for schedule in SCHEDULES
+}
+STOCK = "stock"
+RECIPES = (*OUR_RECIPES, STOCK)
+#: train_ddpm.py options of every one of our recipes (before the command line's own)
+OUR_DEFAULTS = ["--learning_rate", "2e-4", "--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "500",
+                "--checkpointing_steps", "2000", "--checkpoints_total_limit", "1", "--save_images_steps", "none",
+                "--report_to", "none"]  # fmt: skip
+#: The study's network: DDPM's CIFAR-10 UNet at half width (8.9M parameters, 3.0 GFLOP per 32×32
+#: forward instead of 35.7M and 12.1): plenty for 28×28 gray images, and 4× cheaper to sample 5,000
+#: images three times and to bound 10,000 over a study that must fit a few 30-minute GPU sessions.
+HALF_WIDTH = [64, 128, 128, 128]
+DEFAULT_DATA = ("../shared/data/fashion-mnist", ".data/fashion-mnist")
+
+
+class PieceOver(Exception):
+    """This command's ``--stop_after_minutes`` are spent; everything so far is on disk."""
+
+
+class Piece:
+    """The wall-clock limit of one command: :meth:`check` before each unit of work (the first
+    unit always runs, so every command makes progress)."""
+
+    def __init__(self, minutes: float | None):
+        self.end = None if minutes is None else time.perf_counter() + 60 * minutes
+        self.units = 0
+
+    def remaining_minutes(self) -> float | None:
+        return None if self.end is None else max(0.0, (self.end - time.perf_counter()) / 60)
+
+    def check(self) -> None:
+        if self.units and self.end is not None and time.perf_counter() >= self.end:
+            raise PieceOver
+
+    def done(self) -> None:
+        self.units += 1
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def find_data_dir(given: str | None) -> Path:
+    """``--data_dir``, else the first of :data:`DEFAULT_DATA` that exists (holding at least the
+    training files: the test files default to the package's bundled copy, the same bytes)."""
+    candidates = [given] if given else list(DEFAULT_DATA)
+    for candidate in candidates:
+        if (Path(candidate) / "train-images-idx3-ubyte.gz").is_file():
+            return Path(candidate)
+    raise FileNotFoundError(
+        f"No Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, …) in {', '.join(candidates)}: pass --data_dir "
+        "the folder holding them (on a device machine, copy ../shared/data/fashion-mnist into .data/ and carry it)."
+    )
+
+
+def prepare_data(data_dir: Path, work_dir: Path) -> dict[str, Path]:
+    """The IDX files as saved data sets ``<work_dir>/data/{train,test}`` (written once)."""
+    paths = {}
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        folder = work_dir / "data" / split
+        if not (folder / "dataset_info.json").is_file():
+            staging = folder.with_name(split + ".tmp")
+            shutil.rmtree(staging, ignore_errors=True)
+            images, labels = data_dir / f"{prefix}-images-idx3-ubyte.gz", data_dir / f"{prefix}-labels-idx1-ubyte.gz"
+            if split == "test" and not images.is_file():
+                images, labels = BUNDLED_IMAGES, BUNDLED_LABELS  # Fashion-MNIST's test split ships with the package
+            idx_to_dataset(images, labels).save_to_disk(str(staging))
+            shutil.rmtree(folder, ignore_errors=True)
+            staging.replace(folder)
+        paths[split] = folder
+    return paths
+
+
+# -- the study -------------------------------------------------------------------------------
+
+
+@dataclass
+class Milestone:
+    """One point of the budget: a value in ``budget_unit`` and its folder label."""
+
+    value: float
+    unit: str
+
+    @property
+    def label(self) -> str:
+        number = f"{self.value:g}".replace(".", "p")
+        return f"{number}{'min' if self.unit == 'minutes' else 'steps'}"
+
+
+class Study:
+    """One command of the study (see the module docstring)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.work_dir = Path(args.work_dir)
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.results = Path(args.results) if args.results else self.work_dir / "results.jsonl"
+        self.cache_dir = Path(args.cache_dir) if args.cache_dir else self.work_dir / "cache"
+        self.piece = Piece(args.stop_after_minutes)
+        self.data = prepare_data(find_data_dir(args.data_dir), self.work_dir)
+        self.unet_config = DDPMUNet.preset_config(
+            args.model, sample_size=args.resolution, in_channels=1, out_channels=1, **json.loads(args.unet_overrides or "{}")
+        )
+        self.preprocess = ImagePreprocessor(args.resolution, 1, "auto")
+        self.parameters = sum(p.numel() for p in DDPMUNet(**self.unet_config).parameters())
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def milestones(self) -> list[Milestone]:
+        values = sorted({float(v) for v in (self.args.milestones or "").split(",") if v.strip()} | {self.args.budget})
+        if values[0] <= 0 or values[-1] > self.args.budget:
+            raise ValueError(f"--milestones must lie in (0, --budget {self.args.budget}], got {self.args.milestones}.")
+        return [Milestone(v, self.args.budget_unit) for v in values]
+
+    def run_dir(self, recipe: str) -> Path:
+        return self.work_dir / "runs" / f"{recipe}-{Milestone(self.args.budget, self.args.budget_unit).label}"
+
+    @staticmethod
+    def read_state(run_dir: Path) -> dict[str, Any]:
+        path = run_dir / "study_state.json"
+        return json.loads(path.read_text()) if path.is_file() else {"trained": {}, "recorded": False}
+
+    @staticmethod
+    def write_state(run_dir: Path, state: dict[str, Any]) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        partial = run_dir / "study_state.json.tmp"
+        partial.write_text(json.dumps(state, indent=2) + "\n")
+        partial.replace(run_dir / "study_state.json")
+
+    def check_settings(self, run_dir: Path, state: dict[str, Any], settings: dict[str, Any]) -> None:
+        """A run folder holds one configuration: refuse to continue it with other options."""
+        saved = state.setdefault("settings", settings)
+        differences = [f"{k}: {saved.get(k)!r} there vs {v!r} now" for k, v in settings.items() if saved.get(k) != v]
+        if differences:
+            raise ValueError(
+                f"{run_dir} holds a run with other options ({'; '.join(differences)}): pass another --work_dir, "
+                "or delete that folder to start the recipe afresh."
+            )
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train_ours(self, recipe: str, run_dir: Path, milestone: Milestone, extra: list[str]) -> dict[str, Any]:
+        """``train_ddpm.py`` with the recipe's options, continued up to ``milestone``."""
+        args, output = self.args, run_dir / "train"
+        options = [
+            "--model", args.model, "--resolution", str(args.resolution), "--channels", "1",
+            "--unet_overrides", args.unet_overrides or "{}", "--dataset_path", str(self.data["train"]),
+            "--train_batch_size", str(args.batch_size), "--num_train_timesteps", str(args.num_train_timesteps),
+            "--seed", str(args.seed), "--grid_inference_steps", str(min(100, args.num_train_timesteps)), *OUR_DEFAULTS, *extra,
+            *[item for key, value in OUR_RECIPES[recipe].items() for item in (f"--{key}", value)],
+            "--output_dir", str(output),
+        ]  # fmt: skip
+        if milestone.unit == "minutes":
+            options += ["--max_train_minutes", str(milestone.value), "--max_train_steps", str(10**9)]
+        else:
+            options += ["--max_train_minutes", "none", "--max_train_steps", str(int(milestone.value))]
+        remaining = self.piece.remaining_minutes()
+        if remaining is not None:
+            options += ["--stop_after_minutes", str(max(remaining, 1e-6))]
+        if list_checkpoints(output):
+            options += ["--resume_from_checkpoint", "latest"]
+        _reset_accelerate()
+        result = train(TrainingConfig.from_args(options))
+        _reset_accelerate()
+        self.piece.done()
+        if not result.finished:
+            raise PieceOver
+        return {"steps": result.global_step, "train_seconds": result.train_seconds, "pipeline": str(output)}
+
+    def train_stock(self, run_dir: Path, milestone: Milestone) -> dict[str, Any]:
+        """diffusers' recipe (:class:`StockRecipe`) on the device-resident padded images, with the
+        example's per-step loss read-back, continued up to ``milestone``; saves the EMA network with
+        an equivalent :class:`DDPMTargetScheduler` (ε, linear) so the same sampler scores it."""
+        args, output = self.args, run_dir / "train"
+        output.mkdir(parents=True, exist_ok=True)
+        dataset = DataSource.parse(str(self.data["train"])).load()
+        images = stack_images(TrainingImages(dataset, find_image_column(dataset), self.preprocess), self.device)
+        steps_per_epoch = len(images) // args.batch_size
+        if steps_per_epoch < 1:
+            raise ValueError(f"The data set has {len(images)} images, fewer than one batch of {args.batch_size}.")
+        recipe = StockRecipe(
+            self.unet_config, self.device, num_training_steps=steps_per_epoch * STOCK_DEFAULTS["num_epochs"],
+            num_train_timesteps=args.num_train_timesteps, seed=args.seed,
+        )  # fmt: skip
+        state_path = output / "stock_state.pt"
+        progress = {"step": 0, "train_seconds": 0.0, "losses": []}
+        if state_path.is_file():
+            saved = torch.load(state_path, map_location=self.device, weights_only=False)
+            recipe.load_state_dict(saved["recipe"])
+            progress = saved["progress"]
+
+        def save() -> None:
+            partial = output / "stock_state.pt.tmp"
+            torch.save({"recipe": recipe.state_dict(), "progress": progress}, partial)
+            partial.replace(state_path)
+
+        def budget_reached() -> bool:
+            if milestone.unit == "minutes":
+                return progress["train_seconds"] >= 60 * milestone.value
+            return progress["step"] >= milestone.value
+
+        order_epoch, order = -1, None
+        while not budget_reached():
+            try:
+                self.piece.check()
+            except PieceOver:
+                save()
+                raise
+            started = time.perf_counter()
+            for _ in range(args.stock_check_every):
+                epoch, index = divmod(progress["step"], steps_per_epoch)
+                if epoch != order_epoch:
+                    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(derive_seed(args.seed, epoch)))
+                    order, order_epoch = order.to(self.device), epoch
+                batch = images[order[index * args.batch_size : (index + 1) * args.batch_size]]
+                step_seed = micro_batch_seed(args.seed, epoch, index)
+                torch.manual_seed(step_seed)  # dropout: the same masks however the run is split
+                loss = recipe.step(batch, torch.Generator(self.device).manual_seed(step_seed))
+                progress["losses"].append(loss.item())  # the example logs loss.item() every step
+                progress["step"] += 1
+                if milestone.unit == "steps" and budget_reached():
+                    break
+            progress["train_seconds"] += time.perf_counter() - started
+            self.piece.done()
+        save()
+        pipeline = DDPMTargetPipeline(unet=DDPMUNet(**self.unet_config), scheduler=stock_sampling_scheduler(recipe))
+        pipeline.unet.load_state_dict(recipe.ema_unet().state_dict())
+        pipeline.save_pretrained(output)
+        (output / "stock_recipe.json").write_text(json.dumps({**STOCK_DEFAULTS, "batch_size": args.batch_size}, indent=2) + "\n")
+        save_loss_curve(range(1, len(progress["losses"]) + 1), progress["losses"], output / "loss_curve.png",
+                        title="stock diffusers recipe")  # fmt: skip
+        return {"steps": progress["step"], "train_seconds": progress["train_seconds"], "pipeline": str(output)}
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def fill_samples(self, model: Path, samples: Path, steps: int) -> None:
+        """Sample ``--num_samples`` images into the store, a batch per unit of work."""
+        args = self.args
+        store = sample_store(samples, str(model), steps, args.seed, args.sample_batch_size)
+        if store.existing() >= args.num_samples:
+            return
+        pipeline = DDPMTargetPipeline.from_pretrained(model).to(self.device)
+        if self.device.type == "cuda" and args.fast_sampling:
+            pipeline.enable_fast_sampling()
+        while store.existing() < args.num_samples:
+            self.piece.check()
+            batch_end = (store.existing() // args.sample_batch_size + 1) * args.sample_batch_size
+            store.fill(pipeline, min(args.num_samples, batch_end), show_progress=False)
+            self.piece.done()
+        del pipeline
+        _free_device_memory()
+
+    def score(self, model: Path | None, samples: Path, steps: int | None, output: Path) -> dict[str, Any]:
+        """FID and KID of the samples against the training set (reference statistics cached)."""
+        args = self.args
+        if output.is_file():
+            return json.loads(output.read_text())
+        self.piece.check()
+        options: dict[str, Any] = {
+            "samples_dir" if model is not None else "samples": str(samples),
+            "num_samples": args.num_samples, "metrics": "fid,kid", "reference": str(self.data["train"]),
+            "batch_size": args.sample_batch_size, "seed": args.seed, "output": str(output),
+            "inception_weights": args.inception_weights, "feature_extractor": args.feature_extractor,
+            "cache_dir": str(self.cache_dir), "device": str(self.device),
+        }  # fmt: skip
+        if model is not None:
+            options.update(model=str(model), num_inference_steps=steps)
+        else:
+            options.update(resolution=args.resolution, channels=1, resize_mode="auto")
+        report = evaluate(**options)
+        self.piece.done()
+        return report
+
+    def bits_per_dim(self, model: Path, run_dir: Path) -> dict[str, Any]:
+        """bits/dim of the test images (``--bpd_num_images``; all by default), a batch per unit of
+        work: partial sums are kept in ``bpd_partial.npz``; batch b draws from its own seed."""
+        args = self.args
+        done_path, partial_path = run_dir / "bpd.json", run_dir / "bpd_partial.npz"
+        if done_path.is_file():
+            return json.loads(done_path.read_text())
+        test = DataSource.parse(str(self.data["test"])).load()
+        column = find_image_column(test)
+        count = len(test) if args.bpd_num_images is None else min(args.bpd_num_images, len(test))
+        terms = {"prior": [], "diffusion": [], "decoder": []}
+        if partial_path.is_file():
+            with np.load(partial_path) as saved:
+                terms = {name: list(saved[name]) for name in terms}
+        pipeline = DDPMTargetPipeline.from_pretrained(model).to(self.device)
+        unet = pipeline.unet.eval()
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # the bound in full fp32
+        while len(terms["prior"]) < count:
+            self.piece.check()
+            start = len(terms["prior"])
+            batch_index = start // args.bpd_batch_size
+            rows = test.select(range(start, min(start + args.bpd_batch_size, count)))[column]
+            images = torch.stack([self.preprocess(image) for image in rows]).to(self.device)
+            generator = torch.Generator(self.device).manual_seed(derive_seed(args.seed, batch_index))
+            bound = variational_bound(unet, pipeline.scheduler, images, args.bpd_timesteps, generator)
+            for name in terms:
+                terms[name].extend(getattr(bound, name).tolist())
+            partial = run_dir / "bpd_partial.tmp.npz"
+            np.savez(partial, **{name: np.asarray(values) for name, values in terms.items()})
+            partial.replace(partial_path)
+            self.piece.done()
+        total = np.asarray(terms["prior"]) + np.asarray(terms["diffusion"]) + np.asarray(terms["decoder"])
+        result = {
+            "bpd": float(total.mean()),
+            "bpd_stderr": float(total.std(ddof=1) / math.sqrt(len(total))) if len(total) > 1 else None,
+            "bpd_num_images": len(total),
+            "bpd_timesteps": "all" if args.bpd_timesteps is None else args.bpd_timesteps,
+            "bpd_terms": {name: float(np.mean(values)) for name, values in terms.items()},
+        }
+        done_path.write_text(json.dumps(result, indent=2) + "\n")
+        del pipeline, unet
+        _free_device_memory()
+        return result
+
+    # -- commands ------------------------------------------------------------------------------
+
+    def run(self, recipe: str, extra: list[str]) -> list[dict[str, Any]]:
+        """Train to each milestone, score each snapshot with each sampler, bits/dim of the last;
+        append the records (once) and return them."""
+        args = self.args
+        if recipe == STOCK and extra:
+            raise ValueError(f"Options {extra} are train_ddpm.py options for our recipes; the stock recipe takes none.")
+        run_dir = self.run_dir(recipe)
+        state = self.read_state(run_dir)
+        settings = {"recipe": recipe, "model": args.model, "unet_overrides": args.unet_overrides,
+                    "resolution": args.resolution, "num_train_timesteps": args.num_train_timesteps,
+                    "batch_size": args.batch_size, "seed": args.seed, "budget": args.budget,
+                    "budget_unit": args.budget_unit, "train_options": extra, "num_samples": args.num_samples,
+                    "sample_batch_size": args.sample_batch_size, "bpd_num_images": args.bpd_num_images,
+                    "bpd_timesteps": args.bpd_timesteps, "bpd_batch_size": args.bpd_batch_size}  # fmt: skip
+        self.check_settings(run_dir, state, settings)
+        self.write_state(run_dir, state)
+        if state["recorded"]:
+            print(f"{recipe}: already done and recorded in {state['recorded']}")
+            return []
+        milestones = self.milestones()
+        for milestone in milestones:
+            if milestone.label in state["trained"]:
+                continue
+            self.piece.check()
+            try:
+                trained = self.train_stock(run_dir, milestone) if recipe == STOCK else self.train_ours(recipe, run_dir, milestone, extra)
+            finally:
+                _free_device_memory()  # the trainer's network, optimizer and data set
+            snapshot = run_dir / f"model-{milestone.label}"
+            shutil.rmtree(snapshot, ignore_errors=True)
+            shutil.copytree(trained["pipeline"], snapshot, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "*.pt", "*.tmp"))
+            state["trained"][milestone.label] = {**trained, "pipeline": str(snapshot)}
+            self.write_state(run_dir, state)
+        scores: dict[tuple[str, int], dict[str, Any]] = {}
+        for milestone in milestones:
+            snapshot = Path(state["trained"][milestone.label]["pipeline"])
+            for steps in self.sampler_steps():
+                samples = run_dir / f"samples-{milestone.label}-{steps}steps"
+                self.fill_samples(snapshot, samples, steps)
+                scores[milestone.label, steps] = self.score(snapshot, samples, steps, run_dir / f"eval-{milestone.label}-{steps}steps.json")
+        final = milestones[-1]
+        bpd = self.bits_per_dim(Path(state["trained"][final.label]["pipeline"]), run_dir) if args.bpd else None
+        records = [self.record(recipe, milestone, steps, state, scores[milestone.label, steps],
+                               bpd if milestone == final else None, extra)
+                   for milestone in milestones for steps in self.sampler_steps()]  # fmt: skip
+        append_records(self.results, records)
+        state["recorded"] = str(self.results)
+        self.write_state(run_dir, state)
+        return records
+
+    def floor(self) -> dict[str, Any]:
+        """The real-data floor: FID/KID of the first ``--num_samples`` test images (preprocessed as
+        the training images are) against the training set's statistics."""
+        args = self.args
+        folder = self.work_dir / f"floor-test-{args.num_samples}"
+        if not (folder / f"{args.num_samples - 1:06d}.png").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            test = DataSource.parse(str(self.data["test"])).load()
+            column = find_image_column(test)
+            if len(test) < args.num_samples:
+                raise ValueError(f"The test split has {len(test)} images, fewer than --num_samples {args.num_samples}.")
+            for index, image in enumerate(test.select(range(args.num_samples))[column]):
+                self.preprocess.to_pil(image).save(folder / f"{index:06d}.png")
+        report = self.score(None, folder, None, self.work_dir / f"floor-{args.num_samples}.json")
+        record = {
+            **self.common_fields(), "recipe": "real data", "description": f"{args.num_samples} test images",
+            "num_samples": report["num_samples"], "fid": report["metrics"]["fid"],
+            "kid_mean": report["metrics"].get("kid_mean"), "kid_std": report["metrics"].get("kid_std"),
+            "eval_report": str(self.work_dir / f"floor-{args.num_samples}.json"),
+        }  # fmt: skip
+        append_records(self.results, [record])
+        return record
+
+    # -- records ------------------------------------------------------------------------------
+
+    def sampler_steps(self) -> list[int]:
+        return [int(v) for v in self.args.sampler_steps.split(",") if v.strip()]
+
+    def common_fields(self) -> dict[str, Any]:
+        args = self.args
+        return {
+            "study": STUDY, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": device_description(self.device), "command": " ".join(sys.argv), "versions": package_versions(),
+            "network": {"model": args.model, "unet_overrides": args.unet_overrides, "parameters": self.parameters},
+            "resolution": args.resolution, "num_train_timesteps": args.num_train_timesteps, "seed": args.seed,
+            "reference": "Fashion-MNIST train (60k)" if args.data_dir is None else str(self.data["train"]),
+            "feature_extractor": args.feature_extractor or "inception-v3-compat",
+        }  # fmt: skip
+
+    def record(self, recipe: str, milestone: Milestone, steps: int, state: dict[str, Any], report: dict[str, Any],
+               bpd: dict[str, Any] | None, extra: list[str]) -> dict[str, Any]:  # fmt: skip
+        args, trained = self.args, state["trained"][milestone.label]
+        metrics = report["metrics"]
+        options = OUR_RECIPES.get(recipe, {"prediction_type": "epsilon", "beta_schedule": "linear", "loss_weighting": "simple"})
+        return {
+            **self.common_fields(), "recipe": recipe, "trainer": "stock diffusers" if recipe == STOCK else "ddpm_pipeline",
+            **options, "train_options": extra, "batch_size": args.batch_size,
+            "budget": milestone.value, "budget_unit": milestone.unit, "final": milestone.value == args.budget,
+            "train_minutes": trained["train_seconds"] / 60, "steps": trained["steps"],
+            "images_seen": trained["steps"] * args.batch_size,
+            "sampler_steps": steps, "num_samples": report["num_samples"],
+            "fid": metrics["fid"], "kid_mean": metrics.get("kid_mean"), "kid_std": metrics.get("kid_std"),
+            **(bpd or {}), "grid": report.get("grid"), "eval_report": report["options"]["output"],
+        }  # fmt: skip
+
+
+def stock_sampling_scheduler(recipe: StockRecipe) -> DDPMTargetScheduler:
+    """Our scheduler with the stock recipe's noise schedule (ε target): diffusers' "linear" is
+    ``linspace(β_1, β_T, T)`` for any T, ours is scaled by 1000/T, so the two agree at T = 1000 and
+    the betas are given explicitly otherwise."""
+    config = recipe.noise_scheduler.config
+    if config.num_train_timesteps == 1000:
+        return DDPMTargetScheduler(num_train_timesteps=1000, beta_start=config.beta_start, beta_end=config.beta_end,
+                                   beta_schedule="linear", prediction_type="epsilon")  # fmt: skip
+    betas = np.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=np.float64)
+    return DDPMTargetScheduler(num_train_timesteps=config.num_train_timesteps, trained_betas=betas.tolist(),
+                               prediction_type="epsilon")  # fmt: skip
+
+
+def append_records(path: Path, records: list[dict[str, Any]]) -> None:
+    """Append JSON lines (one write per record, flushed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+def read_records(paths: list[Path]) -> list[dict[str, Any]]:
+    records = []
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if record.get("study") == STUDY:
+                    records.append(record)
+    return records
+
+
+def report(records: list[dict[str, Any]], primary_steps: int | None = None, plot: Path | None = None) -> str:
+    """A Markdown table of the final records (best FID at the primary sampler first), the best
+    recipe against the stock one, and (with ``plot``) FID against training minutes for the best two."""
+    floor = list({r["description"]: r for r in records if r["recipe"] == "real data"}.values())  # the latest of each
+    runs = [r for r in records if r["recipe"] != "real data"]
+    if not runs:
+        return "No study records yet."
+    steps_all = sorted({r["sampler_steps"] for r in runs}, reverse=True)
+    primary = primary_steps or steps_all[0]
+    final = {}
+    for r in runs:  # the latest record of each (recipe, sampler) at its final budget
+        if r.get("final"):
+            final[r["recipe"], r["sampler_steps"]] = r
+    recipes = sorted({recipe for recipe, _ in final}, key=lambda name: final.get((name, primary), {}).get("fid", math.inf))
+    header = ["recipe", "target", "schedule", "weighting", "steps", "train min"]
+    header += [f"FID-{final[next(iter(final))]['num_samples'] // 1000}k @{s}" for s in steps_all]
+    header += [f"KID×10³ @{primary}", "bits/dim"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for name in recipes:
+        first = next(final[name, s] for s in steps_all if (name, s) in final)
+        cells = [name, first["prediction_type"], first["beta_schedule"], first["loss_weighting"], str(first["steps"]),
+                 f"{first['train_minutes']:.2f}"]  # fmt: skip
+        cells += [f"{final[name, s]['fid']:.2f}" if (name, s) in final else "–" for s in steps_all]
+        kid = final.get((name, primary), {}).get("kid_mean")
+        cells += [f"{kid * 1e3:.2f}" if kid is not None else "–"]
+        bpd = first.get("bpd")
+        cells += [f"{bpd:.3f} ± {first['bpd_stderr']:.3f}" if bpd is not None and first.get("bpd_stderr") else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for r in floor:
+        lines.append(f"| real data ({r['description']}) | | | | | | {r['fid']:.2f} |" + " |" * (len(header) - 7))
+    best = next((name for name in recipes if name != STOCK and (name, primary) in final), None)
+    if best and (STOCK, primary) in final:
+        ours, stock = final[best, primary]["fid"], final[STOCK, primary]["fid"]
+        lines.append(f"\nBest recipe {best}: FID {ours:.2f} vs stock diffusers {stock:.2f} at {primary} sampling steps "
+                     f"(ratio {ours / stock:.2f}; the target is ≤ 0.5).")  # fmt: skip
+    if plot is not None:
+        top = [name for name in recipes if (name, primary) in final][:2]
+        series = {}
+        for name in top:
+            points = sorted((r["train_minutes"], r["fid"]) for r in runs if r["recipe"] == name and r["sampler_steps"] == primary)
+            series[name] = ([p[0] for p in points], [p[1] for p in points])
+        save_metric_curves(series, plot, "training minutes", f"FID ({primary} sampling steps)",
+                           title="Fashion-MNIST: FID against training time",
+                           floor=floor[-1]["fid"] if floor else None, floor_label="real test images")  # fmt: skip
+        lines.append(f"\n![FID against training minutes]({plot})")
+    return "\n".join(lines)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _reset_accelerate() -> None:
+    """Forget Accelerate's process-wide state, so that each training run in this process builds
+    its own (as a separate ``train_ddpm.py`` launch would)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch._dynamo.reset()  # compiled graphs hold the previous network's buffers
+        torch.cuda.empty_cache()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", allow_abbrev=False, help="train and score one recipe (other options go to train_ddpm.py)")
+    run.add_argument("recipe", choices=RECIPES)
+    floor = commands.add_parser("floor", allow_abbrev=False, help="FID/KID of real test images against the training statistics")
+    for sub in (run, floor):
+        sub.add_argument("--work_dir", default="runs/quality-fmnist", help="data sets, runs, samples and scores")
+        sub.add_argument("--data_dir", help=f"folder of the Fashion-MNIST IDX files (default: {' or '.join(DEFAULT_DATA)})")
+        sub.add_argument("--results", help="JSON lines file to append to (default: <work_dir>/results.jsonl)")
+        sub.add_argument("--model", default="ddpm-cifar10-32", help="UNet preset (one channel, --resolution)")
+        sub.add_argument("--unet_overrides", default=json.dumps({"block_out_channels": HALF_WIDTH}),
+                         help="JSON of UNet2DModel options over the preset ('{}' = the full 35.7M-parameter network)")  # fmt: skip
+        sub.add_argument("--resolution", type=int, default=32, help="28×28 images are zero-padded to this")
+        sub.add_argument("--num_train_timesteps", type=int, default=1000)
+        sub.add_argument("--batch_size", type=int, default=128, help="training batch (both trainers)")
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--budget", type=float, default=5.0, help="training budget in --budget_unit")
+        sub.add_argument("--budget_unit", choices=("minutes", "steps"), default="minutes")
+        sub.add_argument("--milestones", help="comma-separated earlier budgets to score as well (FID vs minutes)")
+        sub.add_argument("--sampler_steps", default="1000,250,100", help="comma-separated sampling steps")
+        sub.add_argument("--num_samples", type=int, default=5000)
+        sub.add_argument("--sample_batch_size", type=int, default=500)
+        sub.add_argument("--fast_sampling", action=argparse.BooleanOptionalAction, default=True,
+                         help="the pipeline's fast path on CUDA (bf16 for ε/x0, channels_last, compile)")  # fmt: skip
+        sub.add_argument("--bpd", action=argparse.BooleanOptionalAction, default=True, help="bits/dim of the test set")
+        sub.add_argument("--bpd_num_images", type=_optional_int, default=None, help="test images for bits/dim (none = all)")
+        sub.add_argument("--bpd_timesteps", type=_optional_int, default=50,
+                         help="timesteps per image (unbiased estimate); none = all T (exact, T evaluations per image)")  # fmt: skip
+        sub.add_argument("--bpd_batch_size", type=int, default=500)
+        sub.add_argument("--inception_weights", help="torch-fidelity-format Inception weights (DESIGN.md §4)")
+        sub.add_argument("--feature_extractor", help="a torch-fidelity feature extractor name (default: InceptionV3)")
+        sub.add_argument("--cache_dir", help="reference statistics cache (default: <work_dir>/cache)")
+        sub.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+        sub.add_argument("--stock_check_every", type=int, default=25, help="stock recipe: steps between budget checks")
+        sub.add_argument("--stop_after_minutes", type=float, help="end this command after about this long (exit 3)")
+    rep = commands.add_parser("report", help="Markdown table and FID-vs-minutes plot from the records")
+    rep.add_argument("--results", nargs="+", default=["runs/quality-fmnist/results.jsonl"])
+    rep.add_argument("--primary_steps", type=int, help="sampler for the ranking and the plot (default: the most steps)")
+    rep.add_argument("--markdown", type=Path, help="write the table here too")
+    rep.add_argument("--plot", type=Path, help="FID against training minutes for the best two recipes (PNG)")
+    return parser
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Run one command; exits with status 3 when ``--stop_after_minutes`` ended it early."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "report":
+        if extra:
+            parser.error(f"unknown options {extra}")
+        text = report(read_records(args.results), args.primary_steps, args.plot)
+        if args.markdown:
+            args.markdown.write_text(text + "\n")
+        print(text)
+        return text
+    if args.command == "floor" and extra:
+        parser.error(f"unknown options {extra}")
+    study = Study(args)
+    try:
+        result = study.run(args.recipe, extra) if args.command == "run" else study.floor()
+    except PieceOver:
+        print(f"stopped after --stop_after_minutes {args.stop_after_minutes}; run the same command again to continue")
+        raise SystemExit(PIECE_OVER_EXIT) from None
+    for record in result if isinstance(result, list) else [result]:
+        print(json.dumps({k: record.get(k) for k in ("recipe", "budget", "steps", "sampler_steps", "fid", "kid_mean", "bpd")}))
+    return result
+
+
+if __name__ == "__main__":
+    main()
