@@ -430,6 +430,9 @@ class Study:
             shutil.copytree(trained["pipeline"], snapshot, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "*.pt", "*.tmp"))
             state["trained"][milestone.label] = {**trained, "pipeline": str(snapshot)}
             self.write_state(run_dir, state)
+        if args.train_only:
+            print(f"{recipe}: trained to {milestones[-1].label}; the same command without --train_only scores it")
+            return []
         scores: dict[tuple[str, int], dict[str, Any]] = {}
         for milestone in milestones:
             snapshot = Path(state["trained"][milestone.label]["pipeline"])
@@ -639,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--device", help="cuda or cpu (default: cuda when available)")
         sub.add_argument("--stock_check_every", type=int, default=25, help="stock recipe: steps between budget checks")
         sub.add_argument("--stop_after_minutes", type=float, help="end this command after about this long (exit 3)")
+    run.add_argument("--train_only", action="store_true", help="stop after training (score in a later command)")
     rep = commands.add_parser("report", help="Markdown table and FID-vs-minutes plot from the records")
     rep.add_argument("--results", nargs="+", default=["runs/quality-fmnist/results.jsonl"])
     rep.add_argument("--primary_steps", type=int, help="sampler for the ranking and the plot (default: the most steps)")
@@ -658,6 +662,9 @@ def main(argv: list[str] | None = None) -> Any:
     if args.command == "report":
         if extra:
             parser.error(f"unknown options {extra}")
+        missing = [str(path) for path in args.results if not Path(path).is_file()]
+        if missing:
+            parser.error(f"no records at {', '.join(missing)}: run a recipe (or the floor) first, or pass --results")
         text = report(read_records(args.results), args.primary_steps, args.plot)
         if args.markdown:
             args.markdown.write_text(text + "\n")

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Issue 5's study on a device machine, in calls of at most 10 minutes. Here, first:
+#   bash benchmarks/fetch_wheels.sh && bash benchmarks/pack_device_files.sh
+# then make the calls back to back (the machine keeps git-ignored folders between calls only
+# while it is warm, 30 s):
+#   run(carry=[".whl", ".carry-a"], command="bash benchmarks/quality_session.sh setup run:eps-cosine")
+#   run(carry=[".carry-b"], command="bash benchmarks/quality_session.sh weights floor run:eps-cosine run:stock")
+#   run(command="bash benchmarks/quality_session.sh run:stock run:x0-cosine")      # and so on
+# Parts: setup (wheels into .site, data into .data), weights (join and check the Inception
+# weights), floor, run:RECIPE, report. Each study command gets what is left of the call as
+# --stop_after_minutes (CALL_MINUTES, default 9, in all) and the options in $QUALITY_OPTIONS
+# (e.g. "--budget 5 --milestones 1,2,3"); one that stops early (exit 3) ends the call, and the
+# same part in the next call continues it. Training needs no weights, so a recipe can start in
+# the first call and be scored once the weights are joined. Returns $OUT/quality.tgz: the
+# records, evaluation reports, sample grids, loss curves and the log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+limit=${CALL_MINUTES:-9}
+out="${OUT:-gpu-results}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD/.site:$PWD" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+weights=weights/inception-fid-nofc.pth
+work=runs/quality-fmnist
+log="$work/session.log"
+mkdir -p "$work"
+
+study() {
+  local left
+  left=$(python3 -c "import time; print(round(max(0.5, $limit - (time.time() - $start) / 60 - 0.5), 2))")
+  local scoring=()
+  [[ -f $weights ]] && scoring=(--inception_weights "$weights")
+  # shellcheck disable=SC2086
+  python3 benchmarks/quality_fmnist.py "$@" "${scoring[@]}" ${QUALITY_OPTIONS:-} --stop_after_minutes "$left" 2>&1 \
+    | grep --line-buffered -v -e Warning -e "it/s]" | tee -a "$log"
+  return "${PIPESTATUS[0]}"
+}
+
+for part in "$@"; do
+  echo "== $part ($(date -u +%FT%TZ))" | tee -a "$log"
+  case "$part" in
+    setup)
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .site .whl/*.whl || exit 1
+      mkdir -p .data && cp -r .carry-a/fashion-mnist .data/
+      nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
+      rc=0 ;;
+    weights)
+      cat .carry-a/inception.part1 .carry-b/inception.part2 > "$weights.tmp" \
+        && [[ "$(sha256sum "$weights.tmp" | cut -d' ' -f1)" == "$(cat .carry-a/inception.sha256)" ]] \
+        && mv "$weights.tmp" "$weights"
+      rc=$?
+      ((rc)) && echo "the weights' parts are missing or do not match: was the machine given back between calls?" | tee -a "$log" ;;
+    floor) study floor; rc=$? ;;
+    run:*)
+      if [[ -f $weights ]]; then study run "${part#run:}"; else study run "${part#run:}" --train_only; fi
+      rc=$? ;;
+    report)
+      python3 benchmarks/quality_fmnist.py report --results "$work/results.jsonl" --markdown "$work/study.md" \
+        --plot "$work/fid_vs_minutes.png" 2>&1 | tee -a "$log"
+      rc=${PIPESTATUS[0]} ;;
+    *) echo "unknown part $part" | tee -a "$log"; rc=2 ;;
+  esac
+  if ((rc == 3)); then
+    echo "stopped for this call: repeat '$part' in the next call to continue" | tee -a "$log"
+    break
+  elif ((rc != 0)); then
+    echo "'$part' failed with status $rc" | tee -a "$log"
+    break
+  fi
+done
+cd "$work" && tar czf "$out/quality.tgz" --ignore-failed-read results.jsonl session.log study.md fid_vs_minutes.png \
+  floor-*.json runs/*/eval-*.json runs/*/eval-*-grid.png runs/*/bpd.json runs/*/study_state.json \
+  runs/*/model-*/loss_curve.png runs/*/model-*/samples.png 2>/dev/null
+exit 0
