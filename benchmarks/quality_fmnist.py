@@ -63,7 +63,7 @@ from ddpm_pipeline.plots import save_loss_curve, save_metric_curves
 from ddpm_pipeline.reference import DataSource
 from ddpm_pipeline.scheduling_ddpm_target import DDPMTargetScheduler
 from ddpm_pipeline.seeding import derive_seed
-from ddpm_pipeline.training import micro_batch_seed, train
+from ddpm_pipeline.training import SNAPSHOT_STATE_NAME, micro_batch_seed, snapshot_name, train
 from ddpm_pipeline.training_config import TrainingConfig
 from ddpm_pipeline.unet import DDPMUNet
 
@@ -161,9 +161,13 @@ class Milestone:
     unit: str
 
     @property
+    def snapshot(self) -> str:
+        """The trainer's folder for it (``snapshot-2min``)."""
+        return snapshot_name(self.value, self.unit)
+
+    @property
     def label(self) -> str:
-        number = f"{self.value:g}".replace(".", "p")
-        return f"{number}{'min' if self.unit == 'minutes' else 'steps'}"
+        return self.snapshot.removeprefix("snapshot-")
 
 
 class Study:
@@ -218,9 +222,12 @@ class Study:
 
     # -- training ------------------------------------------------------------------------------
 
-    def train_ours(self, recipe: str, run_dir: Path, milestone: Milestone, extra: list[str]) -> dict[str, Any]:
-        """``train_ddpm.py`` with the recipe's options, continued up to ``milestone``."""
+    def train_ours(self, recipe: str, run_dir: Path, milestones: list[Milestone], extra: list[str]) -> dict[str, dict]:
+        """``train_ddpm.py`` with the recipe's options, in one run to the last milestone that
+        snapshots the earlier ones (``--snapshot_minutes``/``--snapshot_steps``): no restart, so a
+        compiled network is compiled once, as a user's run would be."""
         args, output = self.args, run_dir / "train"
+        final, earlier = milestones[-1], [m.value for m in milestones[:-1]]
         options = [
             "--model", args.model, "--resolution", str(args.resolution), "--channels", "1",
             "--unet_overrides", args.unet_overrides or "{}", "--dataset_path", str(self.data["train"]),
@@ -229,10 +236,12 @@ class Study:
             *[item for key, value in OUR_RECIPES[recipe].items() for item in (f"--{key}", value)],
             "--output_dir", str(output),
         ]  # fmt: skip
-        if milestone.unit == "minutes":
-            options += ["--max_train_minutes", str(milestone.value), "--max_train_steps", str(10**9)]
+        if final.unit == "minutes":
+            options += ["--max_train_minutes", str(final.value), "--max_train_steps", str(10**9)]
+            options += ["--snapshot_minutes", *map(str, earlier)] if earlier else []
         else:
-            options += ["--max_train_minutes", "none", "--max_train_steps", str(int(milestone.value))]
+            options += ["--max_train_minutes", "none", "--max_train_steps", str(int(final.value))]
+            options += ["--snapshot_steps", *(str(int(v)) for v in earlier)] if earlier else []
         remaining = self.piece.remaining_minutes()
         if remaining is not None:
             options += ["--stop_after_minutes", str(max(remaining, 1e-6))]
@@ -244,12 +253,18 @@ class Study:
         self.piece.done()
         if not result.finished:
             raise PieceOver
-        return {"steps": result.global_step, "train_seconds": result.train_seconds, "pipeline": str(output)}
+        trained = {final.label: {"steps": result.global_step, "train_seconds": result.train_seconds, "pipeline": str(output)}}
+        for milestone in milestones[:-1]:
+            folder = output / milestone.snapshot
+            taken = json.loads((folder / SNAPSHOT_STATE_NAME).read_text())
+            trained[milestone.label] = {"steps": taken["global_step"], "train_seconds": taken["train_seconds"], "pipeline": str(folder)}
+        return trained
 
-    def train_stock(self, run_dir: Path, milestone: Milestone) -> dict[str, Any]:
+    def train_stock(self, run_dir: Path, milestones: list[Milestone]) -> dict[str, dict]:
         """diffusers' recipe (:class:`StockRecipe`) on the device-resident padded images, with the
-        example's per-step loss read-back, continued up to ``milestone``; saves the EMA network with
-        an equivalent :class:`DDPMTargetScheduler` (ε, linear) so the same sampler scores it."""
+        example's per-step loss read-back, in one run that saves a pipeline at each milestone: the
+        EMA network with an equivalent :class:`DDPMTargetScheduler` (ε, linear), so the same
+        sampler scores it."""
         args, output = self.args, run_dir / "train"
         output.mkdir(parents=True, exist_ok=True)
         dataset = DataSource.parse(str(self.data["train"])).load()
@@ -262,28 +277,40 @@ class Study:
             num_train_timesteps=args.num_train_timesteps, seed=args.seed,
         )  # fmt: skip
         state_path = output / "stock_state.pt"
-        progress = {"step": 0, "train_seconds": 0.0, "losses": []}
+        progress: dict[str, Any] = {"step": 0, "train_seconds": 0.0, "losses": [], "saved": {}}
         if state_path.is_file():
             saved = torch.load(state_path, map_location=self.device, weights_only=False)
             recipe.load_state_dict(saved["recipe"])
             progress = saved["progress"]
 
-        def save() -> None:
+        def save_state() -> None:
             partial = output / "stock_state.pt.tmp"
             torch.save({"recipe": recipe.state_dict(), "progress": progress}, partial)
             partial.replace(state_path)
 
-        def budget_reached() -> bool:
+        def reached(milestone: Milestone) -> bool:
             if milestone.unit == "minutes":
                 return progress["train_seconds"] >= 60 * milestone.value
             return progress["step"] >= milestone.value
 
+        def save_reached() -> None:
+            """A pipeline for each milestone just reached, and then the state (not more often: it
+            is the whole optimizer; a crash loses at most one milestone's training)."""
+            reached_now = [m for m in milestones if reached(m) and m.label not in progress["saved"]]
+            for milestone in reached_now:
+                folder = output / milestone.snapshot
+                save_stock_pipeline(recipe, self.unet_config, folder)
+                progress["saved"][milestone.label] = {"steps": progress["step"], "train_seconds": progress["train_seconds"],
+                                                      "pipeline": str(folder)}  # fmt: skip
+            if reached_now:
+                save_state()
+
         order_epoch, order = -1, None
-        while not budget_reached():
+        while not reached(milestones[-1]):
             try:
                 self.piece.check()
             except PieceOver:
-                save()
+                save_state()
                 raise
             started = time.perf_counter()
             for _ in range(args.stock_check_every):
@@ -297,18 +324,15 @@ class Study:
                 loss = recipe.step(batch, torch.Generator(self.device).manual_seed(step_seed))
                 progress["losses"].append(loss.item())  # the example logs loss.item() every step
                 progress["step"] += 1
-                if milestone.unit == "steps" and budget_reached():
+                if any(m.unit == "steps" and progress["step"] == m.value for m in milestones):
                     break
             progress["train_seconds"] += time.perf_counter() - started
+            save_reached()
             self.piece.done()
-        save()
-        pipeline = DDPMTargetPipeline(unet=DDPMUNet(**self.unet_config), scheduler=stock_sampling_scheduler(recipe))
-        pipeline.unet.load_state_dict(recipe.ema_unet().state_dict())
-        pipeline.save_pretrained(output)
         (output / "stock_recipe.json").write_text(json.dumps({**STOCK_DEFAULTS, "batch_size": args.batch_size}, indent=2) + "\n")
         save_loss_curve(range(1, len(progress["losses"]) + 1), progress["losses"], output / "loss_curve.png",
                         title="stock diffusers recipe")  # fmt: skip
-        return {"steps": progress["step"], "train_seconds": progress["train_seconds"], "pipeline": str(output)}
+        return progress["saved"]
 
     # -- evaluation ----------------------------------------------------------------------------
 
@@ -417,18 +441,17 @@ class Study:
             print(f"{recipe}: already done and recorded in {state['recorded']}")
             return []
         milestones = self.milestones()
-        for milestone in milestones:
-            if milestone.label in state["trained"]:
-                continue
+        if not state["trained"]:
             self.piece.check()
             try:
-                trained = self.train_stock(run_dir, milestone) if recipe == STOCK else self.train_ours(recipe, run_dir, milestone, extra)
+                trained = self.train_stock(run_dir, milestones) if recipe == STOCK else self.train_ours(recipe, run_dir, milestones, extra)
             finally:
                 _free_device_memory()  # the trainer's network, optimizer and data set
-            snapshot = run_dir / f"model-{milestone.label}"
-            shutil.rmtree(snapshot, ignore_errors=True)
-            shutil.copytree(trained["pipeline"], snapshot, ignore=shutil.ignore_patterns("checkpoint-*", "logs", "*.pt", "*.tmp"))
-            state["trained"][milestone.label] = {**trained, "pipeline": str(snapshot)}
+            for milestone in milestones:  # each scored model in a folder of its own
+                source, model = Path(trained[milestone.label]["pipeline"]), run_dir / f"model-{milestone.label}"
+                shutil.rmtree(model, ignore_errors=True)
+                shutil.copytree(source, model, ignore=shutil.ignore_patterns("checkpoint-*", "snapshot-*", "logs", "*.pt", ".*"))
+                state["trained"][milestone.label] = {**trained[milestone.label], "pipeline": str(model)}
             self.write_state(run_dir, state)
         if args.train_only:
             print(f"{recipe}: trained to {milestones[-1].label}; the same command without --train_only scores it")
@@ -517,6 +540,17 @@ def stock_sampling_scheduler(recipe: StockRecipe) -> DDPMTargetScheduler:
     betas = np.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=np.float64)
     return DDPMTargetScheduler(num_train_timesteps=config.num_train_timesteps, trained_betas=betas.tolist(),
                                prediction_type="epsilon")  # fmt: skip
+
+
+def save_stock_pipeline(recipe: StockRecipe, unet_config: dict[str, Any], folder: Path) -> None:
+    """The stock recipe's EMA network as a pipeline folder our sampler and evaluation read."""
+    pipeline = DDPMTargetPipeline(unet=DDPMUNet(**unet_config), scheduler=stock_sampling_scheduler(recipe))
+    pipeline.unet.load_state_dict(recipe.ema_unet().state_dict())
+    staging = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    pipeline.save_pretrained(staging)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.replace(folder)
 
 
 def append_records(path: Path, records: list[dict[str, Any]]) -> None:

@@ -33,11 +33,13 @@ def check_output_dir(output_dir: str | Path) -> Path:
     return folder
 
 
-def run_output_bytes(num_parameters: int, checkpoints_kept: int | None) -> int:
+def run_output_bytes(num_parameters: int, checkpoints_kept: int | None, snapshots: int = 0) -> int:
     """Disk a run needs at its peak: ``(kept + 1)`` checkpoints (one more while the next is written
-    before the oldest is pruned) of 16 bytes per parameter, the saved fp32 pipeline, and slack."""
+    before the oldest is pruned) of 16 bytes per parameter, the saved fp32 pipeline and each
+    snapshot pipeline (4 bytes per parameter), and slack."""
     kept = 1 if checkpoints_kept is None else checkpoints_kept  # unlimited: checked for the first ones
-    return (kept + 1) * CHECKPOINT_BYTES_PER_PARAMETER * num_parameters + 4 * num_parameters + OUTPUT_SLACK_BYTES
+    pipelines = 1 + snapshots
+    return (kept + 1) * CHECKPOINT_BYTES_PER_PARAMETER * num_parameters + 4 * pipelines * num_parameters + OUTPUT_SLACK_BYTES
 
 
 def check_free_space(output_dir: str | Path, needed_bytes: int) -> None:

@@ -21,8 +21,8 @@ from .model_card import write_model_card
 
 logger = logging.getLogger(__name__)
 
-#: What stays local: resumable checkpoints and the temporary folders of atomic writes.
-IGNORE_PATTERNS = ["checkpoint-*", ".*", "*.tmp", "*.partial"]
+#: What stays local: resumable checkpoints, --snapshot_* pipelines and the temporary folders of atomic writes.
+IGNORE_PATTERNS = ["checkpoint-*", "snapshot-*", ".*", "*.tmp", "*.partial"]
 
 
 def check_repo_id(repo_id: str | None) -> str:

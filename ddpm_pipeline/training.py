@@ -74,6 +74,8 @@ LOSS_CURVE_NAME = "loss_curve.png"
 SAMPLES_NAME = "samples.png"
 TRAJECTORY_NAME = "trajectory.png"
 GRID_FOLDER = "samples"
+#: in each snapshot folder: the step and training seconds it was taken at
+SNAPSHOT_STATE_NAME = "snapshot.json"
 
 
 @dataclass
@@ -87,6 +89,14 @@ class TrainingResult:
     samples_path: Path | None
     finished: bool = True
     train_seconds: float = 0.0
+
+
+def snapshot_name(value: float, unit: str) -> str:
+    """The folder of a ``--snapshot_minutes`` / ``--snapshot_steps`` pipeline: ``snapshot-2min``,
+    ``snapshot-1p5min``, ``snapshot-400steps``."""
+    if unit not in ("minutes", "steps"):
+        raise ValueError(f"unit must be 'minutes' or 'steps', got {unit!r}.")
+    return f"snapshot-{f'{value:g}'.replace('.', 'p')}{'min' if unit == 'minutes' else 'steps'}"
 
 
 def micro_batch_seed(seed: int, epoch: int, batch_index: int) -> int:
@@ -290,7 +300,8 @@ class Trainer:
         self.unet = DDPMUNet(**self.unet_config)
         if self.accelerator.is_main_process:
             parameters = sum(p.numel() for p in self.unet.parameters())
-            check_free_space(self.output_dir, run_output_bytes(parameters, config.checkpoints_total_limit))
+            snapshots = len(config.snapshot_minutes or ()) + len(config.snapshot_steps or ())
+            check_free_space(self.output_dir, run_output_bytes(parameters, config.checkpoints_total_limit, snapshots))
         self._build_data()
         if self.channels_last:
             to_channels_last(self.unet)
@@ -460,6 +471,27 @@ class Trainer:
             entry.replace(target)
         staging.rmdir()
 
+    def save_snapshot(self, name: str, global_step: int, train_seconds: float) -> Path:
+        """The EMA pipeline now, with the options and ``snapshot.json`` (step, training seconds),
+        into ``output_dir/name`` (written beside it, then renamed into place)."""
+        folder, staging = self.output_dir / name, self.output_dir / f".{name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.sampling_pipeline().save_pretrained(staging)
+        self.config.save(staging / CONFIG_FILE_NAME)
+        record = {"global_step": global_step, "train_seconds": train_seconds}
+        (staging / SNAPSHOT_STATE_NAME).write_text(json.dumps(record, indent=2) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.replace(folder)
+        logger.info(f"wrote {folder} (step {global_step}, {train_seconds / 60:.2f} min trained)")
+        return folder
+
+    def _due_snapshots(self, global_step: int, train_seconds: float) -> list[str]:
+        """The snapshots whose step or training minute has come and that are not written yet."""
+        config = self.config
+        due = [snapshot_name(n, "steps") for n in config.snapshot_steps or () if global_step == n]
+        due += [snapshot_name(m, "minutes") for m in config.snapshot_minutes or () if train_seconds >= 60 * m]
+        return [name for name in due if not (self.output_dir / name / SNAPSHOT_STATE_NAME).is_file()]
+
     def after_optimizer_step(self) -> None:
         """Once per optimizer step: advance the learning-rate schedule and update the EMA weights."""
         self.lr_scheduler.step()
@@ -610,6 +642,13 @@ class Trainer:
                     self._check_finite(pending_losses.flush(), global_step, history)
                     budget_spent, stopped_early = self._time_limits(clock, piece_start)
                     done = done or budget_spent
+                if global_step in (config.snapshot_steps or ()) or (config.snapshot_minutes and global_step % log_every == 0):
+                    self._check_finite(pending_losses.flush(), global_step, history)  # every process: a gather
+                    seconds = clock.total()
+                    due = self._due_snapshots(global_step, seconds) if is_main else []
+                    with clock.paused():
+                        for name in due:
+                            self.save_snapshot(name, global_step, seconds)
                 if stopped_early and not done:
                     break
                 if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 and not done:

@@ -95,6 +95,8 @@ class TrainingConfig:
     num_epochs: int = _option(10, "Passes over the data set when --max_train_steps is none.")
     max_train_minutes: float | None = _option(None, "A training-time budget: stop (and save as usual) once this many minutes were spent training, summed over resumed pieces; checked every --log_every steps. Pair it with --lr_scheduler constant_with_warmup (decaying schedules assume --max_train_steps).")
     stop_after_minutes: float | None = _option(None, "End this invocation after this many wall-clock minutes with a checkpoint, to continue later with --resume_from_checkpoint latest (for time-limited jobs); the run itself is unchanged.")
+    snapshot_minutes: list[float] | None = _option(None, "Also write the EMA pipeline when the training clock passes each of these minutes, into --output_dir/snapshot-<m>min/ (quality against training time from one run); checked every --log_every steps.", nargs="+", type=float)
+    snapshot_steps: list[int] | None = _option(None, "Also write the EMA pipeline at these optimizer steps, into --output_dir/snapshot-<n>steps/.", nargs="+", type=int)
     # EMA
     use_ema: bool = _option(True, "Keep an exponential moving average of the weights for sampling and saving.")
     ema_max_decay: float = _option(0.9999, "The EMA decay's ceiling.")
@@ -156,6 +158,9 @@ class TrainingConfig:
                 f"--grid_inference_steps {self.grid_inference_steps} exceeds --num_train_timesteps "
                 f"{self.num_train_timesteps}."
             )
+        for name in ("snapshot_minutes", "snapshot_steps"):
+            if any(value <= 0 for value in getattr(self, name) or ()):
+                problems.append(f"--{name} must be positive, got {getattr(self, name)}.")
         for name in ("max_train_minutes", "stop_after_minutes"):
             value = getattr(self, name)
             if value is not None and value <= 0:

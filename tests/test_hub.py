@@ -118,6 +118,8 @@ def test_model_card_needs_a_pipeline_folder(tmp_path):
 
 def test_push_makes_one_commit_of_the_folder_without_checkpoints(tmp_path):
     folder = pipeline_folder(tmp_path / "p", report=REPORT)
+    (folder / "snapshot-2min" / "unet").mkdir(parents=True)
+    (folder / "snapshot-2min" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"an earlier model")
     api = RecordingHfApi()
     info = push_to_hub(folder, "someone/fmnist-ddpm", private=True, api=api)
     assert info.commit_url.endswith("/commit/abc")
@@ -129,7 +131,7 @@ def test_push_makes_one_commit_of_the_folder_without_checkpoints(tmp_path):
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     sent = sorted(filter_repo_objects(files, ignore_patterns=upload["ignore_patterns"]))
     assert "README.md" in sent and "unet/diffusion_pytorch_model.safetensors" in sent and "eval_results.json" in sent
-    assert not any(p.startswith(("checkpoint-", ".")) for p in sent)
+    assert not any(p.startswith(("checkpoint-", "snapshot-", ".")) for p in sent)
     assert ModelCard.load(folder / "README.md").data.library_name == "diffusers"
 
 

@@ -175,6 +175,7 @@ def test_full_disk_fails_at_start_up(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="MiB free, but this run's checkpoints and pipeline need about"):
         main([*TINY, "--max_train_steps", "2", "--output_dir", str(tmp_path / "run")])
     assert preflight.run_output_bytes(1_000_000, 2) == 3 * 16_000_000 + 4_000_000 + preflight.OUTPUT_SLACK_BYTES
+    assert preflight.run_output_bytes(1_000_000, 2, snapshots=3) == preflight.run_output_bytes(1_000_000, 2) + 12_000_000
 
 
 def test_incomplete_or_mismatched_pipeline_folders_are_named(tmp_path):
@@ -345,3 +346,27 @@ def test_pieces_of_a_run_give_the_uninterrupted_result(tmp_path, monkeypatch):
     assert [row.split(",")[:2] for row in (pieces / "loss_history.csv").read_text().splitlines()] == [
         row.split(",")[:2] for row in (tmp_path / "straight" / "loss_history.csv").read_text().splitlines()
     ]
+
+
+def test_snapshots_hold_the_pipeline_of_their_step_or_minute(tmp_path):
+    """--snapshot_steps / --snapshot_minutes write the EMA pipeline during the run (quality against
+    training time from one run): snapshot-2steps is what a run stopped at step 2 would have saved."""
+    options = [*TINY, "--lr_scheduler", "constant", "--checkpointing_steps", "none"]
+    out = tmp_path / "run"
+    main([*options, "--max_train_steps", "4", "--snapshot_steps", "2", "--snapshot_minutes", "1e-9", "--output_dir", str(out)])
+    by_step = out / "snapshot-2steps"
+    assert json.loads((by_step / "snapshot.json").read_text())["global_step"] == 2
+    by_minute = json.loads((out / "snapshot-1e-09min" / "snapshot.json").read_text())
+    assert by_minute["global_step"] == 1 and by_minute["train_seconds"] > 0  # the first check after 1e-9 minutes
+    assert json.loads((by_step / "training_config.json").read_text())["snapshot_steps"] == [2]
+    reset_accelerate()
+    main([*options, "--max_train_steps", "2", "--output_dir", str(tmp_path / "two")])
+    a = load_file(str(by_step / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[name], b[name]) for name in b)
+    assert not list(out.glob(".*tmp"))
+
+
+def test_bad_snapshot_options_are_refused():
+    with pytest.raises(ValueError, match="snapshot_minutes must be positive"):
+        TrainingConfig(snapshot_minutes=[1.0, 0.0])
