@@ -36,6 +36,7 @@ import datetime
 import gc
 import json
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -173,8 +174,9 @@ class Milestone:
 class Study:
     """One command of the study (see the module docstring)."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, command: str = ""):
         self.args = args
+        self.command = command
         self.work_dir = Path(args.work_dir)
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.results = Path(args.results) if args.results else self.work_dir / "results.jsonl"
@@ -434,7 +436,8 @@ class Study:
                     "batch_size": args.batch_size, "seed": args.seed, "budget": args.budget,
                     "budget_unit": args.budget_unit, "train_options": extra, "num_samples": args.num_samples,
                     "sample_batch_size": args.sample_batch_size, "bpd_num_images": args.bpd_num_images,
-                    "bpd_timesteps": args.bpd_timesteps, "bpd_batch_size": args.bpd_batch_size}  # fmt: skip
+                    "bpd_timesteps": args.bpd_timesteps, "bpd_batch_size": args.bpd_batch_size,
+                    "milestones": [m.value for m in self.milestones()]}  # fmt: skip
         self.check_settings(run_dir, state, settings)
         self.write_state(run_dir, state)
         if state["recorded"]:
@@ -491,7 +494,7 @@ class Study:
             **self.common_fields(), "recipe": "real data", "description": f"{args.num_samples} test images",
             "num_samples": report["num_samples"], "fid": report["metrics"]["fid"],
             "kid_mean": report["metrics"].get("kid_mean"), "kid_std": report["metrics"].get("kid_std"),
-            "eval_report": str(self.work_dir / f"floor-{args.num_samples}.json"),
+            **self.scoring_fields(report),
         }  # fmt: skip
         append_records(self.results, [record])
         return record
@@ -505,12 +508,16 @@ class Study:
         args = self.args
         return {
             "study": STUDY, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device_description(self.device), "command": " ".join(sys.argv), "versions": package_versions(),
+            "device": device_description(self.device), "command": self.command, "versions": package_versions(),
             "network": {"model": args.model, "unet_overrides": args.unet_overrides, "parameters": self.parameters},
             "resolution": args.resolution, "num_train_timesteps": args.num_train_timesteps, "seed": args.seed,
-            "reference": "Fashion-MNIST train (60k)" if args.data_dir is None else str(self.data["train"]),
-            "feature_extractor": args.feature_extractor or "inception-v3-compat",
         }  # fmt: skip
+
+    @staticmethod
+    def scoring_fields(report: dict[str, Any]) -> dict[str, Any]:
+        """What a score was measured against and with, from its evaluation report."""
+        return {"reference": report.get("reference"), "feature_extractor": report.get("feature_extractor"),
+                "eval_report": report["options"]["output"], "grid": report.get("grid")}  # fmt: skip
 
     def record(self, recipe: str, milestone: Milestone, steps: int, state: dict[str, Any], report: dict[str, Any],
                bpd: dict[str, Any] | None, extra: list[str]) -> dict[str, Any]:  # fmt: skip
@@ -525,7 +532,7 @@ class Study:
             "images_seen": trained["steps"] * args.batch_size,
             "sampler_steps": steps, "num_samples": report["num_samples"],
             "fid": metrics["fid"], "kid_mean": metrics.get("kid_mean"), "kid_std": metrics.get("kid_std"),
-            **(bpd or {}), "grid": report.get("grid"), "eval_report": report["options"]["output"],
+            **(bpd or {}), **self.scoring_fields(report),
         }  # fmt: skip
 
 
@@ -706,7 +713,8 @@ def main(argv: list[str] | None = None) -> Any:
         return text
     if args.command == "floor" and extra:
         parser.error(f"unknown options {extra}")
-    study = Study(args)
+    given = list(argv) if argv is not None else sys.argv[1:]
+    study = Study(args, command="python benchmarks/quality_fmnist.py " + shlex.join(given))
     try:
         result = study.run(args.recipe, extra) if args.command == "run" else study.floor()
     except PieceOver:

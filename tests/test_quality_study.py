@@ -92,6 +92,8 @@ def test_a_recipe_run_in_pieces_repeats_the_uninterrupted_run(tmp_path, fashion_
     # the scores were taken against the whole training split (48 images), from the saved snapshots
     report = json.loads(Path(records[0]["eval_report"]).read_text())
     assert report["reference"]["num_images"] == 48 and report["num_inference_steps"] == 40
+    assert records[0]["reference"]["num_images"] == 48 and records[0]["feature_extractor"]["name"] == FEATURES
+    assert records[0]["command"].startswith(f"python benchmarks/quality_fmnist.py run {recipe} --data_dir")
 
     # Again, each command stopped after one unit of work: the same records.
     pieces = tmp_path / "pieces"
