@@ -20,9 +20,12 @@ respaced), from the same seed.
 **Pieces.** ``--stop_after_minutes M`` ends the command after about M minutes of wall-clock with
 exit status 3 and everything done so far on disk (training checkpoints, numbered sample PNGs,
 partial bits/dim sums, finished scores); the same command again continues where it stopped, and
-the result is the one an uninterrupted run gives (the training clock counts training only, and
-every random draw is seeded by what it is, not by when it happens). Each command does at least one
-unit of work (a training check interval, a batch of samples, a batch of bits/dim, one scoring).
+the result is the one an uninterrupted run gives: every random draw is seeded by what it is, not
+by when it happens, and the training clock counts training only (with a budget in minutes the step
+count depends on the timing anyway, and a compiled network compiles again after a break, on the
+clock: keep a recipe's training in one command where the budget allows). Each command does at
+least one unit of work (a training check interval, a batch of samples, a batch of bits/dim, one
+scoring).
 
 **Budget.** ``--budget 5`` minutes of training (the trainer's clock: steps, including compilation,
 excluding checkpoint and grid writing), or ``--budget_unit steps``. ``--milestones 1,2,3,5`` also
