@@ -598,7 +598,9 @@ def report(records: list[dict[str, Any]], primary_steps: int | None = None, plot
             final[r["recipe"], r["sampler_steps"]] = r
     recipes = sorted({recipe for recipe, _ in final}, key=lambda name: final.get((name, primary), {}).get("fid", math.inf))
     header = ["recipe", "target", "schedule", "weighting", "steps", "train min"]
-    header += [f"FID-{final[next(iter(final))]['num_samples'] // 1000}k @{s}" for s in steps_all]
+    count = final[next(iter(final))]["num_samples"]
+    fid_name = f"FID-{count / 1000:g}k" if count >= 1000 else f"FID-{count}"
+    header += [f"{fid_name} @{s}" for s in steps_all]
     header += [f"KID×10³ @{primary}", "bits/dim"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name in recipes:
