@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
 from ddpm_pipeline.speed import is_channels_last
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stock_recipe import use_torch_default_tf32  # noqa: E402  (a sibling file: the benchmarks run as scripts)
 
 
 def synchronize(device: torch.device) -> None:
@@ -64,8 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
 
     def run(pipeline, batch_size: int, steps: int) -> float:
-        if device.type == "cuda":  # ours: what enable_fast_sampling chose; stock: torch's defaults
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32 if pipeline is ours else (False, True)
+        if device.type == "cuda" and pipeline is ours:  # what enable_fast_sampling chose
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        elif device.type == "cuda":
+            use_torch_default_tf32()
         synchronize(device)
         start = time.perf_counter()
         pipeline(batch_size=batch_size, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(0), output_type="np")

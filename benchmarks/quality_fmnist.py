@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import gc
 import json
 import math
@@ -190,7 +191,11 @@ class Study:
             args.model, sample_size=args.resolution, in_channels=1, out_channels=1, **json.loads(args.unet_overrides or "{}")
         )
         self.preprocess = ImagePreprocessor(args.resolution, 1, "auto")
-        self.parameters = sum(p.numel() for p in DDPMUNet(**self.unet_config).parameters())
+
+    @functools.cached_property
+    def parameters(self) -> int:
+        """The network's parameter count (for the records; built once, when first asked)."""
+        return sum(p.numel() for p in DDPMUNet(**self.unet_config).parameters())
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -252,9 +257,7 @@ class Study:
             options += ["--stop_after_minutes", str(max(remaining, 1e-6))]
         if list_checkpoints(output):
             options += ["--resume_from_checkpoint", "latest"]
-        _reset_accelerate()
         result = train(TrainingConfig.from_args(options))
-        _reset_accelerate()
         self.piece.done()
         if not result.finished:
             raise PieceOver
@@ -526,7 +529,9 @@ class Study:
                bpd: dict[str, Any] | None, extra: list[str]) -> dict[str, Any]:  # fmt: skip
         args, trained = self.args, state["trained"][milestone.label]
         metrics = report["metrics"]
-        options = OUR_RECIPES.get(recipe, {"prediction_type": "epsilon", "beta_schedule": "linear", "loss_weighting": "simple"})
+        stock = {"prediction_type": STOCK_DEFAULTS["prediction_type"], "beta_schedule": STOCK_DEFAULTS["beta_schedule"],
+                 "loss_weighting": "simple"}  # fmt: skip
+        options = OUR_RECIPES.get(recipe, stock)
         return {
             **self.common_fields(), "recipe": recipe, "trainer": "stock diffusers" if recipe == STOCK else "ddpm_pipeline",
             **options, "train_options": extra, "batch_size": args.batch_size,
@@ -634,15 +639,6 @@ def report(records: list[dict[str, Any]], primary_steps: int | None = None, plot
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _reset_accelerate() -> None:
-    """Forget Accelerate's process-wide state, so that each training run in this process builds
-    its own (as a separate ``train_ddpm.py`` launch would)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def _free_device_memory() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import reset_accelerate
 from PIL import Image
 from pixel_features import FEATURES
 
@@ -23,6 +24,14 @@ def load_study():
     module = importlib.util.module_from_spec(spec)
     sys.modules["quality_fmnist"] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
+    command = module.main
+
+    def main(argv):
+        """One command, with a fresh Accelerate state as a new process would have."""
+        reset_accelerate()
+        return command(argv)
+
+    module.main = main
     return module
 
 
