@@ -41,6 +41,14 @@ def auto_flag(requested: bool | None, device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def _auto_precision(device: torch.device | str, prediction_type: str) -> str:
+    """*Auto*'s choice, for training and sampling alike: ``"no"`` (float32) on the CPU and for μ,
+    else ``"bf16"`` where the GPU supports it and ``"fp16"`` where not."""
+    if torch.device(device).type != "cuda" or needs_full_precision(prediction_type):
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def resolve_mixed_precision(requested: str | None, device: torch.device | str, prediction_type: str) -> str | None:
     """The autocast precision of a run: ``"auto"`` → ``"bf16"`` on a CUDA device that supports it,
     ``"no"`` on the CPU and for the μ target; ``None`` → Accelerate's own config; any other value as
@@ -49,11 +57,8 @@ def resolve_mixed_precision(requested: str | None, device: torch.device | str, p
         return None
     if requested not in MIXED_PRECISION_CHOICES:
         raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {requested!r}.")
-    device = torch.device(device)
     if requested == "auto":
-        if device.type != "cuda" or needs_full_precision(prediction_type):
-            return "no"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return _auto_precision(device, prediction_type)
     if requested in HALF_DTYPES and needs_full_precision(prediction_type):
         warnings.warn(
             f"mixed_precision={requested} with the μ target: half precision rounds away most of x0's signal in "
@@ -67,10 +72,7 @@ def resolve_sampling_dtype(requested: torch.dtype | str | None, device: torch.de
     """The UNet's dtype for sampling: ``None``/``"auto"`` → bfloat16 on CUDA (float32 for μ and on
     the CPU); a dtype or its name (``"bfloat16"``, ``"float16"``, ``"float32"``) as given."""
     if requested is None or requested == "auto":
-        device = torch.device(device)
-        if device.type != "cuda" or needs_full_precision(prediction_type):
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return HALF_DTYPES.get(_auto_precision(device, prediction_type), torch.float32)
     dtype = getattr(torch, requested) if isinstance(requested, str) else requested
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch dtype or its name, got {requested!r}.")
