@@ -1,7 +1,7 @@
 """Sampling throughput: DDPMTargetPipeline against stock diffusers.DDPMPipeline, in one process.
 
     python benchmarks/bench_sample.py --device cpu --model ddpm-small-28 --batch_size 64 --num_inference_steps 20
-    python benchmarks/bench_sample.py --device cuda --model ddpm-cifar10-32 --batch_size 256 1024 --num_inference_steps 1000
+    python benchmarks/bench_sample.py --device cuda --model ddpm-cifar10-32 --batch_size 256 1024 --num_inference_steps 1000 [--profile]
 
 Both pipelines hold the same UNet weights (randomly initialised: speed does not depend on them)
 and sample the same batch with the same number of steps, each drawing its noise from a generator
@@ -9,13 +9,15 @@ on the device. Stock runs its UNet in fp16 on CUDA (as diffusers users do with
 ``torch_dtype=torch.float16``); ours runs :meth:`~ddpm_pipeline.DDPMTargetPipeline.enable_fast_sampling`
 with its defaults (on CUDA: bf16, channels_last, torch.compile with CUDA graphs) unless told
 otherwise. For each batch size, prints UNet evaluations per second (batch × steps / seconds) and
-images per second for each, their ratio, and the hours 50,000 samples take at that rate.
+images per second for each, their ratio, the hours 50,000 samples take at that rate, and the model
+FLOP utilization (UNet evals/s × forward FLOPs ÷ the measured matmul peak, :mod:`measure`).
+``--profile`` adds, at the best batch size, each side's top kernels per sampling step and how
+busy the device is (the rest is launch overhead and host work).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -28,12 +30,15 @@ from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
 from ddpm_pipeline.speed import is_channels_last
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stock_recipe import use_torch_default_tf32  # noqa: E402  (a sibling file: the benchmarks run as scripts)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from measure import (  # noqa: E402
+    append_json_line,
+    device_name,
+    forward_flops_per_image,
+    matmul_peak_flops,
+    profile_calls,
+    synchronize,
+)
+from stock_recipe import use_torch_default_tf32  # noqa: E402  (sibling files: the benchmarks run as scripts)
 
 
 def _to(unet: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -52,6 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None, help="ours (default: on for CUDA)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="ours (default: on for CUDA)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (alternating); the median is reported")
+    parser.add_argument("--profile", action="store_true", help="also print each side's top kernels at the best batch size")
+    parser.add_argument("--profile_steps", type=int, default=20, help="sampling steps profiled (one pipeline call each)")
     parser.add_argument("--output", type=Path, help="append the result as a JSON line")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -78,14 +85,19 @@ def main(argv: list[str] | None = None) -> dict:
         synchronize(device)
         return time.perf_counter() - start
 
+    peak, peak_dtype = matmul_peak_flops(device)
+    flops = forward_flops_per_image(args.model)
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "model": args.model,
         "num_inference_steps": args.num_inference_steps,
         "dtype_ours": str(ours.unet.dtype).removeprefix("torch."),
         "dtype_stock": str(stock_dtype).removeprefix("torch."),
         "channels_last_ours": is_channels_last(ours.unet),
         "torch": torch.__version__,
+        "forward_gflop_per_image": flops / 1e9,
+        "matmul_peak_tflops": peak / 1e12,
+        "matmul_peak_dtype": peak_dtype,
         "batches": {},
     }
     print(f"{result['device']}, {args.model}, {args.num_inference_steps} steps, ours in {result['dtype_ours']}:")
@@ -102,19 +114,24 @@ def main(argv: list[str] | None = None) -> dict:
             entry[f"{name}_unet_evals_per_s"] = batch_size * args.num_inference_steps / median
             entry[f"{name}_images_per_s"] = batch_size / median
             entry[f"{name}_hours_for_50k"] = 50000 / (batch_size / median) / 3600
+            entry[f"{name}_mfu"] = entry[f"{name}_unet_evals_per_s"] * flops / peak
         entry["speedup"] = entry["ours_unet_evals_per_s"] / entry["stock_unet_evals_per_s"]
         result["batches"][str(batch_size)] = entry
         print(f"  batch {batch_size}:")
         for name in ("ours", "stock"):
             print(f"    {name:5s} {entry[f'{name}_unet_evals_per_s']:10.1f} UNet evals/s  {entry[f'{name}_images_per_s']:8.2f} img/s  "
-                  f"50k samples: {entry[f'{name}_hours_for_50k']:.2f} h")  # fmt: skip
+                  f"50k samples: {entry[f'{name}_hours_for_50k']:.2f} h  MFU {entry[f'{name}_mfu']:.1%}")  # fmt: skip
         print(f"    ours / stock = {entry['speedup']:.2f}x")
     best = max(result["batches"], key=lambda b: result["batches"][b]["ours_unet_evals_per_s"])
     result["best_batch_size"] = int(best)
     result.update(result["batches"][best])
-    if args.output:
-        with args.output.open("a") as handle:
-            handle.write(json.dumps(result) + "\n")
+    if args.profile:
+        steps = min(args.profile_steps, args.num_inference_steps)
+        print(f"  profile: batch {best}, one call of {steps} steps each; times per sampling step")
+        calls = {name: (lambda pipeline=pipeline: run(pipeline, int(best), steps)) for name, pipeline in (("ours", ours), ("stock", stock))}
+        result["profile"] = profile_calls(calls, device, unit="step", units_per_call=steps, repeats=1)
+    print(f"  MFU = UNet evals/s × {flops / 1e9:.3g} GFLOP ÷ the measured {peak_dtype} matmul peak, {peak / 1e12:.3g} TFLOP/s")
+    append_json_line(args.output, result)
     return result
 
 

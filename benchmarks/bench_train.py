@@ -13,14 +13,13 @@ any other ``train_ddpm.py`` option given here (e.g. ``--no-compile_unet``) goes 
 ``AdamW`` + ``EMAModel`` (no foreach) and, on CUDA, fp16 autocast with a ``GradScaler``, under
 torch's default TF32 flags. The two are timed in alternating blocks and the median block is
 reported; prints images/s for each and the ratio, peak memory on CUDA, and model FLOP
-utilization for ``ddpm-cifar10-32``. ``--profile`` adds each side's top kernels and how much of
-a step the device is busy.
+utilization (:mod:`measure`: against the measured bf16 matmul peak on CUDA, the float32 one on the
+CPU). ``--profile`` adds each side's top kernels and how much of a step the device is busy.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -38,15 +37,15 @@ from ddpm_pipeline.training_config import TrainingConfig
 from ddpm_pipeline.unet import DDPMUNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stock_recipe import StockRecipe  # noqa: E402  (a sibling file: the benchmarks run as scripts)
-
-#: FLOPs per training image (forward + backward = 3 × 12.1 GFLOP, DESIGN.md §2).
-TRAIN_FLOPS = {"ddpm-cifar10-32": 36.3e9}
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from measure import (  # noqa: E402
+    append_json_line,
+    device_name,
+    matmul_peak_flops,
+    profile_calls,
+    synchronize,
+    training_flops_per_image,
+)
+from stock_recipe import StockRecipe  # noqa: E402  (sibling files: the benchmarks run as scripts)
 
 
 def tiny_dataset(folder: Path, count: int, resolution: int, channels: int) -> Path:
@@ -96,22 +95,6 @@ class StockStep:
         self.recipe.step(images)
 
 
-def matmul_peak_tflops(device: torch.device) -> float | None:
-    """Measured bf16 matmul throughput (8192³), the MFU denominator."""
-    if device.type != "cuda":
-        return None
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    synchronize(device)
-    return 20 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
-
-
 def time_blocks(steps: dict, images: torch.Tensor, device: torch.device, block: int, blocks: int) -> dict:
     """Alternate ``block`` steps of each contender ``blocks`` times; median seconds per step, peak memory."""
     seconds = {name: [] for name in steps}
@@ -129,35 +112,6 @@ def time_blocks(steps: dict, images: torch.Tensor, device: torch.device, block: 
             if device.type == "cuda":
                 memory[name] = max(memory[name], torch.cuda.max_memory_allocated(device))
     return {name: (statistics.median(values), memory[name]) for name, values in seconds.items()}
-
-
-def profile_steps(steps: dict, images: torch.Tensor, device: torch.device, count: int = 5, top: int = 12) -> dict:
-    """Each contender's top kernels over ``count`` steps, and the device's busy share of the wall time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    report = {}
-    for name, step in steps.items():
-        synchronize(device)
-        start = time.perf_counter()
-        with profile(activities=activities) as prof:
-            for _ in range(count):
-                step(images)
-            synchronize(device)
-        wall = time.perf_counter() - start
-        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
-        busy = sum(getattr(e, key) for e in events) / 1e6
-        report[name] = {
-            "wall_s": wall,
-            "device_busy_s" if device.type == "cuda" else "cpu_op_s": busy,
-            "top": [(e.key, getattr(e, key) / 1e3 / count, e.count // count) for e in events[:top]],
-        }
-        print(f"  {name}: {count} steps in {wall * 1e3:.1f} ms, {'device busy' if device.type == 'cuda' else 'op time'} "
-              f"{busy * 1e3:.1f} ms ({busy / wall:.0%})")  # fmt: skip
-        for kernel, ms, calls in report[name]["top"]:
-            print(f"    {ms:8.2f} ms/step  {calls:5d}×  {kernel[:100]}")
-    return report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -185,11 +139,14 @@ def main(argv: list[str] | None = None) -> dict:
             ours(images)
             stock(images)
         timed = time_blocks({"ours": ours, "stock": stock}, images, device, args.block, args.blocks)
-        profiled = profile_steps({"ours": ours, "stock": stock}, images, device) if args.profile else None
+        profiled = None
+        if args.profile:
+            profiled = profile_calls({"ours": lambda: ours(images), "stock": lambda: stock(images)}, device, unit="step")
         settings = ours.describe()
-    peak = matmul_peak_tflops(device)
+    peak, peak_dtype = matmul_peak_flops(device)
+    flops = training_flops_per_image(args.model)
     result = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": device_name(device),
         "model": args.model,
         "batch_size": args.batch_size,
         "ours_settings": settings,
@@ -203,21 +160,21 @@ def main(argv: list[str] | None = None) -> dict:
         result[f"{name}_steps_per_s"] = 1 / seconds
         if device.type == "cuda":
             result[f"{name}_peak_memory_gib"] = memory / 2**30
-        if peak and args.model in TRAIN_FLOPS:
-            result[f"{name}_mfu"] = args.batch_size / seconds * TRAIN_FLOPS[args.model] / (peak * 1e12)
-    result["bf16_matmul_peak_tflops"] = peak
+        result[f"{name}_mfu"] = args.batch_size / seconds * flops / peak
+    result["training_gflop_per_image"] = flops / 1e9
+    result["matmul_peak_tflops"] = peak / 1e12
+    result["matmul_peak_dtype"] = peak_dtype
     result["speedup"] = result["ours_images_per_s"] / result["stock_images_per_s"]
     if profiled is not None:
         result["profile"] = profiled
     print(f"{result['device']}, {args.model}, batch {args.batch_size}; ours: {settings}")
     for name in ("ours", "stock"):
         extra = f", {result[f'{name}_peak_memory_gib']:.2f} GiB" if device.type == "cuda" else ""
-        mfu = f", MFU {result[f'{name}_mfu']:.1%}" if f"{name}_mfu" in result else ""
-        print(f"  {name:5s} {result[f'{name}_images_per_s']:9.1f} img/s  {result[f'{name}_steps_per_s']:7.2f} steps/s{extra}{mfu}")
-    print(f"  ours / stock = {result['speedup']:.2f}x")
-    if args.output:
-        with args.output.open("a") as handle:
-            handle.write(json.dumps(result) + "\n")
+        print(f"  {name:5s} {result[f'{name}_images_per_s']:9.1f} img/s  {result[f'{name}_steps_per_s']:7.2f} steps/s{extra}, "
+              f"MFU {result[f'{name}_mfu']:.1%}")  # fmt: skip
+    print(f"  ours / stock = {result['speedup']:.2f}x; MFU = img/s × {flops / 1e9:.3g} GFLOP ÷ the measured "
+          f"{peak_dtype} matmul peak, {peak / 1e12:.3g} TFLOP/s")  # fmt: skip
+    append_json_line(args.output, result)
     return result
 
 

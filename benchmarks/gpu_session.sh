@@ -5,7 +5,7 @@
 # after `bash benchmarks/fetch_wheels.sh` here (stock fp16 sampling at batch 1024 × 1000 steps
 # alone takes minutes). Writes to $OUT (or ./gpu-results): nvidia-smi,
 # the CUDA-only tests, bench_train (ours vs stock, with a profile) and bench_sample (batch 256
-# and 1024, 1000 steps), as text and JSON lines to copy into benchmarks/RESULTS.md.
+# and 1024, 1000 steps, with a profile), as text and JSON lines to copy into benchmarks/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
@@ -19,5 +19,5 @@ python3 -c "import torch, diffusers; print(torch.__version__, diffusers.__versio
 [[ "$parts" == *" train "* ]] && python3 benchmarks/bench_train.py --device cuda --model ddpm-cifar10-32 --batch_size 128 --profile \
   --output "$out/bench_train.jsonl" 2>&1 | grep -v Warning | tee "$out/bench_train.txt"
 [[ "$parts" == *" sample "* ]] && python3 benchmarks/bench_sample.py --device cuda --model ddpm-cifar10-32 --batch_size 256 1024 \
-  --num_inference_steps 1000 --repeats 1 --output "$out/bench_sample.jsonl" 2>&1 | grep -v Warning | tee "$out/bench_sample.txt"
+  --num_inference_steps 1000 --repeats 1 --profile --output "$out/bench_sample.jsonl" 2>&1 | grep -v Warning | tee "$out/bench_sample.txt"
 exit 0

@@ -18,6 +18,17 @@ def load(name):
     return module
 
 
+def test_flops_per_image():
+    measure = load("measure")
+    # DESIGN.md §2: 12.1 GFLOP per 32×32 forward of the DDPM CIFAR-10 network (the count here adds
+    # the attention matmuls and the time embedding); its training figure is the one issue 7 fixes
+    assert measure.forward_flops_per_image("ddpm-cifar10-32") == pytest.approx(12.1e9, rel=0.03)
+    assert measure.training_flops_per_image("ddpm-cifar10-32") == 36.3e9
+    # other models: counted, training = forward + a backward of twice the forward
+    small = measure.forward_flops_per_image("ddpm-small-28")
+    assert 0.3e9 < small < 0.33e9  # 1.4M parameters, mostly 3×3 convolutions at 28×28 and 14×14
+    assert measure.training_flops_per_image("ddpm-small-28") == 3 * small
+
 
 def test_bench_train_on_the_cpu(tmp_path):
     output = tmp_path / "train.jsonl"
@@ -31,12 +42,22 @@ def test_bench_train_on_the_cpu(tmp_path):
                                        "compile": False, "fused_adam": False}  # fmt: skip
     assert set(result["profile"]) == {"ours", "stock"} and result["profile"]["ours"]["top"]
     assert result["speedup"] == pytest.approx(result["ours_images_per_s"] / result["stock_images_per_s"])
+    # MFU = images/s × FLOPs per image ÷ the measured float32 matmul peak on the CPU
+    assert result["matmul_peak_dtype"] == "float32" and result["matmul_peak_tflops"] > 0
+    for name in ("ours", "stock"):
+        expected = result[f"{name}_images_per_s"] * result["training_gflop_per_image"] / (1e3 * result["matmul_peak_tflops"])
+        assert result[f"{name}_mfu"] == pytest.approx(expected)
     assert json.loads(output.read_text())["model"] == "ddpm-tiny-16"
 
 
 def test_bench_sample_on_the_cpu(tmp_path):
     result = load("bench_sample").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "2", "3",
-                                        "--num_inference_steps", "3", "--repeats", "1"])  # fmt: skip
+                                        "--num_inference_steps", "3", "--repeats", "1", "--profile"])  # fmt: skip
     assert set(result["batches"]) == {"2", "3"} and result["best_batch_size"] in (2, 3)
     assert result["ours_unet_evals_per_s"] > 0 and result["stock_unet_evals_per_s"] > 0
     assert result["dtype_ours"] == "float32" and result["channels_last_ours"] is False  # CPU defaults
+    expected = result["ours_unet_evals_per_s"] * result["forward_gflop_per_image"] / (1e3 * result["matmul_peak_tflops"])
+    assert result["ours_mfu"] == pytest.approx(expected)
+    # the profile: one sampling call of 3 steps each, kernels per step, the UNet's convolutions among them
+    assert set(result["profile"]) == {"ours", "stock"}
+    assert any("convolution" in kernel for kernel, _, _ in result["profile"]["stock"]["top"])
