@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpm_pipeline.atomic import atomic_path
 from ddpm_pipeline.checkpointing import list_checkpoints
 from ddpm_pipeline.data import (
     BUNDLED_IMAGES,
@@ -143,14 +144,11 @@ def prepare_data(data_dir: Path, work_dir: Path) -> dict[str, Path]:
     for split, prefix in (("train", "train"), ("test", "t10k")):
         folder = work_dir / "data" / split
         if not (folder / "dataset_info.json").is_file():
-            staging = folder.with_name(split + ".tmp")
-            shutil.rmtree(staging, ignore_errors=True)
             images, labels = data_dir / f"{prefix}-images-idx3-ubyte.gz", data_dir / f"{prefix}-labels-idx1-ubyte.gz"
             if split == "test" and not images.is_file():
                 images, labels = BUNDLED_IMAGES, BUNDLED_LABELS  # Fashion-MNIST's test split ships with the package
-            idx_to_dataset(images, labels).save_to_disk(str(staging))
-            shutil.rmtree(folder, ignore_errors=True)
-            staging.replace(folder)
+            with atomic_path(folder) as staging:
+                idx_to_dataset(images, labels).save_to_disk(str(staging))
         paths[split] = folder
     return paths
 
@@ -215,10 +213,8 @@ class Study:
 
     @staticmethod
     def write_state(run_dir: Path, state: dict[str, Any]) -> None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        partial = run_dir / "study_state.json.tmp"
-        partial.write_text(json.dumps(state, indent=2) + "\n")
-        partial.replace(run_dir / "study_state.json")
+        with atomic_path(run_dir / "study_state.json") as partial:
+            partial.write_text(json.dumps(state, indent=2) + "\n")
 
     def check_settings(self, run_dir: Path, state: dict[str, Any], settings: dict[str, Any]) -> None:
         """A run folder holds one configuration: refuse to continue it with other options."""
@@ -292,9 +288,8 @@ class Study:
             progress = saved["progress"]
 
         def save_state() -> None:
-            partial = output / "stock_state.pt.tmp"
-            torch.save({"recipe": recipe.state_dict(), "progress": progress}, partial)
-            partial.replace(state_path)
+            with atomic_path(state_path) as partial:
+                torch.save({"recipe": recipe.state_dict(), "progress": progress}, partial)
 
         def reached(milestone: Milestone) -> bool:
             if milestone.unit == "minutes":
@@ -410,9 +405,8 @@ class Study:
             bound = variational_bound(unet, pipeline.scheduler, images, args.bpd_timesteps, generator)
             for name in terms:
                 terms[name].extend(getattr(bound, name).tolist())
-            partial = run_dir / "bpd_partial.tmp.npz"
-            np.savez(partial, **{name: np.asarray(values) for name, values in terms.items()})
-            partial.replace(partial_path)
+            with atomic_path(partial_path) as partial:
+                np.savez(partial, **{name: np.asarray(values) for name, values in terms.items()})
             self.piece.done()
         total = np.asarray(terms["prior"]) + np.asarray(terms["diffusion"]) + np.asarray(terms["decoder"])
         result = {
@@ -561,11 +555,8 @@ def save_stock_pipeline(recipe: StockRecipe, unet_config: dict[str, Any], folder
     """The stock recipe's EMA network as a pipeline folder our sampler and evaluation read."""
     pipeline = DDPMTargetPipeline(unet=DDPMUNet(**unet_config), scheduler=stock_sampling_scheduler(recipe))
     pipeline.unet.load_state_dict(recipe.ema_unet().state_dict())
-    staging = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    pipeline.save_pretrained(staging)
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.replace(folder)
+    with atomic_path(folder) as staging:
+        pipeline.save_pretrained(staging)
 
 
 def append_records(path: Path, records: list[dict[str, Any]]) -> None:

@@ -9,12 +9,13 @@ leaves a folder that looks like a checkpoint.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_path, move_into_place, temporary_sibling
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -87,7 +88,7 @@ def write_checkpoint(
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    temporary = output_dir / f".{final.name}.tmp"
+    temporary = temporary_sibling(final)
     if is_main_process:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
@@ -95,18 +96,9 @@ def write_checkpoint(
     save_state(temporary)
     wait_for_everyone()
     if is_main_process:
-        state_file = temporary / TRAINER_STATE_NAME
-        partial = state_file.with_suffix(".json.partial")
-        partial.write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
-        os.replace(partial, state_file)
-        if final.exists():
-            stale = output_dir / f".{final.name}.old"
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            os.replace(temporary, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(temporary, final)
+        with atomic_path(temporary / TRAINER_STATE_NAME) as partial:
+            partial.write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+        move_into_place(temporary, final)
     wait_for_everyone()
     return final
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path
 from .data import ImagePreprocessor
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .likelihood import BoundTerms, variational_bound
@@ -341,9 +342,8 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
 
     timings["total_s"] = time.perf_counter() - started
     report["wall_time"] = timings
-    partial = output.with_name(output.name + ".tmp")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    partial.replace(output)
+    with atomic_path(output) as partial:
+        partial.write_text(json.dumps(report, indent=2) + "\n")
     logger.info(f"wrote {output}: {_summary(report['metrics'])}")
     return report
 

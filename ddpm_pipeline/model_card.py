@@ -14,6 +14,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .atomic import atomic_path
 from .preflight import check_pipeline_folder
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
@@ -199,7 +200,6 @@ def write_model_card(pipeline_dir: str | Path, repo_id: str, license: str = "apa
     """Write the card as ``README.md`` in ``pipeline_dir`` (replacing an older one); returns its path."""
     path = Path(pipeline_dir) / CARD_NAME
     card = build_model_card(pipeline_dir, repo_id, license=license, eval_report=eval_report)
-    partial = path.with_name(path.name + ".tmp")
-    partial.write_text(str(card))
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        partial.write_text(str(card))
     return path

@@ -30,6 +30,7 @@ import datasets
 import numpy as np
 import torch
 
+from .atomic import atomic_path
 from .data import ImagePreprocessor, find_image_column, load_image_dataset
 from .features import FeatureExtractorSpec, extract_features, pil_to_uint8
 from .metrics import gaussian_statistics
@@ -103,13 +104,11 @@ class ReferenceStatistics:
     def save(self, path: str | Path) -> Path:
         """Write ``mu``, ``sigma``, ``features`` and the key to a ``.npz`` file (atomically)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.stem + ".tmp" + STATS_SUFFIX)
         arrays = {"mu": self.statistics["mu"], "sigma": self.statistics["sigma"], "key": np.array(json.dumps(self.key))}
         if self.features is not None:
             arrays["features"] = self.features.numpy().astype(np.float32)
-        np.savez(partial, **arrays)
-        partial.replace(path)
+        with atomic_path(path) as partial:
+            np.savez(partial, **arrays)
         return path
 
     @classmethod

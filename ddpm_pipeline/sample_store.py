@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .seeding import derive_seed
 
@@ -106,17 +107,17 @@ def _write_png(image: np.ndarray, path: Path) -> None:
     """``[H, W, C]`` in [0, 1] → 8-bit PNG (``round(255·x)``), written atomically."""
     array = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
     picture = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    partial = path.with_name(path.stem + ".tmp.png")
-    picture.save(partial)
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        picture.save(partial)
 
 
 def image_files(folder: str | Path) -> list[Path]:
-    """The image files of a folder (recursively), sorted by path."""
+    """The image files of a folder (recursively), sorted by path; hidden files (among them the
+    partial writes of :func:`~ddpm_pipeline.atomic.atomic_path`) are not images of the set."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"--samples {folder} is not a folder of images.")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and ".tmp." not in p.name)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
     if not files:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
     return files

@@ -30,6 +30,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path, move_into_place, remove, temporary_sibling
 from .checkpointing import (
     list_checkpoints,
     prune_checkpoints,
@@ -460,28 +461,23 @@ class Trainer:
     def save_pipeline(self) -> None:
         """``save_pretrained`` of the EMA pipeline into ``output_dir`` and the options beside it;
         written to a temporary folder first and moved into place part by part."""
-        staging = self.output_dir / ".pipeline.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
+        staging = temporary_sibling(self.output_dir / "pipeline")
+        remove(staging)
         self.sampling_pipeline().save_pretrained(staging)
         self.config.save(staging / CONFIG_FILE_NAME)
         for entry in sorted(staging.iterdir()):
-            target = self.output_dir / entry.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            entry.replace(target)
+            move_into_place(entry, self.output_dir / entry.name)
         staging.rmdir()
 
     def save_snapshot(self, name: str, global_step: int, train_seconds: float) -> Path:
         """The EMA pipeline now, with the options and ``snapshot.json`` (step, training seconds),
         into ``output_dir/name`` (written beside it, then renamed into place)."""
-        folder, staging = self.output_dir / name, self.output_dir / f".{name}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        self.sampling_pipeline().save_pretrained(staging)
-        self.config.save(staging / CONFIG_FILE_NAME)
-        record = {"global_step": global_step, "train_seconds": train_seconds}
-        (staging / SNAPSHOT_STATE_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.replace(folder)
+        folder = self.output_dir / name
+        with atomic_path(folder) as staging:
+            self.sampling_pipeline().save_pretrained(staging)
+            self.config.save(staging / CONFIG_FILE_NAME)
+            record = {"global_step": global_step, "train_seconds": train_seconds}
+            (staging / SNAPSHOT_STATE_NAME).write_text(json.dumps(record, indent=2) + "\n")
         logger.info(f"wrote {folder} (step {global_step}, {train_seconds / 60:.2f} min trained)")
         return folder
 

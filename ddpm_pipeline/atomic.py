@@ -1,0 +1,70 @@
+"""Atomic writes: a file or folder appears under its final name complete, or not at all.
+
+Everything this package writes that a later run reads back (checkpoints, snapshots, sample PNGs,
+reference statistics, reports, weights) is written under a temporary hidden name beside its final
+one and renamed into place (``os.replace``, atomic within one file system), so a crash — even a
+SIGKILL mid-write — leaves the previous version or nothing, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def temporary_sibling(path: str | Path, tag: str = "tmp") -> Path:
+    """``dir/.{stem}.{tag}{suffix}`` for ``dir/{stem}{suffix}``: hidden (skipped by Hub uploads and
+    listings) and keeping the suffix, so writers that pick the format from it (PIL, ``np.savez``,
+    ``torch.save``) write the same format."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.{tag}{path.suffix}")
+
+
+def remove(path: Path) -> None:
+    """Delete a file or folder if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def move_into_place(source: str | Path, target: str | Path) -> None:
+    """Move ``source`` onto ``target`` atomically (``os.replace``). A folder already at ``target``
+    (which ``os.replace`` cannot overwrite) is first renamed aside to ``.{name}.old`` and deleted
+    only after the move, so a crash between the two renames loses no data: the old folder is then
+    under that name, and ``target`` is absent rather than partial."""
+    source, target = Path(source), Path(target)
+    if target.is_dir() and not target.is_symlink():
+        stale = temporary_sibling(target, "old")
+        remove(stale)
+        os.replace(target, stale)
+        os.replace(source, target)
+        shutil.rmtree(stale)
+    else:
+        os.replace(source, target)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` (:func:`temporary_sibling`) to write a file or a folder
+    to; when the block ends without an exception it is moved onto ``path`` (:func:`move_into_place`), when it
+    raises it is deleted and ``path`` is left as it was. The parent folder is created if missing.
+
+    Example::
+
+        with atomic_path(output / "report.json") as partial:
+            partial.write_text(text)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_sibling(path)
+    remove(temporary)
+    try:
+        yield temporary
+    except BaseException:
+        remove(temporary)
+        raise
+    move_into_place(temporary, path)
