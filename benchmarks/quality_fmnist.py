@@ -63,14 +63,14 @@ from ddpm_pipeline.data import (
     stack_images,
 )
 from ddpm_pipeline.evaluation import device_description, evaluate, package_versions, sample_store
-from ddpm_pipeline.likelihood import variational_bound
+from ddpm_pipeline.likelihood import BoundTerms, variational_bound
 from ddpm_pipeline.pipeline_ddpm_target import DDPMTargetPipeline
 from ddpm_pipeline.plots import save_loss_curve, save_metric_curves
 from ddpm_pipeline.reference import DataSource
 from ddpm_pipeline.scheduling_ddpm_target import DDPMTargetScheduler
 from ddpm_pipeline.seeding import derive_seed
 from ddpm_pipeline.training import SNAPSHOT_STATE_NAME, micro_batch_seed, snapshot_name, train
-from ddpm_pipeline.training_config import TrainingConfig
+from ddpm_pipeline.training_config import TrainingConfig, optional
 from ddpm_pipeline.unet import DDPMUNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -408,13 +408,13 @@ class Study:
             with atomic_path(partial_path) as partial:
                 np.savez(partial, **{name: np.asarray(values) for name, values in terms.items()})
             self.piece.done()
-        total = np.asarray(terms["prior"]) + np.asarray(terms["diffusion"]) + np.asarray(terms["decoder"])
+        summary = BoundTerms(**{name: torch.tensor(values, dtype=torch.float64) for name, values in terms.items()}).summary()
         result = {
-            "bpd": float(total.mean()),
-            "bpd_stderr": float(total.std(ddof=1) / math.sqrt(len(total))) if len(total) > 1 else None,
-            "bpd_num_images": len(total),
+            "bpd": summary["bits_per_dim"],
+            "bpd_stderr": summary["bits_per_dim_stderr"],
+            "bpd_num_images": len(terms["prior"]),
             "bpd_timesteps": "all" if args.bpd_timesteps is None else args.bpd_timesteps,
-            "bpd_terms": {name: float(np.mean(values)) for name, values in terms.items()},
+            "bpd_terms": {"prior": summary["prior_term"], "diffusion": summary["diffusion_terms"], "decoder": summary["decoder_term"]},
         }
         done_path.write_text(json.dumps(result, indent=2) + "\n")
         del pipeline, unet
@@ -665,8 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--fast_sampling", action=argparse.BooleanOptionalAction, default=True,
                          help="the pipeline's fast path on CUDA (bf16 for ε/x0, channels_last, compile)")  # fmt: skip
         sub.add_argument("--bpd", action=argparse.BooleanOptionalAction, default=True, help="bits/dim of the test set")
-        sub.add_argument("--bpd_num_images", type=_optional_int, default=None, help="test images for bits/dim (none = all)")
-        sub.add_argument("--bpd_timesteps", type=_optional_int, default=50,
+        sub.add_argument("--bpd_num_images", type=optional(int), default=None, help="test images for bits/dim (none = all)")
+        sub.add_argument("--bpd_timesteps", type=optional(int), default=50,
                          help="timesteps per image (unbiased estimate); none = all T (exact, T evaluations per image)")  # fmt: skip
         sub.add_argument("--bpd_batch_size", type=int, default=500)
         sub.add_argument("--inception_weights", help="torch-fidelity-format Inception weights (DESIGN.md §4)")
@@ -682,10 +682,6 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--markdown", type=Path, help="write the table here too")
     rep.add_argument("--plot", type=Path, help="FID against training minutes for the best two recipes (PNG)")
     return parser
-
-
-def _optional_int(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
 
 
 def main(argv: list[str] | None = None) -> Any:

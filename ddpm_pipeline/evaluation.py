@@ -12,7 +12,6 @@ import datetime
 import importlib.metadata
 import json
 import logging
-import math
 import platform
 import time
 from collections.abc import Iterable
@@ -34,7 +33,7 @@ from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder
 from .reference import DataSource, reference_statistics
 from .sample_store import SampleStore, image_batches, image_files
-from .training_config import CONFIG_FILE_NAME
+from .training_config import CONFIG_FILE_NAME, optional
 
 logger = logging.getLogger(__name__)
 
@@ -107,16 +106,8 @@ class EvaluationConfig:
 def _field_type(item) -> Any:
     annotation = str(item.type)
     if annotation.startswith("int"):
-        return _optional(int)
-    return _optional(str) if "None" in annotation else str
-
-
-def _optional(kind):
-    def parse(text: str):
-        return None if text.lower() == "none" else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
+        return optional(int)
+    return optional(str) if "None" in annotation else str
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,16 +193,9 @@ def bound_over_data(
         rows = images[start : min(start + batch_size, count)][column]
         batch = torch.stack([preprocess(image) for image in rows]).to(device)
         results.append(variational_bound(unet, scheduler, batch, num_timesteps, generator, show_progress=True))
-    prior = torch.cat([r.prior for r in results])
-    diffusion = torch.cat([r.diffusion for r in results])
-    decoder = torch.cat([r.decoder for r in results])
-    total = prior + diffusion + decoder
+    terms = BoundTerms.concatenate(results)
     report = {
-        "bits_per_dim": float(total.mean()),
-        "bits_per_dim_stderr": float(total.std() / math.sqrt(len(total))) if len(total) > 1 else None,
-        "prior_term": float(prior.mean()),
-        "diffusion_terms": float(diffusion.mean()),
-        "decoder_term": float(decoder.mean()),
+        **terms.summary(),
         "num_images": count,
         "timesteps": "all" if num_timesteps is None else num_timesteps,
         "data": source.location,
@@ -219,8 +203,8 @@ def bound_over_data(
         "prediction_type": scheduler.config.prediction_type,
         "variance_type": scheduler.config.variance_type,
     }
-    if all(r.per_timestep is not None for r in results):
-        report["per_timestep_mean"] = torch.cat([r.per_timestep for r in results]).mean(dim=0).tolist()
+    if terms.per_timestep is not None:
+        report["per_timestep_mean"] = terms.per_timestep.mean(dim=0).tolist()
     return report
 
 

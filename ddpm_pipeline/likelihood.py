@@ -75,6 +75,30 @@ class BoundTerms:
     def total(self) -> torch.Tensor:
         return self.prior + self.diffusion + self.decoder
 
+    @classmethod
+    def concatenate(cls, parts: list[BoundTerms]) -> BoundTerms:
+        """The terms of several batches as one (``per_timestep`` only when every part has it)."""
+        curves = [part.per_timestep for part in parts]
+        return cls(
+            prior=torch.cat([part.prior for part in parts]),
+            diffusion=torch.cat([part.diffusion for part in parts]),
+            decoder=torch.cat([part.decoder for part in parts]),
+            per_timestep=None if any(curve is None for curve in curves) else torch.cat(curves),
+        )
+
+    def summary(self) -> dict[str, float | None]:
+        """Means over the ``N`` images, bits/dim: the bound (``bits_per_dim``) with its standard
+        error ``s/√N`` (``s`` the sample standard deviation; ``None`` for one image), and each term."""
+        total = self.total
+        count = len(total)
+        return {
+            "bits_per_dim": float(total.mean()),
+            "bits_per_dim_stderr": float(total.std() / math.sqrt(count)) if count > 1 else None,
+            "prior_term": float(self.prior.mean()),
+            "diffusion_terms": float(self.diffusion.mean()),
+            "decoder_term": float(self.decoder.mean()),
+        }
+
 
 def prior_bpd(scheduler: DDPMTargetScheduler, original_samples: torch.Tensor) -> torch.Tensor:
     """``L_T = KL(N(√ᾱ_T x_0, (1-ᾱ_T) I) ‖ N(0, I))`` per image, bits/dim."""

@@ -280,11 +280,14 @@ class TrainingConfig:
             parser.error(str(error))
 
 
-def _optional(kind: type) -> Any:
+def optional(kind: type) -> Any:
+    """An argparse ``type`` for an option that may be switched off: ``none`` or ``null`` (any case)
+    → ``None``, anything else → ``kind(text)``. Shared by every command line of the project."""
+
     def parse(text: str) -> Any:
         return None if text.lower() in ("none", "null") else kind(text)
 
-    parse.__name__ = kind.__name__
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
     return parse
 
 
@@ -292,7 +295,7 @@ _ARG_TYPES: dict[str, Any] = {
     "str": str,
     "int": int,
     "float": float,
-    "str | None": _optional(str),
-    "int | None": _optional(int),
-    "float | None": _optional(float),
+    "str | None": optional(str),
+    "int | None": optional(int),
+    "float | None": optional(float),
 }

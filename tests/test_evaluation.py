@@ -162,6 +162,10 @@ def test_command_line(tmp_path, tiny_pipeline, reference_data):
     assert json.loads((tmp_path / "cli.json").read_text())["metrics"]["fid"] == report["metrics"]["fid"]
     config = EvaluationConfig.from_args(["--model", "m", "--bpd_timesteps", "10", "--bpd_num_images", "none"])
     assert config.bpd_timesteps == 10 and config.bpd_num_images is None and config.num_samples == 50000
+    # "none" and "null" switch an option off, as in train_ddpm.py; anything else must parse
+    assert EvaluationConfig.from_args(["--model", "m", "--bpd_timesteps", "Null"]).bpd_timesteps is None
+    with pytest.raises(SystemExit):
+        EvaluationConfig.from_args(["--model", "m", "--bpd_timesteps", "some"])
 
 
 # -- the real Inception network, offline ---------------------------------------------------------

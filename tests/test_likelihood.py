@@ -10,6 +10,7 @@ from scipy.stats import norm
 
 from ddpm_pipeline import DDPMTargetScheduler, DDPMUNet, diffusion_loss
 from ddpm_pipeline.likelihood import (
+    BoundTerms,
     discretized_gaussian_log_likelihood,
     normal_kl,
     prior_bpd,
@@ -173,3 +174,18 @@ def test_bound_falls_as_a_tiny_model_trains():
     after = bound()
     assert math.isfinite(before) and math.isfinite(after)
     assert after < 0.8 * before, (before, after)
+
+
+def test_terms_of_batches_concatenate_and_summarize():
+    first = BoundTerms(torch.tensor([0.1, 0.2]), torch.tensor([2.0, 3.0]), torch.tensor([1.0, 1.5]), torch.ones(2, 4))
+    second = BoundTerms(torch.tensor([0.3]), torch.tensor([4.0]), torch.tensor([2.0]), torch.zeros(1, 4))
+    joined = BoundTerms.concatenate([first, second])
+    totals = np.array([3.1, 4.7, 6.3])
+    summary = joined.summary()
+    assert summary["bits_per_dim"] == pytest.approx(totals.mean())
+    assert summary["bits_per_dim_stderr"] == pytest.approx(totals.std(ddof=1) / math.sqrt(3))
+    assert (summary["prior_term"], summary["diffusion_terms"], summary["decoder_term"]) == pytest.approx((0.2, 3.0, 1.5))
+    assert joined.per_timestep.shape == (3, 4)
+    # an estimate (no per-timestep curve) in any part: no curve for the whole; one image: no standard error
+    assert BoundTerms.concatenate([first, BoundTerms(*(t[:1] for t in (first.prior, first.diffusion, first.decoder)))]).per_timestep is None
+    assert BoundTerms(torch.tensor([0.1]), torch.tensor([2.0]), torch.tensor([1.0])).summary()["bits_per_dim_stderr"] is None
