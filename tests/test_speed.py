@@ -206,3 +206,29 @@ def test_compiled_cuda_training_step_matches_eager(tmp_path):
         runs[name] = np.array([float(row.split(",")[1]) for row in rows])
         assert result.global_step == 6
     np.testing.assert_allclose(runs["compiled"], runs["eager"], rtol=1e-3)
+
+
+@needs_cuda
+def test_default_cuda_run_trains_saves_and_resumes(tmp_path):
+    """The GPU defaults together, end to end — bf16 autocast, TF32, channels_last, torch.compile,
+    fused AdamW, the data set on the device, losses read back every 10 steps: the loss falls, the
+    saved pipeline holds float32 weights that stock diffusers loads, and the run resumes."""
+    from diffusers import DDPMPipeline
+
+    trainer = Trainer(TrainingConfig.from_args([*TINY, "--output_dir", str(tmp_path / "flags")]))
+    chosen = (trainer.mixed_precision, trainer.allow_tf32, trainer.channels_last, trainer.compile_unet, trainer.fused_adam)
+    assert chosen == ("bf16" if torch.cuda.is_bf16_supported() else "fp16", True, True, True, True)
+    del trainer
+    reset_accelerate()
+    out = tmp_path / "run"
+    options = [*TINY, "--data_on_device", "--log_every", "10", "--checkpointing_steps", "40", "--output_dir", str(out)]
+    result = main([*options, "--max_train_steps", "80"])
+    assert result.global_step == 80 and np.isfinite(result.final_loss)
+    rows = (out / "loss_history.csv").read_text().splitlines()[1:]
+    losses = np.array([float(row.split(",")[1]) for row in rows])
+    assert len(losses) == 80 and losses[-20:].mean() < losses[:20].mean()
+    pipeline = DDPMPipeline.from_pretrained(out)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in pipeline.unet.parameters())
+    reset_accelerate()
+    resumed = main([*options, "--max_train_steps", "90", "--resume_from_checkpoint", "latest"])
+    assert resumed.global_step == 90 and np.isfinite(resumed.final_loss)
