@@ -185,12 +185,14 @@ def converted_weights(tmp_path_factory):
 def test_converted_weights_reproduce_the_torchscript_features(converted_weights):
     from ddpm_pipeline.features import FeatureExtractorSpec
     from ddpm_pipeline.inception_weights import find_fid_helper_torchscript, has_classifier
+    from ddpm_pipeline.speed import is_channels_last
 
     assert not has_classifier(converted_weights)
     state = torch.load(converted_weights, weights_only=True)
     spec = FeatureExtractorSpec.for_weights(converted_weights)
     network = spec.create(["2048"], "cpu")
     assert len(state) == 564 and set(state) == set(network.state_dict())  # every non-fc tensor of torch-fidelity's
+    assert is_channels_last(network)  # the fast layout, checked against the TorchScript below
     scripted = torch.jit.load(str(find_fid_helper_torchscript()), map_location="cpu").eval()
     images = torch.randint(0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     with torch.no_grad():
