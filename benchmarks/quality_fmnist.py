@@ -62,13 +62,20 @@ from ddpm_pipeline.data import (
     idx_to_dataset,
     stack_images,
 )
-from ddpm_pipeline.evaluation import device_description, evaluate, package_versions, sample_store
+from ddpm_pipeline.evaluation import (
+    device_description,
+    evaluate,
+    package_versions,
+    sample_store,
+    sampling_pipeline,
+)
 from ddpm_pipeline.likelihood import BoundTerms, variational_bound
 from ddpm_pipeline.pipeline_ddpm_target import DDPMTargetPipeline
 from ddpm_pipeline.plots import save_loss_curve, save_metric_curves
 from ddpm_pipeline.reference import DataSource
 from ddpm_pipeline.scheduling_ddpm_target import DDPMTargetScheduler
 from ddpm_pipeline.seeding import derive_seed
+from ddpm_pipeline.speed import strict_float32
 from ddpm_pipeline.training import SNAPSHOT_STATE_NAME, micro_batch_seed, snapshot_name, train
 from ddpm_pipeline.training_config import TrainingConfig, optional
 from ddpm_pipeline.unet import DDPMUNet
@@ -183,6 +190,7 @@ class Study:
         self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.results = Path(args.results) if args.results else self.work_dir / "results.jsonl"
         self.cache_dir = Path(args.cache_dir) if args.cache_dir else self.work_dir / "cache"
+        self.fast_sampling = "auto" if args.fast_sampling else "off"  # evaluate()'s spelling
         self.piece = Piece(args.stop_after_minutes)
         self.data = prepare_data(find_data_dir(args.data_dir), self.work_dir)
         self.unet_config = DDPMUNet.preset_config(
@@ -342,12 +350,8 @@ class Study:
     def fill_samples(self, model: Path, samples: Path, steps: int) -> None:
         """Sample ``--num_samples`` images into the store, a batch per unit of work."""
         args = self.args
-        store = sample_store(samples, str(model), steps, args.seed, args.sample_batch_size)
-        if store.existing() >= args.num_samples:
-            return
-        pipeline = DDPMTargetPipeline.from_pretrained(model).to(self.device)
-        if self.device.type == "cuda" and args.fast_sampling:
-            pipeline.enable_fast_sampling()
+        pipeline = sampling_pipeline(str(model), self.device, self.fast_sampling)
+        store = sample_store(samples, str(model), steps, args.seed, args.sample_batch_size, pipeline.unet.dtype)
         while store.existing() < args.num_samples:
             self.piece.check()
             batch_end = (store.existing() // args.sample_batch_size + 1) * args.sample_batch_size
@@ -367,7 +371,7 @@ class Study:
             "num_samples": args.num_samples, "metrics": "fid,kid", "reference": str(self.data["train"]),
             "batch_size": args.sample_batch_size, "seed": args.seed, "output": str(output),
             "inception_weights": args.inception_weights, "feature_extractor": args.feature_extractor,
-            "cache_dir": str(self.cache_dir), "device": str(self.device),
+            "cache_dir": str(self.cache_dir), "device": str(self.device), "fast_sampling": self.fast_sampling,
         }  # fmt: skip
         if model is not None:
             options.update(model=str(model), num_inference_steps=steps)
@@ -393,8 +397,6 @@ class Study:
                 terms = {name: list(saved[name]) for name in terms}
         pipeline = DDPMTargetPipeline.from_pretrained(model).to(self.device)
         unet = pipeline.unet.eval()
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # the bound in full fp32
         while len(terms["prior"]) < count:
             self.piece.check()
             start = len(terms["prior"])
@@ -402,7 +404,8 @@ class Study:
             rows = test.select(range(start, min(start + args.bpd_batch_size, count)))[column]
             images = torch.stack([self.preprocess(image) for image in rows]).to(self.device)
             generator = torch.Generator(self.device).manual_seed(derive_seed(args.seed, batch_index))
-            bound = variational_bound(unet, pipeline.scheduler, images, args.bpd_timesteps, generator)
+            with strict_float32(self.device):  # the bound in full float32, no TF32
+                bound = variational_bound(unet, pipeline.scheduler, images, args.bpd_timesteps, generator)
             for name in terms:
                 terms[name].extend(getattr(bound, name).tolist())
             with atomic_path(partial_path) as partial:

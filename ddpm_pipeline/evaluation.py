@@ -33,11 +33,14 @@ from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder
 from .reference import DataSource, reference_statistics
 from .sample_store import SampleStore, image_batches, image_files
+from .speed import strict_float32
 from .training_config import CONFIG_FILE_NAME, optional
 
 logger = logging.getLogger(__name__)
 
 PACKAGES = ("ddpm_pipeline", "torch", "diffusers", "torch-fidelity", "datasets", "numpy", "scipy")
+FAST_SAMPLING_CHOICES = ("auto", "off")
+SAMPLING_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -54,6 +57,8 @@ class EvaluationConfig:
     num_samples: int = field(default=50000, metadata={"help": "Samples to generate and score."})
     num_inference_steps: int = field(default=1000, metadata={"help": "Sampling steps (fewer = respaced chain)."})
     batch_size: int = field(default=256, metadata={"help": "Images per sampling / feature batch."})
+    fast_sampling: str = field(default="auto", metadata={"help": "auto: sample with pipe.enable_fast_sampling() (on CUDA: bf16 UNet for ε/x0, channels_last, torch.compile with CUDA graphs; nothing on the CPU); off: the plain float32 pipeline."})  # noqa: E501
+    sampling_dtype: str = field(default="auto", metadata={"help": "The UNet's dtype when sampling fast: auto (bfloat16 on CUDA, float32 for μ and on the CPU), float32, bfloat16, float16."})  # noqa: E501
     seed: int = field(default=0, metadata={"help": "Sampling seed (image i is the same for any --num_samples)."})
     output: str = field(default="results.json", metadata={"help": "The JSON report; the grid and plots are written beside it."})
     samples_dir: str | None = field(default=None, metadata={"help": "Where samples are written and reused (default: <output stem>-samples/)."})
@@ -89,6 +94,10 @@ class EvaluationConfig:
             raise ValueError("Batch sizes must be positive.")
         if self.bpd_timesteps is not None and self.bpd_timesteps < 1:
             raise ValueError("--bpd_timesteps must be positive (or none for every timestep).")
+        if self.fast_sampling not in FAST_SAMPLING_CHOICES:
+            raise ValueError(f"--fast_sampling must be one of {', '.join(FAST_SAMPLING_CHOICES)}, got {self.fast_sampling!r}.")
+        if self.sampling_dtype not in SAMPLING_DTYPE_CHOICES:
+            raise ValueError(f"--sampling_dtype must be one of {', '.join(SAMPLING_DTYPE_CHOICES)}, got {self.sampling_dtype!r}.")
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> EvaluationConfig:
@@ -159,12 +168,26 @@ def samples_preprocessing(files: list[Path], config: EvaluationConfig) -> ImageP
     return ImagePreprocessor(config.resolution or max(size), channels, config.resize_mode or "auto")
 
 
-def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed: int, batch_size: int) -> SampleStore:
+def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed: int, batch_size: int,
+                 unet_dtype: torch.dtype = torch.float32) -> SampleStore:  # fmt: skip
     """The store of ``model``'s samples in ``folder`` for these sampling options: what :func:`evaluate`
     fills and reads, so a caller that fills it first (with a faster pipeline, or in time-limited
-    pieces) has its samples scored rather than redone."""
+    pieces) has its samples scored rather than redone. A UNet sampling in half precision makes
+    other images than float32: its dtype is then part of the options (a float32 store records none,
+    as stores did before the option existed), so the two are never mixed."""
     settings = {"model": _model_identity(model), "num_inference_steps": num_inference_steps, "seed": seed, "batch_size": batch_size}
+    if unet_dtype != torch.float32:
+        settings["unet_dtype"] = str(unet_dtype).removeprefix("torch.")
     return SampleStore(folder, settings)
+
+
+def sampling_pipeline(model: str, device: torch.device, fast_sampling: str = "auto", dtype: str = "auto") -> DDPMTargetPipeline:
+    """``model``'s pipeline on ``device`` for sampling: with :meth:`DDPMTargetPipeline.enable_fast_sampling`
+    (``dtype`` for its UNet) unless ``fast_sampling`` is ``"off"``."""
+    pipeline = DDPMTargetPipeline.from_pretrained(model).to(device)
+    if fast_sampling != "off":
+        pipeline.enable_fast_sampling(dtype=dtype)
+    return pipeline
 
 
 def bound_over_data(
@@ -178,7 +201,8 @@ def bound_over_data(
     device: torch.device,
 ) -> dict[str, Any]:
     """bits/dim averaged over the first ``num_images`` images of ``source``, with its per-term
-    breakdown, the standard error over images, and the mean per-timestep curve when exact."""
+    breakdown, the standard error over images, and the mean per-timestep curve when exact. The
+    network runs in float32 without TF32 (:func:`strict_float32`), whatever it sampled with."""
     from .data import find_image_column
 
     dataset = source.load()
@@ -189,10 +213,11 @@ def bound_over_data(
     generator = torch.Generator(device="cpu").manual_seed(seed)
     results: list[BoundTerms] = []
     images = dataset.select_columns([column])
-    for start in tqdm(range(0, count, batch_size), desc="bits/dim", unit="batch"):
-        rows = images[start : min(start + batch_size, count)][column]
-        batch = torch.stack([preprocess(image) for image in rows]).to(device)
-        results.append(variational_bound(unet, scheduler, batch, num_timesteps, generator, show_progress=True))
+    with strict_float32(device):
+        for start in tqdm(range(0, count, batch_size), desc="bits/dim", unit="batch"):
+            rows = images[start : min(start + batch_size, count)][column]
+            batch = torch.stack([preprocess(image) for image in rows]).to(device)
+            results.append(variational_bound(unet, scheduler, batch, num_timesteps, generator, show_progress=True))
     terms = BoundTerms.concatenate(results)
     report = {
         **terms.summary(),
@@ -233,21 +258,26 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
 
     pipeline = None
     training = None
+    sampling: dict[str, Any] | None = None
     if config.model is not None:
         if Path(config.model).exists():  # else a Hub repo id, checked by from_pretrained
             check_pipeline_folder(config.model)
-        pipeline = DDPMTargetPipeline.from_pretrained(config.model).to(device)
+        pipeline = DDPMTargetPipeline.from_pretrained(config.model).to(device)  # float32: the bound's network
         training = load_training_config(config.model)
         preprocess = model_preprocessing(pipeline, training, config.resize_mode)
         samples_folder, reused, sample_paths = None, 0, []
         if feature_wanted:
+            sampler = sampling_pipeline(config.model, device, config.fast_sampling, config.sampling_dtype)
             samples_folder = Path(config.samples_dir) if config.samples_dir else Path(f"{stem}-samples")
-            store = sample_store(samples_folder, config.model, config.num_inference_steps, config.seed, config.batch_size)
+            store = sample_store(samples_folder, config.model, config.num_inference_steps, config.seed, config.batch_size,
+                                 sampler.unet.dtype)  # fmt: skip
             reused = min(store.existing(), config.num_samples)
             tick = time.perf_counter()
-            store.fill(pipeline, config.num_samples)
+            store.fill(sampler, config.num_samples)
             timings["sampling_s"] = time.perf_counter() - tick
             sample_paths = store.paths(config.num_samples)
+            sampling = {"fast": config.fast_sampling != "off", "unet_dtype": str(sampler.unet.dtype).removeprefix("torch.")}
+            del sampler
     else:
         sample_paths = image_files(config.samples)[: config.num_samples]
         preprocess = samples_preprocessing(sample_paths, config)
@@ -259,6 +289,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         "num_samples": len(sample_paths),
         "samples_reused": reused,
         "num_inference_steps": config.num_inference_steps if config.model else None,
+        "sampling": sampling,
         "seed": config.seed,
         "metrics": {},
         "preprocessing": {"resolution": preprocess.resolution, "channels": preprocess.channels, "resize_mode": preprocess.resize_mode},

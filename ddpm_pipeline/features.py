@@ -20,7 +20,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from tqdm.auto import tqdm
 
 from .inception_weights import CLASSIFIER_KEYS, file_digest, has_classifier
-from .speed import to_channels_last
+from .speed import strict_float32, to_channels_last
 
 #: torch-fidelity's InceptionV3 (the TF FID network), with the 1008-way classifier.
 INCEPTION = "inception-v3-compat"
@@ -161,9 +161,10 @@ def extract_features(
     description: str = "Inception features",
 ) -> dict[str, torch.Tensor]:
     """Run ``extractor`` (on ``device``) over ``uint8 [B, 3, H, W]`` batches; concatenated float32
-    features per layer, on the CPU."""
+    features per layer, on the CPU. Computed in strict float32 (no TF32 on CUDA, whatever sampling
+    set), so a GPU's features agree with the reference network's as a CPU's do."""
     collected: dict[str, list[torch.Tensor]] = {}
-    with tqdm(total=total, desc=description, unit="img") as progress:
+    with strict_float32(device), tqdm(total=total, desc=description, unit="img") as progress:
         for batch in batches:
             output = extractor(batch.to(device))
             for name, value in extractor.convert_features_tuple_to_dict(output).items():

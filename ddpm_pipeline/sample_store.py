@@ -54,7 +54,8 @@ class SampleStore:
         settings_path = self.folder / SETTINGS_FILE
         if settings_path.is_file():
             saved = json.loads(settings_path.read_text())
-            differences = [f"{k}: {saved.get(k)!r} there vs {v!r} now" for k, v in settings.items() if saved.get(k) != v]
+            keys = sorted(saved.keys() | settings.keys())  # an option only one side records differs too
+            differences = [f"{k}: {saved.get(k)!r} there vs {settings.get(k)!r} now" for k in keys if saved.get(k) != settings.get(k)]
             if differences:
                 raise ValueError(
                     f"{self.folder} holds samples made with other options ({'; '.join(differences)}). "

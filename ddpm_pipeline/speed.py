@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -89,6 +91,22 @@ def set_tf32(enabled: bool) -> None:
     """Let CUDA matmuls and convolutions use TF32 tensor cores (10-bit mantissa) or forbid it."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
+
+
+@contextmanager
+def strict_float32(device: torch.device | str) -> Iterator[None]:
+    """No TF32 on CUDA inside the block — torch lets cuDNN convolutions use it by default — and the
+    flags as they were after it. For what must be float32-exact whatever sampling or training chose:
+    the variational bound (its μ means differ at 1e-4 of the state's scale) and Inception features."""
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    set_tf32(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:

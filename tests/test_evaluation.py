@@ -71,6 +71,27 @@ def test_evaluate_writes_a_report_grid_and_reusable_samples(tmp_path, tiny_pipel
     assert Image.open(samples[0]).size == (16, 16) and Image.open(samples[0]).mode == "L"
 
 
+def test_fast_sampling_changes_the_samples_not_the_bound(tmp_path, reference_data):
+    """--fast_sampling auto (here with a bf16 UNet, as on a GPU) samples with the fast pipeline; the
+    bound still runs on the float32 network; half- and full-precision samples never share a store."""
+    torch.manual_seed(0)
+    model = tmp_path / "eps"
+    DDPMTargetPipeline(DDPMUNet.from_preset("ddpm-tiny-16"), DDPMTargetScheduler(num_train_timesteps=40)).save_pretrained(model)
+    common = {"metrics": "fid,bpd", "bpd_num_images": 4, "bpd_batch_size": 4}
+    plain = run(tmp_path, model, reference_data, fast_sampling="off", output=str(tmp_path / "plain.json"), **common)
+    half = run(tmp_path, model, reference_data, sampling_dtype="bfloat16", output=str(tmp_path / "half.json"), **common)
+    assert plain["sampling"] == {"fast": False, "unet_dtype": "float32"}
+    assert half["sampling"] == {"fast": True, "unet_dtype": "bfloat16"}
+    assert half["metrics"]["fid"] != plain["metrics"]["fid"]  # other samples
+    assert half["metrics"]["bpd"]["bits_per_dim"] == plain["metrics"]["bpd"]["bits_per_dim"]  # the same bound
+    with pytest.raises(ValueError, match="unet_dtype: 'bfloat16' there vs None now"):
+        run(tmp_path, model, reference_data, metrics="fid", fast_sampling="off", samples_dir=str(tmp_path / "half-samples"))
+    with pytest.raises(ValueError, match="unet_dtype: None there vs 'bfloat16' now"):
+        run(tmp_path, model, reference_data, metrics="fid", sampling_dtype="bfloat16", samples_dir=str(tmp_path / "plain-samples"))
+    with pytest.raises(ValueError, match="--fast_sampling must be one of auto, off"):
+        run(tmp_path, model, reference_data, metrics="fid", fast_sampling="on")
+
+
 def test_samples_are_reused_and_independent_of_how_many_were_asked_for(tmp_path, tiny_pipeline, reference_data):
     first = run(tmp_path, tiny_pipeline, reference_data, metrics="fid", num_samples=5)
     again = run(tmp_path, tiny_pipeline, reference_data, metrics="fid", num_samples=9)

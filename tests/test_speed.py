@@ -17,6 +17,7 @@ from ddpm_pipeline.speed import (
     needs_full_precision,
     resolve_mixed_precision,
     resolve_sampling_dtype,
+    strict_float32,
 )
 from ddpm_pipeline.training import Trainer, main
 from ddpm_pipeline.training_config import TrainingConfig
@@ -57,6 +58,23 @@ def test_auto_policy_on_cpu_and_gpu(monkeypatch):
         resolve_sampling_dtype("int8", "cpu", "epsilon")
     assert default_num_workers("cpu", 1, data_on_device=False) == 0
     assert default_num_workers("cuda", 1, data_on_device=True) == 0
+
+
+def test_strict_float32_turns_tf32_off_for_a_block_and_restores_it():
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    saved = flags()
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
+        with strict_float32("cuda"):  # the flags are process-wide; no GPU is needed to set them
+            assert flags() == (False, False)
+        assert flags() == (True, True)
+        with pytest.raises(RuntimeError), strict_float32("cuda"):
+            raise RuntimeError("restored on errors too")
+        assert flags() == (True, True)
+        with strict_float32("cpu"):
+            assert flags() == (True, True)  # nothing to do on the CPU
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def test_device_resident_data_equals_the_loader():
