@@ -144,7 +144,9 @@ class DDPMTargetPipeline(DDPMPipeline):
             :class:`DDPMTargetPipelineOutput` (``images``, ``trajectory``), or the tuple
             ``(images,)`` / ``(images, trajectory)`` when a trajectory was recorded.
 
-        The state ``x_t`` is kept in float32 when the UNet runs in half precision.
+        The state ``x_t`` is kept in float32 when the UNet runs in half precision, and every noise
+        draw (``x_T`` and each step's ``z``) is float32: for the same generator a half-precision
+        UNet sees the same noise as a float32 one, and its images differ only by its rounding.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}.")
@@ -167,7 +169,7 @@ class DDPMTargetPipeline(DDPMPipeline):
         device = self._execution_device
         unet_dtype = self.unet.dtype
         state_dtype = torch.float32 if unet_dtype in (torch.float16, torch.bfloat16) else unet_dtype
-        image = randn_tensor(shape, generator=generator, device=device, dtype=unet_dtype).to(state_dtype)
+        image = randn_tensor(shape, generator=generator, device=device, dtype=state_dtype)
 
         self.scheduler.set_timesteps(num_inference_steps)
         visited = [int(t) for t in self.scheduler.timesteps]

@@ -398,7 +398,9 @@ class DDPMTargetScheduler(DDPMScheduler):
            ``β'_t`` (``fixed_large``), ``z ~ N(0, I)`` drawn as the parent draws it, and ``z = 0`` at
            ``t = 0``.
 
-        Half-precision inputs are computed in float32 and returned in ``sample``'s dtype.
+        Half-precision inputs are computed in float32 and returned in ``sample``'s dtype; ``z`` is
+        then drawn in float32 too (the parent draws it in the network's dtype, which rounds a bf16
+        draw to 8 bits), so a half-precision network sees the same noise as a float32 one.
         """
         if model_output.shape != sample.shape:
             raise ValueError(
@@ -425,7 +427,7 @@ class DDPMTargetScheduler(DDPMScheduler):
 
         if t > 0:
             noise = randn_tensor(
-                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+                model_output.shape, generator=generator, device=model_output.device, dtype=_work_dtype(model_output.dtype)
             )
             if self.config.variance_type == "fixed_small":
                 variance = max((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * beta_t, 1e-20)

@@ -199,6 +199,20 @@ def test_fast_sampling_gives_the_same_images_on_cpu(prediction_type, steps, opti
     np.testing.assert_allclose(images, expected, atol=atol)
 
 
+def test_half_precision_unet_sees_the_float32_noise():
+    """A bf16 UNet (CPU here) samples from the same x_T and step noise as the float32 one: the
+    trajectories start equal and the images differ only by the network's rounding."""
+    plain = tiny_pipeline()
+    half = tiny_pipeline().enable_fast_sampling(dtype=torch.bfloat16, channels_last=False, compile=False)
+    assert half.unet.dtype == torch.bfloat16
+    kwargs = {"batch_size": 3, "num_inference_steps": 10, "output_type": "np", "trajectory_steps": 10}
+    expected = plain(generator=torch.Generator().manual_seed(5), **kwargs)
+    output = half(generator=torch.Generator().manual_seed(5), **kwargs)
+    assert output.trajectory.samples.dtype == torch.float32
+    assert torch.equal(output.trajectory.samples[0], expected.trajectory.samples[0])  # x_T, drawn in float32
+    assert 0 < np.abs(output.images - expected.images).mean() < 0.02
+
+
 @needs_cuda
 def test_compiled_bf16_cuda_sampling_agrees_with_fp32():
     """bf16 + channels_last + torch.compile with CUDA graphs, against fp32 on the same GPU."""
