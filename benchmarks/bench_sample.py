@@ -31,7 +31,7 @@ from ddpm_pipeline.speed import is_channels_last
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
-    append_json_line,
+    append_json_lines,
     device_name,
     forward_flops_per_image,
     matmul_peak_flops,
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         calls = {name: (lambda pipeline=pipeline: run(pipeline, int(best), steps)) for name, pipeline in (("ours", ours), ("stock", stock))}
         result["profile"] = profile_calls(calls, device, unit="step", units_per_call=steps, repeats=1)
     print(f"  MFU = UNet evals/s × {flops / 1e9:.3g} GFLOP ÷ the measured {peak_dtype} matmul peak, {peak / 1e12:.3g} TFLOP/s")
-    append_json_line(args.output, result)
+    append_json_lines(args.output, [result])
     return result
 
 

@@ -38,7 +38,7 @@ from ddpm_pipeline.unet import DDPMUNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
-    append_json_line,
+    append_json_lines,
     device_name,
     matmul_peak_flops,
     profile_calls,
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"MFU {result[f'{name}_mfu']:.1%}")  # fmt: skip
     print(f"  ours / stock = {result['speedup']:.2f}x; MFU = img/s × {flops / 1e9:.3g} GFLOP ÷ the measured "
           f"{peak_dtype} matmul peak, {peak / 1e12:.3g} TFLOP/s")  # fmt: skip
-    append_json_line(args.output, result)
+    append_json_lines(args.output, [result])
     return result
 
 

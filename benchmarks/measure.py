@@ -78,11 +78,17 @@ def matmul_peak_flops(device: torch.device) -> tuple[float, str]:
     return 2 * size**3 / best, str(dtype).removeprefix("torch.")
 
 
-def append_json_line(path: Path | None, record: dict) -> None:
-    """Append ``record`` to the JSON-lines file ``path`` (nothing when no path was given)."""
-    if path is not None:
-        with Path(path).open("a") as handle:
+def append_json_lines(path: Path | None, records: list[dict]) -> None:
+    """Append each record as one JSON line to ``path`` (its folder created if missing), one flushed
+    write per record; nothing when no path was given."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        for record in records:
             handle.write(json.dumps(record) + "\n")
+            handle.flush()
 
 
 def profile_calls(calls: dict[str, Callable[[], object]], device: torch.device, unit: str, units_per_call: int = 1,

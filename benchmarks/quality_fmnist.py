@@ -81,7 +81,8 @@ from ddpm_pipeline.training_config import TrainingConfig, optional
 from ddpm_pipeline.unet import DDPMUNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stock_recipe import STOCK_DEFAULTS, StockRecipe  # noqa: E402  (a sibling file: the benchmarks run as scripts)
+from measure import append_json_lines  # noqa: E402
+from stock_recipe import STOCK_DEFAULTS, StockRecipe  # noqa: E402  (sibling files: the benchmarks run as scripts)
 
 PIECE_OVER_EXIT = 3
 STUDY = "quality_fmnist"
@@ -419,7 +420,8 @@ class Study:
             "bpd_timesteps": "all" if args.bpd_timesteps is None else args.bpd_timesteps,
             "bpd_terms": {"prior": summary["prior_term"], "diffusion": summary["diffusion_terms"], "decoder": summary["decoder_term"]},
         }
-        done_path.write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_path(done_path) as partial:  # its presence means "done": never a half-written one
+            partial.write_text(json.dumps(result, indent=2) + "\n")
         del pipeline, unet
         _free_device_memory()
         return result
@@ -474,7 +476,7 @@ class Study:
         records = [self.record(recipe, milestone, steps, state, scores[milestone.label, steps],
                                bpd if milestone == final else None, extra)
                    for milestone in milestones for steps in self.sampler_steps()]  # fmt: skip
-        append_records(self.results, records)
+        append_json_lines(self.results, records)
         state["recorded"] = str(self.results)
         self.write_state(run_dir, state)
         return records
@@ -499,7 +501,7 @@ class Study:
             "kid_mean": report["metrics"].get("kid_mean"), "kid_std": report["metrics"].get("kid_std"),
             **self.scoring_fields(report),
         }  # fmt: skip
-        append_records(self.results, [record])
+        append_json_lines(self.results, [record])
         return record
 
     # -- records ------------------------------------------------------------------------------
@@ -560,15 +562,6 @@ def save_stock_pipeline(recipe: StockRecipe, unet_config: dict[str, Any], folder
     pipeline.unet.load_state_dict(recipe.ema_unet().state_dict())
     with atomic_path(folder) as staging:
         pipeline.save_pretrained(staging)
-
-
-def append_records(path: Path, records: list[dict[str, Any]]) -> None:
-    """Append JSON lines (one write per record, flushed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-            handle.flush()
 
 
 def read_records(paths: list[Path]) -> list[dict[str, Any]]:

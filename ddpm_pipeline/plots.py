@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,10 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
     return (cumulative[ends] - cumulative[starts]) / (ends - starts)
 
 
-def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | Path, title: str = "") -> Path:
-    """Plot the per-step loss (faint) and its moving average (window = steps/50) as a PNG."""
+@contextmanager
+def _png_figure(path: str | Path, **subplots: object) -> Iterator[tuple[object, object]]:
+    """A matplotlib figure and its axes (``plt.subplots(**subplots)``, headless Agg backend), laid
+    out and written to ``path`` as a PNG when the block ends; closed in any case."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,56 +65,54 @@ def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | P
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
-    if len(steps):
-        window = max(1, len(steps) // 50)
-        axis.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
-        axis.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=1.8,
-                  label=f"moving average ({window} steps)")  # fmt: skip
-        if min(losses) > 0:
-            axis.set_yscale("log")
-        axis.legend()
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("training loss")
-    axis.set_title(title or "training loss")
-    axis.grid(True, which="both", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    plt.close(figure)
-    return path
+    figure, axes = plt.subplots(**subplots)
+    try:
+        yield figure, axes
+        figure.tight_layout()
+        figure.savefig(path, format="png")
+    finally:
+        plt.close(figure)
+
+
+def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | Path, title: str = "") -> Path:
+    """Plot the per-step loss (faint) and its moving average (window = steps/50) as a PNG."""
+    with _png_figure(path, figsize=(7, 4), dpi=120) as (_, axis):
+        if len(steps):
+            window = max(1, len(steps) // 50)
+            axis.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
+            axis.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=1.8,
+                      label=f"moving average ({window} steps)")  # fmt: skip
+            if min(losses) > 0:
+                axis.set_yscale("log")
+            axis.legend()
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("training loss")
+        axis.set_title(title or "training loss")
+        axis.grid(True, which="both", alpha=0.3)
+    return Path(path)
 
 
 def save_bound_terms_plot(per_timestep: Sequence[float], path: str | Path, title: str = "") -> Path:
     """Plot the variational bound's terms against the diffusers timestep t (bits/dim, log scale):
     the decoder term ``L_0`` at t = 0 and ``L_{t-1}`` (KL) for t ≥ 1, with the running total."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     values = np.asarray(per_timestep, dtype=np.float64)
-    figure, (terms_axis, total_axis) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
-    steps = np.arange(len(values))
-    terms_axis.plot(steps[1:], np.maximum(values[1:], 1e-12), color="tab:blue", linewidth=1.2, label="KL terms")
-    terms_axis.scatter([0], [max(values[0], 1e-12)], color="tab:red", zorder=3, label="decoder term (t = 0)")
-    terms_axis.set_yscale("log")
-    terms_axis.set_xlabel("timestep t")
-    terms_axis.set_ylabel("bits/dim")
-    terms_axis.set_title("terms of the bound")
-    terms_axis.legend()
-    total_axis.plot(steps, np.cumsum(values), color="tab:green", linewidth=1.5)
-    total_axis.set_xlabel("timestep t")
-    total_axis.set_ylabel("bits/dim (without the prior)")
-    total_axis.set_title("cumulative sum over t ≤ T'")
-    for axis in (terms_axis, total_axis):
-        axis.grid(True, which="both", alpha=0.3)
-    figure.suptitle(title or f"variational bound: {values.sum():.4f} bits/dim (+ prior)")
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    plt.close(figure)
-    return path
+    with _png_figure(path, ncols=2, figsize=(10, 4), dpi=120) as (figure, (terms_axis, total_axis)):
+        steps = np.arange(len(values))
+        terms_axis.plot(steps[1:], np.maximum(values[1:], 1e-12), color="tab:blue", linewidth=1.2, label="KL terms")
+        terms_axis.scatter([0], [max(values[0], 1e-12)], color="tab:red", zorder=3, label="decoder term (t = 0)")
+        terms_axis.set_yscale("log")
+        terms_axis.set_xlabel("timestep t")
+        terms_axis.set_ylabel("bits/dim")
+        terms_axis.set_title("terms of the bound")
+        terms_axis.legend()
+        total_axis.plot(steps, np.cumsum(values), color="tab:green", linewidth=1.5)
+        total_axis.set_xlabel("timestep t")
+        total_axis.set_ylabel("bits/dim (without the prior)")
+        total_axis.set_title("cumulative sum over t ≤ T'")
+        for axis in (terms_axis, total_axis):
+            axis.grid(True, which="both", alpha=0.3)
+        figure.suptitle(title or f"variational bound: {values.sum():.4f} bits/dim (+ prior)")
+    return Path(path)
 
 
 def save_metric_curves(
@@ -125,27 +126,17 @@ def save_metric_curves(
 ) -> Path:
     """Plot one line with markers per named series ``{label: (x values, y values)}`` (each sorted
     by x), and an optional horizontal ``floor`` line (e.g. real data's own FID), as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for label, (xs, ys) in series.items():
-        order = np.argsort(np.asarray(xs, dtype=np.float64))
-        axis.plot(np.asarray(xs, dtype=np.float64)[order], np.asarray(ys, dtype=np.float64)[order],
-                  marker="o", linewidth=1.6, label=label)  # fmt: skip
-    if floor is not None:
-        axis.axhline(floor, color="gray", linestyle="--", linewidth=1.2, label=floor_label)
-    axis.set_xlabel(xlabel)
-    axis.set_ylabel(ylabel)
-    axis.set_title(title)
-    axis.grid(True, alpha=0.3)
-    if series or floor is not None:
-        axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    plt.close(figure)
-    return path
+    with _png_figure(path, figsize=(7, 4.5), dpi=120) as (_, axis):
+        for label, (xs, ys) in series.items():
+            xs, ys = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+            order = np.argsort(xs)
+            axis.plot(xs[order], ys[order], marker="o", linewidth=1.6, label=label)
+        if floor is not None:
+            axis.axhline(floor, color="gray", linestyle="--", linewidth=1.2, label=floor_label)
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.set_title(title)
+        axis.grid(True, alpha=0.3)
+        if series or floor is not None:
+            axis.legend()
+    return Path(path)
