@@ -61,3 +61,25 @@ def test_bench_sample_on_the_cpu(tmp_path):
     # the profile: one sampling call of 3 steps each, kernels per step, the UNet's convolutions among them
     assert set(result["profile"]) == {"ours", "stock"}
     assert any("convolution" in kernel for kernel, _, _ in result["profile"]["stock"]["top"])
+
+
+def test_winograd_convolution_is_the_same_convolution():
+    """The CPU experiment of issue 7 times a real convolution: equal values and gradients."""
+    winograd = load("winograd_cpu")
+    torch = pytest.importorskip("torch")
+    generator = torch.Generator().manual_seed(0)
+    for size in ((2, 3, 6, 6), (1, 2, 7, 5)):  # even and odd sides (the last tile is padded)
+        x = torch.randn(*size, dtype=torch.float64, generator=generator, requires_grad=True)
+        weight = torch.randn(4, size[1], 3, 3, dtype=torch.float64, generator=generator, requires_grad=True)
+        bias = torch.randn(4, dtype=torch.float64, generator=generator, requires_grad=True)
+        expected = torch.nn.functional.conv2d(x, weight, bias, padding=1)
+        torch.testing.assert_close(winograd.winograd_conv3x3(x, weight, bias), expected, rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(winograd.winograd_conv3x3, (x, weight, bias))
+
+
+def test_winograd_experiment_runs(tmp_path):
+    result = load("winograd_cpu").main(["--model", "ddpm-tiny-16", "--batch_size", "2", "--repeats", "1",
+                                        "--output", str(tmp_path / "w.jsonl")])
+    assert result["direct_ms"] > 0 and result["winograd_ms"] > 0 and result["winograd_matmuls_only_ms"] > 0
+    assert result["max_relative_error"] < 1e-5  # float32
+    assert json.loads((tmp_path / "w.jsonl").read_text())["model"] == "ddpm-tiny-16"
