@@ -295,9 +295,11 @@ def test_two_cpu_processes_train_as_one_with_the_global_batch(tmp_path):
     # gradients were synchronized: the ranks hold the same weights
     for name, weight in rank0["weights"].items():
         assert torch.equal(weight, rank1["weights"][name]), name
-    # and they equal the one-process run's, to float tolerance (the gradient all-reduce sums in another order)
+    # and they equal the one-process run's, to float tolerance: the gradient all-reduce sums in another
+    # order, and AdamW turns a rounding-level change of a near-zero gradient into up to lr per step
+    # (torch 2.6's gloo: 2.7e-5 on 1 of 9216 weights), still 60× below the 3 steps' ±6e-3 (lr 2e-3)
     for name, weight in single["weights"].items():
-        torch.testing.assert_close(rank0["weights"][name], weight, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(rank0["weights"][name], weight, rtol=1e-4, atol=1e-4)
     # one checkpoint series, one pipeline, one loss history: written by the main process only
     assert [p.name for p in list_checkpoints(two)] == ["checkpoint-2", "checkpoint-3"]
     assert {p.name for p in (two / "checkpoint-3").iterdir()} >= {"model.safetensors", "random_states_0.pkl",
@@ -306,7 +308,7 @@ def test_two_cpu_processes_train_as_one_with_the_global_batch(tmp_path):
     ema_two = torch.load(two / "checkpoint-3" / "custom_checkpoint_1.pkl", weights_only=False)
     ema_one = torch.load(one / "checkpoint-3" / "custom_checkpoint_1.pkl", weights_only=False)
     for a, b in zip(ema_two["shadow_params"], ema_one["shadow_params"], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_time_budget_stops_training_and_saves_as_usual(tmp_path):
