@@ -166,7 +166,8 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 def compile_transforms() -> None:
     """Fuse each transform into one loop nest with ``torch.compile`` (inductor's C++ on the CPU)."""
-    torch._dynamo.config.recompile_limit = 64  # one graph per layer shape
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.7
+    setattr(torch._dynamo.config, limit, 64)  # one graph per layer shape
     for name, transform in list(TRANSFORMS.items()):
         TRANSFORMS[name] = torch.compile(transform, dynamic=False, fullgraph=True)
 
