@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,11 @@ from measure import append_json_lines  # noqa: E402
 INPUT_MATRIX = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]  # Bᵀ
 OUTPUT_MATRIX = [[1, 1, 1, 0], [0, 1, -1, -1]]  # Aᵀ
 FILTER_MATRIX = [[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]]  # G
+
+
+def tile_counts(height: int, width: int) -> tuple[int, int]:
+    """2×2 output tiles down and across a height × width output (the last row/column padded if odd)."""
+    return (height + 1) // 2, (width + 1) // 2
 
 
 def _transposed(matrix: list[list[int]]) -> list[list[int]]:
@@ -71,7 +77,7 @@ def _overlap_add(even: torch.Tensor, odd: torch.Tensor, shifted_even: torch.Tens
 def input_transform(x: torch.Tensor) -> torch.Tensor:
     """V = Bᵀ d B for every 4×4 tile d (stride 2) of the zero-padded input: (N,C,H,W) → (16, C, N·⌈H/2⌉·⌈W/2⌉)."""
     batch, channels, height, width = x.shape
-    tiles_h, tiles_w = (height + 1) // 2, (width + 1) // 2
+    tiles_h, tiles_w = tile_counts(height, width)
     padded = F.pad(x, (1, 1 + 2 * tiles_w - width, 1, 1 + 2 * tiles_h - height)).permute(1, 0, 2, 3)
     rows = _combine([padded[:, :, p:p + 2 * tiles_h:2, :] for p in range(4)], INPUT_MATRIX)
     tiles = []
@@ -82,7 +88,7 @@ def input_transform(x: torch.Tensor) -> torch.Tensor:
 
 def input_transform_adjoint(grad_tiles: torch.Tensor, batch: int, height: int, width: int) -> torch.Tensor:
     """The adjoint of :func:`input_transform`: B dV Bᵀ per tile, overlap-added back to (N,C,H,W)."""
-    tiles_h, tiles_w = (height + 1) // 2, (width + 1) // 2
+    tiles_h, tiles_w = tile_counts(height, width)
     channels = grad_tiles.shape[1]
     grad_tiles = grad_tiles.reshape(4, 4, channels, batch, tiles_h, tiles_w)
     transposed = _transposed(INPUT_MATRIX)
@@ -98,7 +104,7 @@ def input_transform_adjoint(grad_tiles: torch.Tensor, batch: int, height: int, w
 def output_transform(products: torch.Tensor, batch: int, height: int, width: int,
                      bias: torch.Tensor | None) -> torch.Tensor:
     """Y = Aᵀ M A per tile, the 2×2 results put in place: (16, K, tiles) → (N,K,H,W), plus the bias."""
-    tiles_h, tiles_w = (height + 1) // 2, (width + 1) // 2
+    tiles_h, tiles_w = tile_counts(height, width)
     out_channels = products.shape[1]
     products = products.reshape(4, 4, out_channels, batch, tiles_h, tiles_w)
     rows = _combine([products[i] for i in range(4)], OUTPUT_MATRIX)
@@ -111,7 +117,7 @@ def output_transform(products: torch.Tensor, batch: int, height: int, width: int
 def output_transform_adjoint(grad_output: torch.Tensor) -> torch.Tensor:
     """The adjoint of :func:`output_transform`: A dY Aᵀ per tile, (N,K,H,W) → (16, K, tiles)."""
     batch, out_channels, height, width = grad_output.shape
-    tiles_h, tiles_w = (height + 1) // 2, (width + 1) // 2
+    tiles_h, tiles_w = tile_counts(height, width)
     padded = F.pad(grad_output, (0, 2 * tiles_w - width, 0, 2 * tiles_h - height)).permute(1, 0, 2, 3)
     tiles = padded.reshape(out_channels, batch, tiles_h, 2, tiles_w, 2)
     transposed = _transposed(OUTPUT_MATRIX)
@@ -207,7 +213,7 @@ def time_layer(shape: tuple[int, int, int, int], out_channels: int, repeats: int
     weight = (torch.randn(out_channels, channels, 3, 3) / (3 * channels**0.5)).requires_grad_()
     bias = torch.zeros(out_channels, requires_grad=True)
     grad = torch.randn(batch, out_channels, height, width)
-    tile_count = batch * ((height + 1) // 2) * ((width + 1) // 2)
+    tile_count = batch * math.prod(tile_counts(height, width))
     filters, tiles = torch.randn(16, out_channels, channels), torch.randn(16, channels, tile_count)
     products = torch.randn(16, out_channels, tile_count)
 
