@@ -146,17 +146,27 @@ def find_data_dir(given: str | None) -> Path:
     )
 
 
-def prepare_data(data_dir: Path, work_dir: Path) -> dict[str, Path]:
-    """The IDX files as saved data sets ``<work_dir>/data/{train,test}`` (written once)."""
+def prepare_data(data_dir: Path, work_dir: Path, train_images: int | None = None) -> dict[str, Path]:
+    """The IDX files as saved data sets ``<work_dir>/data/{train,test}`` (written once).
+
+    ``train_images`` keeps only the first N training images (``data/train-first-N``: a pilot on a
+    machine where Inception statistics of all 60k images would take hours); it is also the FID
+    reference, since the reference is the training set."""
     paths = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        folder = work_dir / "data" / split
+        subset = train_images if split == "train" else None
+        folder = work_dir / "data" / (split if subset is None else f"{split}-first-{subset}")
         if not (folder / "dataset_info.json").is_file():
             images, labels = data_dir / f"{prefix}-images-idx3-ubyte.gz", data_dir / f"{prefix}-labels-idx1-ubyte.gz"
             if split == "test" and not images.is_file():
                 images, labels = BUNDLED_IMAGES, BUNDLED_LABELS  # Fashion-MNIST's test split ships with the package
+            dataset = idx_to_dataset(images, labels)
+            if subset is not None:
+                if not 0 < subset <= len(dataset):
+                    raise ValueError(f"--train_images must lie in [1, {len(dataset)}], got {subset}.")
+                dataset = dataset.select(range(subset))
             with atomic_path(folder) as staging:
-                idx_to_dataset(images, labels).save_to_disk(str(staging))
+                dataset.save_to_disk(str(staging))
         paths[split] = folder
     return paths
 
@@ -193,7 +203,7 @@ class Study:
         self.cache_dir = Path(args.cache_dir) if args.cache_dir else self.work_dir / "cache"
         self.fast_sampling = "auto" if args.fast_sampling else "off"  # evaluate()'s spelling
         self.piece = Piece(args.stop_after_minutes)
-        self.data = prepare_data(find_data_dir(args.data_dir), self.work_dir)
+        self.data = prepare_data(find_data_dir(args.data_dir), self.work_dir, args.train_images)
         self.unet_config = DDPMUNet.preset_config(
             args.model, sample_size=args.resolution, in_channels=1, out_channels=1, **json.loads(args.unet_overrides or "{}")
         )
@@ -437,9 +447,10 @@ class Study:
         run_dir = self.run_dir(recipe)
         state = self.read_state(run_dir)
         settings = {"recipe": recipe, "model": args.model, "unet_overrides": args.unet_overrides,
-                    "resolution": args.resolution, "num_train_timesteps": args.num_train_timesteps,
-                    "batch_size": args.batch_size, "seed": args.seed, "budget": args.budget,
-                    "budget_unit": args.budget_unit, "train_options": extra, "num_samples": args.num_samples,
+                    "train_images": args.train_images, "resolution": args.resolution,
+                    "num_train_timesteps": args.num_train_timesteps, "batch_size": args.batch_size,
+                    "seed": args.seed, "budget": args.budget, "budget_unit": args.budget_unit,
+                    "train_options": extra, "num_samples": args.num_samples,
                     "sample_batch_size": args.sample_batch_size, "bpd_num_images": args.bpd_num_images,
                     "bpd_timesteps": args.bpd_timesteps, "bpd_batch_size": args.bpd_batch_size,
                     "milestones": [m.value for m in self.milestones()]}  # fmt: skip
@@ -494,7 +505,8 @@ class Study:
                 raise ValueError(f"The test split has {len(test)} images, fewer than --num_samples {args.num_samples}.")
             for index, image in enumerate(test.select(range(args.num_samples))[column]):
                 self.preprocess.to_pil(image).save(folder / f"{index:06d}.png")
-        report = self.score(None, folder, None, self.work_dir / f"floor-{args.num_samples}.json")
+        reference = self.data["train"].name  # "train", or a pilot's "train-first-N"
+        report = self.score(None, folder, None, self.work_dir / f"floor-{args.num_samples}-vs-{reference}.json")
         record = {
             **self.common_fields(), "recipe": "real data", "description": f"{args.num_samples} test images",
             "num_samples": report["num_samples"], "fid": report["metrics"]["fid"],
@@ -645,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--work_dir", default="runs/quality-fmnist", help="data sets, runs, samples and scores")
         sub.add_argument("--data_dir", help=f"folder of the Fashion-MNIST IDX files (default: {' or '.join(DEFAULT_DATA)})")
         sub.add_argument("--results", help="JSON lines file to append to (default: <work_dir>/results.jsonl)")
+        sub.add_argument("--train_images", type=int,
+                         help="train on (and take FID statistics of) only the first N training images: a pilot")
         sub.add_argument("--model", default="ddpm-cifar10-32", help="UNet preset (one channel, --resolution)")
         sub.add_argument("--unet_overrides", default=json.dumps({"block_out_channels": HALF_WIDTH}),
                          help="JSON of UNet2DModel options over the preset ('{}' = the full 35.7M-parameter network)")  # fmt: skip

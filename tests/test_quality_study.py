@@ -144,6 +144,12 @@ def test_real_data_floor_and_report(tmp_path, fashion_like):
     work = tmp_path / "work"
     floor = study.main(["floor", *toy_options(fashion_like, work)])
     assert floor["recipe"] == "real data" and floor["num_samples"] == 8 and floor["fid"] >= 0
+    # a pilot's subset of the training images is its own data set, and so its own FID reference
+    pilot = study.main(["floor", *toy_options(fashion_like, work), "--train_images", "20"])
+    assert floor["reference"]["source"].endswith("train") and pilot["reference"]["source"].endswith("train-first-20")
+    assert len(study.DataSource.parse(pilot["reference"]["source"]).load()) == 20 and pilot["fid"] != floor["fid"]
+    with pytest.raises(ValueError, match="--train_images must lie in"):
+        study.main(["floor", *toy_options(fashion_like, tmp_path / "other"), "--train_images", "49"])
     # the floor images are the test images, padded as the training images are
     first = np.asarray(Image.open(work / "floor-test-8" / "000000.png"))
     assert first.shape == (16, 16) and not first[:2].any() and not first[:, -2:].any()
