@@ -71,7 +71,7 @@ from ddpm_pipeline.evaluation import (
 )
 from ddpm_pipeline.likelihood import BoundTerms, variational_bound
 from ddpm_pipeline.pipeline_ddpm_target import DDPMTargetPipeline
-from ddpm_pipeline.plots import save_loss_curve, save_metric_curves
+from ddpm_pipeline.plots import save_labelled_images, save_loss_curve, save_metric_curves
 from ddpm_pipeline.reference import DataSource
 from ddpm_pipeline.scheduling_ddpm_target import DDPMTargetScheduler
 from ddpm_pipeline.seeding import derive_seed
@@ -587,7 +587,9 @@ def read_records(paths: list[Path]) -> list[dict[str, Any]]:
     return records
 
 
-def report(records: list[dict[str, Any]], primary_steps: int | None = None, plot: Path | None = None) -> str:
+def report(
+    records: list[dict[str, Any]], primary_steps: int | None = None, plot: Path | None = None, grids: Path | None = None
+) -> str:
     """A Markdown table of the final records (best FID at the primary sampler first), the best
     recipe against the stock one, and (with ``plot``) FID against training minutes for the best two."""
     floor = list({r["description"]: r for r in records if r["recipe"] == "real data"}.values())  # the latest of each
@@ -634,6 +636,12 @@ def report(records: list[dict[str, Any]], primary_steps: int | None = None, plot
                            title="Fashion-MNIST: FID against training time",
                            floor=floor[-1]["fid"] if floor else None, floor_label="real test images")  # fmt: skip
         lines.append(f"\n![FID against training minutes]({plot})")
+    if grids is not None:
+        panels = [(f"{name}: FID {final[name, primary]['fid']:.1f}", final[name, primary]["grid"])
+                  for name in recipes if (name, primary) in final and final[name, primary].get("grid")]  # fmt: skip
+        panels += [(f"real data: FID {r['fid']:.1f}", r["grid"]) for r in floor[-1:] if r.get("grid")]
+        save_labelled_images(panels, grids, columns=4)
+        lines.append(f"\n![samples of each recipe ({primary} sampling steps)]({grids})")
     return "\n".join(lines)
 
 
@@ -691,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--primary_steps", type=int, help="sampler for the ranking and the plot (default: the most steps)")
     rep.add_argument("--markdown", type=Path, help="write the table here too")
     rep.add_argument("--plot", type=Path, help="FID against training minutes for the best two recipes (PNG)")
+    rep.add_argument("--grids", type=Path, help="each recipe's sample grid, titled with its FID, and the floor's (PNG)")
     return parser
 
 
@@ -704,7 +713,7 @@ def main(argv: list[str] | None = None) -> Any:
         missing = [str(path) for path in args.results if not Path(path).is_file()]
         if missing:
             parser.error(f"no records at {', '.join(missing)}: run a recipe (or the floor) first, or pass --results")
-        text = report(read_records(args.results), args.primary_steps, args.plot)
+        text = report(read_records(args.results), args.primary_steps, args.plot, args.grids)
         if args.markdown:
             args.markdown.write_text(text + "\n")
         print(text)

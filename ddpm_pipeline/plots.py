@@ -140,3 +140,24 @@ def save_metric_curves(
         if series or floor is not None:
             axis.legend()
     return Path(path)
+
+
+def save_labelled_images(panels: Sequence[tuple[str, str | Path]], path: str | Path, columns: int = 3) -> Path:
+    """Lay out PNG files side by side, ``columns`` to a row, each titled with its label (e.g. one
+    sample grid per recipe of a study, titled with its score), as one PNG."""
+    if not panels:
+        raise ValueError("No images to lay out: pass at least one (label, path) pair.")
+    columns = max(1, min(columns, len(panels)))
+    rows = math.ceil(len(panels) / columns)
+    with _png_figure(path, nrows=rows, ncols=columns, figsize=(3.2 * columns, 3.5 * rows), dpi=120, squeeze=False) as (
+        _,
+        axes,
+    ):
+        for index, axis in enumerate(axes.flat):
+            axis.axis("off")
+            if index < len(panels):
+                label, image_path = panels[index]
+                with Image.open(image_path) as image:
+                    axis.imshow(np.asarray(image.convert("RGB")), interpolation="nearest")
+                axis.set_title(label, fontsize=9)
+    return Path(path)

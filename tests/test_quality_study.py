@@ -162,11 +162,12 @@ def test_real_data_floor_and_report(tmp_path, fashion_like):
     results = work / "results.jsonl"
     with results.open("a") as handle:
         for item in [record("eps-cosine", 1.0, 1000, 30.0, final=False), record("eps-cosine", 5.0, 1000, 12.0, bpd=3.2, bpd_stderr=0.01),
-                     record("eps-cosine", 5.0, 100, 15.0), record("x0-linear", 5.0, 1000, 20.0),
+                     record("eps-cosine", 5.0, 100, 15.0), record("x0-linear", 5.0, 1000, 20.0, grid=floor["grid"]),
                      record("stock", 5.0, 1000, 40.0), record("stock", 5.0, 100, 44.0)]:  # fmt: skip
             handle.write(json.dumps(item) + "\n")
-    plot, markdown = tmp_path / "fid.png", tmp_path / "study.md"
-    text = study.main(["report", "--results", str(results), "--plot", str(plot), "--markdown", str(markdown)])
+    plot, markdown, grids = tmp_path / "fid.png", tmp_path / "study.md", tmp_path / "grids.png"
+    text = study.main(["report", "--results", str(results), "--plot", str(plot), "--markdown", str(markdown),
+                       "--grids", str(grids)])  # fmt: skip
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| recipe |") and "FID-5k @1000" in rows[0] and "FID-5k @100" in rows[0]
     assert [row.split(" | ")[0] for row in rows[2:]] == ["| eps-cosine", "| x0-linear", "| stock", "| real data (8 test images)"]
@@ -175,3 +176,7 @@ def test_real_data_floor_and_report(tmp_path, fashion_like):
     assert markdown.read_text().strip() == text.strip()
     with Image.open(plot) as image:
         assert image.size[0] > 400
+    # the recipes with a grid (x0-linear here) and the floor's, side by side
+    assert f"![samples of each recipe (1000 sampling steps)]({grids})" in text
+    with Image.open(grids) as image:
+        assert image.size[0] > 1.5 * image.size[1]  # two panels in one row
