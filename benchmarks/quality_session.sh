@@ -56,7 +56,7 @@ for part in "$@"; do
       rc=$? ;;
     report)
       python3 benchmarks/quality_fmnist.py report --results "$work/results.jsonl" --markdown "$work/study.md" \
-        --plot "$work/fid_vs_minutes.png" 2>&1 | tee -a "$log"
+        --plot "$work/fid_vs_minutes.png" --grids "$work/sample_grids.png" 2>&1 | tee -a "$log"
       rc=${PIPESTATUS[0]} ;;
     *) echo "unknown part $part" | tee -a "$log"; rc=2 ;;
   esac
@@ -68,7 +68,7 @@ for part in "$@"; do
     break
   fi
 done
-cd "$work" && tar czf "$out/quality.tgz" --ignore-failed-read results.jsonl session.log study.md fid_vs_minutes.png \
+cd "$work" && tar czf "$out/quality.tgz" --ignore-failed-read results.jsonl session.log study.md fid_vs_minutes.png sample_grids.png \
   floor-*.json runs/*/eval-*.json runs/*/eval-*-grid.png runs/*/bpd.json runs/*/study_state.json \
   runs/*/model-*/loss_curve.png runs/*/model-*/samples.png 2>/dev/null
 exit 0
