@@ -591,7 +591,8 @@ def report(
     records: list[dict[str, Any]], primary_steps: int | None = None, plot: Path | None = None, grids: Path | None = None
 ) -> str:
     """A Markdown table of the final records (best FID at the primary sampler first), the best
-    recipe against the stock one, and (with ``plot``) FID against training minutes for the best two."""
+    recipe against the stock one, (with ``plot``) FID against training minutes for the best two,
+    and (with ``grids``) every recipe's sample grid at the primary sampler beside the floor's."""
     floor = list({r["description"]: r for r in records if r["recipe"] == "real data"}.values())  # the latest of each
     runs = [r for r in records if r["recipe"] != "real data"]
     if not runs:
@@ -640,8 +641,11 @@ def report(
         panels = [(f"{name}: FID {final[name, primary]['fid']:.1f}", final[name, primary]["grid"])
                   for name in recipes if (name, primary) in final and final[name, primary].get("grid")]  # fmt: skip
         panels += [(f"real data: FID {r['fid']:.1f}", r["grid"]) for r in floor[-1:] if r.get("grid")]
-        save_labelled_images(panels, grids, columns=4)
-        lines.append(f"\n![samples of each recipe ({primary} sampling steps)]({grids})")
+        if panels:
+            save_labelled_images(panels, grids, columns=4)
+            lines.append(f"\n![samples of each recipe ({primary} sampling steps)]({grids})")
+        else:
+            lines.append(f"\n(No sample grids in these records: {grids} not written.)")
     return "\n".join(lines)
 
 

@@ -149,10 +149,8 @@ def save_labelled_images(panels: Sequence[tuple[str, str | Path]], path: str | P
         raise ValueError("No images to lay out: pass at least one (label, path) pair.")
     columns = max(1, min(columns, len(panels)))
     rows = math.ceil(len(panels) / columns)
-    with _png_figure(path, nrows=rows, ncols=columns, figsize=(3.2 * columns, 3.5 * rows), dpi=120, squeeze=False) as (
-        _,
-        axes,
-    ):
+    layout = {"nrows": rows, "ncols": columns, "figsize": (3.2 * columns, 3.5 * rows), "dpi": 120, "squeeze": False}
+    with _png_figure(path, **layout) as (_, axes):
         for index, axis in enumerate(axes.flat):
             axis.axis("off")
             if index < len(panels):
