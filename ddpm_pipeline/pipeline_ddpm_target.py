@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -203,6 +204,7 @@ class DDPMTargetPipeline(DDPMPipeline):
                 x0_predictions=torch.stack(snapshots["x0"]),
             )
 
+        _warn_if_diverged(image, self.scheduler)
         images = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             images = images.float().cpu().permute(0, 2, 3, 1).numpy()
@@ -213,6 +215,26 @@ class DDPMTargetPipeline(DDPMPipeline):
         if not return_dict:
             return (images,) if trajectory is None else (images, trajectory)
         return DDPMTargetPipelineOutput(images=images, trajectory=trajectory)
+
+
+def _warn_if_diverged(final_state: torch.Tensor, scheduler: DDPMScheduler) -> None:
+    """Warn when the chain's final state ``x_0`` holds NaN or ±inf (one check after the loop, so
+    sampling itself never waits for the device): such images are not samples, and clamping them
+    to [0, 1] would hide it."""
+    finite = torch.isfinite(final_state).flatten(1).all(dim=1)
+    if bool(finite.all()):
+        return
+    hint = "train longer, sample in float32"
+    if not scheduler.config.clip_sample and not scheduler.config.thresholding:
+        hint += ", or set clip_sample=True (it bounds x̂_0 at every step)"
+    warnings.warn(
+        f"Sampling diverged: {int((~finite).sum())} of {finite.numel()} images hold NaN or inf values and are not "
+        f"samples ({scheduler.config.prediction_type} target, {len(scheduler.timesteps)} steps). "
+        f"An untrained or badly trained network does this, most often a μ network sampled with fewer steps "
+        f"than it was trained with, whose x̂_0 = (μ̂ - c_t x_t)/b_t magnifies its error: {hint}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _trajectory_timesteps(trajectory_steps: int | Sequence[int] | None, visited: list[int]) -> list[int]:

@@ -90,6 +90,7 @@ class SampleStore:
                     num_inference_steps=int(self.settings["num_inference_steps"]),
                     output_type="np",
                 ).images
+                _refuse_diverged(images, batch)
                 for offset, image in enumerate(images):
                     index = batch * batch_size + offset
                     if index >= num_samples:
@@ -102,6 +103,19 @@ class SampleStore:
 
     def paths(self, num_samples: int) -> list[Path]:
         return [self.folder / sample_name(i) for i in range(num_samples)]
+
+
+def _refuse_diverged(images: np.ndarray, batch: int) -> None:
+    """Stop before non-finite samples become PNGs: 8-bit conversion would turn NaN into black
+    pixels, and every metric computed on them would be silently wrong."""
+    finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
+    if not finite.all():
+        raise FloatingPointError(
+            f"Sampling batch {batch} diverged: {int((~finite).sum())} of {len(images)} images hold NaN or inf "
+            "values, so no metric on them would mean anything. Nothing of this batch was written. "
+            "Check the model (a μ model sampled with fewer steps needs clip_sample=True in its scheduler "
+            "config), or sample with more steps or in float32."
+        )
 
 
 def _write_png(image: np.ndarray, path: Path) -> None:

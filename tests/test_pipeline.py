@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -195,3 +196,26 @@ def test_cuda_sampling_matches_cpu(monkeypatch):
     ).images
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_diverged_sampling_warns_and_is_never_stored(tmp_path, clip_sample):
+    """A network that outputs NaN yields NaN images: the pipeline warns (naming clip_sample only when
+    it is off), and a sample store refuses the batch instead of writing black PNGs."""
+    from ddpm_pipeline.sample_store import SampleStore
+
+    pipe = make_pipeline("mu", clip_sample=clip_sample)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a healthy chain does not warn
+        assert torch.isfinite(sample(pipe, steps=5).images).all()
+    with torch.no_grad():
+        pipe.unet.conv_out.bias[0] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"diverged: 2 of 2 images") as caught:
+        images = sample(pipe, steps=5).images
+    assert torch.isnan(images).all()
+    assert ("clip_sample=True" in str(caught[0].message)) is not clip_sample
+
+    store = SampleStore(tmp_path / "samples", {"seed": 0, "batch_size": 2, "num_inference_steps": 5})
+    with pytest.warns(RuntimeWarning), pytest.raises(FloatingPointError, match="batch 0 diverged: 2 of 2 images"):
+        store.fill(pipe, num_samples=3, show_progress=False)
+    assert store.existing() == 0
