@@ -233,7 +233,7 @@ def _warn_if_diverged(final_state: torch.Tensor, scheduler: DDPMScheduler) -> No
         f"An untrained or badly trained network does this, most often a μ network sampled with fewer steps "
         f"than it was trained with, whose x̂_0 = (μ̂ - c_t x_t)/b_t magnifies its error: {hint}.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,  # this helper, __call__, torch.no_grad's wrapper, the caller
     )
 
 

@@ -214,6 +214,7 @@ def test_diverged_sampling_warns_and_is_never_stored(tmp_path, clip_sample):
         images = sample(pipe, steps=5).images
     assert torch.isnan(images).all()
     assert ("clip_sample=True" in str(caught[0].message)) is not clip_sample
+    assert caught[0].filename == __file__  # the warning points at the caller, not at torch.no_grad
 
     store = SampleStore(tmp_path / "samples", {"seed": 0, "batch_size": 2, "num_inference_steps": 5})
     with pytest.warns(RuntimeWarning), pytest.raises(FloatingPointError, match="batch 0 diverged: 2 of 2 images"):
