@@ -223,7 +223,10 @@ class Study:
         return [Milestone(v, self.args.budget_unit) for v in values]
 
     def run_dir(self, recipe: str) -> Path:
-        return self.work_dir / "runs" / f"{recipe}-{Milestone(self.args.budget, self.args.budget_unit).label}"
+        """``runs/RECIPE-BUDGET``, with ``-seedN`` for seeds other than 0: repeats of a recipe at
+        other seeds are runs of their own."""
+        suffix = f"-seed{self.args.seed}" if self.args.seed else ""
+        return self.work_dir / "runs" / f"{recipe}-{Milestone(self.args.budget, self.args.budget_unit).label}{suffix}"
 
     @staticmethod
     def read_state(run_dir: Path) -> dict[str, Any]:
@@ -587,59 +590,102 @@ def read_records(paths: list[Path]) -> list[dict[str, Any]]:
     return records
 
 
+def _spread(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1 in the denominator; None for one value)."""
+    mean = float(np.mean(values))
+    return mean, (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+
+def _cell(values: list[float], digits: int) -> str:
+    """One value (or several equal ones) as is; several (one per seed) as ``mean ± std``."""
+    mean, std = _spread(values)
+    return f"{mean:.{digits}f}" if not std else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
 def report(
     records: list[dict[str, Any]], primary_steps: int | None = None, plot: Path | None = None, grids: Path | None = None
 ) -> str:
-    """A Markdown table of the final records (best FID at the primary sampler first), the best
-    recipe against the stock one, (with ``plot``) FID against training minutes for the best two,
-    and (with ``grids``) every recipe's sample grid at the primary sampler beside the floor's."""
+    """A Markdown table of the final records (best mean FID at the primary sampler first; a recipe
+    run at several seeds shows ``mean ± std`` over them), the best recipe against the stock one,
+    the best two compared seed by seed where they share seeds, (with ``plot``) FID against training
+    minutes for the best two, and (with ``grids``) every recipe's sample grid at the primary
+    sampler (its lowest seed) beside the floor's."""
     floor = list({r["description"]: r for r in records if r["recipe"] == "real data"}.values())  # the latest of each
     runs = [r for r in records if r["recipe"] != "real data"]
     if not runs:
         return "No study records yet."
     steps_all = sorted({r["sampler_steps"] for r in runs}, reverse=True)
     primary = primary_steps or steps_all[0]
-    final = {}
-    for r in runs:  # the latest record of each (recipe, sampler) at its final budget
+    final: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+    for r in runs:  # the latest record of each (recipe, sampler, seed) at its final budget
         if r.get("final"):
-            final[r["recipe"], r["sampler_steps"]] = r
-    recipes = sorted({recipe for recipe, _ in final}, key=lambda name: final.get((name, primary), {}).get("fid", math.inf))
-    header = ["recipe", "target", "schedule", "weighting", "steps", "train min"]
-    count = final[next(iter(final))]["num_samples"]
+            final.setdefault((r["recipe"], r["sampler_steps"]), {})[r.get("seed", 0)] = r
+
+    def values(name: str, steps: int, key: str) -> list[float]:
+        return [r[key] for _, r in sorted(final.get((name, steps), {}).items()) if r.get(key) is not None]
+
+    def mean_fid(name: str, steps: int) -> float:
+        return _spread(values(name, steps, "fid"))[0] if (name, steps) in final else math.inf
+
+    recipes = sorted({recipe for recipe, _ in final}, key=lambda name: mean_fid(name, primary))
+    header = ["recipe", "target", "schedule", "weighting", "seeds", "steps", "train min"]
+    count = next(iter(next(iter(final.values())).values()))["num_samples"]
     fid_name = f"FID-{count / 1000:g}k" if count >= 1000 else f"FID-{count}"
     header += [f"{fid_name} @{s}" for s in steps_all]
     header += [f"KID×10³ @{primary}", "bits/dim"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name in recipes:
-        first = next(final[name, s] for s in steps_all if (name, s) in final)
-        cells = [name, first["prediction_type"], first["beta_schedule"], first["loss_weighting"], str(first["steps"]),
-                 f"{first['train_minutes']:.2f}"]  # fmt: skip
-        cells += [f"{final[name, s]['fid']:.2f}" if (name, s) in final else "–" for s in steps_all]
-        kid = final.get((name, primary), {}).get("kid_mean")
-        cells += [f"{kid * 1e3:.2f}" if kid is not None else "–"]
-        bpd = first.get("bpd")
-        cells += [f"{bpd:.3f} ± {first['bpd_stderr']:.3f}" if bpd is not None and first.get("bpd_stderr") else "–"]
+        by_seed = next(final[name, s] for s in steps_all if (name, s) in final)
+        first = by_seed[min(by_seed)]
+        cells = [name, first["prediction_type"], first["beta_schedule"], first["loss_weighting"],
+                 ", ".join(str(seed) for seed in sorted(by_seed)), _cell([r["steps"] for r in by_seed.values()], 0),
+                 _cell([r["train_minutes"] for r in by_seed.values()], 2)]  # fmt: skip
+        cells += [_cell(values(name, s, "fid"), 2) if (name, s) in final else "–" for s in steps_all]
+        kids = [kid * 1e3 for kid in values(name, primary, "kid_mean")]
+        cells += [_cell(kids, 2) if kids else "–"]
+        bpds = [r["bpd"] for r in by_seed.values() if r.get("bpd") is not None]
+        if len(bpds) == 1 and first.get("bpd_stderr"):
+            cells += [f"{bpds[0]:.3f} ± {first['bpd_stderr']:.3f}"]
+        else:
+            cells += [_cell(bpds, 3) if bpds else "–"]
         lines.append("| " + " | ".join(cells) + " |")
+    first_fid = header.index(f"{fid_name} @{steps_all[0]}")
     for r in floor:
-        lines.append(f"| real data ({r['description']}) | | | | | | {r['fid']:.2f} |" + " |" * (len(header) - 7))
+        cells = [f"real data ({r['description']})"] + [""] * (first_fid - 1) + [f"{r['fid']:.2f}"] + [""] * (len(header) - first_fid - 1)
+        lines.append(("| " + " | ".join(cells) + " |").replace("  ", " "))
+    if any(len(by_seed) > 1 for by_seed in final.values()):
+        lines.append("\nWhere a recipe ran at several seeds, its cells are the mean ± the standard deviation over them "
+                     "(for one seed, bits/dim shows ± its standard error over test images).")  # fmt: skip
     best = next((name for name in recipes if name != STOCK and (name, primary) in final), None)
     if best and (STOCK, primary) in final:
-        ours, stock = final[best, primary]["fid"], final[STOCK, primary]["fid"]
+        ours, stock = mean_fid(best, primary), mean_fid(STOCK, primary)
         lines.append(f"\nBest recipe {best}: FID {ours:.2f} vs stock diffusers {stock:.2f} at {primary} sampling steps "
                      f"(ratio {ours / stock:.2f}; the target is ≤ 0.5).")  # fmt: skip
+    leaders = [name for name in recipes if (name, primary) in final][:2]
+    if len(leaders) == 2:
+        shared = sorted(set(final[leaders[0], primary]) & set(final[leaders[1], primary]))
+        if len(shared) > 1:
+            gaps = [final[leaders[0], primary][seed]["fid"] - final[leaders[1], primary][seed]["fid"] for seed in shared]
+            wins = sum(gap < 0 for gap in gaps)
+            lines.append(f"\nSeed by seed ({', '.join(map(str, shared))}), {leaders[0]} minus {leaders[1]} at {primary} "
+                         f"sampling steps: FID {', '.join(f'{gap:+.2f}' for gap in gaps)} (mean {np.mean(gaps):+.2f}); "
+                         f"{leaders[0]} is better at {wins} of {len(shared)} seeds.")  # fmt: skip
     if plot is not None:
-        top = [name for name in recipes if (name, primary) in final][:2]
         series = {}
-        for name in top:
-            points = sorted((r["train_minutes"], r["fid"]) for r in runs if r["recipe"] == name and r["sampler_steps"] == primary)
+        for name in leaders:
+            by_budget: dict[float, list[tuple[float, float]]] = {}
+            for r in runs:  # the mean over seeds at each budget
+                if r["recipe"] == name and r["sampler_steps"] == primary:
+                    by_budget.setdefault(r["budget"] if "budget" in r else r["train_minutes"], []).append((r["train_minutes"], r["fid"]))
+            points = sorted((float(np.mean([m for m, _ in p])), float(np.mean([f for _, f in p]))) for p in by_budget.values())
             series[name] = ([p[0] for p in points], [p[1] for p in points])
         save_metric_curves(series, plot, "training minutes", f"FID ({primary} sampling steps)",
                            title="Fashion-MNIST: FID against training time",
                            floor=floor[-1]["fid"] if floor else None, floor_label="real test images")  # fmt: skip
         lines.append(f"\n![FID against training minutes]({plot})")
     if grids is not None:
-        panels = [(f"{name}: FID {final[name, primary]['fid']:.1f}", final[name, primary]["grid"])
-                  for name in recipes if (name, primary) in final and final[name, primary].get("grid")]  # fmt: skip
+        shown = {name: final[name, primary][min(final[name, primary])] for name in recipes if (name, primary) in final}
+        panels = [(f"{name}: FID {r['fid']:.1f}", r["grid"]) for name, r in shown.items() if r.get("grid")]
         panels += [(f"real data: FID {r['fid']:.1f}", r["grid"]) for r in floor[-1:] if r.get("grid")]
         if panels:
             save_labelled_images(panels, grids, columns=4)

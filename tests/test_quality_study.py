@@ -180,3 +180,30 @@ def test_real_data_floor_and_report(tmp_path, fashion_like):
     assert f"![samples of each recipe (1000 sampling steps)]({grids})" in text
     with Image.open(grids) as image:
         assert image.size[0] > 1.5 * image.size[1]  # two panels in one row
+
+
+def test_report_over_seeds(tmp_path, fashion_like):
+    """A recipe repeated at other seeds runs in a folder of its own, and the report gives each
+    cell as mean ± std over the seeds and compares the best two seed by seed."""
+    study = load_study()
+    options = ["--work_dir", str(tmp_path), "--data_dir", str(fashion_like), "--budget", "600", "--budget_unit", "steps"]
+    folders = [study.Study(study.build_parser().parse_args(["run", "eps-cosine", *options, "--seed", str(seed)])).run_dir("eps-cosine")
+               for seed in (0, 2)]  # fmt: skip
+    assert [folder.name for folder in folders] == ["eps-cosine-600steps", "eps-cosine-600steps-seed2"]
+
+    def record(recipe, seed, fid, bpd):
+        return {"study": "quality_fmnist", "recipe": recipe, "seed": seed, "prediction_type": "epsilon", "beta_schedule": "cosine",
+                "loss_weighting": "simple", "steps": 600, "train_minutes": 7.0 + seed, "sampler_steps": 50, "budget": 600,
+                "num_samples": 500, "fid": fid, "kid_mean": fid / 1000, "final": True, "bpd": bpd, "bpd_stderr": 0.25}  # fmt: skip
+
+    records = [record("eps-cosine", 0, 80.0, 4.5), record("eps-cosine", 1, 84.0, 4.4), record("eps-cosine", 2, 82.0, 4.6),
+               record("eps-linear", 0, 85.0, 4.7), record("eps-linear", 1, 83.0, 4.8), record("stock", 0, 250.0, 6.2)]  # fmt: skip
+    text = study.report(records, plot=tmp_path / "fid.png")
+    assert (tmp_path / "fid.png").is_file()  # the best two, each at its mean over seeds
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[2] == "| eps-cosine | epsilon | cosine | simple | 0, 1, 2 | 600 | 8.00 ± 1.00 | 82.00 ± 2.00 | 82.00 ± 2.00 | 4.500 ± 0.100 |"
+    assert rows[3].startswith("| eps-linear | epsilon | cosine | simple | 0, 1 | 600 | 7.50 ± 0.71 | 84.00 ± 1.41 |")
+    assert rows[4].endswith("| 0 | 600 | 7.00 | 250.00 | 250.00 | 6.200 ± 0.250 |")  # one seed: bits/dim ± its standard error
+    assert "Best recipe eps-cosine: FID 82.00 vs stock diffusers 250.00 at 50 sampling steps (ratio 0.33" in text
+    assert ("Seed by seed (0, 1), eps-cosine minus eps-linear at 50 sampling steps: FID -5.00, +1.00 (mean -2.00); "
+            "eps-cosine is better at 1 of 2 seeds.") in text  # fmt: skip
