@@ -9,14 +9,12 @@ would have (on the CPU: bit for bit).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid, save_loss_curve
 from .preflight import check_free_space, check_output_dir, check_unet_config, run_output_bytes
 from .push import check_hub_access, push_to_hub
+from .run_records import LossHistory, PendingLosses, TrainingClock
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .seeding import derive_seed
 from .speed import (
@@ -150,95 +149,6 @@ def _tracker_config(config: TrainingConfig) -> dict[str, Any]:
     for key, value in config.to_dict().items():
         flat[key] = value if isinstance(value, int | float | str | bool) else json.dumps(value)
     return flat
-
-
-class _LossHistory:
-    """``loss_history.csv`` (step, loss, learning rate), kept across resumes: rows after the
-    resumed step (from the run that crashed) are dropped."""
-
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
-        self.path = path
-        self.enabled = enabled
-        self.rows: list[tuple[int, float, float]] = []
-        if not enabled:
-            return
-        if resume_step > 0 and path.is_file():
-            with path.open(newline="") as handle:
-                for row in csv.DictReader(handle):
-                    if int(row["step"]) <= resume_step:
-                        self.rows.append((int(row["step"]), float(row["loss"]), float(row["lr"])))
-        with path.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["step", "loss", "lr"])
-            writer.writerows(self.rows)
-        self._handle = path.open("a", newline="")
-        self._writer = csv.writer(self._handle)
-
-    def append(self, step: int, loss: float, lr: float) -> None:
-        if self.enabled:
-            self.rows.append((step, loss, lr))
-            self._writer.writerow([step, f"{loss:.6g}", f"{lr:.6g}"])
-
-    def flush(self) -> None:
-        if self.enabled:
-            self._handle.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._handle.close()
-
-
-class _PendingLosses:
-    """Per-step losses kept on the device and read back in one transfer by :meth:`flush`, so the
-    loop does not wait for the GPU every step; each step still gets its row in the history, its
-    TensorBoard point and the progress bar's postfix."""
-
-    def __init__(self, accelerator: Accelerator, history: _LossHistory, progress: tqdm):
-        self.accelerator, self.history, self.progress = accelerator, history, progress
-        self.pending: list[tuple[int, torch.Tensor, float, int]] = []
-        self.last_loss: float | None = None
-
-    def add(self, step: int, loss: torch.Tensor, lr: float, epoch: int) -> None:
-        self.pending.append((step, loss.detach(), lr, epoch))
-
-    def flush(self) -> list[int]:
-        """Log the pending losses; return the steps whose loss was not finite."""
-        if not self.pending:
-            return []
-        stacked = torch.stack([loss for _, loss, _, _ in self.pending])
-        gathered = self.accelerator.gather(stacked[None]).mean(dim=0).tolist()  # mean over processes
-        nonfinite = []
-        for (step, _, lr, epoch), loss in zip(self.pending, gathered, strict=True):
-            self.history.append(step, loss, lr)
-            self.accelerator.log({"loss": loss, "lr": lr, "epoch": epoch}, step=step)
-            if not math.isfinite(loss):
-                nonfinite.append(step)
-        step, _, lr, epoch = self.pending[-1]
-        self.last_loss = gathered[-1]
-        self.progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
-        self.pending = []
-        return nonfinite
-
-
-class _TrainingClock:
-    """Seconds spent training, summed over resumed pieces of a run; writing checkpoints and grids
-    does not count (:meth:`paused`)."""
-
-    def __init__(self, earlier_seconds: float = 0.0):
-        self.earlier = earlier_seconds
-        self.started = time.perf_counter()
-        self.excluded = 0.0
-
-    def total(self) -> float:
-        return self.earlier + time.perf_counter() - self.started - self.excluded
-
-    @contextmanager
-    def paused(self):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.excluded += time.perf_counter() - start
 
 
 class Trainer:
@@ -534,7 +444,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def _time_limits(self, clock: _TrainingClock, piece_start: float) -> tuple[bool, bool]:
+    def _time_limits(self, clock: TrainingClock, piece_start: float) -> tuple[bool, bool]:
         """(training budget spent, this piece's time is up), as the main process sees them, so that
         every process stops at the same step."""
         config = self.config
@@ -552,7 +462,7 @@ class Trainer:
         out_of_budget, piece_over = flags.tolist()
         return bool(out_of_budget), bool(piece_over)
 
-    def _check_finite(self, nonfinite_steps: list[int], global_step: int, history: _LossHistory) -> None:
+    def _check_finite(self, nonfinite_steps: list[int], global_step: int, history: LossHistory) -> None:
         """Act on the steps whose loss was NaN/inf (found when the losses are read back, every
         ``--log_every`` steps and always before anything is saved): stop, or count the skipped
         updates and stop past ``--max_skipped_steps``."""
@@ -595,7 +505,7 @@ class Trainer:
             config.save(self.output_dir / CONFIG_FILE_NAME)
         if config.report_to != "none":
             accelerator.init_trackers("train_ddpm", config=_tracker_config(config))
-        history = _LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=is_main)
+        history = LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=is_main)
         parameters = sum(p.numel() for p in self.unet.parameters())
         logger.info(
             f"{len(self.train_images)} images, {self.unet_config['in_channels']}×{self.unet_config['sample_size']}²; "
@@ -610,8 +520,8 @@ class Trainer:
         batches_done = (global_step % self.steps_per_epoch) * config.gradient_accumulation_steps
         micro_losses: list[torch.Tensor] = []
         log_every = config.log_every or (1 if accelerator.device.type == "cpu" else 25)
-        pending_losses = _PendingLosses(accelerator, history, progress)
-        clock = _TrainingClock(earlier_seconds)
+        pending_losses = PendingLosses(accelerator, history, progress)
+        clock = TrainingClock(earlier_seconds)
         piece_start = time.perf_counter()
         stopped_early = budget_spent = False
         epoch = first_epoch
