@@ -629,7 +629,7 @@ def report(
 
     recipes = sorted({recipe for recipe, _ in final}, key=lambda name: mean_fid(name, primary))
     header = ["recipe", "target", "schedule", "weighting", "seeds", "steps", "train min"]
-    count = next(iter(next(iter(final.values())).values()))["num_samples"]
+    count = next(r["num_samples"] for r in runs if r.get("final"))
     fid_name = f"FID-{count / 1000:g}k" if count >= 1000 else f"FID-{count}"
     header += [f"{fid_name} @{s}" for s in steps_all]
     header += [f"KID×10³ @{primary}", "bits/dim"]
