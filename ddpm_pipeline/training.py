@@ -24,7 +24,6 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import PartialState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast, set_seed
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
@@ -46,6 +45,7 @@ from .data import (
     stack_images,
 )
 from .losses import diffusion_loss
+from .lr_schedule import RunLengthLR
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid, save_loss_curve
 from .preflight import check_free_space, check_output_dir, check_unet_config, run_output_bytes
@@ -233,12 +233,14 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(self.dataloader) / config.gradient_accumulation_steps)
         self.total_steps = config.max_train_steps or config.num_epochs * self.steps_per_epoch
         # Stepped by hand once per optimizer step (not through accelerate.prepare, which steps it
-        # once per process), and checkpointed with the rest.
-        self.lr_scheduler = get_scheduler(
+        # once per process), and checkpointed with the rest. With a time budget, a decaying schedule
+        # decays over the steps the budget is estimated to allow (ddpm_pipeline.lr_schedule).
+        self.lr_scheduler = RunLengthLR(
+            self.optimizer,
             config.lr_scheduler,
-            optimizer=self.optimizer,
-            num_warmup_steps=config.lr_warmup_steps,
-            num_training_steps=self.total_steps,
+            warmup_steps=config.lr_warmup_steps,
+            total_steps=self.total_steps,
+            budget_seconds=None if config.max_train_minutes is None else 60 * config.max_train_minutes,
         )
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         if self.ema is not None:
@@ -444,22 +446,26 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def _time_limits(self, clock: TrainingClock, piece_start: float) -> tuple[bool, bool]:
+    def _time_limits(self, clock: TrainingClock, piece_start: float, global_step: int) -> tuple[bool, bool]:
         """(training budget spent, this piece's time is up), as the main process sees them, so that
-        every process stops at the same step."""
+        every process stops at the same step; the learning-rate schedule sees the same clock."""
         config = self.config
         if config.max_train_minutes is None and config.stop_after_minutes is None:
             return False, False  # no limits: no tensor, no device read, no collective
-        flags = torch.tensor(
+        seconds = clock.total()
+        readings = torch.tensor(
             [
-                config.max_train_minutes is not None and clock.total() >= 60 * config.max_train_minutes,
+                config.max_train_minutes is not None and seconds >= 60 * config.max_train_minutes,
                 config.stop_after_minutes is not None and time.perf_counter() - piece_start >= 60 * config.stop_after_minutes,
+                seconds,
             ],
+            dtype=torch.float64,
             device=self.accelerator.device,
         )
         if self.accelerator.num_processes > 1:
-            flags = broadcast(flags, from_process=0)
-        out_of_budget, piece_over = flags.tolist()
+            readings = broadcast(readings, from_process=0)
+        out_of_budget, piece_over, seconds = readings.tolist()
+        self.lr_scheduler.observe(global_step, seconds)
         return bool(out_of_budget), bool(piece_over)
 
     def _check_finite(self, nonfinite_steps: list[int], global_step: int, history: LossHistory) -> None:
@@ -512,7 +518,11 @@ class Trainer:
             f"{config.model}: {parameters:,} parameters; {self.steps_per_epoch} steps per epoch; "
             f"training to step {self.total_steps} (batch {config.train_batch_size} × "
             f"{config.gradient_accumulation_steps} accumulation × {accelerator.num_processes} processes)"
+            + (f" or for {config.max_train_minutes:g} training minutes, whichever comes first" if config.max_train_minutes else "")
         )
+        if self.lr_scheduler.decays_over_budget:
+            logger.info(f"the {config.lr_scheduler} learning-rate schedule decays over the steps the time budget allows, "
+                        "estimated from the measured speed")  # fmt: skip
         progress = tqdm(
             total=self.total_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process
         )
@@ -546,7 +556,9 @@ class Trainer:
                 done = global_step >= self.total_steps
                 if global_step % log_every == 0:
                     self._check_finite(pending_losses.flush(), global_step, history)
-                    budget_spent, stopped_early = self._time_limits(clock, piece_start)
+                    budget_spent, stopped_early = self._time_limits(clock, piece_start, global_step)
+                    if self.lr_scheduler.decays_over_budget:
+                        progress.total = self.lr_scheduler.expected_total_steps()
                     done = done or budget_spent
                 if global_step in (config.snapshot_steps or ()) or (config.snapshot_minutes and global_step % log_every == 0):
                     self._check_finite(pending_losses.flush(), global_step, history)  # every process: a gather

@@ -272,12 +272,13 @@ torch.save({"seen": seen, "weights": last_weights}, out / f"rank{PartialState().
 def test_two_cpu_processes_train_as_one_with_the_global_batch(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU (gloo): different shards, identical
     weights on both ranks after each step, checkpoints and outputs written once, and the result
-    equal to one process with the same global batch."""
+    equal to one process with the same global batch. With a time budget, so the main process's clock
+    reading (and with it the learning-rate schedule's estimate) is broadcast to both ranks."""
     script = tmp_path / "recording_trainer.py"
     script.write_text(RECORDING_TRAINER)
     common = [*TINY[:TINY.index("--train_batch_size")], "--lr_warmup_steps", "0", "--save_images_steps", "none",
               "--max_train_steps", "3", "--checkpointing_steps", "2", "--data_on_device", "--random_flip",
-              "--num_cpu_threads", "1"]  # fmt: skip
+              "--num_cpu_threads", "1", "--max_train_minutes", "60"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     two, one = tmp_path / "two", tmp_path / "one"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
