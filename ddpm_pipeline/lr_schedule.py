@@ -1,29 +1,28 @@
 """The learning-rate schedule of a run: diffusers' named schedules, over the run's real length.
 
-A decaying schedule (``linear``, ``cosine``, ``cosine_with_restarts``, ``polynomial``) needs the
-number of optimizer steps ``N`` it decays over. With a step limit that is the limit. With a
-training-time budget (``--max_train_minutes``) the step count is not known in advance, so the
-schedule estimates it from the measured speed and decays over whichever ends the run first::
+A decaying schedule (``linear``, ``cosine``, ``cosine_with_restarts``, ``polynomial``) runs through
+its decay as training progresses. With a step limit ``N`` the progress at optimizer step ``n`` is
+diffusers' ``(n - W) / (N - W)``, ``W`` being the warmup steps. A training-time budget
+(``--max_train_minutes``, ``B`` seconds) ends a run at a step count nobody knows in advance, so
+progress is also measured in training time, and the schedule follows whichever limit is nearer::
 
-    N̂ = min(N_limit, n + (B - s) / r)
+    p(n) = max( (n - W) / (N - W),  (T(n) - T_W) / (B - T_W) ),   clipped to [0, 1]
+    λ(n) = f(W + p(n) · (N - W))   for n > W,   λ(n) = f(n) during warmup
 
-where ``n`` steps took ``s`` training seconds so far, ``B`` is the budget in seconds and ``r`` the
-seconds per step measured since this process's first time check (so a ``torch.compile`` of the
-first steps does not count). Each step's multiplier is diffusers' own schedule function (built for
-``N_limit``) evaluated at the *same progress* through the decay::
+where ``f`` is diffusers' own schedule function for ``N`` steps (so the shapes are diffusers'),
+``T(n)`` the training seconds at step ``n`` and ``T_W`` those at the end of warmup. ``T(n)`` is
+extrapolated from the last clock reading ``(n_k, T_k)`` at the speed measured between the last two
+readings, ``T(n) = T_k + (n - n_k) · r``; readings come every ``--log_every`` steps from the main
+process's clock, which every process receives, so all processes use the same learning rate.
 
-    λ(n) = f(v),   v = W + min(1, (n - W) / max(1, N̂ - W)) · (N_limit - W)   for n > W (else v = n)
-
-with ``W`` the warmup steps. When ``N̂ = N_limit`` (no budget, or one that will not end the run
-first) ``v = n`` and the schedule is diffusers' ``get_scheduler`` exactly; with a budget the decay
-reaches its end (0 for cosine and linear) as the budget runs out. The estimate is refreshed every
-``--log_every`` steps from the main process's clock, which every process receives, so all
-processes use the same learning rate.
+So the decay ends (0 for ``cosine`` and ``linear``) as the budget runs out, whatever the speed
+does on the way; at a constant speed the schedule is diffusers' schedule for the number of steps
+the budget allows, and without a budget, or while the step limit is the nearer one, it is
+``diffusers.optimization.get_scheduler`` exactly.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +32,8 @@ from torch.optim.lr_scheduler import LRScheduler
 
 #: the schedules whose multiplier depends on the run's length
 DECAYING_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial")
+#: what a checkpoint keeps (the options come from the run's configuration)
+STATE_KEYS = ("last_epoch", "_step_count", "base_lrs", "_last_lr", "reading", "warmup_end_seconds")
 
 
 def diffusers_multiplier(name: str, learning_rate: float, warmup_steps: int, total_steps: int) -> Callable[[float], float]:
@@ -43,8 +44,8 @@ def diffusers_multiplier(name: str, learning_rate: float, warmup_steps: int, tot
 
 class RunLengthLR(LRScheduler):
     """diffusers' schedule ``name`` with ``warmup_steps`` of warmup, decaying over ``total_steps``
-    or, with ``budget_seconds``, over the steps the budget is estimated to allow when that is fewer
-    (the module docstring has the formulas). :meth:`observe` feeds it the training clock."""
+    or over ``budget_seconds`` of training, whichever ends first (the module docstring has the
+    formulas). :meth:`observe` feeds it the training clock."""
 
     def __init__(
         self,
@@ -59,55 +60,72 @@ class RunLengthLR(LRScheduler):
             raise ValueError(f"total_steps must be positive, got {total_steps}.")
         self.name, self.warmup_steps, self.step_limit = name, warmup_steps, total_steps
         self.budget_seconds = budget_seconds
-        self.estimated_total_steps: float = float(total_steps)
-        self._anchor: tuple[int, float] | None = None  # (step, seconds) at this process's first check
+        #: the last clock reading: (step, training seconds, seconds per step since the reading before, or None)
+        self.reading: tuple[int, float, float | None] | None = None
+        self.warmup_end_seconds: float | None = None  # T_W
         learning_rate = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
         self._multiplier = diffusers_multiplier(name, learning_rate, warmup_steps, total_steps)
         super().__init__(optimizer, last_epoch)
 
     @property
     def decays_over_budget(self) -> bool:
-        """Whether the schedule's length follows the time budget (a decaying schedule with one)."""
+        """Whether the time budget can end the decay (a decaying schedule with a budget)."""
         return self.budget_seconds is not None and self.name in DECAYING_SCHEDULES
 
-    def expected_total_steps(self) -> int:
-        """The steps the decay is planned over now: ``N̂`` (``N_limit`` without a budget)."""
-        return max(1, min(self.step_limit, math.ceil(self.estimated_total_steps)))
-
     def observe(self, step: int, train_seconds: float) -> None:
-        """Refresh ``N̂`` from the training clock: ``train_seconds`` after ``step`` optimizer steps."""
+        """A clock reading: ``train_seconds`` of training after ``step`` optimizer steps."""
         if not self.decays_over_budget:
             return
-        if self._anchor is None or step <= self._anchor[0]:
-            self._anchor = (step, train_seconds)  # the rate is measured from here on
-            return
-        anchor_step, anchor_seconds = self._anchor
-        seconds_per_step = (train_seconds - anchor_seconds) / (step - anchor_step)
-        if seconds_per_step <= 0:
-            return
-        remaining = max(0.0, self.budget_seconds - train_seconds)
-        self.estimated_total_steps = min(float(self.step_limit), step + remaining / seconds_per_step)
+        rate = None
+        if self.reading is not None and step > self.reading[0]:
+            rate = (train_seconds - self.reading[1]) / (step - self.reading[0])
+        self.reading = (step, train_seconds, rate)
+        if self.warmup_end_seconds is None and step >= self.warmup_steps:
+            self.warmup_end_seconds = max(0.0, train_seconds - (step - self.warmup_steps) * (rate or 0.0))
+
+    def train_seconds_at(self, step: int) -> float | None:
+        """``T(n)``, extrapolated from the last reading (None before the first)."""
+        if self.reading is None:
+            return None
+        reading_step, seconds, rate = self.reading
+        return seconds + max(0, step - reading_step) * (rate or 0.0)
+
+    def time_progress(self, step: int) -> float:
+        """``(T(n) - T_W) / (B - T_W)``: how far through the decay the budget is (0 without one)."""
+        seconds = self.train_seconds_at(step) if self.decays_over_budget else None
+        if seconds is None or self.warmup_end_seconds is None:
+            return 0.0
+        return (seconds - self.warmup_end_seconds) / max(1e-9, self.budget_seconds - self.warmup_end_seconds)
+
+    def expected_total_steps(self) -> int:
+        """The step at which the decay is expected to end now: ``N``, or the budget's end at the
+        measured speed when that comes first."""
+        if self.reading is None or not self.reading[2] or not self.decays_over_budget:
+            return self.step_limit
+        step, seconds, rate = self.reading
+        return max(step, min(self.step_limit, step + round((self.budget_seconds - seconds) / rate)))
 
     def multiplier(self, step: int) -> float:
         """``λ(n)``: the factor of the peak learning rate at optimizer step ``step``."""
-        total, warmup = min(float(self.step_limit), self.estimated_total_steps), self.warmup_steps
-        if step <= warmup or total >= self.step_limit:
+        warmup = self.warmup_steps
+        if step <= warmup:
             return self._multiplier(step)
-        progress = min(1.0, (step - warmup) / max(1.0, total - warmup))
-        return self._multiplier(warmup + progress * (self.step_limit - warmup))
+        by_time = min(1.0, self.time_progress(step))
+        if by_time <= (step - warmup) / max(1, self.step_limit - warmup):
+            return self._multiplier(step)  # the step limit is the nearer end: diffusers' schedule as it is
+        return self._multiplier(warmup + by_time * (self.step_limit - warmup))
 
     def get_lr(self) -> list[float]:
         factor = self.multiplier(self.last_epoch)
         return [base * factor for base in self.base_lrs]
 
     def state_dict(self) -> dict[str, Any]:
-        """The position and the current estimate (the options come from the run's configuration)."""
-        keys = ("last_epoch", "_step_count", "base_lrs", "_last_lr", "estimated_total_steps")
-        return {key: getattr(self, key) for key in keys if hasattr(self, key)}
+        """The position and the clock readings (the options come from the run's configuration)."""
+        return {key: getattr(self, key) for key in STATE_KEYS if hasattr(self, key)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; also reads the ``LambdaLR`` state of checkpoints written
         before this class (its ``lr_lambdas`` entry carries nothing the run needs)."""
-        for key in ("last_epoch", "_step_count", "base_lrs", "_last_lr", "estimated_total_steps"):
+        for key in STATE_KEYS:
             if key in state_dict:
                 setattr(self, key, state_dict[key])
