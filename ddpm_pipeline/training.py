@@ -234,7 +234,7 @@ class Trainer:
         self.total_steps = config.max_train_steps or config.num_epochs * self.steps_per_epoch
         # Stepped by hand once per optimizer step (not through accelerate.prepare, which steps it
         # once per process), and checkpointed with the rest. With a time budget, a decaying schedule
-        # decays over the steps the budget is estimated to allow (ddpm_pipeline.lr_schedule).
+        # also measures its progress in training time and ends as the budget does (lr_schedule.py).
         self.lr_scheduler = RunLengthLR(
             self.optimizer,
             config.lr_scheduler,
@@ -453,18 +453,15 @@ class Trainer:
         if config.max_train_minutes is None and config.stop_after_minutes is None:
             return False, False  # no limits: no tensor, no device read, no collective
         seconds = clock.total()
-        readings = torch.tensor(
-            [
-                config.max_train_minutes is not None and seconds >= 60 * config.max_train_minutes,
-                config.stop_after_minutes is not None and time.perf_counter() - piece_start >= 60 * config.stop_after_minutes,
-                seconds,
-            ],
-            dtype=torch.float64,
-            device=self.accelerator.device,
-        )
+        readings = [
+            config.max_train_minutes is not None and seconds >= 60 * config.max_train_minutes,
+            config.stop_after_minutes is not None and time.perf_counter() - piece_start >= 60 * config.stop_after_minutes,
+            seconds,
+        ]
         if self.accelerator.num_processes > 1:
-            readings = broadcast(readings, from_process=0)
-        out_of_budget, piece_over, seconds = readings.tolist()
+            device_readings = torch.tensor(readings, dtype=torch.float64, device=self.accelerator.device)
+            readings = broadcast(device_readings, from_process=0).tolist()
+        out_of_budget, piece_over, seconds = readings
         self.lr_scheduler.observe(global_step, seconds)
         return bool(out_of_budget), bool(piece_over)
 
@@ -521,8 +518,8 @@ class Trainer:
             + (f" or for {config.max_train_minutes:g} training minutes, whichever comes first" if config.max_train_minutes else "")
         )
         if self.lr_scheduler.decays_over_budget:
-            logger.info(f"the {config.lr_scheduler} learning-rate schedule decays over the steps the time budget allows, "
-                        "estimated from the measured speed")  # fmt: skip
+            logger.info(f"the {config.lr_scheduler} learning-rate schedule measures its progress in training time too: "
+                        "its decay ends when the time budget does")  # fmt: skip
         progress = tqdm(
             total=self.total_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process
         )

@@ -93,7 +93,7 @@ class TrainingConfig:
     max_grad_norm: float | None = _option(1.0, "Clip the gradient's global norm to this (none to disable).")
     max_train_steps: int | None = _option(800, "Optimizer steps to train; overrides --num_epochs (none = use epochs).")
     num_epochs: int = _option(10, "Passes over the data set when --max_train_steps is none.")
-    max_train_minutes: float | None = _option(None, "A training-time budget: stop (and save as usual) once this many minutes were spent training, summed over resumed pieces; checked every --log_every steps. A decaying --lr_scheduler decays over the steps the budget allows (estimated from the measured speed) when that comes before the step limit.")
+    max_train_minutes: float | None = _option(None, "A training-time budget: stop (and save as usual) once this many minutes were spent training, summed over resumed pieces; checked every --log_every steps. A decaying --lr_scheduler then measures its progress in training time too, and its decay ends when the budget does (or at the step limit, if that comes first).")
     stop_after_minutes: float | None = _option(None, "End this invocation after this many wall-clock minutes with a checkpoint, to continue later with --resume_from_checkpoint latest (for time-limited jobs); the run itself is unchanged.")
     snapshot_minutes: list[float] | None = _option(None, "Also write the EMA pipeline when the training clock passes each of these minutes, into --output_dir/snapshot-<m>min/ (quality against training time from one run); checked every --log_every steps.", nargs="+", type=float)
     snapshot_steps: list[int] | None = _option(None, "Also write the EMA pipeline at these optimizer steps, into --output_dir/snapshot-<n>steps/.", nargs="+", type=int)
