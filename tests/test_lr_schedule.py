@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from conftest import reset_accelerate
 from diffusers.optimization import get_scheduler
 
 import ddpm_pipeline.training as training_module
@@ -76,7 +75,7 @@ def test_the_step_limit_wins_when_it_comes_first():
 
 def test_state_round_trip_and_old_lambdalr_checkpoints(tmp_path):
     """The state is saved without the schedule function (torch.save works) and restores the
-    position and the estimate; a checkpoint of diffusers' LambdaLR loads too."""
+    position and the last clock reading; a checkpoint of diffusers' LambdaLR loads too."""
     first = RunLengthLR(optimizer(), "cosine", warmup_steps=2, total_steps=1000, budget_seconds=30.0)
     learning_rates(first, 20, clock=lambda n: 0.5 * n)
     torch.save(first.state_dict(), tmp_path / "state.pt")
@@ -95,8 +94,8 @@ def test_state_round_trip_and_old_lambdalr_checkpoints(tmp_path):
 def test_a_time_budgeted_run_anneals_its_learning_rate(tmp_path, monkeypatch):
     """train_ddpm.py with --max_train_minutes and the cosine schedule: on a clock that ticks one
     second per reading the budget allows far fewer steps than --max_train_steps, and the logged
-    learning rate falls from its peak to nearly 0 at the last step (before this, it stayed at the
-    peak: the cosine was planned over the 10,000-step limit)."""
+    learning rate falls from its peak to nearly 0 at the last step (a cosine planned over the
+    10,000-step limit alone would end near its peak)."""
     ticks = {"now": 0.0}
     monkeypatch.setattr(training_module.time, "perf_counter", lambda: ticks.__setitem__("now", ticks["now"] + 1.0) or ticks["now"])
     out = tmp_path / "run"
@@ -115,4 +114,3 @@ def test_a_time_budgeted_run_anneals_its_learning_rate(tmp_path, monkeypatch):
     saved = json.loads((out / "training_config.json").read_text())
     assert saved["max_train_minutes"] == 1 and saved["lr_scheduler"] == "cosine"
     assert math.isfinite(result.final_loss)
-    reset_accelerate()
