@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
@@ -33,6 +34,7 @@ from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder
 from .reference import DataSource, reference_statistics
 from .sample_store import SampleStore, image_batches, image_files
+from .scheduling_ddpm_target import DDPMTargetScheduler
 from .speed import strict_float32
 from .training_config import CONFIG_FILE_NAME, optional
 
@@ -41,6 +43,10 @@ logger = logging.getLogger(__name__)
 PACKAGES = ("ddpm_pipeline", "torch", "diffusers", "torch-fidelity", "datasets", "numpy", "scipy")
 FAST_SAMPLING_CHOICES = ("auto", "off")
 SAMPLING_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+#: --scheduler: the saved scheduler ("ddpm": this package's ancestral sampler), or a diffusers one
+#: built from its config (same betas), for ε, x0 and v models
+SAMPLER_SCHEDULERS = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+SCHEDULER_CHOICES = ("ddpm", *SAMPLER_SCHEDULERS)
 
 
 @dataclass
@@ -56,6 +62,7 @@ class EvaluationConfig:
     metrics: str = field(default="fid,kid,prc", metadata={"help": "Comma-separated: fid, isc, kid, prc, bpd."})
     num_samples: int = field(default=50000, metadata={"help": "Samples to generate and score."})
     num_inference_steps: int = field(default=1000, metadata={"help": "Sampling steps (fewer = respaced chain)."})
+    scheduler: str = field(default="ddpm", metadata={"help": "Sampler: ddpm (the folder's own: ancestral, respaced exactly), or ddim (η = 0), dpmsolver++ or euler, built from its config with the same betas (ε, x0 and v models; 20-100 steps are usual)."})  # noqa: E501
     batch_size: int = field(default=256, metadata={"help": "Images per sampling / feature batch."})
     fast_sampling: str = field(default="auto", metadata={"help": "auto: sample with pipe.enable_fast_sampling() (on CUDA: bf16 UNet for ε/x0, channels_last, torch.compile with CUDA graphs; nothing on the CPU); off: the plain float32 pipeline."})  # noqa: E501
     sampling_dtype: str = field(default="auto", metadata={"help": "The UNet's dtype when sampling fast: auto (bfloat16 on CUDA, float32 for μ and on the CPU), float32, bfloat16, float16."})  # noqa: E501
@@ -96,6 +103,8 @@ class EvaluationConfig:
             raise ValueError("--bpd_timesteps must be positive (or none for every timestep).")
         if self.fast_sampling not in FAST_SAMPLING_CHOICES:
             raise ValueError(f"--fast_sampling must be one of {', '.join(FAST_SAMPLING_CHOICES)}, got {self.fast_sampling!r}.")
+        if self.scheduler not in SCHEDULER_CHOICES:
+            raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULER_CHOICES)}, got {self.scheduler!r}.")
         if self.sampling_dtype not in SAMPLING_DTYPE_CHOICES:
             raise ValueError(f"--sampling_dtype must be one of {', '.join(SAMPLING_DTYPE_CHOICES)}, got {self.sampling_dtype!r}.")
 
@@ -169,22 +178,34 @@ def samples_preprocessing(files: list[Path], config: EvaluationConfig) -> ImageP
 
 
 def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed: int, batch_size: int,
-                 unet_dtype: torch.dtype = torch.float32) -> SampleStore:  # fmt: skip
+                 unet_dtype: torch.dtype = torch.float32, scheduler: str = "ddpm") -> SampleStore:  # fmt: skip
     """The store of ``model``'s samples in ``folder`` for these sampling options: what :func:`evaluate`
     fills and reads, so a caller that fills it first (with a faster pipeline, or in time-limited
-    pieces) has its samples scored rather than redone. A UNet sampling in half precision makes
-    other images than float32: its dtype is then part of the options (a float32 store records none,
-    as stores did before the option existed), so the two are never mixed."""
+    pieces) has its samples scored rather than redone. A UNet sampling in half precision, or another
+    scheduler, makes other images than the float32 ancestral sampler: they are then part of the
+    options (the defaults record nothing, as stores did before the options existed), so the stores
+    are never mixed."""
     settings = {"model": _model_identity(model), "num_inference_steps": num_inference_steps, "seed": seed, "batch_size": batch_size}
     if unet_dtype != torch.float32:
         settings["unet_dtype"] = str(unet_dtype).removeprefix("torch.")
+    if scheduler != "ddpm":
+        settings["scheduler"] = scheduler
     return SampleStore(folder, settings)
 
 
-def sampling_pipeline(model: str, device: torch.device, fast_sampling: str = "auto", dtype: str = "auto") -> DDPMTargetPipeline:
+def sampling_pipeline(model: str, device: torch.device, fast_sampling: str = "auto", dtype: str = "auto",
+                      scheduler: str = "ddpm") -> DDPMTargetPipeline:  # fmt: skip
     """``model``'s pipeline on ``device`` for sampling: with :meth:`DDPMTargetPipeline.enable_fast_sampling`
-    (``dtype`` for its UNet) unless ``fast_sampling`` is ``"off"``."""
+    (``dtype`` for its UNet) unless ``fast_sampling`` is ``"off"``, and with ``scheduler`` (a name of
+    :data:`SCHEDULER_CHOICES`) built from the saved one's config unless it is ``"ddpm"``."""
     pipeline = DDPMTargetPipeline.from_pretrained(model).to(device)
+    if scheduler != "ddpm":
+        if pipeline.scheduler.config.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(
+                f"--scheduler {scheduler} cannot sample a {pipeline.scheduler.config.prediction_type!r} model: "
+                "diffusers' samplers take ε, x0 or v predictions; use --scheduler ddpm."
+            )
+        pipeline.scheduler = SAMPLER_SCHEDULERS[scheduler].from_config(pipeline.scheduler.config)
     if fast_sampling != "off":
         pipeline.enable_fast_sampling(dtype=dtype)
     return pipeline
@@ -202,13 +223,16 @@ def bound_over_data(
 ) -> dict[str, Any]:
     """bits/dim averaged over the first ``num_images`` images of ``source``, with its per-term
     breakdown, the standard error over images, and the mean per-timestep curve when exact. The
-    network runs in float32 without TF32 (:func:`strict_float32`), whatever it sampled with."""
+    network runs in float32 without TF32 (:func:`strict_float32`), whatever it sampled with, and the
+    bound is the DDPM chain's of the pipeline's betas whichever scheduler the folder samples with."""
     from .data import find_image_column
 
     dataset = source.load()
     column = find_image_column(dataset)
     count = len(dataset) if num_images is None else min(num_images, len(dataset))
     scheduler = pipeline.scheduler
+    if not isinstance(scheduler, DDPMTargetScheduler):  # a folder saved with DDIM, DPM-Solver, …
+        scheduler = DDPMTargetScheduler.from_config(scheduler.config)
     unet = pipeline.unet.to(device).eval()
     generator = torch.Generator(device="cpu").manual_seed(seed)
     results: list[BoundTerms] = []
@@ -267,16 +291,17 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         preprocess = model_preprocessing(pipeline, training, config.resize_mode)
         samples_folder, reused, sample_paths = None, 0, []
         if feature_wanted:
-            sampler = sampling_pipeline(config.model, device, config.fast_sampling, config.sampling_dtype)
+            sampler = sampling_pipeline(config.model, device, config.fast_sampling, config.sampling_dtype, config.scheduler)
             samples_folder = Path(config.samples_dir) if config.samples_dir else Path(f"{stem}-samples")
             store = sample_store(samples_folder, config.model, config.num_inference_steps, config.seed, config.batch_size,
-                                 sampler.unet.dtype)  # fmt: skip
+                                 sampler.unet.dtype, config.scheduler)  # fmt: skip
             reused = min(store.existing(), config.num_samples)
             tick = time.perf_counter()
             store.fill(sampler, config.num_samples)
             timings["sampling_s"] = time.perf_counter() - tick
             sample_paths = store.paths(config.num_samples)
-            sampling = {"fast": config.fast_sampling != "off", "unet_dtype": str(sampler.unet.dtype).removeprefix("torch.")}
+            sampling = {"fast": config.fast_sampling != "off", "unet_dtype": str(sampler.unet.dtype).removeprefix("torch."),
+                        "scheduler": type(sampler.scheduler).__name__}  # fmt: skip
             del sampler
     else:
         sample_paths = image_files(config.samples)[: config.num_samples]

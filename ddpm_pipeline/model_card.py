@@ -97,7 +97,8 @@ def build_model_card(
     check_pipeline_folder(pipeline_dir)
     config = load_training_config(pipeline_dir)
     scheduler = DDPMTargetScheduler.from_pretrained(pipeline_dir / "scheduler").config
-    prediction_type, beta_schedule = scheduler.prediction_type, scheduler.beta_schedule
+    prediction_type = scheduler.prediction_type
+    beta_schedule = "cosine" if scheduler.beta_schedule == "squaredcos_cap_v2" else scheduler.beta_schedule  # stored by diffusers' name
     dataset = dataset_id(config)
     dataset_name = "Fashion-MNIST" if dataset == BUNDLED_DATASET_ID else (dataset or "a local image data set")
     report = load_eval_report(pipeline_dir, eval_report)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
 from collections.abc import Sequence
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from .scheduling_ddpm_target import DDPMTargetScheduler
@@ -43,7 +45,11 @@ class DDPMTargetPipeline(DDPMPipeline):
     Parameters:
         unet: the denoising `UNet2DModel` (or :class:`~ddpm_pipeline.DDPMUNet`).
         scheduler: a :class:`~ddpm_pipeline.DDPMTargetScheduler`; a stock `DDPMScheduler` is
-            converted to one with the same betas and options.
+            converted to one with the same betas and options. Any other diffusers scheduler
+            (``DDIMScheduler``, ``DPMSolverMultistepScheduler``, …) samples ε, x0 and v models
+            as it would in diffusers; the idiom is
+            ``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``, which keeps the
+            training betas exactly (the scheduler's config is in stock terms).
 
     ``save_pretrained`` writes a folder that ``diffusers.DDPMPipeline.from_pretrained`` loads:
     with stock class names only (no need for this package) for ε, x0 and v targets; with
@@ -51,18 +57,20 @@ class DDPMTargetPipeline(DDPMPipeline):
     installed.
     """
 
-    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler):
-        if not isinstance(scheduler, DDPMScheduler):
-            raise TypeError(
-                f"DDPMTargetPipeline samples with DDPMTargetScheduler, got {type(scheduler).__name__}; "
-                "pass a DDPMTargetScheduler or a diffusers DDPMScheduler."
-            )
-        scheduler = DDPMTargetScheduler.from_stock_scheduler(scheduler)
-        super().__init__(unet=unet, scheduler=scheduler)
+    def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        super().__init__(unet=unet, scheduler=_sampling_scheduler(scheduler))
         # DDPMUNet adds no config: record it as the stock class it saves as.
         if isinstance(unet, UNet2DModel):
             self.register_to_config(unet=STOCK_UNET)
-        self.register_to_config(scheduler=PACKAGE_SCHEDULER)
+
+    def __setattr__(self, name: str, value) -> None:
+        """Setting ``scheduler`` (in ``__init__`` or later, diffusers' way of swapping samplers)
+        converts a stock `DDPMScheduler` to a `DDPMTargetScheduler` and checks any other."""
+        if name == "scheduler":
+            value = _sampling_scheduler(value)
+        super().__setattr__(name, value)
+        if name == "scheduler" and isinstance(value, DDPMTargetScheduler) and hasattr(self, "_internal_dict"):
+            self.register_to_config(scheduler=PACKAGE_SCHEDULER)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Save as a `DDPMPipeline` folder (``model_index.json``, ``unet/``, ``scheduler/``).
@@ -72,7 +80,9 @@ class DDPMTargetPipeline(DDPMPipeline):
         private key), so the folder loads without ``ddpm_pipeline``. Keyword arguments go to
         `DiffusionPipeline.save_pretrained`.
         """
-        if self.scheduler.is_stock_compatible():
+        if not isinstance(self.scheduler, DDPMTargetScheduler):  # another diffusers scheduler: as it is
+            portable = DDPMPipeline(unet=self.unet, scheduler=self.scheduler)
+        elif self.scheduler.is_stock_compatible():
             portable = DDPMPipeline(unet=self.unet, scheduler=self.scheduler.to_stock_scheduler())
         else:
             portable = DDPMPipeline(unet=self.unet, scheduler=self.scheduler)
@@ -125,21 +135,26 @@ class DDPMTargetPipeline(DDPMPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         trajectory_steps: int | Sequence[int] | None = None,
+        eta: float = 0.0,
     ) -> DDPMTargetPipelineOutput | tuple:
-        r"""Sample ``batch_size`` images by ancestral sampling.
+        r"""Sample ``batch_size`` images by ancestral sampling (or with the diffusers scheduler set).
 
         Args:
             batch_size: number of images.
             generator: a `torch.Generator` (or one per image) for deterministic sampling.
             num_inference_steps: how many of the T training steps to visit; ``None`` means all T.
                 Fewer steps respace the chain (``timestep_spacing`` picks them) and use each
-                step's exact respaced posterior (:meth:`DDPMTargetScheduler.step`).
+                step's exact respaced posterior (:meth:`DDPMTargetScheduler.step`). Another
+                scheduler takes its own steps (DDIM or DPM-Solver: 20–100 are usual).
             output_type: ``"pil"`` (`PIL.Image` list), ``"np"`` (``[B, H, W, C]`` in [0, 1]) or
                 ``"pt"`` (``[B, C, H, W]`` in [0, 1]).
             return_dict: return a :class:`DDPMTargetPipelineOutput` instead of a tuple.
             trajectory_steps: record ``x_t``, ``ε̂`` and ``x̂_0`` at these visited timesteps, or at
                 this many evenly spaced ones (first and last included); see
                 :func:`~ddpm_pipeline.render_trajectory`.
+            eta: DDIM's η, for schedulers whose ``step`` takes it (``DDIMScheduler``): 0 is the
+                deterministic DDIM sampler, 1 the ancestral one (the respaced DDPM posterior with
+                ``fixed_small``); ignored by the others.
 
         Returns:
             :class:`DDPMTargetPipelineOutput` (``images``, ``trajectory``), or the tuple
@@ -155,7 +170,8 @@ class DDPMTargetPipeline(DDPMPipeline):
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for batch_size {batch_size}: pass one per image.")
-        num_train_timesteps = self.scheduler.config.num_train_timesteps
+        scheduler = self.scheduler
+        num_train_timesteps = scheduler.config.num_train_timesteps
         if num_inference_steps is None:
             num_inference_steps = num_train_timesteps
         if not 1 <= num_inference_steps <= num_train_timesteps:
@@ -170,29 +186,37 @@ class DDPMTargetPipeline(DDPMPipeline):
         device = self._execution_device
         unet_dtype = self.unet.dtype
         state_dtype = torch.float32 if unet_dtype in (torch.float16, torch.bfloat16) else unet_dtype
+        scheduler.set_timesteps(num_inference_steps)
         image = randn_tensor(shape, generator=generator, device=device, dtype=state_dtype)
-
-        self.scheduler.set_timesteps(num_inference_steps)
-        visited = [int(t) for t in self.scheduler.timesteps]
+        # 1 for DDPM, DDIM, DPM-Solver; √(σ_max² + 1) of the set timesteps for Euler-type schedulers
+        image = image * scheduler.init_noise_sigma
+        visited = [int(t) for t in scheduler.timesteps]
         # The UNet's timesteps go to the device once (not one copy per step); step() keeps its
         # coefficients as Python floats, so the loop never waits for the device.
-        unet_timesteps = self.scheduler.timesteps.to(device)
+        unet_timesteps = scheduler.timesteps.to(device)
         memory_format = torch.channels_last if is_channels_last(self.unet) else torch.contiguous_format
-        record = set(_trajectory_timesteps(trajectory_steps, visited))
+        record = set(_trajectory_timesteps(trajectory_steps, scheduler.timesteps))
+        # ε̂ and x̂0 for the trajectory come from DDPMTargetScheduler's formulas, with the set scheduler's betas
+        explain = scheduler if isinstance(scheduler, DDPMTargetScheduler) else _twin(scheduler) if record else None
+        step_options = _step_options(scheduler, generator, eta)
         snapshots: dict[str, list[torch.Tensor]] = {"samples": [], "noise": [], "x0": []}
 
-        for index, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+        for index, t in enumerate(self.progress_bar(scheduler.timesteps)):
             if device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()  # a compiled UNet's CUDA graph may reuse its output
-            unet_input = image.to(dtype=unet_dtype, memory_format=memory_format)
+            state = scheduler.scale_model_input(image, t)  # x_t itself except for Euler-type schedulers
+            unet_input = state.to(dtype=unet_dtype, memory_format=memory_format)
             model_output = self.unet(unet_input, unet_timesteps[index]).sample
-            step = self.scheduler.step(model_output, t, image, generator=generator)
-            if int(t) in record:
-                snapshots["samples"].append(image.float().cpu())
-                snapshots["noise"].append(
-                    self.scheduler.predict_epsilon(model_output.float(), image.float(), int(t)).cpu()
-                )
-                snapshots["x0"].append(step.pred_original_sample.float().cpu())
+            if model_output.dtype != image.dtype:
+                model_output = model_output.to(image.dtype)  # the scheduler's arithmetic in float32
+            step = scheduler.step(model_output, t, image, **step_options)
+            if int(t) in record:  # x̂0 as the step used it (clipped if the config says so), where it tells
+                x_t = state.float()
+                x0 = getattr(step, "pred_original_sample", None)
+                x0 = explain.predict_x0(model_output, x_t, int(t)) if x0 is None else x0
+                snapshots["samples"].append(x_t.cpu())
+                snapshots["noise"].append(explain.predict_epsilon(model_output, x_t, int(t)).cpu())
+                snapshots["x0"].append(x0.float().cpu())
             image = step.prev_sample
 
         trajectory = None
@@ -204,7 +228,7 @@ class DDPMTargetPipeline(DDPMPipeline):
                 x0_predictions=torch.stack(snapshots["x0"]),
             )
 
-        _warn_if_diverged(image, self.scheduler)
+        _warn_if_diverged(image, scheduler)
         images = (image / 2 + 0.5).clamp(0, 1)
         if output_type != "pt":
             images = images.float().cpu().permute(0, 2, 3, 1).numpy()
@@ -225,7 +249,7 @@ def _warn_if_diverged(final_state: torch.Tensor, scheduler: DDPMScheduler) -> No
     if bool(finite.all()):
         return
     hint = "train longer, sample in float32"
-    if not scheduler.config.clip_sample and not scheduler.config.thresholding:
+    if not scheduler.config.get("clip_sample", True) and not scheduler.config.get("thresholding", True):
         hint += ", or set clip_sample=True (it bounds x̂_0 at every step)"
     warnings.warn(
         f"Sampling diverged: {int((~finite).sum())} of {finite.numel()} images hold NaN or inf values and are not "
@@ -237,10 +261,48 @@ def _warn_if_diverged(final_state: torch.Tensor, scheduler: DDPMScheduler) -> No
     )
 
 
-def _trajectory_timesteps(trajectory_steps: int | Sequence[int] | None, visited: list[int]) -> list[int]:
+def _sampling_scheduler(scheduler) -> SchedulerMixin:
+    """The scheduler a `DDPMTargetPipeline` samples with: a stock `DDPMScheduler` converted to a
+    `DDPMTargetScheduler` (same betas and options), any other diffusers scheduler as it is."""
+    if isinstance(scheduler, DDPMScheduler):
+        return DDPMTargetScheduler.from_stock_scheduler(scheduler)
+    if isinstance(scheduler, SchedulerMixin) and callable(getattr(scheduler, "step", None)):
+        return scheduler
+    raise TypeError(
+        f"DDPMTargetPipeline samples with a diffusers scheduler, got {type(scheduler).__name__}; pass a "
+        "DDPMTargetScheduler, a DDPMScheduler, or another diffusers scheduler built from the pipeline's, e.g. "
+        "DDIMScheduler.from_config(pipe.scheduler.config)."
+    )
+
+
+def _twin(scheduler: SchedulerMixin) -> DDPMTargetScheduler:
+    """A `DDPMTargetScheduler` with another scheduler's betas and target, for its formulas
+    ``x̂_0(output, x_t, t)`` and ``ε̂(output, x_t, t)``."""
+    betas = scheduler.betas.double().tolist()
+    return DDPMTargetScheduler(num_train_timesteps=len(betas), trained_betas=betas,
+                               prediction_type=scheduler.config.prediction_type)
+
+
+def _step_options(scheduler: SchedulerMixin, generator, eta: float) -> dict:
+    """The keyword arguments of ``scheduler.step`` besides output, timestep and state: the
+    generator, and DDIM's η, for the schedulers whose ``step`` takes them."""
+    accepted = inspect.signature(scheduler.step).parameters
+    options = {"generator": generator} if "generator" in accepted else {}
+    if "eta" in accepted:
+        options["eta"] = eta
+    return options
+
+
+def _trajectory_timesteps(trajectory_steps: int | Sequence[int] | None, timesteps: torch.Tensor) -> list[int]:
     """The visited timesteps to record: ``k`` evenly spaced ones, or the given ones (checked)."""
     if trajectory_steps is None:
         return []
+    if timesteps.is_floating_point() and not torch.equal(timesteps, timesteps.round()):
+        raise ValueError(
+            "trajectory_steps needs a scheduler with integer timesteps (DDPM, DDIM, DPM-Solver); this one "
+            "visits fractional ones: record trajectories with the pipeline's DDPMTargetScheduler."
+        )
+    visited = [int(t) for t in timesteps]
     if isinstance(trajectory_steps, (int, np.integer)):
         count = int(trajectory_steps)
         if count < 1:

@@ -20,6 +20,8 @@ import torch
 #: The linear schedule's end points for T = 1000 steps (DDPM paper).
 LINEAR_BETA_START = 1e-4
 LINEAR_BETA_END = 0.02
+#: The T at which the linear schedule is unscaled (diffusers' "linear" never scales).
+LINEAR_REFERENCE_STEPS = 1000
 #: The cosine schedule's offset ``s`` and cap on β (Improved DDPM).
 COSINE_S = 0.008
 COSINE_MAX_BETA = 0.999
@@ -58,7 +60,7 @@ def linear_betas(
     the DDPM paper's 1e-4 .. 0.02 and other T keep the same total amount of noise.
     """
     _check_num_steps(num_train_timesteps)
-    scale = 1000.0 / num_train_timesteps
+    scale = LINEAR_REFERENCE_STEPS / num_train_timesteps
     return torch.linspace(beta_start * scale, beta_end * scale, num_train_timesteps, dtype=torch.float64)
 
 

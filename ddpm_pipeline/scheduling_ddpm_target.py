@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .schedules import (
     BETA_SCHEDULES,
+    LINEAR_REFERENCE_STEPS,
     VARIANCE_TYPES,
     NoiseSchedule,
     canonical_prediction_type,
@@ -40,14 +41,19 @@ class DDPMTargetScheduler(DDPMScheduler):
     It takes every argument of `diffusers.DDPMScheduler`, with these differences:
 
     * ``beta_schedule``: also ``"cosine"`` (Improved DDPM, s = 0.008, β ≤ 0.999 — the same betas
-      as diffusers' ``"squaredcos_cap_v2"``); ``"linear"`` scales its end points by 1000/T for
-      ``num_train_timesteps`` ≠ 1000 (DESIGN.md §1), and is the stock schedule for T = 1000.
+      as diffusers' ``"squaredcos_cap_v2"``, the name it is stored as); ``"linear"`` scales its end
+      points by 1000/T for ``num_train_timesteps`` ≠ 1000 (DESIGN.md §1) and is then stored with
+      its betas as ``trained_betas``, and is the stock schedule for T = 1000.
     * ``prediction_type``: ``"epsilon"``, ``"sample"`` (alias ``"x0"``, stored as ``"sample"``),
       ``"mu"`` (the posterior mean μ̃_t) or ``"v_prediction"``.
     * ``variance_type``: ``"fixed_small"`` (σ_t² = β̃_t) or ``"fixed_large"`` (σ_t² = β_t).
 
     Every table is computed in float64 (:attr:`schedule`); ``betas``, ``alphas`` and
     ``alphas_cumprod`` hold their float32 roundings, as in the parent.
+
+    The config is therefore always in stock terms, and for every target but μ any diffusers
+    scheduler built from it has the same betas, as diffusers' idiom expects:
+    ``DDIMScheduler.from_config(pipe.scheduler.config)``.
     """
 
     @register_to_config
@@ -108,8 +114,6 @@ class DDPMTargetScheduler(DDPMScheduler):
             steps_offset=steps_offset,
             rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
-        self.register_to_config(beta_schedule=beta_schedule, prediction_type=prediction_type)
-
         if trained_betas is not None:
             betas = torch.as_tensor(np.asarray(trained_betas, dtype=np.float64))
             if betas.numel() != num_train_timesteps:
@@ -118,6 +122,10 @@ class DDPMTargetScheduler(DDPMScheduler):
                 )
         else:
             betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        ours = {"prediction_type": prediction_type, **_stock_schedule_config(beta_schedule, trained_betas, betas)}
+        # diffusers' from_config drops the keys listed as defaults: these are not defaults any more.
+        defaults = [key for key in self.config.get("_use_default_values", []) if key not in ours]
+        self.register_to_config(**ours, _use_default_values=defaults)
         self.schedule = NoiseSchedule.from_betas(betas)
         self.betas = self.schedule.betas.float()
         self.alphas = self.schedule.alphas.float()
@@ -129,7 +137,8 @@ class DDPMTargetScheduler(DDPMScheduler):
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs):
-        """Build from a config dict, ours or a stock `DDPMScheduler`'s.
+        """Build from a config dict, ours or another diffusers scheduler's (`DDPMScheduler`,
+        `DDIMScheduler`, …; the options this class lacks are ignored).
 
         A stock config written by :meth:`to_stock_scheduler` carries this class's original config
         under ``_ddpm_pipeline_config`` and is restored from it exactly. Any other stock config keeps
@@ -156,10 +165,10 @@ class DDPMTargetScheduler(DDPMScheduler):
     def to_stock_scheduler(self) -> DDPMScheduler:
         """An equivalent stock `diffusers.DDPMScheduler`, for folders loadable without this package.
 
-        ``"cosine"`` becomes ``"squaredcos_cap_v2"`` (the same betas); a linear schedule with
-        T ≠ 1000 is written as ``trained_betas``. This class's own config travels along as a private
-        key, so :meth:`from_config` restores it exactly. Raises for the μ target, which stock
-        diffusers cannot sample.
+        Its config is this one's (already in stock terms: ``"squaredcos_cap_v2"``, and a linear
+        schedule with T ≠ 1000 as ``trained_betas``), which also travels along as a private key, so
+        :meth:`from_config` restores it exactly. Raises for the μ target, which stock diffusers
+        cannot sample.
         """
         if not self.is_stock_compatible():
             raise ValueError(
@@ -167,13 +176,7 @@ class DDPMTargetScheduler(DDPMScheduler):
                 "DDPMTargetScheduler (loading it then needs `pip install ddpm_pipeline`)."
             )
         original = {k: _json_safe(v) for k, v in self.config.items() if not k.startswith("_")}
-        stock_config = dict(original)
-        if stock_config["trained_betas"] is None:
-            if stock_config["beta_schedule"] == "cosine":
-                stock_config["beta_schedule"] = "squaredcos_cap_v2"
-            elif stock_config["beta_schedule"] == "linear" and stock_config["num_train_timesteps"] != 1000:
-                stock_config["trained_betas"] = self.schedule.betas.tolist()
-        stock = DDPMScheduler(**stock_config)
+        stock = DDPMScheduler(**original)  # the config is in stock terms already (see __init__)
         stock.register_to_config(**{ORIGINAL_CONFIG_KEY: original})
         return stock
 
@@ -459,13 +462,26 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _stock_schedule_config(beta_schedule: str, trained_betas: Any, betas: torch.Tensor) -> dict[str, Any]:
+    """The schedule's config entries in the terms of every diffusers scheduler: ``"cosine"`` as
+    diffusers' identical ``"squaredcos_cap_v2"``, and this class's scaled linear schedule (its
+    end points × 1000/T, which diffusers' ``"linear"`` does not scale) as ``trained_betas``."""
+    if trained_betas is not None:
+        return {"beta_schedule": beta_schedule, "trained_betas": _json_safe(trained_betas)}
+    if beta_schedule == "cosine":
+        return {"beta_schedule": "squaredcos_cap_v2", "trained_betas": None}
+    if beta_schedule == "linear" and len(betas) != LINEAR_REFERENCE_STEPS:
+        return {"beta_schedule": "linear", "trained_betas": betas.tolist()}
+    return {"beta_schedule": beta_schedule, "trained_betas": None}
+
+
 def _config_from_stock(config: dict[str, Any]) -> dict[str, Any]:
-    """Map a stock `DDPMScheduler` config onto this class's meaning of each option."""
+    """Map a stock diffusers scheduler's config onto this class's meaning of each option."""
     original = config.pop(ORIGINAL_CONFIG_KEY, None)
     if original is not None:  # complete: no key falls back to a default
         config.pop("_use_default_values", None)
         return {**config, **original, "_class_name": DDPMTargetScheduler.__name__}
-    if config.get("_class_name") != "DDPMScheduler":
+    if config.get("_class_name") in (None, DDPMTargetScheduler.__name__):  # ours: as it is
         return config
     num_steps = config.get("num_train_timesteps", 1000)
     if config.get("trained_betas") is None and config.get("beta_schedule", "linear") == "linear" and num_steps != 1000:

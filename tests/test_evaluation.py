@@ -15,6 +15,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from PIL import Image
 from pixel_features import FEATURES, PixelFeatures, logits_of
 
@@ -80,8 +81,8 @@ def test_fast_sampling_changes_the_samples_not_the_bound(tmp_path, reference_dat
     common = {"metrics": "fid,bpd", "bpd_num_images": 4, "bpd_batch_size": 4}
     plain = run(tmp_path, model, reference_data, fast_sampling="off", output=str(tmp_path / "plain.json"), **common)
     half = run(tmp_path, model, reference_data, sampling_dtype="bfloat16", output=str(tmp_path / "half.json"), **common)
-    assert plain["sampling"] == {"fast": False, "unet_dtype": "float32"}
-    assert half["sampling"] == {"fast": True, "unet_dtype": "bfloat16"}
+    assert plain["sampling"] == {"fast": False, "unet_dtype": "float32", "scheduler": "DDPMTargetScheduler"}
+    assert half["sampling"] == {"fast": True, "unet_dtype": "bfloat16", "scheduler": "DDPMTargetScheduler"}
     assert half["metrics"]["fid"] != plain["metrics"]["fid"]  # other samples
     assert half["metrics"]["bpd"]["bits_per_dim"] == plain["metrics"]["bpd"]["bits_per_dim"]  # the same bound
     with pytest.raises(ValueError, match="unet_dtype: 'bfloat16' there vs None now"):
@@ -90,6 +91,33 @@ def test_fast_sampling_changes_the_samples_not_the_bound(tmp_path, reference_dat
         run(tmp_path, model, reference_data, metrics="fid", sampling_dtype="bfloat16", samples_dir=str(tmp_path / "plain-samples"))
     with pytest.raises(ValueError, match="--fast_sampling must be one of auto, off"):
         run(tmp_path, model, reference_data, metrics="fid", fast_sampling="on")
+
+
+def test_other_schedulers_sample_other_images_with_the_same_bound(tmp_path, tiny_pipeline, reference_data):
+    """--scheduler ddim samples with diffusers' DDIMScheduler built from the folder's config; the
+    bound is the DDPM chain's either way, also for a folder saved with DDIM; stores never mix
+    samplers; a μ model cannot use another sampler."""
+    torch.manual_seed(0)
+    model, saved_with_ddim = tmp_path / "eps", tmp_path / "eps-ddim"
+    pipeline = DDPMTargetPipeline(DDPMUNet.from_preset("ddpm-tiny-16"), DDPMTargetScheduler(num_train_timesteps=40))
+    pipeline.save_pretrained(model)
+    pipeline.scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    pipeline.save_pretrained(saved_with_ddim)
+    common = {"metrics": "fid,bpd", "bpd_num_images": 4, "bpd_batch_size": 4}
+    ancestral = run(tmp_path, model, reference_data, output=str(tmp_path / "ddpm.json"), **common)
+    ddim = run(tmp_path, model, reference_data, scheduler="ddim", output=str(tmp_path / "ddim.json"), **common)
+    assert ancestral["sampling"]["scheduler"] == "DDPMTargetScheduler" and ddim["sampling"]["scheduler"] == "DDIMScheduler"
+    assert ddim["metrics"]["fid"] != ancestral["metrics"]["fid"]
+    assert ddim["metrics"]["bpd"]["bits_per_dim"] == ancestral["metrics"]["bpd"]["bits_per_dim"]
+    folder = run(tmp_path, saved_with_ddim, reference_data, output=str(tmp_path / "saved.json"), **common)
+    assert folder["sampling"]["scheduler"] == "DDIMScheduler"
+    np.testing.assert_allclose(folder["metrics"]["bpd"]["bits_per_dim"], ancestral["metrics"]["bpd"]["bits_per_dim"], rtol=1e-6)
+    with pytest.raises(ValueError, match="scheduler: None there vs 'ddim' now"):
+        run(tmp_path, model, reference_data, metrics="fid", scheduler="ddim", samples_dir=str(tmp_path / "ddpm-samples"))
+    with pytest.raises(ValueError, match="cannot sample a 'mu' model"):
+        run(tmp_path, tiny_pipeline, reference_data, metrics="fid", scheduler="dpmsolver++")
+    with pytest.raises(ValueError, match="--scheduler must be one of ddpm, ddim, dpmsolver\\+\\+, euler"):
+        run(tmp_path, model, reference_data, metrics="fid", scheduler="pndm")
 
 
 def test_samples_are_reused_and_independent_of_how_many_were_asked_for(tmp_path, tiny_pipeline, reference_data):

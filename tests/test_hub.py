@@ -86,7 +86,7 @@ def test_model_card_of_an_epsilon_model_with_metrics(tmp_path):
     assert 'DDPMPipeline.from_pretrained("someone/fmnist-ddpm")().images[0]' in body
     assert "Stock diffusers is all it needs" in body and "pip install ddpm_pipeline" not in body
     assert "![samples from the EMA weights](samples.png)" in body
-    assert "the noise ε" in body and "cosine" in body
+    assert "the noise ε" in body and "with the cosine noise schedule" in body
     assert "| `model` | `ddpm-tiny-16` |" in body and "| FID | 12.35 |" in body
     assert "5000 samples with 1000 sampling steps" in body
 

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import public_config
-from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline
+from diffusers import (
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+)
 from PIL import Image
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
@@ -115,6 +122,79 @@ def test_same_images_as_stock_pipeline_on_the_full_chain():
     a = ours(batch_size=3, generator=torch.Generator().manual_seed(1), num_inference_steps=100, output_type="pt").images
     b = stock_sample(stock, steps=100, batch_size=3, seed=1)
     torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "cosine"])
+def test_other_diffusers_schedulers_swap_in_with_the_training_betas(tmp_path, beta_schedule):
+    """diffusers' idiom `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)` keeps the
+    training betas (T = 100: our linear schedule is scaled, diffusers' is not), samples as stock
+    DDPMPipeline does with that scheduler, saves and loads as that class, and swaps back."""
+    pipe = make_pipeline("x0", beta_schedule=beta_schedule)
+    training_betas = pipe.scheduler.schedule.betas
+    for scheduler_class in (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler):
+        swapped = scheduler_class.from_config(pipe.scheduler.config)
+        torch.testing.assert_close(swapped.betas.double(), training_betas, rtol=1e-6, atol=0)
+        assert swapped.config.prediction_type == "sample"
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    assert type(pipe.scheduler) is DPMSolverMultistepScheduler
+    assert tuple(pipe.config.scheduler) == ("diffusers", "DPMSolverMultistepScheduler")
+    images = sample(pipe).images
+    stock = DDPMPipeline(unet=pipe.unet, scheduler=DPMSolverMultistepScheduler.from_config(pipe.scheduler.config))
+    stock.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(images, stock_sample(stock), rtol=0, atol=1e-6)
+
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["scheduler"] == ["diffusers", "DPMSolverMultistepScheduler"]
+    for loader in (DDPMTargetPipeline, DDPMPipeline):
+        loaded = loader.from_pretrained(tmp_path)
+        loaded.set_progress_bar_config(disable=True)
+        assert type(loaded.scheduler) is DPMSolverMultistepScheduler
+        torch.testing.assert_close(stock_sample(loaded), images, rtol=0, atol=1e-6)
+
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # back to ancestral sampling
+    assert isinstance(pipe.scheduler, DDPMTargetScheduler)
+    assert tuple(pipe.config.scheduler) == ("ddpm_pipeline", "DDPMTargetScheduler")
+    assert torch.equal(pipe.scheduler.schedule.betas, training_betas)
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "cosine"])
+def test_ddim_at_eta_one_is_ancestral_sampling_and_euler_is_ddim_at_eta_zero(beta_schedule):
+    """Two exact identities, run through the pipeline (an x0 network, so that an untrained one keeps
+    its samples in range; no clipping, which DDIM applies differently):
+
+    * DDIM with η = 1 has σ² = (1 - ᾱ_s)/(1 - ᾱ_t) · (1 - ᾱ_t/ᾱ_s) = the respaced posterior variance
+      β̃ and the posterior mean, so it is this package's respaced ancestral sampler (fixed_small),
+      with the same noise draws;
+    * Euler's method in (x/√ᾱ, σ = √((1-ᾱ)/ᾱ)) coordinates is deterministic DDIM (η = 0), which
+      exercises the pipeline's init_noise_sigma and scale_model_input for σ-space schedulers."""
+    pipe = make_pipeline("x0", beta_schedule=beta_schedule, clip_sample=False)
+    config = pipe.scheduler.config
+    ancestral = sample(pipe).images
+    pipe.scheduler = DDIMScheduler.from_config(config)
+    torch.testing.assert_close(sample(pipe, eta=1.0).images, ancestral, rtol=0, atol=2e-5)
+    deterministic = sample(pipe).images
+    assert (deterministic - ancestral).abs().max() > 0.1  # η matters: the two samplers differ
+    pipe.scheduler = EulerDiscreteScheduler.from_config(config, timestep_spacing="leading")
+    torch.testing.assert_close(sample(pipe).images, deterministic, rtol=0, atol=2e-5)
+
+
+def test_trajectory_with_another_scheduler():
+    """With DDIM the trajectory records x_t, the network's ε̂ (an ε model) and the clipped x̂0 DDIM
+    stepped with; a scheduler with fractional timesteps cannot record one."""
+    pipe = make_pipeline("epsilon")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    trajectory = sample(pipe, trajectory_steps=3).trajectory
+    alphas_cumprod = pipe.scheduler.alphas_cumprod
+    for k, t in enumerate(trajectory.timesteps):
+        x_t = trajectory.samples[k]
+        noise = pipe.unet(x_t, t).sample
+        torch.testing.assert_close(trajectory.noise_predictions[k], noise, rtol=0, atol=1e-6)
+        x0 = ((x_t - (1 - alphas_cumprod[t]).sqrt() * noise) / alphas_cumprod[t].sqrt()).clamp(-1, 1)
+        torch.testing.assert_close(trajectory.x0_predictions[k], x0, rtol=0, atol=1e-5)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # "linspace" spacing
+    with pytest.raises(ValueError, match="integer timesteps"):
+        sample(pipe, steps=7, trajectory_steps=2)
 
 
 @pytest.mark.parametrize("channels,mode", [(1, "L"), (3, "RGB")])

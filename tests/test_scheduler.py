@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import public_config
-from diffusers import DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler
 
 from ddpm_pipeline import DDPMTargetScheduler
 
@@ -298,6 +298,26 @@ def test_stock_form_round_trip(tmp_path, options):
     assert public_config(ours.config) == public_config(scheduler.config)
     assert torch.equal(ours.schedule.betas, scheduler.schedule.betas)
     assert torch.equal(DDPMTargetScheduler.from_stock_scheduler(stock).schedule.betas, scheduler.schedule.betas)
+
+
+def test_config_is_in_stock_terms_and_older_configs_load(tmp_path):
+    """The config names the cosine schedule as diffusers does and carries a scaled linear schedule
+    (T ≠ 1000) as its betas, so any diffusers scheduler built from it has the training betas; a
+    config saved before (``"cosine"``, no betas) loads to the same scheduler."""
+    cosine = DDPMTargetScheduler(beta_schedule="cosine", num_train_timesteps=250)
+    assert cosine.config.beta_schedule == "squaredcos_cap_v2" and cosine.config.trained_betas is None
+    scaled = DDPMTargetScheduler(num_train_timesteps=250)
+    assert scaled.config.beta_schedule == "linear" and scaled.config.trained_betas == scaled.schedule.betas.tolist()
+    assert DDPMTargetScheduler().config.trained_betas is None  # T = 1000: diffusers' own linear schedule
+    for scheduler in (cosine, scaled):
+        stock = DDIMScheduler.from_config(scheduler.config)
+        np.testing.assert_allclose(stock.betas.double().numpy(), scheduler.schedule.betas.numpy(), rtol=1e-6)
+        old = {k: v for k, v in scheduler.config.items() if not k.startswith("_")}
+        old.update(beta_schedule="cosine" if scheduler is cosine else "linear", trained_betas=None)
+        (tmp_path / "scheduler_config.json").write_text(json.dumps({"_class_name": "DDPMTargetScheduler", **old}))
+        loaded = DDPMTargetScheduler.from_pretrained(tmp_path)
+        assert public_config(loaded.config) == public_config(scheduler.config)
+        assert torch.equal(loaded.schedule.betas, scheduler.schedule.betas)
 
 
 def test_plain_stock_config_keeps_its_betas():
