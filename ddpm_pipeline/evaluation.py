@@ -200,7 +200,7 @@ def sampling_pipeline(model: str, device: torch.device, fast_sampling: str = "au
     :data:`SCHEDULER_CHOICES`) built from the saved one's config unless it is ``"ddpm"``."""
     pipeline = DDPMTargetPipeline.from_pretrained(model).to(device)
     if scheduler != "ddpm":
-        if pipeline.scheduler.config.prediction_type not in ("epsilon", "sample", "v_prediction"):
+        if isinstance(pipeline.scheduler, DDPMTargetScheduler) and not pipeline.scheduler.is_stock_compatible():
             raise ValueError(
                 f"--scheduler {scheduler} cannot sample a {pipeline.scheduler.config.prediction_type!r} model: "
                 "diffusers' samplers take ε, x0 or v predictions; use --scheduler ddpm."

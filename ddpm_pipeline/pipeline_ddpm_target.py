@@ -58,6 +58,7 @@ class DDPMTargetPipeline(DDPMPipeline):
     """
 
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
+        # converted here too: register_modules records the module's class before __setattr__ runs
         super().__init__(unet=unet, scheduler=_sampling_scheduler(scheduler))
         # DDPMUNet adds no config: record it as the stock class it saves as.
         if isinstance(unet, UNet2DModel):
@@ -197,7 +198,9 @@ class DDPMTargetPipeline(DDPMPipeline):
         memory_format = torch.channels_last if is_channels_last(self.unet) else torch.contiguous_format
         record = set(_trajectory_timesteps(trajectory_steps, scheduler.timesteps))
         # ε̂ and x̂0 for the trajectory come from DDPMTargetScheduler's formulas, with the set scheduler's betas
-        explain = scheduler if isinstance(scheduler, DDPMTargetScheduler) else _twin(scheduler) if record else None
+        explain = scheduler
+        if record and not isinstance(scheduler, DDPMTargetScheduler):
+            explain = DDPMTargetScheduler.from_config(scheduler.config)
         step_options = _step_options(scheduler, generator, eta)
         snapshots: dict[str, list[torch.Tensor]] = {"samples": [], "noise": [], "x0": []}
 
@@ -273,14 +276,6 @@ def _sampling_scheduler(scheduler) -> SchedulerMixin:
         "DDPMTargetScheduler, a DDPMScheduler, or another diffusers scheduler built from the pipeline's, e.g. "
         "DDIMScheduler.from_config(pipe.scheduler.config)."
     )
-
-
-def _twin(scheduler: SchedulerMixin) -> DDPMTargetScheduler:
-    """A `DDPMTargetScheduler` with another scheduler's betas and target, for its formulas
-    ``x̂_0(output, x_t, t)`` and ``ε̂(output, x_t, t)``."""
-    betas = scheduler.betas.double().tolist()
-    return DDPMTargetScheduler(num_train_timesteps=len(betas), trained_betas=betas,
-                               prediction_type=scheduler.config.prediction_type)
 
 
 def _step_options(scheduler: SchedulerMixin, generator, eta: float) -> dict:

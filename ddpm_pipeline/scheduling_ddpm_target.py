@@ -6,6 +6,7 @@ sampling and evaluation call the methods here instead of re-deriving them.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -25,9 +26,10 @@ from .schedules import (
     make_betas,
 )
 
-#: Key under which a stock-class scheduler config keeps this class's original config, so that
-#: loading it back with `ddpm_pipeline` restores every option exactly (stock diffusers ignores
-#: private keys).
+#: Key under which stock-class scheduler configs saved by earlier versions kept this class's
+#: original config, whose terms then differed from stock ("cosine", a scaled linear schedule
+#: without its betas); read when loading those folders, no longer written: the config is now in
+#: stock terms itself.
 ORIGINAL_CONFIG_KEY = "_ddpm_pipeline_config"
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 LOSS_WEIGHTINGS = ("simple", "vlb")
@@ -138,12 +140,13 @@ class DDPMTargetScheduler(DDPMScheduler):
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs):
         """Build from a config dict, ours or another diffusers scheduler's (`DDPMScheduler`,
-        `DDIMScheduler`, …; the options this class lacks are ignored).
+        `DDIMScheduler`, …; of another sampler's options, those this class takes are kept, except
+        its ``variance_type``, which means something else there).
 
-        A stock config written by :meth:`to_stock_scheduler` carries this class's original config
-        under ``_ddpm_pipeline_config`` and is restored from it exactly. Any other stock config keeps
-        its betas: a stock ``"linear"`` schedule with T ≠ 1000 is unscaled, so its betas are passed
-        as ``trained_betas``.
+        A stock config that earlier versions wrote with this class's original config under
+        ``_ddpm_pipeline_config`` is restored from it exactly. Any other stock config keeps its
+        betas: a stock ``"linear"`` schedule with T ≠ 1000 is unscaled, so its betas are passed as
+        ``trained_betas``.
         """
         if config is not None and not isinstance(config, dict):
             config = dict(config.config if hasattr(config, "config") else config)
@@ -165,20 +168,16 @@ class DDPMTargetScheduler(DDPMScheduler):
     def to_stock_scheduler(self) -> DDPMScheduler:
         """An equivalent stock `diffusers.DDPMScheduler`, for folders loadable without this package.
 
-        Its config is this one's (already in stock terms: ``"squaredcos_cap_v2"``, and a linear
-        schedule with T ≠ 1000 as ``trained_betas``), which also travels along as a private key, so
-        :meth:`from_config` restores it exactly. Raises for the μ target, which stock diffusers
-        cannot sample.
+        Its config is this one's, which is in stock terms already (``"squaredcos_cap_v2"``, and a
+        linear schedule with T ≠ 1000 as ``trained_betas``), so :meth:`from_config` restores every
+        option from it. Raises for the μ target, which stock diffusers cannot sample.
         """
         if not self.is_stock_compatible():
             raise ValueError(
                 "A μ-prediction scheduler has no stock diffusers equivalent: save it as "
                 "DDPMTargetScheduler (loading it then needs `pip install ddpm_pipeline`)."
             )
-        original = {k: _json_safe(v) for k, v in self.config.items() if not k.startswith("_")}
-        stock = DDPMScheduler(**original)  # the config is in stock terms already (see __init__)
-        stock.register_to_config(**{ORIGINAL_CONFIG_KEY: original})
-        return stock
+        return DDPMScheduler(**{k: _json_safe(v) for k, v in self.config.items() if not k.startswith("_")})
 
     # ------------------------------------------------------------------ coefficient lookup
     def _coefficient(
@@ -483,6 +482,12 @@ def _config_from_stock(config: dict[str, Any]) -> dict[str, Any]:
         return {**config, **original, "_class_name": DDPMTargetScheduler.__name__}
     if config.get("_class_name") in (None, DDPMTargetScheduler.__name__):  # ours: as it is
         return config
+    if config["_class_name"] != DDPMScheduler.__name__:
+        # Another sampler (DDIM, DPM-Solver, …): keep the options this class takes, except variance_type,
+        # which means something else there (DPM-Solver: whether the network learned it), so the DDPM
+        # chain's default stands.
+        accepted = inspect.signature(DDPMTargetScheduler.__init__).parameters.keys() - {"self", "variance_type"}
+        config = {k: v for k, v in config.items() if k.startswith("_") or k in accepted}
     num_steps = config.get("num_train_timesteps", 1000)
     if config.get("trained_betas") is None and config.get("beta_schedule", "linear") == "linear" and num_steps != 1000:
         # stock "linear" is unscaled for T ≠ 1000, ours is scaled: keep the stock betas.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import public_config
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from ddpm_pipeline import DDPMTargetScheduler
 
@@ -318,6 +318,18 @@ def test_config_is_in_stock_terms_and_older_configs_load(tmp_path):
         loaded = DDPMTargetScheduler.from_pretrained(tmp_path)
         assert public_config(loaded.config) == public_config(scheduler.config)
         assert torch.equal(loaded.schedule.betas, scheduler.schedule.betas)
+
+
+@pytest.mark.parametrize("sampler", [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler])
+def test_back_from_another_samplers_saved_config(tmp_path, sampler):
+    """A folder saved with another diffusers sampler gives back the DDPM chain of its betas, with the
+    default variance (DPM-Solver's variance_type, None, means something else)."""
+    ours = DDPMTargetScheduler(num_train_timesteps=250, beta_schedule="cosine", prediction_type="x0")
+    sampler.from_config(ours.config).save_pretrained(tmp_path)
+    saved = sampler.from_pretrained(tmp_path)
+    back = DDPMTargetScheduler.from_config(saved.config)
+    assert torch.equal(back.schedule.betas, ours.schedule.betas)
+    assert (back.config.prediction_type, back.config.variance_type) == ("sample", "fixed_small")
 
 
 def test_plain_stock_config_keeps_its_betas():
