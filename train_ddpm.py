@@ -5,7 +5,9 @@ and writes a `DDPMPipeline` folder to ``outputs/ddpm-fashion-mnist``. ``--help``
 the loop lives in :mod:`ddpm_pipeline.training`.
 """
 
-from ddpm_pipeline.training import main
+import sys
+
+from ddpm_pipeline.training import exit_status, main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -108,7 +108,8 @@ DEFAULT_DATA = ("../shared/data/fashion-mnist", ".data/fashion-mnist")
 
 
 class PieceOver(Exception):
-    """This command's ``--stop_after_minutes`` are spent; everything so far is on disk."""
+    """This command's ``--stop_after_minutes`` are spent, or a stop signal ended its training;
+    everything so far is on disk. The message says which."""
 
 
 class Piece:
@@ -278,7 +279,7 @@ class Study:
         result = train(TrainingConfig.from_args(options))
         self.piece.done()
         if not result.finished:
-            raise PieceOver
+            raise PieceOver(f"training received {result.stopped_by}" if result.stopped_by else "")
         trained = {final.label: {"steps": result.global_step, "train_seconds": result.train_seconds, "pipeline": str(output)}}
         for milestone in milestones[:-1]:
             folder = output / milestone.snapshot
@@ -774,8 +775,9 @@ def main(argv: list[str] | None = None) -> Any:
     study = Study(args, command="python benchmarks/quality_fmnist.py " + shlex.join(given))
     try:
         result = study.run(args.recipe, extra) if args.command == "run" else study.floor()
-    except PieceOver:
-        print(f"stopped after --stop_after_minutes {args.stop_after_minutes}; run the same command again to continue")
+    except PieceOver as stop:
+        reason = str(stop) or f"stopped after --stop_after_minutes {args.stop_after_minutes}"
+        print(f"{reason}; run the same command again to continue")
         raise SystemExit(PIECE_OVER_EXIT) from None
     for record in result if isinstance(result, list) else [result]:
         print(json.dumps({k: record.get(k) for k in ("recipe", "budget", "steps", "sampler_steps", "fid", "kid_mean", "bpd")}))

@@ -77,8 +77,8 @@ class DDPMTargetPipeline(DDPMPipeline):
         """Save as a `DDPMPipeline` folder (``model_index.json``, ``unet/``, ``scheduler/``).
 
         For ε, x0 and v the scheduler is written as a stock `DDPMScheduler`
-        (:meth:`DDPMTargetScheduler.to_stock_scheduler`, which keeps this package's config in a
-        private key), so the folder loads without ``ddpm_pipeline``. Keyword arguments go to
+        (:meth:`DDPMTargetScheduler.to_stock_scheduler`: the config is in stock terms already), so
+        the folder loads without ``ddpm_pipeline``. Keyword arguments go to
         `DiffusionPipeline.save_pretrained`.
         """
         if not isinstance(self.scheduler, DDPMTargetScheduler):  # another diffusers scheduler: as it is

@@ -9,11 +9,13 @@ would have (on the CPU: bit for bit).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,7 @@ from .speed import (
     set_tf32,
     to_channels_last,
 )
+from .stop_signals import StopRequest, ignore_signals, signal_number
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
 from .unet import DDPMUNet
 
@@ -80,8 +83,9 @@ SNAPSHOT_STATE_NAME = "snapshot.json"
 
 @dataclass
 class TrainingResult:
-    """What :func:`train` produced. ``finished`` is False when ``--stop_after_minutes`` ended this
-    invocation early: the run continues with ``--resume_from_checkpoint latest``."""
+    """What :func:`train` produced. ``finished`` is False when ``--stop_after_minutes`` or a stop
+    signal (``stopped_by``: its name, e.g. ``"SIGTERM"``) ended this invocation early, with a
+    checkpoint: the run continues with ``--resume_from_checkpoint latest``."""
 
     output_dir: Path
     global_step: int
@@ -89,6 +93,7 @@ class TrainingResult:
     samples_path: Path | None
     finished: bool = True
     train_seconds: float = 0.0
+    stopped_by: str | None = None
 
 
 def snapshot_name(value: float, unit: str) -> str:
@@ -300,6 +305,8 @@ class Trainer:
             num_workers=workers,
             pin_memory=self.accelerator.device.type == "cuda" and not on_device,
             persistent_workers=workers > 0,
+            # the trainer alone answers a stop signal; workers keep serving it until it has stopped
+            worker_init_fn=functools.partial(ignore_signals, tuple(config.checkpoint_on_signals)) if workers > 0 else None,
         )
 
     def _device_resident_images(self) -> torch.Tensor | None:
@@ -492,9 +499,31 @@ class Trainer:
                 "the run is diverging. Resume from the last checkpoint with a lower --learning_rate."
             )
 
+    def _stop_signal(self, global_step: int, log_every: int) -> str | None:
+        """The stop signal this run was sent (``--checkpoint_on_signals``), or None. One process
+        reads its own flag every step; several agree every ``log_every`` steps on the signal any of
+        them received (one all-gather), so that all stop at the same step."""
+        request = self.stop_request
+        if self.accelerator.num_processes == 1:
+            return request.received
+        if not self.config.checkpoint_on_signals or global_step % log_every:
+            return None
+        mine = signal_number(request.received) if request.received else 0
+        number = int(self.accelerator.gather(torch.tensor([mine], device=self.accelerator.device)).max())
+        return signal.Signals(number).name if number else None
+
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> TrainingResult:
+        """Train, with the stop signals turned into a request to checkpoint and stop (see
+        :mod:`ddpm_pipeline.stop_signals`) for as long as the run lasts."""
+        with StopRequest(self.config.checkpoint_on_signals) as self.stop_request:
+            result = self._run()
+        if result.finished and self.stop_request.received:
+            logger.warning(f"{self.stop_request.received} came after training had ended; the outputs are complete")
+        return result
+
+    def _run(self) -> TrainingResult:
         config, accelerator = self.config, self.accelerator
         is_main = accelerator.is_main_process
         global_step, earlier_seconds = 0, 0.0
@@ -531,6 +560,7 @@ class Trainer:
         clock = TrainingClock(earlier_seconds)
         piece_start = time.perf_counter()
         stopped_early = budget_spent = False
+        stopped_by = None
         epoch = first_epoch
         while global_step < self.total_steps:
             skip = batches_done if epoch == first_epoch else 0
@@ -564,6 +594,9 @@ class Trainer:
                     with clock.paused():
                         for name in due:
                             self.save_snapshot(name, global_step, seconds)
+                if not done and not stopped_early:
+                    stopped_by = self._stop_signal(global_step, log_every)
+                    stopped_early = stopped_by is not None
                 if stopped_early and not done:
                     break
                 if config.checkpointing_steps and global_step % config.checkpointing_steps == 0 and not done:
@@ -588,15 +621,17 @@ class Trainer:
         history.flush()
         train_seconds = clock.total()
         if stopped_early and not budget_spent and global_step < self.total_steps:
-            self.save_checkpoint(global_step, train_seconds)
+            checkpoint = self.save_checkpoint(global_step, train_seconds)
+            reason = f"received {stopped_by}" if stopped_by else f"this piece's {config.stop_after_minutes} min were up"
             logger.info(
-                f"stopped this piece after {config.stop_after_minutes} min at step {global_step} "
-                f"({train_seconds / 60:.1f} min trained in all); continue with --resume_from_checkpoint latest"
+                f"{reason}: stopped at step {global_step} ({train_seconds / 60:.1f} min trained in all) and wrote "
+                f"{checkpoint}; continue with --resume_from_checkpoint latest"
             )
             history.close()
             accelerator.wait_for_everyone()
             accelerator.end_training()
-            return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, None, False, train_seconds)
+            return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, None, False, train_seconds,
+                                  stopped_by)  # fmt: skip
         logger.info(f"trained to step {global_step} in {train_seconds:.0f} s; writing the pipeline and the grid")
         if self.train_images.skipped:  # counted here when the main process loaded them (workers count their own)
             logger.warning(f"{len(self.train_images.skipped)} bad image(s) were skipped (see the warnings above)")
@@ -630,9 +665,16 @@ def train(config: TrainingConfig) -> TrainingResult:
     return Trainer(config).run()
 
 
+def exit_status(result: TrainingResult) -> int:
+    """The exit status of ``train_ddpm.py``: 0, or ``128 + n`` when signal ``n`` stopped the run
+    (with a checkpoint), as a shell reports a process that signal ended (143 for SIGTERM)."""
+    return 128 + signal_number(result.stopped_by) if result.stopped_by else 0
+
+
 def main(argv: list[str] | None = None) -> TrainingResult:
-    """The ``train_ddpm.py`` command line."""
+    """The ``train_ddpm.py`` command line (its exit status: :func:`exit_status`)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     result = train(TrainingConfig.from_args(argv))
-    logger.info(f"done: the pipeline, samples.png and loss_curve.png are in {result.output_dir}")
+    if result.finished:
+        logger.info(f"done: the pipeline, samples.png and loss_curve.png are in {result.output_dir}")
     return result

@@ -15,6 +15,7 @@ from typing import Any
 
 from .data import RESIZE_MODES
 from .schedules import VARIANCE_TYPES, canonical_prediction_type
+from .stop_signals import DEFAULT_STOP_SIGNALS, signal_name
 from .unet import PRESETS
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -95,6 +96,7 @@ class TrainingConfig:
     num_epochs: int = _option(10, "Passes over the data set when --max_train_steps is none.")
     max_train_minutes: float | None = _option(None, "A training-time budget: stop (and save as usual) once this many minutes were spent training, summed over resumed pieces; checked every --log_every steps. A decaying --lr_scheduler then measures its progress in training time too, and its decay ends when the budget does (or at the step limit, if that comes first).")
     stop_after_minutes: float | None = _option(None, "End this invocation after this many wall-clock minutes with a checkpoint, to continue later with --resume_from_checkpoint latest (for time-limited jobs); the run itself is unchanged.")
+    checkpoint_on_signals: list[str] = _option(list(DEFAULT_STOP_SIGNALS), "On these signals (a scheduler's preemption notice, Ctrl-C, SLURM's --signal warning), finish the optimizer step, write a checkpoint and end with exit status 128 + the signal's number; continue with --resume_from_checkpoint latest. A second signal acts at once. none = die on them as usual.", nargs="*", type=str)
     snapshot_minutes: list[float] | None = _option(None, "Also write the EMA pipeline when the training clock passes each of these minutes, into --output_dir/snapshot-<m>min/ (quality against training time from one run); checked every --log_every steps.", nargs="+", type=float)
     snapshot_steps: list[int] | None = _option(None, "Also write the EMA pipeline at these optimizer steps, into --output_dir/snapshot-<n>steps/.", nargs="+", type=int)
     # EMA
@@ -134,7 +136,10 @@ class TrainingConfig:
     )
 
     def __post_init__(self) -> None:
+        if [name.lower() for name in self.checkpoint_on_signals] == ["none"]:
+            self.checkpoint_on_signals = []
         self.validate()
+        self.checkpoint_on_signals = [signal_name(name) for name in self.checkpoint_on_signals]
 
     def validate(self) -> None:
         """Raise `ValueError` naming the bad option and what to give instead."""
@@ -165,6 +170,11 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"--{name} must be positive or none, got {value}.")
+        for name in self.checkpoint_on_signals:
+            try:
+                signal_name(name)
+            except ValueError as error:
+                problems.append(f"--checkpoint_on_signals: {error}")
         if self.learning_rate <= 0:
             problems.append(f"--learning_rate must be positive, got {self.learning_rate}.")
         if self.lr_warmup_steps < 0:

@@ -1,0 +1,105 @@
+"""Graceful stops: a training run that receives a stop signal finishes its optimizer step, writes a
+checkpoint and ends, so ``--resume_from_checkpoint latest`` continues without losing work.
+
+The signals a run is asked to stop with: ``SIGTERM`` (what Kubernetes, SLURM at the time limit,
+``torchrun`` and ``kill`` send before ``SIGKILL``), ``SIGINT`` (Ctrl-C) and ``SIGUSR1`` (SLURM's
+``--signal=USR1@SECONDS`` warning before the time limit). A second signal acts at once, as it
+would have without the handler, so a stuck run can still be stopped.
+
+Nothing happens inside the handler but recording the signal: the training loop looks at
+:attr:`StopRequest.received` between steps (every step in one process; every ``--log_every``
+steps with several, where the processes agree on the step through one all-reduce).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterable, Sequence
+from types import FrameType
+from typing import Any
+
+#: The stop signals of a training run unless told otherwise (those this platform has).
+DEFAULT_STOP_SIGNALS = tuple(name for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
+UNCATCHABLE = ("SIGKILL", "SIGSTOP")
+
+
+def signal_name(text: str) -> str:
+    """The canonical name of a signal given as ``"SIGTERM"``, ``"TERM"``, ``"term"`` or ``"15"``.
+
+    Raises `ValueError` for a signal this platform lacks or one no process can catch
+    (``SIGKILL``, ``SIGSTOP``), naming the usual choices.
+    """
+    raw = str(text).strip()
+    if raw.isdigit():
+        try:
+            name = signal.Signals(int(raw)).name
+        except ValueError:
+            name = raw
+    else:
+        name = raw.upper() if raw.upper().startswith("SIG") else "SIG" + raw.upper()
+    if name in UNCATCHABLE:
+        raise ValueError(f"{name} cannot be caught by any process, so no checkpoint can be written on it; "
+                         f"use {', '.join(DEFAULT_STOP_SIGNALS)}.")  # fmt: skip
+    if not isinstance(getattr(signal, name, None), signal.Signals):
+        raise ValueError(f"{text!r} is not a signal on this platform; use e.g. {', '.join(DEFAULT_STOP_SIGNALS)}.")
+    return name
+
+
+def signal_number(name: str) -> int:
+    """The number of a signal named as :func:`signal_name` accepts it (``"SIGTERM"`` → 15 on Linux)."""
+    return int(getattr(signal, signal_name(name)))
+
+
+class StopRequest:
+    """A context manager that turns the first of ``signals`` into a request to stop.
+
+    Inside the ``with`` block the first such signal only sets :attr:`received` (its name); a second
+    one restores the handler that was there before and delivers the signal to it (the default
+    action for ``SIGTERM``/``SIGUSR1`` ends the process, Python's for ``SIGINT`` raises
+    `KeyboardInterrupt`). Leaving the block restores the previous handlers. Handlers can only be
+    set in the main thread: elsewhere (a notebook's worker thread) the block changes nothing and
+    :attr:`active` is False.
+    """
+
+    def __init__(self, signals: Iterable[str] = DEFAULT_STOP_SIGNALS):
+        self.signals = [signal.Signals(signal_number(name)) for name in signals]
+        self.received: str | None = None
+        self.active = False
+        self._previous: dict[signal.Signals, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if self.signals and threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            self.active = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+        self.active = False
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            return
+        previous = self._previous.get(signal.Signals(signum), signal.SIG_DFL)
+        self._restore()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.raise_signal(signum)
+
+
+def ignore_signals(names: Sequence[str], worker_id: int | None = None) -> None:
+    """Ignore these signals in this process. As a DataLoader's ``worker_init_fn`` (through
+    ``functools.partial(ignore_signals, names)``, which receives the worker's id): workers share the
+    terminal's Ctrl-C and a scheduler's ``SIGTERM`` with the trainer, but must keep serving it
+    until it stops — a worker killed by the signal would fail the trainer at once."""
+    for name in names:
+        signal.signal(signal_number(name), signal.SIG_IGN)

@@ -1,0 +1,188 @@
+"""A stop signal (preemption, Ctrl-C, SLURM's warning) ends a run with a checkpoint, not a loss."""
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import reset_accelerate
+from safetensors.torch import load_file
+
+import ddpm_pipeline.training as training_module
+from ddpm_pipeline.checkpointing import list_checkpoints
+from ddpm_pipeline.stop_signals import DEFAULT_STOP_SIGNALS, StopRequest, ignore_signals, signal_name, signal_number
+from ddpm_pipeline.training import exit_status, main
+from ddpm_pipeline.training_config import TrainingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "ddpm-tiny-16", "--resolution", "16", "--grid_inference_steps", "2", "--num_grid_images", "4",
+        "--report_to", "none", "--train_batch_size", "4", "--lr_warmup_steps", "0", "--save_images_steps", "none"]  # fmt: skip
+
+
+def test_signal_names_are_read_in_every_usual_spelling_and_uncatchable_ones_refused():
+    assert DEFAULT_STOP_SIGNALS == ("SIGTERM", "SIGINT", "SIGUSR1")
+    for text in ("SIGTERM", "TERM", "term", "sigterm", str(int(signal.SIGTERM))):
+        assert signal_name(text) == "SIGTERM"
+    assert signal_number("usr1") == signal.SIGUSR1
+    with pytest.raises(ValueError, match="SIGKILL cannot be caught"):
+        signal_name("KILL")
+    with pytest.raises(ValueError, match="not a signal on this platform"):
+        signal_name("SIGNOPE")
+    # the training option: canonical names, `none` to switch it off, bad names refused with the reason
+    assert TrainingConfig.from_args(["--checkpoint_on_signals", "TERM", "usr1"]).checkpoint_on_signals == ["SIGTERM", "SIGUSR1"]
+    assert TrainingConfig.from_args(["--checkpoint_on_signals", "none"]).checkpoint_on_signals == []
+    assert TrainingConfig.from_args(["--checkpoint_on_signals"]).checkpoint_on_signals == []
+    assert TrainingConfig().checkpoint_on_signals == list(DEFAULT_STOP_SIGNALS)
+    with pytest.raises(ValueError, match="--checkpoint_on_signals: SIGSTOP cannot be caught"):
+        TrainingConfig(checkpoint_on_signals=["STOP"])
+
+
+def test_first_signal_is_recorded_second_acts_as_before_and_handlers_are_restored():
+    calls = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))
+    try:
+        with StopRequest(["SIGUSR1", "SIGTERM"]) as request:
+            assert request.active and request.received is None
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert request.received == "SIGUSR1" and calls == []  # recorded, nothing else happened
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert calls == [signal.SIGUSR1]  # the second went to the handler that was there before
+            assert not request.active  # ... which is back, for both signals
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGUSR1) is not request._handle
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    # a second Ctrl-C raises KeyboardInterrupt, as Ctrl-C does without the handler
+    with pytest.raises(KeyboardInterrupt):
+        with StopRequest(["SIGINT"]) as request:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert request.received == "SIGINT"
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_outside_the_main_thread_nothing_is_installed():
+    seen = {}
+
+    def enter():
+        with StopRequest(["SIGTERM"]) as request:
+            seen["active"] = request.active
+
+    thread = threading.Thread(target=enter)
+    thread.start()
+    thread.join()
+    assert seen == {"active": False}
+
+
+class SignalDispositions(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return torch.tensor([signal.getsignal(signal.SIGTERM) is signal.SIG_IGN, signal.getsignal(signal.SIGINT) is signal.SIG_IGN])
+
+
+def test_data_loader_workers_ignore_the_stop_signals():
+    loader = torch.utils.data.DataLoader(SignalDispositions(), batch_size=2, num_workers=1,
+                                         worker_init_fn=functools.partial(ignore_signals, ("SIGTERM", "SIGINT")))  # fmt: skip
+    assert next(iter(loader)).all()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the trainer's own process is untouched
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_a_signal_mid_run_checkpoints_that_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    options = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "none", "--random_flip"]
+    original, calls = training_module.Trainer.training_step, {"n": 0}
+
+    def step_then_signal(self, images, seed):
+        loss = original(self, images, seed)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning, arriving during step 3
+        return loss
+
+    monkeypatch.setattr(training_module.Trainer, "training_step", step_then_signal)
+    stopped = main([*options, "--output_dir", str(tmp_path / "stopped")])
+    assert not stopped.finished and stopped.stopped_by == "SIGUSR1" and stopped.global_step == 3
+    assert exit_status(stopped) == 128 + signal.SIGUSR1
+    assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == ["checkpoint-3"]
+    assert not (tmp_path / "stopped" / "model_index.json").exists()  # no pipeline: the run is not over
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handlers are gone with the run
+    monkeypatch.undo()
+    reset_accelerate()
+    resumed = main([*options, "--output_dir", str(tmp_path / "stopped"), "--resume_from_checkpoint", "latest"])
+    assert resumed.finished and resumed.stopped_by is None and resumed.global_step == 6 and exit_status(resumed) == 0
+    reset_accelerate()
+    main([*options, "--output_dir", str(tmp_path / "straight")])
+    a = load_file(str(tmp_path / "stopped" / "checkpoint-6" / "model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "checkpoint-6" / "model.safetensors"))
+    assert all(torch.equal(a[name], b[name]) for name in b)
+    # without the option the signal does what it always did
+    monkeypatch.setattr(training_module.Trainer, "training_step", step_then_signal)
+    calls["n"] = 0
+    reset_accelerate()
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.__setitem__("plain", signum))
+    try:
+        result = main([*options, "--checkpoint_on_signals", "none", "--output_dir", str(tmp_path / "plain")])
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert result.finished and calls["plain"] == signal.SIGUSR1
+
+
+def wait_for(path: Path, process: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert process.poll() is None, f"the training process ended before writing {path.name}"
+        assert time.monotonic() < deadline, f"the training process never wrote {path.name}"
+        time.sleep(0.2)
+
+
+def test_sigterm_to_the_command_line_stops_with_a_checkpoint_and_status_143(tmp_path):
+    """The real `train_ddpm.py` process, sent SIGTERM as a scheduler would: it writes the checkpoint
+    of the step it was in, says how to continue, and exits with 128 + 15."""
+    out = tmp_path / "run"
+    command = [sys.executable, str(ROOT / "train_ddpm.py"), *TINY, "--max_train_steps", "100000",
+               "--checkpointing_steps", "2", "--checkpoints_total_limit", "none", "--output_dir", str(out)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    wait_for(out / "checkpoint-2", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    last = list_checkpoints(out)[-1]
+    step = int(last.name.split("-")[1])
+    assert step > 2 and step < 100000 and (last / "trainer_state.json").is_file()
+    assert f"received SIGTERM: stopped at step {step}" in stderr and "--resume_from_checkpoint latest" in stderr
+    assert not (out / "model_index.json").exists() and not list(out.glob(".*tmp"))
+
+
+def test_sigterm_to_a_two_process_launch_stops_every_rank_at_one_step(tmp_path):
+    """`accelerate launch --multi_gpu` (torchrun's agent, gloo on the CPU) passes SIGTERM to both
+    ranks; they agree on the step at a --log_every boundary, write one checkpoint with both ranks'
+    random states, and the run resumes on two processes."""
+    out = tmp_path / "run"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_ddpm.py")]  # fmt: skip
+    options = [*TINY, "--num_cpu_threads", "1", "--log_every", "3", "--checkpointing_steps", "3",
+               "--checkpoints_total_limit", "none", "--output_dir", str(out)]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    process = subprocess.Popen([*launch, *options, "--max_train_steps", "100000"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    wait_for(out / "checkpoint-3", process)
+    process.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler signals the job's main process
+    _, stderr = process.communicate(timeout=300)
+    assert "received SIGTERM: stopped at step" in stderr, stderr[-3000:]
+    last = list_checkpoints(out)[-1]
+    step = int(last.name.split("-")[1])
+    assert step > 3 and step % 3 == 0  # the ranks agreed at a --log_every boundary
+    assert {p.name for p in last.iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"}
+    resumed = subprocess.run([*launch, *options, "--max_train_steps", str(step + 1), "--resume_from_checkpoint", "latest"],
+                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {last} at step {step}" in resumed.stderr and (out / "model_index.json").is_file()
