@@ -258,7 +258,7 @@ class Trainer:
         saved = read_trainer_state(checkpoint).get("training_config")
         if saved is None:
             return
-        differences = TrainingConfig(**saved).architecture_differences(self.config)
+        differences = TrainingConfig.from_dict(saved).architecture_differences(self.config)
         if differences:
             raise ValueError(
                 f"Cannot resume from {checkpoint}: it was trained with other model/diffusion options "

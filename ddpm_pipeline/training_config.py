@@ -241,11 +241,16 @@ class TrainingConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> TrainingConfig:
-        """Read a file written by :meth:`save`; unknown keys (from other versions) are ignored."""
-        values = json.loads(Path(path).read_text())
+    def from_dict(cls, values: dict[str, Any]) -> TrainingConfig:
+        """The options of :meth:`to_dict`'s output; keys this version does not know (written by
+        another version of the package) are ignored."""
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainingConfig:
+        """Read a file written by :meth:`save` (see :meth:`from_dict`)."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
 
     def architecture_differences(self, other: TrainingConfig) -> list[str]:
         """The :data:`ARCHITECTURE_FIELDS` on which two runs disagree, as ``name: mine vs other's``."""

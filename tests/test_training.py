@@ -250,6 +250,14 @@ def test_resume_refuses_another_architecture(tmp_path):
                      "--prediction_type", "mu", "--resume_from_checkpoint", "latest")  # fmt: skip
     with pytest.raises(FileNotFoundError, match="not a folder"):
         run_training(out, "--dataset_path", data, "--resume_from_checkpoint", tmp_path / "nowhere")
+    # a checkpoint written by another version of the package, with an option this one lacks, resumes
+    state_file = out / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["training_config"]["an_option_from_another_version"] = 1
+    state_file.write_text(json.dumps(state))
+    reset_accelerate()
+    assert run_training(out, "--dataset_path", data, "--max_train_steps", "2", "--train_batch_size", "4",
+                        "--save_images_steps", "none", "--resume_from_checkpoint", "latest").global_step == 2  # fmt: skip
 
 
 def test_too_few_images_for_a_batch_is_a_clear_error(tmp_path):
