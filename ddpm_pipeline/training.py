@@ -358,6 +358,25 @@ class Trainer:
             output.trajectory.save_png(trajectory_path)
         return path
 
+    def global_batch_size(self) -> int:
+        """Images per optimizer step, over all processes."""
+        config = self.config
+        return config.train_batch_size * config.gradient_accumulation_steps * self.accelerator.num_processes
+
+    def _warn_if_batch_changed(self, state: dict[str, Any]) -> None:
+        """A run resumed with another global batch (other processes, batch size or accumulation)
+        continues from the weights and optimizer state, but no longer as the uninterrupted run: say so."""
+        saved, now = state.get("global_batch_size"), self.global_batch_size()
+        if saved is None or saved == now:
+            return
+        logger.warning(
+            f"{self.checkpoint} was trained with {saved} images per optimizer step ({state.get('num_processes')} "
+            f"process(es)), this run takes {now} ({self.accelerator.num_processes} × --train_batch_size "
+            f"{self.config.train_batch_size} × --gradient_accumulation_steps {self.config.gradient_accumulation_steps}): "
+            "it goes on from the saved weights, optimizer and step, but from here its batches and data order differ "
+            "from an uninterrupted run's, and the learning rate is not rescaled. Launch as before to continue that run exactly."
+        )
+
     def save_checkpoint(self, step: int, train_seconds: float = 0.0) -> Path:
         path = write_checkpoint(
             self.output_dir,
@@ -367,6 +386,8 @@ class Trainer:
                 "global_step": step,
                 "epoch": step // self.steps_per_epoch,
                 "train_seconds": train_seconds,
+                "num_processes": self.accelerator.num_processes,
+                "global_batch_size": self.global_batch_size(),
                 "training_config": self.config.to_dict(),
             },
             is_main_process=self.accelerator.is_main_process,
@@ -531,6 +552,7 @@ class Trainer:
             accelerator.load_state(str(self.checkpoint))
             state = read_trainer_state(self.checkpoint)
             global_step, earlier_seconds = state["global_step"], state.get("train_seconds", 0.0)
+            self._warn_if_batch_changed(state)
             logger.info(f"resumed from {self.checkpoint} at step {global_step} ({earlier_seconds / 60:.1f} min trained)")
         if is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)

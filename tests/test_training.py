@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -258,6 +259,21 @@ def test_resume_refuses_another_architecture(tmp_path):
     reset_accelerate()
     assert run_training(out, "--dataset_path", data, "--max_train_steps", "2", "--train_batch_size", "4",
                         "--save_images_steps", "none", "--resume_from_checkpoint", "latest").global_step == 2  # fmt: skip
+    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["global_batch_size"] == 4
+
+
+def test_resuming_with_another_global_batch_goes_on_and_says_what_changes(tmp_path, caplog):
+    data = saved_dataset(tmp_path / "data", count=8, size=16)
+    out = tmp_path / "run"
+    options = ["--dataset_path", data, "--save_images_steps", "none", "--report_to", "none"]
+    run_training(out, *options, "--max_train_steps", "1", "--train_batch_size", "4")
+    reset_accelerate()
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.training"):
+        result = run_training(out, *options, "--max_train_steps", "2", "--train_batch_size", "2",
+                              "--gradient_accumulation_steps", "3", "--resume_from_checkpoint", "latest")  # fmt: skip
+    assert result.global_step == 2
+    assert "trained with 4 images per optimizer step (1 process(es)), this run takes 6" in caplog.text
+    assert "--train_batch_size 2 × --gradient_accumulation_steps 3" in caplog.text
 
 
 def test_too_few_images_for_a_batch_is_a_clear_error(tmp_path):
