@@ -533,6 +533,22 @@ class Trainer:
         number = int(self.accelerator.gather(torch.tensor([mine], device=self.accelerator.device)).max())
         return signal.Signals(number).name if number else None
 
+    def _push(self) -> None:
+        """Publish the finished folder; a failure (network, permissions) says that nothing is lost
+        and how to publish the folder again, since training itself is done."""
+        config = self.config
+        try:
+            info = push_to_hub(self.output_dir, config.hub_model_id, private=config.hub_private,
+                               token=config.hub_token, license=config.hub_license)  # fmt: skip
+        except Exception as error:
+            raise RuntimeError(
+                f"Training finished and everything is saved in {self.output_dir}, but the push to {config.hub_model_id} "
+                f"failed ({type(error).__name__}: {error}). Push it again, without training, with `python -m "
+                f"ddpm_pipeline.push {self.output_dir} --repo_id {config.hub_model_id}` (files already on the Hub "
+                "are not sent twice)."
+            ) from error
+        logger.info(f"pushed to the Hub: {getattr(info, 'commit_url', info)}")
+
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> TrainingResult:
@@ -671,9 +687,7 @@ class Trainer:
                             title=f"{config.model}, {config.prediction_type} target, {config.beta_schedule} schedule")  # fmt: skip
         history.close()
         if is_main and config.push_to_hub:
-            info = push_to_hub(self.output_dir, config.hub_model_id, private=config.hub_private,
-                               token=config.hub_token, license=config.hub_license)  # fmt: skip
-            logger.info(f"pushed to the Hub: {getattr(info, 'commit_url', info)}")
+            self._push()
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, samples_path, True, train_seconds)

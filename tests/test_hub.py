@@ -160,6 +160,25 @@ def test_train_ddpm_push_to_hub(tmp_path, monkeypatch, fresh_accelerate_state):
     assert "hf_secret" not in (out / "training_config.json").read_text()  # the token never reaches the disk
 
 
+class FailingUploadHfApi(RecordingHfApi):
+    def upload_folder(self, **kwargs):
+        raise OSError("connection reset by peer")
+
+
+def test_a_failed_push_after_training_names_the_saved_folder_and_the_command_to_push_again(
+    tmp_path, monkeypatch, fresh_accelerate_state
+):
+    monkeypatch.setattr(push_module, "HfApi", lambda token=None: FailingUploadHfApi(token))
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="Training finished and everything is saved in") as failure:
+        train_main(["--model", "ddpm-tiny-16", "--resolution", "16", "--max_train_steps", "1", "--train_batch_size", "4",
+                    "--grid_inference_steps", "2", "--num_grid_images", "4", "--report_to", "none", "--output_dir",
+                    str(out), "--push_to_hub", "--hub_model_id", "someone/tiny"])  # fmt: skip
+    assert f"python -m ddpm_pipeline.push {out} --repo_id someone/tiny" in str(failure.value)
+    assert "connection reset by peer" in str(failure.value)
+    assert (out / "model_index.json").is_file() and (out / "checkpoint-1").is_dir()
+
+
 def test_push_to_hub_without_a_repo_id_stops_before_training(tmp_path):
     with pytest.raises(SystemExit):
         TrainingConfig.from_args(["--push_to_hub", "--output_dir", str(tmp_path)])
