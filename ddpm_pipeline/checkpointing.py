@@ -84,7 +84,9 @@ def write_checkpoint(
 
     ``save_state(folder)`` (every process calls it: Accelerate writes each process's random
     state) fills a temporary folder; the main process then adds ``trainer_state.json`` last and
-    renames the folder into place. An older checkpoint of the same step is replaced.
+    renames the folder into place. An older checkpoint of the same step is replaced. When the
+    write fails with an `OSError` (a full disk), the partial folder is deleted and the error names
+    the last complete checkpoint to resume from.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -93,7 +95,18 @@ def write_checkpoint(
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     wait_for_everyone()
-    save_state(temporary)
+    try:
+        save_state(temporary)
+    except OSError as error:  # a full disk or quota, a lost mount: free what was written, say what is safe
+        if is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+        earlier = list_checkpoints(output_dir)
+        raise OSError(
+            error.errno,
+            f"Could not write {final.name} in {output_dir} ({error.strerror or error}); its partial copy was removed. "
+            f"The last complete checkpoint is {earlier[-1] if earlier else 'none'}: free disk space (or pass another "
+            "--output_dir with the checkpoint copied there) and resume with --resume_from_checkpoint latest.",
+        ) from error
     wait_for_everyone()
     if is_main_process:
         with atomic_path(temporary / TRAINER_STATE_NAME) as partial:

@@ -1,5 +1,6 @@
 """Long runs survive bad luck: NaN losses, full disks, bad files, killed processes."""
 
+import errno
 import json
 import math
 import os
@@ -192,6 +193,33 @@ def test_incomplete_or_mismatched_pipeline_folders_are_named(tmp_path):
         preflight.check_pipeline_folder(out)
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         preflight.check_pipeline_folder(tmp_path / "nowhere")
+
+
+def test_disk_full_during_a_checkpoint_frees_the_partial_copy_and_names_the_last_good_one(tmp_path, monkeypatch):
+    """The disk fills up while checkpoint-4 is written (after the start-up check passed): the
+    partial folder is deleted, the error names checkpoint-2, and the run resumes from it."""
+    original = training_module.write_checkpoint
+
+    def write_until_the_disk_is_full(output_dir, step, save_state, **kwargs):
+        def save_state_on_a_full_disk(folder):
+            save_state(folder)
+            if step == 4:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        return original(output_dir, step, save_state_on_a_full_disk, **kwargs)
+
+    monkeypatch.setattr(training_module, "write_checkpoint", write_until_the_disk_is_full)
+    options = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "2", "--output_dir", str(tmp_path)]
+    with pytest.raises(OSError, match="Could not write checkpoint-4") as failure:
+        main(options)
+    assert failure.value.errno == errno.ENOSPC
+    assert "No space left on device" in str(failure.value)
+    assert f"The last complete checkpoint is {tmp_path / 'checkpoint-2'}" in str(failure.value)
+    assert not (tmp_path / ".checkpoint-4.tmp").exists()  # the space the partial copy took is free again
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    monkeypatch.undo()
+    reset_accelerate()
+    assert main([*options, "--resume_from_checkpoint", "latest"]).global_step == 6
 
 
 KILLABLE_TRAINER = """
