@@ -533,6 +533,22 @@ class Trainer:
         number = int(self.accelerator.gather(torch.tensor([mine], device=self.accelerator.device)).max())
         return signal.Signals(number).name if number else None
 
+    def _out_of_memory(self, error: torch.OutOfMemoryError, step: int) -> torch.OutOfMemoryError:
+        """The GPU ran out of memory in a training step: the same error, saying how to fit the same
+        optimizer step in less memory, and where the run can resume."""
+        config = self.config
+        batch, accumulation = config.train_batch_size, config.gradient_accumulation_steps
+        fits = (f"--train_batch_size {batch // 2} --gradient_accumulation_steps {2 * accumulation} (the same "
+                f"{self.global_batch_size()} images per optimizer step, in halves)") if batch > 1 else "a smaller --model"  # fmt: skip
+        precision = "" if self.mixed_precision in ("bf16", "fp16") else " or --mixed_precision bf16 (not for μ),"
+        checkpoints = list_checkpoints(self.output_dir)
+        return torch.OutOfMemoryError(
+            f"Out of device memory in training step {step} ({config.model}, {self.unet_config['sample_size']}² images, "
+            f"--train_batch_size {batch}): use {fits},{precision} or free the device of other processes. "
+            f"The last checkpoint is {checkpoints[-1] if checkpoints else 'none'}; resume with "
+            f"--resume_from_checkpoint latest. ({str(error).splitlines()[0] if str(error) else 'no details'})"
+        )
+
     def _push(self) -> None:
         """Publish the finished folder; a failure (network, permissions) says that nothing is lost
         and how to publish the folder again, since training itself is done."""
@@ -609,7 +625,10 @@ class Trainer:
             self.unet.train()
             for batch_index, images in enumerate(loader, start=skip):
                 seed = micro_batch_seed(config.seed, epoch, batch_index)
-                micro_losses.append(self.training_step(images, seed))
+                try:
+                    micro_losses.append(self.training_step(images, seed))
+                except torch.OutOfMemoryError as error:
+                    raise self._out_of_memory(error, global_step + 1) from error
                 if not accelerator.sync_gradients:
                     continue
                 lr = self.lr_scheduler.get_last_lr()[0]

@@ -222,6 +222,25 @@ def test_disk_full_during_a_checkpoint_frees_the_partial_copy_and_names_the_last
     assert main([*options, "--resume_from_checkpoint", "latest"]).global_step == 6
 
 
+def test_out_of_device_memory_says_how_to_fit_the_same_step(tmp_path, monkeypatch):
+    original, calls = training_module.Trainer.training_step, {"n": 0}
+
+    def step_until_memory_runs_out(self, images, seed):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, images, seed)
+
+    monkeypatch.setattr(training_module.Trainer, "training_step", step_until_memory_runs_out)
+    with pytest.raises(torch.OutOfMemoryError) as failure:
+        main([*TINY, "--max_train_steps", "6", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "1",
+              "--output_dir", str(tmp_path)])  # fmt: skip
+    message = str(failure.value)
+    assert "Out of device memory in training step 3 (ddpm-tiny-16, 16² images, --train_batch_size 4)" in message
+    assert "--train_batch_size 2 --gradient_accumulation_steps 2 (the same 4 images per optimizer step" in message
+    assert f"The last checkpoint is {tmp_path / 'checkpoint-2'}" in message and "Tried to allocate 2.00 GiB" in message
+
+
 KILLABLE_TRAINER = """
 import sys, time
 from pathlib import Path
