@@ -3,7 +3,8 @@
     python eval_metrics.py --model outputs/ddpm-fashion-mnist --num_samples 50000 \\
         --num_inference_steps 1000 --reference bundled --metrics fid,kid,prc,bpd --output results.json
 
-``--help`` lists every option; the work is done by :func:`ddpm_pipeline.evaluate`.
+``accelerate launch --multi_gpu --num_processes N eval_metrics.py ...`` shares the sampling among
+N GPUs. ``--help`` lists every option; the work is done by :func:`ddpm_pipeline.evaluate`.
 """
 
 from ddpm_pipeline.evaluation import main

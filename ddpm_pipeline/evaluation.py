@@ -12,15 +12,18 @@ import datetime
 import importlib.metadata
 import json
 import logging
+import os
 import platform
 import time
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from tqdm.auto import tqdm
 
@@ -129,6 +132,47 @@ def _field_type(item) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationProcesses:
+    """The processes an evaluation runs in: this one alone, or the ``N`` that ``accelerate launch
+    --num_processes N`` (``torchrun``) started. They share the sampling batch by batch; the main
+    process alone then computes the features, the metrics and the bound, and writes the report."""
+
+    device: torch.device
+    index: int = 0
+    count: int = 1
+    state: PartialState | None = None
+
+    @classmethod
+    def from_environment(cls, device: str | None = None) -> EvaluationProcesses:
+        """One process on ``device`` (default: CUDA when available), unless a launcher set
+        ``WORLD_SIZE``: then every process gets its own GPU (``cuda:LOCAL_RANK``), or joins the
+        others over gloo on a machine without CUDA or with ``device="cpu"``."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+        if state.num_processes != world_size:
+            raise RuntimeError(
+                f"Launched as {world_size} processes, but Accelerate joined {state.num_processes}: each would sample "
+                "every image. Launch with `accelerate launch --multi_gpu --num_processes N eval_metrics.py ...`."
+            )
+        return cls(state.device, state.process_index, state.num_processes, state)
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def wait(self) -> None:
+        """Wait until every process got here (nothing to wait for alone)."""
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def main_first(self) -> AbstractContextManager:
+        """A block the main process runs before the others (creating the sample folder's record)."""
+        return self.state.main_process_first() if self.state is not None else nullcontext()
 
 
 def package_versions() -> dict[str, str | None]:
@@ -262,6 +306,11 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
 
     ``evaluate(model="outputs/ddpm-fashion-mnist", num_samples=5000, metrics="fid,kid,bpd")`` or
     ``evaluate(EvaluationConfig(...))``. Returns the report dict (also written to ``output``).
+
+    Launched as several processes (``accelerate launch --multi_gpu --num_processes N
+    eval_metrics.py …``), they sample the batches in turn — the same images one process would
+    make — and the main process scores them; the others return ``{"process_index": i,
+    "samples_written": n}``.
     """
     config = config or EvaluationConfig(**options)
     config.validate()
@@ -269,7 +318,8 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     started = time.perf_counter()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     timings: dict[str, float] = {}
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    processes = EvaluationProcesses.from_environment(config.device)
+    device = processes.device
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     stem = output.with_suffix("")
@@ -280,6 +330,8 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         extractor = FeatureExtractorSpec(config.feature_extractor, extractor.weights_path)
     extractor.check_metrics(feature_wanted)
 
+    if not processes.is_main and not (config.model is not None and feature_wanted):
+        return {"process_index": processes.index, "samples_written": 0}  # nothing to share but the sampling
     pipeline = None
     training = None
     sampling: dict[str, Any] | None = None
@@ -293,15 +345,21 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         if feature_wanted:
             sampler = sampling_pipeline(config.model, device, config.fast_sampling, config.sampling_dtype, config.scheduler)
             samples_folder = Path(config.samples_dir) if config.samples_dir else Path(f"{stem}-samples")
-            store = sample_store(samples_folder, config.model, config.num_inference_steps, config.seed, config.batch_size,
-                                 sampler.unet.dtype, config.scheduler)  # fmt: skip
-            reused = min(store.existing(), config.num_samples)
+            with processes.main_first():
+                store = sample_store(samples_folder, config.model, config.num_inference_steps, config.seed,
+                                     config.batch_size, sampler.unet.dtype, config.scheduler)  # fmt: skip
+            reused = store.count_existing(config.num_samples)
+            processes.wait()  # every process counted what was there before any writes
             tick = time.perf_counter()
-            store.fill(sampler, config.num_samples)
+            written = store.fill(sampler, config.num_samples, show_progress=processes.is_main,
+                                 process_index=processes.index, num_processes=processes.count)  # fmt: skip
+            processes.wait()
             timings["sampling_s"] = time.perf_counter() - tick
+            if not processes.is_main:
+                return {"process_index": processes.index, "samples_written": written}
             sample_paths = store.paths(config.num_samples)
             sampling = {"fast": config.fast_sampling != "off", "unet_dtype": str(sampler.unet.dtype).removeprefix("torch."),
-                        "scheduler": type(sampler.scheduler).__name__}  # fmt: skip
+                        "scheduler": type(sampler.scheduler).__name__, "processes": processes.count}  # fmt: skip
             del sampler
     else:
         sample_paths = image_files(config.samples)[: config.num_samples]

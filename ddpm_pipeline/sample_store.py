@@ -65,23 +65,51 @@ class SampleStore:
             settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
     def existing(self) -> int:
+        """How many images ``000000.png, 000001.png, …`` exist without a gap."""
         return count_complete(self.folder)
 
-    def fill(self, pipeline: DDPMTargetPipeline, num_samples: int, show_progress: bool = True) -> int:
+    def count_existing(self, num_samples: int) -> int:
+        """How many of the first ``num_samples`` images exist (gaps allowed: several processes, or
+        one interrupted, may have written later batches before earlier ones)."""
+        return sum(path.is_file() for path in self.paths(num_samples))
+
+    def batches_to_sample(self, num_samples: int, process_index: int = 0, num_processes: int = 1) -> list[int]:
+        """The batches that process ``process_index`` of ``num_processes`` samples: every
+        ``num_processes``-th batch from its index on (batch ``b`` to process ``b mod N``), skipping
+        batches whose images up to ``num_samples`` all exist already."""
+        if not 0 <= process_index < num_processes:
+            raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}.")
+        batch_size = int(self.settings["batch_size"])
+        last_batch = -(-num_samples // batch_size)
+        paths = self.paths(num_samples)
+        return [
+            batch
+            for batch in range(process_index, last_batch, num_processes)
+            if not all(path.is_file() for path in paths[batch * batch_size : (batch + 1) * batch_size])
+        ]
+
+    def fill(
+        self,
+        pipeline: DDPMTargetPipeline,
+        num_samples: int,
+        show_progress: bool = True,
+        process_index: int = 0,
+        num_processes: int = 1,
+    ) -> int:
         """Sample until ``num_samples`` images exist; returns how many were newly written.
 
         Whole batches are sampled (the last one's surplus is discarded) so that every image is the
         same whatever ``num_samples`` is. Each PNG is written to a temporary name and renamed.
+        Several processes (``process_index`` of ``num_processes``) share the work batch by batch
+        (:meth:`batches_to_sample`); since batch ``b`` is always sampled from the seed of ``b``,
+        the folder they fill holds the same images as one process would write.
         """
         batch_size = int(self.settings["batch_size"])
-        have = self.existing()
-        first_batch = have // batch_size
-        last_batch = -(-num_samples // batch_size)
+        batches = self.batches_to_sample(num_samples, process_index, num_processes)
         written = 0
         pipeline.set_progress_bar_config(disable=not show_progress, leave=False, desc="denoising a batch")
-        batches = range(first_batch, last_batch)
-        with tqdm(total=max(0, num_samples - first_batch * batch_size), desc="sampling", unit="img",
-                  disable=not show_progress or not batches) as progress:  # fmt: skip
+        todo = sum(min(batch_size, num_samples - batch * batch_size) for batch in batches)
+        with tqdm(total=todo, desc="sampling", unit="img", disable=not show_progress or not batches) as progress:
             for batch in batches:
                 generator = torch.Generator(device="cpu").manual_seed(batch_seed(int(self.settings["seed"]), batch))
                 images = pipeline(
@@ -92,11 +120,11 @@ class SampleStore:
                 ).images
                 _refuse_diverged(images, batch)
                 for offset, image in enumerate(images):
-                    index = batch * batch_size + offset
-                    if index >= num_samples:
+                    path = self.folder / sample_name(batch * batch_size + offset)
+                    if batch * batch_size + offset >= num_samples:
                         break
-                    if index >= have:
-                        _write_png(image, self.folder / sample_name(index))
+                    if not path.is_file():
+                        _write_png(image, path)
                         written += 1
                     progress.update(1)
         return written

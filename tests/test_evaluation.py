@@ -9,6 +9,9 @@ wheel is not installed; CI installs it).
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -20,7 +23,7 @@ from PIL import Image
 from pixel_features import FEATURES, PixelFeatures, logits_of
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, evaluate
-from ddpm_pipeline.evaluation import EvaluationConfig, main
+from ddpm_pipeline.evaluation import EvaluationConfig, main, sample_store
 from ddpm_pipeline.features import MissingClassifierError
 from ddpm_pipeline.metrics import inception_score
 
@@ -81,8 +84,8 @@ def test_fast_sampling_changes_the_samples_not_the_bound(tmp_path, reference_dat
     common = {"metrics": "fid,bpd", "bpd_num_images": 4, "bpd_batch_size": 4}
     plain = run(tmp_path, model, reference_data, fast_sampling="off", output=str(tmp_path / "plain.json"), **common)
     half = run(tmp_path, model, reference_data, sampling_dtype="bfloat16", output=str(tmp_path / "half.json"), **common)
-    assert plain["sampling"] == {"fast": False, "unet_dtype": "float32", "scheduler": "DDPMTargetScheduler"}
-    assert half["sampling"] == {"fast": True, "unet_dtype": "bfloat16", "scheduler": "DDPMTargetScheduler"}
+    assert plain["sampling"] == {"fast": False, "unet_dtype": "float32", "scheduler": "DDPMTargetScheduler", "processes": 1}
+    assert half["sampling"] == {"fast": True, "unet_dtype": "bfloat16", "scheduler": "DDPMTargetScheduler", "processes": 1}
     assert half["metrics"]["fid"] != plain["metrics"]["fid"]  # other samples
     assert half["metrics"]["bpd"]["bits_per_dim"] == plain["metrics"]["bpd"]["bits_per_dim"]  # the same bound
     with pytest.raises(ValueError, match="unet_dtype: 'bfloat16' there vs None now"):
@@ -131,6 +134,74 @@ def test_samples_are_reused_and_independent_of_how_many_were_asked_for(tmp_path,
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "results-samples" / name)),
                                       np.asarray(Image.open(tmp_path / "fresh" / name)))  # fmt: skip
     assert again["metrics"]["fid"] == pytest.approx(fresh["metrics"]["fid"], rel=1e-12)
+
+
+def test_processes_share_the_batches_and_fill_the_folder_one_process_would(tmp_path, tiny_pipeline):
+    """Batch b goes to process b mod N; batches already complete are skipped (gaps too); the
+    images do not depend on how many processes made them."""
+    pipeline = DDPMTargetPipeline.from_pretrained(tiny_pipeline)
+    calls = []
+    original = DDPMTargetPipeline.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs["generator"].initial_seed())
+        return original(self, *args, **kwargs)
+
+    settings = dict(num_inference_steps=2, seed=0, batch_size=2)
+    one, two = sample_store(tmp_path / "one", str(tiny_pipeline), **settings), sample_store(tmp_path / "two", str(tiny_pipeline), **settings)
+    assert one.fill(pipeline, 7, show_progress=False) == 7
+    assert two.batches_to_sample(7, 0, 2) == [0, 2] and two.batches_to_sample(7, 1, 2) == [1, 3]
+    assert two.fill(pipeline, 7, show_progress=False, process_index=1, num_processes=2) == 3  # batches 1 and 3: 2 + 1 images
+    assert two.count_existing(7) == 3 and two.existing() == 0  # written with gaps
+    assert two.fill(pipeline, 7, show_progress=False, process_index=0, num_processes=2) == 4
+    for index in range(7):
+        assert (tmp_path / "one" / f"{index:06d}.png").read_bytes() == (tmp_path / "two" / f"{index:06d}.png").read_bytes()
+    (tmp_path / "two" / "000004.png").unlink()  # a gap, as an interrupted run may leave
+    DDPMTargetPipeline.__call__ = counting
+    try:
+        assert two.batches_to_sample(7) == [2]
+        assert two.fill(pipeline, 7, show_progress=False) == 1
+    finally:
+        DDPMTargetPipeline.__call__ = original
+    assert len(calls) == 1 and (tmp_path / "two" / "000004.png").read_bytes() == (tmp_path / "one" / "000004.png").read_bytes()
+    with pytest.raises(ValueError, match="process_index must be in"):
+        two.batches_to_sample(7, 2, 2)
+
+
+LAUNCHED_EVALUATION = """
+import json, sys
+sys.path.insert(0, sys.argv.pop(1))  # the tests folder: registers the test feature extractor
+import pixel_features  # noqa: F401
+from ddpm_pipeline.evaluation import main
+result = main(sys.argv[1:])
+from accelerate import PartialState
+json.dump(result, open(sys.argv[sys.argv.index("--output") + 1] + f".rank{PartialState().process_index}", "w"))
+"""
+
+
+def test_two_launched_processes_sample_the_same_images_and_score_them_once(tmp_path, tiny_pipeline, reference_data):
+    """`accelerate launch --multi_gpu --num_processes 2 eval_metrics.py` (gloo on the CPU): the
+    sample folder and the metrics equal one process's; the main process alone writes the report."""
+    script = tmp_path / "launched_evaluation.py"
+    script.write_text(LAUNCHED_EVALUATION)
+    options = ["--model", str(tiny_pipeline), "--reference", str(reference_data), "--metrics", "fid,kid",
+               "--feature_extractor", FEATURES, "--num_samples", "7", "--num_inference_steps", "2", "--batch_size", "2",
+               "--kid_subset_size", "4", "--kid_subsets", "3", "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    two = tmp_path / "two.json"
+    subprocess.run([*launch, str(script), str(Path(__file__).parent), *options, "--output", str(two)],
+                   check=True, env=env, timeout=600, capture_output=True)  # fmt: skip
+    report = json.loads(two.read_text())
+    assert report["sampling"]["processes"] == 2 and report["num_samples"] == 7
+    assert json.loads(Path(f"{two}.rank1").read_text()) == {"process_index": 1, "samples_written": 3}
+    one = run(tmp_path, tiny_pipeline, reference_data, metrics="fid,kid", num_samples=7, num_inference_steps=2,
+              batch_size=2, output=str(tmp_path / "one.json"))  # fmt: skip
+    for index in range(7):
+        name = f"{index:06d}.png"
+        assert (tmp_path / "two-samples" / name).read_bytes() == (tmp_path / "one-samples" / name).read_bytes()
+    assert report["metrics"] == one["metrics"]
 
 
 def test_samples_from_other_options_are_refused(tmp_path, tiny_pipeline, reference_data):
