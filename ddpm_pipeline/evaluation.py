@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.utils import gather_object
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from tqdm.auto import tqdm
 
@@ -38,6 +39,7 @@ from .preflight import check_pipeline_folder
 from .reference import DataSource, reference_statistics
 from .sample_store import SampleStore, image_batches, image_files
 from .scheduling_ddpm_target import DDPMTargetScheduler
+from .seeding import derive_seed
 from .speed import strict_float32
 from .training_config import CONFIG_FILE_NAME, optional
 
@@ -83,7 +85,7 @@ class EvaluationConfig:
     bpd_data: str | None = field(default=None, metadata={"help": "Data for bits/dim (default: --reference), same forms as --reference."})
     bpd_split: str | None = field(default=None, metadata={"help": "Split for bits/dim data (default: --reference_split)."})
     bpd_num_images: int | None = field(default=1000, metadata={"help": "Images to average bits/dim over (none = all)."})
-    bpd_timesteps: int | None = field(default=None, metadata={"help": "Timesteps per image for bits/dim (none = every t, exact; K = unbiased estimate)."})  # noqa: E501
+    bpd_timesteps: int | None = field(default=None, metadata={"help": "Timesteps per image for bits/dim (none = every t, exact; K = an unbiased estimate from one timestep in each of K log-spaced strata)."})  # noqa: E501
     bpd_batch_size: int = field(default=64, metadata={"help": "Images per bits/dim batch."})
     cache_dir: str | None = field(default=None, metadata={"help": "Reference statistics cache (default: ~/.cache/ddpm_pipeline)."})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
@@ -264,29 +266,44 @@ def bound_over_data(
     batch_size: int,
     seed: int,
     device: torch.device,
-) -> dict[str, Any]:
+    processes: EvaluationProcesses | None = None,
+) -> dict[str, Any] | None:
     """bits/dim averaged over the first ``num_images`` images of ``source``, with its per-term
     breakdown, the standard error over images, and the mean per-timestep curve when exact. The
     network runs in float32 without TF32 (:func:`strict_float32`), whatever it sampled with, and the
-    bound is the DDPM chain's of the pipeline's betas whichever scheduler the folder samples with."""
+    bound is the DDPM chain's of the pipeline's betas whichever scheduler the folder samples with.
+
+    Batch ``b`` draws its timesteps and ``x_t`` noise from a CPU generator seeded by
+    ``derive_seed(seed, b)``, so several ``processes`` can share the batches (``b`` to process
+    ``b mod N``) and give the main process, after one gather, what one process computes; the
+    others return None.
+    """
     from .data import find_image_column
 
-    dataset = source.load()
+    processes = processes or EvaluationProcesses(device)
+    with processes.main_first():  # one download of a Hub data set, which the others then read from the cache
+        dataset = source.load()
     column = find_image_column(dataset)
     count = len(dataset) if num_images is None else min(num_images, len(dataset))
     scheduler = pipeline.scheduler
     if not isinstance(scheduler, DDPMTargetScheduler):  # a folder saved with DDIM, DPM-Solver, …
         scheduler = DDPMTargetScheduler.from_config(scheduler.config)
     unet = pipeline.unet.to(device).eval()
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    results: list[BoundTerms] = []
     images = dataset.select_columns([column])
+    mine: list[tuple[int, BoundTerms]] = []
+    batches = range(processes.index, -(-count // batch_size), processes.count)
     with strict_float32(device):
-        for start in tqdm(range(0, count, batch_size), desc="bits/dim", unit="batch"):
+        for batch_index in tqdm(batches, desc="bits/dim", unit="batch", disable=not processes.is_main):
+            start = batch_index * batch_size
             rows = images[start : min(start + batch_size, count)][column]
             batch = torch.stack([preprocess(image) for image in rows]).to(device)
-            results.append(variational_bound(unet, scheduler, batch, num_timesteps, generator, show_progress=True))
-    terms = BoundTerms.concatenate(results)
+            generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, batch_index))
+            bound = variational_bound(unet, scheduler, batch, num_timesteps, generator, show_progress=processes.is_main)
+            mine.append((batch_index, bound))
+    results = gather_object(mine) if processes.count > 1 else mine
+    if not processes.is_main:
+        return None
+    terms = BoundTerms.concatenate([bound for _, bound in sorted(results, key=lambda item: item[0])])
     report = {
         **terms.summary(),
         "num_images": count,
@@ -330,8 +347,9 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         extractor = FeatureExtractorSpec(config.feature_extractor, extractor.weights_path)
     extractor.check_metrics(feature_wanted)
 
-    if not processes.is_main and not (config.model is not None and feature_wanted):
-        return {"process_index": processes.index, "samples_written": 0}  # nothing to share but the sampling
+    helper_result = {"process_index": processes.index, "samples_written": 0}  # what a process other than the main returns
+    if not processes.is_main and config.model is None:
+        return helper_result  # scoring a folder of images: nothing to share
     pipeline = None
     training = None
     sampling: dict[str, Any] | None = None
@@ -355,16 +373,30 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
                                  process_index=processes.index, num_processes=processes.count)  # fmt: skip
             processes.wait()
             timings["sampling_s"] = time.perf_counter() - tick
-            if not processes.is_main:
-                return {"process_index": processes.index, "samples_written": written}
+            helper_result["samples_written"] = written
             sample_paths = store.paths(config.num_samples)
             sampling = {"fast": config.fast_sampling != "off", "unet_dtype": str(sampler.unet.dtype).removeprefix("torch."),
-                        "scheduler": type(sampler.scheduler).__name__, "processes": processes.count}  # fmt: skip
+                        "scheduler": type(sampler.scheduler).__name__}  # fmt: skip
             del sampler
     else:
         sample_paths = image_files(config.samples)[: config.num_samples]
         preprocess = samples_preprocessing(sample_paths, config)
         samples_folder, reused = Path(config.samples), len(sample_paths)
+
+    bound = None
+    if "bpd" in metrics:  # before the features: every process takes part, then only the main one goes on
+        tick = time.perf_counter()
+        source = DataSource.parse(config.bpd_data or config.reference, config.bpd_split or config.reference_split,
+                                  config.reference_config)  # fmt: skip
+        if source.kind == "stats":
+            raise ValueError("bits/dim needs images: --reference is a statistics file, so pass --bpd_data (a data source).")
+        bound = bound_over_data(
+            pipeline, source, preprocess, config.bpd_num_images, config.bpd_timesteps, config.bpd_batch_size,
+            config.seed, device, processes,
+        )  # fmt: skip
+        timings["bpd_s"] = time.perf_counter() - tick
+    if not processes.is_main:
+        return helper_result
 
     report: dict[str, Any] = {
         "model": config.model,
@@ -377,6 +409,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         "metrics": {},
         "preprocessing": {"resolution": preprocess.resolution, "channels": preprocess.channels, "resize_mode": preprocess.resize_mode},
         "device": device_description(device),
+        "processes": processes.count,
         "versions": package_versions(),
         "date": started_at,
         "options": {f.name: getattr(config, f.name) for f in fields(config)},
@@ -421,22 +454,12 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         grid = [np.asarray(_open_rgb_or_gray(path), dtype=np.float32) / 255.0 for path in sample_paths[:grid_count]]
         report["grid"] = str(save_image_grid(np.stack(grid), Path(f"{stem}-grid.png")))
 
-    if "bpd" in metrics:
-        tick = time.perf_counter()
-        source = DataSource.parse(config.bpd_data or config.reference, config.bpd_split or config.reference_split,
-                                  config.reference_config)  # fmt: skip
-        if source.kind == "stats":
-            raise ValueError("bits/dim needs images: --reference is a statistics file, so pass --bpd_data (a data source).")
-        bound = bound_over_data(
-            pipeline, source, preprocess, config.bpd_num_images, config.bpd_timesteps, config.bpd_batch_size,
-            config.seed, device,
-        )  # fmt: skip
+    if bound is not None:
         curve = bound.pop("per_timestep_mean", None)
         if curve is not None:
             report["bpd_plot"] = str(save_bound_terms_plot(curve, Path(f"{stem}-bpd.png")))
             report["bpd_per_timestep"] = curve
         report["metrics"]["bpd"] = bound
-        timings["bpd_s"] = time.perf_counter() - tick
 
     timings["total_s"] = time.perf_counter() - started
     report["wall_time"] = timings

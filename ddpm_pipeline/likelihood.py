@@ -129,6 +129,40 @@ def timestep_bpd(
     return _bits_per_dim(torch.where(is_decoder, decoder, kl))
 
 
+def timestep_strata(num_train_timesteps: int, num_strata: int) -> list[int]:
+    """Edges ``e_0 = 1 < e_1 < … < e_K = T`` of ``K`` strata of the diffusion timesteps
+    ``1..T-1`` (stratum ``k`` is ``e_k ≤ t < e_{k+1}``), log-spaced: ``e_k ≈ (T-1)^{k/K}``, each at
+    least one timestep wide. The terms ``L_{t-1}`` fall steeply with ``t`` (half of the sum can lie
+    in the first ten), so the small timesteps get strata of their own, computed exactly.
+    """
+    count = num_train_timesteps - 1
+    if not 1 <= num_strata <= count:
+        raise ValueError(f"num_strata must be between 1 and T-1 = {count}, got {num_strata}.")
+    edges = [0]
+    for k in range(1, num_strata):
+        geometric = math.floor(count ** (k / num_strata))
+        edges.append(min(max(edges[-1] + 1, geometric), count - (num_strata - k)))
+    edges.append(count)
+    return [edge + 1 for edge in edges]
+
+
+def stratified_timesteps(
+    num_train_timesteps: int, num_strata: int, batch: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One timestep drawn uniformly from each stratum of :func:`timestep_strata`, per image
+    (``[batch, K]``, long), and each stratum's width ``w_k`` (``[K]``, float64).
+
+    ``Σ_k w_k L_{t_k - 1}`` is an unbiased estimate of ``Σ_{t=1}^{T-1} L_{t-1}``: every ``t`` lies
+    in exactly one stratum and is drawn from it with probability ``1 / w_k``.
+    """
+    edges = torch.tensor(timestep_strata(num_train_timesteps, num_strata), dtype=torch.long)
+    starts, widths = edges[:-1], edges[1:] - edges[:-1]
+    uniform = torch.rand(batch, num_strata, generator=generator, dtype=torch.float64,
+                         device=generator.device if generator else "cpu").cpu()  # fmt: skip
+    offsets = (uniform * widths).floor().long().clamp(max=widths - 1)
+    return starts + offsets, widths.double()
+
+
 @torch.no_grad()
 def variational_bound(
     unet: Callable[..., object],
@@ -141,26 +175,28 @@ def variational_bound(
     """The bound's terms for a batch of images in ``[-1, 1]`` (quantized to the 256 levels).
 
     ``num_timesteps=None`` computes every ``L_{t-1}`` (``T`` network evaluations per image): the
-    exact bound. An integer ``K < T - 1`` draws ``K`` distinct timesteps per image uniformly from
-    ``1..T-1`` and scales their sum by ``(T-1)/K``: an unbiased estimate of ``Σ_{t≥2} L_{t-1}``
-    (the prior and decoder terms are always exact). ``x_t`` is drawn from ``q(x_t | x_0)`` with
-    ``generator`` (each KL is in closed form given ``x_t``, so the bound is an expectation over
-    those draws, as in DDPM and improved-diffusion).
+    exact bound. An integer ``K < T - 1`` estimates ``Σ_{t≥2} L_{t-1}`` without bias from ``K``
+    timesteps per image, one drawn uniformly from each of ``K`` log-spaced strata of ``1..T-1``
+    and weighted by its stratum's width (:func:`stratified_timesteps`; the first strata are single
+    timesteps, so the steep start of the sum is computed exactly). The prior and decoder terms are
+    always exact. ``x_t`` is drawn from ``q(x_t | x_0)`` with ``generator`` (each KL is in closed
+    form given ``x_t``, so the bound is an expectation over those draws, as in DDPM and
+    improved-diffusion).
     """
     device = original_samples.device
     model_dtype = original_samples.dtype  # the network sees x_t in the images' dtype; the terms are float64
     x0 = quantize(original_samples.double())
     batch = x0.shape[0]
     num_train = scheduler.config.num_train_timesteps
-    if num_timesteps is None or num_timesteps >= num_train - 1:
+    exact = num_timesteps is None or num_timesteps >= num_train - 1
+    if exact:
         chosen = torch.arange(1, num_train, device=device).expand(batch, -1)
-        scale = 1.0
+        weights = torch.ones(num_train - 1, dtype=torch.float64)
     else:
         if num_timesteps < 1:
             raise ValueError(f"num_timesteps must be at least 1 (or None for every timestep), got {num_timesteps}.")
-        order = torch.rand(batch, num_train - 1, generator=generator, device=generator.device if generator else "cpu")
-        chosen = order.argsort(dim=1)[:, :num_timesteps].to(device) + 1
-        scale = (num_train - 1) / num_timesteps
+        chosen, weights = stratified_timesteps(num_train, num_timesteps, batch, generator)
+        chosen = chosen.to(device)
     all_timesteps = torch.cat([torch.zeros(batch, 1, dtype=torch.long, device=device), chosen.long()], dim=1)
     terms = torch.zeros(batch, all_timesteps.shape[1], dtype=torch.float64, device=device)
     columns = range(all_timesteps.shape[1])
@@ -171,14 +207,11 @@ def variational_bound(
         output = unet(xt.to(model_dtype), t)
         output = getattr(output, "sample", output)
         terms[:, column] = timestep_bpd(output, scheduler, x0, xt, t)
-    per_timestep = None
-    if scale == 1.0:
-        per_timestep = terms.cpu()
     return BoundTerms(
         prior=prior_bpd(scheduler, x0).cpu(),
-        diffusion=(terms[:, 1:].sum(dim=1) * scale).cpu(),
+        diffusion=(terms[:, 1:].cpu() * weights).sum(dim=1),
         decoder=terms[:, 0].cpu(),
-        per_timestep=per_timestep,
+        per_timestep=terms.cpu() if exact else None,
     )
 
 

@@ -190,7 +190,7 @@ def _metrics_table(report: dict[str, Any]) -> str:
         )
     if isinstance(bpd, dict) and "bits_per_dim" in bpd:
         timesteps = bpd.get("timesteps")
-        how = "every timestep" if timesteps in (None, "all") else f"{timesteps} random timesteps per image (unbiased)"
+        how = "every timestep" if timesteps in (None, "all") else f"{timesteps} stratified timesteps per image (unbiased)"
         notes.append(f"Bits/dim: the variational bound over {bpd.get('num_images')} images of {bpd.get('data')}, {how}.")
     notes.append("Computed by `eval_metrics.py` (torch-fidelity for the sample metrics).")
     return "\n".join(rows) + "\n\n" + " ".join(notes)

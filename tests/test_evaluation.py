@@ -84,8 +84,8 @@ def test_fast_sampling_changes_the_samples_not_the_bound(tmp_path, reference_dat
     common = {"metrics": "fid,bpd", "bpd_num_images": 4, "bpd_batch_size": 4}
     plain = run(tmp_path, model, reference_data, fast_sampling="off", output=str(tmp_path / "plain.json"), **common)
     half = run(tmp_path, model, reference_data, sampling_dtype="bfloat16", output=str(tmp_path / "half.json"), **common)
-    assert plain["sampling"] == {"fast": False, "unet_dtype": "float32", "scheduler": "DDPMTargetScheduler", "processes": 1}
-    assert half["sampling"] == {"fast": True, "unet_dtype": "bfloat16", "scheduler": "DDPMTargetScheduler", "processes": 1}
+    assert plain["sampling"] == {"fast": False, "unet_dtype": "float32", "scheduler": "DDPMTargetScheduler"}
+    assert half["sampling"] == {"fast": True, "unet_dtype": "bfloat16", "scheduler": "DDPMTargetScheduler"}
     assert half["metrics"]["fid"] != plain["metrics"]["fid"]  # other samples
     assert half["metrics"]["bpd"]["bits_per_dim"] == plain["metrics"]["bpd"]["bits_per_dim"]  # the same bound
     with pytest.raises(ValueError, match="unet_dtype: 'bfloat16' there vs None now"):
@@ -184,9 +184,10 @@ def test_two_launched_processes_sample_the_same_images_and_score_them_once(tmp_p
     sample folder and the metrics equal one process's; the main process alone writes the report."""
     script = tmp_path / "launched_evaluation.py"
     script.write_text(LAUNCHED_EVALUATION)
-    options = ["--model", str(tiny_pipeline), "--reference", str(reference_data), "--metrics", "fid,kid",
+    options = ["--model", str(tiny_pipeline), "--reference", str(reference_data), "--metrics", "fid,kid,bpd",
                "--feature_extractor", FEATURES, "--num_samples", "7", "--num_inference_steps", "2", "--batch_size", "2",
-               "--kid_subset_size", "4", "--kid_subsets", "3", "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]  # fmt: skip
+               "--kid_subset_size", "4", "--kid_subsets", "3", "--bpd_num_images", "5", "--bpd_batch_size", "2",
+               "--bpd_timesteps", "3", "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]  # fmt: skip
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -194,14 +195,19 @@ def test_two_launched_processes_sample_the_same_images_and_score_them_once(tmp_p
     subprocess.run([*launch, str(script), str(Path(__file__).parent), *options, "--output", str(two)],
                    check=True, env=env, timeout=600, capture_output=True)  # fmt: skip
     report = json.loads(two.read_text())
-    assert report["sampling"]["processes"] == 2 and report["num_samples"] == 7
+    assert report["processes"] == 2 and report["num_samples"] == 7
     assert json.loads(Path(f"{two}.rank1").read_text()) == {"process_index": 1, "samples_written": 3}
-    one = run(tmp_path, tiny_pipeline, reference_data, metrics="fid,kid", num_samples=7, num_inference_steps=2,
-              batch_size=2, output=str(tmp_path / "one.json"))  # fmt: skip
+    one = run(tmp_path, tiny_pipeline, reference_data, metrics="fid,kid,bpd", num_samples=7, num_inference_steps=2,
+              batch_size=2, bpd_num_images=5, bpd_batch_size=2, bpd_timesteps=3, output=str(tmp_path / "one.json"))  # fmt: skip
     for index in range(7):
         name = f"{index:06d}.png"
         assert (tmp_path / "two-samples" / name).read_bytes() == (tmp_path / "one-samples" / name).read_bytes()
+    bound_two, bound_one = report["metrics"].pop("bpd"), one["metrics"].pop("bpd")
     assert report["metrics"] == one["metrics"]
+    # the bound's three batches were shared (0 and 2 to the main process, 1 to the other) and gathered
+    assert bound_two["num_images"] == bound_one["num_images"] == 5
+    for key in ("bits_per_dim", "bits_per_dim_stderr", "prior_term", "diffusion_terms", "decoder_term"):
+        assert bound_two[key] == pytest.approx(bound_one[key], rel=1e-6), key
 
 
 def test_samples_from_other_options_are_refused(tmp_path, tiny_pipeline, reference_data):
