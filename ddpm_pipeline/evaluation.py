@@ -139,8 +139,8 @@ def _field_type(item) -> Any:
 @dataclass
 class EvaluationProcesses:
     """The processes an evaluation runs in: this one alone, or the ``N`` that ``accelerate launch
-    --num_processes N`` (``torchrun``) started. They share the sampling batch by batch; the main
-    process alone then computes the features, the metrics and the bound, and writes the report."""
+    --num_processes N`` (``torchrun``) started. They share the sampling and the bound batch by
+    batch; the main process alone then computes the features and the metrics, and writes the report."""
 
     device: torch.device
     index: int = 0
@@ -326,8 +326,8 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
 
     Launched as several processes (``accelerate launch --multi_gpu --num_processes N
     eval_metrics.py …``), they sample the batches in turn — the same images one process would
-    make — and the main process scores them; the others return ``{"process_index": i,
-    "samples_written": n}``.
+    make — and share the bound's batches likewise; the main process scores the samples and gathers
+    the bound, and the others return ``{"process_index": i, "samples_written": n}``.
     """
     config = config or EvaluationConfig(**options)
     config.validate()
