@@ -6,13 +6,19 @@ The signals a run is asked to stop with: ``SIGTERM`` (what Kubernetes, SLURM at 
 ``--signal=USR1@SECONDS`` warning before the time limit). A second signal acts at once, as it
 would have without the handler, so a stuck run can still be stopped.
 
-Nothing happens inside the handler but recording the signal: the training loop looks at
-:attr:`StopRequest.received` between steps (every step in one process; every ``--log_every``
-steps with several, where the processes agree on the step through one all-reduce).
+A run started by ``accelerate launch`` or ``torchrun`` also stops (with its checkpoint) when that
+launcher has exited: a launcher killed by a signal it does not pass on (SIGKILL, or SIGUSR1, which
+``torchrun``'s agent does not handle) would otherwise leave its training processes running on
+their own, on GPUs nothing would free.
+
+Nothing happens inside the handler but recording the signal: the training loop asks
+:meth:`StopRequest.reason` between steps (every step in one process; every ``--log_every`` steps
+with several, where the processes agree on the step through one all-gather).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterable, Sequence
@@ -22,6 +28,15 @@ from typing import Any
 #: The stop signals of a training run unless told otherwise (those this platform has).
 DEFAULT_STOP_SIGNALS = tuple(name for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 UNCATCHABLE = ("SIGKILL", "SIGSTOP")
+#: :meth:`StopRequest.reason` when the launcher that started this process has exited.
+LAUNCHER_EXITED = "launcher exited"
+#: Environment variables that ``accelerate launch`` / ``torchrun`` set for the processes they start.
+LAUNCHER_MARKERS = ("ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID")
+
+
+def started_by_launcher() -> bool:
+    """Whether ``accelerate launch`` or ``torchrun`` started this process (their environment)."""
+    return any(name in os.environ for name in LAUNCHER_MARKERS)
 
 
 def signal_name(text: str) -> str:
@@ -54,7 +69,8 @@ def signal_number(name: str) -> int:
 class StopRequest:
     """A context manager that turns the first of ``signals`` into a request to stop.
 
-    Inside the ``with`` block the first such signal only sets :attr:`received` (its name); a second
+    With ``watch_launcher``, :meth:`reason` also reports a parent process (the launcher) that has
+    exited. Inside the ``with`` block the first such signal only sets :attr:`received` (its name); a second
     one restores the handler that was there before and delivers the signal to it (the default
     action for ``SIGTERM``/``SIGUSR1`` ends the process, Python's for ``SIGINT`` raises
     `KeyboardInterrupt`). Leaving the block restores the previous handlers. Handlers can only be
@@ -62,11 +78,21 @@ class StopRequest:
     :attr:`active` is False.
     """
 
-    def __init__(self, signals: Iterable[str] = DEFAULT_STOP_SIGNALS):
+    def __init__(self, signals: Iterable[str] = DEFAULT_STOP_SIGNALS, watch_launcher: bool = False):
         self.signals = [signal.Signals(signal_number(name)) for name in signals]
         self.received: str | None = None
         self.active = False
         self._previous: dict[signal.Signals, Any] = {}
+        self.launcher_pid = os.getppid() if watch_launcher else None
+
+    def reason(self) -> str | None:
+        """Why to stop: the first signal's name, :data:`LAUNCHER_EXITED` when watching the launcher
+        (the parent process at construction) and it has exited, or None."""
+        if self.received is not None:
+            return self.received
+        if self.launcher_pid is not None and os.getppid() != self.launcher_pid:
+            return LAUNCHER_EXITED
+        return None
 
     def __enter__(self) -> StopRequest:
         if self.signals and threading.current_thread() is threading.main_thread():

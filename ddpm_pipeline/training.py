@@ -66,7 +66,7 @@ from .speed import (
     set_tf32,
     to_channels_last,
 )
-from .stop_signals import StopRequest, ignore_signals, signal_number
+from .stop_signals import LAUNCHER_EXITED, StopRequest, ignore_signals, signal_number, started_by_launcher
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
 from .unet import DDPMUNet
 
@@ -81,11 +81,16 @@ GRID_FOLDER = "samples"
 SNAPSHOT_STATE_NAME = "snapshot.json"
 
 
+#: A stop reason in the processes' all-gather that no signal number can be.
+_LAUNCHER_EXITED_CODE = 1 << 16
+
+
 @dataclass
 class TrainingResult:
-    """What :func:`train` produced. ``finished`` is False when ``--stop_after_minutes`` or a stop
-    signal (``stopped_by``: its name, e.g. ``"SIGTERM"``) ended this invocation early, with a
-    checkpoint: the run continues with ``--resume_from_checkpoint latest``."""
+    """What :func:`train` produced. ``finished`` is False when ``--stop_after_minutes``, a stop
+    signal or an exited launcher (``stopped_by``: the signal's name, e.g. ``"SIGTERM"``, or
+    ``"launcher exited"``) ended this invocation early, with a checkpoint: the run continues with
+    ``--resume_from_checkpoint latest``."""
 
     output_dir: Path
     global_step: int
@@ -520,17 +525,20 @@ class Trainer:
                 "the run is diverging. Resume from the last checkpoint with a lower --learning_rate."
             )
 
-    def _stop_signal(self, global_step: int, log_every: int) -> str | None:
-        """The stop signal this run was sent (``--checkpoint_on_signals``), or None. One process
-        reads its own flag every step; several agree every ``log_every`` steps on the signal any of
-        them received (one all-gather), so that all stop at the same step."""
+    def _stop_reason(self, global_step: int, log_every: int) -> str | None:
+        """Why to stop now: a stop signal (``--checkpoint_on_signals``), an exited launcher, or
+        None. One process asks every step; several agree every ``log_every`` steps on any process's
+        reason (one all-gather), so that all stop at the same step."""
         request = self.stop_request
         if self.accelerator.num_processes == 1:
-            return request.received
-        if not self.config.checkpoint_on_signals or global_step % log_every:
+            return request.reason()
+        if global_step % log_every:
             return None
-        mine = signal_number(request.received) if request.received else 0
+        reason = request.reason()
+        mine = 0 if reason is None else _LAUNCHER_EXITED_CODE if reason == LAUNCHER_EXITED else signal_number(reason)
         number = int(self.accelerator.gather(torch.tensor([mine], device=self.accelerator.device)).max())
+        if number == _LAUNCHER_EXITED_CODE:
+            return LAUNCHER_EXITED
         return signal.Signals(number).name if number else None
 
     def _out_of_memory(self, error: torch.OutOfMemoryError, step: int) -> torch.OutOfMemoryError:
@@ -570,7 +578,7 @@ class Trainer:
     def run(self) -> TrainingResult:
         """Train, with the stop signals turned into a request to checkpoint and stop (see
         :mod:`ddpm_pipeline.stop_signals`) for as long as the run lasts."""
-        with StopRequest(self.config.checkpoint_on_signals) as self.stop_request:
+        with StopRequest(self.config.checkpoint_on_signals, watch_launcher=started_by_launcher()) as self.stop_request:
             result = self._run()
         if result.finished and self.stop_request.received:
             logger.warning(f"{self.stop_request.received} came after training had ended; the outputs are complete")
@@ -652,7 +660,7 @@ class Trainer:
                         for name in due:
                             self.save_snapshot(name, global_step, seconds)
                 if not done and not stopped_early:
-                    stopped_by = self._stop_signal(global_step, log_every)
+                    stopped_by = self._stop_reason(global_step, log_every)
                     stopped_early = stopped_by is not None
                 if stopped_early and not done:
                     break
@@ -679,7 +687,11 @@ class Trainer:
         train_seconds = clock.total()
         if stopped_early and not budget_spent and global_step < self.total_steps:
             checkpoint = self.save_checkpoint(global_step, train_seconds)
-            reason = f"received {stopped_by}" if stopped_by else f"this piece's {config.stop_after_minutes} min were up"
+            reason = f"this piece's {config.stop_after_minutes} min were up"
+            if stopped_by == LAUNCHER_EXITED:
+                reason = f"the launcher that started this run (PID {self.stop_request.launcher_pid}) has exited"
+            elif stopped_by:
+                reason = f"received {stopped_by}"
             logger.info(
                 f"{reason}: stopped at step {global_step} ({train_seconds / 60:.1f} min trained in all) and wrote "
                 f"{checkpoint}; continue with --resume_from_checkpoint latest"
@@ -722,7 +734,10 @@ def train(config: TrainingConfig) -> TrainingResult:
 
 def exit_status(result: TrainingResult) -> int:
     """The exit status of ``train_ddpm.py``: 0, or ``128 + n`` when signal ``n`` stopped the run
-    (with a checkpoint), as a shell reports a process that signal ended (143 for SIGTERM)."""
+    (with a checkpoint), as a shell reports a process that signal ended (143 for SIGTERM), or 1
+    when its launcher had exited."""
+    if result.stopped_by == LAUNCHER_EXITED:
+        return 1
     return 128 + signal_number(result.stopped_by) if result.stopped_by else 0
 
 

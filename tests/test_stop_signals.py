@@ -151,9 +151,12 @@ def test_sigterm_to_the_command_line_stops_with_a_checkpoint_and_status_143(tmp_
                "--checkpointing_steps", "2", "--checkpoints_total_limit", "none", "--output_dir", str(out)]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
-    wait_for(out / "checkpoint-2", process)
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
+    try:
+        wait_for(out / "checkpoint-2", process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=300)
+    finally:  # never leave a training process behind, whatever failed
+        process.kill()
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     last = list_checkpoints(out)[-1]
     step = int(last.name.split("-")[1])
@@ -165,7 +168,8 @@ def test_sigterm_to_the_command_line_stops_with_a_checkpoint_and_status_143(tmp_
 def test_sigterm_to_a_two_process_launch_stops_every_rank_at_one_step(tmp_path):
     """`accelerate launch --multi_gpu` (torchrun's agent, gloo on the CPU) passes SIGTERM to both
     ranks; they agree on the step at a --log_every boundary, write one checkpoint with both ranks'
-    random states, and the run resumes on two processes."""
+    random states, and the run resumes on two processes. Resumed, its launcher dies of SIGUSR1 (not
+    passed on), and the ranks, without a parent, stop the same way instead of training on alone."""
     out = tmp_path / "run"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_ddpm.py")]  # fmt: skip
@@ -174,15 +178,101 @@ def test_sigterm_to_a_two_process_launch_stops_every_rank_at_one_step(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     process = subprocess.Popen([*launch, *options, "--max_train_steps", "100000"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
-    wait_for(out / "checkpoint-3", process)
-    process.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler signals the job's main process
-    _, stderr = process.communicate(timeout=300)
+    try:
+        wait_for(out / "checkpoint-3", process)
+        process.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler signals the job's main process
+        _, stderr = process.communicate(timeout=300)
+    finally:  # a launcher SIGKILLed here leaves ranks that stop themselves (the test below)
+        process.kill()
     assert "received SIGTERM: stopped at step" in stderr, stderr[-3000:]
     last = list_checkpoints(out)[-1]
     step = int(last.name.split("-")[1])
     assert step > 3 and step % 3 == 0  # the ranks agreed at a --log_every boundary
     assert {p.name for p in last.iterdir()} >= {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"}
-    resumed = subprocess.run([*launch, *options, "--max_train_steps", str(step + 1), "--resume_from_checkpoint", "latest"],
-                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {last} at step {step}" in resumed.stderr and (out / "model_index.json").is_file()
+    # resumed on two processes; then the launcher dies of SIGUSR1, which torchrun's agent does not
+    # handle: its ranks, left without a parent, agree on a step, write its checkpoint and stop
+    log = tmp_path / "resumed.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen([*launch, *options, "--max_train_steps", "100000", "--resume_from_checkpoint", "latest"],
+                                   stdout=subprocess.DEVNULL, stderr=stderr, env=env)  # fmt: skip
+    try:
+        wait_for(out / f"checkpoint-{step + 3}", process)
+        process.send_signal(signal.SIGUSR1)
+        process.wait(timeout=60)
+        deadline = time.monotonic() + 300
+        while "has exited: stopped at step" not in log.read_text():
+            assert time.monotonic() < deadline, "the ranks kept training after their launcher died"
+            time.sleep(0.2)
+    finally:
+        process.kill()
+    text = log.read_text()
+    assert f"resumed from {last} at step {step}" in text
+    final = list_checkpoints(out)[-1]
+    assert int(final.name.split("-")[1]) > step + 3 and int(final.name.split("-")[1]) % 3 == 0
+    deadline = time.monotonic() + 60
+    while any(is_running(pid) for pid in processes_with(str(out))):  # both ranks end; none trains on alone
+        assert time.monotonic() < deadline, "a rank kept running after writing the checkpoint"
+        time.sleep(0.2)
+
+
+def processes_with(marker: str, parent: int | None = None) -> list[int]:
+    """The PIDs of the processes (children of ``parent``, if given) whose command line holds
+    ``marker`` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit():
+                continue
+            if parent is not None and int((entry / "stat").read_text().split(")")[-1].split()[1]) != parent:
+                continue
+            if marker in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:  # a process that ended while we looked
+            continue
+    return found
+
+
+def child_with(parent: int, marker: str) -> int:
+    """The PID of the one child of ``parent`` whose command line holds ``marker``."""
+    found = processes_with(marker, parent)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def is_running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the training process through /proc")
+def test_a_run_whose_launcher_was_killed_stops_with_a_checkpoint_instead_of_training_on_alone(tmp_path):
+    """`accelerate launch` SIGKILLed (no signal reaches its child): the orphaned training process
+    notices that its launcher has exited, writes the checkpoint of its step and ends."""
+    out = tmp_path / "orphaned-run"
+    log = tmp_path / "train.log"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", str(ROOT / "train_ddpm.py"), *TINY, "--max_train_steps", "100000",
+               "--checkpointing_steps", "2", "--checkpoints_total_limit", "none", "--output_dir", str(out)]  # fmt: skip
+    with log.open("w") as stderr:
+        launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr,
+                                    env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    trainer = None
+    try:
+        wait_for(out / "checkpoint-2", launcher)
+        trainer = child_with(launcher.pid, str(out))
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=60)
+        deadline = time.monotonic() + 300
+        while is_running(trainer):
+            assert time.monotonic() < deadline, "the orphaned training process kept training after its launcher was killed"
+            time.sleep(0.2)
+    finally:  # never leave a training process behind, whatever failed
+        launcher.kill()
+        if trainer is not None and is_running(trainer):
+            os.kill(trainer, signal.SIGKILL)
+    text = log.read_text()
+    assert "the launcher that started this run (PID" in text and "has exited: stopped at step" in text
+    last = list_checkpoints(out)[-1]
+    assert int(last.name.split("-")[1]) > 2 and (last / "trainer_state.json").is_file()
