@@ -366,8 +366,8 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
             with processes.main_first():
                 store = sample_store(samples_folder, config.model, config.num_inference_steps, config.seed,
                                      config.batch_size, sampler.unet.dtype, config.scheduler)  # fmt: skip
-            reused = store.count_existing(config.num_samples)
-            processes.wait()  # every process counted what was there before any writes
+            reused = store.count_existing(config.num_samples) if processes.is_main else 0  # only the main one reports
+            processes.wait()  # counted before any process writes
             tick = time.perf_counter()
             written = store.fill(sampler, config.num_samples, show_progress=processes.is_main,
                                  process_index=processes.index, num_processes=processes.count)  # fmt: skip

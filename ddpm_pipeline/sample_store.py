@@ -119,10 +119,10 @@ class SampleStore:
                     output_type="np",
                 ).images
                 _refuse_diverged(images, batch)
-                for offset, image in enumerate(images):
-                    path = self.folder / sample_name(batch * batch_size + offset)
-                    if batch * batch_size + offset >= num_samples:
+                for index, image in enumerate(images, start=batch * batch_size):
+                    if index >= num_samples:
                         break
+                    path = self.folder / sample_name(index)
                     if not path.is_file():
                         _write_png(image, path)
                         written += 1

@@ -489,7 +489,7 @@ def _config_from_stock(config: dict[str, Any]) -> dict[str, Any]:
         accepted = inspect.signature(DDPMTargetScheduler.__init__).parameters.keys() - {"self", "variance_type"}
         config = {k: v for k, v in config.items() if k.startswith("_") or k in accepted}
     num_steps = config.get("num_train_timesteps", 1000)
-    if config.get("trained_betas") is None and config.get("beta_schedule", "linear") == "linear" and num_steps != 1000:
+    if config.get("trained_betas") is None and config.get("beta_schedule", "linear") == "linear" and num_steps != LINEAR_REFERENCE_STEPS:
         # stock "linear" is unscaled for T ≠ 1000, ours is scaled: keep the stock betas.
         start, end = config.get("beta_start", 0.0001), config.get("beta_end", 0.02)
         config["trained_betas"] = torch.linspace(start, end, num_steps, dtype=torch.float64).tolist()
