@@ -16,6 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .atomic import atomic_path
 from .preflight import check_pipeline_folder
+from .pretrained import is_local_source
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
 
@@ -96,9 +97,12 @@ def build_model_card(
     pipeline_dir = Path(pipeline_dir)
     check_pipeline_folder(pipeline_dir)
     config = load_training_config(pipeline_dir)
-    scheduler = DDPMTargetScheduler.from_pretrained(pipeline_dir / "scheduler").config
-    prediction_type = scheduler.prediction_type
-    beta_schedule = "cosine" if scheduler.beta_schedule == "squaredcos_cap_v2" else scheduler.beta_schedule  # stored by diffusers' name
+    scheduler = DDPMTargetScheduler.from_pretrained(pipeline_dir / "scheduler")
+    prediction_type = scheduler.config.prediction_type
+    beta_schedule = scheduler.schedule_name or "custom"
+    base_model = config.pretrained_model_name_or_path if config is not None else None
+    if base_model is not None and is_local_source(base_model):
+        base_model = None  # a local folder means nothing on the Hub
     dataset = dataset_id(config)
     dataset_name = "Fashion-MNIST" if dataset == BUNDLED_DATASET_ID else (dataset or "a local image data set")
     report = load_eval_report(pipeline_dir, eval_report)
@@ -110,9 +114,10 @@ def build_model_card(
         datasets=[dataset] if dataset else None,
         pipeline_tag=PIPELINE_TAG,
         model_name=repo_id.split("/")[-1],
+        base_model=base_model,
         eval_results=results or None,
     )
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n" + _body(pipeline_dir, repo_id, config, prediction_type, beta_schedule, dataset_name, report))
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n" + _body(pipeline_dir, repo_id, config, prediction_type, beta_schedule, dataset_name, report, base_model))
     return card
 
 
@@ -124,12 +129,14 @@ def _body(
     beta_schedule: str,
     dataset_name: str,
     report: dict[str, Any] | None,
+    base_model: str | None = None,
 ) -> str:
     unet = json.loads((pipeline_dir / "unet" / "config.json").read_text())
+    trained = f"fine-tuned from [{base_model}](https://huggingface.co/{base_model})" if base_model else "trained"
     lines = [
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"An unconditional DDPM (Ho et al. 2020) trained on {dataset_name} with "
+        f"An unconditional DDPM (Ho et al. 2020) {trained} on {dataset_name} with "
         "[ddpm_pipeline](https://pypi.org/project/ddpm_pipeline/) and 🤗 diffusers: a `UNet2DModel` "
         f"({unet.get('sample_size')}×{unet.get('sample_size')}, {unet.get('in_channels')} channel(s), "
         f"channels {unet.get('block_out_channels')}) that predicts {TARGET_NAMES.get(prediction_type, prediction_type)}, "

@@ -161,6 +161,14 @@ class DDPMTargetScheduler(DDPMScheduler):
             return scheduler
         return cls.from_config({**scheduler.config, "_class_name": "DDPMScheduler"})
 
+    @property
+    def schedule_name(self) -> str | None:
+        """The noise schedule's name in this class's terms (``"cosine"`` for diffusers'
+        ``"squaredcos_cap_v2"``), or None when the config holds its own betas (``trained_betas``)."""
+        if self.config.trained_betas is not None:
+            return None
+        return "cosine" if self.config.beta_schedule == "squaredcos_cap_v2" else self.config.beta_schedule
+
     def is_stock_compatible(self) -> bool:
         """Whether stock `diffusers.DDPMScheduler` can sample this model (every target but μ)."""
         return self.config.prediction_type != "mu"

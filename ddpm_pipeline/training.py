@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from .lr_schedule import RunLengthLR
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid, save_loss_curve
 from .preflight import check_free_space, check_output_dir, check_unet_config, run_output_bytes
+from .pretrained import PretrainedDDPM
 from .push import check_hub_access, push_to_hub
 from .run_records import LossHistory, PendingLosses, TrainingClock
 from .scheduling_ddpm_target import DDPMTargetScheduler
@@ -143,8 +144,16 @@ def build_ema(unet: torch.nn.Module, config: TrainingConfig) -> EMAModel:
     )
 
 
-def build_scheduler(config: TrainingConfig) -> DDPMTargetScheduler:
-    """The noise scheduler these options describe."""
+def build_scheduler(config: TrainingConfig, pretrained: PretrainedDDPM | None = None) -> DDPMTargetScheduler:
+    """The noise scheduler these options describe: a new one, or, when fine-tuning, the pretrained
+    model's with the options given explicitly replacing its own."""
+    if pretrained is not None:
+        return pretrained.noise_scheduler(
+            prediction_type=config.prediction_type,
+            beta_schedule=config.beta_schedule,
+            num_train_timesteps=config.num_train_timesteps,
+            variance_type=config.variance_type,
+        )
     return DDPMTargetScheduler(
         num_train_timesteps=config.num_train_timesteps,
         beta_schedule=config.beta_schedule,
@@ -165,15 +174,28 @@ class Trainer:
     """One training run; :meth:`run` does everything (see :func:`train`)."""
 
     def __init__(self, config: TrainingConfig):
+        # Fine-tuning: its configs first (no weights yet), to know the network and the target.
+        self.pretrained = None
+        if config.pretrained_model_name_or_path is not None:
+            self.pretrained = PretrainedDDPM.load(config.pretrained_model_name_or_path, config.revision, config.cache_dir)
+            # a local folder is recorded by its absolute path: the run then resumes from any directory
+            config = replace(config, pretrained_model_name_or_path=self.pretrained.source)
         self.config = config
         self.output_dir = Path(config.output_dir)
+        self.noise_scheduler = build_scheduler(config, self.pretrained)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        if config.grid_inference_steps > self.noise_scheduler.config.num_train_timesteps:
+            raise ValueError(
+                f"--grid_inference_steps {config.grid_inference_steps} exceeds the {self.noise_scheduler.config.num_train_timesteps} "
+                "diffusion steps of the pretrained scheduler: lower it."
+            )
         # Launched as several processes on a machine without CUDA (`accelerate launch --multi_gpu`,
         # torchrun): Accelerate only joins them (gloo) when told they run on the CPU.
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         cpu_processes = world_size > 1 and not torch.cuda.is_available()
         device = PartialState(cpu=cpu_processes).device
         on_gpu = device.type == "cuda"
-        self.mixed_precision = resolve_mixed_precision(config.mixed_precision, device, config.prediction_type)
+        self.mixed_precision = resolve_mixed_precision(config.mixed_precision, device, self.prediction_type)
         self.accelerator = Accelerator(
             cpu=cpu_processes,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -192,7 +214,7 @@ class Trainer:
             )
         if self.accelerator.device.type == "cpu":
             torch.set_num_threads(config.num_cpu_threads or cpu_threads_per_process(self.accelerator.num_processes))
-        strict_fp32 = needs_full_precision(config.prediction_type)
+        strict_fp32 = needs_full_precision(self.prediction_type)
         self.allow_tf32 = config.allow_tf32 if config.allow_tf32 is not None else on_gpu and not strict_fp32
         self.channels_last = auto_flag(config.channels_last, device)
         self.compile_unet = auto_flag(config.compile_unet, device)
@@ -215,10 +237,17 @@ class Trainer:
             user = check_hub_access(config.hub_token)
             logger.info(f"will push the finished pipeline to {config.hub_model_id} as {user}")
         set_seed(config.seed)
-        self.unet_config = DDPMUNet.preset_config(config.model, **config.unet_overrides_dict())
+        if self.pretrained is not None:
+            self.unet_config = self.pretrained.unet_options(config.resolution, config.dropout, config.channels)
+            self.model_name = f"{self.pretrained.source} (fine-tuned)"
+        else:
+            self.unet_config = DDPMUNet.preset_config(config.model, **config.unet_overrides_dict())
+            self.model_name = config.model
         check_unet_config(self.unet_config)
-        self.noise_scheduler = build_scheduler(config)
         self.unet = DDPMUNet(**self.unet_config)
+        if self.pretrained is not None and self.checkpoint is None:  # resuming loads the checkpoint's weights
+            self.pretrained.load_weights(self.unet)
+            logger.info(f"starting from the weights of {self.pretrained.source}")
         if self.accelerator.is_main_process:
             parameters = sum(p.numel() for p in self.unet.parameters())
             snapshots = len(config.snapshot_minutes or ()) + len(config.snapshot_steps or ())
@@ -226,6 +255,8 @@ class Trainer:
         self._build_data()
         if self.channels_last:
             to_channels_last(self.unet)
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         self.ema = build_ema(self.unet, config) if config.use_ema else None
         self.optimizer = build_adamw(
             self.unet.parameters(),
@@ -344,7 +375,9 @@ class Trainer:
         return unet.to(self.accelerator.device).eval()
 
     def sampling_pipeline(self) -> DDPMTargetPipeline:
-        pipeline = DDPMTargetPipeline(unet=self.sampling_unet(), scheduler=build_scheduler(self.config))
+        # its own scheduler: sampling sets timesteps, which the training scheduler must not carry
+        scheduler = DDPMTargetScheduler.from_config(self.noise_scheduler.config)
+        pipeline = DDPMTargetPipeline(unet=self.sampling_unet(), scheduler=scheduler)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
@@ -549,9 +582,11 @@ class Trainer:
         fits = (f"--train_batch_size {batch // 2} --gradient_accumulation_steps {2 * accumulation} (the same "
                 f"{self.global_batch_size()} images per optimizer step, in halves)") if batch > 1 else "a smaller --model"  # fmt: skip
         precision = "" if self.mixed_precision in ("bf16", "fp16") else " or --mixed_precision bf16 (not for μ),"
+        if not config.gradient_checkpointing:
+            precision += " or --gradient_checkpointing,"
         checkpoints = list_checkpoints(self.output_dir)
         return torch.OutOfMemoryError(
-            f"Out of device memory in training step {step} ({config.model}, {self.unet_config['sample_size']}² images, "
+            f"Out of device memory in training step {step} ({self.model_name}, {self.unet_config['sample_size']}² images, "
             f"--train_batch_size {batch}): use {fits},{precision} or free the device of other processes. "
             f"The last checkpoint is {checkpoints[-1] if checkpoints else 'none'}; resume with "
             f"--resume_from_checkpoint latest. ({str(error).splitlines()[0] if str(error) else 'no details'})"
@@ -603,7 +638,7 @@ class Trainer:
         parameters = sum(p.numel() for p in self.unet.parameters())
         logger.info(
             f"{len(self.train_images)} images, {self.unet_config['in_channels']}×{self.unet_config['sample_size']}²; "
-            f"{config.model}: {parameters:,} parameters; {self.steps_per_epoch} steps per epoch; "
+            f"{self.model_name}: {parameters:,} parameters; {self.steps_per_epoch} steps per epoch; "
             f"training to step {self.total_steps} (batch {config.train_batch_size} × "
             f"{config.gradient_accumulation_steps} accumulation × {accelerator.num_processes} processes)"
             + (f" or for {config.max_train_minutes:g} training minutes, whichever comes first" if config.max_train_minutes else "")
@@ -715,7 +750,8 @@ class Trainer:
             shutil.copyfile(samples_path, self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png")
             steps, losses = [row[0] for row in history.rows], [row[1] for row in history.rows]
             save_loss_curve(steps, losses, self.output_dir / LOSS_CURVE_NAME,
-                            title=f"{config.model}, {config.prediction_type} target, {config.beta_schedule} schedule")  # fmt: skip
+                            title=f"{self.model_name}, {self.prediction_type} target, "
+                                  f"{self.noise_scheduler.schedule_name or 'custom'} schedule")  # fmt: skip
         history.close()
         if is_main and config.push_to_hub:
             self._push()

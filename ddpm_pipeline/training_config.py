@@ -26,9 +26,22 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 REPORT_TO = ("tensorboard", "none")
 CONFIG_FILE_NAME = "training_config.json"
 
+#: What a run from scratch uses for the options a fine-tuning run takes from its pretrained model.
+FRESH_RUN_DEFAULTS: dict[str, Any] = {
+    "model": "ddpm-small-28",
+    "prediction_type": "epsilon",
+    "beta_schedule": "cosine",
+    "num_train_timesteps": 1000,
+    "variance_type": "fixed_small",
+}
+#: Options that change the network's weights' shapes: a fine-tuning run takes them from its model.
+WEIGHT_SHAPE_FIELDS = ("model", "block_out_channels", "layers_per_block", "unet_overrides")
+
 #: Options that define the network and its objective: a checkpoint only resumes a run that agrees on them.
 ARCHITECTURE_FIELDS = (
     "model",
+    "pretrained_model_name_or_path",
+    "revision",
     "block_out_channels",
     "layers_per_block",
     "dropout",
@@ -59,26 +72,28 @@ class TrainingConfig:
     train_data_dir: str | None = _option(None, "A local folder of images (read with the `imagefolder` builder).")
     dataset_path: str | None = _option(None, "A data set written by `Dataset.save_to_disk` (see ddpm_pipeline.convert).")
     image_column: str | None = _option(None, "The column holding the images (default: image, img, or the one Image column).")
-    cache_dir: str | None = _option(None, "Where `datasets` caches downloads and builds.")
-    resolution: int | None = _option(None, "Training image size in pixels (default: the model preset's sample_size).")
-    channels: int | None = _option(None, "1 = grayscale, 3 = RGB (default: the model preset's in_channels).", choices=(1, 3))
+    cache_dir: str | None = _option(None, "Where `datasets` and --pretrained_model_name_or_path cache their downloads.")
+    resolution: int | None = _option(None, "Training image size in pixels (default: the model preset's or the pretrained network's sample_size).")
+    channels: int | None = _option(None, "1 = grayscale, 3 = RGB (default: the model preset's or the pretrained network's in_channels).", choices=(1, 3))
     resize_mode: str = _option("auto", "pad (center on black), crop (resize + center crop), auto = pad if smaller.", choices=RESIZE_MODES)
     bad_images: str = _option("skip", "An unreadable or unusable image: skip it (logged and counted; the next readable image stands in) or fail naming the file.", choices=("skip", "fail"))
     random_flip: bool = _option(False, "Flip training images left-right at random.")
     dataloader_num_workers: int | None = _option(None, "DataLoader worker processes (0 = load in the main process; none = 0 on the CPU or with --data_on_device, else up to 8 per GPU).")
     num_cpu_threads: int | None = _option(None, "Torch threads per process when training on the CPU (default: the available cores / processes; `accelerate launch` would otherwise leave 1).")
     # model
-    model: str = _option("ddpm-small-28", "UNet preset (DDPMUNet.preset_names()).", choices=tuple(sorted(PRESETS)))
+    model: str | None = _option(None, f"UNet preset (DDPMUNet.preset_names(); default {FRESH_RUN_DEFAULTS['model']}).", choices=tuple(sorted(PRESETS)))
+    pretrained_model_name_or_path: str | None = _option(None, "Fine-tune: start from a trained DDPM's weights and noise schedule instead of a new network: a train_ddpm.py --output_dir, a save_pretrained folder, a Hub repo such as google/ddpm-cifar10-32, or a UNet2DModel folder. Its architecture stays (--model and the architecture options are refused; --resolution and --dropout may change); the diffusion options default to its scheduler's.")
+    revision: str | None = _option(None, "The Hub revision (branch, tag or commit) of --pretrained_model_name_or_path.")
     block_out_channels: list[int] | None = _option(None, "Override the preset's channels per resolution level.", nargs="+", type=int)
     layers_per_block: int | None = _option(None, "Override the preset's ResNet blocks per level.")
     dropout: float | None = _option(None, "Override the preset's dropout rate.")
     unet_overrides: str | None = _option(None, 'Any other UNet2DModel options as JSON, e.g. \'{"norm_num_groups": 16}\'.')
     # diffusion
-    prediction_type: str = _option("epsilon", "What the network predicts: the noise, the clean image or the posterior mean.", choices=TRAINING_PREDICTION_TYPES)
-    beta_schedule: str = _option("cosine", "Noise schedule: cosine (Nichol & Dhariwal; better than linear for the main job in FID and bits/dim, see README) or linear (Ho et al.).", choices=BETA_SCHEDULES)
-    num_train_timesteps: int = _option(1000, "Diffusion steps T.")
+    prediction_type: str | None = _option(None, "What the network predicts: the noise, the clean image or the posterior mean (default epsilon, or the pretrained scheduler's).", choices=TRAINING_PREDICTION_TYPES)
+    beta_schedule: str | None = _option(None, "Noise schedule: cosine (Nichol & Dhariwal; better than linear for the main job in FID and bits/dim, see README) or linear (Ho et al.) (default cosine, or the pretrained scheduler's).", choices=BETA_SCHEDULES)
+    num_train_timesteps: int | None = _option(None, "Diffusion steps T (default 1000, or the pretrained scheduler's).")
     loss_weighting: str = _option("simple", "simple = unweighted MSE on the target; vlb = the variational bound's weights.", choices=LOSS_WEIGHTINGS)
-    variance_type: str = _option("fixed_small", "Sampling variance: fixed_small (posterior β̃_t) or fixed_large (β_t).", choices=VARIANCE_TYPES)
+    variance_type: str | None = _option(None, "Sampling variance: fixed_small (posterior β̃_t) or fixed_large (β_t) (default fixed_small, or the pretrained scheduler's).", choices=VARIANCE_TYPES)
     # optimization
     train_batch_size: int = _option(32, "Images per device per forward pass.")
     gradient_accumulation_steps: int = _option(1, "Forward passes per optimizer step.")
@@ -114,6 +129,7 @@ class TrainingConfig:
     compile_unet: bool | None = _option(None, "torch.compile the UNet (the first steps take a while to compile).")
     compile_mode: str | None = _option(None, "torch.compile mode, e.g. max-autotune-no-cudagraphs (none = the default mode).")
     fused_adam: bool | None = _option(None, "One fused AdamW kernel per step (else multi-tensor foreach kernels).")
+    gradient_checkpointing: bool = _option(False, "Recompute each UNet block's activations in the backward pass instead of storing them: less memory (larger batches or images) for about a third more compute; the same gradients.")
     data_on_device: bool | None = _option(None, "Preprocess the whole data set once into device memory (auto: on a GPU when it takes at most a quarter of its memory).")
     seed: int = _option(0, "Seed for weights, data order, noise and dropout: a run is reproducible on the CPU.")
     # outputs
@@ -136,6 +152,10 @@ class TrainingConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.pretrained_model_name_or_path is None:
+            for name, value in FRESH_RUN_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         if [name.lower() for name in self.checkpoint_on_signals] == ["none"]:
             self.checkpoint_on_signals = []
         self.validate()
@@ -152,13 +172,21 @@ class TrainingConfig:
             if value is None or value < 1:
                 problems.append(f"--{name} must be a positive integer, got {value}.")
 
-        for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "num_train_timesteps",
-                     "num_grid_images", "grid_inference_steps"):  # fmt: skip
+        for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "num_grid_images",
+                     "grid_inference_steps"):  # fmt: skip
             positive(name)
         for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "save_images_steps",
-                     "resolution", "layers_per_block", "num_cpu_threads", "log_every", "max_skipped_steps"):  # fmt: skip
+                     "resolution", "layers_per_block", "num_cpu_threads", "log_every", "max_skipped_steps",
+                     "num_train_timesteps"):  # fmt: skip
             positive(name, allow_none=True)
-        if self.grid_inference_steps > self.num_train_timesteps:
+        if self.pretrained_model_name_or_path is not None:
+            given = [f"--{name}" for name in WEIGHT_SHAPE_FIELDS if getattr(self, name) is not None]
+            if given:
+                problems.append(
+                    f"{', '.join(given)} and --pretrained_model_name_or_path both define the network: fine-tuning keeps "
+                    f"the pretrained architecture, so drop {' and '.join(given)}."
+                )
+        if self.num_train_timesteps is not None and self.grid_inference_steps > self.num_train_timesteps:
             problems.append(
                 f"--grid_inference_steps {self.grid_inference_steps} exceeds --num_train_timesteps "
                 f"{self.num_train_timesteps}."
@@ -208,7 +236,8 @@ class TrainingConfig:
             choices, value = spec.metadata.get("choices"), getattr(self, spec.name)
             if choices and value is not None and value not in choices:
                 problems.append(f"--{spec.name} {value!r} is not one of: {', '.join(map(str, choices))}.")
-        canonical_prediction_type(self.prediction_type)  # raises with the accepted names
+        if self.prediction_type is not None:
+            canonical_prediction_type(self.prediction_type)  # raises with the accepted names
         if problems:
             raise ValueError("Bad training options:\n  " + "\n  ".join(problems))
 
@@ -270,7 +299,7 @@ class TrainingConfig:
             prog="train_ddpm.py",
             description="Train a DDPM (ε, x0 or μ target) with diffusers and Accelerate; "
             "with no options, the small preset on the bundled Fashion-MNIST images.",
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         for spec in dataclasses.fields(cls):
             meta = dict(spec.metadata)
@@ -293,6 +322,15 @@ class TrainingConfig:
             return cls(**vars(namespace))
         except ValueError as error:
             parser.error(str(error))
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each option's default, except a ``None`` its help text already explains."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None and "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def optional(kind: type) -> Any:

@@ -239,6 +239,7 @@ def test_out_of_device_memory_says_how_to_fit_the_same_step(tmp_path, monkeypatc
     assert "Out of device memory in training step 3 (ddpm-tiny-16, 16² images, --train_batch_size 4)" in message
     assert "--train_batch_size 2 --gradient_accumulation_steps 2 (the same 4 images per optimizer step" in message
     assert f"The last checkpoint is {tmp_path / 'checkpoint-2'}" in message and "Tried to allocate 2.00 GiB" in message
+    assert "or --gradient_checkpointing," in message
 
 
 KILLABLE_TRAINER = """

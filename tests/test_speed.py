@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
 from ddpm_pipeline.data import IndexDataset, stack_images
+from ddpm_pipeline.losses import diffusion_loss
 from ddpm_pipeline.speed import (
     auto_flag,
     build_adamw,
@@ -133,6 +134,47 @@ def test_fast_training_path_matches_the_plain_one(tmp_path):
     # the fast run's outputs are ordinary: the saved pipeline is contiguous and loads
     pipeline = DDPMTargetPipeline.from_pretrained(tmp_path / "fast")
     assert all(p.is_contiguous() for p in pipeline.unet.parameters())
+
+
+def test_gradient_checkpointing_recomputes_the_blocks_for_the_same_gradients():
+    """Each block's forward runs again in the backward pass (its activations were not kept), and the
+    loss and gradients are those of the plain network, dropout included (its masks are replayed)."""
+    scheduler = DDPMTargetScheduler(num_train_timesteps=50, beta_schedule="cosine")
+    images = torch.rand(4, 1, 16, 16) * 2 - 1
+    timesteps, noise = torch.tensor([0, 10, 30, 49]), torch.randn(4, 1, 16, 16)
+    results = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        unet = DDPMUNet.from_preset("ddpm-tiny-16", dropout=0.2).train()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        calls, resnet = [], unet.down_blocks[0].resnets[0]
+        resnet.forward = lambda *args, _forward=resnet.forward, _calls=calls, **kwargs: (
+            _calls.append(1) or _forward(*args, **kwargs)
+        )  # counts the block's forward passes (module hooks do not see the recomputation)
+        torch.manual_seed(1)  # dropout
+        loss = diffusion_loss(unet, scheduler, images, timesteps=timesteps, noise=noise)
+        loss.backward()
+        results[checkpointing] = loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters()}, len(calls)
+    (plain_loss, plain_grads, plain_calls), (loss, grads, calls) = results[False], results[True]
+    assert (plain_calls, calls) == (1, 2)
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7)
+
+
+def test_gradient_checkpointing_trains_as_the_plain_path(tmp_path):
+    plain = main([*TINY, *PLAIN, "--max_train_steps", "6", "--output_dir", str(tmp_path / "plain")])
+    reset_accelerate()
+    options = [*TINY, *PLAIN, "--gradient_checkpointing", "--max_train_steps", "6", "--output_dir", str(tmp_path / "gc")]
+    trainer = Trainer(TrainingConfig.from_args(options))
+    assert all(block.gradient_checkpointing for block in trainer.accelerator.unwrap_model(trainer.unet).down_blocks)
+    reset_accelerate()
+    checkpointed = main(options)
+    assert plain.global_step == checkpointed.global_step == 6
+    plain_weights, weights = final_unet_weights(tmp_path / "plain"), final_unet_weights(tmp_path / "gc")
+    for key in plain_weights:
+        torch.testing.assert_close(weights[key], plain_weights[key], rtol=1e-4, atol=1e-6)
 
 
 def test_fast_run_resumes_from_its_checkpoint(tmp_path):
