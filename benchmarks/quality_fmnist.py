@@ -63,19 +63,19 @@ from ddpm_pipeline.data import (
     stack_images,
 )
 from ddpm_pipeline.evaluation import (
+    bound_over_data,
+    bound_store,
     device_description,
     evaluate,
     package_versions,
     sample_store,
     sampling_pipeline,
 )
-from ddpm_pipeline.likelihood import BoundTerms, variational_bound
 from ddpm_pipeline.pipeline_ddpm_target import DDPMTargetPipeline
 from ddpm_pipeline.plots import save_labelled_images, save_loss_curve, save_metric_curves
 from ddpm_pipeline.reference import DataSource
 from ddpm_pipeline.scheduling_ddpm_target import DDPMTargetScheduler
 from ddpm_pipeline.seeding import derive_seed
-from ddpm_pipeline.speed import strict_float32
 from ddpm_pipeline.training import SNAPSHOT_STATE_NAME, micro_batch_seed, snapshot_name, train
 from ddpm_pipeline.training_config import TrainingConfig, optional
 from ddpm_pipeline.unet import DDPMUNet
@@ -129,6 +129,11 @@ class Piece:
 
     def done(self) -> None:
         self.units += 1
+
+    def next_unit(self) -> None:
+        """:meth:`check`, then count the unit about to run (for work done inside a library call)."""
+        self.check()
+        self.done()
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -397,46 +402,31 @@ class Study:
         return report
 
     def bits_per_dim(self, model: Path, run_dir: Path) -> dict[str, Any]:
-        """bits/dim of the test images (``--bpd_num_images``; all by default), a batch per unit of
-        work: partial sums are kept in ``bpd_partial.npz``; batch b draws from its own seed."""
+        """bits/dim of the test images (``--bpd_num_images``; all by default) with eval_metrics.py's
+        own estimator (:func:`~ddpm_pipeline.evaluation.bound_over_data`), a batch per unit of work:
+        each batch's terms are kept in ``bpd_partial/`` as it is done, so pieces resume."""
         args = self.args
-        done_path, partial_path = run_dir / "bpd.json", run_dir / "bpd_partial.npz"
+        done_path = run_dir / "bpd.json"
         if done_path.is_file():
             return json.loads(done_path.read_text())
-        test = DataSource.parse(str(self.data["test"])).load()
-        column = find_image_column(test)
-        count = len(test) if args.bpd_num_images is None else min(args.bpd_num_images, len(test))
-        terms = {"prior": [], "diffusion": [], "decoder": []}
-        if partial_path.is_file():
-            with np.load(partial_path) as saved:
-                terms = {name: list(saved[name]) for name in terms}
+        source = DataSource.parse(str(self.data["test"]))
+        store = bound_store(run_dir / "bpd_partial", str(model), source, self.preprocess, args.bpd_num_images,
+                            args.bpd_timesteps, args.bpd_batch_size, args.seed)  # fmt: skip
         pipeline = DDPMTargetPipeline.from_pretrained(model).to(self.device)
-        unet = pipeline.unet.eval()
-        while len(terms["prior"]) < count:
-            self.piece.check()
-            start = len(terms["prior"])
-            batch_index = start // args.bpd_batch_size
-            rows = test.select(range(start, min(start + args.bpd_batch_size, count)))[column]
-            images = torch.stack([self.preprocess(image) for image in rows]).to(self.device)
-            generator = torch.Generator(self.device).manual_seed(derive_seed(args.seed, batch_index))
-            with strict_float32(self.device):  # the bound in full float32, no TF32
-                bound = variational_bound(unet, pipeline.scheduler, images, args.bpd_timesteps, generator)
-            for name in terms:
-                terms[name].extend(getattr(bound, name).tolist())
-            with atomic_path(partial_path) as partial:
-                np.savez(partial, **{name: np.asarray(values) for name, values in terms.items()})
-            self.piece.done()
-        summary = BoundTerms(**{name: torch.tensor(values, dtype=torch.float64) for name, values in terms.items()}).summary()
+        bound = bound_over_data(pipeline, source, self.preprocess, args.bpd_num_images, args.bpd_timesteps,
+                                args.bpd_batch_size, args.seed, self.device, store=store,
+                                before_batch=self.piece.next_unit)  # fmt: skip
         result = {
-            "bpd": summary["bits_per_dim"],
-            "bpd_stderr": summary["bits_per_dim_stderr"],
-            "bpd_num_images": len(terms["prior"]),
-            "bpd_timesteps": "all" if args.bpd_timesteps is None else args.bpd_timesteps,
-            "bpd_terms": {"prior": summary["prior_term"], "diffusion": summary["diffusion_terms"], "decoder": summary["decoder_term"]},
+            "bpd": bound["bits_per_dim"],
+            "bpd_stderr": bound["bits_per_dim_stderr"],
+            "bpd_num_images": bound["num_images"],
+            "bpd_timesteps": bound["timesteps"],
+            "bpd_terms": {"prior": bound["prior_term"], "diffusion": bound["diffusion_terms"], "decoder": bound["decoder_term"]},
         }
         with atomic_path(done_path) as partial:  # its presence means "done": never a half-written one
             partial.write_text(json.dumps(result, indent=2) + "\n")
-        del pipeline, unet
+        store.remove()
+        del pipeline
         _free_device_memory()
         return result
 

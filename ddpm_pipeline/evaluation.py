@@ -15,7 +15,7 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,6 +29,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
+from .bound_store import BoundStore
 from .data import ImagePreprocessor
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .likelihood import BoundTerms, variational_bound
@@ -257,6 +258,26 @@ def sampling_pipeline(model: str, device: torch.device, fast_sampling: str = "au
     return pipeline
 
 
+def bound_store(folder: str | Path, model: str, source: DataSource, preprocess: ImagePreprocessor,
+                num_images: int | None, num_timesteps: int | None, batch_size: int, seed: int) -> BoundStore:  # fmt: skip
+    """The store of the bound's per-batch terms for these options (see :func:`bound_over_data`): the
+    model (a local folder also by its weights' size and modification time, so retraining into the
+    same folder invalidates the terms), the data, the preprocessing and the estimator's options."""
+    settings = {
+        "model": _model_identity(model),
+        "weights": _weights_stamp(model),
+        "data": source.location,
+        "split": source.split,
+        "config": source.dataset_config,
+        "preprocessing": [preprocess.resolution, preprocess.channels, preprocess.resize_mode],
+        "num_images": num_images,
+        "timesteps": num_timesteps,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    return BoundStore(folder, settings)
+
+
 def bound_over_data(
     pipeline: DDPMTargetPipeline,
     source: DataSource,
@@ -267,6 +288,8 @@ def bound_over_data(
     seed: int,
     device: torch.device,
     processes: EvaluationProcesses | None = None,
+    store: BoundStore | None = None,
+    before_batch: Callable[[], None] | None = None,
 ) -> dict[str, Any] | None:
     """bits/dim averaged over the first ``num_images`` images of ``source``, with its per-term
     breakdown, the standard error over images, and the mean per-timestep curve when exact. The
@@ -277,6 +300,10 @@ def bound_over_data(
     ``derive_seed(seed, b)``, so several ``processes`` can share the batches (``b`` to process
     ``b mod N``) and give the main process, after one gather, what one process computes; the
     others return None.
+
+    With a ``store`` (:func:`bound_store`), each batch's terms are kept as soon as they are
+    computed and a repeated call reads them back, so an interrupted run resumes where it stopped.
+    ``before_batch`` is called before each batch that is computed (a time limit may raise there).
     """
     from .data import find_image_column
 
@@ -294,11 +321,17 @@ def bound_over_data(
     batches = range(processes.index, -(-count // batch_size), processes.count)
     with strict_float32(device):
         for batch_index in tqdm(batches, desc="bits/dim", unit="batch", disable=not processes.is_main):
-            start = batch_index * batch_size
-            rows = images[start : min(start + batch_size, count)][column]
-            batch = torch.stack([preprocess(image) for image in rows]).to(device)
-            generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, batch_index))
-            bound = variational_bound(unet, scheduler, batch, num_timesteps, generator, show_progress=processes.is_main)
+            bound = store.load(batch_index) if store is not None else None
+            if bound is None:
+                if before_batch is not None:
+                    before_batch()
+                start = batch_index * batch_size
+                rows = images[start : min(start + batch_size, count)][column]
+                batch = torch.stack([preprocess(image) for image in rows]).to(device)
+                generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, batch_index))
+                bound = variational_bound(unet, scheduler, batch, num_timesteps, generator, show_progress=processes.is_main)
+                if store is not None:
+                    store.save(batch_index, bound)
             mine.append((batch_index, bound))
     results = gather_object(mine) if processes.count > 1 else mine
     if not processes.is_main:
@@ -383,17 +416,26 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         preprocess = samples_preprocessing(sample_paths, config)
         samples_folder, reused = Path(config.samples), len(sample_paths)
 
-    bound = None
+    bound, terms_store = None, None
     if "bpd" in metrics:  # before the features: every process takes part, then only the main one goes on
         tick = time.perf_counter()
         source = DataSource.parse(config.bpd_data or config.reference, config.bpd_split or config.reference_split,
                                   config.reference_config)  # fmt: skip
         if source.kind == "stats":
             raise ValueError("bits/dim needs images: --reference is a statistics file, so pass --bpd_data (a data source).")
+        with processes.main_first():  # the main process writes (or clears) the store's settings first
+            terms_store = bound_store(Path(f"{stem}-bpd-partial"), config.model, source, preprocess, config.bpd_num_images,
+                                      config.bpd_timesteps, config.bpd_batch_size, config.seed)  # fmt: skip
+        batches_reused = terms_store.count() if processes.is_main else 0
+        if batches_reused:
+            logger.info(f"bits/dim: reusing the terms of {batches_reused} batch(es) from {terms_store.folder}")
+        processes.wait()  # counted before any process adds its own
         bound = bound_over_data(
             pipeline, source, preprocess, config.bpd_num_images, config.bpd_timesteps, config.bpd_batch_size,
-            config.seed, device, processes,
+            config.seed, device, processes, store=terms_store,
         )  # fmt: skip
+        if bound is not None:
+            bound["batches_reused"] = batches_reused
         timings["bpd_s"] = time.perf_counter() - tick
     if not processes.is_main:
         return helper_result
@@ -465,6 +507,8 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     report["wall_time"] = timings
     with atomic_path(output) as partial:
         partial.write_text(json.dumps(report, indent=2) + "\n")
+    if terms_store is not None:
+        terms_store.remove()  # the report holds the bound now
     logger.info(f"wrote {output}: {_summary(report['metrics'])}")
     return report
 
@@ -481,6 +525,12 @@ def _open_rgb_or_gray(path: Path):
 def _model_identity(model: str) -> str:
     path = Path(model)
     return str(path.resolve()) if path.exists() else model
+
+
+def _weights_stamp(model: str) -> list[list[int | str]]:
+    """Name, size and modification time of a local pipeline's UNet weight files (empty for a Hub id)."""
+    files = sorted(Path(model, "unet").glob("diffusion_pytorch_model*")) if Path(model).is_dir() else []
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
 
 def _summary(metrics: dict[str, Any]) -> str:

@@ -23,9 +23,13 @@ from PIL import Image
 from pixel_features import FEATURES, PixelFeatures, logits_of
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, evaluate
-from ddpm_pipeline.evaluation import EvaluationConfig, main, sample_store
+from ddpm_pipeline import evaluation as evaluation_module
+from ddpm_pipeline.data import ImagePreprocessor
+from ddpm_pipeline.evaluation import EvaluationConfig, bound_store, main, sample_store
 from ddpm_pipeline.features import MissingClassifierError
+from ddpm_pipeline.likelihood import BoundTerms
 from ddpm_pipeline.metrics import inception_score
+from ddpm_pipeline.reference import DataSource
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +269,49 @@ def test_bits_per_dim_report(tmp_path, tiny_pipeline, reference_data):
                     output=str(tmp_path / "estimate.json"))  # fmt: skip
     assert estimated["metrics"]["bpd"]["timesteps"] == 4
     assert math.isfinite(estimated["metrics"]["bpd"]["bits_per_dim"])
+
+
+def test_an_interrupted_bound_resumes_from_its_finished_batches(tmp_path, tiny_pipeline, reference_data, monkeypatch):
+    options = dict(metrics="bpd", bpd_num_images=5, bpd_batch_size=2, bpd_timesteps=3)
+    whole = run(tmp_path, tiny_pipeline, reference_data, output=str(tmp_path / "whole.json"), **options)
+    assert whole["metrics"]["bpd"]["batches_reused"] == 0 and not (tmp_path / "whole-bpd-partial").exists()
+    original, calls = evaluation_module.variational_bound, []
+
+    def crash_in_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation_module, "variational_bound", crash_in_the_second_batch)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(tmp_path, tiny_pipeline, reference_data, output=str(tmp_path / "resumed.json"), **options)
+    assert sorted(p.name for p in (tmp_path / "resumed-bpd-partial").glob("batch-*")) == ["batch-000000.pt"]
+    monkeypatch.setattr(evaluation_module, "variational_bound", original)
+    resumed = run(tmp_path, tiny_pipeline, reference_data, output=str(tmp_path / "resumed.json"), **options)
+    assert resumed["metrics"]["bpd"].pop("batches_reused") == 1
+    whole["metrics"]["bpd"].pop("batches_reused")
+    assert resumed["metrics"]["bpd"] == whole["metrics"]["bpd"]  # the same numbers, exactly
+    assert not (tmp_path / "resumed-bpd-partial").exists()  # the report holds them now
+
+
+def test_stored_bound_terms_from_other_options_or_rewritten_weights_are_discarded(tmp_path, tiny_pipeline, reference_data):
+    source = DataSource.parse(str(reference_data))
+    preprocess = ImagePreprocessor(16, 1)
+    folder = tmp_path / "terms"
+    terms = BoundTerms(prior=torch.zeros(2), diffusion=torch.ones(2), decoder=torch.full((2,), 2.0))
+    bound_store(folder, str(tiny_pipeline), source, preprocess, 5, 3, 2, 0).save(0, terms)
+    again = bound_store(folder, str(tiny_pipeline), source, preprocess, 5, 3, 2, 0)
+    assert torch.equal(again.load(0).total, torch.full((2,), 3.0)) and again.load(1) is None
+    assert bound_store(folder, str(tiny_pipeline), source, preprocess, 5, 4, 2, 0).count() == 0  # other timesteps
+    bound_store(folder, str(tiny_pipeline), source, preprocess, 5, 3, 2, 0).save(0, terms)
+    weights = next((tiny_pipeline / "unet").glob("diffusion_pytorch_model*"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the model was trained again
+    try:
+        assert bound_store(folder, str(tiny_pipeline), source, preprocess, 5, 3, 2, 0).count() == 0
+    finally:
+        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 def test_bad_options_fail_before_any_work(tmp_path, tiny_pipeline, reference_data):

@@ -1,0 +1,68 @@
+"""Per-batch terms of the variational bound on disk, so an interrupted bits/dim run resumes.
+
+Batch ``b`` of a bits/dim computation depends only on its images and its seed (see
+:func:`~ddpm_pipeline.evaluation.bound_over_data`), so its terms can be kept as soon as they are
+computed, one file per batch (``batch-000012.pt``, written atomically), and a repeated run reads
+them back instead of computing them again. ``bound.json`` records the options they were computed
+with; terms from other options (another model, its weights rewritten, other data or timesteps)
+are discarded, never mixed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_path
+from .likelihood import BoundTerms
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_FILE = "bound.json"
+_TERMS = ("prior", "diffusion", "decoder", "per_timestep")
+
+
+def batch_file_name(batch_index: int) -> str:
+    return f"batch-{batch_index:06d}.pt"
+
+
+class BoundStore:
+    """A folder of per-batch :class:`~ddpm_pipeline.likelihood.BoundTerms` for one set of options."""
+
+    def __init__(self, folder: str | Path, settings: dict[str, Any]):
+        self.folder = Path(folder)
+        self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
+        settings_path = self.folder / SETTINGS_FILE
+        if settings_path.is_file() and json.loads(settings_path.read_text()) != self.settings:
+            logger.warning(f"{self.folder} holds bound terms computed with other options; computing them afresh")
+            self.remove()
+        if not settings_path.is_file():
+            with atomic_path(settings_path) as partial:
+                partial.write_text(json.dumps(self.settings, indent=2, sort_keys=True) + "\n")
+
+    def load(self, batch_index: int) -> BoundTerms | None:
+        """The stored terms of batch ``batch_index``, or None when it has not been computed."""
+        path = self.folder / batch_file_name(batch_index)
+        if not path.is_file():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return BoundTerms(**{name: saved.get(name) for name in _TERMS})
+
+    def save(self, batch_index: int, terms: BoundTerms) -> None:
+        """Keep the terms of batch ``batch_index`` (on the CPU; the file appears complete or not at all)."""
+        values = {name: getattr(terms, name) for name in _TERMS if getattr(terms, name) is not None}
+        with atomic_path(self.folder / batch_file_name(batch_index)) as partial:
+            torch.save({name: value.detach().cpu() for name, value in values.items()}, partial)
+
+    def count(self) -> int:
+        """How many batches are stored."""
+        return len(list(self.folder.glob("batch-*.pt")))
+
+    def remove(self) -> None:
+        """Delete the folder (once the report that needed it is written)."""
+        shutil.rmtree(self.folder, ignore_errors=True)
