@@ -232,8 +232,8 @@ def _read_json(source: str, filename: str, subfolder: str | None, revision: str 
     except (RepositoryNotFoundError, RevisionNotFoundError) as error:
         raise FileNotFoundError(
             f"--pretrained_model_name_or_path {source}{f' (revision {revision})' if revision else ''}: no such "
-            f"repo on the Hub, or it is private and no token is saved ({type(error).__name__}). Check the id "
-            "(owner/name) or `hf auth login`; for a local folder, give its path."
+            f"repo on the Hub (and no local folder of that name), or it is private and no token is saved "
+            f"({type(error).__name__}). Check the id (owner/name) or `hf auth login`; for a local folder, give its path."
         ) from error
     return json.loads(Path(path).read_text())
 

@@ -12,7 +12,7 @@ from conftest import reset_accelerate
 from diffusers import DDPMPipeline, DDPMScheduler, ScoreSdeVePipeline, ScoreSdeVeScheduler, UNet2DModel
 from test_training import TINY, read_loss_history, run_training
 
-from ddpm_pipeline import DDPMTargetScheduler, DDPMUNet
+from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
 from ddpm_pipeline.pretrained import PretrainedDDPM, is_local_source
 from ddpm_pipeline.training import Trainer, main
 from ddpm_pipeline.training_config import TrainingConfig
@@ -135,6 +135,15 @@ def test_options_given_explicitly_replace_the_pretrained_scheduler_s(tmp_path, c
     stock = DDPMScheduler(num_train_timesteps=200)
     kept = PretrainedDDPM.load(str(custom)).noise_scheduler()
     torch.testing.assert_close(kept.alphas_cumprod, stock.alphas_cumprod, rtol=1e-6, atol=0)
+
+
+def test_a_mu_pipeline_which_names_this_package_s_scheduler_fine_tunes_as_mu(tmp_path):
+    scheduler = DDPMTargetScheduler(prediction_type="mu", beta_schedule="cosine", num_train_timesteps=100)
+    DDPMTargetPipeline(DDPMUNet.from_preset("ddpm-tiny-16"), scheduler).save_pretrained(tmp_path / "mu")
+    assert json.loads((tmp_path / "mu" / "model_index.json").read_text())["scheduler"][0] == "ddpm_pipeline"
+    tuned = PretrainedDDPM.load(str(tmp_path / "mu")).noise_scheduler()
+    assert tuned.config.prediction_type == "mu" and tuned.config.num_train_timesteps == 100
+    assert torch.equal(tuned.schedule.betas, scheduler.schedule.betas)
 
 
 def test_a_hub_repo_id_loads_through_the_hub_cache(tmp_path):
