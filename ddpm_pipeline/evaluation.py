@@ -32,6 +32,7 @@ from .atomic import atomic_path
 from .bound_store import BoundStore
 from .data import ImagePreprocessor
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
+from .inception_weights import file_digest
 from .likelihood import BoundTerms, variational_bound
 from .metrics import FEATURE_METRICS, feature_metrics, parse_metrics
 from .pipeline_ddpm_target import DDPMTargetPipeline
@@ -231,8 +232,12 @@ def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed:
     pieces) has its samples scored rather than redone. A UNet sampling in half precision, or another
     scheduler, makes other images than the float32 ancestral sampler: they are then part of the
     options (the defaults record nothing, as stores did before the options existed), so the stores
-    are never mixed."""
+    are never mixed. A local model is also keyed on its weights (:func:`weights_fingerprint`): trained
+    further in the same folder, it needs a new ``folder``."""
     settings = {"model": _model_identity(model), "num_inference_steps": num_inference_steps, "seed": seed, "batch_size": batch_size}
+    fingerprint = weights_fingerprint(model)
+    if fingerprint:  # a local folder: its exact weights (a Hub id records none)
+        settings["weights"] = fingerprint
     if unet_dtype != torch.float32:
         settings["unet_dtype"] = str(unet_dtype).removeprefix("torch.")
     if scheduler != "ddpm":
@@ -261,11 +266,11 @@ def sampling_pipeline(model: str, device: torch.device, fast_sampling: str = "au
 def bound_store(folder: str | Path, model: str, source: DataSource, preprocess: ImagePreprocessor,
                 num_images: int | None, num_timesteps: int | None, batch_size: int, seed: int) -> BoundStore:  # fmt: skip
     """The store of the bound's per-batch terms for these options (see :func:`bound_over_data`): the
-    model (a local folder also by its weights' size and modification time, so retraining into the
-    same folder invalidates the terms), the data, the preprocessing and the estimator's options."""
+    model (a local folder also by its weights' :func:`weights_fingerprint`), the data, the
+    preprocessing and the estimator's options."""
     settings = {
         "model": _model_identity(model),
-        "weights": _weights_stamp(model),
+        "weights": weights_fingerprint(model),
         "data": source.location,
         "split": source.split,
         "config": source.dataset_config,
@@ -527,10 +532,12 @@ def _model_identity(model: str) -> str:
     return str(path.resolve()) if path.exists() else model
 
 
-def _weights_stamp(model: str) -> list[list[int | str]]:
-    """Name, size and modification time of a local pipeline's UNet weight files (empty for a Hub id)."""
+def weights_fingerprint(model: str) -> list[list[str]]:
+    """``[file name, SHA-256]`` of each UNet weight file of a local pipeline folder (empty for a Hub
+    id): what the sample and bound stores are keyed on besides the path, so that a model trained
+    further in the same folder never has its old samples scored as its own."""
     files = sorted(Path(model, "unet").glob("diffusion_pytorch_model*")) if Path(model).is_dir() else []
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return [[path.name, file_digest(path)] for path in files]
 
 
 def _summary(metrics: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -296,22 +297,34 @@ def test_an_interrupted_bound_resumes_from_its_finished_batches(tmp_path, tiny_p
 
 
 def test_stored_bound_terms_from_other_options_or_rewritten_weights_are_discarded(tmp_path, tiny_pipeline, reference_data):
-    source = DataSource.parse(str(reference_data))
-    preprocess = ImagePreprocessor(16, 1)
-    folder = tmp_path / "terms"
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, model)
+    source, preprocess, folder = DataSource.parse(str(reference_data)), ImagePreprocessor(16, 1), tmp_path / "terms"
     terms = BoundTerms(prior=torch.zeros(2), diffusion=torch.ones(2), decoder=torch.full((2,), 2.0))
-    bound_store(folder, str(tiny_pipeline), source, preprocess, 5, 3, 2, 0).save(0, terms)
-    again = bound_store(folder, str(tiny_pipeline), source, preprocess, 5, 3, 2, 0)
+    bound_store(folder, str(model), source, preprocess, 5, 3, 2, 0).save(0, terms)
+    again = bound_store(folder, str(model), source, preprocess, 5, 3, 2, 0)
     assert torch.equal(again.load(0).total, torch.full((2,), 3.0)) and again.load(1) is None
-    assert bound_store(folder, str(tiny_pipeline), source, preprocess, 5, 4, 2, 0).count() == 0  # other timesteps
-    bound_store(folder, str(tiny_pipeline), source, preprocess, 5, 3, 2, 0).save(0, terms)
-    weights = next((tiny_pipeline / "unet").glob("diffusion_pytorch_model*"))
-    stat = weights.stat()
-    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the model was trained again
-    try:
-        assert bound_store(folder, str(tiny_pipeline), source, preprocess, 5, 3, 2, 0).count() == 0
-    finally:
-        os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert bound_store(folder, str(model), source, preprocess, 5, 4, 2, 0).count() == 0  # other timesteps
+    bound_store(folder, str(model), source, preprocess, 5, 3, 2, 0).save(0, terms)
+    train_further(model)
+    assert bound_store(folder, str(model), source, preprocess, 5, 3, 2, 0).count() == 0
+
+
+def train_further(model):
+    """Rewrite a pipeline folder's UNet weights in place, as a resumed training run does."""
+    pipeline = DDPMTargetPipeline.from_pretrained(model)
+    with torch.no_grad():
+        next(pipeline.unet.parameters()).add_(0.01)
+    pipeline.save_pretrained(model)
+
+
+def test_samples_of_a_model_trained_further_in_the_same_folder_are_refused(tmp_path, tiny_pipeline, reference_data):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, model)
+    run(tmp_path, model, reference_data, metrics="fid", num_samples=4, num_inference_steps=2)
+    train_further(model)
+    with pytest.raises(ValueError, match="holds samples made with other options.*weights"):
+        run(tmp_path, model, reference_data, metrics="fid", num_samples=4, num_inference_steps=2)
 
 
 def test_bad_options_fail_before_any_work(tmp_path, tiny_pipeline, reference_data):
