@@ -17,6 +17,7 @@ options given explicitly (target, schedule, T, sampling variance) replace its ow
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass
@@ -45,8 +46,6 @@ SCHEDULER_CONFIG = "scheduler_config.json"
 TRAINABLE_UNET_CLASSES = ("UNet2DModel", "DDPMUNet")
 #: Pipeline parts that mean the UNet does not denoise pixels, or is conditioned on something.
 UNSUPPORTED_PARTS = ("vqvae", "vae", "text_encoder", "tokenizer", "image_encoder", "transformer")
-#: Options of the UNet that hold no weights, so fine-tuning may change them.
-WEIGHTLESS_UNET_OPTIONS = ("sample_size", "dropout")
 
 
 def is_local_source(source: str) -> bool:
@@ -75,11 +74,6 @@ class PretrainedDDPM:
     unet_subfolder: str | None
     unet_config: dict[str, Any]
     scheduler_config: dict[str, Any] | None
-
-    @property
-    def from_hub(self) -> bool:
-        """Whether the source is a Hub repo (its id is then the model card's ``base_model``)."""
-        return not is_local_source(self.source)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -118,8 +112,13 @@ class PretrainedDDPM:
         self, resolution: int | None = None, dropout: float | None = None, channels: int | None = None
     ) -> dict[str, Any]:
         """The network's `UNet2DModel` options, with the training resolution and dropout when given
-        (neither owns weights); ``channels`` must agree with the network's."""
-        options = {key: value for key, value in self.unet_config.items() if not key.startswith("_")}
+        (neither owns weights); ``channels`` must agree with the network's. Keys this diffusers'
+        `UNet2DModel` does not take (from configs of other diffusers versions) are left out."""
+        accepted = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
+        ignored = sorted(key for key in self.unet_config if not key.startswith("_") and key not in accepted)
+        if ignored:
+            logger.info(f"ignoring UNet2DModel options this diffusers version does not know: {', '.join(ignored)}")
+        options = {key: value for key, value in self.unet_config.items() if key in accepted}
         if channels is not None and channels != options["in_channels"]:
             raise ValueError(
                 f"--channels {channels}, but the pretrained network takes {options['in_channels']}-channel images: "

@@ -106,6 +106,31 @@ def test_a_resumed_fine_tuning_run_must_name_the_same_pretrained_model(tmp_path)
                                           "--resume_from_checkpoint", "latest"]))  # fmt: skip
 
 
+#: The keys of google/ddpm-cat-256's configs (UNet from diffusers 0.0.4, scheduler from 0.1.1).
+EARLY_UNET_KEYS = ("act_fn", "attention_head_dim", "block_out_channels", "center_input_sample", "down_block_types",
+                   "downsample_padding", "flip_sin_to_cos", "freq_shift", "in_channels", "layers_per_block",
+                   "mid_block_scale_factor", "norm_eps", "norm_num_groups", "out_channels", "sample_size",
+                   "time_embedding_type", "up_block_types")  # fmt: skip
+EARLY_SCHEDULER = {"_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1", "beta_end": 0.02,
+                   "beta_schedule": "linear", "beta_start": 0.0001, "clip_sample": True, "num_train_timesteps": 1000,
+                   "trained_betas": None, "variance_type": "fixed_small"}  # fmt: skip
+
+
+def test_a_pipeline_saved_by_an_early_diffusers_version_fine_tunes(tmp_path):
+    """The google/ddpm-* repos carry configs from diffusers 0.0.4/0.1.1: fewer keys, no prediction_type."""
+    source = stock_pipeline_folder(tmp_path / "early")
+    unet_config = json.loads((source / "unet" / "config.json").read_text())
+    early = {"_class_name": "UNet2DModel", "_diffusers_version": "0.0.4", "tensor_format": "pt",
+             **{key: unet_config[key] for key in EARLY_UNET_KEYS}}  # fmt: skip
+    (source / "unet" / "config.json").write_text(json.dumps(early))
+    (source / "scheduler" / "scheduler_config.json").write_text(json.dumps(EARLY_SCHEDULER))
+    trainer = Trainer(fine_tune_config(source, tmp_path / "out"))
+    assert same_weights(trainer.accelerator.unwrap_model(trainer.unet), UNet2DModel.from_pretrained(source / "unet"))
+    config = trainer.noise_scheduler.config
+    assert (config.prediction_type, config.variance_type, trainer.noise_scheduler.schedule_name) == ("epsilon", "fixed_small", "linear")
+    assert "tensor_format" not in trainer.unet_config  # a key today's UNet2DModel does not take
+
+
 def test_a_bare_unet_folder_takes_its_schedule_from_the_options(tmp_path):
     unet = tiny_unet()
     unet.save_pretrained(tmp_path / "unet-only")
