@@ -129,7 +129,7 @@ class TrainingConfig:
     compile_unet: bool | None = _option(None, "torch.compile the UNet (the first steps take a while to compile).")
     compile_mode: str | None = _option(None, "torch.compile mode, e.g. max-autotune-no-cudagraphs (none = the default mode).")
     fused_adam: bool | None = _option(None, "One fused AdamW kernel per step (else multi-tensor foreach kernels).")
-    gradient_checkpointing: bool = _option(False, "Recompute each UNet block's activations in the backward pass instead of storing them: less memory (larger batches or images) for about a third more compute; the same gradients.")
+    gradient_checkpointing: bool = _option(False, "Recompute each UNet block's activations in the backward pass instead of keeping them: less memory (larger batches or images) for more compute (README: measured on a CPU); the same gradients.")
     data_on_device: bool | None = _option(None, "Preprocess the whole data set once into device memory (auto: on a GPU when it takes at most a quarter of its memory).")
     seed: int = _option(0, "Seed for weights, data order, noise and dropout: a run is reproducible on the CPU.")
     # outputs
