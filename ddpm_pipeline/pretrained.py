@@ -35,7 +35,9 @@ from huggingface_hub.utils import (
 )
 
 from .checkpointing import TRAINER_STATE_NAME, checkpoint_step
+from .schedules import canonical_prediction_type
 from .scheduling_ddpm_target import DDPMTargetScheduler
+from .training_config import FRESH_RUN_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
@@ -154,11 +156,10 @@ class PretrainedDDPM:
         schedule, keeping the pretrained one's name when only T changes. A bare UNet has no
         scheduler: the options then define it (unset ones take the fresh-run defaults)."""
         if self.scheduler_config is None:
+            given = {"num_train_timesteps": num_train_timesteps, "beta_schedule": beta_schedule,
+                     "prediction_type": prediction_type, "variance_type": variance_type}  # fmt: skip
             return DDPMTargetScheduler(
-                num_train_timesteps=num_train_timesteps or 1000,
-                beta_schedule=beta_schedule or "cosine",
-                prediction_type=prediction_type or "epsilon",
-                variance_type=variance_type or "fixed_small",
+                **{name: FRESH_RUN_DEFAULTS[name] if value is None else value for name, value in given.items()}
             )
         base = DDPMTargetScheduler.from_config(self.scheduler_config)
         config = {key: value for key, value in base.config.items() if not key.startswith("_")}
@@ -183,7 +184,7 @@ class PretrainedDDPM:
                     f"was trained on {base.schedule_name or 'its own betas'}, T = {base.config.num_train_timesteps}"
                 )
         if prediction_type is not None:
-            new_target = DDPMTargetScheduler(prediction_type=prediction_type).config.prediction_type
+            new_target = canonical_prediction_type(prediction_type)
             if new_target != base.config.prediction_type:
                 logger.warning(
                     f"fine-tuning to predict {new_target}: the network was trained to predict "
@@ -213,7 +214,7 @@ def _check_local_folder(folder: Path, given: str) -> None:
 def _read_json(source: str, filename: str, subfolder: str | None, revision: str | None,
                cache_dir: str | None) -> dict[str, Any] | None:  # fmt: skip
     """A JSON file of a local folder or Hub repo, or None when the source has no such file."""
-    if Path(source).is_absolute():
+    if is_local_source(source):
         path = Path(source, subfolder or "", filename)
         return json.loads(path.read_text()) if path.is_file() else None
     try:
