@@ -41,8 +41,10 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     ``x`` holds pixel values ``k/127.5 - 1`` (``k = 0..255``); the bin is ``[x - 1/255, x + 1/255]``
     with the lowest bin extended to ``-∞`` and the highest to ``+∞``:
     ``log(Φ((x + 1/255 - m)/s) - Φ((x - 1/255 - m)/s))``. Computed in float64 with ``log Φ``
-    for the edge bins and the difference of the two tails in the middle (whichever side is more
-    accurate), so no bin's probability cancels to a spurious 0.
+    for the edge bins and, in the middle, ``log Φ(b) + log(1 - Φ(a)/Φ(b))`` on the bin's mirror
+    image ``(a, b) = (-u, -l)`` when it lies above the mean (``Φ(u) - Φ(l) = Φ(-l) - Φ(-u)``), so
+    that no bin's probability cancels to a spurious 0. Every branch is finite with finite
+    gradients, so the term can be trained through (the hybrid objective of a learned variance).
     """
     x, mean, log_scale = (torch.as_tensor(v, dtype=torch.float64) for v in (x, mean, log_scale))
     inverse_scale = torch.exp(-log_scale)
@@ -50,11 +52,13 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     lower = (x - mean - HALF_BIN) * inverse_scale
     log_cdf_upper = torch.special.log_ndtr(upper)  # log Φ(u): everything below the top edge
     log_survival_lower = torch.special.log_ndtr(-lower)  # log(1 - Φ(l)): everything above the bottom edge
-    # A middle bin's Φ(u) - Φ(l), from the tail it lies in so that it does not cancel:
-    # log Φ(u) + log(1 - Φ(l)/Φ(u)) below the mean, log S(l) + log(1 - S(u)/S(l)) above it.
-    from_left = log_cdf_upper + torch.log1p(-torch.exp(torch.special.log_ndtr(lower) - log_cdf_upper))
-    from_right = log_survival_lower + torch.log1p(-torch.exp(torch.special.log_ndtr(-upper) - log_survival_lower))
-    log_middle = torch.where(upper <= 0, from_left, from_right)
+    # A middle bin's Φ(u) - Φ(l), computed on the side of the mean where it lies (the lower tail), so
+    # that it does not cancel; one formula for every bin (no masked-out branch to turn gradients NaN).
+    above = x > mean
+    low = torch.where(above, -upper, lower)
+    high = torch.where(above, -lower, upper)
+    log_high = torch.special.log_ndtr(high)
+    log_middle = log_high + torch.log1p(-torch.exp(torch.special.log_ndtr(low) - log_high))
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_survival_lower, log_middle))
 
 
