@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 from diffusers import UNet2DModel
 
+from .likelihood import timestep_bpd
 from .scheduling_ddpm_target import DDPMTargetScheduler
+
+#: Improved DDPM's λ in ``L_hybrid = L_simple + λ L_vlb``.
+DEFAULT_VLB_WEIGHT = 0.001
 
 
 def diffusion_loss(
@@ -16,6 +20,7 @@ def diffusion_loss(
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    vlb_weight: float = DEFAULT_VLB_WEIGHT,
 ) -> torch.Tensor:
     """``mean_b λ_{t_b} · mean_pixels (f_θ(x_t, t) - target)²`` with ``t ~ U{0..T-1}``, ``ε ~ N(0, I)``.
 
@@ -23,6 +28,14 @@ def diffusion_loss(
     scheduler's :meth:`~DDPMTargetScheduler.get_target` and ``λ_t`` its
     :meth:`~DDPMTargetScheduler.loss_weight` (``"simple"`` or ``"vlb"``). The squared error is
     taken in float32 whatever the network's dtype. Pass ``timesteps``/``noise`` to fix them.
+
+    With a learned variance (``variance_type="learned_range"``) this is Improved DDPM's hybrid
+    objective ``L_simple + λ L_vlb``: each image adds ``vlb_weight · T · L_t``, where ``L_t`` is the
+    bound's term at its timestep in bits/dim (:func:`~ddpm_pipeline.likelihood.timestep_bpd`: the KL
+    ``KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t))``, the decoder NLL at ``t = 0``), so that
+    ``T · E_t[L_t]`` is ``L_vlb``. The term sees the predicted mean through a stop-gradient: it
+    trains the variance channels only, and the mean keeps the simple objective (λ = 0.001 is the
+    paper's).
     """
     batch = clean_images.shape[0]
     device = clean_images.device
@@ -32,6 +45,12 @@ def diffusion_loss(
         noise = torch.randn(clean_images.shape, device=device, dtype=clean_images.dtype, generator=generator)
     noisy = scheduler.add_noise(clean_images, noise, timesteps)
     target = scheduler.get_target(clean_images, noise, timesteps, noisy_samples=noisy)
-    prediction = unet(noisy, timesteps).sample
+    output = unet(noisy, timesteps).sample
+    prediction, variance_values = scheduler.split_model_output(output, noisy)
     per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-    return (scheduler.loss_weight(timesteps, weighting) * per_sample).mean()
+    per_sample = scheduler.loss_weight(timesteps, weighting) * per_sample
+    if variance_values is not None and vlb_weight:
+        frozen_mean = torch.cat([prediction.detach(), variance_values], dim=1)
+        bound_term = timestep_bpd(frozen_mean, scheduler, clean_images, noisy, timesteps)
+        per_sample = per_sample + (vlb_weight * scheduler.config.num_train_timesteps) * bound_term.float()
+    return per_sample.mean()

@@ -17,6 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .atomic import atomic_path
 from .preflight import check_pipeline_folder
 from .pretrained import is_local_source
+from .schedules import is_learned_variance
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
 
@@ -117,7 +118,8 @@ def build_model_card(
         base_model=base_model,
         eval_results=results or None,
     )
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n" + _body(pipeline_dir, repo_id, config, prediction_type, beta_schedule, dataset_name, report, base_model))
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n" + _body(pipeline_dir, repo_id, config, prediction_type, beta_schedule, dataset_name, report, base_model,
+                                                              scheduler.config.variance_type))  # fmt: skip
     return card
 
 
@@ -130,6 +132,7 @@ def _body(
     dataset_name: str,
     report: dict[str, Any] | None,
     base_model: str | None = None,
+    variance_type: str = "fixed_small",
 ) -> str:
     unet = json.loads((pipeline_dir / "unet" / "config.json").read_text())
     trained = f"fine-tuned from [{base_model}](https://huggingface.co/{base_model})" if base_model else "trained"
@@ -140,7 +143,13 @@ def _body(
         "[ddpm_pipeline](https://pypi.org/project/ddpm_pipeline/) and 🤗 diffusers: a `UNet2DModel` "
         f"({unet.get('sample_size')}×{unet.get('sample_size')}, {unet.get('in_channels')} channel(s), "
         f"channels {unet.get('block_out_channels')}) that predicts {TARGET_NAMES.get(prediction_type, prediction_type)}, "
-        f"with the {beta_schedule} noise schedule.",
+        f"with the {beta_schedule} noise schedule"
+        + (
+            " and a learned variance (Improved DDPM's `learned_range`: its last "
+            f"{unet.get('in_channels')} output channel(s) interpolate the log variance between β̃_t and β_t)."
+            if is_learned_variance(variance_type)
+            else "."
+        ),
         "",
     ]
     if (pipeline_dir / "samples.png").is_file():

@@ -40,7 +40,9 @@ class DDPMTargetPipelineOutput(ImagePipelineOutput):
 
 
 class DDPMTargetPipeline(DDPMPipeline):
-    """Ancestral DDPM sampling for networks that predict ε, x0 or μ (and v), full or respaced.
+    """Ancestral DDPM sampling for networks that predict ε, x0 or μ (and v), full or respaced,
+    with a fixed variance or a learned one (``variance_type="learned_range"``: the UNet outputs
+    twice the image's channels; other schedulers get the prediction channels alone).
 
     Parameters:
         unet: the denoising `UNet2DModel` (or :class:`~ddpm_pipeline.DDPMUNet`).
@@ -202,6 +204,7 @@ class DDPMTargetPipeline(DDPMPipeline):
         if record and not isinstance(scheduler, DDPMTargetScheduler):
             explain = DDPMTargetScheduler.from_config(scheduler.config)
         step_options = _step_options(scheduler, generator, eta)
+        learned_variance_channels = self.unet.config.out_channels == 2 * self.unet.config.in_channels
         snapshots: dict[str, list[torch.Tensor]] = {"samples": [], "noise": [], "x0": []}
 
         for index, t in enumerate(self.progress_bar(scheduler.timesteps)):
@@ -212,6 +215,8 @@ class DDPMTargetPipeline(DDPMPipeline):
             model_output = self.unet(unet_input, unet_timesteps[index]).sample
             if model_output.dtype != image.dtype:
                 model_output = model_output.to(image.dtype)  # the scheduler's arithmetic in float32
+            if learned_variance_channels and not isinstance(scheduler, DDPMTargetScheduler):
+                model_output = model_output[:, : image.shape[1]]  # DDIM and the solvers take the prediction alone
             step = scheduler.step(model_output, t, image, **step_options)
             if int(t) in record:  # x̂0 as the step used it (clipped if the config says so), where it tells
                 x_t = state.float()

@@ -11,6 +11,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .schedules import is_learned_variance, model_output_channels
+
 #: Bytes one checkpoint holds per parameter: fp32 weights, EMA weights, AdamW's two moments.
 CHECKPOINT_BYTES_PER_PARAMETER = 16
 #: Room for grids, logs, the loss history and file-system overhead.
@@ -53,9 +55,11 @@ def check_free_space(output_dir: str | Path, needed_bytes: int) -> None:
         )
 
 
-def check_unet_config(config: dict[str, Any]) -> None:
-    """The network can be built and trained on its images: equal in/out channels, a resolution the
-    down-sampling path divides, channel counts its GroupNorm groups divide."""
+def check_unet_config(config: dict[str, Any], variance_type: str = "fixed_small", fine_tuning: bool = False) -> None:
+    """The network can be built and trained on its images: as many output channels as the variance
+    type needs (:func:`~ddpm_pipeline.schedules.model_output_channels`: the input's, or twice them for
+    a learned variance), a resolution the down-sampling path divides, channel counts its GroupNorm
+    groups divide."""
     problems = []
     levels = len(config["block_out_channels"])
     factor = 2 ** (levels - 1)
@@ -67,10 +71,21 @@ def check_unet_config(config: dict[str, Any]) -> None:
             f"resolution {size} is not divisible by {factor}, the UNet's down-sampling over {levels} levels: "
             f"use --resolution {nearest[0]} (or a multiple of {factor})."
         )
-    if config["in_channels"] != config["out_channels"]:
+    expected = model_output_channels(config["in_channels"], variance_type)
+    if config["out_channels"] != expected:
+        learned = is_learned_variance(variance_type)
+        needs = "its prediction and then its variance, 2 × in_channels" if learned else "a tensor shaped like its input"
+        if fine_tuning:
+            fix = (
+                "fine-tuning keeps the pretrained output layer, so keep its variance type: drop --variance_type"
+            )
+        elif learned:
+            fix = "drop out_channels from --unet_overrides (it is set from the variance type)"
+        else:
+            fix = "set both with --channels, or use --variance_type learned_range for a network with twice the output channels"
         problems.append(
-            f"in_channels {config['in_channels']} ≠ out_channels {config['out_channels']}: a DDPM predicts a tensor "
-            "shaped like its input; set both with --channels."
+            f"the network has in_channels {config['in_channels']} and out_channels {config['out_channels']}, but with "
+            f"variance_type {variance_type} a DDPM outputs {needs} ({expected}): {fix}."
         )
     groups = config.get("norm_num_groups", 32)
     bad = [c for c in config["block_out_channels"] if c % groups]
@@ -103,8 +118,11 @@ def check_pipeline_folder(folder: str | Path) -> None:
         if part not in index:
             raise ValueError(f"{folder}/model_index.json lists no {part!r}: it is not a DDPM pipeline folder.")
     unet = json.loads((folder / "unet" / "config.json").read_text())
-    if unet.get("in_channels") != unet.get("out_channels"):
+    variance_type = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("variance_type", "fixed_small")
+    expected = model_output_channels(unet.get("in_channels", 0), variance_type)
+    if unet.get("out_channels") != expected:
         raise ValueError(
-            f"{folder}/unet predicts {unet.get('out_channels')} channels from {unet.get('in_channels')}: "
-            "a DDPM UNet's output must match its input (learned-variance models are not supported)."
+            f"{folder}/unet predicts {unet.get('out_channels')} channels from {unet.get('in_channels')}, but its scheduler's "
+            f"variance_type {variance_type!r} needs {expected}: a DDPM UNet outputs a tensor shaped like its input, "
+            "or that and its variance (twice the channels) with variance_type 'learned_range'."
         )

@@ -35,7 +35,7 @@ from huggingface_hub.utils import (
 )
 
 from .checkpointing import TRAINER_STATE_NAME, checkpoint_step
-from .schedules import canonical_prediction_type
+from .schedules import LEARNED_VARIANCE_TYPES, canonical_prediction_type
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .training_config import FRESH_RUN_DEFAULTS
 
@@ -154,12 +154,16 @@ class PretrainedDDPM:
         """The pretrained scheduler as a `DDPMTargetScheduler` (same betas), with the options given
         here replacing its own; a new ``beta_schedule`` or ``num_train_timesteps`` builds a new
         schedule, keeping the pretrained one's name when only T changes. A bare UNet has no
-        scheduler: the options then define it (unset ones take the fresh-run defaults)."""
+        scheduler: the options then define it (unset ones take the fresh-run defaults, except that a
+        network with twice its input's channels learned its variance: ``"learned_range"``)."""
         if self.scheduler_config is None:
             given = {"num_train_timesteps": num_train_timesteps, "beta_schedule": beta_schedule,
                      "prediction_type": prediction_type, "variance_type": variance_type}  # fmt: skip
+            defaults = dict(FRESH_RUN_DEFAULTS)
+            if self.unet_config.get("out_channels") == 2 * self.unet_config.get("in_channels", 0):
+                defaults["variance_type"] = LEARNED_VARIANCE_TYPES[0]
             return DDPMTargetScheduler(
-                **{name: FRESH_RUN_DEFAULTS[name] if value is None else value for name, value in given.items()}
+                **{name: defaults[name] if value is None else value for name, value in given.items()}
             )
         base = DDPMTargetScheduler.from_config(self.scheduler_config)
         config = {key: value for key, value in base.config.items() if not key.startswith("_")}
@@ -258,10 +262,11 @@ def _check_unet_config(config: dict[str, Any], source: str) -> None:
         problems.append("its network is class-conditional, and train_ddpm.py trains unconditional models")
     if config.get("in_channels") not in (1, 3):
         problems.append(f"its network takes {config.get('in_channels')}-channel inputs; images have 1 or 3")
-    if config.get("out_channels") != config.get("in_channels"):
+    in_channels = config.get("in_channels")
+    if in_channels in (1, 3) and config.get("out_channels") not in (in_channels, 2 * in_channels):
         problems.append(
-            f"its network outputs {config.get('out_channels')} channels for {config.get('in_channels')} in "
-            "(a learned variance?); a fixed-variance DDPM predicts a tensor shaped like its input"
+            f"its network outputs {config.get('out_channels')} channels for {in_channels} in; a DDPM predicts a "
+            f"tensor shaped like its input ({in_channels}), or that and a learned variance ({2 * in_channels})"
         )
     if problems:
         raise ValueError(f"Cannot fine-tune {source}: " + "; ".join(problems) + ".")

@@ -35,7 +35,22 @@ BETA_SCHEDULES = ("linear", "cosine", "squaredcos_cap_v2", "scaled_linear", "sig
 PREDICTION_TYPES = ("epsilon", "sample", "mu", "v_prediction")
 #: Accepted spellings of the prediction types, mapped to their canonical name.
 PREDICTION_TYPE_ALIASES = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+#: The reverse process variance: fixed to ``β̃_t`` or ``β_t``, or learned by the network as an
+#: interpolation between their logs (Improved DDPM's ``"learned_range"``, diffusers' name for it).
+FIXED_VARIANCE_TYPES = ("fixed_small", "fixed_large")
+LEARNED_VARIANCE_TYPES = ("learned_range",)
+VARIANCE_TYPES = FIXED_VARIANCE_TYPES + LEARNED_VARIANCE_TYPES
+
+
+def is_learned_variance(variance_type: str) -> bool:
+    """Whether the network predicts its own variance (and so outputs twice its input's channels)."""
+    return variance_type in LEARNED_VARIANCE_TYPES
+
+
+def model_output_channels(in_channels: int, variance_type: str) -> int:
+    """The channels a DDPM network outputs: one prediction per input channel, and with a learned
+    variance one variance value per input channel after them (``2 · in_channels``)."""
+    return 2 * in_channels if is_learned_variance(variance_type) else in_channels
 
 
 def canonical_prediction_type(prediction_type: str) -> str:
@@ -181,13 +196,24 @@ class NoiseSchedule:
 
         ``"fixed_small"``: ``σ_t² = β̃_t``; ``"fixed_large"``: ``σ_t² = β_t`` (DDPM's CIFAR-10 runs).
         At ``t = 0`` both use ``β̃_1`` (the clipped posterior variance) as improved-diffusion does, so
-        that the table is positive and the decoder term has a finite variance.
+        that the table is positive and the decoder term has a finite variance. A learned variance
+        has no table: see :func:`learned_log_variance`.
         """
         if variance_type == "fixed_small":
             return self.posterior_variance_clipped
         if variance_type == "fixed_large":
             return torch.cat([self.posterior_variance_clipped[:1], self.betas[1:]])
-        raise ValueError(f"Unknown variance_type {variance_type!r}: choose 'fixed_small' or 'fixed_large'.")
+        if is_learned_variance(variance_type):
+            raise ValueError(
+                f"variance_type {variance_type!r} is predicted by the network, per pixel: it has no fixed table "
+                "(see ddpm_pipeline.schedules.learned_log_variance)."
+            )
+        raise ValueError(f"Unknown variance_type {variance_type!r}: choose one of {', '.join(VARIANCE_TYPES)}.")
+
+    def learned_log_variance_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ends of a learned variance's range on the training chain, ``(log β̃_t, log β_t)``,
+        with ``β̃_0`` clipped to ``β̃_1`` as improved-diffusion does (see :func:`learned_log_variance`)."""
+        return self.posterior_log_variance_clipped, self.betas.log()
 
     def prediction_coefficients(self, prediction_type: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Each target is linear in ``(x_0, x_t)``: ``p = A_t x_0 + B_t x_t``; returns ``(A, B)``.
@@ -228,8 +254,16 @@ class NoiseSchedule:
         ``L_{t-1} = ‖μ̃_t - μ_θ‖²/(2σ_t²)`` and ``μ = b_t x_0 + c_t x_t`` with ``x_0`` linear in the
         target (``dx_0 = dp/A_t``), so ``λ_t = b_t² / (A_t² · 2σ_t²)``: ``1/(2σ_t²)`` for μ,
         ``b_t²/(2σ_t²)`` for x0, ``β_t²/(2σ_t² α_t (1-ᾱ_t))`` for ε. ``σ_t²`` is
-        :meth:`model_variance`. Normalized so that ``mean_t λ_t = 1``.
+        :meth:`model_variance`. Normalized so that ``mean_t λ_t = 1``. A learned variance has no
+        fixed ``σ_t²``, so no such weights: it is trained by the hybrid objective instead
+        (:func:`~ddpm_pipeline.diffusion_loss`).
         """
+        if is_learned_variance(variance_type):
+            raise ValueError(
+                "The 'vlb' loss weighting needs a fixed variance σ_t²; with variance_type 'learned_range' the mean is "
+                "trained with the simple weighting and the variance with the bound (the hybrid objective): use "
+                "loss_weighting 'simple'."
+            )
         a, _ = self.prediction_coefficients(prediction_type)
         weights = self.posterior_mean_coef1**2 / (a**2 * 2.0 * self.model_variance(variance_type))
         return weights / weights.mean()
@@ -237,3 +271,14 @@ class NoiseSchedule:
     def tables(self) -> dict[str, torch.Tensor]:
         """All tables by name."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def learned_log_variance(variance_values: torch.Tensor, min_log: float | torch.Tensor,
+                         max_log: float | torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Improved DDPM's learned variance (``"learned_range"``): the network's output ``v`` per pixel
+    interpolates between the logs of the smallest and largest sensible variances,
+    ``log σ² = f · log β_t + (1 - f) · log β̃_t`` with ``f = (v + 1)/2`` (so ``v = -1`` is
+    ``fixed_small`` and, for ``t > 0``, ``v = 1`` is ``fixed_large``). ``min_log``/``max_log`` are ``log β̃_t`` and
+    ``log β_t`` of the step taken (the training chain's, or a respaced chain's ``β'_t``)."""
+    fraction = (variance_values + 1.0) / 2.0
+    return fraction * max_log + (1.0 - fraction) * min_log

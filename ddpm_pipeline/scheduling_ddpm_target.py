@@ -7,6 +7,7 @@ sampling and evaluation call the methods here instead of re-deriving them.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,8 @@ from .schedules import (
     VARIANCE_TYPES,
     NoiseSchedule,
     canonical_prediction_type,
+    is_learned_variance,
+    learned_log_variance,
     make_betas,
 )
 
@@ -48,7 +51,10 @@ class DDPMTargetScheduler(DDPMScheduler):
       its betas as ``trained_betas``, and is the stock schedule for T = 1000.
     * ``prediction_type``: ``"epsilon"``, ``"sample"`` (alias ``"x0"``, stored as ``"sample"``),
       ``"mu"`` (the posterior mean μ̃_t) or ``"v_prediction"``.
-    * ``variance_type``: ``"fixed_small"`` (σ_t² = β̃_t) or ``"fixed_large"`` (σ_t² = β_t).
+    * ``variance_type``: ``"fixed_small"`` (σ_t² = β̃_t), ``"fixed_large"`` (σ_t² = β_t) or
+      ``"learned_range"`` (Improved DDPM: the network outputs ``2C`` channels, its prediction and
+      then ``v ∈ [-1, 1]`` per pixel, with ``log σ_t² = f log β_t + (1-f) log β̃_t``,
+      ``f = (v+1)/2``; the stock class samples such a network the same way).
 
     Every table is computed in float64 (:attr:`schedule`); ``betas``, ``alphas`` and
     ``alphas_cumprod`` hold their float32 roundings, as in the parent.
@@ -85,8 +91,8 @@ class DDPMTargetScheduler(DDPMScheduler):
             )
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(
-                f"Unsupported variance_type {variance_type!r}: DDPMTargetScheduler samples with a fixed "
-                "variance, 'fixed_small' (σ² = β̃_t) or 'fixed_large' (σ² = β_t)."
+                f"Unsupported variance_type {variance_type!r}: DDPMTargetScheduler samples with a fixed variance, "
+                "'fixed_small' (σ² = β̃_t) or 'fixed_large' (σ² = β_t), or a learned one, 'learned_range' (Improved DDPM)."
             )
         if timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(
@@ -232,6 +238,34 @@ class DDPMTargetScheduler(DDPMScheduler):
         return (root_bar * _work(noise) - root_one_minus * _work(sample)).to(sample.dtype)
 
     # ------------------------------------------------------------------ parameterizations
+    @property
+    def learns_variance(self) -> bool:
+        """Whether the network predicts its variance too (``variance_type="learned_range"``)."""
+        return is_learned_variance(self.config.variance_type)
+
+    def split_model_output(
+        self, model_output: torch.Tensor, sample: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(prediction, variance_values)``: a learned-variance network's ``2C`` output channels
+        split into its prediction (ε, x0, μ or v; the first ``C``) and ``v`` (the last ``C``); a
+        fixed-variance network's output and ``None``. Raises when the channels do not fit."""
+        channels = sample.shape[1]
+        if self.learns_variance:
+            if model_output.shape[1] != 2 * channels:
+                raise ValueError(
+                    f"variance_type 'learned_range' needs a network with 2 × {channels} output channels (its prediction, "
+                    f"then the variance), got {model_output.shape[1]}: build the UNet with out_channels={2 * channels}."
+                )
+            prediction, variance_values = model_output.split(channels, dim=1)
+            return prediction, variance_values
+        if model_output.shape != sample.shape:
+            raise ValueError(
+                f"model_output has shape {tuple(model_output.shape)} but sample has {tuple(sample.shape)}: with "
+                f"variance_type {self.config.variance_type!r} the network predicts one value per pixel (a network "
+                "with twice the channels learned its variance: use variance_type 'learned_range')."
+            )
+        return model_output, None
+
     def convert_prediction(
         self,
         model_output: torch.Tensor,
@@ -246,7 +280,10 @@ class DDPMTargetScheduler(DDPMScheduler):
         :meth:`NoiseSchedule.conversion_coefficients`); ``k1, k2`` are exact float64 coefficients of
         the *training* chain at ``timesteps``. ``from_type`` defaults to the configured
         ``prediction_type``. Types: ``"epsilon"``, ``"sample"``/``"x0"``, ``"mu"``, ``"v_prediction"``.
+        A learned-variance network's whole output may be passed: its variance channels are dropped.
         """
+        if self.learns_variance and model_output.shape[1] == 2 * sample.shape[1]:
+            model_output = model_output[:, : sample.shape[1]]
         from_type = canonical_prediction_type(from_type or self.config.prediction_type)
         to_type = canonical_prediction_type(to_type)
         if from_type == to_type:
@@ -295,12 +332,21 @@ class DDPMTargetScheduler(DDPMScheduler):
         """The reverse step on the training chain, ``p_θ(x_{t-1} | x_t) = N(μ_θ, σ_t² I)``: returns
         ``(μ_θ, log σ_t²)`` with ``μ_θ = μ̃_t(x_t, x̂_0)``, ``x̂_0`` from :meth:`predict_x0` (clipped to
         ``±clip_sample_range`` when ``clip_sample``, as :meth:`step` does), and ``σ_t²`` the
-        configured variance (:meth:`NoiseSchedule.model_variance`: ``β̃_t`` or ``β_t``, ``β̃_1`` at t = 0)."""
-        x0 = self.predict_x0(_work(model_output), _work(sample), timesteps)
+        configured variance (:meth:`NoiseSchedule.model_variance`: ``β̃_t`` or ``β_t``, ``β̃_1`` at t = 0),
+        or the learned one, ``log σ_t² = f log β_t + (1-f) log β̃_t`` with ``f = (v+1)/2`` from the
+        network's variance channels (:func:`~ddpm_pipeline.schedules.learned_log_variance`; ``β̃_1`` for
+        ``β̃_0``)."""
+        prediction, variance_values = self.split_model_output(model_output, sample)
+        x0 = self.predict_x0(_work(prediction), _work(sample), timesteps)
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         mean = self.posterior_mean(x0, _work(sample), timesteps)
         variance_type = self.config.variance_type
+        if variance_values is not None:
+            min_log, max_log = self.schedule.learned_log_variance_bounds()
+            lower = self._coefficient("learned:min_log", min_log, timesteps, mean)
+            upper = self._coefficient("learned:max_log", max_log, timesteps, mean)
+            return mean, learned_log_variance(variance_values.to(mean.dtype), lower, upper)
         table = self._on_device(
             f"log_variance:{variance_type}",
             mean.device,
@@ -404,19 +450,16 @@ class DDPMTargetScheduler(DDPMScheduler):
            configured;
         2. the posterior of the (possibly respaced) step, ``β'_t = 1 - ᾱ_t/ᾱ_{t'}``:
            ``μ = √ᾱ_{t'} β'_t/(1-ᾱ_t) · x̂_0 + √(1-β'_t)(1-ᾱ_{t'})/(1-ᾱ_t) · x_t``;
-        3. ``x_{t'} = μ + σ z`` with ``σ² = β̃'_t = (1-ᾱ_{t'})/(1-ᾱ_t) β'_t`` (``fixed_small``) or
-           ``β'_t`` (``fixed_large``), ``z ~ N(0, I)`` drawn as the parent draws it, and ``z = 0`` at
-           ``t = 0``.
+        3. ``x_{t'} = μ + σ z`` with ``σ² = β̃'_t = (1-ᾱ_{t'})/(1-ᾱ_t) β'_t`` (``fixed_small``),
+           ``β'_t`` (``fixed_large``) or ``exp(f log β'_t + (1-f) log β̃'_t)``, ``f = (v+1)/2``, per
+           pixel (``learned_range``: the network's last ``C`` channels are ``v``), ``z ~ N(0, I)``
+           drawn as the parent draws it, and ``z = 0`` at ``t = 0``.
 
         Half-precision inputs are computed in float32 and returned in ``sample``'s dtype; ``z`` is
         then drawn in float32 too (the parent draws it in the network's dtype, which rounds a bf16
         draw to 8 bits), so a half-precision network sees the same noise as a float32 one.
         """
-        if model_output.shape != sample.shape:
-            raise ValueError(
-                f"model_output has shape {tuple(model_output.shape)} but sample has {tuple(sample.shape)}: "
-                "DDPMTargetScheduler expects one prediction per pixel (no learned variance channels)."
-            )
+        model_output, variance_values = self.split_model_output(model_output, sample)
         t = int(timestep)
         prev_t = self.previous_timestep(t)
         alphas_cumprod = self.schedule.alphas_cumprod
@@ -439,11 +482,13 @@ class DDPMTargetScheduler(DDPMScheduler):
             noise = randn_tensor(
                 model_output.shape, generator=generator, device=model_output.device, dtype=_work_dtype(model_output.dtype)
             )
-            if self.config.variance_type == "fixed_small":
-                variance = max((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * beta_t, 1e-20)
+            small_variance = max((1.0 - alpha_bar_prev) / (1.0 - alpha_bar_t) * beta_t, 1e-20)
+            if variance_values is not None:
+                log_variance = learned_log_variance(_work(variance_values), math.log(small_variance), math.log(beta_t))
+                prev_sample = prev_sample + torch.exp(0.5 * log_variance) * _work(noise)
             else:
-                variance = beta_t
-            prev_sample = prev_sample + variance**0.5 * _work(noise)
+                variance = small_variance if self.config.variance_type == "fixed_small" else beta_t
+                prev_sample = prev_sample + variance**0.5 * _work(noise)
 
         prev_sample = prev_sample.to(sample.dtype)
         pred_original_sample = pred_original_sample.to(sample.dtype)

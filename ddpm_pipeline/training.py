@@ -184,6 +184,11 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.noise_scheduler = build_scheduler(config, self.pretrained)
         self.prediction_type = self.noise_scheduler.config.prediction_type
+        if self.noise_scheduler.learns_variance and config.loss_weighting == "vlb":
+            raise ValueError(
+                f"{config.pretrained_model_name_or_path} learned its variance (variance_type learned_range): its mean is "
+                "trained with the simple weighting and its variance with the bound (--vlb_weight); drop --loss_weighting vlb."
+            )
         if config.grid_inference_steps > self.noise_scheduler.config.num_train_timesteps:
             raise ValueError(
                 f"--grid_inference_steps {config.grid_inference_steps} exceeds the {self.noise_scheduler.config.num_train_timesteps} "
@@ -243,7 +248,7 @@ class Trainer:
         else:
             self.unet_config = DDPMUNet.preset_config(config.model, **config.unet_overrides_dict())
             self.model_name = config.model
-        check_unet_config(self.unet_config)
+        check_unet_config(self.unet_config, self.noise_scheduler.config.variance_type, fine_tuning=self.pretrained is not None)
         self.unet = DDPMUNet(**self.unet_config)
         if self.pretrained is not None and self.checkpoint is None:  # resuming loads the checkpoint's weights
             self.pretrained.load_weights(self.unet)
@@ -495,8 +500,9 @@ class Trainer:
             noise = noise.contiguous(memory_format=torch.channels_last)
         with self.accelerator.accumulate(self.unet):
             loss = diffusion_loss(
-                self.unet, self.noise_scheduler, images, weighting=config.loss_weighting, timesteps=timesteps, noise=noise
-            )
+                self.unet, self.noise_scheduler, images, weighting=config.loss_weighting, timesteps=timesteps, noise=noise,
+                vlb_weight=config.vlb_weight,
+            )  # fmt: skip
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
                 if config.max_grad_norm is not None:

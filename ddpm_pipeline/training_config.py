@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .data import RESIZE_MODES
-from .schedules import VARIANCE_TYPES, canonical_prediction_type
+from .losses import DEFAULT_VLB_WEIGHT
+from .schedules import VARIANCE_TYPES, canonical_prediction_type, is_learned_variance, model_output_channels
 from .stop_signals import DEFAULT_STOP_SIGNALS, signal_name
 from .unet import PRESETS
 
@@ -93,7 +94,8 @@ class TrainingConfig:
     beta_schedule: str | None = _option(None, "Noise schedule: cosine (Nichol & Dhariwal; better than linear for the main job in FID and bits/dim, see README) or linear (Ho et al.) (default cosine, or the pretrained scheduler's).", choices=BETA_SCHEDULES)
     num_train_timesteps: int | None = _option(None, "Diffusion steps T (default 1000, or the pretrained scheduler's).")
     loss_weighting: str = _option("simple", "simple = unweighted MSE on the target; vlb = the variational bound's weights.", choices=LOSS_WEIGHTINGS)
-    variance_type: str | None = _option(None, "Sampling variance: fixed_small (posterior β̃_t) or fixed_large (β_t) (default fixed_small, or the pretrained scheduler's).", choices=VARIANCE_TYPES)
+    variance_type: str | None = _option(None, "The reverse process variance: fixed_small (posterior β̃_t), fixed_large (β_t), or learned_range (Improved DDPM: the network also outputs a per-pixel interpolation between their logs, trained by the hybrid objective, see --vlb_weight) (default fixed_small, or the pretrained scheduler's).", choices=VARIANCE_TYPES)
+    vlb_weight: float = _option(DEFAULT_VLB_WEIGHT, "λ of Improved DDPM's hybrid objective L_simple + λ·L_vlb, which trains a learned variance (--variance_type learned_range) through the bound while the mean keeps L_simple.")
     # optimization
     train_batch_size: int = _option(32, "Images per device per forward pass.")
     gradient_accumulation_steps: int = _option(1, "Forward passes per optimizer step.")
@@ -203,6 +205,13 @@ class TrainingConfig:
                 signal_name(name)
             except ValueError as error:
                 problems.append(f"--checkpoint_on_signals: {error}")
+        if self.variance_type is not None and is_learned_variance(self.variance_type) and self.loss_weighting == "vlb":
+            problems.append(
+                "--loss_weighting vlb needs a fixed variance: with --variance_type learned_range the mean is trained with "
+                "the simple weighting and the variance with the bound (--vlb_weight); drop --loss_weighting vlb."
+            )
+        if self.vlb_weight < 0:
+            problems.append(f"--vlb_weight must be ≥ 0, got {self.vlb_weight}.")
         if self.learning_rate <= 0:
             problems.append(f"--learning_rate must be positive, got {self.learning_rate}.")
         if self.lr_warmup_steps < 0:
@@ -245,8 +254,10 @@ class TrainingConfig:
 
     def unet_overrides_dict(self) -> dict[str, Any]:
         """The preset overrides these options ask for (``--resolution`` → ``sample_size``,
-        ``--channels`` → ``in_channels``/``out_channels``, then the explicit overrides)."""
-        overrides: dict[str, Any] = json.loads(self.unet_overrides) if self.unet_overrides else {}
+        ``--channels`` → ``in_channels``/``out_channels``, then the explicit overrides; a learned
+        variance doubles ``out_channels``, see :func:`~ddpm_pipeline.schedules.model_output_channels`)."""
+        explicit: dict[str, Any] = json.loads(self.unet_overrides) if self.unet_overrides else {}
+        overrides = dict(explicit)
         if self.resolution is not None:
             overrides["sample_size"] = self.resolution
         if self.channels is not None:
@@ -257,6 +268,10 @@ class TrainingConfig:
             overrides["layers_per_block"] = self.layers_per_block
         if self.dropout is not None:
             overrides["dropout"] = self.dropout
+        learned = self.variance_type is not None and is_learned_variance(self.variance_type)
+        if learned and "out_channels" not in explicit:
+            in_channels = overrides.get("in_channels", PRESETS[self.model or FRESH_RUN_DEFAULTS["model"]]["in_channels"])
+            overrides["out_channels"] = model_output_channels(in_channels, self.variance_type)
         return overrides
 
     # -- records -----------------------------------------------------------------------------

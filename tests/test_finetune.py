@@ -211,8 +211,8 @@ def _class_conditional(path):
     DDPMPipeline(unet=tiny_unet(num_class_embeds=10), scheduler=DDPMScheduler()).save_pretrained(path)
 
 
-def _learned_variance(path):
-    DDPMPipeline(unet=tiny_unet(out_channels=2), scheduler=DDPMScheduler()).save_pretrained(path)
+def _odd_output(path):
+    DDPMPipeline(unet=tiny_unet(out_channels=3), scheduler=DDPMScheduler()).save_pretrained(path)
 
 
 def _score_sde(path):
@@ -234,7 +234,7 @@ def _empty(path):
     [
         (_ldm_like, ValueError, "unconditional pixel-space DDPM pipelines"),
         (_class_conditional, ValueError, "class-conditional"),
-        (_learned_variance, ValueError, "outputs 2 channels for 1 in"),
+        (_odd_output, ValueError, "outputs 3 channels for 1 in"),
         (_score_sde, ValueError, "no β schedule"),
         (_checkpoint, ValueError, "is a training checkpoint: continue that run with --resume_from_checkpoint"),
         (_empty, FileNotFoundError, "holds neither model_index.json"),

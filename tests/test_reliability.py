@@ -141,7 +141,7 @@ def test_empty_image_folder_is_a_clear_error(tmp_path):
     ("options", "message"),
     [
         (["--resolution", "29"], "not divisible by 2"),
-        (["--unet_overrides", '{"out_channels": 3}'], "in_channels 1 ≠ out_channels 3"),
+        (["--unet_overrides", '{"out_channels": 3}'], "in_channels 1 and out_channels 3, but with variance_type fixed_small"),
         (["--block_out_channels", "12", "24"], "not divisible by norm_num_groups 8"),
     ],
 )

@@ -359,5 +359,5 @@ def test_bad_options_give_clear_errors():
     scheduler.set_timesteps(10)
     with pytest.raises(ValueError, match="not in the scheduler's timesteps"):
         scheduler.step(torch.zeros(SHAPE), 5, torch.zeros(SHAPE))
-    with pytest.raises(ValueError, match="no learned variance"):
+    with pytest.raises(ValueError, match="use variance_type .learned_range."):
         scheduler.step(torch.zeros(2, 6, 8, 8), 900, torch.zeros(SHAPE))
