@@ -10,6 +10,7 @@ import torch
 from conftest import reset_accelerate
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
+from test_benchmarks import load
 from test_finetune import fine_tune_config
 from test_training import run_training
 
@@ -206,6 +207,18 @@ def test_stock_diffusers_samples_a_learned_variance_pipeline_as_ours_does(tmp_pa
         mine = ours(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=steps, output_type="np")
         theirs = stock(batch_size=2, generator=torch.Generator().manual_seed(5), num_inference_steps=steps, output_type="np")
         np.testing.assert_allclose(mine.images, theirs.images, atol=2e-5)
+
+
+def test_the_variance_profile_benchmark_runs(tmp_path):
+    DDPMTargetPipeline(unet=learned_unet(), scheduler=scheduler()).save_pretrained(tmp_path / "pipe")
+    rows = load("learned_variance_profile").main(["--model", str(tmp_path / "pipe"), "--output", str(tmp_path / "p.png"),
+                                                  "--json", str(tmp_path / "p.json"), "--num_images", "4",
+                                                  "--num_timesteps", "4"])  # fmt: skip
+    assert (tmp_path / "p.png").is_file() and json.loads((tmp_path / "p.json").read_text()) == rows
+    assert [row["t"] for row in rows][-1] == T - 1 and len(rows) >= 3
+    for row in rows:
+        assert row["f_q10"] <= row["f_mean"] <= row["f_q90"]
+        assert all(row[name] > 0 for name in ("learned", "fixed_small (β̃)", "fixed_large (β)"))
 
 
 def test_other_samplers_use_the_prediction_channels_alone():
