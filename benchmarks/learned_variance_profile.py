@@ -74,10 +74,11 @@ def plot(rows: list[dict], path: Path) -> None:
     left.set(xscale="log", xlabel="timestep t + 1", ylabel="f: log σ² = f log β_t + (1-f) log β̃_t", ylim=(-0.05, 1.05),
              title="where the learned variance sits")  # fmt: skip
     left.legend()
+    base = next(iter(name for name in VARIANCES if VARIANCES[name] == -1.0))
     for name in VARIANCES:
-        right.plot(t, [row[name] for row in rows], label=name)
-    right.set(xscale="log", yscale="log", xlabel="timestep t + 1", ylabel="L_t, bits/dim (mean over images)",
-              title="the bound's term at t, same network and x_t")  # fmt: skip
+        right.plot(t, [row[name] / row[base] for row in rows], label=name)
+    right.set(xscale="log", xlabel="timestep t + 1", ylabel=f"L_t ÷ L_t with {base}",
+              title="the bound's term at t (same network and x_t)")  # fmt: skip
     right.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
