@@ -118,9 +118,9 @@ def build_model_card(
         base_model=base_model,
         eval_results=results or None,
     )
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n" + _body(pipeline_dir, repo_id, config, prediction_type, beta_schedule, dataset_name, report, base_model,
-                                                              scheduler.config.variance_type))  # fmt: skip
-    return card
+    body = _body(pipeline_dir, repo_id, config, prediction_type, beta_schedule, dataset_name, report, base_model,
+                 scheduler.config.variance_type)  # fmt: skip
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n" + body)
 
 
 def _body(

@@ -277,8 +277,9 @@ def learned_log_variance(variance_values: torch.Tensor, min_log: float | torch.T
                          max_log: float | torch.Tensor) -> torch.Tensor:  # fmt: skip
     """Improved DDPM's learned variance (``"learned_range"``): the network's output ``v`` per pixel
     interpolates between the logs of the smallest and largest sensible variances,
-    ``log σ² = f · log β_t + (1 - f) · log β̃_t`` with ``f = (v + 1)/2`` (so ``v = -1`` is
-    ``fixed_small`` and, for ``t > 0``, ``v = 1`` is ``fixed_large``). ``min_log``/``max_log`` are ``log β̃_t`` and
-    ``log β_t`` of the step taken (the training chain's, or a respaced chain's ``β'_t``)."""
+    ``log σ² = f · log β_t + (1 - f) · log β̃_t`` with ``f = (v + 1)/2``: ``v = -1`` is
+    ``fixed_small`` and, for ``t > 0``, ``v = 1`` is ``fixed_large``. ``min_log`` and ``max_log``
+    are ``log β̃_t`` and ``log β_t`` of the step taken (the training chain's, or a respaced
+    chain's ``β'_t``). ``v`` is not clipped, as in improved-diffusion."""
     fraction = (variance_values + 1.0) / 2.0
     return fraction * max_log + (1.0 - fraction) * min_log

@@ -186,8 +186,9 @@ class Trainer:
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.noise_scheduler.learns_variance and config.loss_weighting == "vlb":
             raise ValueError(
-                f"{config.pretrained_model_name_or_path} learned its variance (variance_type learned_range): its mean is "
-                "trained with the simple weighting and its variance with the bound (--vlb_weight); drop --loss_weighting vlb."
+                f"The network of {config.pretrained_model_name_or_path} learns its variance (variance_type learned_range): "
+                "its mean is trained with the simple weighting and its variance with the bound (--vlb_weight); drop "
+                "--loss_weighting vlb."
             )
         if config.grid_inference_steps > self.noise_scheduler.config.num_train_timesteps:
             raise ValueError(
