@@ -4,10 +4,11 @@
 # the library's top-level module (DESIGN.md §3), so they must be importable from here.
 from diffusers import ModelMixin, SchedulerMixin
 
-from .losses import diffusion_loss
+from .losses import diffusion_loss, diffusion_loss_per_sample
 from .pipeline_ddpm_target import DDPMTargetPipeline, DDPMTargetPipelineOutput
 from .schedules import NoiseSchedule, cosine_betas, linear_betas, make_betas
 from .scheduling_ddpm_target import DDPMTargetScheduler
+from .timestep_sampling import ImportanceTimestepSampler
 from .trajectory import DDPMTrajectory, render_trajectory
 from .unet import DDPMUNet
 
@@ -30,11 +31,13 @@ __all__ = [
     "DDPMTrajectory",
     "DDPMUNet",
     "EvaluationConfig",
+    "ImportanceTimestepSampler",
     "ModelMixin",
     "NoiseSchedule",
     "SchedulerMixin",
     "cosine_betas",
     "diffusion_loss",
+    "diffusion_loss_per_sample",
     "evaluate",
     "linear_betas",
     "make_betas",

@@ -12,7 +12,7 @@ from .scheduling_ddpm_target import DDPMTargetScheduler
 DEFAULT_VLB_WEIGHT = 0.001
 
 
-def diffusion_loss(
+def diffusion_loss_per_sample(
     unet: UNet2DModel,
     scheduler: DDPMTargetScheduler,
     clean_images: torch.Tensor,
@@ -22,20 +22,27 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     vlb_weight: float = DEFAULT_VLB_WEIGHT,
 ) -> torch.Tensor:
-    """``mean_b λ_{t_b} · mean_pixels (f_θ(x_t, t) - target)²`` with ``t ~ U{0..T-1}``, ``ε ~ N(0, I)``.
+    """Each image's loss ``λ_t · mean_pixels (f_θ(x_t, t) - target)²`` (float32, ``[B]``), with
+    ``t ~ U{0..T-1}`` and ``ε ~ N(0, I)`` unless given.
 
     ``x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε`` (:meth:`~DDPMTargetScheduler.add_noise`), the target is the
     scheduler's :meth:`~DDPMTargetScheduler.get_target` and ``λ_t`` its
     :meth:`~DDPMTargetScheduler.loss_weight` (``"simple"`` or ``"vlb"``). The squared error is
     taken in float32 whatever the network's dtype. Pass ``timesteps``/``noise`` to fix them.
 
-    With a learned variance (``variance_type="learned_range"``) this is Improved DDPM's hybrid
-    objective ``L_simple + λ L_vlb``: each image adds ``vlb_weight · T · L_t``, where ``L_t`` is the
-    bound's term at its timestep in bits/dim (:func:`~ddpm_pipeline.likelihood.timestep_bpd`: the KL
-    ``KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t))``, the decoder NLL at ``t = 0``), so that
-    ``T · E_t[L_t]`` is ``L_vlb``. The term sees the predicted mean through a stop-gradient: it
-    trains the variance channels only, and the mean keeps the simple objective (λ = 0.001 is the
-    paper's).
+    With a learned variance (``variance_type="learned_range"``):
+
+    - ``weighting="simple"`` is Improved DDPM's hybrid objective ``L_simple + λ L_vlb``: each image
+      adds ``vlb_weight · T · L_t``, where ``L_t`` is the bound's term at its timestep in bits/dim
+      (:func:`~ddpm_pipeline.likelihood.timestep_bpd`: the KL
+      ``KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t))``, the decoder NLL at ``t = 0``), so that
+      ``T · E_t[L_t]`` is ``L_vlb``. The term sees the predicted mean through a stop-gradient: it
+      trains the variance channels only, and the mean keeps the simple objective (λ = 0.001 is the
+      paper's).
+    - ``weighting="vlb"`` is Improved DDPM's ``L_vlb``: the loss is ``T · L_t`` alone, and both the
+      mean and the variance are trained through the bound (``vlb_weight`` is not used). Its terms
+      span orders of magnitude over ``t``: draw the timesteps by importance
+      (:class:`~ddpm_pipeline.timestep_sampling.ImportanceTimestepSampler`).
     """
     batch = clean_images.shape[0]
     device = clean_images.device
@@ -44,13 +51,40 @@ def diffusion_loss(
     if noise is None:
         noise = torch.randn(clean_images.shape, device=device, dtype=clean_images.dtype, generator=generator)
     noisy = scheduler.add_noise(clean_images, noise, timesteps)
-    target = scheduler.get_target(clean_images, noise, timesteps, noisy_samples=noisy)
     output = unet(noisy, timesteps).sample
+    num_timesteps = scheduler.config.num_train_timesteps
+    if scheduler.learns_variance and weighting == "vlb":
+        return num_timesteps * timestep_bpd(output, scheduler, clean_images, noisy, timesteps).float()
+    target = scheduler.get_target(clean_images, noise, timesteps, noisy_samples=noisy)
     prediction, variance_values = scheduler.split_model_output(output, noisy)
     per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     per_sample = scheduler.loss_weight(timesteps, weighting) * per_sample
     if variance_values is not None and vlb_weight:
         frozen_mean = torch.cat([prediction.detach(), variance_values], dim=1)
         bound_term = timestep_bpd(frozen_mean, scheduler, clean_images, noisy, timesteps)
-        per_sample = per_sample + (vlb_weight * scheduler.config.num_train_timesteps) * bound_term.float()
+        per_sample = per_sample + (vlb_weight * num_timesteps) * bound_term.float()
+    return per_sample
+
+
+def diffusion_loss(
+    unet: UNet2DModel,
+    scheduler: DDPMTargetScheduler,
+    clean_images: torch.Tensor,
+    weighting: str = "simple",
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    vlb_weight: float = DEFAULT_VLB_WEIGHT,
+    sample_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The batch's training loss: ``mean_b w_b · ℓ_b`` with ``ℓ_b`` the
+    :func:`diffusion_loss_per_sample` of image ``b`` and ``w_b`` its ``sample_weights`` (default 1;
+    importance-sampled timesteps pass ``1/(T p_t)``, which keeps the loss an unbiased estimate of
+    the uniform-``t`` objective)."""
+    per_sample = diffusion_loss_per_sample(
+        unet, scheduler, clean_images, weighting, timesteps=timesteps, noise=noise, generator=generator,
+        vlb_weight=vlb_weight,
+    )  # fmt: skip
+    if sample_weights is not None:
+        per_sample = per_sample * sample_weights
     return per_sample.mean()

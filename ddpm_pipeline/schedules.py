@@ -255,14 +255,13 @@ class NoiseSchedule:
         target (``dx_0 = dp/A_t``), so ``λ_t = b_t² / (A_t² · 2σ_t²)``: ``1/(2σ_t²)`` for μ,
         ``b_t²/(2σ_t²)`` for x0, ``β_t²/(2σ_t² α_t (1-ᾱ_t))`` for ε. ``σ_t²`` is
         :meth:`model_variance`. Normalized so that ``mean_t λ_t = 1``. A learned variance has no
-        fixed ``σ_t²``, so no such weights: it is trained by the hybrid objective instead
-        (:func:`~ddpm_pipeline.diffusion_loss`).
+        fixed ``σ_t²``, so no such weights: its ``"vlb"`` objective is the bound's term ``L_t``
+        itself (:func:`~ddpm_pipeline.diffusion_loss_per_sample`).
         """
         if is_learned_variance(variance_type):
             raise ValueError(
-                "The 'vlb' loss weighting needs a fixed variance σ_t²; with variance_type 'learned_range' the mean is "
-                "trained with the simple weighting and the variance with the bound (the hybrid objective): use "
-                "loss_weighting 'simple'."
+                "The 'vlb' loss weights need a fixed variance σ_t²; with variance_type 'learned_range' the 'vlb' "
+                "objective is the bound's term L_t itself, which diffusion_loss computes without weights."
             )
         a, _ = self.prediction_coefficients(prediction_type)
         weights = self.posterior_mean_coef1**2 / (a**2 * 2.0 * self.model_variance(variance_type))

@@ -46,7 +46,7 @@ from .data import (
     load_image_dataset,
     stack_images,
 )
-from .losses import diffusion_loss
+from .losses import diffusion_loss_per_sample
 from .lr_schedule import RunLengthLR
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid, save_loss_curve
@@ -68,6 +68,7 @@ from .speed import (
     to_channels_last,
 )
 from .stop_signals import LAUNCHER_EXITED, StopRequest, ignore_signals, signal_number, started_by_launcher
+from .timestep_sampling import ImportanceTimestepSampler
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
 from .unet import DDPMUNet
 
@@ -80,6 +81,7 @@ TRAJECTORY_NAME = "trajectory.png"
 GRID_FOLDER = "samples"
 #: in each snapshot folder: the step and training seconds it was taken at
 SNAPSHOT_STATE_NAME = "snapshot.json"
+TIMESTEP_SAMPLER_STATE_NAME = "timestep_sampler.pt"
 
 
 #: A stop reason in the processes' all-gather that no signal number can be.
@@ -184,12 +186,6 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.noise_scheduler = build_scheduler(config, self.pretrained)
         self.prediction_type = self.noise_scheduler.config.prediction_type
-        if self.noise_scheduler.learns_variance and config.loss_weighting == "vlb":
-            raise ValueError(
-                f"The network of {config.pretrained_model_name_or_path} learns its variance (variance_type learned_range): "
-                "its mean is trained with the simple weighting and its variance with the bound (--vlb_weight); drop "
-                "--loss_weighting vlb."
-            )
         if config.grid_inference_steps > self.noise_scheduler.config.num_train_timesteps:
             raise ValueError(
                 f"--grid_inference_steps {config.grid_inference_steps} exceeds the {self.noise_scheduler.config.num_train_timesteps} "
@@ -290,6 +286,16 @@ class Trainer:
             budget_seconds=None if config.max_train_minutes is None else 60 * config.max_train_minutes,
         )
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
+        # Saved beside Accelerate's state by save_checkpoint (not registered with it), so that a run
+        # may switch between uniform and importance draws when it resumes.
+        self.timestep_sampler = None
+        if config.timestep_sampling == "importance":
+            self.timestep_sampler = ImportanceTimestepSampler(
+                self.noise_scheduler.config.num_train_timesteps,
+                history=config.importance_history,
+                uniform_prob=config.importance_uniform_prob,
+                device=self.accelerator.device,
+            )
         if self.ema is not None:
             self.ema.to(self.accelerator.device)
             self.accelerator.register_for_checkpointing(self.ema)
@@ -421,11 +427,32 @@ class Trainer:
             "from an uninterrupted run's, and the learning rate is not rescaled. Launch as before to continue that run exactly."
         )
 
+    def _save_state(self, folder: Path) -> None:
+        """Accelerate's state (weights, optimizer, schedule, EMA, random states) and the timestep
+        sampler's loss history into a checkpoint folder."""
+        self.accelerator.save_state(str(folder))
+        if self.timestep_sampler is not None and self.accelerator.is_main_process:
+            torch.save(self.timestep_sampler.state_dict(), folder / TIMESTEP_SAMPLER_STATE_NAME)
+
+    def _load_timestep_sampler(self, checkpoint: Path) -> None:
+        """The loss history of a checkpoint of an importance-sampled run; a checkpoint without one
+        (its run drew uniformly) starts a new history."""
+        if self.timestep_sampler is None:
+            return
+        path = checkpoint / TIMESTEP_SAMPLER_STATE_NAME
+        if path.is_file():
+            self.timestep_sampler.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        else:
+            logger.warning(
+                f"{checkpoint} holds no timestep loss history (its run drew timesteps uniformly): importance sampling "
+                f"starts a new one and draws uniformly until every timestep has {self.config.importance_history} losses."
+            )
+
     def save_checkpoint(self, step: int, train_seconds: float = 0.0) -> Path:
         path = write_checkpoint(
             self.output_dir,
             step,
-            save_state=lambda folder: self.accelerator.save_state(str(folder)),
+            save_state=self._save_state,
             trainer_state={
                 "global_step": step,
                 "epoch": step // self.steps_per_epoch,
@@ -493,17 +520,28 @@ class Trainer:
         if config.random_flip:
             flip = torch.rand(processes * batch, device=images.device, generator=generator)[rows] < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (processes * batch,),
-                                  device=images.device, generator=generator)[rows]  # fmt: skip
+        weights = None
+        if self.timestep_sampler is None:
+            all_timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (processes * batch,),
+                                          device=images.device, generator=generator)  # fmt: skip
+        else:
+            all_timesteps, all_weights = self.timestep_sampler.sample(processes * batch, generator)
+            weights = all_weights[rows]
+        timesteps = all_timesteps[rows]
         noise = torch.randn((processes * batch, *images.shape[1:]), device=images.device, dtype=images.dtype,
                             generator=generator)[rows]  # fmt: skip
         if self.channels_last:
             noise = noise.contiguous(memory_format=torch.channels_last)
         with self.accelerator.accumulate(self.unet):
-            loss = diffusion_loss(
+            per_sample = diffusion_loss_per_sample(
                 self.unet, self.noise_scheduler, images, weighting=config.loss_weighting, timesteps=timesteps, noise=noise,
                 vlb_weight=config.vlb_weight,
             )  # fmt: skip
+            loss = (per_sample if weights is None else per_sample * weights).mean()
+            if self.timestep_sampler is not None:
+                # every process records the whole global batch's losses: all keep the same history
+                losses = self.accelerator.gather(per_sample.detach()) if processes > 1 else per_sample.detach()
+                self.timestep_sampler.update(all_timesteps, losses)
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
                 if config.max_grad_norm is not None:
@@ -632,6 +670,7 @@ class Trainer:
         global_step, earlier_seconds = 0, 0.0
         if self.checkpoint is not None:
             accelerator.load_state(str(self.checkpoint))
+            self._load_timestep_sampler(self.checkpoint)
             state = read_trainer_state(self.checkpoint)
             global_step, earlier_seconds = state["global_step"], state.get("train_seconds", 0.0)
             self._warn_if_batch_changed(state)

@@ -17,6 +17,7 @@ from .data import RESIZE_MODES
 from .losses import DEFAULT_VLB_WEIGHT
 from .schedules import VARIANCE_TYPES, canonical_prediction_type, is_learned_variance, model_output_channels
 from .stop_signals import DEFAULT_STOP_SIGNALS, signal_name
+from .timestep_sampling import DEFAULT_IMPORTANCE_HISTORY, DEFAULT_IMPORTANCE_UNIFORM_PROB, TIMESTEP_SAMPLINGS
 from .unet import PRESETS
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -93,9 +94,12 @@ class TrainingConfig:
     prediction_type: str | None = _option(None, "What the network predicts: the noise, the clean image or the posterior mean (default epsilon, or the pretrained scheduler's).", choices=TRAINING_PREDICTION_TYPES)
     beta_schedule: str | None = _option(None, "Noise schedule: cosine (Nichol & Dhariwal; better than linear for the main job in FID and bits/dim, see README) or linear (Ho et al.) (default cosine, or the pretrained scheduler's).", choices=BETA_SCHEDULES)
     num_train_timesteps: int | None = _option(None, "Diffusion steps T (default 1000, or the pretrained scheduler's).")
-    loss_weighting: str = _option("simple", "simple = unweighted MSE on the target; vlb = the variational bound's weights.", choices=LOSS_WEIGHTINGS)
-    variance_type: str | None = _option(None, "The reverse process variance: fixed_small (posterior β̃_t), fixed_large (β_t), or learned_range (Improved DDPM: the network also outputs a per-pixel interpolation between their logs, trained by the hybrid objective, see --vlb_weight) (default fixed_small, or the pretrained scheduler's).", choices=VARIANCE_TYPES)
-    vlb_weight: float = _option(DEFAULT_VLB_WEIGHT, "λ of Improved DDPM's hybrid objective L_simple + λ·L_vlb, which trains a learned variance (--variance_type learned_range) through the bound while the mean keeps L_simple.")
+    loss_weighting: str = _option("simple", "simple = unweighted MSE on the target; vlb = the variational bound: with a fixed variance the MSE under the bound's weights λ_t, with --variance_type learned_range the bound's term L_t itself (Improved DDPM's L_vlb, which trains the mean too; pair it with --timestep_sampling importance).", choices=LOSS_WEIGHTINGS)
+    variance_type: str | None = _option(None, "The reverse process variance: fixed_small (posterior β̃_t), fixed_large (β_t), or learned_range (Improved DDPM: the network also outputs a per-pixel interpolation between their logs, trained by the hybrid objective, see --vlb_weight, or by the bound alone, see --loss_weighting) (default fixed_small, or the pretrained scheduler's).", choices=VARIANCE_TYPES)
+    vlb_weight: float = _option(DEFAULT_VLB_WEIGHT, "λ of Improved DDPM's hybrid objective L_simple + λ·L_vlb, which trains a learned variance (--variance_type learned_range) through the bound while the mean keeps L_simple (with --loss_weighting simple).")
+    timestep_sampling: str = _option("uniform", "How each image's timestep t is drawn: uniform, or importance (Improved DDPM: p_t ∝ √E[L_t²] over the last --importance_history losses at t, uniform until every t has them; each loss is weighted by 1/(T p_t), so the objective is unchanged and its estimate less noisy when the terms differ widely over t, as the bound's do).", choices=TIMESTEP_SAMPLINGS)
+    importance_history: int = _option(DEFAULT_IMPORTANCE_HISTORY, "With --timestep_sampling importance: losses kept per timestep (the warm-up draws uniformly until every timestep has this many: about T × this / batch steps or more).")
+    importance_uniform_prob: float = _option(DEFAULT_IMPORTANCE_UNIFORM_PROB, "With --timestep_sampling importance: the share of the uniform distribution mixed into p_t, in (0, 1].")
     # optimization
     train_batch_size: int = _option(32, "Images per device per forward pass.")
     gradient_accumulation_steps: int = _option(1, "Forward passes per optimizer step.")
@@ -205,10 +209,11 @@ class TrainingConfig:
                 signal_name(name)
             except ValueError as error:
                 problems.append(f"--checkpoint_on_signals: {error}")
-        if self.variance_type is not None and is_learned_variance(self.variance_type) and self.loss_weighting == "vlb":
+        positive("importance_history")
+        if not 0.0 < self.importance_uniform_prob <= 1.0:
             problems.append(
-                "--loss_weighting vlb needs a fixed variance: with --variance_type learned_range the mean is trained with "
-                "the simple weighting and the variance with the bound (--vlb_weight); drop --loss_weighting vlb."
+                f"--importance_uniform_prob must be in (0, 1], got {self.importance_uniform_prob}: every timestep needs "
+                "a positive probability for the weighted loss to stay unbiased."
             )
         if self.vlb_weight < 0:
             problems.append(f"--vlb_weight must be ≥ 0, got {self.vlb_weight}.")

@@ -22,7 +22,7 @@ import ddpm_pipeline.training as training_module
 from ddpm_pipeline import evaluate, preflight
 from ddpm_pipeline.checkpointing import list_checkpoints, resolve_checkpoint
 from ddpm_pipeline.data import BadImageError, ImagePreprocessor, TrainingImages, load_image_dataset
-from ddpm_pipeline.training import main
+from ddpm_pipeline.training import TIMESTEP_SAMPLER_STATE_NAME, main
 from ddpm_pipeline.training_config import TrainingConfig
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -301,32 +301,38 @@ from accelerate import PartialState
 
 from ddpm_pipeline import training
 
-seen, last_weights = [], {}
+seen, last_weights, sampler = [], {}, {}
 original = training.Trainer.training_step
 
 def recording_step(self, images, seed):
     seen.append(images.tolist())  # with --data_on_device, the batch's indices into the data set
     loss = original(self, images, seed)
     last_weights.update({k: v.detach().clone() for k, v in self.accelerator.unwrap_model(self.unet).state_dict().items()})
+    if self.timestep_sampler is not None:
+        sampler.update(self.timestep_sampler.state_dict())
     return loss
 
 training.Trainer.training_step = recording_step
 training.main(sys.argv[1:])
 out = Path(sys.argv[sys.argv.index("--output_dir") + 1])
-torch.save({"seen": seen, "weights": last_weights}, out / f"rank{PartialState().process_index}.pt")
+torch.save({"seen": seen, "weights": last_weights, "sampler": sampler}, out / f"rank{PartialState().process_index}.pt")
 """
 
 
-def test_two_cpu_processes_train_as_one_with_the_global_batch(tmp_path):
+@pytest.mark.parametrize("timestep_options", [[], ["--timestep_sampling", "importance", "--importance_history", "1",
+                                                    "--num_train_timesteps", "5"]], ids=["uniform", "importance"])  # fmt: skip
+def test_two_cpu_processes_train_as_one_with_the_global_batch(tmp_path, timestep_options):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU (gloo): different shards, identical
     weights on both ranks after each step, checkpoints and outputs written once, and the result
     equal to one process with the same global batch. With a time budget, so the main process's clock
-    reading (and with it the learning-rate schedule's estimate) is broadcast to both ranks."""
+    reading (and with it the learning-rate schedule's estimate) is broadcast to both ranks. With
+    importance-sampled timesteps, both ranks record the global batch's losses: they keep the one
+    history the single process keeps, and draw the same timesteps from it."""
     script = tmp_path / "recording_trainer.py"
     script.write_text(RECORDING_TRAINER)
     common = [*TINY[:TINY.index("--train_batch_size")], "--lr_warmup_steps", "0", "--save_images_steps", "none",
               "--max_train_steps", "3", "--checkpointing_steps", "2", "--data_on_device", "--random_flip",
-              "--num_cpu_threads", "1", "--max_train_minutes", "60"]  # fmt: skip
+              "--num_cpu_threads", "1", "--max_train_minutes", "60", *timestep_options]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     two, one = tmp_path / "two", tmp_path / "one"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -354,6 +360,15 @@ def test_two_cpu_processes_train_as_one_with_the_global_batch(tmp_path):
     assert {p.name for p in (two / "checkpoint-3").iterdir()} >= {"model.safetensors", "random_states_0.pkl",
                                                                    "random_states_1.pkl", "trainer_state.json"}  # fmt: skip
     assert len((two / "loss_history.csv").read_text().splitlines()) == 1 + 3
+    if timestep_options:
+        assert torch.equal(rank0["sampler"]["counts"], rank1["sampler"]["counts"])
+        assert torch.equal(rank0["sampler"]["losses"], rank1["sampler"]["losses"])
+        assert torch.equal(rank0["sampler"]["counts"], single["sampler"]["counts"])
+        assert single["sampler"]["counts"].sum() == 3 * 8
+        assert (two / "checkpoint-3" / TIMESTEP_SAMPLER_STATE_NAME).is_file()
+        after_two_steps = torch.load(one / "checkpoint-2" / TIMESTEP_SAMPLER_STATE_NAME, weights_only=True)
+        assert after_two_steps["counts"].min() >= 1  # warm: the third step's draws were by importance
+        torch.testing.assert_close(rank0["sampler"]["losses"], single["sampler"]["losses"], rtol=1e-4, atol=1e-5)
     ema_two = torch.load(two / "checkpoint-3" / "custom_checkpoint_1.pkl", weights_only=False)
     ema_one = torch.load(one / "checkpoint-3" / "custom_checkpoint_1.pkl", weights_only=False)
     for a, b in zip(ema_two["shadow_params"], ema_one["shadow_params"], strict=True):

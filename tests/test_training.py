@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ddpm_pipeline.checkpointing import list_checkpoints
-from ddpm_pipeline.training import Trainer, build_ema, main
+from ddpm_pipeline.training import TIMESTEP_SAMPLER_STATE_NAME, Trainer, build_ema, main
 from ddpm_pipeline.training_config import TrainingConfig
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -126,12 +126,19 @@ def final_state(out):
     return weights, ema, optimizer
 
 
-def test_resume_after_a_crash_gives_identical_weights(tmp_path, monkeypatch):
+# importance-sampled timesteps: with T = 10 and one loss per timestep, warm before the crash
+IMPORTANCE_OPTIONS = ["--timestep_sampling", "importance", "--importance_history", "1", "--num_train_timesteps", "10",
+                      "--loss_weighting", "vlb"]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra_options", [[], IMPORTANCE_OPTIONS], ids=["uniform", "importance"])
+def test_resume_after_a_crash_gives_identical_weights(tmp_path, monkeypatch, extra_options):
     # 40 images, batch 4 × 2 accumulation → 5 optimizer steps per epoch: the crash after step 6 is
     # in the second epoch, and the resumed run finishes it and crosses into the third.
     data = saved_dataset(tmp_path / "data", count=40)
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    run_training(straight, "--dataset_path", data, *RESUME_OPTIONS)
+    options = [*RESUME_OPTIONS, *extra_options]
+    run_training(straight, "--dataset_path", data, *options)
 
     original = Trainer.save_checkpoint
 
@@ -143,12 +150,19 @@ def test_resume_after_a_crash_gives_identical_weights(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        run_training(crashed, "--dataset_path", data, *RESUME_OPTIONS)
+        run_training(crashed, "--dataset_path", data, *options)
     monkeypatch.setattr(Trainer, "save_checkpoint", original)
     assert [p.name for p in list_checkpoints(crashed)] == ["checkpoint-3", "checkpoint-6"]
+    if extra_options:  # warm when it crashed: the resumed run draws by importance from the start
+        sampler_state = torch.load(crashed / "checkpoint-6" / TIMESTEP_SAMPLER_STATE_NAME, weights_only=True)
+        assert sampler_state["counts"].min() >= 1
     reset_accelerate()
-    result = run_training(crashed, "--dataset_path", data, *RESUME_OPTIONS, "--resume_from_checkpoint", "latest")
+    result = run_training(crashed, "--dataset_path", data, *options, "--resume_from_checkpoint", "latest")
     assert result.global_step == 12
+    if extra_options:  # the loss history went through the checkpoint
+        final_a, final_b = (torch.load(out / "checkpoint-12" / TIMESTEP_SAMPLER_STATE_NAME, weights_only=True)
+                            for out in (straight, crashed))  # fmt: skip
+        assert torch.equal(final_a["counts"], final_b["counts"]) and torch.equal(final_a["losses"], final_b["losses"])
 
     (weights_a, ema_a, optim_a), (weights_b, ema_b, optim_b) = final_state(straight), final_state(crashed)
     assert weights_a.keys() == weights_b.keys()
