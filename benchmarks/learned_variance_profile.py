@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ddpm_pipeline import DDPMTargetPipeline  # noqa: E402
-from ddpm_pipeline.data import BUNDLED_IMAGES, read_idx  # noqa: E402
+from ddpm_pipeline.data import bundled_images  # noqa: E402
 from ddpm_pipeline.likelihood import quantize, timestep_bpd  # noqa: E402
 
 VARIANCES = {"learned": None, "fixed_small (β̃)": -1.0, "fixed_large (β)": 1.0}
@@ -37,14 +37,7 @@ def profile(model: str, num_images: int, num_timesteps: int, seed: int) -> list[
     unet, scheduler = pipe.unet.eval(), pipe.scheduler
     if not scheduler.learns_variance:
         raise SystemExit(f"{model} has variance_type {scheduler.config.variance_type!r}: give a learned_range model.")
-    pixels = torch.tensor(read_idx(BUNDLED_IMAGES)[:num_images], dtype=torch.float32)
-    x0 = quantize(pixels[:, None] / 127.5 - 1.0)
-    size = unet.config.sample_size
-    if size > x0.shape[-1]:  # zero-padded (black), as the data pipeline pads
-        x0 = torch.nn.functional.pad(x0, [(size - x0.shape[-1]) // 2] * 4, value=-1.0)
-    elif size < x0.shape[-1]:  # the centre
-        start = (x0.shape[-1] - size) // 2
-        x0 = x0[..., start : start + size, start : start + size]
+    x0 = quantize(bundled_images(num_images, unet.config.sample_size))
     T = scheduler.config.num_train_timesteps
     grid = np.unique(np.round(np.geomspace(1, T, num_timesteps)).astype(int) - 1)
     generator = torch.Generator().manual_seed(seed)

@@ -107,6 +107,21 @@ def bundled_dataset() -> datasets.Dataset:
     return idx_to_dataset(BUNDLED_IMAGES, BUNDLED_LABELS, FASHION_MNIST_CLASSES)
 
 
+def bundled_images(num_images: int | None = None, size: int = 28) -> torch.Tensor:
+    """The first ``num_images`` bundled images as a ``[N, 1, size, size]`` float32 tensor of
+    ``pixel/127.5 - 1`` (the 256 levels in [-1, 1]), centred as the data pipeline centres them:
+    padded with black (-1) to a larger ``size``, cropped to a smaller one."""
+    x0 = torch.tensor(read_idx(BUNDLED_IMAGES)[:num_images], dtype=torch.float32)[:, None] / 127.5 - 1.0
+    side = x0.shape[-1]
+    if size > side:
+        before = (size - side) // 2
+        x0 = torch.nn.functional.pad(x0, [before, size - side - before] * 2, value=-1.0)
+    elif size < side:
+        start = (side - size) // 2
+        x0 = x0[..., start : start + size, start : start + size]
+    return x0
+
+
 def load_image_dataset(
     dataset_name: str | None = None,
     dataset_config: str | None = None,

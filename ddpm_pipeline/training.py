@@ -288,7 +288,7 @@ class Trainer:
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         # Saved beside Accelerate's state by save_checkpoint (not registered with it), so that a run
         # may switch between uniform and importance draws when it resumes.
-        self.timestep_sampler = None
+        self.timestep_sampler, self._importance_announced = None, False
         if config.timestep_sampling == "importance":
             self.timestep_sampler = ImportanceTimestepSampler(
                 self.noise_scheduler.config.num_train_timesteps,
@@ -576,6 +576,19 @@ class Trainer:
         self.lr_scheduler.observe(global_step, seconds)
         return bool(out_of_budget), bool(piece_over)
 
+    def _announce_importance_sampling(self, global_step: int) -> None:
+        """Log once when the timestep sampler's history is full and its draws turn from uniform to
+        importance (read back with the losses, every --log_every steps)."""
+        sampler = self.timestep_sampler
+        if sampler is None or self._importance_announced or not bool(sampler.warm):
+            return
+        self._importance_announced = True
+        p = sampler.probabilities()
+        logger.info(
+            f"step {global_step}: every timestep has {sampler.history} recorded losses; timesteps are now drawn by "
+            f"importance (p_t from {p.min().item() * sampler.num_timesteps:.3g}/T to {p.max().item() * sampler.num_timesteps:.3g}/T)"
+        )
+
     def _check_finite(self, nonfinite_steps: list[int], global_step: int, history: LossHistory) -> None:
         """Act on the steps whose loss was NaN/inf (found when the losses are read back, every
         ``--log_every`` steps and always before anything is saved): stop, or count the skipped
@@ -729,6 +742,7 @@ class Trainer:
                 done = global_step >= self.total_steps
                 if global_step % log_every == 0:
                     self._check_finite(pending_losses.flush(), global_step, history)
+                    self._announce_importance_sampling(global_step)
                     budget_spent, stopped_early = self._time_limits(clock, piece_start, global_step)
                     if self.lr_scheduler.decays_over_budget:
                         progress.total = self.lr_scheduler.expected_total_steps()

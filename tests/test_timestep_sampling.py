@@ -2,15 +2,17 @@
 the sampler's history, probabilities, draws and weights; the losses; and training with them."""
 
 import collections
+import json
 import math
 
 import pytest
 import torch
 from conftest import reset_accelerate
-from test_learned_variance import FixedOutput, quantized_images, scheduler
+from test_benchmarks import load
+from test_learned_variance import FixedOutput, learned_unet, quantized_images, scheduler
 from test_training import run_training
 
-from ddpm_pipeline import ImportanceTimestepSampler, diffusion_loss, diffusion_loss_per_sample
+from ddpm_pipeline import DDPMTargetPipeline, ImportanceTimestepSampler, diffusion_loss, diffusion_loss_per_sample
 from ddpm_pipeline.likelihood import timestep_bpd
 from ddpm_pipeline.training import TIMESTEP_SAMPLER_STATE_NAME
 from ddpm_pipeline.training_config import TrainingConfig
@@ -180,13 +182,15 @@ def test_l_vlb_with_a_learned_variance_is_t_times_the_bound_term_and_trains_the_
 # -- training ---------------------------------------------------------------------------------
 
 
-def test_a_run_with_importance_sampling_warms_up_records_its_history_and_learns_the_bound(tmp_path):
+def test_a_run_with_importance_sampling_warms_up_and_keeps_its_history_in_checkpoints(tmp_path, caplog):
     out, steps = tmp_path / "lvlb", 8
-    result = run_training(out, "--resolution", "16", "--max_train_steps", steps, "--train_batch_size", "8",
-                          "--num_train_timesteps", "10", "--variance_type", "learned_range", "--loss_weighting", "vlb",
-                          "--timestep_sampling", "importance", "--importance_history", "1", "--checkpointing_steps", "4",
-                          "--save_images_steps", "none")  # fmt: skip
+    with caplog.at_level("INFO"):
+        result = run_training(out, "--resolution", "16", "--max_train_steps", steps, "--train_batch_size", "8",
+                              "--num_train_timesteps", "10", "--variance_type", "learned_range", "--loss_weighting", "vlb",
+                              "--timestep_sampling", "importance", "--importance_history", "1", "--checkpointing_steps", "4",
+                              "--save_images_steps", "none")  # fmt: skip
     assert result.global_step == steps
+    assert "timesteps are now drawn by importance" in caplog.text
     state = torch.load(out / "checkpoint-8" / TIMESTEP_SAMPLER_STATE_NAME, weights_only=True)
     assert state["counts"].sum() == steps * 8
     assert torch.all(state["losses"] > 0)  # every bound term is a positive number of bits
@@ -213,3 +217,24 @@ def test_resuming_a_uniform_run_with_importance_sampling_starts_a_new_history(tm
     assert "holds no timestep loss history" in caplog.text
     state = torch.load(out / "checkpoint-4" / TIMESTEP_SAMPLER_STATE_NAME, weights_only=True)
     assert state["counts"].sum() == 2 * 4  # the two resumed steps only
+
+
+def test_the_estimator_spread_benchmark_matches_a_direct_simulation(tmp_path):
+    DDPMTargetPipeline(unet=learned_unet(), scheduler=scheduler()).save_pretrained(tmp_path / "pipe")
+    benchmark = load("timestep_sampling_profile")
+    summary = benchmark.main(["--model", str(tmp_path / "pipe"), "--output", str(tmp_path / "p.png"), "--json",
+                              str(tmp_path / "p.json"), "--num_images", "3", "--batch_size", "1"])  # fmt: skip
+    assert (tmp_path / "p.png").is_file() and json.loads((tmp_path / "p.json").read_text()) == summary
+    assert summary["loss_weighting"] == "vlb" and summary["timesteps"] == list(range(T))
+    # redo it by drawing (t, image) pairs from the same table of losses
+    _, losses = benchmark.per_timestep_losses(str(tmp_path / "pipe"), "vlb", 3, 1, 0)
+    assert losses.mean().item() == pytest.approx(summary["objective"], rel=1e-9)
+    p = torch.tensor(summary["p"], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 3, (200_000,), generator=generator)
+    uniform = losses[torch.randint(0, T, (200_000,), generator=generator), images]
+    drawn = torch.multinomial(p, 200_000, replacement=True, generator=generator)
+    weighted = losses[drawn, images] / (T * p[drawn])
+    assert uniform.std().item() == pytest.approx(summary["uniform_std"], rel=0.02)
+    assert weighted.std().item() == pytest.approx(summary["importance_std"], rel=0.02)
+    assert summary["std_ratio"] > 1  # the bound's terms differ widely over t even for an untrained network
