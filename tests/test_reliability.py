@@ -35,7 +35,7 @@ TINY = ["--model", "ddpm-tiny-16", "--resolution", "16", "--grid_inference_steps
 @pytest.fixture
 def nan_at_step_3(monkeypatch):
     """The loss of the third optimizer step (third call) is NaN, as after an overflow."""
-    original = training_module.diffusion_loss
+    original = training_module.diffusion_loss_per_sample
     calls = {"n": 0}
 
     def loss_with_a_nan(*args, **kwargs):
@@ -43,7 +43,7 @@ def nan_at_step_3(monkeypatch):
         loss = original(*args, **kwargs)
         return loss * math.nan if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(training_module, "diffusion_loss", loss_with_a_nan)
+    monkeypatch.setattr(training_module, "diffusion_loss_per_sample", loss_with_a_nan)
 
 
 def test_nan_loss_stops_the_run_and_saves_nothing_from_it(tmp_path, nan_at_step_3):
@@ -73,8 +73,8 @@ def test_nan_loss_skip_mode_skips_that_update_on_the_device(tmp_path, nan_at_ste
 
 
 def test_too_many_skipped_steps_stop_the_run(tmp_path, monkeypatch):
-    original = training_module.diffusion_loss
-    monkeypatch.setattr(training_module, "diffusion_loss", lambda *a, **k: original(*a, **k) * math.nan)
+    original = training_module.diffusion_loss_per_sample
+    monkeypatch.setattr(training_module, "diffusion_loss_per_sample", lambda *a, **k: original(*a, **k) * math.nan)
     with pytest.raises(FloatingPointError, match="more than --max_skipped_steps 2"):
         main([*TINY, "--max_train_steps", "6", "--nonfinite_loss", "skip", "--max_skipped_steps", "2",
               "--log_every", "1", "--output_dir", str(tmp_path / "run")])  # fmt: skip
