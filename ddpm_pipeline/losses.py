@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from diffusers import UNet2DModel
 
@@ -12,7 +14,22 @@ from .scheduling_ddpm_target import DDPMTargetScheduler
 DEFAULT_VLB_WEIGHT = 0.001
 
 
-def diffusion_loss_per_sample(
+class DiffusionLossTerms(NamedTuple):
+    """Each image's loss (float32, ``[B]``) and its parts.
+
+    - ``loss``: what is trained (before any importance weight).
+    - ``mse``: ``λ_t · mean_pixels (prediction - target)²``, the mean's regression term. With a learned
+      variance trained on ``L_vlb`` it is not part of the loss and is reported unweighted, detached.
+    - ``vlb``: ``T · L_t``, the bound's term at the image's timestep in bits/dim (``E_t`` of it is
+      ``L_vlb``), with a learned variance; ``None`` with a fixed one.
+    """
+
+    loss: torch.Tensor
+    mse: torch.Tensor
+    vlb: torch.Tensor | None
+
+
+def diffusion_loss_terms(
     unet: UNet2DModel,
     scheduler: DDPMTargetScheduler,
     clean_images: torch.Tensor,
@@ -21,7 +38,7 @@ def diffusion_loss_per_sample(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     vlb_weight: float = DEFAULT_VLB_WEIGHT,
-) -> torch.Tensor:
+) -> DiffusionLossTerms:
     """Each image's loss ``λ_t · mean_pixels (f_θ(x_t, t) - target)²`` (float32, ``[B]``), with
     ``t ~ U{0..T-1}`` and ``ε ~ N(0, I)`` unless given.
 
@@ -43,6 +60,8 @@ def diffusion_loss_per_sample(
       mean and the variance are trained through the bound (``vlb_weight`` is not used). Its terms
       span orders of magnitude over ``t``: draw the timesteps by importance
       (:class:`~ddpm_pipeline.timestep_sampling.ImportanceTimestepSampler`).
+
+    Returns the :class:`DiffusionLossTerms`: the loss that is trained, and its parts for logging.
     """
     batch = clean_images.shape[0]
     device = clean_images.device
@@ -53,17 +72,35 @@ def diffusion_loss_per_sample(
     noisy = scheduler.add_noise(clean_images, noise, timesteps)
     output = unet(noisy, timesteps).sample
     num_timesteps = scheduler.config.num_train_timesteps
-    if scheduler.learns_variance and weighting == "vlb":
-        return num_timesteps * timestep_bpd(output, scheduler, clean_images, noisy, timesteps).float()
     target = scheduler.get_target(clean_images, noise, timesteps, noisy_samples=noisy)
     prediction, variance_values = scheduler.split_model_output(output, noisy)
-    per_sample = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
-    per_sample = scheduler.loss_weight(timesteps, weighting) * per_sample
-    if variance_values is not None and vlb_weight:
-        frozen_mean = torch.cat([prediction.detach(), variance_values], dim=1)
-        bound_term = timestep_bpd(frozen_mean, scheduler, clean_images, noisy, timesteps)
-        per_sample = per_sample + (vlb_weight * num_timesteps) * bound_term.float()
-    return per_sample
+    squared_error = (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    if scheduler.learns_variance and weighting == "vlb":
+        bound = num_timesteps * timestep_bpd(output, scheduler, clean_images, noisy, timesteps).float()
+        return DiffusionLossTerms(loss=bound, mse=squared_error.detach(), vlb=bound)
+    mse = scheduler.loss_weight(timesteps, weighting) * squared_error
+    if variance_values is None or not vlb_weight:
+        return DiffusionLossTerms(loss=mse, mse=mse, vlb=None)
+    frozen_mean = torch.cat([prediction.detach(), variance_values], dim=1)
+    bound = num_timesteps * timestep_bpd(frozen_mean, scheduler, clean_images, noisy, timesteps).float()
+    return DiffusionLossTerms(loss=mse + vlb_weight * bound, mse=mse, vlb=bound)
+
+
+def diffusion_loss_per_sample(
+    unet: UNet2DModel,
+    scheduler: DDPMTargetScheduler,
+    clean_images: torch.Tensor,
+    weighting: str = "simple",
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    vlb_weight: float = DEFAULT_VLB_WEIGHT,
+) -> torch.Tensor:
+    """Each image's training loss (float32, ``[B]``): the ``loss`` of :func:`diffusion_loss_terms`."""
+    return diffusion_loss_terms(
+        unet, scheduler, clean_images, weighting, timesteps=timesteps, noise=noise, generator=generator,
+        vlb_weight=vlb_weight,
+    ).loss  # fmt: skip
 
 
 def diffusion_loss(

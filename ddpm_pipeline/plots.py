@@ -44,14 +44,19 @@ def save_image_grid(images: np.ndarray, path: str | Path, **grid_kwargs) -> Path
 
 
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:
-    """Trailing mean over up to ``window`` values: ``m_i = mean(v_{max(0, i-window+1)..i})``."""
+    """Trailing mean over up to ``window`` values, of the finite ones:
+    ``m_i = mean(finite v_{max(0, i-window+1)..i})`` (NaN where the window holds none)."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         return values
-    cumulative = np.concatenate([[0.0], np.cumsum(values)])
+    finite = np.isfinite(values)
+    cumulative = np.concatenate([[0.0], np.cumsum(np.where(finite, values, 0.0))])
+    counted = np.concatenate([[0], np.cumsum(finite)])
     ends = np.arange(1, len(values) + 1)
     starts = np.maximum(0, ends - window)
-    return (cumulative[ends] - cumulative[starts]) / (ends - starts)
+    counts = counted[ends] - counted[starts]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, (cumulative[ends] - cumulative[starts]) / counts, np.nan)
 
 
 @contextmanager
@@ -74,21 +79,45 @@ def _png_figure(path: str | Path, **subplots: object) -> Iterator[tuple[object, 
         plt.close(figure)
 
 
-def save_loss_curve(steps: Sequence[int], losses: Sequence[float], path: str | Path, title: str = "") -> Path:
-    """Plot the per-step loss (faint) and its moving average (window = steps/50) as a PNG."""
-    with _png_figure(path, figsize=(7, 4), dpi=120) as (_, axis):
+def save_loss_curve(
+    steps: Sequence[int],
+    losses: Sequence[float],
+    path: str | Path,
+    title: str = "",
+    by_quarter: dict[str, Sequence[float]] | None = None,
+) -> Path:
+    """Plot the per-step loss (faint) and its moving average (window = steps/50) as a PNG; with
+    ``by_quarter`` (a label and per-step values, NaN where none, for each quarter of the
+    timesteps), a second panel with each quarter's moving average."""
+    panels = 2 if by_quarter else 1
+    with _png_figure(path, ncols=panels, figsize=(7 * panels, 4), dpi=120, squeeze=False) as (_, axes):
+        axis = axes[0][0]
+        window = max(1, len(steps) // 50)
         if len(steps):
-            window = max(1, len(steps) // 50)
             axis.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
             axis.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=1.8,
                       label=f"moving average ({window} steps)")  # fmt: skip
-            if min(losses) > 0:
+            if np.nanmin(np.asarray(losses, dtype=np.float64)) > 0:
                 axis.set_yscale("log")
             axis.legend()
-        axis.set_xlabel("optimizer step")
-        axis.set_ylabel("training loss")
         axis.set_title(title or "training loss")
-        axis.grid(True, which="both", alpha=0.3)
+        if by_quarter:
+            quarters = axes[0][1]
+            positive = True
+            for index, (label, values) in enumerate(by_quarter.items()):
+                # a quarter has few images per step: average over four times the window
+                quarters.plot(steps, moving_average(values, 4 * window), color=f"C{index}", linewidth=1.5, label=label)
+                finite = np.asarray(values, dtype=np.float64)
+                finite = finite[np.isfinite(finite)]
+                positive = positive and (finite.size == 0 or finite.min() > 0)
+            if positive and len(steps):
+                quarters.set_yscale("log")
+            quarters.legend(title="timesteps")
+            quarters.set_title(f"loss by quarter of the timesteps (moving average, {4 * window} steps)")
+        for axis in axes[0]:
+            axis.set_xlabel("optimizer step")
+            axis.set_ylabel("training loss")
+            axis.grid(True, which="both", alpha=0.3)
     return Path(path)
 
 

@@ -1,5 +1,6 @@
-"""What a training run records as it goes: its loss history (a CSV kept across resumes), the
-per-step losses read back from the device in batches, and the clock of training seconds."""
+"""What a training run records as it goes: its loss history (a CSV kept across resumes, with the
+loss per quarter of the timesteps), the per-step records read back from the device in batches,
+and the clock of training seconds."""
 
 from __future__ import annotations
 
@@ -14,34 +15,79 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from .losses import DiffusionLossTerms
+
+#: The training loss is also logged per quarter of the timesteps: ``loss_q{q}`` for ``t ∈ [qT/4, (q+1)T/4)``.
+TIMESTEP_QUARTERS = 4
+QUARTER_COLUMNS = tuple(f"loss_q{q}" for q in range(TIMESTEP_QUARTERS))
+#: With a learned variance the loss's two parts are logged too (:class:`~ddpm_pipeline.losses.DiffusionLossTerms`).
+TERM_COLUMNS = ("mse", "vlb")
+
+
+def step_record(
+    terms: DiffusionLossTerms, timesteps: torch.Tensor, num_timesteps: int, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One micro-batch's numbers to log, on the device, without a host sync (float32 ``[3 + 2Q]``):
+    ``[mean_b w_b ℓ_b, mean_b w_b mse_b, mean_b w_b vlb_b (NaN without a bound term),
+    S_0 … S_{Q-1}, W_0 … W_{Q-1}]`` with ``S_q = (1/B) Σ_{b: t_b ∈ q} w_b ℓ_b`` and
+    ``W_q = (1/B) Σ_{b: t_b ∈ q} w_b`` over the Q = 4 quarters of the timesteps.
+
+    ``w_b`` are the importance weights ``1/(T p_t)`` (1 for uniform draws), so that every entry is an
+    unbiased estimate under uniform ``t`` and ``S_q / W_q`` estimates the mean loss over quarter
+    ``q``'s timesteps. Every entry is a mean over images, so records of micro-batches and processes
+    combine by averaging (:meth:`PendingLosses.flush`).
+    """
+    loss = terms.loss.detach().float()
+    weights = torch.ones_like(loss) if weights is None else weights.float()
+    vlb = terms.vlb.detach().float() if terms.vlb is not None else torch.full_like(loss, math.nan)
+    quarter = torch.div(timesteps.long() * TIMESTEP_QUARTERS, num_timesteps, rounding_mode="floor")
+    by_quarter = torch.zeros((2, TIMESTEP_QUARTERS), dtype=loss.dtype, device=loss.device)
+    by_quarter[0].scatter_add_(0, quarter, weights * loss)
+    by_quarter[1].scatter_add_(0, quarter, weights)
+    means = torch.stack([(weights * loss).mean(), (weights * terms.mse.detach().float()).mean(), (weights * vlb).mean()])
+    return torch.cat([means, by_quarter.flatten() / loss.numel()])
+
 
 class LossHistory:
-    """``loss_history.csv`` (step, loss, learning rate), kept across resumes: rows after the
-    resumed step (from the run that crashed) are dropped."""
+    """``loss_history.csv`` (step, loss, learning rate, the loss per quarter of the timesteps, and
+    the loss's parts with a learned variance), kept across resumes: rows after the resumed step
+    (from the run that crashed) are dropped. An empty cell: no image of that step fell in that
+    quarter, or the earlier run did not record the column."""
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool):
+    def __init__(self, path: Path, resume_step: int, enabled: bool, terms: bool = False):
         self.path = path
         self.enabled = enabled
-        self.rows: list[tuple[int, float, float]] = []
+        self.columns = ("step", "loss", "lr", *QUARTER_COLUMNS, *(TERM_COLUMNS if terms else ()))
+        self.rows: list[dict[str, float | None]] = []
         if not enabled:
             return
         if resume_step > 0 and path.is_file():
             with path.open(newline="") as handle:
                 for row in csv.DictReader(handle):
                     if int(row["step"]) <= resume_step:
-                        self.rows.append((int(row["step"]), float(row["loss"]), float(row["lr"])))
+                        self.rows.append({name: _read_cell(row.get(name)) for name in self.columns})
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["step", "loss", "lr"])
-            writer.writerows(self.rows)
+            writer.writerow(self.columns)
+            writer.writerows(self._cells(row) for row in self.rows)
         self._handle = path.open("a", newline="")
         self._writer = csv.writer(self._handle)
 
-    def append(self, step: int, loss: float, lr: float) -> None:
-        """One row: the loss of ``step`` (mean over processes) and its learning rate."""
+    def _cells(self, row: dict[str, float | None]) -> list[str]:
+        return ["" if row.get(name) is None else f"{row[name]:.6g}" for name in self.columns]
+
+    def append(self, step: int, loss: float, lr: float, **values: float | None) -> None:
+        """One row: the loss of ``step`` (mean over processes), its learning rate, and the other
+        columns' ``values`` (None: none this step)."""
         if self.enabled:
-            self.rows.append((step, loss, lr))
-            self._writer.writerow([step, f"{loss:.6g}", f"{lr:.6g}"])
+            row = {"step": step, "loss": loss, "lr": lr, **values}
+            self.rows.append(row)
+            self._writer.writerow(self._cells(row))
+
+    def series(self, column: str) -> tuple[list[int], list[float]]:
+        """The steps and values of ``column`` (NaN where a row has none)."""
+        steps = [int(row["step"]) for row in self.rows]
+        return steps, [math.nan if row.get(column) is None else float(row[column]) for row in self.rows]
 
     def flush(self) -> None:
         """Write the buffered rows to the file (before a checkpoint, and before an error ends the run)."""
@@ -54,34 +100,46 @@ class LossHistory:
             self._handle.close()
 
 
+def _read_cell(text: str | None) -> float | None:
+    return None if text is None or text == "" else float(text)
+
+
 class PendingLosses:
-    """Per-step losses kept on the device and read back in one transfer by :meth:`flush`, so the
-    loop does not wait for the GPU every step; each step still gets its row in the history, its
-    TensorBoard point and the progress bar's postfix."""
+    """Per-step :func:`step_record` s kept on the device and read back in one transfer by
+    :meth:`flush`, so the loop does not wait for the GPU every step; each step still gets its row
+    in the history, its TensorBoard points and the progress bar's postfix."""
 
     def __init__(self, accelerator: Accelerator, history: LossHistory, progress: tqdm):
         self.accelerator, self.history, self.progress = accelerator, history, progress
         self.pending: list[tuple[int, torch.Tensor, float, int]] = []
         self.last_loss: float | None = None
 
-    def add(self, step: int, loss: torch.Tensor, lr: float, epoch: int) -> None:
-        """Keep ``step``'s loss (a device tensor, not read back yet)."""
-        self.pending.append((step, loss.detach(), lr, epoch))
+    def add(self, step: int, record: torch.Tensor, lr: float, epoch: int) -> None:
+        """Keep ``step``'s record (a device tensor, not read back yet)."""
+        self.pending.append((step, record.detach(), lr, epoch))
 
     def flush(self) -> list[int]:
-        """Log the pending losses; return the steps whose loss was not finite."""
+        """Log the pending records (averaged over processes); return the steps whose loss was not finite."""
         if not self.pending:
             return []
-        stacked = torch.stack([loss for _, loss, _, _ in self.pending])
+        stacked = torch.stack([record for _, record, _, _ in self.pending])
         gathered = self.accelerator.gather(stacked[None]).mean(dim=0).tolist()  # mean over processes
+        has_terms = TERM_COLUMNS[0] in self.history.columns
         nonfinite = []
-        for (step, _, lr, epoch), loss in zip(self.pending, gathered, strict=True):
-            self.history.append(step, loss, lr)
-            self.accelerator.log({"loss": loss, "lr": lr, "epoch": epoch}, step=step)
+        for (step, _, lr, epoch), (loss, mse, vlb, *by_quarter) in zip(self.pending, gathered, strict=True):
+            sums, weights = by_quarter[:TIMESTEP_QUARTERS], by_quarter[TIMESTEP_QUARTERS:]
+            values = {name: (s / w if w > 0 else None) for name, s, w in zip(QUARTER_COLUMNS, sums, weights, strict=True)}
+            if has_terms:
+                values.update(mse=mse, vlb=vlb)
+            self.history.append(step, loss, lr, **values)
+            logged = {"loss": loss, "lr": lr, "epoch": epoch}
+            # TensorBoard groups loss/q0 … loss/q3, loss/mse and loss/vlb under "loss"
+            logged.update({f"loss/{name.removeprefix('loss_')}": value for name, value in values.items() if value is not None})
+            self.accelerator.log(logged, step=step)
             if not math.isfinite(loss):
                 nonfinite.append(step)
         step, _, lr, epoch = self.pending[-1]
-        self.last_loss = gathered[-1]
+        self.last_loss = gathered[-1][0]
         self.progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
         self.pending = []
         return nonfinite

@@ -46,14 +46,14 @@ from .data import (
     load_image_dataset,
     stack_images,
 )
-from .losses import diffusion_loss_per_sample
+from .losses import diffusion_loss_terms
 from .lr_schedule import RunLengthLR
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid, save_loss_curve
 from .preflight import check_free_space, check_output_dir, check_unet_config, run_output_bytes
 from .pretrained import PretrainedDDPM
 from .push import check_hub_access, push_to_hub
-from .run_records import LossHistory, PendingLosses, TrainingClock
+from .run_records import QUARTER_COLUMNS, TIMESTEP_QUARTERS, LossHistory, PendingLosses, TrainingClock, step_record
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .seeding import derive_seed
 from .speed import (
@@ -427,6 +427,12 @@ class Trainer:
             "from an uninterrupted run's, and the learning rate is not rescaled. Launch as before to continue that run exactly."
         )
 
+    @property
+    def logs_loss_terms(self) -> bool:
+        """Whether the loss has a bound term besides the MSE (a learned variance trained on the
+        hybrid objective or on L_vlb), so that both parts are logged."""
+        return self.noise_scheduler.learns_variance and (self.config.loss_weighting == "vlb" or self.config.vlb_weight > 0)
+
     def _save_state(self, folder: Path) -> None:
         """Accelerate's state (weights, optimizer, schedule, EMA, random states) and the timestep
         sampler's loss history into a checkpoint folder."""
@@ -507,7 +513,8 @@ class Trainer:
 
     def training_step(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         """Forward and backward of one micro-batch (and the optimizer step when the gradients are
-        complete); returns its loss, detached and still on the device (no host sync)."""
+        complete); returns its :func:`~ddpm_pipeline.run_records.step_record` (the loss first, then
+        its parts and its quarters of the timesteps), detached and still on the device (no host sync)."""
         config = self.config
         if self.device_images is not None and not images.is_floating_point():
             images = self.device_images[images]  # a batch of indices into the device-resident data set
@@ -533,10 +540,11 @@ class Trainer:
         if self.channels_last:
             noise = noise.contiguous(memory_format=torch.channels_last)
         with self.accelerator.accumulate(self.unet):
-            per_sample = diffusion_loss_per_sample(
+            terms = diffusion_loss_terms(
                 self.unet, self.noise_scheduler, images, weighting=config.loss_weighting, timesteps=timesteps, noise=noise,
                 vlb_weight=config.vlb_weight,
             )  # fmt: skip
+            per_sample = terms.loss
             loss = (per_sample if weights is None else per_sample * weights).mean()
             if self.timestep_sampler is not None:
                 # every process records the whole global batch's losses: all keep the same history
@@ -555,7 +563,7 @@ class Trainer:
                     self.skipped_steps += found_inf
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        return step_record(terms, timesteps, self.noise_scheduler.config.num_train_timesteps, weights)
 
     def _time_limits(self, clock: TrainingClock, piece_start: float, global_step: int) -> tuple[bool, bool]:
         """(training budget spent, this piece's time is up), as the main process sees them, so that
@@ -693,7 +701,7 @@ class Trainer:
             config.save(self.output_dir / CONFIG_FILE_NAME)
         if config.report_to != "none":
             accelerator.init_trackers("train_ddpm", config=_tracker_config(config))
-        history = LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=is_main)
+        history = LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=is_main, terms=self.logs_loss_terms)
         parameters = sum(p.numel() for p in self.unet.parameters())
         logger.info(
             f"{len(self.train_images)} images, {self.unet_config['in_channels']}×{self.unet_config['sample_size']}²; "
@@ -710,7 +718,7 @@ class Trainer:
         )
         first_epoch = global_step // self.steps_per_epoch
         batches_done = (global_step % self.steps_per_epoch) * config.gradient_accumulation_steps
-        micro_losses: list[torch.Tensor] = []
+        micro_records: list[torch.Tensor] = []
         log_every = config.log_every or (1 if accelerator.device.type == "cpu" else 25)
         pending_losses = PendingLosses(accelerator, history, progress)
         clock = TrainingClock(earlier_seconds)
@@ -728,7 +736,7 @@ class Trainer:
             for batch_index, images in enumerate(loader, start=skip):
                 seed = micro_batch_seed(config.seed, epoch, batch_index)
                 try:
-                    micro_losses.append(self.training_step(images, seed))
+                    micro_records.append(self.training_step(images, seed))
                 except torch.OutOfMemoryError as error:
                     raise self._out_of_memory(error, global_step + 1) from error
                 if not accelerator.sync_gradients:
@@ -736,8 +744,8 @@ class Trainer:
                 lr = self.lr_scheduler.get_last_lr()[0]
                 self.after_optimizer_step()
                 global_step += 1
-                pending_losses.add(global_step, torch.stack(micro_losses).mean(), lr, epoch)
-                micro_losses = []
+                pending_losses.add(global_step, torch.stack(micro_records).mean(dim=0), lr, epoch)
+                micro_records = []
                 progress.update(1)
                 done = global_step >= self.total_steps
                 if global_step % log_every == 0:
@@ -808,8 +816,14 @@ class Trainer:
             )
             (self.output_dir / GRID_FOLDER).mkdir(exist_ok=True)
             shutil.copyfile(samples_path, self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png")
-            steps, losses = [row[0] for row in history.rows], [row[1] for row in history.rows]
-            save_loss_curve(steps, losses, self.output_dir / LOSS_CURVE_NAME,
+            steps, losses = history.series("loss")
+            num_timesteps = self.noise_scheduler.config.num_train_timesteps
+            by_quarter = {
+                f"[{q * num_timesteps / TIMESTEP_QUARTERS:g}, {(q + 1) * num_timesteps / TIMESTEP_QUARTERS:g})":
+                    history.series(name)[1]
+                for q, name in enumerate(QUARTER_COLUMNS)
+            }  # fmt: skip
+            save_loss_curve(steps, losses, self.output_dir / LOSS_CURVE_NAME, by_quarter=by_quarter,
                             title=f"{self.model_name}, {self.prediction_type} target, "
                                   f"{self.noise_scheduler.schedule_name or 'custom'} schedule")  # fmt: skip
         history.close()

@@ -35,15 +35,15 @@ TINY = ["--model", "ddpm-tiny-16", "--resolution", "16", "--grid_inference_steps
 @pytest.fixture
 def nan_at_step_3(monkeypatch):
     """The loss of the third optimizer step (third call) is NaN, as after an overflow."""
-    original = training_module.diffusion_loss_per_sample
+    original = training_module.diffusion_loss_terms
     calls = {"n": 0}
 
     def loss_with_a_nan(*args, **kwargs):
         calls["n"] += 1
-        loss = original(*args, **kwargs)
-        return loss * math.nan if calls["n"] == 3 else loss
+        terms = original(*args, **kwargs)
+        return terms._replace(loss=terms.loss * math.nan) if calls["n"] == 3 else terms
 
-    monkeypatch.setattr(training_module, "diffusion_loss_per_sample", loss_with_a_nan)
+    monkeypatch.setattr(training_module, "diffusion_loss_terms", loss_with_a_nan)
 
 
 def test_nan_loss_stops_the_run_and_saves_nothing_from_it(tmp_path, nan_at_step_3):
@@ -73,8 +73,13 @@ def test_nan_loss_skip_mode_skips_that_update_on_the_device(tmp_path, nan_at_ste
 
 
 def test_too_many_skipped_steps_stop_the_run(tmp_path, monkeypatch):
-    original = training_module.diffusion_loss_per_sample
-    monkeypatch.setattr(training_module, "diffusion_loss_per_sample", lambda *a, **k: original(*a, **k) * math.nan)
+    original = training_module.diffusion_loss_terms
+
+    def nan_loss(*args, **kwargs):
+        terms = original(*args, **kwargs)
+        return terms._replace(loss=terms.loss * math.nan)
+
+    monkeypatch.setattr(training_module, "diffusion_loss_terms", nan_loss)
     with pytest.raises(FloatingPointError, match="more than --max_skipped_steps 2"):
         main([*TINY, "--max_train_steps", "6", "--nonfinite_loss", "skip", "--max_skipped_steps", "2",
               "--log_every", "1", "--output_dir", str(tmp_path / "run")])  # fmt: skip

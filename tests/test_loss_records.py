@@ -1,0 +1,164 @@
+"""What training logs of its loss: the parts of a learned variance's loss, the loss per quarter of
+the timesteps (weighted right under importance sampling), the CSV across resumes, and the plot."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DModel
+from PIL import Image
+from test_learned_variance import learned_unet, quantized_images
+from test_learned_variance import scheduler as learned_scheduler
+from test_training import run_training
+
+from ddpm_pipeline import DDPMTargetScheduler, DDPMUNet, diffusion_loss_per_sample, diffusion_loss_terms
+from ddpm_pipeline.likelihood import timestep_bpd
+from ddpm_pipeline.losses import DiffusionLossTerms
+from ddpm_pipeline.plots import moving_average
+from ddpm_pipeline.run_records import QUARTER_COLUMNS, LossHistory, step_record
+from ddpm_pipeline.training import Trainer
+from ddpm_pipeline.training_config import TrainingConfig
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+T = 20
+
+
+def read_rows(output_dir):
+    with open(output_dir / "loss_history.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def fixed_inputs(count=4):
+    images = quantized_images(count)
+    timesteps = torch.tensor([0, 3, 11, T - 1])[:count]
+    noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(1))
+    return images, timesteps, noise
+
+
+@pytest.mark.parametrize("weighting", ["simple", "vlb"])
+def test_the_terms_of_a_learned_variance_s_loss(weighting):
+    """Hybrid: loss = mse + λ·vlb with vlb = T·L_t. L_vlb: loss = vlb, and mse is the mean's
+    unweighted error, reported but not trained (no gradient)."""
+    unet, s = learned_unet(), learned_scheduler()
+    images, timesteps, noise = fixed_inputs()
+    terms = diffusion_loss_terms(unet, s, images, weighting, timesteps=timesteps, noise=noise, vlb_weight=0.01)
+    output = unet(s.add_noise(images, noise, timesteps), timesteps).sample
+    bound = T * timestep_bpd(output, s, images, s.add_noise(images, noise, timesteps), timesteps)
+    torch.testing.assert_close(terms.vlb, bound.float(), rtol=1e-5, atol=1e-6)
+    prediction, _ = s.split_model_output(output, images)
+    squared_error = (prediction - noise).pow(2).flatten(1).mean(dim=1)
+    torch.testing.assert_close(terms.mse, squared_error, rtol=1e-5, atol=1e-7)
+    if weighting == "simple":
+        torch.testing.assert_close(terms.loss, terms.mse + 0.01 * terms.vlb)
+    else:
+        assert torch.equal(terms.loss, terms.vlb) and not terms.mse.requires_grad
+    per_sample = diffusion_loss_per_sample(unet, s, images, weighting, timesteps=timesteps, noise=noise, vlb_weight=0.01)
+    torch.testing.assert_close(per_sample, terms.loss)
+
+
+def test_a_fixed_variance_s_loss_is_its_mse_alone():
+    s = DDPMTargetScheduler(num_train_timesteps=T, beta_schedule="cosine", prediction_type="sample")
+    torch.manual_seed(0)
+    unet = UNet2DModel(**DDPMUNet.preset_config("ddpm-tiny-16"))
+    images, timesteps, noise = fixed_inputs()
+    terms = diffusion_loss_terms(unet, s, images, "vlb", timesteps=timesteps, noise=noise)
+    assert terms.vlb is None and torch.equal(terms.loss, terms.mse)
+
+
+def test_a_step_record_splits_the_loss_by_quarter_of_the_timesteps():
+    """Entry 0 is the batch loss mean_b w_b ℓ_b; the quarter sums add up to it; S_q/W_q is the
+    self-normalized weighted mean of the quarter's losses; records average across micro-batches."""
+    generator = torch.Generator().manual_seed(0)
+    timesteps = torch.tensor([0, 1, 4, 5, 9, 12, 19, 19])
+    loss = torch.rand(8, generator=generator)
+    weights = torch.rand(8, generator=generator) + 0.5
+    terms = DiffusionLossTerms(loss=loss, mse=loss * 0.9, vlb=loss * 30)
+    record = step_record(terms, timesteps, T, weights)
+    assert record.shape == (3 + 2 * len(QUARTER_COLUMNS),)
+    torch.testing.assert_close(record[0], (weights * loss).mean())
+    torch.testing.assert_close(record[1], (weights * loss * 0.9).mean())
+    torch.testing.assert_close(record[2], (weights * loss * 30).mean())
+    sums, totals = record[3:7], record[7:]
+    torch.testing.assert_close(sums.sum(), record[0])
+    for q, members in enumerate([[0, 1, 2], [3, 4], [5], [6, 7]]):  # t < 5, < 10, < 15, < 20
+        index = torch.tensor(members)
+        expected = (weights[index] * loss[index]).sum() / weights[index].sum()
+        torch.testing.assert_close(sums[q] / totals[q], expected)
+    halves = [step_record(terms._replace(loss=loss[h], mse=loss[h] * 0.9, vlb=loss[h] * 30), timesteps[h], T, weights[h])
+              for h in (slice(0, 4), slice(4, 8))]  # fmt: skip
+    torch.testing.assert_close(torch.stack(halves).mean(dim=0), record)
+    empty = step_record(DiffusionLossTerms(loss[:2], loss[:2], None), timesteps[:2], T)
+    assert math.isnan(empty[2]) and empty[7].item() == 1.0 and empty[8:].eq(0).all()
+
+
+def test_the_history_keeps_its_columns_across_a_resume_from_an_older_csv(tmp_path):
+    path = tmp_path / "loss_history.csv"
+    path.write_text("step,loss,lr\n1,0.5,0.001\n2,0.4,0.002\n3,0.3,0.003\n")  # as written before the quarters
+    history = LossHistory(path, resume_step=2, enabled=True, terms=True)
+    history.append(3, 0.25, 0.003, loss_q0=0.5, loss_q1=None, loss_q2=0.1, loss_q3=0.05, mse=0.2, vlb=4.0)
+    history.close()
+    assert path.read_text().splitlines() == [
+        "step,loss,lr,loss_q0,loss_q1,loss_q2,loss_q3,mse,vlb",
+        "1,0.5,0.001,,,,,,",
+        "2,0.4,0.002,,,,,,",
+        "3,0.25,0.003,0.5,,0.1,0.05,0.2,4",
+    ]
+    again = LossHistory(path, resume_step=3, enabled=True)
+    steps, q1 = again.series("loss_q0")
+    again.close()
+    assert steps == [1, 2, 3] and np.isnan(q1[:2]).all() and q1[2] == 0.5
+
+
+def test_the_moving_average_skips_missing_values():
+    np.testing.assert_allclose(moving_average([1, math.nan, 3, math.nan, math.nan, 6], 2), [1, 1, 3, 3, math.nan, 6])
+
+
+def test_a_hybrid_run_logs_its_terms_and_quarters_and_plots_them(tmp_path):
+    out = tmp_path / "run"
+    run_training(out, "--resolution", "16", "--max_train_steps", "12", "--train_batch_size", "8",
+                 "--variance_type", "learned_range", "--vlb_weight", "0.01", "--timestep_sampling", "importance",
+                 "--importance_history", "1", "--num_train_timesteps", "8", "--log_every", "4")  # fmt: skip
+    rows = read_rows(out)
+    assert list(rows[0]) == ["step", "loss", "lr", *QUARTER_COLUMNS, "mse", "vlb"] and len(rows) == 12
+    for row in rows:
+        assert float(row["loss"]) == pytest.approx(float(row["mse"]) + 0.01 * float(row["vlb"]), rel=1e-4)
+        assert any(row[name] for name in QUARTER_COLUMNS)
+    assert Image.open(out / "loss_curve.png").size == (1680, 480)  # the loss, and the loss by quarter
+
+
+def test_a_fixed_variance_run_logs_quarters_without_terms(tmp_path):
+    out = tmp_path / "run"
+    run_training(out, "--resolution", "16", "--max_train_steps", "3", "--train_batch_size", "8")
+    rows = read_rows(out)
+    assert list(rows[0]) == ["step", "loss", "lr", *QUARTER_COLUMNS]
+    for row in rows:  # uniform draws: the loss is a convex combination of the quarters' means
+        quarters = [float(row[name]) for name in QUARTER_COLUMNS if row[name]]
+        assert min(quarters) * 0.9999 <= float(row["loss"]) <= max(quarters) * 1.0001
+
+
+def test_a_training_step_returns_its_record(tmp_path):
+    """The quarter sums of a step's record add up to the loss it trained on."""
+    config = TrainingConfig.from_args(["--model", "ddpm-tiny-16", "--resolution", "16", "--report_to", "none",
+                                       "--output_dir", str(tmp_path)])  # fmt: skip
+    trainer = Trainer(config)
+    images = torch.stack([trainer.train_images[i] for i in range(8)])
+    record = trainer.training_step(images, seed=0)
+    assert record.shape == (11,) and record.device == images.device
+    torch.testing.assert_close(record[3:7].sum(), record[0])
+    torch.testing.assert_close(record[7:].sum(), torch.tensor(1.0))  # uniform draws: weight 1 per image
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_step_record_does_not_synchronize_with_the_host():
+    loss = torch.rand(128, device="cuda")
+    timesteps = torch.randint(0, 1000, (128,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        record = step_record(DiffusionLossTerms(loss, loss, None), timesteps, 1000, torch.ones_like(loss))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(record[3:7].sum(), loss.mean())
