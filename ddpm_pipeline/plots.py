@@ -43,9 +43,11 @@ def save_image_grid(images: np.ndarray, path: str | Path, **grid_kwargs) -> Path
     return path
 
 
-def moving_average(values: Sequence[float], window: int) -> np.ndarray:
-    """Trailing mean over up to ``window`` values, of the finite ones:
-    ``m_i = mean(finite v_{max(0, i-window+1)..i})`` (NaN where the window holds none)."""
+def moving_average(values: Sequence[float], window: int, centered: bool = False) -> np.ndarray:
+    """Mean of the finite values in a window (NaN where it holds none): trailing,
+    ``m_i = mean(v_{max(0, i-window+1)..i})``, or centred, ``m_i = mean(v_{i-h..i+h})`` with
+    ``h = min(⌊window/2⌋, i, n-1-i)``, narrowed at the ends so that it stays centred (a steep
+    start then makes no kink where its values leave the window)."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         return values
@@ -53,7 +55,12 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
     cumulative = np.concatenate([[0.0], np.cumsum(np.where(finite, values, 0.0))])
     counted = np.concatenate([[0], np.cumsum(finite)])
     ends = np.arange(1, len(values) + 1)
-    starts = np.maximum(0, ends - window)
+    if centered:
+        index = np.arange(len(values))
+        half = np.minimum(window // 2, np.minimum(index, len(values) - 1 - index))
+        starts, ends = index - half, index + half + 1
+    else:
+        starts = np.maximum(0, ends - window)
     counts = counted[ends] - counted[starts]
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, (cumulative[ends] - cumulative[starts]) / counts, np.nan)
@@ -105,15 +112,17 @@ def save_loss_curve(
             quarters = axes[0][1]
             positive = True
             for index, (label, values) in enumerate(by_quarter.items()):
-                # a quarter has few images per step: average over four times the window
-                quarters.plot(steps, moving_average(values, 4 * window), color=f"C{index}", linewidth=1.5, label=label)
+                # a quarter has few images per step: average over four times the window, centred so
+                # that the first steps' high losses leaving the window make no kink
+                smooth = moving_average(values, 4 * window, centered=True)
+                quarters.plot(steps, smooth, color=f"C{index}", linewidth=1.5, label=label)
                 finite = np.asarray(values, dtype=np.float64)
                 finite = finite[np.isfinite(finite)]
                 positive = positive and (finite.size == 0 or finite.min() > 0)
             if positive and len(steps):
                 quarters.set_yscale("log")
             quarters.legend(title="timesteps")
-            quarters.set_title(f"loss by quarter of the timesteps (moving average, {4 * window} steps)")
+            quarters.set_title(f"loss by quarter of the timesteps (centred moving average, {4 * window} steps)")
         for axis in axes[0]:
             axis.set_xlabel("optimizer step")
             axis.set_ylabel("training loss")

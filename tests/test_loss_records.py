@@ -114,6 +114,8 @@ def test_the_history_keeps_its_columns_across_a_resume_from_an_older_csv(tmp_pat
 
 def test_the_moving_average_skips_missing_values():
     np.testing.assert_allclose(moving_average([1, math.nan, 3, math.nan, math.nan, 6], 2), [1, 1, 3, 3, math.nan, 6])
+    np.testing.assert_allclose(moving_average([1, 2, 4, 8, 16], 4, centered=True), [1, 7 / 3, 31 / 5, 28 / 3, 16])
+    np.testing.assert_allclose(moving_average([1, math.nan, 3, 4], 3, centered=True), [1, 2, 3.5, 4])
 
 
 def test_a_hybrid_run_logs_its_terms_and_quarters_and_plots_them(tmp_path):
