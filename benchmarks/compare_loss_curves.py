@@ -10,7 +10,6 @@ deviation of one step's loss (how noisy the objective's estimate is).
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 from pathlib import Path
 
@@ -20,13 +19,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ddpm_pipeline.plots import moving_average  # noqa: E402
+from ddpm_pipeline.run_records import read_loss_history  # noqa: E402
 from ddpm_pipeline.training import LOSS_HISTORY_NAME  # noqa: E402
 
 
 def read_history(run: Path) -> tuple[list[int], list[float]]:
-    with open(run / LOSS_HISTORY_NAME, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    return [int(row["step"]) for row in rows], [float(row["loss"]) for row in rows]
+    rows = read_loss_history(run / LOSS_HISTORY_NAME)
+    return [row["step"] for row in rows], [row["loss"] for row in rows]
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:

@@ -62,10 +62,8 @@ class LossHistory:
         if not enabled:
             return
         if resume_step > 0 and path.is_file():
-            with path.open(newline="") as handle:
-                for row in csv.DictReader(handle):
-                    if int(row["step"]) <= resume_step:
-                        self.rows.append({name: _read_cell(row.get(name)) for name in self.columns})
+            kept = (row for row in read_loss_history(path) if row["step"] <= resume_step)
+            self.rows = [{name: row.get(name) for name in self.columns} for row in kept]
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(self.columns)
@@ -100,8 +98,14 @@ class LossHistory:
             self._handle.close()
 
 
-def _read_cell(text: str | None) -> float | None:
-    return None if text is None or text == "" else float(text)
+def read_loss_history(path: Path) -> list[dict[str, float | None]]:
+    """The rows of a ``loss_history.csv``, each column's value a float (the step an int), None for
+    an empty cell."""
+    with path.open(newline="") as handle:
+        rows = [{name: None if text == "" else float(text) for name, text in row.items()} for row in csv.DictReader(handle)]
+    for row in rows:
+        row["step"] = int(row["step"])
+    return rows
 
 
 class PendingLosses:
