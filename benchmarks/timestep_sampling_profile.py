@@ -3,7 +3,7 @@
     python benchmarks/timestep_sampling_profile.py --model runs/lvlb/uniform --output docs/timestep_sampling.png
 
 For ``--num_images`` bundled images and every timestep ``t`` (or every ``--stride``-th), one draw
-of ``x_t`` each, the training loss of each image (:func:`~ddpm_pipeline.diffusion_loss_per_sample`
+of ``x_t`` each, the training loss of each image (the ``loss`` of :func:`~ddpm_pipeline.diffusion_loss_terms`
 with the model's ``--loss_weighting``) gives the per-timestep mean ``m_t`` and second moment
 ``s_t``. The importance sampler is fed the same losses, so its ``p_t`` is what training would draw
 from with a history that long. Exactly, from those moments, one draw's loss estimate has
@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from ddpm_pipeline import DDPMTargetPipeline, ImportanceTimestepSampler, diffusion_loss_per_sample  # noqa: E402
+from ddpm_pipeline import DDPMTargetPipeline, ImportanceTimestepSampler, diffusion_loss_terms  # noqa: E402
 from ddpm_pipeline.data import bundled_images  # noqa: E402
 from ddpm_pipeline.timestep_sampling import DEFAULT_IMPORTANCE_UNIFORM_PROB  # noqa: E402
 from ddpm_pipeline.training_config import CONFIG_FILE_NAME, TrainingConfig  # noqa: E402
@@ -48,7 +48,7 @@ def per_timestep_losses(model: str, weighting: str, num_images: int, stride: int
     for t in tqdm(timesteps, desc="timesteps"):
         noise = torch.randn(x0.shape, generator=generator)
         at = torch.full((len(x0),), t, dtype=torch.long)
-        rows.append(diffusion_loss_per_sample(unet, scheduler, x0, weighting, timesteps=at, noise=noise).double())
+        rows.append(diffusion_loss_terms(unet, scheduler, x0, weighting, timesteps=at, noise=noise).loss.double())
     return timesteps, torch.stack(rows)
 
 

@@ -4,7 +4,7 @@
 # the library's top-level module (DESIGN.md §3), so they must be importable from here.
 from diffusers import ModelMixin, SchedulerMixin
 
-from .losses import DiffusionLossTerms, diffusion_loss, diffusion_loss_per_sample, diffusion_loss_terms
+from .losses import DiffusionLossTerms, diffusion_loss, diffusion_loss_terms
 from .pipeline_ddpm_target import DDPMTargetPipeline, DDPMTargetPipelineOutput
 from .schedules import NoiseSchedule, cosine_betas, linear_betas, make_betas
 from .scheduling_ddpm_target import DDPMTargetScheduler
@@ -38,7 +38,6 @@ __all__ = [
     "SchedulerMixin",
     "cosine_betas",
     "diffusion_loss",
-    "diffusion_loss_per_sample",
     "diffusion_loss_terms",
     "evaluate",
     "linear_betas",

@@ -29,6 +29,12 @@ class DiffusionLossTerms(NamedTuple):
     vlb: torch.Tensor | None
 
 
+def has_bound_term(scheduler: DDPMTargetScheduler, weighting: str, vlb_weight: float) -> bool:
+    """Whether :func:`diffusion_loss_terms` has a ``vlb`` term: with a learned variance, trained on
+    ``L_vlb`` (``weighting="vlb"``) or on the hybrid objective with ``vlb_weight > 0``."""
+    return scheduler.learns_variance and (weighting == "vlb" or vlb_weight > 0)
+
+
 def diffusion_loss_terms(
     unet: UNet2DModel,
     scheduler: DDPMTargetScheduler,
@@ -79,28 +85,11 @@ def diffusion_loss_terms(
         bound = num_timesteps * timestep_bpd(output, scheduler, clean_images, noisy, timesteps).float()
         return DiffusionLossTerms(loss=bound, mse=squared_error.detach(), vlb=bound)
     mse = scheduler.loss_weight(timesteps, weighting) * squared_error
-    if variance_values is None or not vlb_weight:
+    if not has_bound_term(scheduler, weighting, vlb_weight):
         return DiffusionLossTerms(loss=mse, mse=mse, vlb=None)
     frozen_mean = torch.cat([prediction.detach(), variance_values], dim=1)
     bound = num_timesteps * timestep_bpd(frozen_mean, scheduler, clean_images, noisy, timesteps).float()
     return DiffusionLossTerms(loss=mse + vlb_weight * bound, mse=mse, vlb=bound)
-
-
-def diffusion_loss_per_sample(
-    unet: UNet2DModel,
-    scheduler: DDPMTargetScheduler,
-    clean_images: torch.Tensor,
-    weighting: str = "simple",
-    timesteps: torch.Tensor | None = None,
-    noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    vlb_weight: float = DEFAULT_VLB_WEIGHT,
-) -> torch.Tensor:
-    """Each image's training loss (float32, ``[B]``): the ``loss`` of :func:`diffusion_loss_terms`."""
-    return diffusion_loss_terms(
-        unet, scheduler, clean_images, weighting, timesteps=timesteps, noise=noise, generator=generator,
-        vlb_weight=vlb_weight,
-    ).loss  # fmt: skip
 
 
 def diffusion_loss(
@@ -114,14 +103,14 @@ def diffusion_loss(
     vlb_weight: float = DEFAULT_VLB_WEIGHT,
     sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The batch's training loss: ``mean_b w_b · ℓ_b`` with ``ℓ_b`` the
-    :func:`diffusion_loss_per_sample` of image ``b`` and ``w_b`` its ``sample_weights`` (default 1;
+    """The batch's training loss: ``mean_b w_b · ℓ_b`` with ``ℓ_b`` the ``loss`` of
+    :func:`diffusion_loss_terms` for image ``b`` and ``w_b`` its ``sample_weights`` (default 1;
     importance-sampled timesteps pass ``1/(T p_t)``, which keeps the loss an unbiased estimate of
     the uniform-``t`` objective)."""
-    per_sample = diffusion_loss_per_sample(
+    per_sample = diffusion_loss_terms(
         unet, scheduler, clean_images, weighting, timesteps=timesteps, noise=noise, generator=generator,
         vlb_weight=vlb_weight,
-    )  # fmt: skip
+    ).loss  # fmt: skip
     if sample_weights is not None:
         per_sample = per_sample * sample_weights
     return per_sample.mean()

@@ -256,7 +256,7 @@ class NoiseSchedule:
         ``b_t²/(2σ_t²)`` for x0, ``β_t²/(2σ_t² α_t (1-ᾱ_t))`` for ε. ``σ_t²`` is
         :meth:`model_variance`. Normalized so that ``mean_t λ_t = 1``. A learned variance has no
         fixed ``σ_t²``, so no such weights: its ``"vlb"`` objective is the bound's term ``L_t``
-        itself (:func:`~ddpm_pipeline.diffusion_loss_per_sample`).
+        itself (:func:`~ddpm_pipeline.diffusion_loss_terms`).
         """
         if is_learned_variance(variance_type):
             raise ValueError(

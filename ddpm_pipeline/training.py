@@ -46,7 +46,7 @@ from .data import (
     load_image_dataset,
     stack_images,
 )
-from .losses import diffusion_loss_terms
+from .losses import diffusion_loss_terms, has_bound_term
 from .lr_schedule import RunLengthLR
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid, save_loss_curve
@@ -431,7 +431,7 @@ class Trainer:
     def logs_loss_terms(self) -> bool:
         """Whether the loss has a bound term besides the MSE (a learned variance trained on the
         hybrid objective or on L_vlb), so that both parts are logged."""
-        return self.noise_scheduler.learns_variance and (self.config.loss_weighting == "vlb" or self.config.vlb_weight > 0)
+        return has_bound_term(self.noise_scheduler, self.config.loss_weighting, self.config.vlb_weight)
 
     def _save_state(self, folder: Path) -> None:
         """Accelerate's state (weights, optimizer, schedule, EMA, random states) and the timestep

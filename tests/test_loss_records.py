@@ -13,7 +13,7 @@ from test_learned_variance import learned_unet, quantized_images
 from test_learned_variance import scheduler as learned_scheduler
 from test_training import run_training
 
-from ddpm_pipeline import DDPMTargetScheduler, DDPMUNet, diffusion_loss_per_sample, diffusion_loss_terms
+from ddpm_pipeline import DDPMTargetScheduler, DDPMUNet, diffusion_loss, diffusion_loss_terms
 from ddpm_pipeline.likelihood import timestep_bpd
 from ddpm_pipeline.losses import DiffusionLossTerms
 from ddpm_pipeline.plots import moving_average
@@ -55,8 +55,8 @@ def test_the_terms_of_a_learned_variance_s_loss(weighting):
         torch.testing.assert_close(terms.loss, terms.mse + 0.01 * terms.vlb)
     else:
         assert torch.equal(terms.loss, terms.vlb) and not terms.mse.requires_grad
-    per_sample = diffusion_loss_per_sample(unet, s, images, weighting, timesteps=timesteps, noise=noise, vlb_weight=0.01)
-    torch.testing.assert_close(per_sample, terms.loss)
+    batch = diffusion_loss(unet, s, images, weighting, timesteps=timesteps, noise=noise, vlb_weight=0.01)
+    torch.testing.assert_close(batch, terms.loss.mean())
 
 
 def test_a_fixed_variance_s_loss_is_its_mse_alone():

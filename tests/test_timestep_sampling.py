@@ -12,7 +12,7 @@ from test_benchmarks import load
 from test_learned_variance import FixedOutput, learned_unet, quantized_images, scheduler
 from test_training import run_training
 
-from ddpm_pipeline import DDPMTargetPipeline, ImportanceTimestepSampler, diffusion_loss, diffusion_loss_per_sample
+from ddpm_pipeline import DDPMTargetPipeline, ImportanceTimestepSampler, diffusion_loss, diffusion_loss_terms
 from ddpm_pipeline.likelihood import timestep_bpd
 from ddpm_pipeline.training import TIMESTEP_SAMPLER_STATE_NAME
 from ddpm_pipeline.training_config import TrainingConfig
@@ -151,7 +151,7 @@ def test_the_loss_is_the_weighted_mean_of_the_per_sample_losses():
     timesteps = torch.tensor([0, 3, 9, 19])
     noise = torch.randn(images.shape, generator=torch.Generator().manual_seed(2))
     output = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(4))
-    per_sample = diffusion_loss_per_sample(FixedOutput(output), s, images, "vlb", timesteps=timesteps, noise=noise)
+    per_sample = diffusion_loss_terms(FixedOutput(output), s, images, "vlb", timesteps=timesteps, noise=noise).loss
     expected = s.loss_weight(timesteps, "vlb") * (output - noise).pow(2).flatten(1).mean(1)
     torch.testing.assert_close(per_sample, expected)
     weights = torch.tensor([0.5, 2.0, 1.0, 4.0])
@@ -167,15 +167,15 @@ def test_l_vlb_with_a_learned_variance_is_t_times_the_bound_term_and_trains_the_
     output = torch.randn(4, 2, 16, 16, generator=torch.Generator().manual_seed(4))
     output[:, 1] = output[:, 1].tanh()
     model = FixedOutput(output)
-    per_sample = diffusion_loss_per_sample(model, s, images, "vlb", timesteps=timesteps, noise=noise)
+    per_sample = diffusion_loss_terms(model, s, images, "vlb", timesteps=timesteps, noise=noise).loss
     noisy = s.add_noise(images, noise, timesteps)
     torch.testing.assert_close(per_sample, T * timestep_bpd(output, s, images, noisy, timesteps).float())
     per_sample.mean().backward()
     gradient = model.output.grad.flatten(2).abs().sum(-1)  # [image, channel]
     assert torch.all(gradient > 0)  # the mean channel as well as the variance channel, t = 0 included
     # vlb_weight belongs to the hybrid objective and leaves L_vlb alone
-    other = diffusion_loss_per_sample(FixedOutput(output), s, images, "vlb", timesteps=timesteps, noise=noise,
-                                      vlb_weight=0.5)  # fmt: skip
+    other = diffusion_loss_terms(FixedOutput(output), s, images, "vlb", timesteps=timesteps, noise=noise,
+                                 vlb_weight=0.5).loss  # fmt: skip
     torch.testing.assert_close(other, per_sample.detach())
 
 
