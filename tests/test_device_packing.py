@@ -1,0 +1,112 @@
+"""The quality study's device logistics: the carry folders fit the per-call limit, and the
+Inception weights' parts join back into the same file on the device (shell scripts, run here)."""
+
+import hashlib
+import os
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ("pack_device_files.sh", "quality_session.sh")
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("git") is None or shutil.which("dd") is None,
+    reason="needs bash, git and dd",
+)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def project(tmp_path: Path) -> Path:
+    """A git checkout holding the two scripts, 300 kB of tracked files, fake wheels and data."""
+    root = tmp_path / "project"
+    (root / "benchmarks").mkdir(parents=True)
+    for name in SCRIPTS:
+        shutil.copy(REPO / "benchmarks" / name, root / "benchmarks" / name)
+    (root / ".gitignore").write_text("/.whl/\n/.carry-?/\n/weights/\n/runs/\n/.site/\n/.data/\n")
+    rng = random.Random(0)
+    (root / "tree.bin").write_bytes(rng.randbytes(300_000))
+    (root / ".whl").mkdir()
+    (root / ".whl" / "fake-0.1-py3-none-any.whl").write_bytes(rng.randbytes(100_000))
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, size in (("train-images-idx3-ubyte.gz", 200_000), ("train-labels-idx1-ubyte.gz", 3_000), ("LICENSE", 100)):
+        (data / name).write_bytes(rng.randbytes(size))
+    (tmp_path / "inception.pth").write_bytes(rng.randbytes(2_500_000))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root
+
+
+def pack(project: Path, limit: int) -> subprocess.CompletedProcess:
+    env = dict(
+        os.environ,
+        WEIGHTS=str(project.parent / "inception.pth"),
+        DATA_DIR=str(project.parent / "data"),
+        LIMIT_BYTES=str(limit),
+        MARGIN_BYTES="65536",
+    )
+    return subprocess.run(
+        ["bash", "benchmarks/pack_device_files.sh"], cwd=project, env=env, capture_output=True, text=True
+    )
+
+
+def session(project: Path, *parts: str) -> str:
+    env = dict(os.environ, OUT=str(project.parent / "out"))
+    subprocess.run(["bash", "benchmarks/quality_session.sh", *parts], cwd=project, env=env, check=True,
+                   capture_output=True, text=True)
+    return (project / "runs/quality-fmnist/session.log").read_text()
+
+
+def tree_bytes(project: Path) -> int:
+    """What travels in every call: the tracked and untracked, not ignored, files."""
+    files = [project / "tree.bin", project / ".gitignore"] + [project / "benchmarks" / name for name in SCRIPTS]
+    return sum(f.stat().st_size for f in files)
+
+
+def test_weights_are_split_to_fit_every_call_and_join_back(project: Path):
+    limit = tree_bytes(project) + 1_200_000
+    result = pack(project, limit)
+    assert result.returncode == 0, result.stderr
+
+    calls = re.findall(r"run\(carry=\[(.*?)\], command=\"bash benchmarks/quality_session.sh (.*?)\"\)\s+# (\d+) bytes",
+                       result.stdout)
+    folders = sorted(p.name for p in project.glob(".carry-?"))
+    parts = int((project / ".carry-a/inception.parts").read_text())
+    # 1.2 MB of room per call: about 0.8 MB of the 2.5 MB in call A beside the data and wheels,
+    # then 1.13 MB and the rest.
+    assert parts == len(folders) == len(calls) == 3
+    assert all(int(size) <= limit for _, _, size in calls)
+    assert calls[0][0] == '".whl", ".carry-a"' and calls[0][1].startswith("setup ")
+    assert [c[0] for c in calls[1:]] == [f'"{name}"' for name in folders[1:]]
+    assert calls[-1][1].startswith("weights floor")
+    assert "weights" not in " ".join(c[1] for c in calls[:-1])
+    assert (project / ".carry-a/fashion-mnist/train-images-idx3-ubyte.gz").stat().st_size == 200_000
+
+    log = session(project, "weights")
+    joined = project / "weights/inception-fid-nofc.pth"
+    assert sha256(joined) == sha256(project.parent / "inception.pth")
+    assert f"joined {parts} parts" in log
+
+
+def test_a_missing_part_is_named_and_no_weights_are_written(project: Path):
+    assert pack(project, tree_bytes(project) + 1_200_000).returncode == 0
+    shutil.rmtree(project / ".carry-b")
+    log = session(project, "weights", "floor")
+    assert "part(s) 2 of" in log and "given back between calls" in log
+    assert "'weights' failed" in log and "== floor" not in log  # the later parts do not run
+    assert not (project / "weights/inception-fid-nofc.pth").exists()
+    assert not (project / "weights/inception-fid-nofc.pth.tmp").exists()
+
+
+def test_a_tree_too_large_for_the_limit_is_refused_with_the_fix(project: Path):
+    result = pack(project, 400_000)
+    assert result.returncode == 1
+    assert "leave no room for the weights in call A" in result.stderr
