@@ -32,12 +32,15 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from ddpm_pipeline import DDPMTargetPipeline, ImportanceTimestepSampler, diffusion_loss_terms  # noqa: E402
 from ddpm_pipeline.data import bundled_images  # noqa: E402
+from ddpm_pipeline.schedules import DEFAULT_SNR_GAMMA  # noqa: E402
+from ddpm_pipeline.scheduling_ddpm_target import LOSS_WEIGHTINGS  # noqa: E402
 from ddpm_pipeline.timestep_sampling import DEFAULT_IMPORTANCE_UNIFORM_PROB  # noqa: E402
 from ddpm_pipeline.training_config import CONFIG_FILE_NAME, TrainingConfig  # noqa: E402
 
 
 @torch.no_grad()
-def per_timestep_losses(model: str, weighting: str, num_images: int, stride: int, seed: int) -> tuple[list[int], torch.Tensor]:
+def per_timestep_losses(model: str, weighting: str, num_images: int, stride: int, seed: int,
+                        snr_gamma: float = DEFAULT_SNR_GAMMA) -> tuple[list[int], torch.Tensor]:  # fmt: skip
     """The timesteps visited and each image's loss there, ``[timesteps, images]`` (float64)."""
     pipe = DDPMTargetPipeline.from_pretrained(model)
     unet, scheduler = pipe.unet.eval(), pipe.scheduler
@@ -48,7 +51,8 @@ def per_timestep_losses(model: str, weighting: str, num_images: int, stride: int
     for t in tqdm(timesteps, desc="timesteps"):
         noise = torch.randn(x0.shape, generator=generator)
         at = torch.full((len(x0),), t, dtype=torch.long)
-        rows.append(diffusion_loss_terms(unet, scheduler, x0, weighting, timesteps=at, noise=noise).loss.double())
+        terms = diffusion_loss_terms(unet, scheduler, x0, weighting, timesteps=at, noise=noise, snr_gamma=snr_gamma)
+        rows.append(terms.loss.double())
     return timesteps, torch.stack(rows)
 
 
@@ -94,8 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", required=True, help="A pipeline folder written by train_ddpm.py.")
     parser.add_argument("--output", type=Path, required=True, help="The PNG to write.")
     parser.add_argument("--json", type=Path, help="Also write the numbers here.")
-    parser.add_argument("--loss_weighting", choices=("simple", "vlb"),
+    parser.add_argument("--loss_weighting", choices=LOSS_WEIGHTINGS,
                         help="The objective (default: the model's training_config.json, else vlb).")  # fmt: skip
+    parser.add_argument("--snr_gamma", type=float,
+                        help=f"γ of min_snr (default: the model's training_config.json, else {DEFAULT_SNR_GAMMA:g}).")  # fmt: skip
     parser.add_argument("--num_images", type=int, default=32)
     parser.add_argument("--stride", type=int, default=1, help="Visit every n-th timestep (1 = all, exact).")
     parser.add_argument("--batch_size", type=int, default=32, help="The batch whose loss estimate's s.d. is reported.")
@@ -103,11 +109,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--title", help="The left panel's title (default: the model folder's name and the loss).")
     args = parser.parse_args(argv)
-    weighting = args.loss_weighting
-    if weighting is None:
-        config_path = Path(args.model) / CONFIG_FILE_NAME
-        weighting = TrainingConfig.load(config_path).loss_weighting if config_path.is_file() else "vlb"
-    timesteps, losses = per_timestep_losses(args.model, weighting, args.num_images, args.stride, args.seed)
+    config_path = Path(args.model) / CONFIG_FILE_NAME
+    trained = TrainingConfig.load(config_path) if config_path.is_file() else None
+    weighting = args.loss_weighting or (trained.loss_weighting if trained else "vlb")
+    snr_gamma = args.snr_gamma or (trained and trained.snr_gamma) or DEFAULT_SNR_GAMMA
+    timesteps, losses = per_timestep_losses(args.model, weighting, args.num_images, args.stride, args.seed, snr_gamma)
     summary = estimator_spread(losses, args.uniform_prob, args.batch_size)
     summary.update(model=args.model, loss_weighting=weighting, num_images=args.num_images, stride=args.stride,
                    batch_size=args.batch_size, timesteps=timesteps)  # fmt: skip

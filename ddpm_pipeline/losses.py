@@ -8,6 +8,7 @@ import torch
 from diffusers import UNet2DModel
 
 from .likelihood import timestep_bpd
+from .schedules import DEFAULT_SNR_GAMMA
 from .scheduling_ddpm_target import DDPMTargetScheduler
 
 #: Improved DDPM's λ in ``L_hybrid = L_simple + λ L_vlb``.
@@ -44,18 +45,20 @@ def diffusion_loss_terms(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     vlb_weight: float = DEFAULT_VLB_WEIGHT,
+    snr_gamma: float = DEFAULT_SNR_GAMMA,
 ) -> DiffusionLossTerms:
     """Each image's loss ``λ_t · mean_pixels (f_θ(x_t, t) - target)²`` (float32, ``[B]``), with
     ``t ~ U{0..T-1}`` and ``ε ~ N(0, I)`` unless given.
 
     ``x_t = √ᾱ_t x_0 + √(1-ᾱ_t) ε`` (:meth:`~DDPMTargetScheduler.add_noise`), the target is the
     scheduler's :meth:`~DDPMTargetScheduler.get_target` and ``λ_t`` its
-    :meth:`~DDPMTargetScheduler.loss_weight` (``"simple"`` or ``"vlb"``). The squared error is
-    taken in float32 whatever the network's dtype. Pass ``timesteps``/``noise`` to fix them.
+    :meth:`~DDPMTargetScheduler.loss_weight` (``"simple"``, ``"vlb"``, or ``"min_snr"`` with
+    ``γ = snr_gamma``). The squared error is taken in float32 whatever the network's dtype. Pass
+    ``timesteps``/``noise`` to fix them.
 
     With a learned variance (``variance_type="learned_range"``):
 
-    - ``weighting="simple"`` is Improved DDPM's hybrid objective ``L_simple + λ L_vlb``: each image
+    - ``weighting="simple"`` (or ``"min_snr"``) is Improved DDPM's hybrid objective ``L_simple + λ L_vlb``: each image
       adds ``vlb_weight · T · L_t``, where ``L_t`` is the bound's term at its timestep in bits/dim
       (:func:`~ddpm_pipeline.likelihood.timestep_bpd`: the KL
       ``KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t))``, the decoder NLL at ``t = 0``), so that
@@ -84,7 +87,7 @@ def diffusion_loss_terms(
     if scheduler.learns_variance and weighting == "vlb":
         bound = num_timesteps * timestep_bpd(output, scheduler, clean_images, noisy, timesteps).float()
         return DiffusionLossTerms(loss=bound, mse=squared_error.detach(), vlb=bound)
-    mse = scheduler.loss_weight(timesteps, weighting) * squared_error
+    mse = scheduler.loss_weight(timesteps, weighting, snr_gamma) * squared_error
     if not has_bound_term(scheduler, weighting, vlb_weight):
         return DiffusionLossTerms(loss=mse, mse=mse, vlb=None)
     frozen_mean = torch.cat([prediction.detach(), variance_values], dim=1)
@@ -102,6 +105,7 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     vlb_weight: float = DEFAULT_VLB_WEIGHT,
     sample_weights: torch.Tensor | None = None,
+    snr_gamma: float = DEFAULT_SNR_GAMMA,
 ) -> torch.Tensor:
     """The batch's training loss: ``mean_b w_b · ℓ_b`` with ``ℓ_b`` the ``loss`` of
     :func:`diffusion_loss_terms` for image ``b`` and ``w_b`` its ``sample_weights`` (default 1;
@@ -109,7 +113,7 @@ def diffusion_loss(
     the uniform-``t`` objective)."""
     per_sample = diffusion_loss_terms(
         unet, scheduler, clean_images, weighting, timesteps=timesteps, noise=noise, generator=generator,
-        vlb_weight=vlb_weight,
+        vlb_weight=vlb_weight, snr_gamma=snr_gamma,
     ).loss  # fmt: skip
     if sample_weights is not None:
         per_sample = per_sample * sample_weights

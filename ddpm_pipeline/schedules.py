@@ -35,6 +35,9 @@ BETA_SCHEDULES = ("linear", "cosine", "squaredcos_cap_v2", "scaled_linear", "sig
 PREDICTION_TYPES = ("epsilon", "sample", "mu", "v_prediction")
 #: Accepted spellings of the prediction types, mapped to their canonical name.
 PREDICTION_TYPE_ALIASES = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
+#: Min-SNR-γ loss weighting's γ (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+#: Weighting Strategy", whose experiments found 5 best; diffusers' training scripts' --snr_gamma).
+DEFAULT_SNR_GAMMA = 5.0
 #: The reverse process variance: fixed to ``β̃_t`` or ``β_t``, or learned by the network as an
 #: interpolation between their logs (Improved DDPM's ``"learned_range"``, diffusers' name for it).
 FIXED_VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -266,6 +269,28 @@ class NoiseSchedule:
         a, _ = self.prediction_coefficients(prediction_type)
         weights = self.posterior_mean_coef1**2 / (a**2 * 2.0 * self.model_variance(variance_type))
         return weights / weights.mean()
+
+    def signal_to_noise_ratio(self) -> torch.Tensor:
+        """``SNR_t = ᾱ_t / (1-ᾱ_t)``: the power of the signal ``√ᾱ_t x_0`` in ``x_t`` over that of
+        the noise ``√(1-ᾱ_t) ε``."""
+        return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+
+    def min_snr_weights(self, prediction_type: str, gamma: float = DEFAULT_SNR_GAMMA) -> torch.Tensor:
+        """Per-step weights of Min-SNR-γ (Hang et al. 2023) for a target.
+
+        The objective is ``min(SNR_t, γ) · ‖x_0 - x̂_0‖²`` whatever the network predicts: the
+        clean-image error weighted by the signal-to-noise ratio, capped at ``γ`` so that the
+        nearly noise-free steps do not dominate. On the target ``p = A_t x_0 + B_t x_t``
+        (:meth:`prediction_coefficients`), ``‖x_0 - x̂_0‖² = ‖p - p̂‖²/A_t²``, so
+        ``λ_t = min(SNR_t, γ)/A_t²``: ``min(SNR_t, γ)/SNR_t`` for ε, ``min(SNR_t, γ)`` for x0,
+        ``min(SNR_t, γ)/(SNR_t + 1)`` for v and ``min(SNR_t, γ)/b_t²`` for μ. Not normalized, as in
+        diffusers' ``--snr_gamma``: for ε the weights are ``min(1, γ/SNR_t)``, so ``L_simple``'s
+        learning rates carry over.
+        """
+        if not gamma > 0:
+            raise ValueError(f"Min-SNR's gamma must be positive, got {gamma}.")
+        a, _ = self.prediction_coefficients(prediction_type)
+        return self.signal_to_noise_ratio().clamp(max=gamma) / a**2
 
     def tables(self) -> dict[str, torch.Tensor]:
         """All tables by name."""

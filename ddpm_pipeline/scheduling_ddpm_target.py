@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .schedules import (
     BETA_SCHEDULES,
+    DEFAULT_SNR_GAMMA,
     LINEAR_REFERENCE_STEPS,
     VARIANCE_TYPES,
     NoiseSchedule,
@@ -35,7 +37,8 @@ from .schedules import (
 #: stock terms itself.
 ORIGINAL_CONFIG_KEY = "_ddpm_pipeline_config"
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
-LOSS_WEIGHTINGS = ("simple", "vlb")
+#: Per-timestep loss weights: none (``L_simple``), the true variational bound's, or Min-SNR-γ's.
+LOSS_WEIGHTINGS = ("simple", "vlb", "min_snr")
 
 Timesteps = int | torch.Tensor
 
@@ -383,25 +386,28 @@ class DDPMTargetScheduler(DDPMScheduler):
             noisy_samples = self.add_noise(original_samples, noise, timesteps)
         return self.posterior_mean(original_samples, noisy_samples, timesteps)
 
-    def loss_weight(self, timesteps: torch.Tensor, weighting: str = "simple") -> torch.Tensor:
+    def loss_weight(
+        self, timesteps: torch.Tensor, weighting: str = "simple", snr_gamma: float = DEFAULT_SNR_GAMMA
+    ) -> torch.Tensor:
         """Per-sample loss weights ``λ_t``, float32, on ``timesteps``' device.
 
         ``"simple"``: all ones (DDPM's ``L_simple`` for ε). ``"vlb"``: the true variational bound's
         weight for the configured target, ``λ_t = b_t² / (A_t² · 2σ_t²)`` normalized to mean 1 over
         t (:meth:`NoiseSchedule.vlb_weights`): ``1/(2σ_t²)`` for μ, ``b_t²/(2σ_t²)`` for x0,
-        ``β_t²/(2σ_t² α_t (1-ᾱ_t))`` for ε.
+        ``β_t²/(2σ_t² α_t (1-ᾱ_t))`` for ε. ``"min_snr"``: Min-SNR-γ's ``λ_t = min(SNR_t, γ)/A_t²``
+        with ``γ = snr_gamma`` (:meth:`NoiseSchedule.min_snr_weights`): ``min(1, γ/SNR_t)`` for ε,
+        ``min(SNR_t, γ)`` for x0.
         """
         if weighting == "simple":
             return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
-        if weighting != "vlb":
+        target = self.config.prediction_type
+        if weighting == "vlb":
+            name, build = "vlb", partial(self.schedule.vlb_weights, target, self.config.variance_type)
+        elif weighting == "min_snr":
+            name, build = f"min_snr:{snr_gamma!r}", partial(self.schedule.min_snr_weights, target, snr_gamma)
+        else:
             raise ValueError(f"Unknown loss weighting {weighting!r}: choose one of {', '.join(LOSS_WEIGHTINGS)}.")
-        table = self._on_device(
-            "vlb",
-            timesteps.device,
-            torch.float32,
-            lambda: self.schedule.vlb_weights(self.config.prediction_type, self.config.variance_type),
-        )
-        return table[timesteps.long()]
+        return self._on_device(name, timesteps.device, torch.float32, build)[timesteps.long()]
 
     # ------------------------------------------------------------------ sampling
     def set_timesteps(

@@ -54,6 +54,7 @@ from .preflight import check_free_space, check_output_dir, check_unet_config, ru
 from .pretrained import PretrainedDDPM
 from .push import check_hub_access, push_to_hub
 from .run_records import QUARTER_COLUMNS, TIMESTEP_QUARTERS, LossHistory, PendingLosses, TrainingClock, step_record
+from .schedules import DEFAULT_SNR_GAMMA
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .seeding import derive_seed
 from .speed import (
@@ -542,7 +543,7 @@ class Trainer:
         with self.accelerator.accumulate(self.unet):
             terms = diffusion_loss_terms(
                 self.unet, self.noise_scheduler, images, weighting=config.loss_weighting, timesteps=timesteps, noise=noise,
-                vlb_weight=config.vlb_weight,
+                vlb_weight=config.vlb_weight, snr_gamma=config.snr_gamma or DEFAULT_SNR_GAMMA,
             )  # fmt: skip
             per_sample = terms.loss
             loss = (per_sample if weights is None else per_sample * weights).mean()

@@ -15,13 +15,19 @@ from typing import Any
 
 from .data import RESIZE_MODES
 from .losses import DEFAULT_VLB_WEIGHT
-from .schedules import VARIANCE_TYPES, canonical_prediction_type, is_learned_variance, model_output_channels
+from .schedules import (
+    DEFAULT_SNR_GAMMA,
+    VARIANCE_TYPES,
+    canonical_prediction_type,
+    is_learned_variance,
+    model_output_channels,
+)
+from .scheduling_ddpm_target import LOSS_WEIGHTINGS
 from .stop_signals import DEFAULT_STOP_SIGNALS, signal_name
 from .timestep_sampling import DEFAULT_IMPORTANCE_HISTORY, DEFAULT_IMPORTANCE_UNIFORM_PROB, TIMESTEP_SAMPLINGS
 from .unet import PRESETS
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-LOSS_WEIGHTINGS = ("simple", "vlb")
 BETA_SCHEDULES = ("linear", "cosine")
 TRAINING_PREDICTION_TYPES = ("epsilon", "x0", "mu", "v_prediction")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
@@ -94,7 +100,8 @@ class TrainingConfig:
     prediction_type: str | None = _option(None, "What the network predicts: the noise, the clean image or the posterior mean (default epsilon, or the pretrained scheduler's).", choices=TRAINING_PREDICTION_TYPES)
     beta_schedule: str | None = _option(None, "Noise schedule: cosine (Nichol & Dhariwal; better than linear for the main job in FID and bits/dim, see README) or linear (Ho et al.) (default cosine, or the pretrained scheduler's).", choices=BETA_SCHEDULES)
     num_train_timesteps: int | None = _option(None, "Diffusion steps T (default 1000, or the pretrained scheduler's).")
-    loss_weighting: str = _option("simple", "simple = unweighted MSE on the target; vlb = the variational bound: with a fixed variance the MSE under the bound's weights λ_t, with --variance_type learned_range the bound's term L_t itself (Improved DDPM's L_vlb, which trains the mean too; pair it with --timestep_sampling importance).", choices=LOSS_WEIGHTINGS)
+    loss_weighting: str = _option("simple", "simple = unweighted MSE on the target; vlb = the variational bound: with a fixed variance the MSE under the bound's weights λ_t, with --variance_type learned_range the bound's term L_t itself (Improved DDPM's L_vlb, which trains the mean too; pair it with --timestep_sampling importance); min_snr = Min-SNR-γ (Hang et al. 2023): min(SNR_t, γ)·‖x0 - x̂0‖² expressed on the target, min(1, γ/SNR_t) times the ε MSE.", choices=LOSS_WEIGHTINGS)
+    snr_gamma: float | None = _option(None, f"γ of --loss_weighting min_snr (default {DEFAULT_SNR_GAMMA:g}, the paper's); as in diffusers' scripts, giving it alone turns min_snr on.")
     variance_type: str | None = _option(None, "The reverse process variance: fixed_small (posterior β̃_t), fixed_large (β_t), or learned_range (Improved DDPM: the network also outputs a per-pixel interpolation between their logs, trained by the hybrid objective, see --vlb_weight, or by the bound alone, see --loss_weighting) (default fixed_small, or the pretrained scheduler's).", choices=VARIANCE_TYPES)
     vlb_weight: float = _option(DEFAULT_VLB_WEIGHT, "λ of Improved DDPM's hybrid objective L_simple + λ·L_vlb, which trains a learned variance (--variance_type learned_range) through the bound while the mean keeps L_simple (with --loss_weighting simple).")
     timestep_sampling: str = _option("uniform", "How each image's timestep t is drawn: uniform, or importance (Improved DDPM: p_t ∝ √E[L_t²] over the last --importance_history losses at t, uniform until every t has them; each loss is weighted by 1/(T p_t), so the objective is unchanged and its estimate less noisy when the terms differ widely over t, as the bound's do).", choices=TIMESTEP_SAMPLINGS)
@@ -164,6 +171,10 @@ class TrainingConfig:
                     setattr(self, name, value)
         if [name.lower() for name in self.checkpoint_on_signals] == ["none"]:
             self.checkpoint_on_signals = []
+        if self.snr_gamma is not None and self.loss_weighting == "simple":
+            self.loss_weighting = "min_snr"  # diffusers' --snr_gamma is the switch itself
+        if self.loss_weighting == "min_snr" and self.snr_gamma is None:
+            self.snr_gamma = DEFAULT_SNR_GAMMA
         self.validate()
         self.checkpoint_on_signals = [signal_name(name) for name in self.checkpoint_on_signals]
 
@@ -217,6 +228,13 @@ class TrainingConfig:
             )
         if self.vlb_weight < 0:
             problems.append(f"--vlb_weight must be ≥ 0, got {self.vlb_weight}.")
+        if self.snr_gamma is not None and self.loss_weighting != "min_snr":
+            problems.append(
+                f"--snr_gamma is Min-SNR-γ's and does not apply to --loss_weighting {self.loss_weighting}: drop it, or "
+                "use --loss_weighting min_snr."
+            )
+        if self.snr_gamma is not None and not self.snr_gamma > 0:
+            problems.append(f"--snr_gamma must be positive, got {self.snr_gamma} (the paper's is {DEFAULT_SNR_GAMMA:g}).")
         if self.learning_rate <= 0:
             problems.append(f"--learning_rate must be positive, got {self.learning_rate}.")
         if self.lr_warmup_steps < 0:

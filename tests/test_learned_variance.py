@@ -144,7 +144,8 @@ def test_the_network_must_output_twice_the_channels():
 # -- the hybrid objective ---------------------------------------------------------------------
 
 
-def test_the_hybrid_loss_is_l_simple_plus_lambda_t_times_the_bound_term_with_the_mean_frozen():
+@pytest.mark.parametrize("weighting", ["simple", "min_snr"])
+def test_the_hybrid_loss_is_the_mse_plus_lambda_t_times_the_bound_term_with_the_mean_frozen(weighting):
     s = scheduler()
     images = quantized_images()
     timesteps = torch.tensor([0, 1, 9, 19])  # the decoder term, a KL near the data, and two more
@@ -154,18 +155,20 @@ def test_the_hybrid_loss_is_l_simple_plus_lambda_t_times_the_bound_term_with_the
 
     def loss_and_grad(weight):
         model = FixedOutput(output)
-        loss = diffusion_loss(model, s, images, timesteps=timesteps, noise=noise, vlb_weight=weight)
+        loss = diffusion_loss(model, s, images, weighting, timesteps=timesteps, noise=noise, vlb_weight=weight)
         loss.backward()
         return loss, model.output.grad
 
     loss, grad = loss_and_grad(0.001)
     noisy = s.add_noise(images, noise, timesteps)
-    mse = (output[:, :1] - noise).pow(2).flatten(1).mean(1)
+    mse = s.loss_weight(timesteps, weighting) * (output[:, :1] - noise).pow(2).flatten(1).mean(1)
+    if weighting == "min_snr":  # min(1, 5/SNR_t): the two steps nearest the data are down-weighted
+        assert mse.shape == (4,) and (s.loss_weight(timesteps, weighting) < 1).tolist() == [True, True, False, False]
     bound_term = timestep_bpd(output, s, images, noisy, timesteps)
     torch.testing.assert_close(loss, (mse + 0.001 * T * bound_term.float()).mean())
     simple_loss, simple_grad = loss_and_grad(0.0)
     torch.testing.assert_close(simple_loss, mse.mean())
-    # the bound reaches the variance channel only: the mean's gradient is L_simple's
+    # the bound reaches the variance channel only: the mean's gradient is the weighted MSE's
     torch.testing.assert_close(grad[:, :1], simple_grad[:, :1], rtol=0, atol=0)
     assert torch.all(simple_grad[:, 1:] == 0) and torch.all(grad[:, 1:].flatten(1).abs().sum(1) > 0)
 

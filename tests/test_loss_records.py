@@ -153,6 +153,22 @@ def test_a_training_step_returns_its_record(tmp_path):
     torch.testing.assert_close(record[7:].sum(), torch.tensor(1.0))  # uniform draws: weight 1 per image
 
 
+def test_the_trainer_weights_its_loss_by_min_snr_with_the_given_gamma(tmp_path):
+    """ε's Min-SNR weight is min(1, γ/SNR_t): 1 everywhere for a γ above every SNR_t (the same loss as
+    L_simple, step for step), below 1 near the data for γ = 1."""
+
+    def first_step_loss(*options):
+        config = TrainingConfig.from_args(["--model", "ddpm-tiny-16", "--resolution", "16", "--report_to", "none",
+                                           "--output_dir", str(tmp_path / "-".join(options or ("simple",))), *options])  # fmt: skip
+        trainer = Trainer(config)
+        images = torch.stack([trainer.train_images[i] for i in range(8)])
+        return trainer.training_step(images, seed=0)[0]
+
+    simple = first_step_loss()
+    torch.testing.assert_close(first_step_loss("--snr_gamma", "1e9"), simple)
+    assert first_step_loss("--loss_weighting", "min_snr", "--snr_gamma", "1") < 0.99 * simple
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_step_record_does_not_synchronize_with_the_host():
     loss = torch.rand(128, device="cuda")

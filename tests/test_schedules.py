@@ -116,6 +116,48 @@ def test_vlb_weights_closed_forms(variance_type):
         np.testing.assert_allclose(raw.numpy(), (0.5 * betas / (alphas * (1 - alpha_bar_prev)))[1:].numpy(), rtol=1e-10)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_weights_closed_forms(schedule, gamma):
+    tables = NoiseSchedule.from_betas(make_betas(schedule, 1000))
+    alpha_bar = tables.alphas_cumprod
+    snr = alpha_bar / (1 - alpha_bar)
+    np.testing.assert_allclose(tables.signal_to_noise_ratio().numpy(), snr.numpy(), rtol=1e-12)
+    capped = torch.minimum(snr, torch.full_like(snr, gamma))
+    closed = {
+        "epsilon": torch.minimum(torch.ones_like(snr), gamma / snr),  # Hang et al.'s min(1, γ/SNR_t)
+        "sample": capped,
+        "v_prediction": capped / (snr + 1),
+        "mu": capped / tables.posterior_mean_coef1**2,
+    }
+    for target, weights in closed.items():
+        np.testing.assert_allclose(tables.min_snr_weights(target, gamma).numpy(), weights.numpy(), rtol=1e-10)
+    # the capped steps are exactly those with SNR_t > γ: early t, where x_t is nearly x_0
+    capped_steps = tables.min_snr_weights("epsilon", gamma) < 1 - 1e-9
+    assert torch.equal(capped_steps, snr > gamma) and capped_steps[0] and not capped_steps[-1]
+    with pytest.raises(ValueError, match="gamma must be positive"):
+        tables.min_snr_weights("epsilon", 0.0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_diffusers_training_scripts(prediction_type):
+    """diffusers' train_text_to_image.py --snr_gamma: min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v."""
+    from diffusers.training_utils import compute_snr
+
+    from ddpm_pipeline import DDPMTargetScheduler
+
+    scheduler = DDPMTargetScheduler(beta_schedule="linear", prediction_type=prediction_type)
+    timesteps = torch.arange(1000)
+    snr = compute_snr(scheduler, timesteps)
+    stock = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    stock = stock / snr if prediction_type == "epsilon" else stock / (snr + 1)
+    ours = scheduler.loss_weight(timesteps, "min_snr", snr_gamma=5.0)
+    assert ours.dtype == torch.float32
+    # diffusers takes 1 - ᾱ_t in float32, which loses digits where ᾱ_t ≈ 1 (1.7e-4 at t = 0); ours is float64
+    np.testing.assert_allclose(ours.numpy(), stock.numpy(), rtol=5e-4)
+    np.testing.assert_allclose(ours[100:].numpy(), stock[100:].numpy(), rtol=1e-5)
+
+
 def test_conversion_coefficients_match_closed_forms():
     tables = NoiseSchedule.from_betas(make_betas("cosine", 1000))
     betas, alphas, alpha_bar = tables.betas, tables.alphas, tables.alphas_cumprod

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ddpm_pipeline import DDPMTargetScheduler, DDPMUNet, diffusion_loss
+from ddpm_pipeline import DDPMTargetScheduler, DDPMUNet, diffusion_loss, diffusion_loss_terms
 
 
 def handful_of_images(count: int = 8, size: int = 16) -> torch.Tensor:
@@ -43,7 +43,7 @@ class Oracle(torch.nn.Module):
 
 
 @pytest.mark.parametrize("target", ["epsilon", "x0", "mu", "v_prediction"])
-@pytest.mark.parametrize("weighting", ["simple", "vlb"])
+@pytest.mark.parametrize("weighting", ["simple", "vlb", "min_snr"])
 def test_loss_is_zero_for_the_exact_denoiser(target, weighting):
     scheduler = DDPMTargetScheduler(prediction_type=target)
     x0 = handful_of_images(4)
@@ -51,7 +51,9 @@ def test_loss_is_zero_for_the_exact_denoiser(target, weighting):
     assert loss.item() < 1e-8
 
 
-@pytest.mark.parametrize("target,weighting", [("epsilon", "simple"), ("x0", "simple"), ("mu", "simple"), ("mu", "vlb")])
+@pytest.mark.parametrize(
+    "target,weighting", [("epsilon", "simple"), ("x0", "simple"), ("mu", "simple"), ("mu", "vlb"), ("x0", "min_snr")]
+)
 def test_tiny_model_overfits_a_handful_of_images(target, weighting):
     torch.manual_seed(0)
     images = handful_of_images(8)
@@ -78,3 +80,53 @@ def test_tiny_model_overfits_a_handful_of_images(target, weighting):
     after = evaluate()
     print(f"{target}/{weighting}: eval loss {before:.4g} -> {after:.4g}")
     assert after < 0.5 * before, (before, after)
+
+
+class FixedNoiseGuess(torch.nn.Module):
+    """A network whose noise estimate ε̂ is fixed, presented as the scheduler's target:
+    ``p̂ = k1_t ε̂ + k2_t x_t`` (:meth:`NoiseSchedule.conversion_coefficients`)."""
+
+    def __init__(self, scheduler, noise_guess):
+        super().__init__()
+        self.scheduler, self.noise_guess = scheduler, noise_guess
+
+    def forward(self, noisy, timesteps):
+        target = self.scheduler.config.prediction_type
+        k1, k2 = self.scheduler.schedule.conversion_coefficients("epsilon", target)
+        shape = (-1, 1, 1, 1)
+        output = k1[timesteps].view(shape) * self.noise_guess + k2[timesteps].view(shape) * noisy.double()
+
+        class Out:
+            sample = output.float()
+
+        return Out()
+
+
+@pytest.mark.parametrize("gamma", [1.0, 5.0])
+def test_min_snr_loss_is_the_same_for_every_target(gamma):
+    """Min-SNR-γ is ``min(SNR_t, γ)·‖x_0 - x̂_0‖²`` whatever the network predicts: the same predictions,
+    presented as ε, x0, v or μ, give the same loss per image."""
+    x0 = handful_of_images(6).double()
+    generator = torch.Generator().manual_seed(3)
+    timesteps = torch.tensor([0, 1, 40, 200, 500, 999])
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+    guess = noise + 0.3 * torch.randn(x0.shape, generator=generator, dtype=torch.float64)
+
+    reference = DDPMTargetScheduler(beta_schedule="cosine")
+    tables = reference.schedule
+    noisy = tables.sqrt_alphas_cumprod[timesteps].view(-1, 1, 1, 1) * x0 + (
+        tables.sqrt_one_minus_alphas_cumprod[timesteps].view(-1, 1, 1, 1) * noise
+    )
+    x0_guess = (noisy - tables.sqrt_one_minus_alphas_cumprod[timesteps].view(-1, 1, 1, 1) * guess) / (
+        tables.sqrt_alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    )
+    expected = tables.signal_to_noise_ratio()[timesteps].clamp(max=gamma) * (x0 - x0_guess).pow(2).flatten(1).mean(1)
+
+    for target in ("epsilon", "x0", "v_prediction", "mu"):
+        scheduler = DDPMTargetScheduler(beta_schedule="cosine", prediction_type=target)
+        terms = diffusion_loss_terms(FixedNoiseGuess(scheduler, guess), scheduler, x0.float(), "min_snr",
+                                     timesteps=timesteps, noise=noise.float(), snr_gamma=gamma)  # fmt: skip
+        # μ carries x0 as b_t·x0 beside c_t·x_t (b_t ≈ 1e-4 at large t): float32 rounding, magnified
+        tolerance = 3e-2 if target == "mu" else 1e-4
+        torch.testing.assert_close(terms.loss.double(), expected, rtol=tolerance, atol=1e-7, msg=target)
+        assert terms.vlb is None and torch.equal(terms.mse, terms.loss)

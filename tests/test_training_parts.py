@@ -53,12 +53,24 @@ def test_command_line_types_none_and_booleans():
         (["--unet_overrides", "{oops"], "not valid JSON"),
         (["--dataset_name", "cifar10", "--train_data_dir", "x"], "Give one data source"),
         (["--prediction_type", "noise"], "invalid choice"),
+        (["--loss_weighting", "vlb", "--snr_gamma", "2"], "does not apply to --loss_weighting vlb"),
+        (["--snr_gamma", "0"], "--snr_gamma must be positive"),
     ],
 )
 def test_bad_options_exit_with_the_reason(argv, message, capsys):
     with pytest.raises(SystemExit):
         TrainingConfig.from_args(argv)
     assert message in capsys.readouterr().err
+
+
+def test_min_snr_is_turned_on_by_its_weighting_or_by_snr_gamma_alone(tmp_path):
+    assert TrainingConfig().snr_gamma is None
+    config = TrainingConfig.from_args(["--loss_weighting", "min_snr"])
+    assert (config.loss_weighting, config.snr_gamma) == ("min_snr", 5.0)  # Hang et al.'s γ
+    config = TrainingConfig.from_args(["--snr_gamma", "3"])  # diffusers' scripts: the switch itself
+    assert (config.loss_weighting, config.snr_gamma) == ("min_snr", 3.0)
+    config.save(tmp_path / "c.json")
+    assert TrainingConfig.load(tmp_path / "c.json") == config
 
 
 def test_config_save_load_and_architecture_differences(tmp_path):
