@@ -10,7 +10,8 @@ one JSON line per (budget milestone, sampler) to ``--results``::
     python benchmarks/quality_fmnist.py floor ...              # FID-5k of 5,000 real test images
     python benchmarks/quality_fmnist.py report --markdown study.md --plot fid_vs_minutes.png
 
-Recipes: ``{eps, x0, mu_simple, mu_vlb}-{linear, cosine}`` are ``train_ddpm.py`` with that target,
+Recipes: ``{eps, x0, mu_simple, mu_vlb}-{linear, cosine}`` (the study) and
+``{eps_minsnr, x0_minsnr}-{linear, cosine}`` (Min-SNR-γ, beyond it) are ``train_ddpm.py`` with that target,
 schedule and loss weighting (any other ``train_ddpm.py`` option given on the command line goes to
 them); ``stock`` is diffusers' ``train_unconditional.py`` recipe (:mod:`stock_recipe`) on the same
 network, data, budget and sampler. Every recipe is sampled by the same :class:`DDPMTargetPipeline`
@@ -86,7 +87,8 @@ from stock_recipe import STOCK_DEFAULTS, StockRecipe  # noqa: E402  (sibling fil
 
 PIECE_OVER_EXIT = 3
 STUDY = "quality_fmnist"
-TARGETS = {"eps": ("epsilon", "simple"), "x0": ("x0", "simple"), "mu_simple": ("mu", "simple"), "mu_vlb": ("mu", "vlb")}
+TARGETS = {"eps": ("epsilon", "simple"), "x0": ("x0", "simple"), "mu_simple": ("mu", "simple"), "mu_vlb": ("mu", "vlb"),
+           "eps_minsnr": ("epsilon", "min_snr"), "x0_minsnr": ("x0", "min_snr")}  # fmt: skip
 SCHEDULES = ("linear", "cosine")
 #: recipe name → train_ddpm.py's prediction_type, beta_schedule and loss_weighting
 OUR_RECIPES = {

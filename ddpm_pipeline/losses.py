@@ -58,12 +58,13 @@ def diffusion_loss_terms(
 
     With a learned variance (``variance_type="learned_range"``):
 
-    - ``weighting="simple"`` (or ``"min_snr"``) is Improved DDPM's hybrid objective ``L_simple + λ L_vlb``: each image
-      adds ``vlb_weight · T · L_t``, where ``L_t`` is the bound's term at its timestep in bits/dim
+    - ``weighting="simple"`` is Improved DDPM's hybrid objective ``L_simple + λ L_vlb`` (with
+      ``"min_snr"``, the Min-SNR-weighted MSE takes ``L_simple``'s place): each image adds
+      ``vlb_weight · T · L_t``, where ``L_t`` is the bound's term at its timestep in bits/dim
       (:func:`~ddpm_pipeline.likelihood.timestep_bpd`: the KL
       ``KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t))``, the decoder NLL at ``t = 0``), so that
       ``T · E_t[L_t]`` is ``L_vlb``. The term sees the predicted mean through a stop-gradient: it
-      trains the variance channels only, and the mean keeps the simple objective (λ = 0.001 is the
+      trains the variance channels only, and the mean keeps the weighted MSE (λ = 0.001 is the
       paper's).
     - ``weighting="vlb"`` is Improved DDPM's ``L_vlb``: the loss is ``T · L_t`` alone, and both the
       mean and the variance are trained through the bound (``vlb_weight`` is not used). Its terms
