@@ -97,7 +97,7 @@ class TrainingConfig:
     dropout: float | None = _option(None, "Override the preset's dropout rate.")
     unet_overrides: str | None = _option(None, 'Any other UNet2DModel options as JSON, e.g. \'{"norm_num_groups": 16}\'.')
     # diffusion
-    prediction_type: str | None = _option(None, "What the network predicts: the noise, the clean image or the posterior mean (default epsilon, or the pretrained scheduler's).", choices=TRAINING_PREDICTION_TYPES)
+    prediction_type: str | None = _option(None, "What the network predicts: the noise ε, the clean image x0, the posterior mean μ, or v = √ᾱ_t ε - √(1-ᾱ_t) x0 (default epsilon, or the pretrained scheduler's).", choices=TRAINING_PREDICTION_TYPES)
     beta_schedule: str | None = _option(None, "Noise schedule: cosine (Nichol & Dhariwal; better than linear for the main job in FID and bits/dim, see README) or linear (Ho et al.) (default cosine, or the pretrained scheduler's).", choices=BETA_SCHEDULES)
     num_train_timesteps: int | None = _option(None, "Diffusion steps T (default 1000, or the pretrained scheduler's).")
     loss_weighting: str = _option("simple", "simple = unweighted MSE on the target; vlb = the variational bound: with a fixed variance the MSE under the bound's weights λ_t, with --variance_type learned_range the bound's term L_t itself (Improved DDPM's L_vlb, which trains the mean too; pair it with --timestep_sampling importance); min_snr = Min-SNR-γ (Hang et al. 2023): min(SNR_t, γ)·‖x0 - x̂0‖² expressed on the target, min(1, γ/SNR_t) times the ε MSE.", choices=LOSS_WEIGHTINGS)
