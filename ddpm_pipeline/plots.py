@@ -66,6 +66,13 @@ def moving_average(values: Sequence[float], window: int, centered: bool = False)
         return np.where(counts > 0, (cumulative[ends] - cumulative[starts]) / counts, np.nan)
 
 
+def _suits_log_scale(*series: Sequence[float]) -> bool:
+    """Whether the finite values of ``series`` exist and are all positive (NaN marks a missing one)."""
+    values = np.concatenate([np.asarray(values, dtype=np.float64) for values in series])
+    values = values[np.isfinite(values)]
+    return values.size > 0 and bool(values.min() > 0)
+
+
 @contextmanager
 def _png_figure(path: str | Path, **subplots: object) -> Iterator[tuple[object, object]]:
     """A matplotlib figure and its axes (``plt.subplots(**subplots)``, headless Agg backend), laid
@@ -104,22 +111,18 @@ def save_loss_curve(
             axis.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
             axis.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=1.8,
                       label=f"moving average ({window} steps)")  # fmt: skip
-            if np.nanmin(np.asarray(losses, dtype=np.float64)) > 0:
+            if _suits_log_scale(losses):
                 axis.set_yscale("log")
             axis.legend()
         axis.set_title(title or "training loss")
         if by_quarter:
             quarters = axes[0][1]
-            positive = True
             for index, (label, values) in enumerate(by_quarter.items()):
                 # a quarter has few images per step: average over four times the window, centred so
                 # that the first steps' high losses leaving the window make no kink
                 smooth = moving_average(values, 4 * window, centered=True)
                 quarters.plot(steps, smooth, color=f"C{index}", linewidth=1.5, label=label)
-                finite = np.asarray(values, dtype=np.float64)
-                finite = finite[np.isfinite(finite)]
-                positive = positive and (finite.size == 0 or finite.min() > 0)
-            if positive and len(steps):
+            if _suits_log_scale(*by_quarter.values()):
                 quarters.set_yscale("log")
             quarters.legend(title="timesteps")
             quarters.set_title(f"loss by quarter of the timesteps (centred moving average, {4 * window} steps)")
