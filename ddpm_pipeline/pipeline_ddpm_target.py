@@ -19,8 +19,10 @@ from .scheduling_ddpm_target import DDPMTargetScheduler
 from .speed import (
     auto_flag,
     compile_module,
+    explain_compile_failure,
     is_channels_last,
     needs_full_precision,
+    resolve_compile,
     resolve_sampling_dtype,
     set_tf32,
     to_channels_last,
@@ -28,6 +30,9 @@ from .speed import (
 from .trajectory import DDPMTrajectory
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+#: how to sample without torch.compile, for the error that says it failed
+UNCOMPILED_SAMPLING = ("load the pipeline afresh and call enable_fast_sampling(compile=False), or pass "
+                       "--fast_sampling off to eval_metrics.py")  # fmt: skip
 STOCK_UNET = ("diffusers", "UNet2DModel")
 PACKAGE_SCHEDULER = ("ddpm_pipeline", "DDPMTargetScheduler")
 
@@ -108,7 +113,8 @@ class DDPMTargetPipeline(DDPMPipeline):
                 models (see :mod:`ddpm_pipeline.speed`). The state ``x_t`` and the scheduler's
                 arithmetic stay in float32 whatever the UNet's dtype.
             channels_last: NHWC weights and activations (``None``: on for CUDA).
-            compile: ``torch.compile`` the UNet in place (``None``: on for CUDA).
+            compile: ``torch.compile`` the UNet in place (``None``: on for CUDA when Triton supports
+                the GPU; ``True`` where it does not raises, naming the fix).
             compile_mode: ``None`` = ``"reduce-overhead"`` on CUDA, which replays the fixed-shape
                 UNet call as a CUDA graph, and the default mode elsewhere.
             allow_tf32: TF32 tensor cores for float32 work on CUDA (``None``: on except for μ).
@@ -125,7 +131,7 @@ class DDPMTargetPipeline(DDPMPipeline):
             to_channels_last(self.unet)
         if device.type == "cuda":
             set_tf32(allow_tf32 if allow_tf32 is not None else not needs_full_precision(prediction_type))
-        if auto_flag(compile, device):
+        if resolve_compile(compile, device, "enable_fast_sampling(compile=False)"):
             compile_module(self.unet, compile_mode or ("reduce-overhead" if device.type == "cuda" else None))
         return self
 
@@ -212,7 +218,8 @@ class DDPMTargetPipeline(DDPMPipeline):
                 torch.compiler.cudagraph_mark_step_begin()  # a compiled UNet's CUDA graph may reuse its output
             state = scheduler.scale_model_input(image, t)  # x_t itself except for Euler-type schedulers
             unet_input = state.to(dtype=unet_dtype, memory_format=memory_format)
-            model_output = self.unet(unet_input, unet_timesteps[index]).sample
+            with explain_compile_failure(UNCOMPILED_SAMPLING):
+                model_output = self.unet(unet_input, unet_timesteps[index]).sample
             if model_output.dtype != image.dtype:
                 model_output = model_output.to(image.dtype)  # the scheduler's arithmetic in float32
             if learned_variance_channels and not isinstance(scheduler, DDPMTargetScheduler):

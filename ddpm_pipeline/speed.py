@@ -15,6 +15,7 @@ float32 (no autocast, no TF32); asking for half precision with μ works but warn
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import warnings
@@ -121,6 +122,63 @@ def is_channels_last(module: torch.nn.Module) -> bool:
         if weight.ndim == 4 and weight.shape[1] > 1 and weight.shape[2] * weight.shape[3] > 1:
             return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
     return False
+
+
+def compile_unavailable_reason(device: torch.device | str) -> str | None:
+    """Why ``torch.compile``'s default backend (Inductor) cannot compile for ``device``, or ``None``
+    when it can. On CUDA, Inductor writes Triton kernels: Triton must be installed and support the
+    GPU (compute capability 7.0 or newer); on the CPU it writes C++ and is assumed to work."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:  # a torch without the helper: trust the import
+        triton_works = importlib.util.find_spec("triton") is not None
+    else:
+        triton_works = has_triton()
+    if triton_works:
+        return None
+    if importlib.util.find_spec("triton") is None:
+        return "Triton, which torch.compile needs on CUDA, is not installed (pip install triton)"
+    major, minor = torch.cuda.get_device_capability(device)
+    return (f"Triton does not support this GPU ({torch.cuda.get_device_name(device)}, compute capability "
+            f"{major}.{minor}; torch.compile needs 7.0 or newer)")  # fmt: skip
+
+
+def resolve_compile(requested: bool | None, device: torch.device | str, off_switch: str) -> bool:
+    """Whether to ``torch.compile`` the UNet: ``requested`` when given, else on for CUDA (see
+    :func:`auto_flag`) — unless Inductor cannot compile for the device
+    (:func:`compile_unavailable_reason`): then *auto* logs why and stays eager, and an explicit
+    request is refused, naming the fix (``off_switch``, e.g. ``--no-compile_unet``)."""
+    wanted = auto_flag(requested, device)
+    reason = compile_unavailable_reason(device) if wanted else None
+    if reason is None:
+        return wanted
+    if requested:
+        raise ValueError(f"torch.compile was asked for, but {reason}. Install Triton for this GPU, or run without "
+                         f"compiling ({off_switch}): the results are the same, only slower.")  # fmt: skip
+    logger.warning(f"torch.compile stays off: {reason}. Running eagerly (the same results, only slower).")
+    return False
+
+
+@contextmanager
+def explain_compile_failure(off_switch: str) -> Iterator[None]:
+    """Turn an error of ``torch.compile`` inside the block (Dynamo or Inductor failing on the
+    UNet, at its first call or at a recompile) into one that says what failed and how to go on
+    without compiling (``off_switch``); the original error stays attached as its cause."""
+    try:
+        yield
+    except RuntimeError as error:  # Dynamo's errors are RuntimeErrors; importing torch._dynamo takes 2 s
+        from torch._dynamo.exc import TorchDynamoException
+
+        if not isinstance(error, TorchDynamoException):
+            raise
+        summary = " ".join([line.strip() for line in str(error).splitlines() if line.strip()][:2])
+        raise RuntimeError(
+            f"torch.compile failed on the UNet ({type(error).__name__}: {summary}). The model and data are "
+            f"fine; without compiling, which computes the same results only slower: {off_switch}."
+        ) from error
 
 
 def compile_module(module: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:

@@ -62,8 +62,10 @@ from .speed import (
     build_adamw,
     compile_module,
     default_num_workers,
+    explain_compile_failure,
     fits_on_device,
     needs_full_precision,
+    resolve_compile,
     resolve_mixed_precision,
     set_tf32,
     to_channels_last,
@@ -220,7 +222,7 @@ class Trainer:
         strict_fp32 = needs_full_precision(self.prediction_type)
         self.allow_tf32 = config.allow_tf32 if config.allow_tf32 is not None else on_gpu and not strict_fp32
         self.channels_last = auto_flag(config.channels_last, device)
-        self.compile_unet = auto_flag(config.compile_unet, device)
+        self.compile_unet = resolve_compile(config.compile_unet, device, "--no-compile_unet")
         # skipping a non-finite step happens inside the fused AdamW kernel (its found_inf input)
         self.fused_adam = auto_flag(config.fused_adam, device) or config.nonfinite_loss == "skip"
         self.skipped_steps = torch.zeros((), device=device)
@@ -737,7 +739,8 @@ class Trainer:
             for batch_index, images in enumerate(loader, start=skip):
                 seed = micro_batch_seed(config.seed, epoch, batch_index)
                 try:
-                    micro_records.append(self.training_step(images, seed))
+                    with explain_compile_failure("train again with --no-compile_unet (and --resume_from_checkpoint latest)"):
+                        micro_records.append(self.training_step(images, seed))
                 except torch.OutOfMemoryError as error:
                     raise self._out_of_memory(error, global_step + 1) from error
                 if not accelerator.sync_gradients:

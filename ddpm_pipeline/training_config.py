@@ -139,7 +139,7 @@ class TrainingConfig:
     # speed (none = on for a GPU, off on the CPU; see ddpm_pipeline.speed)
     allow_tf32: bool | None = _option(None, "Let fp32 matmuls/convolutions use TF32 tensor cores (never for the μ target unless given).")
     channels_last: bool | None = _option(None, "Keep the UNet's weights and activations in NHWC memory layout.")
-    compile_unet: bool | None = _option(None, "torch.compile the UNet (the first steps take a while to compile).")
+    compile_unet: bool | None = _option(None, "torch.compile the UNet (the first steps take a while to compile; auto: on for CUDA when Triton supports the GPU).")
     compile_mode: str | None = _option(None, "torch.compile mode, e.g. max-autotune-no-cudagraphs (none = the default mode).")
     fused_adam: bool | None = _option(None, "One fused AdamW kernel per step (else multi-tensor foreach kernels).")
     gradient_checkpointing: bool = _option(False, "Recompute each UNet block's activations in the backward pass instead of keeping them: less memory (larger batches or images) for more compute (README: measured on a CPU); the same gradients.")

@@ -8,14 +8,16 @@ import torch
 from conftest import reset_accelerate
 from safetensors.torch import load_file
 
-from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
+from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, speed
 from ddpm_pipeline.data import IndexDataset, stack_images
 from ddpm_pipeline.losses import diffusion_loss
 from ddpm_pipeline.speed import (
     auto_flag,
     build_adamw,
+    compile_unavailable_reason,
     default_num_workers,
     needs_full_precision,
+    resolve_compile,
     resolve_mixed_precision,
     resolve_sampling_dtype,
     strict_float32,
@@ -59,6 +61,69 @@ def test_auto_policy_on_cpu_and_gpu(monkeypatch):
         resolve_sampling_dtype("int8", "cpu", "epsilon")
     assert default_num_workers("cpu", 1, data_on_device=False) == 0
     assert default_num_workers("cuda", 1, data_on_device=True) == 0
+
+
+def test_compile_is_auto_only_where_triton_can_compile_and_an_explicit_request_is_checked(monkeypatch, caplog):
+    """No GPU needed: the policy is asked about a "cuda" device with Triton's verdict stubbed."""
+    monkeypatch.setattr(speed, "compile_unavailable_reason", lambda device: None)
+    assert resolve_compile(None, "cuda", "--no-compile_unet") is True
+    assert resolve_compile(None, "cpu", "--no-compile_unet") is False  # auto is off on the CPU
+    assert resolve_compile(True, "cpu", "--no-compile_unet") is True
+    missing = "Triton, which torch.compile needs on CUDA, is not installed (pip install triton)"
+    monkeypatch.setattr(speed, "compile_unavailable_reason", lambda device: missing if torch.device(device).type == "cuda" else None)
+    with caplog.at_level("WARNING", logger="ddpm_pipeline.speed"):
+        assert resolve_compile(None, "cuda", "--no-compile_unet") is False  # auto: eager, and says why
+    assert "torch.compile stays off: Triton" in caplog.text
+    assert resolve_compile(False, "cuda", "--no-compile_unet") is False
+    with pytest.raises(ValueError, match=r"not installed \(pip install triton\).*\(--no-compile_unet\)"):
+        resolve_compile(True, "cuda", "--no-compile_unet")
+    assert resolve_compile(True, "cpu", "--no-compile_unet") is True
+
+
+def test_compile_unavailable_reason_names_a_missing_or_unsupported_triton(monkeypatch):
+    import importlib.util
+
+    import torch.utils._triton
+
+    assert compile_unavailable_reason("cpu") is None
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    assert compile_unavailable_reason("cuda") is None
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object() if name == "triton" else real_find_spec(name, *rest))
+    assert compile_unavailable_reason("cuda") == (
+        "Triton does not support this GPU (Tesla P100, compute capability 6.0; torch.compile needs 7.0 or newer)"
+    )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "triton" else real_find_spec(name, *rest))
+    assert "is not installed (pip install triton)" in compile_unavailable_reason("cuda")
+
+
+def _failing_compiler(graph, example_inputs):
+    """A torch.compile backend that fails as Inductor does where it cannot build its kernels."""
+    raise RuntimeError("Cannot find a working triton installation")
+
+
+def test_a_failing_torch_compile_stops_training_with_the_fix(tmp_path, monkeypatch):
+    """The real Dynamo error (BackendCompilerFailed, from tracing the UNet) becomes one that names
+    the way on without compiling; the original stays attached as its cause."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    monkeypatch.setattr("ddpm_pipeline.training.compile_module", lambda module, mode=None: module.compile(backend=_failing_compiler))
+    options = [*TINY, *PLAIN[:-3], "--compile_unet", "--mixed_precision", "no", "--max_train_steps", "2"]
+    with pytest.raises(RuntimeError, match=r"torch.compile failed on the UNet \(BackendCompilerFailed: .*Cannot find a working "
+                                           r"triton installation\).*train again with --no-compile_unet \(and --resume_from_checkpoint latest\)") as caught:  # fmt: skip
+        main([*options, "--output_dir", str(tmp_path / "run")])
+    assert isinstance(caught.value.__cause__, TorchDynamoException)
+
+
+def test_a_failing_torch_compile_stops_sampling_with_the_fix():
+    pipeline = tiny_pipeline()
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.unet.compile(backend=_failing_compiler)
+    with pytest.raises(RuntimeError, match=r"torch.compile failed on the UNet.*enable_fast_sampling\(compile=False\)"):
+        pipeline(batch_size=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
 
 
 def test_strict_float32_turns_tf32_off_for_a_block_and_restores_it():
