@@ -13,6 +13,12 @@ images per second for each, their ratio, the hours 50,000 samples take at that r
 FLOP utilization (UNet evals/s × forward FLOPs ÷ the measured matmul peak, :mod:`measure`).
 ``--profile`` adds, at the best batch size, each side's top kernels per sampling step and how
 busy the device is (the rest is launch overhead and host work).
+
+``--variant NAME=OPTIONS`` (repeatable) adds another configuration of ours (``--dtype``,
+``--[no-]channels_last``, ``--[no-]compile``, ``--compile_mode``), timed beside the others at every
+batch size, e.g. ``--variant 'eager=--no-compile' --variant 'no-graphs=--compile_mode default'``
+for what compiling and CUDA graphs bring. A contender that fails is recorded under ``failures``
+with its error, and the rest are measured.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ from ddpm_pipeline.speed import is_channels_last
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
+    Contenders,
     append_json_lines,
     device_name,
     forward_flops_per_image,
     matmul_peak_flops,
+    parse_variants,
     profile_calls,
     synchronize,
 )
@@ -47,41 +55,78 @@ def _to(unet: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torc
     return unet if dtype == torch.float32 else unet.to(dtype=dtype)
 
 
+def fast_path_options() -> argparse.ArgumentParser:
+    """The options of one configuration of ours (``enable_fast_sampling``'s), for the command line
+    and for each ``--variant``."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="our UNet's dtype")
+    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None, help="ours (default: on for CUDA)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="ours (default: on for CUDA)")
+    parser.add_argument("--compile_mode", default=None, help="ours (default: reduce-overhead, i.e. CUDA graphs, on CUDA; "
+                        "'default' compiles without them)")  # fmt: skip
+    return parser
+
+
+def our_pipeline(unet: DDPMUNet, device: torch.device, options: argparse.Namespace) -> DDPMTargetPipeline:
+    """Ours: a copy of ``unet`` on ``device`` with :meth:`DDPMTargetPipeline.enable_fast_sampling`."""
+    copy = DDPMUNet.from_config(unet.config)
+    copy.load_state_dict(unet.state_dict())
+    pipeline = DDPMTargetPipeline(copy.eval().to(device), DDPMTargetScheduler())
+    return pipeline.enable_fast_sampling(dtype=options.dtype, channels_last=options.channels_last,
+                                         compile=options.compile, compile_mode=options.compile_mode)  # fmt: skip
+
+
+def describe(pipeline: DDPMTargetPipeline) -> dict:
+    unet = pipeline.unet
+    return {"dtype": str(unet.dtype).removeprefix("torch."), "channels_last": is_channels_last(unet),
+            "compiled": getattr(unet, "_compiled_call_impl", None) is not None}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[fast_path_options()])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", default="ddpm-cifar10-32")
     parser.add_argument("--batch_size", type=int, nargs="+", default=[256], help="one or more; the best is reported")
     parser.add_argument("--num_inference_steps", type=int, default=1000)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="our UNet's dtype")
-    parser.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None, help="ours (default: on for CUDA)")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="ours (default: on for CUDA)")
+    parser.add_argument("--variant", action="append", metavar="NAME=OPTIONS", help="another configuration of ours")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (alternating); the median is reported")
     parser.add_argument("--profile", action="store_true", help="also print each side's top kernels at the best batch size")
     parser.add_argument("--profile_steps", type=int, default=20, help="sampling steps profiled (one pipeline call each)")
     parser.add_argument("--output", type=Path, help="append the result as a JSON line")
     args = parser.parse_args(argv)
+    try:
+        variants = {name: fast_path_options().parse_args(options) for name, options in parse_variants(args.variant).items()}
+    except ValueError as error:
+        parser.error(str(error))
     device = torch.device(args.device)
     torch.manual_seed(0)
     unet = DDPMUNet.from_preset(args.model).eval()
     stock_dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipelines, tf32 = Contenders(), {}
+
+    def build(name: str, options: argparse.Namespace) -> DDPMTargetPipeline:
+        pipeline = our_pipeline(unet, device, options)
+        tf32[name] = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # as enable_fast_sampling set them
+        return pipeline
+
+    for name, options in {"ours": args, **variants}.items():
+        pipelines.add(name, lambda name=name, options=options: build(name, options))
     stock_unet = DDPMUNet.from_preset(args.model)
     stock_unet.load_state_dict(unet.state_dict())
-    ours = DDPMTargetPipeline(unet.to(device), DDPMTargetScheduler())
-    ours.enable_fast_sampling(dtype=args.dtype, channels_last=args.channels_last, compile=args.compile)
-    stock = DDPMPipeline(_to(stock_unet, device, stock_dtype).eval(), DDPMScheduler())
-    for pipeline in (ours, stock):
+    pipelines.add("stock", lambda: DDPMPipeline(_to(stock_unet, device, stock_dtype).eval(), DDPMScheduler()))
+    for pipeline in pipelines.values():
         pipeline.set_progress_bar_config(disable=True)
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    settings = {name: describe(pipeline) for name, pipeline in pipelines.items() if name != "stock"}
 
-    def run(pipeline, batch_size: int, steps: int) -> float:
-        if device.type == "cuda" and pipeline is ours:  # what enable_fast_sampling chose
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    def run(name: str, batch_size: int, steps: int) -> float:
+        if device.type == "cuda" and name != "stock":  # what enable_fast_sampling chose
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32[name]
         elif device.type == "cuda":
             use_torch_default_tf32()
         synchronize(device)
         start = time.perf_counter()
-        pipeline(batch_size=batch_size, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(0), output_type="np")
+        pipelines[name](batch_size=batch_size, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(0),
+                        output_type="np")  # fmt: skip
         synchronize(device)
         return time.perf_counter() - start
 
@@ -91,45 +136,59 @@ def main(argv: list[str] | None = None) -> dict:
         "device": device_name(device),
         "model": args.model,
         "num_inference_steps": args.num_inference_steps,
-        "dtype_ours": str(ours.unet.dtype).removeprefix("torch."),
+        "dtype_ours": settings["ours"]["dtype"] if "ours" in settings else None,
         "dtype_stock": str(stock_dtype).removeprefix("torch."),
-        "channels_last_ours": is_channels_last(ours.unet),
+        "channels_last_ours": settings["ours"]["channels_last"] if "ours" in settings else None,
         "torch": torch.__version__,
         "forward_gflop_per_image": flops / 1e9,
         "matmul_peak_tflops": peak / 1e12,
         "matmul_peak_dtype": peak_dtype,
         "batches": {},
     }
-    print(f"{result['device']}, {args.model}, {args.num_inference_steps} steps, ours in {result['dtype_ours']}:")
+    if variants:
+        result["variants"] = {name: {"options": parse_variants(args.variant)[name], "settings": settings.get(name)} for name in variants}
+    print(f"{result['device']}, {args.model}, {args.num_inference_steps} steps; ours: {settings.get('ours')}")
     for batch_size in args.batch_size:
-        run(ours, batch_size, 3)  # compiles / captures for this shape
-        run(stock, batch_size, 3)
-        seconds = {"ours": [], "stock": []}
+        for name in list(pipelines):
+            pipelines.attempt(name, lambda name=name, batch_size=batch_size: run(name, batch_size, 3))  # compiles / captures for this shape
+        seconds = {name: [] for name in pipelines}
         for _ in range(args.repeats):
-            seconds["ours"].append(run(ours, batch_size, args.num_inference_steps))
-            seconds["stock"].append(run(stock, batch_size, args.num_inference_steps))
+            for name in list(pipelines):
+                elapsed = pipelines.attempt(name, lambda name=name, batch_size=batch_size: run(name, batch_size, args.num_inference_steps))
+                if elapsed is not None:
+                    seconds[name].append(elapsed)
         entry = {}
-        for name, values in seconds.items():
-            median = statistics.median(values)
+        print(f"  batch {batch_size}:")
+        for name in pipelines:
+            median = statistics.median(seconds[name])
             entry[f"{name}_unet_evals_per_s"] = batch_size * args.num_inference_steps / median
             entry[f"{name}_images_per_s"] = batch_size / median
             entry[f"{name}_hours_for_50k"] = 50000 / (batch_size / median) / 3600
             entry[f"{name}_mfu"] = entry[f"{name}_unet_evals_per_s"] * flops / peak
-        entry["speedup"] = entry["ours_unet_evals_per_s"] / entry["stock_unet_evals_per_s"]
+        for name in pipelines:
+            if "stock" in pipelines and name != "stock":
+                entry[f"{name}_speedup"] = entry[f"{name}_unet_evals_per_s"] / entry["stock_unet_evals_per_s"]
+            ratio = f"  {entry[f'{name}_speedup']:.2f}x stock" if f"{name}_speedup" in entry else ""
+            print(f"    {name:9s} {entry[f'{name}_unet_evals_per_s']:10.1f} UNet evals/s  {entry[f'{name}_images_per_s']:8.2f} img/s  "
+                  f"50k samples: {entry[f'{name}_hours_for_50k']:.2f} h  MFU {entry[f'{name}_mfu']:.1%}{ratio}")  # fmt: skip
+        entry["speedup"] = entry.get("ours_speedup")
         result["batches"][str(batch_size)] = entry
-        print(f"  batch {batch_size}:")
-        for name in ("ours", "stock"):
-            print(f"    {name:5s} {entry[f'{name}_unet_evals_per_s']:10.1f} UNet evals/s  {entry[f'{name}_images_per_s']:8.2f} img/s  "
-                  f"50k samples: {entry[f'{name}_hours_for_50k']:.2f} h  MFU {entry[f'{name}_mfu']:.1%}")  # fmt: skip
-        print(f"    ours / stock = {entry['speedup']:.2f}x")
-    best = max(result["batches"], key=lambda b: result["batches"][b]["ours_unet_evals_per_s"])
-    result["best_batch_size"] = int(best)
-    result.update(result["batches"][best])
-    if args.profile:
-        steps = min(args.profile_steps, args.num_inference_steps)
-        print(f"  profile: batch {best}, one call of {steps} steps each; times per sampling step")
-        calls = {name: (lambda pipeline=pipeline: run(pipeline, int(best), steps)) for name, pipeline in (("ours", ours), ("stock", stock))}
-        result["profile"] = profile_calls(calls, device, unit="step", units_per_call=steps, repeats=1)
+    measured = [b for b in result["batches"] if "ours_unet_evals_per_s" in result["batches"][b]]
+    if measured:
+        best = max(measured, key=lambda b: result["batches"][b]["ours_unet_evals_per_s"])
+        result["best_batch_size"] = int(best)
+        result.update(result["batches"][best])
+        if args.profile and "stock" in pipelines:
+            steps = min(args.profile_steps, args.num_inference_steps)
+            print(f"  profile: batch {best}, one call of {steps} steps each; times per sampling step")
+            calls = {name: (lambda name=name: run(name, int(best), steps)) for name in ("ours", "stock")}
+            profiled = pipelines.attempt("profile", lambda: profile_calls(calls, device, unit="step", units_per_call=steps, repeats=1))
+            if profiled is not None:
+                result["profile"] = profiled
+    if pipelines.failures:
+        result["failures"] = pipelines.failures
+        for name, failure in pipelines.failures.items():
+            print(f"  {name:9s} FAILED: {failure}")
     print(f"  MFU = UNet evals/s × {flops / 1e9:.3g} GFLOP ÷ the measured {peak_dtype} matmul peak, {peak / 1e12:.3g} TFLOP/s")
     append_json_lines(args.output, [result])
     return result

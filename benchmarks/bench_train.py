@@ -15,6 +15,12 @@ torch's default TF32 flags. The two are timed in alternating blocks and the medi
 reported; prints images/s for each and the ratio, peak memory on CUDA, and model FLOP
 utilization (:mod:`measure`: against the measured bf16 matmul peak on CUDA, the float32 one on the
 CPU). ``--profile`` adds each side's top kernels and how much of a step the device is busy.
+
+``--variant NAME=OPTIONS`` (repeatable) adds another configuration of ours, timed in the same
+alternating blocks, e.g. ``--variant 'eager=--no-compile_unet' --variant 'nchw=--no-channels_last'``
+for what compiling and the memory layout bring. Every variant runs in the mixed precision that
+ours does (one process holds one Accelerate state; run precisions in runs of their own). A
+contender that fails is recorded under ``failures`` with its error, and the rest are measured.
 """
 
 from __future__ import annotations
@@ -38,9 +44,11 @@ from ddpm_pipeline.unet import DDPMUNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
+    Contenders,
     append_json_lines,
     device_name,
     matmul_peak_flops,
+    parse_variants,
     profile_calls,
     synchronize,
     training_flops_per_image,
@@ -60,15 +68,11 @@ def tiny_dataset(folder: Path, count: int, resolution: int, channels: int) -> Pa
 
 
 class OurStep:
-    """train_ddpm.py's step, from its own Trainer."""
+    """train_ddpm.py's step, from its own Trainer, with ``options`` (train_ddpm.py's) on top of the
+    benchmark's; ``name`` names its output folder under ``workdir``."""
 
-    def __init__(self, args: argparse.Namespace, workdir: Path):
-        config = DDPMUNet.preset_config(args.model)
-        data = tiny_dataset(workdir / "data", args.batch_size, config["sample_size"], config["in_channels"])
-        options = ["--model", args.model, "--dataset_path", str(data), "--train_batch_size", str(args.batch_size),
-                   "--output_dir", str(workdir / "ours"), "--report_to", "none", "--max_train_steps", "1000000",
-                   "--lr_warmup_steps", "0", "--mixed_precision", args.mixed_precision, *args.ours]  # fmt: skip
-        self.trainer = Trainer(TrainingConfig.from_args(options))
+    def __init__(self, args: argparse.Namespace, workdir: Path, options: list[str], name: str = "ours"):
+        self.trainer = Trainer(TrainingConfig.from_args(our_options(args, workdir, name) + options))
         self.step_index = 0
 
     def describe(self) -> dict:
@@ -95,23 +99,43 @@ class StockStep:
         self.recipe.step(images)
 
 
-def time_blocks(steps: dict, images: torch.Tensor, device: torch.device, block: int, blocks: int) -> dict:
-    """Alternate ``block`` steps of each contender ``blocks`` times; median seconds per step, peak memory."""
+def our_options(args: argparse.Namespace, workdir: Path, name: str) -> list[str]:
+    """The train_ddpm.py options every configuration of ours shares (a data set of one batch made
+    once in ``workdir``, no warm-up, the benchmark's precision), before its own."""
+    config = DDPMUNet.preset_config(args.model)
+    data = workdir / "data"
+    if not data.exists():
+        tiny_dataset(data, args.batch_size, config["sample_size"], config["in_channels"])
+    return ["--model", args.model, "--dataset_path", str(data), "--train_batch_size", str(args.batch_size),
+            "--output_dir", str(workdir / name), "--report_to", "none", "--max_train_steps", "1000000",
+            "--lr_warmup_steps", "0", "--mixed_precision", args.mixed_precision]  # fmt: skip
+
+
+def time_blocks(steps: Contenders, images: torch.Tensor, device: torch.device, block: int, blocks: int) -> dict:
+    """Alternate ``block`` steps of each contender ``blocks`` times; median seconds per step, peak
+    memory. A contender that fails is dropped (``steps.failures`` says why)."""
     seconds = {name: [] for name in steps}
     memory = dict.fromkeys(steps, 0)
     for _ in range(blocks):
-        for name, step in steps.items():
+        for name, step in list(steps.items()):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(block):
-                step(images)
-            synchronize(device)
-            seconds[name].append((time.perf_counter() - start) / block)
+
+            def run_block(step=step) -> float:
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(block):
+                    step(images)
+                synchronize(device)
+                return (time.perf_counter() - start) / block
+
+            elapsed = steps.attempt(name, run_block)
+            if elapsed is None:
+                continue
+            seconds[name].append(elapsed)
             if device.type == "cuda":
                 memory[name] = max(memory[name], torch.cuda.max_memory_allocated(device))
-    return {name: (statistics.median(values), memory[name]) for name, values in seconds.items()}
+    return {name: (statistics.median(seconds[name]), memory[name]) for name in steps}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -120,60 +144,86 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="ddpm-cifar10-32")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--mixed_precision", default="auto", choices=["auto", "no", "bf16", "fp16"], help="ours (stock uses fp16 on CUDA)")
+    parser.add_argument("--variant", action="append", metavar="NAME=OPTIONS", help="another configuration of ours (train_ddpm.py options)")
     parser.add_argument("--profile", action="store_true", help="also print each side's top kernels")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each first")
     parser.add_argument("--block", type=int, default=5, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=4, help="timed blocks of each")
     parser.add_argument("--output", type=Path, help="append the result as a JSON line")
     args, args.ours = parser.parse_known_args(argv)
+    try:
+        variants = parse_variants(args.variant)
+    except ValueError as error:
+        parser.error(str(error))
+    if any(option.startswith("--mixed_precision") for options in variants.values() for option in options):
+        parser.error("--variant cannot change --mixed_precision: one process holds one Accelerate state. "
+                     "Run each precision as a run of its own (--mixed_precision).")  # fmt: skip
     device = torch.device(args.device)
+    config = DDPMUNet.preset_config(args.model)
+    shape = (args.batch_size, config["in_channels"], config["sample_size"], config["sample_size"])
+    images = torch.rand(shape, generator=torch.Generator().manual_seed(0)).mul(2).sub(1).to(device)
+    settings = {}
     with tempfile.TemporaryDirectory() as folder:
-        ours = OurStep(args, Path(folder))
-        if ours.trainer.accelerator.device.type != device.type:
-            parser.error(f"Accelerate chose {ours.trainer.accelerator.device}, not --device {device}.")
-        stock = StockStep(args, device)
-        config = DDPMUNet.preset_config(args.model)
-        shape = (args.batch_size, config["in_channels"], config["sample_size"], config["sample_size"])
-        images = torch.rand(shape, generator=torch.Generator().manual_seed(0)).mul(2).sub(1).to(device)
-        for _ in range(args.warmup):
-            ours(images)
-            stock(images)
-        timed = time_blocks({"ours": ours, "stock": stock}, images, device, args.block, args.blocks)
+        contenders = Contenders()
+        for name, options in {"ours": [], **variants}.items():
+            contenders.add(name, lambda name=name, options=options: OurStep(args, Path(folder), [*args.ours, *options], name))
+            if name in contenders:
+                trainer = contenders[name].trainer
+                if trainer.accelerator.device.type != device.type:
+                    parser.error(f"Accelerate chose {trainer.accelerator.device}, not --device {device}.")
+                settings[name] = contenders[name].describe()
+        contenders.add("stock", lambda: StockStep(args, device))
+        for name, step in list(contenders.items()):
+            contenders.attempt(name, lambda step=step: [step(images) for _ in range(args.warmup)])
+        timed = time_blocks(contenders, images, device, args.block, args.blocks)
         profiled = None
-        if args.profile:
-            profiled = profile_calls({"ours": lambda: ours(images), "stock": lambda: stock(images)}, device, unit="step")
-        settings = ours.describe()
+        if args.profile and {"ours", "stock"} <= set(contenders):
+            profiled = contenders.attempt("profile", lambda: profile_calls(
+                {"ours": lambda: contenders["ours"](images), "stock": lambda: contenders["stock"](images)}, device, unit="step"))  # fmt: skip
     peak, peak_dtype = matmul_peak_flops(device)
     flops = training_flops_per_image(args.model)
     result = {
         "device": device_name(device),
         "model": args.model,
         "batch_size": args.batch_size,
-        "ours_settings": settings,
+        "ours_settings": settings.get("ours"),
         "ours_extra_options": args.ours,
-        "mixed_precision_ours": settings["mixed_precision"],
+        "mixed_precision_ours": settings["ours"]["mixed_precision"] if "ours" in settings else None,
         "mixed_precision_stock": "fp16" if device.type == "cuda" else "no",
         "torch": torch.__version__,
     }
     for name, (seconds, memory) in timed.items():
-        result[f"{name}_images_per_s"] = args.batch_size / seconds
-        result[f"{name}_steps_per_s"] = 1 / seconds
+        measured = {"images_per_s": args.batch_size / seconds, "steps_per_s": 1 / seconds}
         if device.type == "cuda":
-            result[f"{name}_peak_memory_gib"] = memory / 2**30
-        result[f"{name}_mfu"] = args.batch_size / seconds * flops / peak
+            measured["peak_memory_gib"] = memory / 2**30
+        measured["mfu"] = args.batch_size / seconds * flops / peak
+        if name in variants:
+            result.setdefault("variants", {})[name] = {"options": variants[name], "settings": settings[name], **measured}
+        else:
+            result.update({f"{name}_{key}": value for key, value in measured.items()})
     result["training_gflop_per_image"] = flops / 1e9
     result["matmul_peak_tflops"] = peak / 1e12
     result["matmul_peak_dtype"] = peak_dtype
-    result["speedup"] = result["ours_images_per_s"] / result["stock_images_per_s"]
+    stock = result.get("stock_images_per_s")
+    result["speedup"] = result["ours_images_per_s"] / stock if stock and "ours_images_per_s" in result else None
+    for entry in result.get("variants", {}).values():
+        entry["speedup"] = entry["images_per_s"] / stock if stock else None
+    if contenders.failures:
+        result["failures"] = contenders.failures
     if profiled is not None:
         result["profile"] = profiled
-    print(f"{result['device']}, {args.model}, batch {args.batch_size}; ours: {settings}")
-    for name in ("ours", "stock"):
-        extra = f", {result[f'{name}_peak_memory_gib']:.2f} GiB" if device.type == "cuda" else ""
-        print(f"  {name:5s} {result[f'{name}_images_per_s']:9.1f} img/s  {result[f'{name}_steps_per_s']:7.2f} steps/s{extra}, "
-              f"MFU {result[f'{name}_mfu']:.1%}")  # fmt: skip
-    print(f"  ours / stock = {result['speedup']:.2f}x; MFU = img/s × {flops / 1e9:.3g} GFLOP ÷ the measured "
-          f"{peak_dtype} matmul peak, {peak / 1e12:.3g} TFLOP/s")  # fmt: skip
+    print(f"{result['device']}, {args.model}, batch {args.batch_size}; ours: {settings.get('ours')}")
+    sides = {name: {key.removeprefix(f"{name}_"): value for key, value in result.items() if key.startswith(f"{name}_")}
+             for name in ("ours", "stock") if f"{name}_images_per_s" in result}  # fmt: skip
+    rows = {**{name: row for name, row in sides.items() if name == "ours"}, **result.get("variants", {}),
+            **{name: row for name, row in sides.items() if name == "stock"}}  # fmt: skip
+    for name, row in rows.items():
+        extra = f", {row['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in row else ""
+        ratio = f", {row['images_per_s'] / stock:.2f}x stock" if stock and name != "stock" else ""
+        print(f"  {name:7s} {row['images_per_s']:9.1f} img/s  {row['steps_per_s']:7.2f} steps/s{extra}, MFU {row['mfu']:.1%}{ratio}")
+    for name, failure in contenders.failures.items():
+        print(f"  {name:7s} FAILED: {failure}")
+    print(f"  MFU = img/s × {flops / 1e9:.3g} GFLOP ÷ the measured {peak_dtype} matmul peak, {peak / 1e12:.3g} TFLOP/s")
     append_json_lines(args.output, [result])
     return result
 

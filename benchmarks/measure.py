@@ -9,11 +9,17 @@ compute), training as 3 × the counted forward. The peak is *measured*, not a da
 bf16 matmuls on CUDA (the issue's definition) and float32 matmuls on the CPU, where the benchmarks
 run in float32 — so a CPU MFU near 1 means the step already runs at the speed of this machine's
 best GEMM.
+
+Both benchmarks also take ``--variant NAME=OPTIONS``: more configurations of ours, timed in the same
+run (an ablation of the fast paths). A contender that fails — a compiler error on a new GPU, say —
+is recorded with its error and dropped, and the others are still measured: a GPU session's call
+is too dear to lose to one failure.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +82,56 @@ def matmul_peak_flops(device: torch.device) -> tuple[float, str]:
         synchronize(device)
         best = min(best, (time.perf_counter() - start) / 5)
     return 2 * size**3 / best, str(dtype).removeprefix("torch.")
+
+
+RESERVED_NAMES = ("ours", "stock")
+
+
+def parse_variants(specs: list[str] | None) -> dict[str, list[str]]:
+    """``--variant NAME=OPTIONS`` values → ``{NAME: OPTIONS split as a shell would}``, in order;
+    a malformed, reserved or repeated name raises ``ValueError`` saying which."""
+    variants: dict[str, list[str]] = {}
+    for spec in specs or ():
+        name, separator, options = spec.partition("=")
+        if not separator or not name.strip():
+            raise ValueError(f"--variant {spec!r}: write NAME=OPTIONS, e.g. --variant 'eager=--no-compile_unet'.")
+        if name in RESERVED_NAMES or name in variants:
+            raise ValueError(f"--variant {spec!r}: the name {name!r} is taken; give each variant a name of its own.")
+        variants[name] = shlex.split(options)
+    return variants
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line for a contender's error in a benchmark's record: its type and first two lines."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {' '.join(lines[:2])}"[:500]
+
+
+class Contenders(dict):
+    """The benchmark's contenders by name, and ``failures``: each dropped one's error (one line)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures: dict[str, str] = {}
+
+    def attempt(self, name: str, work: Callable[[], object]) -> object | None:
+        """Run ``work`` for contender ``name``; if it raises, record the failure, drop the contender
+        (freeing what CUDA memory it held) and return ``None``."""
+        try:
+            return work()
+        except Exception as error:  # a benchmark records any failure and goes on with the others
+            self.failures[name] = describe_failure(error)
+            print(f"  {name}: failed and dropped — {self.failures[name]}", flush=True)
+            self.pop(name, None)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
+
+    def add(self, name: str, build: Callable[[], object]) -> None:
+        """Build contender ``name`` (see :meth:`attempt`) and keep it if that worked."""
+        built = self.attempt(name, build)
+        if built is not None:
+            self[name] = built
 
 
 def append_json_lines(path: Path | None, records: list[dict]) -> None:

@@ -50,6 +50,31 @@ def test_bench_train_on_the_cpu(tmp_path):
     assert json.loads(output.read_text())["model"] == "ddpm-tiny-16"
 
 
+def _failing_compiler(graph, example_inputs):
+    raise RuntimeError("Cannot find a working triton installation")
+
+
+def test_bench_train_times_variants_and_survives_a_failing_one(tmp_path, monkeypatch):
+    """An ablation in the same run; a contender whose torch.compile fails (as on a GPU without
+    Triton) is recorded with its error, and the others are still measured."""
+    monkeypatch.setattr("ddpm_pipeline.training.compile_module", lambda module, mode=None: module.compile(backend=_failing_compiler))
+    result = load("bench_train").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "4", "--warmup", "1",
+                                       "--block", "1", "--blocks", "2", "--variant", "nhwc=--channels_last --fused_adam",
+                                       "--variant", "compiled=--compile_unet"])  # fmt: skip
+    assert result["ours_settings"]["channels_last"] is False and result["ours_images_per_s"] > 0
+    nhwc = result["variants"]["nhwc"]
+    assert nhwc["options"] == ["--channels_last", "--fused_adam"]
+    assert nhwc["settings"]["channels_last"] is True and nhwc["settings"]["fused_adam"] is True
+    assert nhwc["speedup"] == pytest.approx(nhwc["images_per_s"] / result["stock_images_per_s"])
+    assert set(result["variants"]) == {"nhwc"}
+    assert result["failures"]["compiled"].startswith("BackendCompilerFailed: ")
+    assert "working triton installation" in result["failures"]["compiled"]
+    with pytest.raises(SystemExit):  # one process holds one Accelerate state
+        load("bench_train").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--variant", "fp=--mixed_precision no"])
+    with pytest.raises(SystemExit):
+        load("bench_train").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--variant", "stock=--channels_last"])
+
+
 def test_bench_sample_on_the_cpu(tmp_path):
     result = load("bench_sample").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "2", "3",
                                         "--num_inference_steps", "3", "--repeats", "1", "--profile"])  # fmt: skip
@@ -61,6 +86,25 @@ def test_bench_sample_on_the_cpu(tmp_path):
     # the profile: one sampling call of 3 steps each, kernels per step, the UNet's convolutions among them
     assert set(result["profile"]) == {"ours", "stock"}
     assert any("convolution" in kernel for kernel, _, _ in result["profile"]["stock"]["top"])
+
+
+def test_bench_sample_times_variants_and_survives_a_failing_one(monkeypatch):
+    monkeypatch.setattr("ddpm_pipeline.pipeline_ddpm_target.compile_module",
+                        lambda module, mode=None: module.compile(backend=_failing_compiler))  # fmt: skip
+    result = load("bench_sample").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "2", "3",
+                                        "--num_inference_steps", "2", "--repeats", "1", "--variant", "nhwc=--channels_last",
+                                        "--variant", "compiled=--compile --compile_mode default"])  # fmt: skip
+    assert result["variants"]["nhwc"] == {"options": ["--channels_last"],
+                                          "settings": {"dtype": "float32", "channels_last": True, "compiled": False}}  # fmt: skip
+    for batch in ("2", "3"):
+        entry = result["batches"][batch]
+        assert entry["nhwc_unet_evals_per_s"] > 0 and entry["ours_unet_evals_per_s"] > 0
+        assert entry["nhwc_speedup"] == pytest.approx(entry["nhwc_unet_evals_per_s"] / entry["stock_unet_evals_per_s"])
+        assert "compiled_unet_evals_per_s" not in entry
+    assert result["variants"]["compiled"]["settings"]["compiled"] is True
+    assert "torch.compile failed on the UNet" in result["failures"]["compiled"]
+    with pytest.raises(SystemExit):
+        load("bench_sample").main(["--device", "cpu", "--variant", "eager"])  # NAME=OPTIONS
 
 
 def test_winograd_convolution_is_the_same_convolution():
