@@ -11,7 +11,9 @@
 # Parts: setup (wheels into .site, data into .data), weights (join the Inception weights' parts
 # and check them), floor, run:RECIPE, report. Each study command gets what is left of the call as
 # --stop_after_minutes (CALL_MINUTES, default 9, in all) and the options in $QUALITY_OPTIONS
-# (e.g. "--budget 5 --milestones 1,2,3"); one that stops early (exit 3) ends the call, and the
+# (e.g. "--budget 5 --milestones 1,2,3"), and our recipes (not stock) the train_ddpm.py options in
+# $OUR_TRAIN_OPTIONS (e.g. "--no-compile_unet" if gpu_session.sh found torch.compile failing on
+# the GPU; a recipe's record keeps them); one that stops early (exit 3) ends the call, and the
 # same part in the next call continues it. Training needs no weights, so a recipe can start in
 # the first call and be scored once the weights are joined. Returns $OUT/quality.tgz: the
 # records, evaluation reports, sample grids, loss curves and the log.
@@ -75,7 +77,11 @@ for part in "$@"; do
     weights) join_weights; rc=$? ;;
     floor) study floor; rc=$? ;;
     run:*)
-      if [[ -f $weights ]]; then study run "${part#run:}"; else study run "${part#run:}" --train_only; fi
+      recipe=${part#run:} options=()
+      # shellcheck disable=SC2206
+      [[ $recipe != stock ]] && options=(${OUR_TRAIN_OPTIONS:-})
+      [[ -f $weights ]] || options+=(--train_only)
+      study run "$recipe" "${options[@]}"
       rc=$? ;;
     report)
       python3 benchmarks/quality_fmnist.py report --results "$work/results.jsonl" --markdown "$work/study.md" \
