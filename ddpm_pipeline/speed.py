@@ -156,8 +156,8 @@ def resolve_compile(requested: bool | None, device: torch.device | str, off_swit
     if reason is None:
         return wanted
     if requested:
-        raise ValueError(f"torch.compile was asked for, but {reason}. Install Triton for this GPU, or run without "
-                         f"compiling ({off_switch}): the results are the same, only slower.")  # fmt: skip
+        raise ValueError(f"torch.compile was asked for, but {reason}. Run without compiling ({off_switch}): "
+                         "the results are the same, only slower.")  # fmt: skip
     logger.warning(f"torch.compile stays off: {reason}. Running eagerly (the same results, only slower).")
     return False
 
