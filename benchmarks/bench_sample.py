@@ -77,6 +77,7 @@ def our_pipeline(unet: DDPMUNet, device: torch.device, options: argparse.Namespa
 
 
 def describe(pipeline: DDPMTargetPipeline) -> dict:
+    """What a configuration of ours turned into: its UNet's dtype, memory layout, and whether it is compiled."""
     unet = pipeline.unet
     return {"dtype": str(unet.dtype).removeprefix("torch."), "channels_last": is_channels_last(unet),
             "compiled": getattr(unet, "_compiled_call_impl", None) is not None}  # fmt: skip
