@@ -213,26 +213,26 @@ class DDPMTargetPipeline(DDPMPipeline):
         learned_variance_channels = self.unet.config.out_channels == 2 * self.unet.config.in_channels
         snapshots: dict[str, list[torch.Tensor]] = {"samples": [], "noise": [], "x0": []}
 
-        for index, t in enumerate(self.progress_bar(scheduler.timesteps)):
-            if device.type == "cuda":
-                torch.compiler.cudagraph_mark_step_begin()  # a compiled UNet's CUDA graph may reuse its output
-            state = scheduler.scale_model_input(image, t)  # x_t itself except for Euler-type schedulers
-            unet_input = state.to(dtype=unet_dtype, memory_format=memory_format)
-            with explain_compile_failure(UNCOMPILED_SAMPLING):
+        with explain_compile_failure(UNCOMPILED_SAMPLING):  # once per call, not per step
+            for index, t in enumerate(self.progress_bar(scheduler.timesteps)):
+                if device.type == "cuda":
+                    torch.compiler.cudagraph_mark_step_begin()  # a compiled UNet's CUDA graph may reuse its output
+                state = scheduler.scale_model_input(image, t)  # x_t itself except for Euler-type schedulers
+                unet_input = state.to(dtype=unet_dtype, memory_format=memory_format)
                 model_output = self.unet(unet_input, unet_timesteps[index]).sample
-            if model_output.dtype != image.dtype:
-                model_output = model_output.to(image.dtype)  # the scheduler's arithmetic in float32
-            if learned_variance_channels and not isinstance(scheduler, DDPMTargetScheduler):
-                model_output = model_output[:, : image.shape[1]]  # DDIM and the solvers take the prediction alone
-            step = scheduler.step(model_output, t, image, **step_options)
-            if int(t) in record:  # x̂0 as the step used it (clipped if the config says so), where it tells
-                x_t = state.float()
-                x0 = getattr(step, "pred_original_sample", None)
-                x0 = explain.predict_x0(model_output, x_t, int(t)) if x0 is None else x0
-                snapshots["samples"].append(x_t.cpu())
-                snapshots["noise"].append(explain.predict_epsilon(model_output, x_t, int(t)).cpu())
-                snapshots["x0"].append(x0.float().cpu())
-            image = step.prev_sample
+                if model_output.dtype != image.dtype:
+                    model_output = model_output.to(image.dtype)  # the scheduler's arithmetic in float32
+                if learned_variance_channels and not isinstance(scheduler, DDPMTargetScheduler):
+                    model_output = model_output[:, : image.shape[1]]  # DDIM and the solvers take the prediction alone
+                step = scheduler.step(model_output, t, image, **step_options)
+                if int(t) in record:  # x̂0 as the step used it (clipped if the config says so), where it tells
+                    x_t = state.float()
+                    x0 = getattr(step, "pred_original_sample", None)
+                    x0 = explain.predict_x0(model_output, x_t, int(t)) if x0 is None else x0
+                    snapshots["samples"].append(x_t.cpu())
+                    snapshots["noise"].append(explain.predict_epsilon(model_output, x_t, int(t)).cpu())
+                    snapshots["x0"].append(x0.float().cpu())
+                image = step.prev_sample
 
         trajectory = None
         if record:

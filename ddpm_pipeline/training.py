@@ -681,8 +681,12 @@ class Trainer:
 
     def run(self) -> TrainingResult:
         """Train, with the stop signals turned into a request to checkpoint and stop (see
-        :mod:`ddpm_pipeline.stop_signals`) for as long as the run lasts."""
-        with StopRequest(self.config.checkpoint_on_signals, watch_launcher=started_by_launcher()) as self.stop_request:
+        :mod:`ddpm_pipeline.stop_signals`) for as long as the run lasts, and a failure of
+        ``torch.compile`` on the UNet explained (:func:`~ddpm_pipeline.speed.explain_compile_failure`)."""
+        with (
+            StopRequest(self.config.checkpoint_on_signals, watch_launcher=started_by_launcher()) as self.stop_request,
+            explain_compile_failure("train again with --no-compile_unet (and --resume_from_checkpoint latest)"),
+        ):
             result = self._run()
         if result.finished and self.stop_request.received:
             logger.warning(f"{self.stop_request.received} came after training had ended; the outputs are complete")
@@ -739,8 +743,7 @@ class Trainer:
             for batch_index, images in enumerate(loader, start=skip):
                 seed = micro_batch_seed(config.seed, epoch, batch_index)
                 try:
-                    with explain_compile_failure("train again with --no-compile_unet (and --resume_from_checkpoint latest)"):
-                        micro_records.append(self.training_step(images, seed))
+                    micro_records.append(self.training_step(images, seed))
                 except torch.OutOfMemoryError as error:
                     raise self._out_of_memory(error, global_step + 1) from error
                 if not accelerator.sync_gradients:
