@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, help="append the result as a JSON line")
     args = parser.parse_args(argv)
     try:
-        variants = {name: fast_path_options().parse_args(options) for name, options in parse_variants(args.variant).items()}
+        variant_options = parse_variants(args.variant)
+        variants = {name: fast_path_options().parse_args(options) for name, options in variant_options.items()}
     except ValueError as error:
         parser.error(str(error))
     device = torch.device(args.device)
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batches": {},
     }
     if variants:
-        result["variants"] = {name: {"options": parse_variants(args.variant)[name], "settings": settings.get(name)} for name in variants}
+        result["variants"] = {name: {"options": options, "settings": settings.get(name)} for name, options in variant_options.items()}
     print(f"{result['device']}, {args.model}, {args.num_inference_steps} steps; ours: {settings.get('ours')}")
     for batch_size in args.batch_size:
         for name in list(pipelines):

@@ -192,20 +192,22 @@ def main(argv: list[str] | None = None) -> dict:
         "mixed_precision_stock": "fp16" if device.type == "cuda" else "no",
         "torch": torch.__version__,
     }
+    measured = {}  # in the contenders' order: ours, its variants, stock
     for name, (seconds, memory) in timed.items():
-        measured = {"images_per_s": args.batch_size / seconds, "steps_per_s": 1 / seconds}
+        measured[name] = {"images_per_s": args.batch_size / seconds, "steps_per_s": 1 / seconds}
         if device.type == "cuda":
-            measured["peak_memory_gib"] = memory / 2**30
-        measured["mfu"] = args.batch_size / seconds * flops / peak
+            measured[name]["peak_memory_gib"] = memory / 2**30
+        measured[name]["mfu"] = args.batch_size / seconds * flops / peak
+    stock = measured.get("stock", {}).get("images_per_s")
+    for name, row in measured.items():
         if name in variants:
-            result.setdefault("variants", {})[name] = {"options": variants[name], "settings": settings[name], **measured}
+            result.setdefault("variants", {})[name] = {"options": variants[name], "settings": settings[name], **row}
         else:
-            result.update({f"{name}_{key}": value for key, value in measured.items()})
+            result.update({f"{name}_{key}": value for key, value in row.items()})
     result["training_gflop_per_image"] = flops / 1e9
     result["matmul_peak_tflops"] = peak / 1e12
     result["matmul_peak_dtype"] = peak_dtype
-    stock = result.get("stock_images_per_s")
-    result["speedup"] = result["ours_images_per_s"] / stock if stock and "ours_images_per_s" in result else None
+    result["speedup"] = measured["ours"]["images_per_s"] / stock if stock and "ours" in measured else None
     for entry in result.get("variants", {}).values():
         entry["speedup"] = entry["images_per_s"] / stock if stock else None
     if contenders.failures:
@@ -213,11 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
     if profiled is not None:
         result["profile"] = profiled
     print(f"{result['device']}, {args.model}, batch {args.batch_size}; ours: {settings.get('ours')}")
-    sides = {name: {key.removeprefix(f"{name}_"): value for key, value in result.items() if key.startswith(f"{name}_")}
-             for name in ("ours", "stock") if f"{name}_images_per_s" in result}  # fmt: skip
-    rows = {**{name: row for name, row in sides.items() if name == "ours"}, **result.get("variants", {}),
-            **{name: row for name, row in sides.items() if name == "stock"}}  # fmt: skip
-    for name, row in rows.items():
+    for name, row in measured.items():
         extra = f", {row['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in row else ""
         ratio = f", {row['images_per_s'] / stock:.2f}x stock" if stock and name != "stock" else ""
         print(f"  {name:7s} {row['images_per_s']:9.1f} img/s  {row['steps_per_s']:7.2f} steps/s{extra}, MFU {row['mfu']:.1%}{ratio}")

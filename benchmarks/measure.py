@@ -28,6 +28,7 @@ import torch
 from diffusers import UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
+from ddpm_pipeline.speed import summarize_error
 from ddpm_pipeline.unet import DDPMUNet
 
 #: Training FLOPs per image fixed by issue 7 (forward + backward = 3 × 12.1 GFLOP, DESIGN.md §2).
@@ -102,9 +103,8 @@ def parse_variants(specs: list[str] | None) -> dict[str, list[str]]:
 
 
 def describe_failure(error: BaseException) -> str:
-    """One line for a contender's error in a benchmark's record: its type and first two lines."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {' '.join(lines[:2])}"[:500]
+    """One line for a contender's error in a benchmark's record (:func:`summarize_error`, at most 500 characters)."""
+    return summarize_error(error)[:500]
 
 
 class Contenders(dict):

@@ -162,6 +162,13 @@ def resolve_compile(requested: bool | None, device: torch.device | str, off_swit
     return False
 
 
+def summarize_error(error: BaseException) -> str:
+    """An error in one line: its type and the first two non-empty lines of its message (Dynamo's
+    first line only names the backend; the second says what failed)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {' '.join(lines[:2])}"
+
+
 @contextmanager
 def explain_compile_failure(off_switch: str) -> Iterator[None]:
     """Turn an error of ``torch.compile`` inside the block (Dynamo or Inductor failing on the
@@ -174,9 +181,8 @@ def explain_compile_failure(off_switch: str) -> Iterator[None]:
 
         if not isinstance(error, TorchDynamoException):
             raise
-        summary = " ".join([line.strip() for line in str(error).splitlines() if line.strip()][:2])
         raise RuntimeError(
-            f"torch.compile failed on the UNet ({type(error).__name__}: {summary}). The model and data are "
+            f"torch.compile failed on the UNet ({summarize_error(error)}). The model and data are "
             f"fine; without compiling, which computes the same results only slower: {off_switch}."
         ) from error
 
