@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .schedules import is_learned_variance, model_output_channels
+from .unet import downsampling_factor, nearest_trainable_size
 
 #: Bytes one checkpoint holds per parameter: fp32 weights, EMA weights, AdamW's two moments.
 CHECKPOINT_BYTES_PER_PARAMETER = 16
@@ -62,11 +63,11 @@ def check_unet_config(config: dict[str, Any], variance_type: str = "fixed_small"
     groups divide."""
     problems = []
     levels = len(config["block_out_channels"])
-    factor = 2 ** (levels - 1)
+    factor = downsampling_factor(config)
     size = config["sample_size"]
     sizes = [size] if isinstance(size, int) else list(size)
     if any(s % factor for s in sizes):
-        nearest = sorted({max(factor, round(s / factor) * factor) for s in sizes})
+        nearest = sorted({nearest_trainable_size(s, factor) for s in sizes})
         problems.append(
             f"resolution {size} is not divisible by {factor}, the UNet's down-sampling over {levels} levels: "
             f"use --resolution {nearest[0]} (or a multiple of {factor})."

@@ -63,6 +63,49 @@ PRESETS: dict[str, dict[str, Any]] = {
         "norm_num_groups": 8,
         "dropout": 0.0,
     },
+    # Larger images, the DDPM design carried to them: 128 base channels, two ResNet blocks per
+    # level, single-head self-attention at 16x16 only; guided-diffusion's channel multipliers
+    # (1,2,3,4) at 64 and (1,1,2,3,4) at 128. Dropout 0.1 as for CIFAR-10: own data sets are small.
+    "ddpm-64": {
+        **_DDPM_COMMON,
+        "sample_size": 64,
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 2,
+        "block_out_channels": (128, 256, 384, 512),
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 32,
+        "dropout": 0.1,
+    },
+    "ddpm-128": {
+        **_DDPM_COMMON,
+        "sample_size": 128,
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 2,
+        "block_out_channels": (128, 128, 256, 384, 512),
+        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 32,
+        "dropout": 0.1,
+    },
+    # Ho et al. 2020, CelebA-HQ and LSUN at 256x256 (`google/ddpm-celebahq-256`, and the church,
+    # bedroom and cat models): channel multipliers (1,1,2,2,4,4), attention at 16x16, no dropout.
+    "ddpm-celebahq-256": {
+        **_DDPM_COMMON,
+        "sample_size": 256,
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": 2,
+        "block_out_channels": (128, 128, 256, 256, 512, 512),
+        "down_block_types": (
+            "DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
+        ),
+        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        "norm_num_groups": 32,
+        "dropout": 0.0,
+    },
     # For tests: a few thousand parameters per block, 16x16.
     "ddpm-tiny-16": {
         **_DDPM_COMMON,
@@ -77,6 +120,36 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dropout": 0.0,
     },
 }
+
+#: Without ``--model``, the network for images of a given size: the first preset made for images
+#: at least that large, else the last (see :func:`preset_for_image_size`).
+PRESETS_BY_IMAGE_SIZE: tuple[tuple[int, str], ...] = (
+    (32, "ddpm-small-28"),
+    (64, "ddpm-64"),
+    (128, "ddpm-128"),
+    (256, "ddpm-celebahq-256"),
+)
+
+
+def preset_for_image_size(size: int) -> str:
+    """The preset for ``size``-pixel images: the small CPU network up to 32 pixels (the main job's),
+    then the DDPM design for 64, 128 and 256 (:data:`PRESETS_BY_IMAGE_SIZE`)."""
+    for largest, name in PRESETS_BY_IMAGE_SIZE:
+        if size <= largest:
+            return name
+    return PRESETS_BY_IMAGE_SIZE[-1][1]
+
+
+def downsampling_factor(config: dict[str, Any]) -> int:
+    """How much a `UNet2DModel` shrinks its input: ``2^(levels - 1)``, each level but the last
+    halving it; image sides must be multiples of it."""
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def nearest_trainable_size(size: int, factor: int) -> int:
+    """The multiple of ``factor`` nearest ``size`` (the larger one on a tie: padding a little beats
+    cropping), at least ``factor``."""
+    return max(factor, (size + factor // 2) // factor * factor)
 
 
 class DDPMUNet(UNet2DModel):
