@@ -256,6 +256,95 @@ def _to_8bit_opaque(image: Image.Image) -> Image.Image:
     return image
 
 
+#: PIL modes without colour: their images train as one channel.
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+class ImageSource:
+    """A `datasets.Dataset`'s image column, opened one image at a time as PIL images; a file that
+    cannot be read raises `BadImageError` naming it (decoded here rather than in `datasets`)."""
+
+    def __init__(self, dataset: datasets.Dataset, image_column: str):
+        if len(dataset) == 0:
+            raise ValueError("The training data set is empty.")
+        self.images = dataset.select_columns([image_column])
+        self.undecoded = isinstance(dataset.features.get(image_column), datasets.Image)
+        if self.undecoded:
+            self.images = self.images.cast_column(image_column, datasets.Image(decode=False))
+        self.image_column = image_column
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def open(self, index: int, load: bool = True) -> Image.Image:
+        """Image ``index``; with ``load=False`` only its header is read (size and mode), not its pixels."""
+        item = self.images[int(index)][self.image_column]
+        if not self.undecoded:
+            if not isinstance(item, Image.Image):
+                raise TypeError(
+                    f"Column {self.image_column!r} holds {type(item).__name__}, not images: pass --image_column."
+                )
+            return item
+        try:
+            image = Image.open(io.BytesIO(item["bytes"])) if item.get("bytes") else Image.open(item["path"])
+            if load:
+                image.load()
+            return image
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise BadImageError(f"{self.name(index)} cannot be used: {type(error).__name__}: {error}") from error
+
+    def name(self, index: int) -> str:
+        """How messages name image ``index``: its file, where it has one."""
+        if self.undecoded:
+            return self.images[int(index)][self.image_column].get("path") or f"image {index} (stored in the data set)"
+        return f"image {index}"
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """What a data set's images look like, from :func:`inspect_images`: ``size`` is the median of
+    their shorter sides, ``channels`` 3 if any of them has colour (a mode outside
+    :data:`GRAY_MODES`), else 1."""
+
+    size: int
+    channels: int
+    smallest: int
+    largest: int
+    inspected: int
+
+    def describe(self) -> str:
+        sides = f"{self.size}px" if self.smallest == self.largest else f"shorter sides {self.smallest}–{self.largest}px, median {self.size}"
+        colour = "RGB" if self.channels == 3 else "grayscale"
+        return f"{colour}, {sides} ({self.inspected} images inspected)"
+
+
+def inspect_images(source: ImageSource, max_images: int = 64) -> ImageFormat:
+    """The :class:`ImageFormat` of ``max_images`` images spread evenly over ``source`` (headers
+    only: nothing is decoded); unreadable ones are passed over."""
+    count, wanted = len(source), min(len(source), max_images)
+    indices = sorted({round(i * (count - 1) / max(1, wanted - 1)) for i in range(wanted)})
+    shorter_sides, colour = [], False
+    for index in indices:
+        try:
+            image = source.open(index, load=False)
+        except BadImageError:
+            continue
+        shorter_sides.append(min(image.size))
+        colour = colour or image.mode not in GRAY_MODES
+    if not shorter_sides:
+        raise ValueError(
+            f"None of the {len(indices)} images inspected can be read: check the files, or pass --resolution and --channels."
+        )
+    shorter_sides.sort()
+    return ImageFormat(
+        size=shorter_sides[(len(shorter_sides) - 1) // 2],
+        channels=3 if colour else 1,
+        smallest=shorter_sides[0],
+        largest=shorter_sides[-1],
+        inspected=len(shorter_sides),
+    )
+
+
 class TrainingImages(torch.utils.data.Dataset):
     """A `datasets.Dataset`'s image column as preprocessed tensors ``[C, R, R]`` in [-1, 1].
 
@@ -270,42 +359,23 @@ class TrainingImages(torch.utils.data.Dataset):
         preprocess: ImagePreprocessor,
         bad_images: str = "skip",
     ):
-        if len(dataset) == 0:
-            raise ValueError("The training data set is empty.")
         if bad_images not in BAD_IMAGE_POLICIES:
             raise ValueError(f"bad_images must be one of {', '.join(BAD_IMAGE_POLICIES)}, got {bad_images!r}.")
-        self.images = dataset.select_columns([image_column])
-        # Decode here rather than in `datasets`, so a bad file is caught and named.
-        self.undecoded = isinstance(dataset.features.get(image_column), datasets.Image)
-        if self.undecoded:
-            self.images = self.images.cast_column(image_column, datasets.Image(decode=False))
-        self.image_column = image_column
+        self.source = ImageSource(dataset, image_column)
         self.preprocess = ImagePreprocessor(preprocess.resolution, preprocess.channels, preprocess.resize_mode)
         self.bad_images = bad_images
         self.skipped: set[int] = set()
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.source)
 
     def load(self, index: int) -> torch.Tensor:
         """Image ``index`` preprocessed; `BadImageError` naming it when it cannot be."""
-        item = self.images[int(index)][self.image_column]
-        if self.undecoded:
-            name = item.get("path") or f"image {index} (stored in the data set)"
-            try:
-                image = Image.open(io.BytesIO(item["bytes"])) if item.get("bytes") else Image.open(item["path"])
-                image.load()
-                return self.preprocess(image)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-                raise BadImageError(f"{name} cannot be used: {type(error).__name__}: {error}") from error
-        if not isinstance(item, Image.Image):
-            raise TypeError(
-                f"Column {self.image_column!r} holds {type(item).__name__}, not images: pass --image_column."
-            )
+        image = self.source.open(index)
         try:
-            return self.preprocess(item)
+            return self.preprocess(image)
         except ValueError as error:
-            raise BadImageError(f"image {index} cannot be used: {error}") from error
+            raise BadImageError(f"{self.source.name(index)} cannot be used: {error}") from error
 
     def __getitem__(self, index: int) -> torch.Tensor:
         """Image ``index``; a bad one is, with ``bad_images="skip"``, replaced by the next readable

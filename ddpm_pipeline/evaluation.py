@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .bound_store import BoundStore
-from .data import ImagePreprocessor
+from .data import GRAY_MODES, ImagePreprocessor
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .inception_weights import file_digest
 from .likelihood import BoundTerms, variational_bound
@@ -221,7 +221,7 @@ def samples_preprocessing(files: list[Path], config: EvaluationConfig) -> ImageP
 
     with Image.open(files[0]) as first:
         size, mode = first.size, first.mode
-    channels = config.channels or (1 if mode in ("L", "1", "I", "I;16") else 3)
+    channels = config.channels or (1 if mode in GRAY_MODES else 3)
     return ImagePreprocessor(config.resolution or max(size), channels, config.resize_mode or "auto")
 
 

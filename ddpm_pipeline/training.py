@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -40,9 +41,11 @@ from .checkpointing import (
 from .data import (
     EpochShuffleSampler,
     ImagePreprocessor,
+    ImageSource,
     IndexDataset,
     TrainingImages,
     find_image_column,
+    inspect_images,
     load_image_dataset,
     stack_images,
 )
@@ -231,6 +234,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             check_output_dir(self.output_dir)
         self.checkpoint = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint)
+        dataset, image_column = self._load_dataset()
+        if self.pretrained is None:
+            self.config = config = self._fit_network_to_data(ImageSource(dataset, image_column))
         if self.checkpoint is not None:
             self._check_resumable(self.checkpoint)
         elif self.accelerator.is_main_process and list_checkpoints(self.output_dir):
@@ -257,7 +263,7 @@ class Trainer:
             parameters = sum(p.numel() for p in self.unet.parameters())
             snapshots = len(config.snapshot_minutes or ()) + len(config.snapshot_steps or ())
             check_free_space(self.output_dir, run_output_bytes(parameters, config.checkpoints_total_limit, snapshots))
-        self._build_data()
+        self._build_data(dataset, image_column)
         if self.channels_last:
             to_channels_last(self.unet)
         if config.gradient_checkpointing:
@@ -317,7 +323,7 @@ class Trainer:
                 "--output_dir."
             )
 
-    def _build_data(self) -> None:
+    def _load_dataset(self) -> tuple[datasets.Dataset, str]:
         config = self.config
         with self.accelerator.main_process_first():
             dataset = load_image_dataset(
@@ -328,7 +334,19 @@ class Trainer:
                 dataset_path=config.dataset_path,
                 cache_dir=config.cache_dir,
             )
-        column = find_image_column(dataset, config.image_column)
+        return dataset, find_image_column(dataset, config.image_column)
+
+    def _fit_network_to_data(self, images: ImageSource) -> TrainingConfig:
+        """The config with the network options it leaves open taken from the images
+        (:meth:`TrainingConfig.with_data_defaults`), saying what was chosen."""
+        image_format = inspect_images(images)
+        config, chosen = self.config.with_data_defaults(image_format)
+        if chosen:
+            logger.info(f"the data: {image_format.describe()}; so {' '.join(chosen)} (give these options to choose otherwise)")
+        return config
+
+    def _build_data(self, dataset: datasets.Dataset, column: str) -> None:
+        config = self.config
         preprocess = ImagePreprocessor(
             resolution=self.unet_config["sample_size"],
             channels=self.unet_config["in_channels"],

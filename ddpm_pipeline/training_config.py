@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import RESIZE_MODES
+from .data import RESIZE_MODES, ImageFormat
 from .losses import DEFAULT_VLB_WEIGHT
 from .schedules import (
     DEFAULT_SNR_GAMMA,
@@ -25,7 +25,14 @@ from .schedules import (
 from .scheduling_ddpm_target import LOSS_WEIGHTINGS
 from .stop_signals import DEFAULT_STOP_SIGNALS, signal_name
 from .timestep_sampling import DEFAULT_IMPORTANCE_HISTORY, DEFAULT_IMPORTANCE_UNIFORM_PROB, TIMESTEP_SAMPLINGS
-from .unet import PRESETS
+from .unet import (
+    PRESETS,
+    PRESETS_BY_IMAGE_SIZE,
+    DDPMUNet,
+    downsampling_factor,
+    nearest_trainable_size,
+    preset_for_image_size,
+)
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 BETA_SCHEDULES = ("linear", "cosine")
@@ -36,12 +43,14 @@ CONFIG_FILE_NAME = "training_config.json"
 
 #: What a run from scratch uses for the options a fine-tuning run takes from its pretrained model.
 FRESH_RUN_DEFAULTS: dict[str, Any] = {
-    "model": "ddpm-small-28",
     "prediction_type": "epsilon",
     "beta_schedule": "cosine",
     "num_train_timesteps": 1000,
     "variance_type": "fixed_small",
 }
+#: A run that leaves its image size to the data trains at most at this size (the largest preset's).
+LARGEST_DATA_RESOLUTION = PRESETS_BY_IMAGE_SIZE[-1][0]
+_SIZE_RULE = ", ".join(f"{name} up to {size}px" for size, name in PRESETS_BY_IMAGE_SIZE[:-1])
 #: Options that change the network's weights' shapes: a fine-tuning run takes them from its model.
 WEIGHT_SHAPE_FIELDS = ("model", "block_out_channels", "layers_per_block", "unet_overrides")
 
@@ -81,15 +90,15 @@ class TrainingConfig:
     dataset_path: str | None = _option(None, "A data set written by `Dataset.save_to_disk` (see ddpm_pipeline.convert).")
     image_column: str | None = _option(None, "The column holding the images (default: image, img, or the one Image column).")
     cache_dir: str | None = _option(None, "Where `datasets` and --pretrained_model_name_or_path cache their downloads.")
-    resolution: int | None = _option(None, "Training image size in pixels (default: the model preset's or the pretrained network's sample_size).")
-    channels: int | None = _option(None, "1 = grayscale, 3 = RGB (default: the model preset's or the pretrained network's in_channels).", choices=(1, 3))
+    resolution: int | None = _option(None, f"Training image size in pixels (default: the pretrained network's or --model's sample_size; without either, the data's: the median shorter side of 64 images spread over the data set, at most {LARGEST_DATA_RESOLUTION}, rounded to a size the network's down-sampling divides).")
+    channels: int | None = _option(None, "1 = grayscale, 3 = RGB (default: the pretrained network's in_channels; for a new network, the data's: 3 if any of 64 images spread over the data set has colour).", choices=(1, 3))
     resize_mode: str = _option("auto", "pad (center on black), crop (resize + center crop), auto = pad if smaller.", choices=RESIZE_MODES)
     bad_images: str = _option("skip", "An unreadable or unusable image: skip it (logged and counted; the next readable image stands in) or fail naming the file.", choices=("skip", "fail"))
     random_flip: bool = _option(False, "Flip training images left-right at random.")
     dataloader_num_workers: int | None = _option(None, "DataLoader worker processes (0 = load in the main process; none = 0 on the CPU or with --data_on_device, else up to 8 per GPU).")
     num_cpu_threads: int | None = _option(None, "Torch threads per process when training on the CPU (default: the available cores / processes; `accelerate launch` would otherwise leave 1).")
     # model
-    model: str | None = _option(None, f"UNet preset (DDPMUNet.preset_names(); default {FRESH_RUN_DEFAULTS['model']}).", choices=tuple(sorted(PRESETS)))
+    model: str | None = _option(None, f"UNet preset (DDPMUNet.preset_names(); default: by the image size, {_SIZE_RULE}, {PRESETS_BY_IMAGE_SIZE[-1][1]} beyond).", choices=tuple(sorted(PRESETS)))
     pretrained_model_name_or_path: str | None = _option(None, "Fine-tune: start from a trained DDPM's weights and noise schedule instead of a new network: a train_ddpm.py --output_dir, a save_pretrained folder, a Hub repo such as google/ddpm-cifar10-32, or a UNet2DModel folder. Its architecture stays (--model and the architecture options are refused; --resolution and --dropout may change); the diffusion options default to its scheduler's.")
     revision: str | None = _option(None, "The Hub revision (branch, tag or commit) of --pretrained_model_name_or_path.")
     block_out_channels: list[int] | None = _option(None, "Override the preset's channels per resolution level.", nargs="+", type=int)
@@ -276,15 +285,17 @@ class TrainingConfig:
     # -- the network -------------------------------------------------------------------------
 
     def unet_overrides_dict(self) -> dict[str, Any]:
-        """The preset overrides these options ask for (``--resolution`` → ``sample_size``,
-        ``--channels`` → ``in_channels``/``out_channels``, then the explicit overrides; a learned
-        variance doubles ``out_channels``, see :func:`~ddpm_pipeline.schedules.model_output_channels`)."""
+        """The preset overrides these options ask for: the JSON of ``--unet_overrides``, then
+        ``--resolution`` → ``sample_size``, ``--channels`` → ``in_channels`` (and ``out_channels``
+        unless the JSON sets it), ``--block_out_channels``, ``--layers_per_block``, ``--dropout``; a
+        learned variance doubles ``out_channels`` (:func:`~ddpm_pipeline.schedules.model_output_channels`)."""
         explicit: dict[str, Any] = json.loads(self.unet_overrides) if self.unet_overrides else {}
         overrides = dict(explicit)
         if self.resolution is not None:
             overrides["sample_size"] = self.resolution
-        if self.channels is not None:
-            overrides["in_channels"] = overrides["out_channels"] = self.channels
+        if self.channels is not None:  # out_channels too, unless the JSON sets it
+            overrides["in_channels"] = self.channels
+            overrides.setdefault("out_channels", self.channels)
         if self.block_out_channels is not None:
             overrides["block_out_channels"] = list(self.block_out_channels)
         if self.layers_per_block is not None:
@@ -293,9 +304,41 @@ class TrainingConfig:
             overrides["dropout"] = self.dropout
         learned = self.variance_type is not None and is_learned_variance(self.variance_type)
         if learned and "out_channels" not in explicit:
-            in_channels = overrides.get("in_channels", PRESETS[self.model or FRESH_RUN_DEFAULTS["model"]]["in_channels"])
+            if "in_channels" not in overrides and self.model is None:
+                raise ValueError("The network's channels are not known yet: call with_data_defaults() first.")
+            in_channels = overrides.get("in_channels") or PRESETS[self.model]["in_channels"]
             overrides["out_channels"] = model_output_channels(in_channels, self.variance_type)
         return overrides
+
+    def with_data_defaults(self, image_format: ImageFormat) -> tuple[TrainingConfig, list[str]]:
+        """A new network's options with what they leave open taken from its images, and the options
+        so chosen (as ``--name value``):
+
+        - ``--channels``: the data's (unless ``--unet_overrides`` sets ``in_channels``);
+        - ``--resolution``: ``--model``'s ``sample_size``; without ``--model``, the data's size
+          ``min(size, LARGEST_DATA_RESOLUTION)`` made a multiple of the network's down-sampling
+          (:func:`~ddpm_pipeline.unet.nearest_trainable_size`);
+        - ``--model``: :func:`~ddpm_pipeline.unet.preset_for_image_size` of the image size.
+
+        A fine-tuning run's options come from its pretrained network instead: it is returned as is.
+        """
+        if self.pretrained_model_name_or_path is not None:
+            return self, []
+        explicit: dict[str, Any] = json.loads(self.unet_overrides) if self.unet_overrides else {}
+        chosen: dict[str, Any] = {}
+        if self.channels is None and "in_channels" not in explicit:
+            chosen["channels"] = image_format.channels
+        size = self.resolution or explicit.get("sample_size")
+        model = self.model
+        if model is None:
+            model = chosen["model"] = preset_for_image_size(size or min(image_format.size, LARGEST_DATA_RESOLUTION))
+        if size is None:
+            sized = dataclasses.replace(self, **{**chosen, "model": model})
+            factor = downsampling_factor(DDPMUNet.preset_config(model, **sized.unet_overrides_dict()))
+            wanted = min(image_format.size, LARGEST_DATA_RESOLUTION) if self.model is None else PRESETS[model]["sample_size"]
+            chosen["resolution"] = nearest_trainable_size(wanted, factor)
+        described = [f"--{name} {value}" for name, value in chosen.items()]
+        return dataclasses.replace(self, **chosen), described
 
     # -- records -----------------------------------------------------------------------------
 
@@ -319,13 +362,20 @@ class TrainingConfig:
         """Read a file written by :meth:`save` (see :meth:`from_dict`)."""
         return cls.from_dict(json.loads(Path(path).read_text()))
 
+    def architecture(self) -> dict[str, Any]:
+        """The :data:`ARCHITECTURE_FIELDS`, with a new network's unset ``resolution`` and
+        ``channels`` read as its preset's (as runs recorded them before these came from the data)."""
+        values = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
+        if self.model is not None:
+            preset = DDPMUNet.preset_config(self.model, **(json.loads(self.unet_overrides) if self.unet_overrides else {}))
+            values["resolution"] = values["resolution"] or preset["sample_size"]
+            values["channels"] = values["channels"] or preset["in_channels"]
+        return values
+
     def architecture_differences(self, other: TrainingConfig) -> list[str]:
-        """The :data:`ARCHITECTURE_FIELDS` on which two runs disagree, as ``name: mine vs other's``."""
-        return [
-            f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}"
-            for name in ARCHITECTURE_FIELDS
-            if getattr(self, name) != getattr(other, name)
-        ]
+        """The :meth:`architecture` fields on which two runs disagree, as ``name: mine vs other's``."""
+        mine, theirs = self.architecture(), other.architecture()
+        return [f"{name}: {mine[name]!r} vs {theirs[name]!r}" for name in ARCHITECTURE_FIELDS if mine[name] != theirs[name]]
 
     # -- the command line --------------------------------------------------------------------
 

@@ -245,9 +245,10 @@ def test_other_samplers_use_the_prediction_channels_alone():
 
 
 def test_options():
-    assert TrainingConfig(variance_type="learned_range").unet_overrides_dict()["out_channels"] == 2
-    assert TrainingConfig(variance_type="learned_range", channels=3).unet_overrides_dict()["out_channels"] == 6
-    assert "out_channels" not in TrainingConfig().unet_overrides_dict()
+    small = "ddpm-small-28"
+    assert TrainingConfig(model=small, variance_type="learned_range").unet_overrides_dict()["out_channels"] == 2
+    assert TrainingConfig(model=small, variance_type="learned_range", channels=3).unet_overrides_dict()["out_channels"] == 6
+    assert "out_channels" not in TrainingConfig(model=small).unet_overrides_dict()
     TrainingConfig(variance_type="learned_range", loss_weighting="vlb")  # L_vlb (tests/test_timestep_sampling.py)
     with pytest.raises(ValueError, match="--vlb_weight must be ≥ 0"):
         TrainingConfig(vlb_weight=-1.0)

@@ -110,9 +110,9 @@ def test_bad_files_are_named_skipped_and_counted(tmp_path):
     assert len(images) == 14  # 11 images + 3 bad files, no .txt
     items = [images[i] for i in range(len(images))]
     assert all(item.shape == (1, 16, 16) and torch.isfinite(item).all() for item in items)
-    skipped_names = sorted(Path(images.images[i]["image"]["path"]).name for i in images.skipped)
+    skipped_names = sorted(Path(images.source.name(i)).name for i in images.skipped)
     assert skipped_names == ["corrupt.png", "truncated.png", "zero_bytes.png"]
-    by_name = {Path(images.images[i]["image"]["path"]).name: images.load(i) for i in range(len(images)) if i not in images.skipped}
+    by_name = {Path(images.source.name(i)).name: images.load(i) for i in range(len(images)) if i not in images.skipped}
     assert torch.equal(by_name["transparent.png"], -torch.ones(1, 16, 16))  # transparent → black, like the padding
     assert by_name["sixteen_bit.png"].max() == 1.0  # 65535 → white, not clipped garbage
     assert by_name["tiny.png"][0, 7, 7] == 1.0 and by_name["tiny.png"][0, 0, 0] == -1.0  # padded to 16

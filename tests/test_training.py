@@ -78,15 +78,20 @@ def test_cli_on_bundled_data_writes_a_stock_loadable_pipeline(tmp_path):
     assert images.shape == (2, 16, 16, 1) and np.isfinite(images).all()
 
 
-def test_cli_on_an_rgb_image_folder(tmp_path):
-    folder = tmp_path / "images"
+def mixed_image_folder(folder):
+    """Ten images 24–33 pixels wide and 20 high, RGB but for a few grayscale ones."""
     folder.mkdir()
     rng = np.random.default_rng(1)
-    for index in range(10):  # different sizes, and a grayscale file among RGB ones
+    for index in range(10):
         size = (24 + index, 20)
         array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
         image = Image.fromarray(array) if index % 3 else Image.fromarray(array[..., 0])
         image.save(folder / f"{index}.png")
+    return folder
+
+
+def test_cli_on_an_rgb_image_folder(tmp_path):
+    folder = mixed_image_folder(tmp_path / "images")
     out = tmp_path / "run"
     run_training(out, "--train_data_dir", folder, "--channels", "3", "--resolution", "16", "--max_train_steps", "3",
                  "--train_batch_size", "4", "--random_flip", "--prediction_type", "x0", "--beta_schedule", "cosine")  # fmt: skip
@@ -96,6 +101,24 @@ def test_cli_on_an_rgb_image_folder(tmp_path):
     assert pipeline.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     images = pipeline(batch_size=1, num_inference_steps=3, output_type="np").images
     assert images.shape == (1, 16, 16, 3)
+
+
+def test_an_image_folder_trains_at_its_own_size_and_colour(tmp_path, caplog):
+    folder = mixed_image_folder(tmp_path / "images")
+    out = tmp_path / "run"
+    options = ["--train_data_dir", str(folder), "--output_dir", str(out), "--train_batch_size", "4", "--report_to", "none",
+               "--grid_inference_steps", "2", "--num_grid_images", "4", "--checkpointing_steps", "2"]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        main([*options, "--max_train_steps", "2"])
+    assert "the data: RGB, 20px (10 images inspected); so --channels 3 --model ddpm-small-28 --resolution 20" in caplog.text
+    saved = json.loads((out / "training_config.json").read_text())
+    assert (saved["model"], saved["resolution"], saved["channels"]) == ("ddpm-small-28", 20, 3)
+    unet = UNet2DModel.from_pretrained(out / "unet")
+    assert (unet.config.sample_size, unet.config.in_channels, unet.config.out_channels) == (20, 3, 3)
+    # the same command resumes: the data give the same network again
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        assert main([*options, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"]).global_step == 3
+    assert f"resumed from {out / 'checkpoint-2'} at step 2" in caplog.text
 
 
 def test_accelerate_launch_runs_the_script(tmp_path):

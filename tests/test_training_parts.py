@@ -1,5 +1,6 @@
 """Training's parts on their own: options, checkpoint files, data order, plots."""
 
+import dataclasses
 import json
 
 import datasets
@@ -15,8 +16,17 @@ from ddpm_pipeline.checkpointing import (
     resolve_checkpoint,
     write_checkpoint,
 )
-from ddpm_pipeline.data import EpochShuffleSampler, ImagePreprocessor, TrainingImages, load_image_dataset
+from ddpm_pipeline.data import (
+    EpochShuffleSampler,
+    ImageFormat,
+    ImagePreprocessor,
+    ImageSource,
+    TrainingImages,
+    inspect_images,
+    load_image_dataset,
+)
 from ddpm_pipeline.plots import image_grid, moving_average, save_loss_curve
+from ddpm_pipeline.preflight import check_unet_config
 from ddpm_pipeline.training import micro_batch_seed
 from ddpm_pipeline.training_config import TrainingConfig
 from ddpm_pipeline.unet import DDPMUNet
@@ -25,7 +35,9 @@ from ddpm_pipeline.unet import DDPMUNet
 def test_defaults_are_the_main_job():
     config = TrainingConfig.from_args([])
     assert config == TrainingConfig()
-    assert config.model == "ddpm-small-28" and config.dataset_name is None and config.train_data_dir is None
+    assert config.model is None and config.dataset_name is None and config.train_data_dir is None
+    config, _ = config.with_data_defaults(inspect_images(ImageSource(load_image_dataset(), "image")))
+    assert config.model == "ddpm-small-28"
     unet_config = DDPMUNet.preset_config(config.model, **config.unet_overrides_dict())
     assert unet_config["sample_size"] == 28 and unet_config["in_channels"] == 1
 
@@ -173,3 +185,57 @@ def test_image_grid_and_loss_curve(tmp_path):
     np.testing.assert_allclose(moving_average([1, 2, 3, 4], 2), [1, 1.5, 2.5, 3.5])
     path = save_loss_curve(list(range(1, 101)), list(np.exp(-np.arange(100) / 30)), tmp_path / "curve.png")
     assert Image.open(path).size == (840, 480)
+
+
+def test_inspecting_images_reads_their_size_and_colour_from_headers(tmp_path):
+    bundled = inspect_images(ImageSource(load_image_dataset(), "image"))
+    assert (bundled.size, bundled.channels, bundled.inspected) == (28, 1, 64)
+    assert bundled.describe() == "grayscale, 28px (64 images inspected)"
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for index, (mode, size) in enumerate([("L", (40, 30)), ("LA", (64, 64)), ("I;16", (50, 90)), ("L", (20, 20))]):
+        Image.new(mode, size).save(folder / f"{index}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    gray = inspect_images(ImageSource(load_image_dataset(train_data_dir=folder), "image"))
+    assert (gray.size, gray.channels, gray.smallest, gray.largest, gray.inspected) == (30, 1, 20, 64, 4)  # median of 20, 30, 50, 64
+    assert gray.describe() == "grayscale, shorter sides 20–64px, median 30 (4 images inspected)"
+    Image.new("P", (40, 40)).save(folder / "palette.png")  # one image with colour makes the data RGB
+    assert inspect_images(ImageSource(load_image_dataset(train_data_dir=folder), "image")).channels == 3
+    with pytest.raises(ValueError, match="None of the 1 images inspected can be read"):
+        inspect_images(ImageSource(datasets.Dataset.from_dict({"image": [str(folder / "broken.png")]}).cast_column("image", datasets.Image()), "image"))
+
+
+@pytest.mark.parametrize(
+    ("options", "size", "channels", "chosen"),
+    [
+        ([], 28, 1, {"model": "ddpm-small-28", "resolution": 28, "channels": 1}),  # the main job
+        ([], 64, 3, {"model": "ddpm-64", "resolution": 64, "channels": 3}),
+        ([], 100, 3, {"model": "ddpm-128", "resolution": 96, "channels": 3}),  # a size its 16x down-sampling divides
+        ([], 1024, 3, {"model": "ddpm-celebahq-256", "resolution": 256, "channels": 3}),  # at most 256
+        (["--model", "ddpm-cifar10-32"], 28, 1, {"resolution": 32, "channels": 1}),  # the preset's size
+        (["--resolution", "48"], 256, 1, {"model": "ddpm-64", "channels": 1}),
+        (["--channels", "3", "--model", "ddpm-small-28", "--resolution", "16"], 64, 1, {}),
+        (["--unet_overrides", '{"in_channels": 3, "out_channels": 3}'], 20, 1, {"model": "ddpm-small-28", "resolution": 20}),
+        (["--block_out_channels", "32", "32", "64", "64"], 28, 1, {"model": "ddpm-small-28", "resolution": 32, "channels": 1}),
+    ],
+)
+def test_a_new_network_takes_what_its_options_leave_open_from_the_data(options, size, channels, chosen):
+    config = TrainingConfig.from_args(options)
+    image_format = ImageFormat(size=size, channels=channels, smallest=size, largest=size, inspected=8)
+    resolved, described = config.with_data_defaults(image_format)
+    assert {name: getattr(resolved, name) for name in chosen} == chosen
+    assert sorted(described) == sorted(f"--{name} {value}" for name, value in chosen.items())
+    assert resolved == dataclasses.replace(config, **chosen)
+    unet_config = DDPMUNet.preset_config(resolved.model, **resolved.unet_overrides_dict())
+    check_unet_config(unet_config)
+    fine_tuning = TrainingConfig.from_args(["--pretrained_model_name_or_path", "some/ddpm"])
+    assert fine_tuning.with_data_defaults(image_format) == (fine_tuning, [])
+
+
+def test_runs_recorded_before_data_defaults_still_resume():
+    # an earlier version left resolution and channels unset, meaning the preset's
+    before = TrainingConfig.from_dict({"model": "ddpm-small-28", "resolution": None, "channels": None})
+    now, _ = TrainingConfig().with_data_defaults(ImageFormat(28, 1, 28, 28, 64))
+    assert before.architecture_differences(now) == []
+    rgb, _ = TrainingConfig().with_data_defaults(ImageFormat(28, 3, 28, 28, 64))
+    assert before.architecture_differences(rgb) == ["channels: 1 vs 3"]
