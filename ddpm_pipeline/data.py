@@ -329,8 +329,9 @@ def inspect_images(source: ImageSource, max_images: int = 64) -> ImageFormat:
             image = source.open(index, load=False)
         except BadImageError:
             continue
-        shorter_sides.append(min(image.size))
-        colour = colour or image.mode not in GRAY_MODES
+        with image:  # closes the file the header came from
+            shorter_sides.append(min(image.size))
+            colour = colour or image.mode not in GRAY_MODES
     if not shorter_sides:
         raise ValueError(
             f"None of the {len(indices)} images inspected can be read: check the files, or pass --resolution and --channels."

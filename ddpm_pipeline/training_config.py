@@ -328,15 +328,15 @@ class TrainingConfig:
         chosen: dict[str, Any] = {}
         if self.channels is None and "in_channels" not in explicit:
             chosen["channels"] = image_format.channels
-        size = self.resolution or explicit.get("sample_size")
+        data_size = min(image_format.size, LARGEST_DATA_RESOLUTION)
+        size = self.resolution or explicit.get("sample_size")  # the JSON may give [height, width]
         model = self.model
         if model is None:
-            model = chosen["model"] = preset_for_image_size(size or min(image_format.size, LARGEST_DATA_RESOLUTION))
+            model = chosen["model"] = preset_for_image_size(max(size) if isinstance(size, list) else size or data_size)
         if size is None:
             sized = dataclasses.replace(self, **{**chosen, "model": model})
             factor = downsampling_factor(DDPMUNet.preset_config(model, **sized.unet_overrides_dict()))
-            wanted = min(image_format.size, LARGEST_DATA_RESOLUTION) if self.model is None else PRESETS[model]["sample_size"]
-            chosen["resolution"] = nearest_trainable_size(wanted, factor)
+            chosen["resolution"] = nearest_trainable_size(data_size if self.model is None else PRESETS[model]["sample_size"], factor)
         described = [f"--{name} {value}" for name, value in chosen.items()]
         return dataclasses.replace(self, **chosen), described
 

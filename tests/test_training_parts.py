@@ -217,6 +217,7 @@ def test_inspecting_images_reads_their_size_and_colour_from_headers(tmp_path):
         (["--channels", "3", "--model", "ddpm-small-28", "--resolution", "16"], 64, 1, {}),
         (["--unet_overrides", '{"in_channels": 3, "out_channels": 3}'], 20, 1, {"model": "ddpm-small-28", "resolution": 20}),
         (["--block_out_channels", "32", "32", "64", "64"], 28, 1, {"model": "ddpm-small-28", "resolution": 32, "channels": 1}),
+        (["--unet_overrides", '{"sample_size": [32, 64]}'], 28, 1, {"model": "ddpm-64", "channels": 1}),  # by its larger side
     ],
 )
 def test_a_new_network_takes_what_its_options_leave_open_from_the_data(options, size, channels, chosen):
