@@ -124,7 +124,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 #: Without ``--model``, the network for images of a given size: the first preset made for images
 #: at least that large, else the last (see :func:`preset_for_image_size`).
 PRESETS_BY_IMAGE_SIZE: tuple[tuple[int, str], ...] = (
-    (32, "ddpm-small-28"),
+    (28, "ddpm-small-28"),
+    (32, "ddpm-cifar10-32"),
     (64, "ddpm-64"),
     (128, "ddpm-128"),
     (256, "ddpm-celebahq-256"),
@@ -132,8 +133,9 @@ PRESETS_BY_IMAGE_SIZE: tuple[tuple[int, str], ...] = (
 
 
 def preset_for_image_size(size: int) -> str:
-    """The preset for ``size``-pixel images: the small CPU network up to 32 pixels (the main job's),
-    then the DDPM design for 64, 128 and 256 (:data:`PRESETS_BY_IMAGE_SIZE`)."""
+    """The preset for ``size``-pixel images: the smallest made for images at least that large
+    (:data:`PRESETS_BY_IMAGE_SIZE`: the main job's small CPU network up to 28 pixels, then the DDPM
+    paper's CIFAR-10 network, and its design at 64, 128 and 256), or the largest."""
     for largest, name in PRESETS_BY_IMAGE_SIZE:
         if size <= largest:
             return name

@@ -209,6 +209,7 @@ def test_inspecting_images_reads_their_size_and_colour_from_headers(tmp_path):
     ("options", "size", "channels", "chosen"),
     [
         ([], 28, 1, {"model": "ddpm-small-28", "resolution": 28, "channels": 1}),  # the main job
+        ([], 30, 3, {"model": "ddpm-cifar10-32", "resolution": 32, "channels": 3}),  # padded to a multiple of 8
         ([], 64, 3, {"model": "ddpm-64", "resolution": 64, "channels": 3}),
         ([], 100, 3, {"model": "ddpm-128", "resolution": 96, "channels": 3}),  # a size its 16x down-sampling divides
         ([], 1024, 3, {"model": "ddpm-celebahq-256", "resolution": 256, "channels": 3}),  # at most 256

@@ -91,9 +91,9 @@ def test_large_presets_attend_at_16x16_only(preset):
 
 
 def test_the_preset_for_each_image_size():
-    assert [preset_for_image_size(size) for size in (8, 28, 32, 33, 64, 100, 128, 256, 1024)] == [
-        "ddpm-small-28", "ddpm-small-28", "ddpm-small-28", "ddpm-64", "ddpm-64", "ddpm-128", "ddpm-128",
-        "ddpm-celebahq-256", "ddpm-celebahq-256",
+    assert [preset_for_image_size(size) for size in (8, 28, 29, 32, 33, 64, 100, 128, 256, 1024)] == [
+        "ddpm-small-28", "ddpm-small-28", "ddpm-cifar10-32", "ddpm-cifar10-32", "ddpm-64", "ddpm-64", "ddpm-128",
+        "ddpm-128", "ddpm-celebahq-256", "ddpm-celebahq-256",
     ]  # fmt: skip
     assert downsampling_factor(DDPMUNet.preset_config("ddpm-small-28")) == 4
     assert downsampling_factor(DDPMUNet.preset_config("ddpm-celebahq-256")) == 32
