@@ -284,12 +284,16 @@ class TrainingConfig:
 
     # -- the network -------------------------------------------------------------------------
 
+    def explicit_unet_overrides(self) -> dict[str, Any]:
+        """The JSON of ``--unet_overrides`` as a dict (empty without it)."""
+        return json.loads(self.unet_overrides) if self.unet_overrides else {}
+
     def unet_overrides_dict(self) -> dict[str, Any]:
         """The preset overrides these options ask for: the JSON of ``--unet_overrides``, then
         ``--resolution`` → ``sample_size``, ``--channels`` → ``in_channels`` (and ``out_channels``
         unless the JSON sets it), ``--block_out_channels``, ``--layers_per_block``, ``--dropout``; a
         learned variance doubles ``out_channels`` (:func:`~ddpm_pipeline.schedules.model_output_channels`)."""
-        explicit: dict[str, Any] = json.loads(self.unet_overrides) if self.unet_overrides else {}
+        explicit = self.explicit_unet_overrides()
         overrides = dict(explicit)
         if self.resolution is not None:
             overrides["sample_size"] = self.resolution
@@ -324,7 +328,7 @@ class TrainingConfig:
         """
         if self.pretrained_model_name_or_path is not None:
             return self, []
-        explicit: dict[str, Any] = json.loads(self.unet_overrides) if self.unet_overrides else {}
+        explicit = self.explicit_unet_overrides()
         chosen: dict[str, Any] = {}
         if self.channels is None and "in_channels" not in explicit:
             chosen["channels"] = image_format.channels
@@ -367,7 +371,7 @@ class TrainingConfig:
         ``channels`` read as its preset's (as runs recorded them before these came from the data)."""
         values = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
         if self.model is not None:
-            preset = DDPMUNet.preset_config(self.model, **(json.loads(self.unet_overrides) if self.unet_overrides else {}))
+            preset = DDPMUNet.preset_config(self.model, **self.explicit_unet_overrides())
             values["resolution"] = values["resolution"] or preset["sample_size"]
             values["channels"] = values["channels"] or preset["in_channels"]
         return values

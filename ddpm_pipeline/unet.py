@@ -23,20 +23,30 @@ _DDPM_COMMON: dict[str, Any] = {
     "time_embedding_type": "positional",
 }
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # Ho et al. 2020, CIFAR-10: 35.7M parameters, attention at 16x16, dropout 0.1.
-    "ddpm-cifar10-32": {
+
+def _ddpm_design(sample_size: int, block_out_channels: tuple[int, ...], dropout: float) -> dict[str, Any]:
+    """The DDPM paper's network for RGB ``sample_size`` images: two ResNet blocks per level of
+    ``block_out_channels`` and self-attention at the level whose feature maps are 16x16 (level
+    ``log2(sample_size / 16)`` on the way down, its mirror on the way up)."""
+    attention_level = (sample_size // 16).bit_length() - 1
+    down = ["AttnDownBlock2D" if level == attention_level else "DownBlock2D" for level in range(len(block_out_channels))]
+    return {
         **_DDPM_COMMON,
-        "sample_size": 32,
+        "sample_size": sample_size,
         "in_channels": 3,
         "out_channels": 3,
         "layers_per_block": 2,
-        "block_out_channels": (128, 256, 256, 256),
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        "block_out_channels": block_out_channels,
+        "down_block_types": tuple(down),
+        "up_block_types": tuple(kind.replace("Down", "Up") for kind in reversed(down)),
         "norm_num_groups": 32,
-        "dropout": 0.1,
-    },
+        "dropout": dropout,
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Ho et al. 2020, CIFAR-10: 35.7M parameters, attention at 16x16, dropout 0.1.
+    "ddpm-cifar10-32": _ddpm_design(32, (128, 256, 256, 256), dropout=0.1),
     # The same design, narrowed for a CPU: attention only in the 8x8 middle block.
     "ddpm-small-32": {
         **_DDPM_COMMON,
@@ -63,49 +73,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "norm_num_groups": 8,
         "dropout": 0.0,
     },
-    # Larger images, the DDPM design carried to them: 128 base channels, two ResNet blocks per
-    # level, single-head self-attention at 16x16 only; guided-diffusion's channel multipliers
+    # Larger images, the DDPM design carried to them with guided-diffusion's channel multipliers,
     # (1,2,3,4) at 64 and (1,1,2,3,4) at 128. Dropout 0.1 as for CIFAR-10: own data sets are small.
-    "ddpm-64": {
-        **_DDPM_COMMON,
-        "sample_size": 64,
-        "in_channels": 3,
-        "out_channels": 3,
-        "layers_per_block": 2,
-        "block_out_channels": (128, 256, 384, 512),
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 32,
-        "dropout": 0.1,
-    },
-    "ddpm-128": {
-        **_DDPM_COMMON,
-        "sample_size": 128,
-        "in_channels": 3,
-        "out_channels": 3,
-        "layers_per_block": 2,
-        "block_out_channels": (128, 128, 256, 384, 512),
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 32,
-        "dropout": 0.1,
-    },
+    "ddpm-64": _ddpm_design(64, (128, 256, 384, 512), dropout=0.1),
+    "ddpm-128": _ddpm_design(128, (128, 128, 256, 384, 512), dropout=0.1),
     # Ho et al. 2020, CelebA-HQ and LSUN at 256x256 (`google/ddpm-celebahq-256`, and the church,
-    # bedroom and cat models): channel multipliers (1,1,2,2,4,4), attention at 16x16, no dropout.
-    "ddpm-celebahq-256": {
-        **_DDPM_COMMON,
-        "sample_size": 256,
-        "in_channels": 3,
-        "out_channels": 3,
-        "layers_per_block": 2,
-        "block_out_channels": (128, 128, 256, 256, 512, 512),
-        "down_block_types": (
-            "DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D",
-        ),
-        "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 32,
-        "dropout": 0.0,
-    },
+    # bedroom and cat models): channel multipliers (1,1,2,2,4,4), no dropout.
+    "ddpm-celebahq-256": _ddpm_design(256, (128, 128, 256, 256, 512, 512), dropout=0.0),
     # For tests: a few thousand parameters per block, 16x16.
     "ddpm-tiny-16": {
         **_DDPM_COMMON,
