@@ -73,14 +73,18 @@ class StopRequest:
     exited. Inside the ``with`` block the first such signal only sets :attr:`received` (its name); a second
     one restores the handler that was there before and delivers the signal to it (the default
     action for ``SIGTERM``/``SIGUSR1`` ends the process, Python's for ``SIGINT`` raises
-    `KeyboardInterrupt`). Leaving the block restores the previous handlers. Handlers can only be
-    set in the main thread: elsewhere (a notebook's worker thread) the block changes nothing and
-    :attr:`active` is False.
+    `KeyboardInterrupt`). Leaving the block restores the previous handlers. A signal this process
+    ignores on entry stays ignored and is listed in :attr:`ignored`, as Python leaves an inherited
+    ``SIG_IGN`` for ``SIGINT`` alone: a shell without job control starts ``command &`` with Ctrl-C
+    ignored, so that the Ctrl-C meant for what runs in the foreground does not reach it. Handlers
+    can only be set in the main thread: elsewhere (a notebook's worker thread) the block changes
+    nothing and :attr:`active` is False.
     """
 
     def __init__(self, signals: Iterable[str] = DEFAULT_STOP_SIGNALS, watch_launcher: bool = False):
         self.signals = [signal.Signals(signal_number(name)) for name in signals]
         self.received: str | None = None
+        self.ignored: list[str] = []
         self.active = False
         self._previous: dict[signal.Signals, Any] = {}
         self.launcher_pid = os.getppid() if watch_launcher else None
@@ -97,8 +101,11 @@ class StopRequest:
     def __enter__(self) -> StopRequest:
         if self.signals and threading.current_thread() is threading.main_thread():
             for signum in self.signals:
-                self._previous[signum] = signal.signal(signum, self._handle)
-            self.active = True
+                if signal.getsignal(signum) == signal.SIG_IGN:
+                    self.ignored.append(signum.name)
+                else:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+            self.active = bool(self._previous)
         return self
 
     def __exit__(self, *exc_info: object) -> None:

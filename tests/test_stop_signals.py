@@ -1,6 +1,7 @@
 """A stop signal (preemption, Ctrl-C, SLURM's warning) ends a run with a checkpoint, not a loss."""
 
 import functools
+import logging
 import os
 import signal
 import subprocess
@@ -58,13 +59,38 @@ def test_first_signal_is_recorded_second_acts_as_before_and_handlers_are_restore
         assert signal.getsignal(signal.SIGUSR1) is not request._handle
     finally:
         signal.signal(signal.SIGUSR1, previous)
-    # a second Ctrl-C raises KeyboardInterrupt, as Ctrl-C does without the handler
-    with pytest.raises(KeyboardInterrupt):
+    # a second Ctrl-C raises KeyboardInterrupt, as Ctrl-C does without the handler (Python's own
+    # handler, set here: a pytest started by `pytest &` from a script inherits SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with StopRequest(["SIGINT"]) as request:
+                os.kill(os.getpid(), signal.SIGINT)
+                assert request.received == "SIGINT"
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_signal_ignored_on_entry_stays_ignored():
+    """A shell without job control starts `command &` with SIGINT ignored (so that Ctrl-C meant for
+    the foreground does not reach it); Python leaves that alone, and so does a run."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequest(["SIGINT", "SIGUSR1"]) as request:
+            assert request.ignored == ["SIGINT"] and request.active
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert request.received is None and request.reason() is None
+            os.kill(os.getpid(), signal.SIGUSR1)  # the others are handled as usual
+            assert request.received == "SIGUSR1"
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
         with StopRequest(["SIGINT"]) as request:
-            os.kill(os.getpid(), signal.SIGINT)
-            assert request.received == "SIGINT"
-            os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert request.ignored == ["SIGINT"] and not request.active
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_outside_the_main_thread_nothing_is_installed():
@@ -96,7 +122,7 @@ def test_data_loader_workers_ignore_the_stop_signals():
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
-def test_a_signal_mid_run_checkpoints_that_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+def test_a_signal_mid_run_checkpoints_that_step_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, caplog):
     options = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "none", "--random_flip"]
     original, calls = training_module.Trainer.training_step, {"n": 0}
 
@@ -108,7 +134,14 @@ def test_a_signal_mid_run_checkpoints_that_step_and_the_resumed_run_equals_an_un
         return loss
 
     monkeypatch.setattr(training_module.Trainer, "training_step", step_then_signal)
-    stopped = main([*options, "--output_dir", str(tmp_path / "stopped")])
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as for `train_ddpm.py &` run from a script
+    try:
+        with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+            stopped = main([*options, "--output_dir", str(tmp_path / "stopped")])
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert "SIGINT is ignored by this process" in caplog.text
     assert not stopped.finished and stopped.stopped_by == "SIGUSR1" and stopped.global_step == 3
     assert exit_status(stopped) == 128 + signal.SIGUSR1
     assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == ["checkpoint-3"]
