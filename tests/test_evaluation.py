@@ -426,6 +426,43 @@ def test_reference_forms_are_recognised(tmp_path, reference_data):
         ReferenceStatistics.load(tmp_path / "only-mu.npz")
 
 
+def test_torch_fidelity_s_weights_are_fetched_before_sampling_or_their_absence_explained(tmp_path, tiny_pipeline, reference_data, monkeypatch):
+    """Without --inception_weights, torch-fidelity's download must be at hand: with neither a cached
+    copy nor network, evaluation stops before drawing any sample, naming the offline fix (it used
+    to fail in the feature extraction, after all the sampling); downloaded once, it is reused."""
+    from urllib.error import URLError
+
+    from ddpm_pipeline.features import FeatureExtractorSpec, InceptionWeightsUnavailableError, downloaded_inception_path
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    downloads = []
+
+    def no_network(url, destination, *args, **kwargs):
+        downloads.append(url)
+        raise URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    output = tmp_path / "results.json"
+    with pytest.raises(InceptionWeightsUnavailableError, match="inception_weights convert --output .* --inception_weights"):
+        evaluate(model=str(tiny_pipeline), reference=str(reference_data), metrics="fid,kid", num_samples=4,
+                 num_inference_steps=2, output=str(output), cache_dir=str(tmp_path / "cache"), device="cpu")  # fmt: skip
+    assert len(downloads) == 1 and not (tmp_path / "results-samples").exists() and not output.exists()
+
+    def download(url, destination, *args, **kwargs):
+        downloads.append(url)
+        Path(destination).write_bytes(b"the weights")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    spec = FeatureExtractorSpec()
+    spec.ensure_weights()
+    spec.ensure_weights()  # cached: no second download
+    path = downloaded_inception_path()
+    assert path == tmp_path / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    assert path.read_bytes() == b"the weights" and len(downloads) == 2 and downloads[-1].endswith(path.name)
+    FeatureExtractorSpec(FEATURES).ensure_weights()  # other extractors need nothing fetched
+    assert len(downloads) == 2
+
+
 def test_full_weights_with_the_classifier_allow_the_inception_score(tmp_path, converted_weights):
     """A torch-fidelity-format file that has fc (as torch-fidelity's own download does) selects the
     stock extractor, which computes logits. (Here the fc is random: only the plumbing is tested.)"""
