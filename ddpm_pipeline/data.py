@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import os
 import pickle
 import tarfile
 from dataclasses import dataclass
@@ -149,7 +150,10 @@ def load_image_dataset(
     if len(given) > 1:
         raise ValueError(f"Give one data source, not {' and '.join(given)}.")
     if dataset_name:
-        return datasets.load_dataset(dataset_name, dataset_config, split=split, cache_dir=cache_dir)
+        try:
+            return datasets.load_dataset(dataset_name, dataset_config, split=split, cache_dir=cache_dir)
+        except ConnectionError as error:  # neither cached nor reachable
+            raise ConnectionError(hub_unreachable_message(dataset_name, error, cache_dir)) from error
     if train_data_dir:
         folder = Path(train_data_dir)
         if not folder.is_dir():
@@ -172,6 +176,20 @@ def load_image_dataset(
             loaded = loaded[split]
         return loaded
     return bundled_dataset()
+
+
+def hub_unreachable_message(dataset_name: str, error: Exception, cache_dir: str | None = None) -> str:
+    """Why a Hub data set could not be loaded when it is neither cached nor reachable, and the fixes."""
+    offline = [name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+               if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE")]  # fmt: skip
+    why = f"{' and '.join(offline)} {'is' if len(offline) == 1 else 'are'} set" if offline else "no network?"
+    return (
+        f"The Hub data set {dataset_name!r} is not in the datasets cache ({cache_dir or datasets.config.HF_DATASETS_CACHE}) "
+        f"and the Hub could not be reached ({why}): {error}. Load it once with network access (later runs read the "
+        "cache, offline too), or use a local copy: a folder of images or a data set written by Dataset.save_to_disk "
+        "(train_ddpm.py --train_data_dir / --dataset_path, eval_metrics.py --reference PATH; `python -m "
+        "ddpm_pipeline.convert` writes one from the MNIST / Fashion-MNIST IDX files or the CIFAR-10 archive)."
+    )
 
 
 def find_image_column(dataset: datasets.Dataset, image_column: str | None = None) -> str:

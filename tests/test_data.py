@@ -105,6 +105,15 @@ def test_cifar10_converter(tmp_path):
     assert load_image_dataset(dataset_path=test).num_rows == 2
 
 
+def test_a_hub_data_set_neither_cached_nor_reachable_names_the_fixes(tmp_path):
+    """Offline (as the tests run) with an empty cache: datasets' ConnectionError, with what to do."""
+    with pytest.raises(ConnectionError, match="not in the datasets cache") as raised:
+        load_image_dataset(dataset_name="ddpm-pipeline-tests/not-cached", cache_dir=str(tmp_path / "cache"))
+    message = str(raised.value)
+    assert "HF_HUB_OFFLINE" in message and str(tmp_path / "cache") in message
+    assert "--train_data_dir / --dataset_path" in message and "ddpm_pipeline.convert" in message
+
+
 def test_imagefolder_source_and_column_detection(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
