@@ -44,17 +44,27 @@ def auto_flag(requested: bool | None, device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def has_native_bf16(device: torch.device | str) -> bool:
+    """Whether this CUDA device computes bfloat16 in hardware: compute capability ≥ 8.0 (A100,
+    RTX 30xx, H100 and later) or ROCm. ``torch.cuda.is_bf16_supported()`` says yes on older GPUs
+    too (T4, V100), which only emulate it, far slower than their float16 tensor cores."""
+    if torch.version.hip:
+        return True
+    return torch.cuda.get_device_properties(torch.device(device)).major >= 8
+
+
 def _auto_precision(device: torch.device | str, prediction_type: str) -> str:
     """*Auto*'s choice, for training and sampling alike: ``"no"`` (float32) on the CPU and for μ,
-    else ``"bf16"`` where the GPU supports it and ``"fp16"`` where not."""
+    else ``"bf16"`` on a GPU with bfloat16 in hardware (:func:`has_native_bf16`) and ``"fp16"``
+    (with Accelerate's loss scaling when training) on one without."""
     if torch.device(device).type != "cuda" or needs_full_precision(prediction_type):
         return "no"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if has_native_bf16(device) else "fp16"
 
 
 def resolve_mixed_precision(requested: str | None, device: torch.device | str, prediction_type: str) -> str | None:
-    """The autocast precision of a run: ``"auto"`` → ``"bf16"`` on a CUDA device that supports it,
-    ``"no"`` on the CPU and for the μ target; ``None`` → Accelerate's own config; any other value as
+    """The autocast precision of a run: ``"auto"`` → ``"bf16"`` on a CUDA device with bfloat16 in
+    hardware, ``"fp16"`` on an older one, ``"no"`` on the CPU and for the μ target; ``None`` → Accelerate's own config; any other value as
     given (with a warning for half precision and μ)."""
     if requested is None:
         return None
@@ -72,8 +82,8 @@ def resolve_mixed_precision(requested: str | None, device: torch.device | str, p
 
 
 def resolve_sampling_dtype(requested: torch.dtype | str | None, device: torch.device | str, prediction_type: str) -> torch.dtype:
-    """The UNet's dtype for sampling: ``None``/``"auto"`` → bfloat16 on CUDA (float32 for μ and on
-    the CPU); a dtype or its name (``"bfloat16"``, ``"float16"``, ``"float32"``) as given."""
+    """The UNet's dtype for sampling: ``None``/``"auto"`` → bfloat16 on CUDA (float16 on a GPU
+    without bfloat16 in hardware; float32 for μ and on the CPU); a dtype or its name (``"bfloat16"``, ``"float16"``, ``"float32"``) as given."""
     if requested is None or requested == "auto":
         return HALF_DTYPES.get(_auto_precision(device, prediction_type), torch.float32)
     dtype = getattr(torch, requested) if isinstance(requested, str) else requested

@@ -1,6 +1,7 @@
 """Fast paths are options of the same code: they compute the same losses, updates and images."""
 
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from ddpm_pipeline.speed import (
     build_adamw,
     compile_unavailable_reason,
     default_num_workers,
+    has_native_bf16,
     needs_full_precision,
     resolve_compile,
     resolve_mixed_precision,
@@ -41,7 +43,10 @@ def test_auto_policy_on_cpu_and_gpu(monkeypatch):
     assert auto_flag(False, "cuda") is False and auto_flag(True, "cpu") is True
     assert resolve_mixed_precision("auto", "cpu", "epsilon") == "no"
     assert resolve_mixed_precision(None, "cpu", "epsilon") is None  # Accelerate's config decides
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    capability = {"major": 9}  # an H100
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=capability["major"]))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # as on a T4 too
     assert resolve_mixed_precision("auto", "cuda", "epsilon") == "bf16"
     assert resolve_mixed_precision("auto", "cuda", "x0") == "bf16"
     assert resolve_mixed_precision("auto", "cuda", "mu") == "no"  # μ needs strict fp32
@@ -50,6 +55,12 @@ def test_auto_policy_on_cpu_and_gpu(monkeypatch):
     assert resolve_sampling_dtype("auto", "cpu", "epsilon") == torch.float32
     assert resolve_sampling_dtype("float16", "cuda", "epsilon") == torch.float16
     assert needs_full_precision("mu") and not needs_full_precision("sample")
+    capability["major"] = 7  # a T4 or V100: bfloat16 only emulated, float16 on the tensor cores
+    assert resolve_mixed_precision("auto", "cuda:0", "epsilon") == "fp16" and not has_native_bf16("cuda")
+    assert resolve_sampling_dtype("auto", "cuda", "sample") == torch.float16
+    assert resolve_mixed_precision("auto", "cuda", "mu") == "no"
+    monkeypatch.setattr(torch.version, "hip", "6.2")  # ROCm GPUs all compute bfloat16
+    assert resolve_mixed_precision("auto", "cuda", "epsilon") == "bf16"
     with pytest.warns(UserWarning, match="μ target"):
         assert resolve_mixed_precision("bf16", "cuda", "mu") == "bf16"
     with pytest.warns(UserWarning, match="μ model"):
@@ -356,7 +367,7 @@ def test_default_cuda_run_trains_saves_and_resumes(tmp_path):
 
     trainer = Trainer(TrainingConfig.from_args([*TINY, "--output_dir", str(tmp_path / "flags")]))
     chosen = (trainer.mixed_precision, trainer.allow_tf32, trainer.channels_last, trainer.compile_unet, trainer.fused_adam)
-    assert chosen == ("bf16" if torch.cuda.is_bf16_supported() else "fp16", True, True, True, True)
+    assert chosen == ("bf16" if has_native_bf16("cuda") else "fp16", True, True, True, True)
     del trainer
     reset_accelerate()
     out = tmp_path / "run"
