@@ -14,6 +14,7 @@ import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -176,6 +177,32 @@ def load_image_dataset(
             loaded = loaded[split]
         return loaded
     return bundled_dataset()
+
+
+def describe_data_source(
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
+    train_data_dir: str | Path | None = None,
+    dataset_path: str | Path | None = None,
+) -> str:
+    """The source :func:`load_image_dataset` reads for these options, in words (local paths made
+    absolute): ``"Hub data set cifar10, split train"``, ``"image folder /data/faces"``, …."""
+    if dataset_name:
+        return f"Hub data set {dataset_name}" + (f" ({dataset_config})" if dataset_config else "") + f", split {split}"
+    if train_data_dir:
+        return f"image folder {Path(train_data_dir).resolve()}"
+    if dataset_path:
+        return f"saved data set {Path(dataset_path).resolve()}, split {split}"
+    return "the bundled Fashion-MNIST test set"
+
+
+def data_identity(dataset: datasets.Dataset, source: str) -> dict[str, Any]:
+    """What a checkpoint records of its training data, so that a resumed run can tell whether its
+    data changed: the source in words, the number of images, and datasets' fingerprint of them (a
+    hash of the loading options and of the files' paths and modification times, or of a saved data
+    set's contents)."""
+    return {"source": source, "num_images": len(dataset), "fingerprint": getattr(dataset, "_fingerprint", None)}
 
 
 def hub_unreachable_message(dataset_name: str, error: Exception, cache_dir: str | None = None) -> str:

@@ -44,6 +44,8 @@ from .data import (
     ImageSource,
     IndexDataset,
     TrainingImages,
+    data_identity,
+    describe_data_source,
     find_image_column,
     inspect_images,
     load_image_dataset,
@@ -235,6 +237,8 @@ class Trainer:
             check_output_dir(self.output_dir)
         self.checkpoint = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint)
         dataset, image_column = self._load_dataset()
+        self.data_identity = data_identity(dataset, describe_data_source(config.dataset_name, config.dataset_config,
+                                           config.split, config.train_data_dir, config.dataset_path))  # fmt: skip
         if self.pretrained is None:
             self.config = config = self._fit_network_to_data(ImageSource(dataset, image_column))
         if self.checkpoint is not None:
@@ -434,6 +438,28 @@ class Trainer:
         config = self.config
         return config.train_batch_size * config.gradient_accumulation_steps * self.accelerator.num_processes
 
+    def _warn_if_data_changed(self, state: dict[str, Any]) -> None:
+        """A run resumed on other data (another source, images added or removed, files changed)
+        trains on, on the data it has now; say so, naming what differs (checkpoints written before
+        this record existed are not compared)."""
+        saved, now = state.get("data"), self.data_identity
+        if not saved:
+            return
+        if saved.get("source") != now["source"]:
+            what = f"{saved.get('source')}, this run reads {now['source']}"
+        elif saved.get("num_images") != now["num_images"]:
+            what = f"{saved.get('num_images')} images, the data set has {now['num_images']} now"
+        elif saved.get("fingerprint") != now["fingerprint"]:
+            what = (f"the same number of images, but datasets' fingerprint of them differs ({saved.get('fingerprint')} "
+                    f"then, {now['fingerprint']} now: files replaced or modified, or only touched or copied anew)")  # fmt: skip
+        else:
+            return
+        logger.warning(
+            f"{self.checkpoint} was trained on {what}: the run goes on from the saved weights and step on the data as it "
+            "is now, so its batches differ from an uninterrupted run's. Point the data options at the run's own data "
+            "to continue it as it was."
+        )
+
     def _warn_if_batch_changed(self, state: dict[str, Any]) -> None:
         """A run resumed with another global batch (other processes, batch size or accumulation)
         continues from the weights and optimizer state, but no longer as the uninterrupted run: say so."""
@@ -486,6 +512,7 @@ class Trainer:
                 "train_seconds": train_seconds,
                 "num_processes": self.accelerator.num_processes,
                 "global_batch_size": self.global_batch_size(),
+                "data": self.data_identity,
                 "training_config": self.config.to_dict(),
             },
             is_main_process=self.accelerator.is_main_process,
@@ -720,6 +747,7 @@ class Trainer:
             state = read_trainer_state(self.checkpoint)
             global_step, earlier_seconds = state["global_step"], state.get("train_seconds", 0.0)
             self._warn_if_batch_changed(state)
+            self._warn_if_data_changed(state)
             logger.info(f"resumed from {self.checkpoint} at step {global_step} ({earlier_seconds / 60:.1f} min trained)")
         if is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ import csv
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddpm_pipeline.checkpointing import list_checkpoints
+from ddpm_pipeline.checkpointing import list_checkpoints, read_trainer_state
 from ddpm_pipeline.training import TIMESTEP_SAMPLER_STATE_NAME, Trainer, build_ema, main
 from ddpm_pipeline.training_config import TrainingConfig
 
@@ -119,6 +120,32 @@ def test_an_image_folder_trains_at_its_own_size_and_colour(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
         assert main([*options, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"]).global_step == 3
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in caplog.text
+    assert "was trained on" not in caplog.text  # the same data: nothing to warn of
+    data = read_trainer_state(out / "checkpoint-3")["data"]
+    assert data["source"] == f"image folder {folder.resolve()}" and data["num_images"] == 10 and data["fingerprint"]
+
+
+def test_resuming_on_changed_data_goes_on_and_says_what_changed(tmp_path, caplog):
+    folder = mixed_image_folder(tmp_path / "images")
+    out = tmp_path / "run"
+    options = ["--train_data_dir", str(folder), "--output_dir", str(out), "--train_batch_size", "4", "--report_to", "none",
+               "--save_images_steps", "none", "--grid_inference_steps", "2", "--num_grid_images", "4", "--resolution", "16"]  # fmt: skip
+    main([*options, "--max_train_steps", "1"])
+    shutil.copy(folder / "1.png", folder / "10.png")  # an image added
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.training"):
+        assert main([*options, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"]).global_step == 2
+    assert f"{out / 'checkpoint-1'} was trained on 10 images, the data set has 11 now" in caplog.text
+    caplog.clear()
+    Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(folder / "10.png")  # an image replaced
+    os.utime(folder / "10.png", (1_000_000_000, 1_000_000_000))
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.training"):
+        main([*options, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"])
+    assert "was trained on the same number of images, but datasets' fingerprint of them differs" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.training"):
+        main([*options[2:], "--dataset_path", str(saved_dataset(tmp_path / "saved", count=8, size=16)),
+              "--channels", "3", "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])  # fmt: skip
+    assert f"was trained on image folder {folder.resolve()}, this run reads saved data set {(tmp_path / 'saved').resolve()}, split train" in caplog.text
 
 
 def test_accelerate_launch_runs_the_script(tmp_path):
