@@ -109,9 +109,9 @@ class DDPMTargetPipeline(DDPMPipeline):
         """Switch on the fast sampling paths, in place (call after ``pipe.to(device)``); returns the pipeline.
 
         Args:
-            dtype: the UNet's dtype; ``"auto"`` = bfloat16 on CUDA (float16 before Ampere), float32 on the CPU and for μ
-                models (see :mod:`ddpm_pipeline.speed`). The state ``x_t`` and the scheduler's
-                arithmetic stay in float32 whatever the UNet's dtype.
+            dtype: the UNet's dtype; ``"auto"`` = bfloat16 on CUDA (float16 before Ampere),
+                float32 on the CPU and for μ models (see :mod:`ddpm_pipeline.speed`). The state
+                ``x_t`` and the scheduler's arithmetic stay in float32 whatever the UNet's dtype.
             channels_last: NHWC weights and activations (``None``: on for CUDA).
             compile: ``torch.compile`` the UNet in place (``None``: on for CUDA when Triton supports
                 the GPU; ``True`` where it does not raises, naming the fix).

@@ -64,8 +64,8 @@ def _auto_precision(device: torch.device | str, prediction_type: str) -> str:
 
 def resolve_mixed_precision(requested: str | None, device: torch.device | str, prediction_type: str) -> str | None:
     """The autocast precision of a run: ``"auto"`` → ``"bf16"`` on a CUDA device with bfloat16 in
-    hardware, ``"fp16"`` on an older one, ``"no"`` on the CPU and for the μ target; ``None`` → Accelerate's own config; any other value as
-    given (with a warning for half precision and μ)."""
+    hardware, ``"fp16"`` on an older one, ``"no"`` on the CPU and for the μ target; ``None`` →
+    Accelerate's own config; any other value as given (with a warning for half precision and μ)."""
     if requested is None:
         return None
     if requested not in MIXED_PRECISION_CHOICES:
@@ -83,7 +83,8 @@ def resolve_mixed_precision(requested: str | None, device: torch.device | str, p
 
 def resolve_sampling_dtype(requested: torch.dtype | str | None, device: torch.device | str, prediction_type: str) -> torch.dtype:
     """The UNet's dtype for sampling: ``None``/``"auto"`` → bfloat16 on CUDA (float16 on a GPU
-    without bfloat16 in hardware; float32 for μ and on the CPU); a dtype or its name (``"bfloat16"``, ``"float16"``, ``"float32"``) as given."""
+    without bfloat16 in hardware; float32 for μ and on the CPU); a dtype or its name
+    (``"bfloat16"``, ``"float16"``, ``"float32"``) as given."""
     if requested is None or requested == "auto":
         return HALF_DTYPES.get(_auto_precision(device, prediction_type), torch.float32)
     dtype = getattr(torch, requested) if isinstance(requested, str) else requested
