@@ -764,9 +764,9 @@ class Trainer:
             + (f" or for {config.max_train_minutes:g} training minutes, whichever comes first" if config.max_train_minutes else "")
         )
         if self.stop_request.ignored:
-            ignored = " and ".join(self.stop_request.ignored)
-            logger.info(f"{ignored} {'is' if len(self.stop_request.ignored) == 1 else 'are'} ignored by this process "
-                        "(as a shell without job control starts `command &`): left so, they do not stop the run")  # fmt: skip
+            names, one = " and ".join(self.stop_request.ignored), len(self.stop_request.ignored) == 1
+            logger.info(f"{names} {'is' if one else 'are'} ignored by this process, as a shell without job control "
+                        f"starts `command &`: left so, {'it does' if one else 'they do'} not stop the run")  # fmt: skip
         if self.lr_scheduler.decays_over_budget:
             logger.info(f"the {config.lr_scheduler} learning-rate schedule measures its progress in training time too: "
                         "its decay ends when the time budget does")  # fmt: skip
