@@ -236,6 +236,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             check_output_dir(self.output_dir)
         self.checkpoint = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint)
+        if self.checkpoint is None and config.resume_from_checkpoint == "latest":
+            logger.info(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir} yet, so the run starts at step 0")
         dataset, image_column = self._load_dataset()
         self.data_identity = data_identity(dataset, describe_data_source(config.dataset_name, config.dataset_config,
                                            config.split, config.train_data_dir, config.dataset_path))  # fmt: skip

@@ -2,6 +2,7 @@
 
 import errno
 import json
+import logging
 import math
 import os
 import shutil
@@ -391,7 +392,7 @@ def test_time_budget_stops_training_and_saves_as_usual(tmp_path):
     assert (out / "model_index.json").is_file() and (out / "samples.png").is_file()
 
 
-def test_pieces_of_a_run_give_the_uninterrupted_result(tmp_path, monkeypatch):
+def test_pieces_of_a_run_give_the_uninterrupted_result(tmp_path, monkeypatch, caplog):
     """--stop_after_minutes ends an invocation with a checkpoint; repeating the command with
     --resume_from_checkpoint latest continues, and the pieces end with the uninterrupted weights."""
     options = [*TINY, "--max_train_steps", "12", "--checkpointing_steps", "none"]
@@ -401,10 +402,13 @@ def test_pieces_of_a_run_give_the_uninterrupted_result(tmp_path, monkeypatch):
     results = []
     for _ in range(10):
         reset_accelerate()
-        results.append(main([*options, "--stop_after_minutes", "0.1", "--resume_from_checkpoint", "latest",
-                             "--output_dir", str(pieces)]))  # fmt: skip
+        with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+            results.append(main([*options, "--stop_after_minutes", "0.1", "--resume_from_checkpoint", "latest",
+                                 "--output_dir", str(pieces)]))  # fmt: skip
         if results[-1].finished:
             break
+    # one command for the first piece and the rest: the first says that it starts afresh
+    assert caplog.text.count(f"--resume_from_checkpoint latest: no checkpoint in {pieces} yet") == 1
     assert len(results) > 1 and not results[0].finished and results[-1].finished
     assert results[0].global_step < 12 == results[-1].global_step
     assert results[-1].train_seconds > results[0].train_seconds  # the clock sums the pieces
