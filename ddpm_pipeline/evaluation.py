@@ -384,6 +384,21 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     if config.feature_extractor:
         extractor = FeatureExtractorSpec(config.feature_extractor, extractor.weights_path)
     extractor.check_metrics(feature_wanted)
+    # what can be wrong with the inputs is found before the sampling, which may take hours
+    if config.model is not None and Path(config.model).exists():  # else a Hub repo id, checked by from_pretrained
+        check_pipeline_folder(config.model)
+    needs_reference = any(m in feature_wanted for m in ("fid", "kid", "prc"))
+    reference_images = None  # the reference's images, loaded (a Hub data set downloaded) by the main process now
+    if needs_reference:
+        reference_source = DataSource.parse(config.reference, config.reference_split, config.reference_config)
+        if processes.is_main and reference_source.kind != "stats":
+            reference_images = reference_source.load()
+    bpd_source = None
+    if "bpd" in metrics:
+        bpd_source = DataSource.parse(config.bpd_data or config.reference, config.bpd_split or config.reference_split,
+                                      config.reference_config)  # fmt: skip
+        if bpd_source.kind == "stats":
+            raise ValueError("bits/dim needs images: --reference is a statistics file, so pass --bpd_data (a data source).")
     if feature_wanted:
         with processes.main_first():  # one download, before the sampling: the others find it cached
             extractor.ensure_weights()
@@ -395,8 +410,6 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     training = None
     sampling: dict[str, Any] | None = None
     if config.model is not None:
-        if Path(config.model).exists():  # else a Hub repo id, checked by from_pretrained
-            check_pipeline_folder(config.model)
         pipeline = DDPMTargetPipeline.from_pretrained(config.model).to(device)  # float32: the bound's network
         training = load_training_config(config.model)
         preprocess = model_preprocessing(pipeline, training, config.resize_mode)
@@ -427,10 +440,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     bound, terms_store = None, None
     if "bpd" in metrics:  # before the features: every process takes part, then only the main one goes on
         tick = time.perf_counter()
-        source = DataSource.parse(config.bpd_data or config.reference, config.bpd_split or config.reference_split,
-                                  config.reference_config)  # fmt: skip
-        if source.kind == "stats":
-            raise ValueError("bits/dim needs images: --reference is a statistics file, so pass --bpd_data (a data source).")
+        source = bpd_source
         with processes.main_first():  # the main process writes (or clears) the store's settings first
             terms_store = bound_store(Path(f"{stem}-bpd-partial"), config.model, source, preprocess, config.bpd_num_images,
                                       config.bpd_timesteps, config.bpd_batch_size, config.seed)  # fmt: skip
@@ -476,13 +486,12 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         )
         timings["sample_features_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        needs_reference = any(m in feature_wanted for m in ("fid", "kid", "prc"))
         reference = None
         if needs_reference:
             reference = reference_statistics(
                 config.reference, preprocess, extractor, device, split=config.reference_split,
                 dataset_config=config.reference_config, max_images=config.reference_max_images,
-                batch_size=config.batch_size, cache_dir=config.cache_dir,
+                batch_size=config.batch_size, cache_dir=config.cache_dir, dataset=reference_images,
             )  # fmt: skip
             report["reference"] = {
                 "source": config.reference,

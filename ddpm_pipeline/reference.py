@@ -178,13 +178,16 @@ def reference_statistics(
     batch_size: int = 64,
     cache_dir: str | Path | None = None,
     data_cache_dir: str | None = None,
+    dataset: datasets.Dataset | None = None,
 ) -> ReferenceStatistics:
     """The reference's features and statistics: from a stats file, from the cache, or computed
-    (then cached). ``max_images`` keeps the first N images of the split."""
+    (then cached). ``max_images`` keeps the first N images of the split; ``dataset`` is the
+    reference's split when the caller has loaded it already."""
     source = DataSource.parse(reference, split, dataset_config)
     if source.kind == "stats":
         return ReferenceStatistics.load(source.location)
-    dataset = source.load(data_cache_dir)
+    if dataset is None:
+        dataset = source.load(data_cache_dir)
     key = reference_key(source, dataset, preprocess, extractor, max_images)
     path = cache_path_for(key, cache_dir or default_cache_dir())
     if path.is_file():

@@ -337,6 +337,22 @@ def test_bad_options_fail_before_any_work(tmp_path, tiny_pipeline, reference_dat
     with pytest.raises(FileNotFoundError, match="inception_weights"):
         evaluate(model=str(tiny_pipeline), metrics="fid", inception_weights=str(tmp_path / "missing.pth"),
                  output=str(tmp_path / "r.json"))  # fmt: skip
+    # the inputs the sampling does not need are checked before it too
+    common = dict(model=str(tiny_pipeline), feature_extractor=FEATURES, num_samples=4, num_inference_steps=2,
+                  output=str(tmp_path / "r.json"), device="cpu")  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="neither a folder, a .npz statistics file"):
+        evaluate(reference=str(tmp_path / "no-such-folder"), metrics="fid", **common)
+    with pytest.raises(FileNotFoundError, match="Reference statistics .* do not exist"):
+        evaluate(reference=str(tmp_path / "missing.npz"), metrics="kid", **common)
+    with pytest.raises(ConnectionError, match="'ddpm-pipeline-tests/not-cached' is not in the datasets cache"):
+        evaluate(reference="ddpm-pipeline-tests/not-cached", metrics="prc", **common)
+    (tmp_path / "stats.npz").write_bytes(b"")  # a statistics file: no images for the bound
+    with pytest.raises(ValueError, match="bits/dim needs images"):
+        evaluate(reference=str(tmp_path / "stats.npz"), metrics="bpd", **common)
+    unfinished = tmp_path / "unfinished-run"
+    (unfinished / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="not a complete pipeline folder: missing model_index.json"):
+        evaluate(**{**common, "model": str(unfinished)}, reference=str(reference_data), metrics="fid")
     assert not (tmp_path / "r-samples").exists()
 
 
