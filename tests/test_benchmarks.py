@@ -128,3 +128,15 @@ def test_winograd_experiment_runs(tmp_path):
     assert result["direct_ms"] > 0 and result["winograd_ms"] > 0 and result["winograd_matmuls_only_ms"] > 0
     assert result["max_relative_error"] < 1e-5  # float32
     assert json.loads((tmp_path / "w.jsonl").read_text())["model"] == "ddpm-tiny-16"
+
+
+def test_the_gpu_session_runs_tests_that_exist():
+    """benchmarks/gpu_session.sh names the CUDA-only tests a GPU session runs; a renamed test would
+    cost that session's scarce device time, so each name is checked here."""
+    import re
+
+    script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
+    named = re.findall(r"(tests/test_\w+\.py)::(\w+)", script)
+    assert len(named) >= 6
+    for path, name in named:
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.MULTILINE), f"{path}::{name} does not exist"
