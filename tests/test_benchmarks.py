@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -133,8 +134,6 @@ def test_winograd_experiment_runs(tmp_path):
 def test_the_gpu_session_runs_tests_that_exist():
     """benchmarks/gpu_session.sh names the CUDA-only tests a GPU session runs; a renamed test would
     cost that session's scarce device time, so each name is checked here."""
-    import re
-
     script = (ROOT / "benchmarks" / "gpu_session.sh").read_text()
     named = re.findall(r"(tests/test_\w+\.py)::(\w+)", script)
     assert len(named) >= 6
