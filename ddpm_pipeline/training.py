@@ -243,6 +243,8 @@ class Trainer:
                                            config.split, config.train_data_dir, config.dataset_path))  # fmt: skip
         if self.pretrained is None:
             self.config = config = self._fit_network_to_data(ImageSource(dataset, image_column))
+        else:
+            self._compare_data_with_pretrained(ImageSource(dataset, image_column))
         if self.checkpoint is not None:
             self._check_resumable(self.checkpoint)
         elif self.accelerator.is_main_process and list_checkpoints(self.output_dir):
@@ -350,6 +352,21 @@ class Trainer:
         if chosen:
             logger.info(f"the data: {image_format.describe()}; so {' '.join(chosen)} (give these options to choose otherwise)")
         return config
+
+    def _compare_data_with_pretrained(self, images: ImageSource) -> None:
+        """Fine-tuning keeps the pretrained network's channels: say what the images are turned into,
+        and warn when that drops their colour."""
+        image_format = inspect_images(images)
+        channels = self.pretrained.unet_config["in_channels"]
+        size = self.config.resolution or self.pretrained.unet_config["sample_size"]
+        kind = "grayscale" if channels == 1 else "RGB"
+        logger.info(f"the data: {image_format.describe()}; {self.pretrained.source} takes {kind} images; this run trains at {size}px")
+        if image_format.channels == 3 and channels == 1:
+            logger.warning(
+                f"{self.pretrained.source} takes grayscale images, so these colour images are trained on in gray and its "
+                "samples stay gray: for colour, fine-tune a colour network or train a new one (without "
+                "--pretrained_model_name_or_path)."
+            )
 
     def _build_data(self, dataset: datasets.Dataset, column: str) -> None:
         config = self.config

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import reset_accelerate
 from diffusers import DDPMPipeline, DDPMScheduler, ScoreSdeVePipeline, ScoreSdeVeScheduler, UNet2DModel
+from PIL import Image
 from test_training import TINY, read_loss_history, run_training
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
@@ -59,6 +60,24 @@ def test_a_fine_tuning_run_starts_from_the_pretrained_weights_and_schedule(tmp_p
     torch.testing.assert_close(scheduler.alphas_cumprod, stock.scheduler.alphas_cumprod, rtol=1e-6, atol=0)
     # the local source is recorded by its absolute path, and the network by it (no preset)
     assert trainer.config.pretrained_model_name_or_path == str(source.resolve()) and trainer.config.model is None
+
+
+def test_fine_tuning_says_what_its_images_become_and_warns_when_they_lose_their_colour(tmp_path, caplog):
+    source = stock_pipeline_folder(tmp_path / "stock")  # a grayscale network
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        Trainer(fine_tune_config(source, tmp_path / "gray"))  # the bundled gray images
+    assert f"the data: grayscale, 28px (64 images inspected); {source} takes grayscale images; this run trains at 16px" in caplog.text
+    assert "samples stay gray" not in caplog.text
+    caplog.clear()
+    folder = tmp_path / "colour"
+    folder.mkdir()
+    for index in range(4):
+        Image.fromarray(np.full((20, 20, 3), (60 * index, 0, 200), dtype=np.uint8)).save(folder / f"{index}.png")
+    reset_accelerate()
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        Trainer(fine_tune_config(source, tmp_path / "out", "--train_data_dir", folder, "--train_batch_size", "2"))
+    assert "the data: RGB, 20px (4 images inspected)" in caplog.text
+    assert "these colour images are trained on in gray and its samples stay gray" in caplog.text
 
 
 def test_fine_tuning_continues_a_trained_run_and_resumes_exactly(tmp_path):
