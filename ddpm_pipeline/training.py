@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import shutil
 import signal
 import time
@@ -22,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import PartialState
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast, set_seed
 from diffusers.training_utils import EMAModel
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path, move_into_place, remove, temporary_sibling
@@ -87,6 +90,8 @@ LOSS_CURVE_NAME = "loss_curve.png"
 SAMPLES_NAME = "samples.png"
 TRAJECTORY_NAME = "trajectory.png"
 GRID_FOLDER = "samples"
+#: In --logging_dir: the id of the W&B run that a resumed training run continues.
+WANDB_RUN_ID_NAME = "wandb_run_id.txt"
 #: in each snapshot folder: the step and training seconds it was taken at
 SNAPSHOT_STATE_NAME = "snapshot.json"
 TIMESTEP_SAMPLER_STATE_NAME = "timestep_sampler.pt"
@@ -437,8 +442,9 @@ class Trainer:
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    def save_grid(self, path: Path, trajectory_path: Path | None = None) -> Path:
-        """Sample ``--num_grid_images`` images (always from the same seed) and write the grid."""
+    def save_grid(self, path: Path, trajectory_path: Path | None = None, step: int | None = None) -> Path:
+        """Sample ``--num_grid_images`` images (always from the same seed) and write the grid; with
+        ``step``, log it to the trackers too (:meth:`log_grid`)."""
         pipeline = self.sampling_pipeline()
         output = pipeline(
             batch_size=self.config.num_grid_images,
@@ -450,7 +456,37 @@ class Trainer:
         save_image_grid(output.images, path)
         if trajectory_path is not None:
             output.trajectory.save_png(trajectory_path)
+        if step is not None:
+            self.log_grid(path, step)
         return path
+
+    def log_grid(self, path: Path, step: int) -> None:
+        """The grid written to ``path`` as an image of ``samples`` at ``step``, in TensorBoard's
+        images tab or the W&B run's media (nothing without --report_to)."""
+        if not self.accelerator.trackers:
+            return
+        with Image.open(path) as grid:
+            image = np.asarray(grid.convert("RGB"))
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"samples": image[None]}, step=step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                tracker.log_images({"samples": [image]}, step=step)
+
+    def _tracker_options(self) -> dict[str, Any]:
+        """``init_kwargs`` of the trackers: a W&B run writes under --output_dir and is named after it,
+        and a resumed training run continues its W&B run (the id kept in
+        ``<logging_dir>/wandb_run_id.txt``); a fresh run in the same folder starts a new one."""
+        if self.config.report_to != "wandb" or not self.accelerator.is_main_process:
+            return {}
+        id_file = self.output_dir / self.config.logging_dir / WANDB_RUN_ID_NAME
+        if self.checkpoint is not None and id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = secrets.token_hex(8)
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(run_id + "\n")
+        return {"wandb": {"dir": str(self.output_dir), "name": self.output_dir.name, "id": run_id, "resume": "allow"}}
 
     def global_batch_size(self) -> int:
         """Images per optimizer step, over all processes."""
@@ -772,7 +808,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / CONFIG_FILE_NAME)
         if config.report_to != "none":
-            accelerator.init_trackers("train_ddpm", config=_tracker_config(config))
+            accelerator.init_trackers("train_ddpm", config=_tracker_config(config), init_kwargs=self._tracker_options())
         history = LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=is_main, terms=self.logs_loss_terms)
         parameters = sum(p.numel() for p in self.unet.parameters())
         logger.info(
@@ -852,7 +888,7 @@ class Trainer:
                     self._check_finite(pending_losses.flush(), global_step, history)
                     with clock.paused():
                         if is_main:
-                            self.save_grid(self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png")
+                            self.save_grid(self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png", step=global_step)
                         self.unet.train()
                         accelerator.wait_for_everyone()
                 if done:
@@ -888,7 +924,7 @@ class Trainer:
         if is_main:
             self.save_pipeline()
             samples_path = self.save_grid(
-                self.output_dir / SAMPLES_NAME, trajectory_path=self.output_dir / TRAJECTORY_NAME
+                self.output_dir / SAMPLES_NAME, trajectory_path=self.output_dir / TRAJECTORY_NAME, step=global_step
             )
             (self.output_dir / GRID_FOLDER).mkdir(exist_ok=True)
             shutil.copyfile(samples_path, self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 BETA_SCHEDULES = ("linear", "cosine")
 TRAINING_PREDICTION_TYPES = ("epsilon", "x0", "mu", "v_prediction")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
-REPORT_TO = ("tensorboard", "none")
+REPORT_TO = ("tensorboard", "wandb", "none")
 CONFIG_FILE_NAME = "training_config.json"
 
 #: What a run from scratch uses for the options a fine-tuning run takes from its pretrained model.
@@ -162,7 +163,7 @@ class TrainingConfig:
     save_images_steps: int | None = _option(400, "Write a sample grid every N optimizer steps (and always at the end).")
     num_grid_images: int = _option(64, "Images in each sample grid (a square number looks best).")
     grid_inference_steps: int = _option(100, "Sampling steps for the grids (respaced; T gives the full chain).")
-    report_to: str = _option("tensorboard", "Where to log the loss besides the progress bar.", choices=REPORT_TO)
+    report_to: str = _option("tensorboard", "Where to log the loss, learning rate and sample grids besides the progress bar and files: TensorBoard (in --logging_dir) or Weights & Biases (pip install wandb; `wandb login`, or WANDB_MODE=offline; one W&B run per --output_dir, continued on resuming).", choices=REPORT_TO)
     logging_dir: str = _option("logs", "TensorBoard folder, relative to --output_dir.")
     push_to_hub: bool = _option(False, "Upload the finished pipeline with a model card to the Hub (needs --hub_model_id and a login).")
     hub_model_id: str | None = _option(None, "The Hub repo to push to, user-or-org/name (created if needed).")
@@ -190,6 +191,8 @@ class TrainingConfig:
     def validate(self) -> None:
         """Raise `ValueError` naming the bad option and what to give instead."""
         problems = []
+        if self.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+            problems.append("--report_to wandb needs the wandb package: pip install wandb (or use --report_to tensorboard).")
 
         def positive(name: str, allow_none: bool = False) -> None:
             value = getattr(self, name)

@@ -1,0 +1,65 @@
+"""--report_to: the loss and the sample grids reach TensorBoard and Weights & Biases (offline)."""
+
+import importlib.util
+import io
+
+import numpy as np
+import pytest
+from conftest import reset_accelerate
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ddpm_pipeline.training import WANDB_RUN_ID_NAME, main
+from ddpm_pipeline.training_config import TrainingConfig
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+TINY = ["--model", "ddpm-tiny-16", "--resolution", "16", "--grid_inference_steps", "2", "--num_grid_images", "4",
+        "--train_batch_size", "4", "--lr_warmup_steps", "0", "--save_images_steps", "2", "--checkpointing_steps", "2"]  # fmt: skip
+
+
+def png_pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def test_tensorboard_gets_the_losses_and_every_sample_grid(tmp_path):
+    out = tmp_path / "run"
+    main([*TINY, "--max_train_steps", "4", "--output_dir", str(out), "--report_to", "tensorboard"])
+    events = EventAccumulator(str(out / "logs" / "train_ddpm"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert {"lr", "loss/q0"} <= set(events.Tags()["scalars"])
+    images = events.Images("samples")
+    assert [image.step for image in images] == [2, 4]  # the grid of step 2, and the final one
+    for image in images:  # each is the PNG written beside it
+        logged = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
+        assert np.array_equal(logged, png_pixels(out / "samples" / f"step_{image.step:07d}.png"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install -e '.[dev]')")
+def test_weights_and_biases_offline_gets_the_grids_and_a_resumed_run_continues_its_run(tmp_path, monkeypatch):
+    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off",
+                        "WANDB_ERROR_REPORTING": "false", "WANDB_DISABLE_GIT": "true"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    options = [*TINY, "--output_dir", str(out), "--report_to", "wandb"]
+    main([*options, "--max_train_steps", "2"])
+    run_id = (out / "logs" / WANDB_RUN_ID_NAME).read_text().strip()
+    reset_accelerate()
+    main([*options, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run.name.endswith(run_id) for run in runs)  # one W&B run, continued
+    logged = {path.name.split("_")[1]: path for run in runs for path in (run / "files" / "media" / "images").glob("samples_*.png")}
+    assert sorted(logged, key=int) == ["2", "4"]
+    assert np.array_equal(png_pixels(logged["4"]), png_pixels(out / "samples.png"))
+    # a fresh run in the same folder is a new W&B run
+    reset_accelerate()
+    main([*options, "--max_train_steps", "2"])
+    assert (out / "logs" / WANDB_RUN_ID_NAME).read_text().strip() != run_id
+
+
+def test_wandb_without_the_package_is_refused_before_any_work(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "wandb" else real(name, *args))
+    with pytest.raises(ValueError, match="--report_to wandb needs the wandb package: pip install wandb"):
+        TrainingConfig(report_to="wandb")
