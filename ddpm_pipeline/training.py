@@ -10,6 +10,7 @@ would have (on the CPU: bit for bit).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -177,6 +178,13 @@ def build_scheduler(config: TrainingConfig, pretrained: PretrainedDDPM | None = 
     )
 
 
+def check_tracker_installed(report_to: str) -> None:
+    """Refuse, before any work, a ``--report_to`` whose package is missing. (Not a check of the
+    options themselves: a run's saved options stay readable where that package is not installed.)"""
+    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--report_to wandb needs the wandb package: pip install wandb (or use --report_to tensorboard).")
+
+
 def _tracker_config(config: TrainingConfig) -> dict[str, Any]:
     """The options as TensorBoard hparams accept them (numbers, strings, booleans)."""
     flat = {}
@@ -189,6 +197,7 @@ class Trainer:
     """One training run; :meth:`run` does everything (see :func:`train`)."""
 
     def __init__(self, config: TrainingConfig):
+        check_tracker_installed(config.report_to)
         # Fine-tuning: its configs first (no weights yet), to know the network and the target.
         self.pretrained = None
         if config.pretrained_model_name_or_path is not None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,8 +190,6 @@ class TrainingConfig:
     def validate(self) -> None:
         """Raise `ValueError` naming the bad option and what to give instead."""
         problems = []
-        if self.report_to == "wandb" and importlib.util.find_spec("wandb") is None:
-            problems.append("--report_to wandb needs the wandb package: pip install wandb (or use --report_to tensorboard).")
 
         def positive(name: str, allow_none: bool = False) -> None:
             value = getattr(self, name)

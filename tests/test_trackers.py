@@ -9,7 +9,7 @@ from conftest import reset_accelerate
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ddpm_pipeline.training import WANDB_RUN_ID_NAME, main
+from ddpm_pipeline.training import WANDB_RUN_ID_NAME, Trainer, main
 from ddpm_pipeline.training_config import TrainingConfig
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -58,8 +58,12 @@ def test_weights_and_biases_offline_gets_the_grids_and_a_resumed_run_continues_i
     assert (out / "logs" / WANDB_RUN_ID_NAME).read_text().strip() != run_id
 
 
-def test_wandb_without_the_package_is_refused_before_any_work(monkeypatch):
+def test_wandb_without_the_package_is_refused_before_any_work(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "wandb" else real(name, *args))
+    config = TrainingConfig.from_args([*TINY, "--report_to", "wandb", "--output_dir", str(tmp_path / "run")])
     with pytest.raises(ValueError, match="--report_to wandb needs the wandb package: pip install wandb"):
-        TrainingConfig(report_to="wandb")
+        Trainer(config)
+    assert not (tmp_path / "run").exists()
+    # the options of a W&B run stay readable without wandb (a model card, a resumed run's check)
+    assert TrainingConfig.from_dict(config.to_dict()).report_to == "wandb"
