@@ -16,6 +16,8 @@ from ddpm_pipeline.convert import main as convert
 from ddpm_pipeline.data import (
     ImagePreprocessor,
     bundled_dataset,
+    data_identity,
+    describe_data_source,
     find_image_column,
     load_image_dataset,
     read_idx,
@@ -103,6 +105,17 @@ def test_cifar10_converter(tmp_path):
     assert np.array_equal(np.asarray(dataset[0]["img"]), expected)
     test = convert(["cifar10", "--archive", str(archive), "--split", "test", "--output", str(tmp_path / "test")])
     assert load_image_dataset(dataset_path=test).num_rows == 2
+
+
+def test_the_data_a_checkpoint_records_names_its_source_count_and_fingerprint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert describe_data_source() == "the bundled Fashion-MNIST test set"
+    assert describe_data_source(dataset_name="cifar10") == "Hub data set cifar10, split train"
+    assert describe_data_source("ylecun/mnist", "mnist", "test") == "Hub data set ylecun/mnist (mnist), split test"
+    assert describe_data_source(train_data_dir="faces") == f"image folder {tmp_path / 'faces'}"
+    assert describe_data_source(dataset_path="saved", split="valid") == f"saved data set {tmp_path / 'saved'}, split valid"
+    bundled = data_identity(load_image_dataset(), describe_data_source())
+    assert bundled["num_images"] == 10_000 and bundled == data_identity(load_image_dataset(), describe_data_source())
 
 
 def test_a_hub_data_set_neither_cached_nor_reachable_names_the_fixes(tmp_path):
