@@ -253,8 +253,6 @@ class Trainer:
         if self.checkpoint is None and config.resume_from_checkpoint == "latest":
             logger.info(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir} yet, so the run starts at step 0")
         dataset, image_column = self._load_dataset()
-        self.data_identity = data_identity(dataset, describe_data_source(config.dataset_name, config.dataset_config,
-                                           config.split, config.train_data_dir, config.dataset_path))  # fmt: skip
         if self.pretrained is None:
             self.config = config = self._fit_network_to_data(ImageSource(dataset, image_column))
         else:
@@ -346,16 +344,14 @@ class Trainer:
             )
 
     def _load_dataset(self) -> tuple[datasets.Dataset, str]:
+        """The training split and its image column; sets :attr:`data_identity`, what checkpoints
+        record of the data."""
         config = self.config
+        source = dict(dataset_name=config.dataset_name, dataset_config=config.dataset_config, split=config.split,
+                      train_data_dir=config.train_data_dir, dataset_path=config.dataset_path)  # fmt: skip
         with self.accelerator.main_process_first():
-            dataset = load_image_dataset(
-                dataset_name=config.dataset_name,
-                dataset_config=config.dataset_config,
-                split=config.split,
-                train_data_dir=config.train_data_dir,
-                dataset_path=config.dataset_path,
-                cache_dir=config.cache_dir,
-            )
+            dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
+        self.data_identity = data_identity(dataset, describe_data_source(**source))
         return dataset, find_image_column(dataset, config.image_column)
 
     def _fit_network_to_data(self, images: ImageSource) -> TrainingConfig:
