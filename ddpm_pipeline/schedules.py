@@ -75,10 +75,18 @@ def linear_betas(
     """Linear betas, scaled to the number of steps as Improved DDPM does.
 
     ``β_t = linspace(k·beta_start, k·beta_end, T)[t]`` with ``k = 1000 / T``, so T = 1000 gives
-    the DDPM paper's 1e-4 .. 0.02 and other T keep the same total amount of noise.
+    the DDPM paper's 1e-4 .. 0.02 and other T keep the same total amount of noise. The last β must
+    stay below 1, so T must exceed ``1000·beta_end`` (T ≥ 21 for the paper's 0.02).
     """
     _check_num_steps(num_train_timesteps)
     scale = LINEAR_REFERENCE_STEPS / num_train_timesteps
+    if beta_end * scale >= 1.0:
+        fewest = math.floor(beta_end * LINEAR_REFERENCE_STEPS) + 1
+        raise ValueError(
+            f"The linear schedule scaled to T = {num_train_timesteps} steps (×1000/T: β from {beta_start * scale:g} "
+            f"to {beta_end * scale:g}) reaches β ≥ 1, which would erase the image in one step. Use "
+            f"num_train_timesteps ≥ {fewest} with it, or the cosine schedule, which takes any T."
+        )
     return torch.linspace(beta_start * scale, beta_end * scale, num_train_timesteps, dtype=torch.float64)
 
 

@@ -20,6 +20,7 @@ from .schedules import (
     VARIANCE_TYPES,
     canonical_prediction_type,
     is_learned_variance,
+    make_betas,
     model_output_channels,
 )
 from .scheduling_ddpm_target import LOSS_WEIGHTINGS
@@ -217,6 +218,11 @@ class TrainingConfig:
                 f"--grid_inference_steps {self.grid_inference_steps} exceeds --num_train_timesteps "
                 f"{self.num_train_timesteps}."
             )
+        if self.num_train_timesteps is not None and self.num_train_timesteps >= 2 and self.beta_schedule == "linear":
+            try:
+                make_betas("linear", self.num_train_timesteps)
+            except ValueError as error:
+                problems.append(f"--num_train_timesteps {self.num_train_timesteps} --beta_schedule linear: {error}")
         for name in ("snapshot_minutes", "snapshot_steps"):
             if any(value <= 0 for value in getattr(self, name) or ()):
                 problems.append(f"--{name} must be positive, got {getattr(self, name)}.")

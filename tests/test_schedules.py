@@ -179,6 +179,9 @@ def test_bad_inputs_give_clear_errors():
         make_betas("quadratic", 1000)
     with pytest.raises(ValueError, match="num_train_timesteps must be an integer"):
         linear_betas(1)
+    with pytest.raises(ValueError, match="reaches β ≥ 1"):  # the scaled linear schedule's last β: 0.02 · 1000/20
+        linear_betas(20)
+    assert float(linear_betas(21)[-1]) == pytest.approx(0.02 * 1000 / 21)
     with pytest.raises(ValueError, match="open interval"):
         NoiseSchedule.from_betas(torch.tensor([0.1, 1.0]))
     with pytest.raises(ValueError, match="Unknown prediction_type 'noise'"):

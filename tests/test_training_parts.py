@@ -67,6 +67,8 @@ def test_command_line_types_none_and_booleans():
         (["--prediction_type", "noise"], "invalid choice"),
         (["--loss_weighting", "vlb", "--snr_gamma", "2"], "does not apply to --loss_weighting vlb"),
         (["--snr_gamma", "0"], "--snr_gamma must be positive"),
+        (["--num_train_timesteps", "20", "--grid_inference_steps", "10", "--beta_schedule", "linear"],
+         "Use num_train_timesteps ≥ 21 with it, or the cosine schedule"),
     ],
 )
 def test_bad_options_exit_with_the_reason(argv, message, capsys):
