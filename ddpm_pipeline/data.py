@@ -349,13 +349,19 @@ class ImageSource:
 class ImageFormat:
     """What a data set's images look like, from :func:`inspect_images`: ``size`` is the median of
     their shorter sides, ``channels`` 3 if any of them has colour (a mode outside
-    :data:`GRAY_MODES`), else 1."""
+    :data:`GRAY_MODES`), else 1; ``longer_sides`` the longer side of each image inspected, sorted."""
 
     size: int
     channels: int
     smallest: int
     largest: int
     inspected: int
+    longer_sides: tuple[int, ...] = ()
+
+    def too_big_to_pad(self, resolution: int) -> int:
+        """How many of the inspected images have a side longer than ``resolution``: padding (which
+        never shrinks an image) cannot put them on an R×R canvas."""
+        return sum(side > resolution for side in self.longer_sides)
 
     def describe(self) -> str:
         sides = f"{self.size}px" if self.smallest == self.largest else f"shorter sides {self.smallest}–{self.largest}px, median {self.size}"
@@ -368,7 +374,7 @@ def inspect_images(source: ImageSource, max_images: int = 64) -> ImageFormat:
     only: nothing is decoded); unreadable ones are passed over."""
     count, wanted = len(source), min(len(source), max_images)
     indices = sorted({round(i * (count - 1) / max(1, wanted - 1)) for i in range(wanted)})
-    shorter_sides, colour = [], False
+    shorter_sides, longer_sides, colour = [], [], False
     for index in indices:
         try:
             image = source.open(index, load=False)
@@ -376,6 +382,7 @@ def inspect_images(source: ImageSource, max_images: int = 64) -> ImageFormat:
             continue
         with image:  # closes the file the header came from
             shorter_sides.append(min(image.size))
+            longer_sides.append(max(image.size))
             colour = colour or image.mode not in GRAY_MODES
     if not shorter_sides:
         raise ValueError(
@@ -388,7 +395,36 @@ def inspect_images(source: ImageSource, max_images: int = 64) -> ImageFormat:
         smallest=shorter_sides[0],
         largest=shorter_sides[-1],
         inspected=len(shorter_sides),
+        longer_sides=tuple(sorted(longer_sides)),
     )
+
+
+def check_padding(image_format: ImageFormat, resolution: int, resize_mode: str) -> None:
+    """With ``resize_mode="pad"``, which centers each image on a black ``resolution``² canvas and never
+    shrinks one: a `ValueError` naming the fix when none of the inspected images fits, and a warning
+    when some do not (those are skipped as bad images). Other modes fit any image: nothing to check."""
+    too_big = image_format.too_big_to_pad(resolution)
+    if resize_mode != "pad" or too_big == 0:
+        return
+    sides = image_format.longer_sides
+    fix = (
+        f"--resize_mode auto (pads the images that fit and resizes the rest) or crop, or a --resolution of at "
+        f"least {sides[-1]}"
+    )
+    if too_big == len(sides):
+        raise ValueError(
+            f"--resize_mode pad cannot fit these images on a {resolution}×{resolution} canvas: all {len(sides)} "
+            f"inspected have a longer side of {_span(sides[0], sides[-1])}px, and padding never shrinks an image. "
+            f"Use {fix}."
+        )
+    logger.warning(
+        f"--resize_mode pad: {too_big} of {len(sides)} images inspected are larger than {resolution}px (up to "
+        f"{sides[-1]}px) and will be skipped as bad images; to keep them, use {fix}."
+    )
+
+
+def _span(low: int, high: int) -> str:
+    return f"{low}" if low == high else f"{low}–{high}"
 
 
 class TrainingImages(torch.utils.data.Dataset):
@@ -426,17 +462,22 @@ class TrainingImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         """Image ``index``; a bad one is, with ``bad_images="skip"``, replaced by the next readable
         image (the same one every time, so runs stay reproducible) and counted in :attr:`skipped`."""
+        last_error = None
         for offset in range(len(self)):
             candidate = (int(index) + offset) % len(self)
             try:
                 return self.load(candidate)
             except BadImageError as error:
+                last_error = error
                 if self.bad_images == "fail":
                     raise BadImageError(f"{error}. Fix or remove it, or pass --bad_images skip to train without it.") from error
                 if candidate not in self.skipped:
                     self.skipped.add(candidate)
                     logger.warning(f"skipping a bad image ({len(self.skipped)} so far): {error}")
-        raise ValueError("No image of the data set can be read: check the files (see the warnings above).")
+        raise ValueError(
+            f"None of the {len(self)} images of the data set can be used (see the warnings above); the last one "
+            f"tried: {last_error}"
+        )
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler[int]):

@@ -44,10 +44,12 @@ from .checkpointing import (
 )
 from .data import (
     EpochShuffleSampler,
+    ImageFormat,
     ImagePreprocessor,
     ImageSource,
     IndexDataset,
     TrainingImages,
+    check_padding,
     data_identity,
     describe_data_source,
     find_image_column,
@@ -253,10 +255,11 @@ class Trainer:
         if self.checkpoint is None and config.resume_from_checkpoint == "latest":
             logger.info(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir} yet, so the run starts at step 0")
         dataset, image_column = self._load_dataset()
+        image_format = inspect_images(ImageSource(dataset, image_column))
         if self.pretrained is None:
-            self.config = config = self._fit_network_to_data(ImageSource(dataset, image_column))
+            self.config = config = self._fit_network_to_data(image_format)
         else:
-            self._compare_data_with_pretrained(ImageSource(dataset, image_column))
+            self._compare_data_with_pretrained(image_format)
         if self.checkpoint is not None:
             self._check_resumable(self.checkpoint)
         elif self.accelerator.is_main_process and list_checkpoints(self.output_dir):
@@ -275,6 +278,7 @@ class Trainer:
             self.unet_config = DDPMUNet.preset_config(config.model, **config.unet_overrides_dict())
             self.model_name = config.model
         check_unet_config(self.unet_config, self.noise_scheduler.config.variance_type, fine_tuning=self.pretrained is not None)
+        check_padding(image_format, self.unet_config["sample_size"], config.resize_mode)
         self.unet = DDPMUNet(**self.unet_config)
         if self.pretrained is not None and self.checkpoint is None:  # resuming loads the checkpoint's weights
             self.pretrained.load_weights(self.unet)
@@ -354,19 +358,17 @@ class Trainer:
         self.data_identity = data_identity(dataset, describe_data_source(**source))
         return dataset, find_image_column(dataset, config.image_column)
 
-    def _fit_network_to_data(self, images: ImageSource) -> TrainingConfig:
+    def _fit_network_to_data(self, image_format: ImageFormat) -> TrainingConfig:
         """The config with the network options it leaves open taken from the images
         (:meth:`TrainingConfig.with_data_defaults`), saying what was chosen."""
-        image_format = inspect_images(images)
         config, chosen = self.config.with_data_defaults(image_format)
         if chosen:
             logger.info(f"the data: {image_format.describe()}; so {' '.join(chosen)} (give these options to choose otherwise)")
         return config
 
-    def _compare_data_with_pretrained(self, images: ImageSource) -> None:
+    def _compare_data_with_pretrained(self, image_format: ImageFormat) -> None:
         """Fine-tuning keeps the pretrained network's channels: say what the images are turned into,
         and warn when that drops their colour."""
-        image_format = inspect_images(images)
         channels = self.pretrained.unet_config["in_channels"]
         size = self.config.resolution or self.pretrained.unet_config["sample_size"]
         kind = "grayscale" if channels == 1 else "RGB"

@@ -136,6 +136,36 @@ def test_training_on_a_messy_folder_does_not_crash(tmp_path, caplog):
     assert "bad image(s) were skipped" in caplog.text
 
 
+def test_padding_images_larger_than_the_canvas_is_refused_or_warned_before_any_work(tmp_path, caplog):
+    """--resize_mode pad never shrinks an image: data none of whose images fit is refused up front, with
+    the fix (before: every image was skipped as bad, then "no image can be read" came at the first batch)."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for index in range(4):
+        Image.new("L", (20, 18)).save(folder / f"big{index}.png")
+    with pytest.raises(ValueError, match=r"cannot fit these images on a 16×16 canvas: all 4 inspected have a longer "
+                                         r"side of 20px.*--resize_mode auto.*--resolution of at least 20"):  # fmt: skip
+        main([*TINY, "--train_data_dir", str(folder), "--resize_mode", "pad", "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
+    for index in range(4):
+        Image.new("L", (12, 16)).save(folder / f"small{index}.png")
+    reset_accelerate()
+    result = main([*TINY, "--train_data_dir", str(folder), "--resize_mode", "pad", "--max_train_steps", "2",
+                   "--output_dir", str(tmp_path / "run")])  # fmt: skip
+    assert result.global_step == 2
+    assert "--resize_mode pad: 4 of 8 images inspected are larger than 16px (up to 20px) and will be skipped" in caplog.text
+
+
+def test_a_data_set_with_no_usable_image_names_the_last_problem(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for index in range(3):
+        Image.new("L", (20, 20)).save(folder / f"{index}.png")
+    images = TrainingImages(load_image_dataset(train_data_dir=folder), "image", ImagePreprocessor(16, resize_mode="pad"))
+    with pytest.raises(ValueError, match=r"None of the 3 images of the data set can be used.*Cannot pad a 20x20 image"):
+        images[0]
+
+
 def test_empty_image_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
