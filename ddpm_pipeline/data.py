@@ -242,12 +242,15 @@ class ImagePreprocessor:
 
     1. convert to ``"L"`` (``channels=1``) or ``"RGB"`` (``channels=3``);
     2. ``resize_mode``: ``"pad"`` centers the image on a black R×R canvas (28 → 32 for MNIST-like
-       data); ``"crop"`` resizes the shorter side to R (bicubic) and center-crops; ``"auto"`` pads
-       images no larger than R and crops the rest;
+       data); ``"crop"`` resizes it (bicubic) by ``max(R/width, R/height)``, the least that covers
+       the canvas, and center-crops; ``"auto"`` pads images that fit on the canvas and crops the rest;
     3. scale ``x/127.5 - 1``; a random horizontal flip when ``random_flip``.
+
+    ``resolution`` is R, or ``(height, width)`` for a non-square canvas (a UNet2DModel's
+    ``sample_size`` may be either); a square pair is stored as one number.
     """
 
-    resolution: int
+    resolution: int | tuple[int, int]
     channels: int = 1
     resize_mode: str = "auto"
     random_flip: bool = False
@@ -257,30 +260,43 @@ class ImagePreprocessor:
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}.")
-        if self.resolution < 1:
+        resolution = self.resolution
+        if isinstance(resolution, (list, tuple)):
+            if len(resolution) != 2:
+                raise ValueError(f"resolution must be one size or (height, width), got {resolution}.")
+            resolution = int(resolution[0]) if resolution[0] == resolution[1] else (int(resolution[0]), int(resolution[1]))
+            object.__setattr__(self, "resolution", resolution)
+        if min(self.height_width) < 1:
             raise ValueError(f"resolution must be positive, got {self.resolution}.")
 
+    @property
+    def height_width(self) -> tuple[int, int]:
+        """The canvas as ``(height, width)``."""
+        return (self.resolution, self.resolution) if isinstance(self.resolution, int) else self.resolution
+
     def to_pil(self, image: Image.Image) -> Image.Image:
-        """Steps 1–2: the R×R image in the right mode (transparent pixels composited on black,
-        16-bit images scaled to 8 bits)."""
+        """Steps 1–2: the canvas-sized image in the right mode (transparent pixels composited on
+        black, 16-bit images scaled to 8 bits)."""
         image = _to_8bit_opaque(image).convert("L" if self.channels == 1 else "RGB")
-        size = self.resolution
+        size_h, size_w = self.height_width
         width, height = image.size
-        pad = self.resize_mode == "pad" or (self.resize_mode == "auto" and width <= size and height <= size)
-        if pad:
-            if width > size or height > size:
-                raise ValueError(f"Cannot pad a {width}x{height} image to {size}x{size}: use resize_mode='crop'.")
-            canvas = Image.new(image.mode, (size, size), 0)
-            canvas.paste(image, ((size - width) // 2, (size - height) // 2))
+        fits = width <= size_w and height <= size_h
+        if self.resize_mode == "pad" or (self.resize_mode == "auto" and fits):
+            if not fits:
+                raise ValueError(
+                    f"Cannot pad a {width}x{height} image to {size_w}x{size_h}: use resize_mode='auto' or 'crop'."
+                )
+            canvas = Image.new(image.mode, (size_w, size_h), 0)
+            canvas.paste(image, ((size_w - width) // 2, (size_h - height) // 2))
             return canvas
-        scale = size / min(width, height)
-        resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
-        left, top = (resized.width - size) // 2, (resized.height - size) // 2
-        return resized.crop((left, top, left + size, top + size))
+        scale = max(size_w / width, size_h / height)
+        resized = image.resize((max(size_w, round(width * scale)), max(size_h, round(height * scale))), Image.BICUBIC)
+        left, top = (resized.width - size_w) // 2, (resized.height - size_h) // 2
+        return resized.crop((left, top, left + size_w, top + size_h))
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         array = np.asarray(self.to_pil(image), dtype=np.float32)
-        tensor = torch.from_numpy(array.reshape(self.resolution, self.resolution, self.channels)).permute(2, 0, 1)
+        tensor = torch.from_numpy(array.reshape(*self.height_width, self.channels)).permute(2, 0, 1)
         tensor = tensor / 127.5 - 1.0
         if self.random_flip and torch.rand((), generator=generator).item() < 0.5:
             tensor = tensor.flip(-1)
@@ -349,19 +365,20 @@ class ImageSource:
 class ImageFormat:
     """What a data set's images look like, from :func:`inspect_images`: ``size`` is the median of
     their shorter sides, ``channels`` 3 if any of them has colour (a mode outside
-    :data:`GRAY_MODES`), else 1; ``longer_sides`` the longer side of each image inspected, sorted."""
+    :data:`GRAY_MODES`), else 1; ``sizes`` each inspected image's ``(width, height)``."""
 
     size: int
     channels: int
     smallest: int
     largest: int
     inspected: int
-    longer_sides: tuple[int, ...] = ()
+    sizes: tuple[tuple[int, int], ...] = ()
 
-    def too_big_to_pad(self, resolution: int) -> int:
-        """How many of the inspected images have a side longer than ``resolution``: padding (which
-        never shrinks an image) cannot put them on an R×R canvas."""
-        return sum(side > resolution for side in self.longer_sides)
+    def too_big_to_pad(self, resolution: int | tuple[int, int]) -> int:
+        """How many of the inspected images are wider or taller than the canvas (``R`` or ``(height,
+        width)``): padding, which never shrinks an image, cannot put them on it."""
+        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+        return sum(w > width or h > height for w, h in self.sizes)
 
     def describe(self) -> str:
         sides = f"{self.size}px" if self.smallest == self.largest else f"shorter sides {self.smallest}–{self.largest}px, median {self.size}"
@@ -374,7 +391,7 @@ def inspect_images(source: ImageSource, max_images: int = 64) -> ImageFormat:
     only: nothing is decoded); unreadable ones are passed over."""
     count, wanted = len(source), min(len(source), max_images)
     indices = sorted({round(i * (count - 1) / max(1, wanted - 1)) for i in range(wanted)})
-    shorter_sides, longer_sides, colour = [], [], False
+    shorter_sides, sizes, colour = [], [], False
     for index in indices:
         try:
             image = source.open(index, load=False)
@@ -382,7 +399,7 @@ def inspect_images(source: ImageSource, max_images: int = 64) -> ImageFormat:
             continue
         with image:  # closes the file the header came from
             shorter_sides.append(min(image.size))
-            longer_sides.append(max(image.size))
+            sizes.append(tuple(image.size))
             colour = colour or image.mode not in GRAY_MODES
     if not shorter_sides:
         raise ValueError(
@@ -395,36 +412,32 @@ def inspect_images(source: ImageSource, max_images: int = 64) -> ImageFormat:
         smallest=shorter_sides[0],
         largest=shorter_sides[-1],
         inspected=len(shorter_sides),
-        longer_sides=tuple(sorted(longer_sides)),
+        sizes=tuple(sizes),
     )
 
 
-def check_padding(image_format: ImageFormat, resolution: int, resize_mode: str) -> None:
-    """With ``resize_mode="pad"``, which centers each image on a black ``resolution``² canvas and never
-    shrinks one: a `ValueError` naming the fix when none of the inspected images fits, and a warning
-    when some do not (those are skipped as bad images). Other modes fit any image: nothing to check."""
+def check_padding(image_format: ImageFormat, resolution: int | tuple[int, int], resize_mode: str) -> None:
+    """With ``resize_mode="pad"``, which centers each image on a black canvas (``R`` or ``(height,
+    width)``) and never shrinks one: a `ValueError` naming the fix when none of the inspected images
+    fits, and a warning when some do not (those are skipped as bad images). Other modes fit any image."""
     too_big = image_format.too_big_to_pad(resolution)
     if resize_mode != "pad" or too_big == 0:
         return
-    sides = image_format.longer_sides
-    fix = (
-        f"--resize_mode auto (pads the images that fit and resizes the rest) or crop, or a --resolution of at "
-        f"least {sides[-1]}"
-    )
-    if too_big == len(sides):
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    largest = max(max(size) for size in image_format.sizes)
+    fix = "--resize_mode auto (pads the images that fit and resizes the rest) or crop"
+    if isinstance(resolution, int):
+        fix += f", or a --resolution of at least {largest}"
+    count = len(image_format.sizes)
+    if too_big == count:
         raise ValueError(
-            f"--resize_mode pad cannot fit these images on a {resolution}×{resolution} canvas: all {len(sides)} "
-            f"inspected have a longer side of {_span(sides[0], sides[-1])}px, and padding never shrinks an image. "
-            f"Use {fix}."
+            f"--resize_mode pad cannot fit these images on a {width}×{height} canvas: all {count} inspected are "
+            f"larger (up to {largest}px), and padding never shrinks an image. Use {fix}."
         )
     logger.warning(
-        f"--resize_mode pad: {too_big} of {len(sides)} images inspected are larger than {resolution}px (up to "
-        f"{sides[-1]}px) and will be skipped as bad images; to keep them, use {fix}."
+        f"--resize_mode pad: {too_big} of {count} images inspected are larger than the {width}×{height} canvas (up "
+        f"to {largest}px) and will be skipped as bad images; to keep them, use {fix}."
     )
-
-
-def _span(low: int, high: int) -> str:
-    return f"{low}" if low == high else f"{low}–{high}"
 
 
 class TrainingImages(torch.utils.data.Dataset):

@@ -213,16 +213,16 @@ def load_training_config(model: str) -> dict[str, Any] | None:
 def model_preprocessing(pipeline: DDPMTargetPipeline, training: dict[str, Any] | None, resize_mode: str | None) -> ImagePreprocessor:
     """The training preprocessing of a pipeline: its UNet's size and channels, and the recorded resize mode."""
     mode = resize_mode or (training or {}).get("resize_mode") or "auto"
-    return ImagePreprocessor(int(pipeline.unet.config.sample_size), int(pipeline.unet.config.in_channels), mode)
+    return ImagePreprocessor(pipeline.unet.config.sample_size, int(pipeline.unet.config.in_channels), mode)
 
 
 def samples_preprocessing(files: list[Path], config: EvaluationConfig) -> ImagePreprocessor:
     from PIL import Image
 
     with Image.open(files[0]) as first:
-        size, mode = first.size, first.mode
+        (width, height), mode = first.size, first.mode
     channels = config.channels or (1 if mode in GRAY_MODES else 3)
-    return ImagePreprocessor(config.resolution or max(size), channels, config.resize_mode or "auto")
+    return ImagePreprocessor(config.resolution or (height, width), channels, config.resize_mode or "auto")
 
 
 def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed: int, batch_size: int,

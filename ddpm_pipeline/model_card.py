@@ -20,6 +20,7 @@ from .pretrained import is_local_source
 from .schedules import is_learned_variance
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
+from .unet import sample_height_width
 
 CARD_NAME = "README.md"
 EVAL_REPORT_NAME = "eval_results.json"
@@ -88,6 +89,11 @@ def load_eval_report(pipeline_dir: str | Path, eval_report: str | Path | None = 
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _image_size(sample_size: int | list[int] | None) -> str:
+    """``"32×32"``, ``"16×32"`` (height × width), or ``"any size"`` for a UNet without one."""
+    return "any size" if sample_size is None else "×".join(map(str, sample_height_width(sample_size)))
+
+
 def build_model_card(
     pipeline_dir: str | Path,
     repo_id: str,
@@ -141,7 +147,7 @@ def _body(
         "",
         f"An unconditional DDPM (Ho et al. 2020) {trained} on {dataset_name} with "
         "[ddpm_pipeline](https://pypi.org/project/ddpm_pipeline/) and 🤗 diffusers: a `UNet2DModel` "
-        f"({unet.get('sample_size')}×{unet.get('sample_size')}, {unet.get('in_channels')} channel(s), "
+        f"({_image_size(unet.get('sample_size'))}, {unet.get('in_channels')} channel(s), "
         f"channels {unet.get('block_out_channels')}) that predicts {TARGET_NAMES.get(prediction_type, prediction_type)}, "
         f"with the {beta_schedule} noise schedule"
         + (

@@ -84,7 +84,7 @@ from .speed import (
 from .stop_signals import LAUNCHER_EXITED, StopRequest, ignore_signals, signal_number, started_by_launcher
 from .timestep_sampling import ImportanceTimestepSampler
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
-from .unet import DDPMUNet
+from .unet import DDPMUNet, describe_sample_size, sample_height_width
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -417,7 +417,8 @@ class Trainer:
         """The whole preprocessed data set on the device, when ``--data_on_device`` asks for it (or,
         by default, on a GPU when it takes at most a quarter of its memory); else None."""
         config, device = self.config, self.accelerator.device
-        item_bytes = 4 * self.unet_config["in_channels"] * self.unet_config["sample_size"] ** 2
+        height, width = sample_height_width(self.unet_config["sample_size"])
+        item_bytes = 4 * self.unet_config["in_channels"] * height * width
         total_bytes = item_bytes * len(self.train_images)
         wanted = config.data_on_device
         if wanted is None:
@@ -762,7 +763,7 @@ class Trainer:
             precision += " or --gradient_checkpointing,"
         checkpoints = list_checkpoints(self.output_dir)
         return torch.OutOfMemoryError(
-            f"Out of device memory in training step {step} ({self.model_name}, {self.unet_config['sample_size']}² images, "
+            f"Out of device memory in training step {step} ({self.model_name}, {describe_sample_size(self.unet_config['sample_size'])} images, "
             f"--train_batch_size {batch}): use {fits},{precision} or free the device of other processes. "
             f"The last checkpoint is {checkpoints[-1] if checkpoints else 'none'}; resume with "
             f"--resume_from_checkpoint latest. ({str(error).splitlines()[0] if str(error) else 'no details'})"
@@ -819,7 +820,7 @@ class Trainer:
         history = LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=is_main, terms=self.logs_loss_terms)
         parameters = sum(p.numel() for p in self.unet.parameters())
         logger.info(
-            f"{len(self.train_images)} images, {self.unet_config['in_channels']}×{self.unet_config['sample_size']}²; "
+            f"{len(self.train_images)} images, {self.unet_config['in_channels']}×{describe_sample_size(self.unet_config['sample_size'])}; "
             f"{self.model_name}: {parameters:,} parameters; {self.steps_per_epoch} steps per epoch; "
             f"training to step {self.total_steps} (batch {config.train_batch_size} × "
             f"{config.gradient_accumulation_steps} accumulation × {accelerator.num_processes} processes)"

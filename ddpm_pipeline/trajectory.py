@@ -48,20 +48,22 @@ def render_trajectory(
     """One image of the sampling table: for each of the first ``max_images`` samples, three rows
     (``x_t``, predicted noise ``ε̂``, predicted ``x̂_0``) by one column per recorded timestep.
 
-    Images are shown on [-1, 1], noise on [-3, 3], each cell upscaled to ``cell_size`` pixels.
-    Saved as PNG when ``path`` is given.
+    Images are shown on [-1, 1], noise on [-3, 3], each cell upscaled to ``cell_size`` pixels high
+    (and as wide as the images' aspect ratio makes it). Saved as PNG when ``path`` is given.
     """
     num_images = min(max_images, trajectory.samples.shape[1])
     num_steps = len(trajectory.timesteps)
     font = ImageFont.load_default()
     label_width, header_height, gap = 96, 20, 4
     rows = num_images * len(ROW_LABELS)
-    width = label_width + num_steps * (cell_size + gap)
+    image_height, image_width = trajectory.samples.shape[-2:]
+    cell_width = max(1, round(cell_size * image_width / image_height))
+    width = label_width + num_steps * (cell_width + gap)
     height = header_height + rows * (cell_size + gap) + (num_images - 1) * gap
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     for column, timestep in enumerate(trajectory.timesteps):
-        draw.text((label_width + column * (cell_size + gap) + 4, 4), f"t={timestep}", fill="black", font=font)
+        draw.text((label_width + column * (cell_width + gap) + 4, 4), f"t={timestep}", fill="black", font=font)
     sources = (trajectory.samples, trajectory.noise_predictions, trajectory.x0_predictions)
     for image_index in range(num_images):
         for kind, (label, source) in enumerate(zip(ROW_LABELS, sources, strict=True)):
@@ -70,8 +72,8 @@ def render_trajectory(
             draw.text((4, top + cell_size // 2 - 6), label, fill="black", font=font)
             for column in range(num_steps):
                 pixels = _to_pixels(source[column, image_index], is_noise=kind == 1)
-                cell = Image.fromarray(pixels).resize((cell_size, cell_size), Image.NEAREST)
-                canvas.paste(cell, (label_width + column * (cell_size + gap), top))
+                cell = Image.fromarray(pixels).resize((cell_width, cell_size), Image.NEAREST)
+                canvas.paste(cell, (label_width + column * (cell_width + gap), top))
     if path is not None:
         canvas.save(path, format="PNG")
     return canvas

@@ -116,6 +116,20 @@ def preset_for_image_size(size: int) -> str:
     return PRESETS_BY_IMAGE_SIZE[-1][1]
 
 
+def sample_height_width(sample_size: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    """A `UNet2DModel`'s ``sample_size`` (one size, or ``[height, width]``) as ``(height, width)``."""
+    if isinstance(sample_size, int):
+        return sample_size, sample_size
+    height, width = sample_size
+    return int(height), int(width)
+
+
+def describe_sample_size(sample_size: int | list[int] | tuple[int, int]) -> str:
+    """``"32²"`` for a square ``sample_size``, ``"32×64"`` (height × width) otherwise."""
+    height, width = sample_height_width(sample_size)
+    return f"{height}²" if height == width else f"{height}×{width}"
+
+
 def downsampling_factor(config: dict[str, Any]) -> int:
     """How much a `UNet2DModel` shrinks its input: ``2^(levels - 1)``, each level but the last
     halving it; image sides must be multiples of it."""

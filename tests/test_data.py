@@ -190,3 +190,23 @@ def test_preprocessing_pads_crops_flips_and_scales():
         ImagePreprocessor(resolution=32, resize_mode="pad")(Image.new("L", (40, 40)))
     with pytest.raises(ValueError, match="channels must be 1"):
         ImagePreprocessor(resolution=32, channels=2)
+
+
+def test_preprocessing_to_a_non_square_canvas():
+    """A UNet2DModel's sample_size may be [height, width]: the canvas is then height × width."""
+    assert ImagePreprocessor(resolution=[16, 16]).resolution == 16  # a square pair is one size
+    wide = ImagePreprocessor(resolution=[16, 32])
+    assert wide.resolution == (16, 32) and wide.height_width == (16, 32)
+    padded = wide(Image.fromarray(np.full((10, 20), 255, np.uint8)))  # 20 wide, 10 high
+    assert padded.shape == (1, 16, 32)
+    assert torch.all(padded[:, 3:13, 6:26] == 1) and padded.sum() == 10 * 20 - (16 * 32 - 10 * 20)
+    # crop: scaled by max(32/40, 16/40) = 0.8 to 32×32 (just covering the canvas), then the middle 16 rows
+    rows = Image.fromarray(np.repeat(np.arange(40, dtype=np.uint8)[:, None] * 6, 40, axis=1))  # brighter downwards
+    cropped = ImagePreprocessor(resolution=(16, 32), resize_mode="crop")(rows)
+    expected = ImagePreprocessor(resolution=32, resize_mode="crop")(rows)[:, 8:24, :]
+    assert cropped.shape == (1, 16, 32) and torch.equal(cropped, expected)
+    assert ImagePreprocessor(resolution=(16, 32))(Image.new("L", (40, 40))).shape == (1, 16, 32)  # auto crops it
+    with pytest.raises(ValueError, match="Cannot pad a 40x10 image to 32x16"):
+        ImagePreprocessor(resolution=(16, 32), resize_mode="pad").to_pil(Image.new("L", (40, 10)))
+    with pytest.raises(ValueError, match="one size or \\(height, width\\)"):
+        ImagePreprocessor(resolution=[8, 8, 8])

@@ -104,6 +104,32 @@ def test_cli_on_an_rgb_image_folder(tmp_path):
     assert images.shape == (1, 16, 16, 3)
 
 
+def test_a_non_square_network_trains_resumes_samples_and_evaluates(tmp_path, caplog):
+    """A UNet2DModel's sample_size may be [height, width], as diffusers' DDPMPipeline allows: the images
+    are cropped to that canvas, and grids, trajectories, checkpoints and the bound follow it."""
+    folder = mixed_image_folder(tmp_path / "images")
+    out = tmp_path / "run"
+    options = ["--train_data_dir", folder, "--channels", "3", "--unet_overrides", '{"sample_size": [16, 32]}',
+               "--train_batch_size", "4", "--checkpointing_steps", "2"]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        run_training(out, *options, "--max_train_steps", "2")
+    assert "10 images, 3×16×32; ddpm-tiny-16" in caplog.text
+    assert main([*TINY, "--output_dir", str(out), *map(str, options), "--max_train_steps", "3",
+                 "--resume_from_checkpoint", "latest"]).global_step == 3  # fmt: skip
+    pipeline = DDPMPipeline.from_pretrained(out)
+    assert list(pipeline.unet.config.sample_size) == [16, 32]
+    assert pipeline(batch_size=1, num_inference_steps=3, output_type="np").images.shape == (1, 16, 32, 3)
+    with Image.open(out / "trajectory.png") as trajectory, Image.open(out / "samples.png") as grid:
+        assert (trajectory.width - 96) % (128 + 4) == 0  # 96 px of labels, then cells 64 high and 128 wide
+        assert grid.width > 1.8 * grid.height  # 2×2 images twice as wide as high, with a thin border
+    from ddpm_pipeline import evaluate
+
+    report = evaluate(model=str(out), metrics="bpd", bpd_data=str(folder), bpd_num_images=2, bpd_timesteps=2,
+                      output=str(tmp_path / "eval.json"))  # fmt: skip
+    assert np.isfinite(report["metrics"]["bpd"]["bits_per_dim"])
+    assert json.loads((tmp_path / "eval.json").read_text())["preprocessing"]["resolution"] == [16, 32]
+
+
 def test_an_image_folder_trains_at_its_own_size_and_colour(tmp_path, caplog):
     folder = mixed_image_folder(tmp_path / "images")
     out = tmp_path / "run"

@@ -201,7 +201,8 @@ def test_inspecting_images_reads_their_size_and_colour_from_headers(tmp_path):
     gray = inspect_images(ImageSource(load_image_dataset(train_data_dir=folder), "image"))
     assert (gray.size, gray.channels, gray.smallest, gray.largest, gray.inspected) == (30, 1, 20, 64, 4)  # median of 20, 30, 50, 64
     assert gray.describe() == "grayscale, shorter sides 20–64px, median 30 (4 images inspected)"
-    assert gray.longer_sides == (20, 40, 64, 90) and gray.too_big_to_pad(64) == 1 and gray.too_big_to_pad(90) == 0
+    assert gray.sizes == ((40, 30), (64, 64), (50, 90), (20, 20))
+    assert (gray.too_big_to_pad(64), gray.too_big_to_pad(90), gray.too_big_to_pad((90, 50)), gray.too_big_to_pad((64, 64))) == (1, 0, 1, 1)
     Image.new("P", (40, 40)).save(folder / "palette.png")  # one image with colour makes the data RGB
     assert inspect_images(ImageSource(load_image_dataset(train_data_dir=folder), "image")).channels == 3
     with pytest.raises(ValueError, match="None of the 1 images inspected can be read"):
