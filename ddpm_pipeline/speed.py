@@ -198,6 +198,10 @@ def explain_compile_failure(off_switch: str) -> Iterator[None]:
         ) from error
 
 
+#: ``torch.compile``'s modes (None is "default").
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def compile_module(module: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
     """``torch.compile`` the module in place (``nn.Module.compile``: its class, attributes and
     ``state_dict`` keys stay as they are, so saving and checkpointing are unchanged); returns it."""

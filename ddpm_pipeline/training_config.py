@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from .schedules import (
     model_output_channels,
 )
 from .scheduling_ddpm_target import LOSS_WEIGHTINGS
+from .speed import COMPILE_MODES
 from .stop_signals import DEFAULT_STOP_SIGNALS, signal_name
 from .timestep_sampling import DEFAULT_IMPORTANCE_HISTORY, DEFAULT_IMPORTANCE_UNIFORM_PROB, TIMESTEP_SAMPLINGS
 from .unet import (
@@ -71,6 +73,30 @@ ARCHITECTURE_FIELDS = (
     "num_train_timesteps",
     "variance_type",
 )
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _shape_override_problems(overrides: dict[str, Any]) -> list[str]:
+    """What is wrong with the sizes in ``--unet_overrides`` (``sample_size``: one size or
+    ``[height, width]``; ``block_out_channels``: one or more channel counts)."""
+    problems = []
+    size = overrides.get("sample_size")
+    if size is not None and not (
+        _is_positive_int(size) or (isinstance(size, list) and len(size) == 2 and all(map(_is_positive_int, size)))
+    ):
+        problems.append(
+            f"--unet_overrides sample_size must be a positive integer or [height, width], got {json.dumps(size)}."
+        )
+    channels = overrides.get("block_out_channels")
+    if channels is not None and not (isinstance(channels, list) and channels and all(map(_is_positive_int, channels))):
+        problems.append(
+            f"--unet_overrides block_out_channels must be a list of positive integers, one per level, got "
+            f"{json.dumps(channels)}."
+        )
+    return problems
 
 
 def _option(default: Any, help: str, **argparse_kwargs: Any) -> Any:
@@ -150,7 +176,7 @@ class TrainingConfig:
     allow_tf32: bool | None = _option(None, "Let fp32 matmuls/convolutions use TF32 tensor cores (never for the μ target unless given).")
     channels_last: bool | None = _option(None, "Keep the UNet's weights and activations in NHWC memory layout.")
     compile_unet: bool | None = _option(None, "torch.compile the UNet (the first steps take a while to compile; auto: on for CUDA when Triton supports the GPU).")
-    compile_mode: str | None = _option(None, "torch.compile mode, e.g. max-autotune-no-cudagraphs (none = the default mode).")
+    compile_mode: str | None = _option(None, f"torch.compile mode: {', '.join(COMPILE_MODES)} (none = default).")
     fused_adam: bool | None = _option(None, "One fused AdamW kernel per step (else multi-tensor foreach kernels).")
     gradient_checkpointing: bool = _option(False, "Recompute each UNet block's activations in the backward pass instead of keeping them: less memory (larger batches or images) for more compute (README: measured on a CPU); the same gradients.")
     data_on_device: bool | None = _option(None, "Preprocess the whole data set once into device memory (auto: on a GPU when it takes at most a quarter of its memory).")
@@ -250,8 +276,22 @@ class TrainingConfig:
             )
         if self.snr_gamma is not None and not self.snr_gamma > 0:
             problems.append(f"--snr_gamma must be positive, got {self.snr_gamma} (the paper's is {DEFAULT_SNR_GAMMA:g}).")
-        if self.learning_rate <= 0:
-            problems.append(f"--learning_rate must be positive, got {self.learning_rate}.")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            problems.append(f"--learning_rate must be a positive number, got {self.learning_rate}.")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"--{name} must be in [0, 1), got {getattr(self, name)}.")
+        for name in ("adam_weight_decay", "adam_epsilon"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                problems.append(f"--{name} must be ≥ 0, got {getattr(self, name)}.")
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            problems.append(f"--compile_mode {self.compile_mode!r} is not one of: {', '.join(COMPILE_MODES)} (or none).")
+        for name in ("ema_inv_gamma", "ema_power"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                problems.append(
+                    f"--{name} must be positive, got {getattr(self, name)} (the EMA's decay warms up as "
+                    "1 - (1 + step/ema_inv_gamma)^-ema_power)."
+                )
         if self.lr_warmup_steps < 0:
             problems.append(f"--lr_warmup_steps must be ≥ 0, got {self.lr_warmup_steps}.")
         if not 0.0 <= self.ema_min_decay <= self.ema_max_decay < 1.0:
@@ -275,6 +315,8 @@ class TrainingConfig:
             else:
                 if not isinstance(overrides, dict):
                     problems.append("--unet_overrides must be a JSON object of UNet2DModel options.")
+                else:
+                    problems.extend(_shape_override_problems(overrides))
         if self.push_to_hub:
             repo = self.hub_model_id
             if not repo or repo.count("/") != 1 or not all(repo.split("/")):

@@ -69,6 +69,13 @@ def test_command_line_types_none_and_booleans():
         (["--snr_gamma", "0"], "--snr_gamma must be positive"),
         (["--num_train_timesteps", "20", "--grid_inference_steps", "10", "--beta_schedule", "linear"],
          "Use num_train_timesteps ≥ 21 with it, or the cosine schedule"),
+        (["--learning_rate", "nan"], "--learning_rate must be a positive number, got nan"),
+        (["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1)"),
+        (["--adam_weight_decay", "-0.1"], "--adam_weight_decay must be ≥ 0"),
+        (["--ema_inv_gamma", "0"], "--ema_inv_gamma must be positive"),
+        (["--compile_mode", "fast"], "--compile_mode 'fast' is not one of: default, reduce-overhead"),
+        (["--unet_overrides", '{"sample_size": [16, 24, 32]}'], "sample_size must be a positive integer or [height, width]"),
+        (["--unet_overrides", '{"block_out_channels": []}'], "block_out_channels must be a list of positive integers"),
     ],
 )
 def test_bad_options_exit_with_the_reason(argv, message, capsys):
