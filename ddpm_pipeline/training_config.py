@@ -284,6 +284,10 @@ class TrainingConfig:
         for name in ("adam_weight_decay", "adam_epsilon"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 problems.append(f"--{name} must be ≥ 0, got {getattr(self, name)}.")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"--seed must be in [0, 2**32), as NumPy's seeds are, got {self.seed}.")
+        if not str(self.output_dir).strip():
+            problems.append("--output_dir is empty: name the folder the run writes to (e.g. outputs/my-ddpm).")
         if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
             problems.append(f"--compile_mode {self.compile_mode!r} is not one of: {', '.join(COMPILE_MODES)} (or none).")
         for name in ("ema_inv_gamma", "ema_power"):

@@ -70,6 +70,8 @@ def test_command_line_types_none_and_booleans():
         (["--num_train_timesteps", "20", "--grid_inference_steps", "10", "--beta_schedule", "linear"],
          "Use num_train_timesteps ≥ 21 with it, or the cosine schedule"),
         (["--learning_rate", "nan"], "--learning_rate must be a positive number, got nan"),
+        (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+        (["--output_dir", ""], "--output_dir is empty"),
         (["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1)"),
         (["--adam_weight_decay", "-0.1"], "--adam_weight_decay must be ≥ 0"),
         (["--ema_inv_gamma", "0"], "--ema_inv_gamma must be positive"),
