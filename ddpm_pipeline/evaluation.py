@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 from accelerate import PartialState
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .bound_store import BoundStore
-from .data import GRAY_MODES, ImagePreprocessor
+from .data import GRAY_MODES, ImagePreprocessor, ImageSource, find_image_column, inspect_images
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .inception_weights import file_digest
 from .likelihood import BoundTerms, variational_bound
@@ -104,8 +105,21 @@ class EvaluationConfig:
             raise ValueError("bits/dim (bpd) needs --model: a folder of images has no likelihood.")
         if self.num_samples < 2:
             raise ValueError(f"--num_samples must be at least 2, got {self.num_samples}.")
-        if self.batch_size < 1 or self.bpd_batch_size < 1:
-            raise ValueError("Batch sizes must be positive.")
+        if not str(self.output).strip():
+            raise ValueError("--output is empty: name the JSON report to write (e.g. results.json).")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be ≥ 0, got {self.seed}.")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"--num_inference_steps must be positive, got {self.num_inference_steps}.")
+        for name in ("batch_size", "bpd_batch_size", "kid_subsets", "isc_splits", "bpd_num_images", "reference_max_images",
+                     "resolution"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be positive, got {value}.")
+        if self.kid_subset_size < 2:
+            raise ValueError(f"--kid_subset_size must be at least 2, got {self.kid_subset_size}.")
+        if self.channels not in (None, 1, 3):
+            raise ValueError(f"--channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
         if self.bpd_timesteps is not None and self.bpd_timesteps < 1:
             raise ValueError("--bpd_timesteps must be positive (or none for every timestep).")
         if self.fast_sampling not in FAST_SAMPLING_CHOICES:
@@ -216,6 +230,24 @@ def model_preprocessing(pipeline: DDPMTargetPipeline, training: dict[str, Any] |
     return ImagePreprocessor(pipeline.unet.config.sample_size, int(pipeline.unet.config.in_channels), mode)
 
 
+def check_reference_padding(dataset: datasets.Dataset, preprocess: ImagePreprocessor) -> None:
+    """With ``resize_mode="pad"``, which never shrinks an image, a reference image larger than the
+    canvas cannot be scored: a `ValueError` before the sampling when one of the images
+    :func:`~ddpm_pipeline.data.inspect_images` looks at is."""
+    if preprocess.resize_mode != "pad":
+        return
+    image_format = inspect_images(ImageSource(dataset, find_image_column(dataset)))
+    too_big = image_format.too_big_to_pad(preprocess.resolution)
+    if too_big:
+        height, width = preprocess.height_width
+        largest = max(max(size) for size in image_format.sizes)
+        raise ValueError(
+            f"--resize_mode pad: {too_big} of the {image_format.inspected} reference images inspected are larger than the "
+            f"{width}×{height} canvas (up to {largest}px), and padding never shrinks an image: pass --resize_mode auto "
+            "(pads the images that fit and resizes the rest) or crop."
+        )
+
+
 def samples_preprocessing(files: list[Path], config: EvaluationConfig) -> ImagePreprocessor:
     from PIL import Image
 
@@ -310,8 +342,6 @@ def bound_over_data(
     computed and a repeated call reads them back, so an interrupted run resumes where it stopped.
     ``before_batch`` is called before each batch that is computed (a time limit may raise there).
     """
-    from .data import find_image_column
-
     processes = processes or EvaluationProcesses(device)
     with processes.main_first():  # one download of a Hub data set, which the others then read from the cache
         dataset = source.load()
@@ -413,6 +443,14 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         pipeline = DDPMTargetPipeline.from_pretrained(config.model).to(device)  # float32: the bound's network
         training = load_training_config(config.model)
         preprocess = model_preprocessing(pipeline, training, config.resize_mode)
+        num_train_timesteps = pipeline.scheduler.config.num_train_timesteps
+        if feature_wanted and config.num_inference_steps > num_train_timesteps:
+            raise ValueError(
+                f"--num_inference_steps {config.num_inference_steps} exceeds the {num_train_timesteps} diffusion steps "
+                f"of {config.model}: give at most {num_train_timesteps}."
+            )
+        if reference_images is not None:  # padding never shrinks: a reference image too big for it would fail after sampling
+            check_reference_padding(reference_images, preprocess)
         samples_folder, reused, sample_paths = None, 0, []
         if feature_wanted:
             sampler = sampling_pipeline(config.model, device, config.fast_sampling, config.sampling_dtype, config.scheduler)

@@ -31,7 +31,8 @@ def parse_metrics(metrics: str | Iterable[str]) -> list[str]:
     names = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
     unknown = sorted(set(names) - set(METRICS))
     if unknown or not names:
-        raise ValueError(f"Unknown metrics {unknown or names}: choose from {', '.join(METRICS)} (comma-separated).")
+        problem = f"Unknown metrics {unknown}" if unknown else "No metric named"
+        raise ValueError(f"{problem}: choose from {', '.join(METRICS)} (comma-separated).")
     return [m for m in METRICS if m in names]
 
 

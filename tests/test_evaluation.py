@@ -353,7 +353,28 @@ def test_bad_options_fail_before_any_work(tmp_path, tiny_pipeline, reference_dat
     (unfinished / "checkpoint-2").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="not a complete pipeline folder: missing model_index.json"):
         evaluate(**{**common, "model": str(unfinished)}, reference=str(reference_data), metrics="fid")
+    with pytest.raises(ValueError, match="--num_inference_steps 41 exceeds the 40 diffusion steps"):
+        evaluate(**{**common, "num_inference_steps": 41}, reference=str(reference_data), metrics="fid")
+    big = tmp_path / "big-images"
+    big.mkdir()
+    for index in range(3):
+        Image.new("L", (16, 24 if index else 16)).save(big / f"{index}.png")
+    with pytest.raises(ValueError, match="pad: 2 of the 3 reference images inspected are larger than the 16×16 canvas"):
+        evaluate(reference=str(big), metrics="fid", resize_mode="pad", **common)
     assert not (tmp_path / "r-samples").exists()
+    # options that would have failed mid-way, or written a sample folder under an impossible seed
+    for options, message in [
+        ({"seed": -1}, "--seed must be ≥ 0"),
+        ({"metrics": " , "}, "No metric named"),
+        ({"num_inference_steps": 0}, "--num_inference_steps must be positive"),
+        ({"bpd_num_images": 0}, "--bpd_num_images must be positive"),
+        ({"batch_size": 0}, "--batch_size must be positive"),
+        ({"kid_subset_size": 1}, "--kid_subset_size must be at least 2"),
+        ({"channels": 2}, "--channels must be 1"),
+        ({"output": ""}, "--output is empty"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            evaluate(**{"model": str(tiny_pipeline), "reference": str(reference_data), "metrics": "fid", **options})
 
 
 def test_command_line(tmp_path, tiny_pipeline, reference_data):
