@@ -416,28 +416,34 @@ def inspect_images(source: ImageSource, max_images: int = 64) -> ImageFormat:
     )
 
 
-def check_padding(image_format: ImageFormat, resolution: int | tuple[int, int], resize_mode: str) -> None:
+def check_padding(
+    image_format: ImageFormat,
+    resolution: int | tuple[int, int],
+    resize_mode: str,
+    what: str = "images",
+    skips_bad_images: bool = True,
+) -> None:
     """With ``resize_mode="pad"``, which centers each image on a black canvas (``R`` or ``(height,
-    width)``) and never shrinks one: a `ValueError` naming the fix when none of the inspected images
-    fits, and a warning when some do not (those are skipped as bad images). Other modes fit any image."""
+    width)``) and never shrinks one, some of the inspected images may not fit: a `ValueError` naming
+    the fix when none fits (or any, where a bad image is not skipped but fails), else a warning that
+    they will be skipped as bad images. Other modes fit any image: nothing to check."""
     too_big = image_format.too_big_to_pad(resolution)
     if resize_mode != "pad" or too_big == 0:
         return
     height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
     largest = max(max(size) for size in image_format.sizes)
-    fix = "--resize_mode auto (pads the images that fit and resizes the rest) or crop"
-    if isinstance(resolution, int):
-        fix += f", or a --resolution of at least {largest}"
     count = len(image_format.sizes)
-    if too_big == count:
-        raise ValueError(
-            f"--resize_mode pad cannot fit these images on a {width}×{height} canvas: all {count} inspected are "
-            f"larger (up to {largest}px), and padding never shrinks an image. Use {fix}."
-        )
-    logger.warning(
-        f"--resize_mode pad: {too_big} of {count} images inspected are larger than the {width}×{height} canvas (up "
-        f"to {largest}px) and will be skipped as bad images; to keep them, use {fix}."
+    fix = "--resize_mode auto (pads the images that fit and resizes the rest) or crop"
+    if isinstance(resolution, int) and skips_bad_images:
+        fix += f", or a --resolution of at least {largest}"
+    which = f"all {count}" if too_big == count else f"{too_big} of the {count}"
+    problem = (
+        f"--resize_mode pad: {which} {what} inspected are larger than the {width}×{height} canvas (up to {largest}px), "
+        "and padding never shrinks an image"
     )
+    if too_big == count or not skips_bad_images:
+        raise ValueError(f"{problem}. Use {fix}.")
+    logger.warning(f"{problem}: they will be skipped as bad images. To keep them, use {fix}.")
 
 
 class TrainingImages(torch.utils.data.Dataset):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .bound_store import BoundStore
-from .data import GRAY_MODES, ImagePreprocessor, ImageSource, find_image_column, inspect_images
+from .data import GRAY_MODES, ImagePreprocessor, ImageSource, check_padding, find_image_column, inspect_images
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .inception_weights import file_digest
 from .likelihood import BoundTerms, variational_bound
@@ -231,21 +231,11 @@ def model_preprocessing(pipeline: DDPMTargetPipeline, training: dict[str, Any] |
 
 
 def check_reference_padding(dataset: datasets.Dataset, preprocess: ImagePreprocessor) -> None:
-    """With ``resize_mode="pad"``, which never shrinks an image, a reference image larger than the
-    canvas cannot be scored: a `ValueError` before the sampling when one of the images
-    :func:`~ddpm_pipeline.data.inspect_images` looks at is."""
-    if preprocess.resize_mode != "pad":
-        return
-    image_format = inspect_images(ImageSource(dataset, find_image_column(dataset)))
-    too_big = image_format.too_big_to_pad(preprocess.resolution)
-    if too_big:
-        height, width = preprocess.height_width
-        largest = max(max(size) for size in image_format.sizes)
-        raise ValueError(
-            f"--resize_mode pad: {too_big} of the {image_format.inspected} reference images inspected are larger than the "
-            f"{width}×{height} canvas (up to {largest}px), and padding never shrinks an image: pass --resize_mode auto "
-            "(pads the images that fit and resizes the rest) or crop."
-        )
+    """A reference image that ``resize_mode="pad"`` cannot fit on the canvas would fail after the
+    sampling: :func:`~ddpm_pipeline.data.check_padding` of the images it inspects, before."""
+    if preprocess.resize_mode == "pad":
+        image_format = inspect_images(ImageSource(dataset, find_image_column(dataset)))
+        check_padding(image_format, preprocess.resolution, "pad", what="reference images", skips_bad_images=False)
 
 
 def samples_preprocessing(files: list[Path], config: EvaluationConfig) -> ImagePreprocessor:

@@ -150,8 +150,8 @@ def test_padding_images_larger_than_the_canvas_is_refused_or_warned_before_any_w
     folder.mkdir()
     for index in range(4):
         Image.new("L", (20, 18)).save(folder / f"big{index}.png")
-    with pytest.raises(ValueError, match=r"cannot fit these images on a 16×16 canvas: all 4 inspected are larger "
-                                         r"\(up to 20px\).*--resize_mode auto.*--resolution of at least 20"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"pad: all 4 images inspected are larger than the 16×16 canvas \(up to 20px\)"
+                                         r".*--resize_mode auto.*--resolution of at least 20"):  # fmt: skip
         main([*TINY, "--train_data_dir", str(folder), "--resize_mode", "pad", "--output_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run" / "checkpoint-1").exists()
     for index in range(4):
@@ -160,7 +160,8 @@ def test_padding_images_larger_than_the_canvas_is_refused_or_warned_before_any_w
     result = main([*TINY, "--train_data_dir", str(folder), "--resize_mode", "pad", "--max_train_steps", "2",
                    "--output_dir", str(tmp_path / "run")])  # fmt: skip
     assert result.global_step == 2
-    assert "--resize_mode pad: 4 of 8 images inspected are larger than the 16×16 canvas (up to 20px) and will be skipped" in caplog.text
+    assert "--resize_mode pad: 4 of the 8 images inspected are larger than the 16×16 canvas (up to 20px)" in caplog.text
+    assert "they will be skipped as bad images" in caplog.text
 
 
 def test_the_padding_check_on_a_non_square_canvas(caplog):
@@ -168,9 +169,9 @@ def test_the_padding_check_on_a_non_square_canvas(caplog):
     check_padding(image_format, (16, 32), "auto")  # only padding cannot shrink
     assert not caplog.text
     check_padding(image_format, (16, 32), "pad")
-    assert "1 of 2 images inspected are larger than the 32×16 canvas (up to 40px)" in caplog.text
+    assert "1 of the 2 images inspected are larger than the 32×16 canvas (up to 40px)" in caplog.text
     assert "--resolution" not in caplog.text  # one size would make the canvas square
-    with pytest.raises(ValueError, match=r"all 2 inspected are larger \(up to 40px\).*auto.*or crop\.$"):
+    with pytest.raises(ValueError, match=r"all 2 images inspected are larger than the 32×8 canvas.*auto.*or crop\.$"):
         check_padding(image_format, (8, 32), "pad")
 
 
