@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .unet import sample_height_width
+
 #: Fashion-MNIST's 10,000 test images (MIT license, © 2017 Zalando SE; LICENSE beside them).
 BUNDLED_DIR = Path(__file__).parent / "bundled_data" / "fashion_mnist"
 BUNDLED_IMAGES = BUNDLED_DIR / "t10k-images-idx3-ubyte.gz"
@@ -272,7 +274,7 @@ class ImagePreprocessor:
     @property
     def height_width(self) -> tuple[int, int]:
         """The canvas as ``(height, width)``."""
-        return (self.resolution, self.resolution) if isinstance(self.resolution, int) else self.resolution
+        return sample_height_width(self.resolution)
 
     def to_pil(self, image: Image.Image) -> Image.Image:
         """Steps 1–2: the canvas-sized image in the right mode (transparent pixels composited on
@@ -377,7 +379,7 @@ class ImageFormat:
     def too_big_to_pad(self, resolution: int | tuple[int, int]) -> int:
         """How many of the inspected images are wider or taller than the canvas (``R`` or ``(height,
         width)``): padding, which never shrinks an image, cannot put them on it."""
-        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+        height, width = sample_height_width(resolution)
         return sum(w > width or h > height for w, h in self.sizes)
 
     def describe(self) -> str:
@@ -430,7 +432,7 @@ def check_padding(
     too_big = image_format.too_big_to_pad(resolution)
     if resize_mode != "pad" or too_big == 0:
         return
-    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    height, width = sample_height_width(resolution)
     largest = max(max(size) for size in image_format.sizes)
     count = len(image_format.sizes)
     fix = "--resize_mode auto (pads the images that fit and resizes the rest) or crop"

@@ -28,6 +28,7 @@ from .speed import (
     to_channels_last,
 )
 from .trajectory import DDPMTrajectory
+from .unet import sample_height_width
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 #: how to sample without torch.compile, for the error that says it failed
@@ -189,9 +190,7 @@ class DDPMTargetPipeline(DDPMPipeline):
                 f"got {num_inference_steps}."
             )
 
-        sample_size = self.unet.config.sample_size
-        size = (sample_size, sample_size) if isinstance(sample_size, int) else tuple(sample_size)
-        shape = (batch_size, self.unet.config.in_channels, *size)
+        shape = (batch_size, self.unet.config.in_channels, *sample_height_width(self.unet.config.sample_size))
         device = self._execution_device
         unet_dtype = self.unet.dtype
         state_dtype = torch.float32 if unet_dtype in (torch.float16, torch.bfloat16) else unet_dtype

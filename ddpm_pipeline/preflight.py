@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .schedules import is_learned_variance, model_output_channels
-from .unet import downsampling_factor, nearest_trainable_size
+from .unet import downsampling_factor, nearest_trainable_size, sample_height_width
 
 #: Bytes one checkpoint holds per parameter: fp32 weights, EMA weights, AdamW's two moments.
 CHECKPOINT_BYTES_PER_PARAMETER = 16
@@ -65,7 +65,7 @@ def check_unet_config(config: dict[str, Any], variance_type: str = "fixed_small"
     levels = len(config["block_out_channels"])
     factor = downsampling_factor(config)
     size = config["sample_size"]
-    sizes = [size] if isinstance(size, int) else list(size)
+    sizes = sample_height_width(size)
     if any(s % factor for s in sizes):
         nearest = sorted({nearest_trainable_size(s, factor) for s in sizes})
         problems.append(
