@@ -1,6 +1,8 @@
 """Shared test settings: offline, deterministic, small."""
 
 import os
+import socket
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -38,3 +40,14 @@ def fresh_accelerate_state():
     reset_accelerate()
     yield
     reset_accelerate()
+
+
+def two_process_launch() -> list[str]:
+    """``accelerate launch`` of two CPU processes (gloo), on a port that is free now rather than the
+    default 29500, so that two test runs on one machine (or anything else on 29500) do not collide."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+            "--dynamo_backend", "no"]  # fmt: skip

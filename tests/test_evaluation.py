@@ -12,13 +12,13 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import two_process_launch
 from diffusers import DDIMScheduler
 from PIL import Image
 from pixel_features import FEATURES, PixelFeatures, logits_of
@@ -193,8 +193,7 @@ def test_two_launched_processes_sample_the_same_images_and_score_them_once(tmp_p
                "--feature_extractor", FEATURES, "--num_samples", "7", "--num_inference_steps", "2", "--batch_size", "2",
                "--kid_subset_size", "4", "--kid_subsets", "3", "--bpd_num_images", "5", "--bpd_batch_size", "2",
                "--bpd_timesteps", "3", "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"]  # fmt: skip
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    launch = two_process_launch()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     two = tmp_path / "two.json"
     subprocess.run([*launch, str(script), str(Path(__file__).parent), *options, "--output", str(two)],

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import reset_accelerate
+from conftest import reset_accelerate, two_process_launch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -390,8 +390,7 @@ def test_two_cpu_processes_train_as_one_with_the_global_batch(tmp_path, timestep
               "--num_cpu_threads", "1", "--max_train_minutes", "60", *timestep_options]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     two, one = tmp_path / "two", tmp_path / "one"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]  # fmt: skip
+    launch = [*two_process_launch(), str(script)]
     subprocess.run([*launch, *common, "--train_batch_size", "4", "--output_dir", str(two)], check=True, env=env,
                    timeout=600, capture_output=True)  # fmt: skip
     subprocess.run([sys.executable, str(script), *common, "--train_batch_size", "8", "--output_dir", str(one)],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reset_accelerate
+from conftest import reset_accelerate, two_process_launch
 from safetensors.torch import load_file
 
 import ddpm_pipeline.training as training_module
@@ -204,8 +204,7 @@ def test_sigterm_to_a_two_process_launch_stops_every_rank_at_one_step(tmp_path):
     random states, and the run resumes on two processes. Resumed, its launcher dies of SIGUSR1 (not
     passed on), and the ranks, without a parent, stop the same way instead of training on alone."""
     out = tmp_path / "run"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_ddpm.py")]  # fmt: skip
+    launch = [*two_process_launch(), str(ROOT / "train_ddpm.py")]
     options = [*TINY, "--num_cpu_threads", "1", "--log_every", "3", "--checkpointing_steps", "3",
                "--checkpoints_total_limit", "none", "--output_dir", str(out)]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
