@@ -481,11 +481,19 @@ class Trainer:
             elif tracker.name == "wandb":
                 tracker.log_images({"samples": [image]}, step=step)
 
-    def _tracker_options(self) -> dict[str, Any]:
+    def _tracker_options(self, resumed_step: int) -> dict[str, Any]:
         """``init_kwargs`` of the trackers: a W&B run writes under --output_dir and is named after it,
         and a resumed training run continues its W&B run (the id kept in
-        ``<logging_dir>/wandb_run_id.txt``); a fresh run in the same folder starts a new one."""
-        if self.config.report_to != "wandb" or not self.accelerator.is_main_process:
+        ``<logging_dir>/wandb_run_id.txt``); a fresh run in the same folder starts a new one.
+
+        A run resumed from its checkpoint of step ``resumed_step`` retrains the steps after it that a
+        crash cut short; TensorBoard is told to hide what the crashed run logged from step
+        ``resumed_step + 1`` on (``SummaryWriter(purge_step=...)``), so each step keeps one point."""
+        if not self.accelerator.is_main_process:
+            return {}
+        if self.config.report_to == "tensorboard":
+            return {"tensorboard": {"purge_step": resumed_step + 1}} if self.checkpoint is not None else {}
+        if self.config.report_to != "wandb":
             return {}
         id_file = self.output_dir / self.config.logging_dir / WANDB_RUN_ID_NAME
         if self.checkpoint is not None and id_file.is_file():
@@ -816,7 +824,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / CONFIG_FILE_NAME)
         if config.report_to != "none":
-            accelerator.init_trackers("train_ddpm", config=_tracker_config(config), init_kwargs=self._tracker_options())
+            accelerator.init_trackers("train_ddpm", config=_tracker_config(config), init_kwargs=self._tracker_options(global_step))
         history = LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=is_main, terms=self.logs_loss_terms)
         parameters = sum(p.numel() for p in self.unet.parameters())
         logger.info(

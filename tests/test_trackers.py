@@ -5,11 +5,13 @@ import io
 
 import numpy as np
 import pytest
+from accelerate import Accelerator
 from conftest import reset_accelerate
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ddpm_pipeline.training import WANDB_RUN_ID_NAME, Trainer, main
+from ddpm_pipeline.run_records import read_loss_history
+from ddpm_pipeline.training import LOSS_HISTORY_NAME, WANDB_RUN_ID_NAME, Trainer, main
 from ddpm_pipeline.training_config import TrainingConfig
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -34,6 +36,34 @@ def test_tensorboard_gets_the_losses_and_every_sample_grid(tmp_path):
     for image in images:  # each is the PNG written beside it
         logged = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
         assert np.array_equal(logged, png_pixels(out / "samples" / f"step_{image.step:07d}.png"))
+
+
+def test_a_run_resumed_after_a_crash_keeps_one_tensorboard_point_per_step(tmp_path, monkeypatch):
+    # the crash comes after step 3 was logged, past checkpoint-2: the resumed run logs 3 again
+    out = tmp_path / "run"
+    options = [*TINY, "--max_train_steps", "4", "--output_dir", str(out), "--report_to", "tensorboard"]
+    original_log = Accelerator.log
+
+    def log_then_crash(self, values, step=None, **kwargs):
+        original_log(self, values, step=step, **kwargs)
+        if step == 3:
+            self.end_training()  # what the crashed process had written reaches the file
+            raise KeyboardInterrupt("simulated crash after logging step 3")
+
+    monkeypatch.setattr(Accelerator, "log", log_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(options)
+    monkeypatch.setattr(Accelerator, "log", original_log)
+    crashed = EventAccumulator(str(out / "logs" / "train_ddpm"), size_guidance={"scalars": 0}).Reload()
+    assert [event.step for event in crashed.Scalars("loss")] == [1, 2, 3]
+    reset_accelerate()
+    main([*options, "--resume_from_checkpoint", "latest"])
+    events = EventAccumulator(str(out / "logs" / "train_ddpm"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4]
+    assert [image.step for image in events.Images("samples")] == [2, 4]
+    # the points kept are the resumed run's (the same values: a resumed run retrains step 3 exactly)
+    rows = {row["step"]: row["loss"] for row in read_loss_history(out / LOSS_HISTORY_NAME)}
+    assert [event.value for event in events.Scalars("loss")] == pytest.approx([rows[step] for step in (1, 2, 3, 4)], rel=1e-5)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install -e '.[dev]')")
