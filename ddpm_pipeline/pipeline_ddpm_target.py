@@ -5,12 +5,14 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
@@ -36,6 +38,8 @@ UNCOMPILED_SAMPLING = ("load the pipeline afresh and call enable_fast_sampling(c
                        "--fast_sampling off to eval_metrics.py")  # fmt: skip
 STOCK_UNET = ("diffusers", "UNet2DModel")
 PACKAGE_SCHEDULER = ("ddpm_pipeline", "DDPMTargetScheduler")
+#: diffusers' step-end callback: ``f(pipe, step_index, timestep, callback_kwargs) -> dict``, or its callback classes
+StepEndCallback = Callable[[DDPMPipeline, int, Any, dict], dict] | PipelineCallback | MultiPipelineCallbacks
 
 
 @dataclass
@@ -65,12 +69,28 @@ class DDPMTargetPipeline(DDPMPipeline):
     installed.
     """
 
+    #: what ``callback_on_step_end`` may read and replace: the state after the step
+    _callback_tensor_inputs = ["latents"]
+
     def __init__(self, unet: UNet2DModel, scheduler: SchedulerMixin):
         # converted here too: register_modules records the module's class before __setattr__ runs
         super().__init__(unet=unet, scheduler=_sampling_scheduler(scheduler))
         # DDPMUNet adds no config: record it as the stock class it saves as.
         if isinstance(unet, UNet2DModel):
             self.register_to_config(unet=STOCK_UNET)
+        self._num_timesteps = 0
+        self._interrupt = False
+
+    @property
+    def num_timesteps(self) -> int:
+        """How many steps the current (or last) call visits."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` in a ``callback_on_step_end`` to stop the chain after that
+        step (diffusers' convention): the call returns the state reached, ``x_t`` of the last step taken."""
+        return self._interrupt
 
     def __setattr__(self, name: str, value) -> None:
         """Setting ``scheduler`` (in ``__init__`` or later, diffusers' way of swapping samplers)
@@ -146,6 +166,9 @@ class DDPMTargetPipeline(DDPMPipeline):
         return_dict: bool = True,
         trajectory_steps: int | Sequence[int] | None = None,
         eta: float = 0.0,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: StepEndCallback | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> DDPMTargetPipelineOutput | tuple:
         r"""Sample ``batch_size`` images by ancestral sampling (or with the diffusers scheduler set).
 
@@ -165,6 +188,18 @@ class DDPMTargetPipeline(DDPMPipeline):
             eta: DDIM's η, for schedulers whose ``step`` takes it (``DDIMScheduler``): 0 is the
                 deterministic DDIM sampler, 1 the ancestral one (the respaced DDPM posterior with
                 ``fixed_small``); ignored by the others.
+            latents: the starting noise ``x_T`` (``[batch_size, C, H, W]``, standard normal), instead
+                of drawing it from ``generator``: to interpolate between starts, or to sample the same
+                start with other settings. It is scaled by ``scheduler.init_noise_sigma`` as a drawn
+                one is; ``generator`` still draws every step's noise.
+            callback_on_step_end: called after each step as
+                ``callback_on_step_end(pipe, step_index, timestep, callback_kwargs)``, with
+                ``callback_kwargs`` holding the tensors named in ``callback_on_step_end_tensor_inputs``
+                (``"latents"``: the state after the step, ``x_{t-1}``); it returns a dict, and a
+                ``"latents"`` in it replaces the state. A diffusers `PipelineCallback` works too. Set
+                ``pipe._interrupt = True`` in it to stop after this step.
+            callback_on_step_end_tensor_inputs: the tensors passed to the callback (of
+                ``pipe._callback_tensor_inputs``).
 
         Returns:
             :class:`DDPMTargetPipelineOutput` (``images``, ``trajectory``), or the tuple
@@ -180,6 +215,14 @@ class DDPMTargetPipeline(DDPMPipeline):
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ValueError(f"Got {len(generator)} generators for batch_size {batch_size}: pass one per image.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs {unknown} are not tensors of this pipeline; pick from "
+                f"{self._callback_tensor_inputs}."
+            )
         scheduler = self.scheduler
         num_train_timesteps = scheduler.config.num_train_timesteps
         if num_inference_steps is None:
@@ -195,7 +238,17 @@ class DDPMTargetPipeline(DDPMPipeline):
         unet_dtype = self.unet.dtype
         state_dtype = torch.float32 if unet_dtype in (torch.float16, torch.bfloat16) else unet_dtype
         scheduler.set_timesteps(num_inference_steps)
-        image = randn_tensor(shape, generator=generator, device=device, dtype=state_dtype)
+        self._num_timesteps, self._interrupt = len(scheduler.timesteps), False
+        if latents is None:
+            image = randn_tensor(shape, generator=generator, device=device, dtype=state_dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(
+                f"latents have shape {tuple(latents.shape)}; this pipeline starts from {shape} "
+                f"(batch_size, the UNet's in_channels and sample_size): pass batch_size={latents.shape[0]} "
+                "or noise of that shape."
+            )
+        else:
+            image = latents.to(device=device, dtype=state_dtype)
         # 1 for DDPM, DDIM, DPM-Solver; √(σ_max² + 1) of the set timesteps for Euler-type schedulers
         image = image * scheduler.init_noise_sigma
         visited = [int(t) for t in scheduler.timesteps]
@@ -214,6 +267,8 @@ class DDPMTargetPipeline(DDPMPipeline):
 
         with explain_compile_failure(UNCOMPILED_SAMPLING):  # once per call, not per step
             for index, t in enumerate(self.progress_bar(scheduler.timesteps)):
+                if self.interrupt:
+                    break
                 if device.type == "cuda":
                     torch.compiler.cudagraph_mark_step_begin()  # a compiled UNet's CUDA graph may reuse its output
                 state = scheduler.scale_model_input(image, t)  # x_t itself except for Euler-type schedulers
@@ -232,6 +287,11 @@ class DDPMTargetPipeline(DDPMPipeline):
                     snapshots["noise"].append(explain.predict_epsilon(model_output, x_t, int(t)).cpu())
                     snapshots["x0"].append(x0.float().cpu())
                 image = step.prev_sample
+                if callback_on_step_end is not None:
+                    tensors = {"latents": image}
+                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    outputs = callback_on_step_end(self, index, t, callback_kwargs) or {}
+                    image = outputs.pop("latents", image)
 
         trajectory = None
         if record:

@@ -18,6 +18,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
 )
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from PIL import Image
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
@@ -261,6 +262,65 @@ def test_default_steps_is_the_full_chain_and_generators_per_image():
     assert len(pipe.scheduler.timesteps) == 100
     single = pipe(batch_size=1, generator=[torch.Generator().manual_seed(1)], output_type="pt").images
     torch.testing.assert_close(out.images[1:], single)
+
+
+def test_given_starting_noise_is_the_chain_a_generator_would_have_started():
+    pipe = make_pipeline("epsilon")
+    drawn = sample(pipe, steps=10).images
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn((2, 1, 16, 16), generator=generator)  # x_T as the pipeline draws it; the rest is step noise
+    given = pipe(batch_size=2, generator=generator, num_inference_steps=10, output_type="pt", latents=start).images
+    torch.testing.assert_close(given, drawn, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"latents have shape \(3, 1, 16, 16\); .* \(2, 1, 16, 16\)"):
+        sample(pipe, latents=torch.randn(3, 1, 16, 16))
+
+
+def test_step_end_callbacks_see_and_replace_the_state_and_can_interrupt():
+    pipe = make_pipeline("epsilon")
+    seen = []
+
+    def record(pipeline, step_index, timestep, callback_kwargs):
+        seen.append((step_index, int(timestep), callback_kwargs["latents"].clone()))
+        return callback_kwargs
+
+    out = sample(pipe, steps=10, trajectory_steps=10, callback_on_step_end=record)
+    assert pipe.num_timesteps == 10
+    assert [(index, t) for index, t, _ in seen] == list(enumerate(pipe.scheduler.timesteps.tolist()))
+    # the state after step i is the state the trajectory records before step i + 1, and the last one the images
+    for (_, _, state), recorded in zip(seen, out.trajectory.samples[1:], strict=False):
+        torch.testing.assert_close(state, recorded, rtol=0, atol=0)
+    torch.testing.assert_close((seen[-1][2] / 2 + 0.5).clamp(0, 1), out.images, rtol=0, atol=0)
+    torch.testing.assert_close(sample(pipe, steps=10).images, out.images, rtol=0, atol=0)  # watching changes nothing
+
+    def zero_at_the_end(pipeline, step_index, timestep, callback_kwargs):
+        return {"latents": torch.zeros_like(callback_kwargs["latents"])} if step_index == 9 else {}
+
+    assert torch.all(sample(pipe, steps=10, callback_on_step_end=zero_at_the_end).images == 0.5)
+
+    def stop_after_four(pipeline, step_index, timestep, callback_kwargs):
+        seen.append(step_index)
+        pipeline._interrupt = step_index == 3
+        return callback_kwargs
+
+    seen.clear()
+    stopped = sample(pipe, steps=10, trajectory_steps=10, callback_on_step_end=stop_after_four)
+    assert seen == [0, 1, 2, 3] and pipe.interrupt
+    full = sample(pipe, steps=10, trajectory_steps=10)
+    torch.testing.assert_close(stopped.images, (full.trajectory.samples[4] / 2 + 0.5).clamp(0, 1), rtol=0, atol=0)
+    assert not pipe.interrupt  # each call starts afresh
+
+    class ScaleTheStateOnce(PipelineCallback):  # diffusers' callback classes work too
+        tensor_inputs = ["latents"]
+
+        def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
+            if step_index == self.config.cutoff_step_index:
+                callback_kwargs["latents"] = callback_kwargs["latents"] * 0
+            return callback_kwargs
+
+    scaled = sample(pipe, steps=10, callback_on_step_end=MultiPipelineCallbacks([ScaleTheStateOnce(None, 9)]))
+    assert torch.all(scaled.images == 0.5)
+    with pytest.raises(ValueError, match=r"\['x0'\] are not tensors of this pipeline; pick from \['latents'\]"):
+        sample(pipe, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["x0"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
