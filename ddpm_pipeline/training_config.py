@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,30 @@ FRESH_RUN_DEFAULTS: dict[str, Any] = {
     "variance_type": "fixed_small",
 }
 #: A run that leaves its image size to the data trains at most at this size (the largest preset's).
+#: options of diffusers' examples/unconditional_image_generation/train_unconditional.py that this
+#: script names otherwise, or does without; the command line names the equivalent instead of
+#: "unrecognized arguments"
+DIFFUSERS_EXAMPLE_OPTIONS = {
+    "--dataset_config_name": "--dataset_config",
+    "--model_config_name_or_path": "--model (a preset) with --unet_overrides JSON, or --pretrained_model_name_or_path to start from trained weights",
+    "--center_crop": "--resize_mode crop",
+    "--eval_batch_size": "--num_grid_images",
+    "--save_images_epochs": "--save_images_steps (in optimizer steps)",
+    "--save_model_epochs": "--checkpointing_steps (resumable states) or --snapshot_steps (pipelines along the way); the pipeline is written at the end",
+    "--hub_private_repo": "--hub_private",
+    "--logger": "--report_to",
+    "--ddpm_num_steps": "--num_train_timesteps",
+    "--ddpm_num_inference_steps": "--grid_inference_steps",
+    "--ddpm_beta_schedule": "--beta_schedule linear or cosine (diffusers' squaredcos_cap_v2)",
+    "--overwrite_output_dir": "nothing: a run without --resume_from_checkpoint starts afresh in --output_dir",
+    "--enable_xformers_memory_efficient_attention": "nothing: the UNet's attention runs on torch's scaled_dot_product_attention",
+    "--local_rank": "nothing: accelerate launch gives each process its rank",
+}  # fmt: skip
+#: values of diffusers' names for a choice that this script spells otherwise
+DIFFUSERS_EXAMPLE_VALUES = {
+    ("--prediction_type", "sample"): "--prediction_type x0",
+    ("--beta_schedule", "squaredcos_cap_v2"): "--beta_schedule cosine",
+}
 LARGEST_DATA_RESOLUTION = PRESETS_BY_IMAGE_SIZE[-1][0]
 _SIZE_RULE = ", ".join(f"{name} up to {size}px" for size, name in PRESETS_BY_IMAGE_SIZE[:-1])
 #: Options that change the network's weights' shapes: a fine-tuning run takes them from its model.
@@ -461,11 +486,30 @@ class TrainingConfig:
     def from_args(cls, argv: list[str] | None = None) -> TrainingConfig:
         """Parse a command line (``sys.argv[1:]`` when ``argv`` is None); bad values exit with the reason."""
         parser = cls.argument_parser()
+        hints = diffusers_example_hints(sys.argv[1:] if argv is None else argv)
+        if hints:
+            parser.error("options as diffusers' train_unconditional.py spells them; this script's equivalents: " + "; ".join(hints))
         namespace = parser.parse_args(argv)
         try:
             return cls(**vars(namespace))
         except ValueError as error:
             parser.error(str(error))
+
+
+def diffusers_example_hints(argv: list[str]) -> list[str]:
+    """``"--theirs → ours"`` for each option (or choice value) of diffusers' unconditional training
+    example in ``argv`` that this script spells otherwise (:data:`DIFFUSERS_EXAMPLE_OPTIONS`,
+    :data:`DIFFUSERS_EXAMPLE_VALUES`); ``--name=value`` and ``--name value`` alike."""
+    hints = []
+    for index, token in enumerate(argv):
+        name, has_value, value = token.partition("=")
+        if not has_value and index + 1 < len(argv):
+            value = argv[index + 1]
+        if name in DIFFUSERS_EXAMPLE_OPTIONS:
+            hints.append(f"{name} → {DIFFUSERS_EXAMPLE_OPTIONS[name]}")
+        elif (name, value) in DIFFUSERS_EXAMPLE_VALUES:
+            hints.append(f"{name} {value} → {DIFFUSERS_EXAMPLE_VALUES[name, value]}")
+    return hints
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

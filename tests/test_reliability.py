@@ -218,6 +218,25 @@ def test_unknown_target_or_schedule_is_refused_from_python_and_the_command_line(
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_diffusers_example_spellings_get_this_scripts_equivalents(capsys):
+    # the command line of diffusers' unconditional example, as its README gives it
+    theirs = ["--dataset_name=huggan/flowers-102-categories", "--resolution=64", "--center_crop", "--random_flip",
+              "--output_dir=ddpm-ema-flowers-64", "--train_batch_size=16", "--num_epochs=100", "--use_ema",
+              "--learning_rate=1e-4", "--lr_warmup_steps=500", "--mixed_precision=no", "--ddpm_num_steps", "1000",
+              "--ddpm_beta_schedule=squaredcos_cap_v2", "--prediction_type", "sample", "--logger=tensorboard"]  # fmt: skip
+    with pytest.raises(SystemExit):
+        TrainingConfig.from_args(theirs)
+    error = capsys.readouterr().err
+    for hint in ["--center_crop → --resize_mode crop", "--ddpm_num_steps → --num_train_timesteps",
+                 "--ddpm_beta_schedule → --beta_schedule linear or cosine", "--prediction_type sample → --prediction_type x0",
+                 "--logger → --report_to"]:  # fmt: skip
+        assert hint in error
+    ours = [*theirs[:2], "--resize_mode", "crop", *theirs[3:11], "--num_train_timesteps", "1000", "--beta_schedule",
+            "cosine", "--prediction_type", "x0", "--report_to", "tensorboard", "--max_train_steps", "none"]  # fmt: skip
+    config = TrainingConfig.from_args(ours)
+    assert (config.resize_mode, config.resolution, config.beta_schedule, config.prediction_type) == ("crop", 64, "cosine", "x0")
+
+
 def test_unwritable_output_dir_fails_at_start_up(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
