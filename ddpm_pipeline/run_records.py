@@ -52,17 +52,24 @@ class LossHistory:
     """``loss_history.csv`` (step, loss, learning rate, the loss per quarter of the timesteps, and
     the loss's parts with a learned variance), kept across resumes: rows after the resumed step
     (from the run that crashed) are dropped. An empty cell: no image of that step fell in that
-    quarter, or the earlier run did not record the column."""
+    quarter, or the earlier run did not record the column.
 
-    def __init__(self, path: Path, resume_step: int, enabled: bool, terms: bool = False):
+    ``resumed_history`` is the history of the run whose checkpoint this one resumes (default:
+    ``path``): a run resumed in another folder from a checkpoint of another run's folder starts its
+    history with that run's rows up to ``resume_step``, so its curve shows the whole training."""
+
+    def __init__(
+        self, path: Path, resume_step: int, enabled: bool, terms: bool = False, resumed_history: Path | None = None
+    ):
         self.path = path
         self.enabled = enabled
         self.columns = ("step", "loss", "lr", *QUARTER_COLUMNS, *(TERM_COLUMNS if terms else ()))
         self.rows: list[dict[str, float | None]] = []
         if not enabled:
             return
-        if resume_step > 0 and path.is_file():
-            kept = (row for row in read_loss_history(path) if row["step"] <= resume_step)
+        source = path if resumed_history is None else resumed_history
+        if resume_step > 0 and source.is_file():
+            kept = (row for row in read_loss_history(source) if row["step"] <= resume_step)
             self.rows = [{name: row.get(name) for name in self.columns} for row in kept]
         with path.open("w", newline="") as handle:
             writer = csv.writer(handle)

@@ -825,7 +825,10 @@ class Trainer:
             config.save(self.output_dir / CONFIG_FILE_NAME)
         if config.report_to != "none":
             accelerator.init_trackers("train_ddpm", config=_tracker_config(config), init_kwargs=self._tracker_options(global_step))
-        history = LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=is_main, terms=self.logs_loss_terms)
+        # the history of the run the checkpoint belongs to: this one's, or another folder's
+        resumed_history = self.checkpoint.parent / LOSS_HISTORY_NAME if self.checkpoint is not None else None
+        history = LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=is_main, terms=self.logs_loss_terms,
+                              resumed_history=resumed_history)  # fmt: skip
         parameters = sum(p.numel() for p in self.unet.parameters())
         logger.info(
             f"{len(self.train_images)} images, {self.unet_config['in_channels']}×{describe_sample_size(self.unet_config['sample_size'])}; "

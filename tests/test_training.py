@@ -366,6 +366,18 @@ def test_resuming_with_another_global_batch_goes_on_and_says_what_changes(tmp_pa
     assert "--train_batch_size 2 × --gradient_accumulation_steps 3" in caplog.text
 
 
+def test_a_run_branched_from_another_folders_checkpoint_continues_its_loss_history(tmp_path):
+    data = saved_dataset(tmp_path / "data", count=8, size=16)
+    options = ["--dataset_path", data, "--save_images_steps", "none", "--train_batch_size", "4", "--max_train_steps", "4",
+               "--checkpointing_steps", "2"]  # fmt: skip
+    first, branch = tmp_path / "first", tmp_path / "branch"
+    run_training(first, *options)
+    reset_accelerate()
+    run_training(branch, *options, "--resume_from_checkpoint", first / "checkpoint-2")
+    assert read_loss_history(branch) == read_loss_history(first)  # steps 1–2 from the first run, 3–4 retrained alike
+    assert [p.name for p in list_checkpoints(first)] == ["checkpoint-2", "checkpoint-4"]  # the first run is untouched
+
+
 def test_too_few_images_for_a_batch_is_a_clear_error(tmp_path):
     data = saved_dataset(tmp_path / "data", count=3, size=16)
     with pytest.raises(ValueError, match="lower --train_batch_size"):
