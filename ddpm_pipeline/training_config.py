@@ -52,7 +52,6 @@ FRESH_RUN_DEFAULTS: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "variance_type": "fixed_small",
 }
-#: A run that leaves its image size to the data trains at most at this size (the largest preset's).
 #: options of diffusers' examples/unconditional_image_generation/train_unconditional.py that this
 #: script names otherwise, or does without; the command line names the equivalent instead of
 #: "unrecognized arguments"
@@ -77,6 +76,7 @@ DIFFUSERS_EXAMPLE_VALUES = {
     ("--prediction_type", "sample"): "--prediction_type x0",
     ("--beta_schedule", "squaredcos_cap_v2"): "--beta_schedule cosine",
 }
+#: A run that leaves its image size to the data trains at most at this size (the largest preset's).
 LARGEST_DATA_RESOLUTION = PRESETS_BY_IMAGE_SIZE[-1][0]
 _SIZE_RULE = ", ".join(f"{name} up to {size}px" for size, name in PRESETS_BY_IMAGE_SIZE[:-1])
 #: Options that change the network's weights' shapes: a fine-tuning run takes them from its model.
