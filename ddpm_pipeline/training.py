@@ -98,6 +98,8 @@ WANDB_RUN_ID_NAME = "wandb_run_id.txt"
 #: in each snapshot folder: the step and training seconds it was taken at
 SNAPSHOT_STATE_NAME = "snapshot.json"
 TIMESTEP_SAMPLER_STATE_NAME = "timestep_sampler.pt"
+#: AdamW's implementation flags: a resumed run keeps its own (fused on a GPU), not its checkpoint's
+OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach")
 
 
 #: A stop reason in the processes' all-gather that no signal number can be.
@@ -160,6 +162,11 @@ def build_ema(unet: torch.nn.Module, config: TrainingConfig) -> EMAModel:
         power=config.ema_power,
         foreach=True,
     )
+
+
+def _option_text(value: Any) -> str:
+    """An option's value as a log line shows it (``2e-05``, ``True``)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def build_scheduler(config: TrainingConfig, pretrained: PretrainedDDPM | None = None) -> DDPMTargetScheduler:
@@ -342,7 +349,7 @@ class Trainer:
         differences = TrainingConfig.from_dict(saved).architecture_differences(self.config)
         if differences:
             raise ValueError(
-                f"Cannot resume from {checkpoint}: it was trained with other model/diffusion options "
+                f"Cannot resume from {checkpoint}: it was trained with other model, diffusion or EMA options "
                 f"(checkpoint vs now: {'; '.join(differences)}). Repeat that run's options, or start a new "
                 "--output_dir."
             )
@@ -530,6 +537,46 @@ class Trainer:
             "is now, so its batches differ from an uninterrupted run's. Point the data options at the run's own data "
             "to continue it as it was."
         )
+
+    def _apply_options_over_restored_state(self) -> None:
+        """A checkpoint's optimizer, schedule and EMA states carry the options they were built with
+        (``load_state`` restores AdamW's betas, weight decay and ε, the schedule's peak learning
+        rate, the EMA's decays); this run's options replace them, so that a run resumed with another
+        ``--learning_rate`` (say) trains at it from the resumed step on, keeping Adam's moments, the
+        EMA weights and the position in the schedule. Changed options are logged; a run resumed with
+        its own options is unchanged."""
+        config, scheduler, ema = self.config, self.lr_scheduler, self.ema
+        group = self.optimizer.param_groups[0]
+        restored_and_wanted = {
+            "learning_rate": (scheduler.base_lrs[0], config.learning_rate),
+            "adam_beta1": (group["betas"][0], config.adam_beta1),
+            "adam_beta2": (group["betas"][1], config.adam_beta2),
+            "adam_weight_decay": (group["weight_decay"], config.adam_weight_decay),
+            "adam_epsilon": (group["eps"], config.adam_epsilon),
+        }
+        if ema is not None:
+            restored_and_wanted.update(
+                ema_max_decay=(ema.decay, config.ema_max_decay),
+                ema_min_decay=(ema.min_decay, config.ema_min_decay),
+                ema_warmup=(ema.use_ema_warmup, config.ema_warmup),
+                ema_inv_gamma=(ema.inv_gamma, config.ema_inv_gamma),
+                ema_power=(ema.power, config.ema_power),
+            )
+        changed = {name: pair for name, pair in restored_and_wanted.items() if pair[0] != pair[1]}
+        if not changed:
+            return
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                         weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)  # fmt: skip
+        scheduler.base_lrs = [config.learning_rate] * len(scheduler.base_lrs)
+        scheduler._last_lr = scheduler.get_lr()  # the rate of the resumed step, from the new peak
+        for group, lr in zip(self.optimizer.param_groups, scheduler._last_lr, strict=True):
+            group["lr"] = lr
+        if ema is not None:
+            ema.decay, ema.min_decay, ema.use_ema_warmup = config.ema_max_decay, config.ema_min_decay, config.ema_warmup
+            ema.inv_gamma, ema.power = config.ema_inv_gamma, config.ema_power
+        described = ", ".join(f"--{name} {_option_text(old)} → {_option_text(new)}" for name, (old, new) in changed.items())
+        logger.info(f"resumed with other options than {self.checkpoint}'s, applied from here on: {described}")
 
     def _warn_if_batch_changed(self, state: dict[str, Any]) -> None:
         """A run resumed with another global batch (other processes, batch size or accumulation)
@@ -813,7 +860,11 @@ class Trainer:
         is_main = accelerator.is_main_process
         global_step, earlier_seconds = 0, 0.0
         if self.checkpoint is not None:
+            implementation = [{key: group.get(key) for key in OPTIMIZER_IMPLEMENTATION_KEYS} for group in self.optimizer.param_groups]
             accelerator.load_state(str(self.checkpoint))
+            for group, flags in zip(self.optimizer.param_groups, implementation, strict=True):
+                group.update(flags)  # this run's fused / foreach kernels, not the checkpoint's
+            self._apply_options_over_restored_state()
             self._load_timestep_sampler(self.checkpoint)
             state = read_trainer_state(self.checkpoint)
             global_step, earlier_seconds = state["global_step"], state.get("train_seconds", 0.0)

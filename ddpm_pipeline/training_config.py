@@ -82,7 +82,8 @@ _SIZE_RULE = ", ".join(f"{name} up to {size}px" for size, name in PRESETS_BY_IMA
 #: Options that change the network's weights' shapes: a fine-tuning run takes them from its model.
 WEIGHT_SHAPE_FIELDS = ("model", "block_out_channels", "layers_per_block", "unet_overrides")
 
-#: Options that define the network and its objective: a checkpoint only resumes a run that agrees on them.
+#: Options that define the network and its objective, and whether a checkpoint holds EMA weights:
+#: a checkpoint only resumes a run that agrees on them.
 ARCHITECTURE_FIELDS = (
     "model",
     "pretrained_model_name_or_path",
@@ -97,6 +98,7 @@ ARCHITECTURE_FIELDS = (
     "beta_schedule",
     "num_train_timesteps",
     "variance_type",
+    "use_ema",
 )
 
 

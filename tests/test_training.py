@@ -378,6 +378,34 @@ def test_a_run_branched_from_another_folders_checkpoint_continues_its_loss_histo
     assert [p.name for p in list_checkpoints(first)] == ["checkpoint-2", "checkpoint-4"]  # the first run is untouched
 
 
+def test_a_resumed_run_trains_with_its_own_optimizer_and_ema_options(tmp_path, caplog):
+    # the checkpoint's AdamW, schedule and EMA states carry the first run's options; the resumed run's replace them
+    data = saved_dataset(tmp_path / "data", count=8, size=16)
+    options = ["--dataset_path", data, "--save_images_steps", "none", "--train_batch_size", "4", "--max_train_steps", "4",
+               "--checkpointing_steps", "2", "--lr_scheduler", "constant", "--lr_warmup_steps", "0"]  # fmt: skip
+    first, branch = tmp_path / "first", tmp_path / "branch"
+    run_training(first, *options, "--learning_rate", "1e-3", "--no-fused_adam")
+    reset_accelerate()
+    changed = ["--learning_rate", "1e-4", "--adam_beta2", "0.99", "--adam_weight_decay", "0.01", "--ema_max_decay", "0.99",
+               "--fused_adam"]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        run_training(branch, *options, *changed, "--resume_from_checkpoint", first / "checkpoint-2")
+    assert ("applied from here on: --learning_rate 0.001 → 0.0001, --adam_beta2 0.999 → 0.99, --adam_weight_decay 0 → 0.01, "
+            "--ema_max_decay 0.9999 → 0.99") in caplog.text  # fmt: skip
+    with open(branch / "loss_history.csv", newline="") as handle:
+        rates = {int(row["step"]): float(row["lr"]) for row in csv.DictReader(handle)}
+    assert rates == {1: 1e-3, 2: 1e-3, 3: 1e-4, 4: 1e-4}
+    group = torch.load(branch / "checkpoint-4" / "optimizer.bin", weights_only=False)["param_groups"][0]
+    assert (group["initial_lr"], group["betas"], group["weight_decay"], group["fused"]) == (1e-4, (0.9, 0.99), 0.01, True)
+    assert not group["foreach"]  # this run's fused kernel, not the checkpoint's foreach one
+    ema = torch.load(branch / "checkpoint-4" / "custom_checkpoint_1.pkl", weights_only=False)
+    assert (ema["decay"], ema["optimization_step"]) == (0.99, 4)
+    # turning the EMA off (or on) is refused before any work: a checkpoint holds EMA weights or not
+    reset_accelerate()
+    with pytest.raises(ValueError, match="use_ema: True vs False"):
+        run_training(tmp_path / "no-ema", *options, "--no-use_ema", "--resume_from_checkpoint", first / "checkpoint-2")
+
+
 def test_too_few_images_for_a_batch_is_a_clear_error(tmp_path):
     data = saved_dataset(tmp_path / "data", count=3, size=16)
     with pytest.raises(ValueError, match="lower --train_batch_size"):
