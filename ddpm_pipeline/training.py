@@ -29,7 +29,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import PartialState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, broadcast, set_seed
+from accelerate.utils import SCALER_NAME, DataLoaderConfiguration, ProjectConfiguration, broadcast, set_seed
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
@@ -538,6 +538,21 @@ class Trainer:
             "to continue it as it was."
         )
 
+    def _load_state(self, checkpoint: Path) -> None:
+        """``accelerator.load_state``, also from a checkpoint without the fp16 loss scaler's state
+        that this run has (trained in bf16 or fp32, resumed where ``auto`` means fp16: a GPU older
+        than Ampere), which Accelerate would fail on: the scaler then starts afresh."""
+        accelerator, scaler = self.accelerator, self.accelerator.scaler
+        if scaler is None or (checkpoint / SCALER_NAME).is_file():
+            accelerator.load_state(str(checkpoint))
+            return
+        logger.info(f"{checkpoint} has no fp16 loss-scaler state (it was trained in bf16 or fp32): the loss scale starts afresh")
+        accelerator.scaler = None
+        try:
+            accelerator.load_state(str(checkpoint))
+        finally:
+            accelerator.scaler = scaler
+
     def _apply_options_over_restored_state(self) -> None:
         """A checkpoint's optimizer, schedule and EMA states carry the options they were built with
         (``load_state`` restores AdamW's betas, weight decay and ε, the schedule's peak learning
@@ -861,7 +876,7 @@ class Trainer:
         global_step, earlier_seconds = 0, 0.0
         if self.checkpoint is not None:
             implementation = [{key: group.get(key) for key in OPTIMIZER_IMPLEMENTATION_KEYS} for group in self.optimizer.param_groups]
-            accelerator.load_state(str(self.checkpoint))
+            self._load_state(self.checkpoint)
             for group, flags in zip(self.optimizer.param_groups, implementation, strict=True):
                 group.update(flags)  # this run's fused / foreach kernels, not the checkpoint's
             self._apply_options_over_restored_state()

@@ -13,6 +13,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from conftest import reset_accelerate
 from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
@@ -404,6 +405,38 @@ def test_a_resumed_run_trains_with_its_own_optimizer_and_ema_options(tmp_path, c
     reset_accelerate()
     with pytest.raises(ValueError, match="use_ema: True vs False"):
         run_training(tmp_path / "no-ema", *options, "--no-use_ema", "--resume_from_checkpoint", first / "checkpoint-2")
+
+
+@pytest.fixture
+def fp16_loss_scaling_on_the_cpu(monkeypatch):
+    """fp16 runs get a loss scaler as on a GPU (Accelerate gives none on the CPU)."""
+    original = Accelerator.__init__
+
+    def init_with_scaler(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self.mixed_precision == "fp16" and self.scaler is None:
+            self.scaler = torch.amp.GradScaler("cpu")
+
+    monkeypatch.setattr(Accelerator, "__init__", init_with_scaler)
+
+
+def test_resuming_in_fp16_from_a_checkpoint_without_loss_scaling_starts_the_scaler_afresh(
+    tmp_path, caplog, fp16_loss_scaling_on_the_cpu
+):
+    # a bf16 run (an Ampere GPU) resumed where --mixed_precision auto means fp16 (an older GPU), and back
+    data = saved_dataset(tmp_path / "data", count=8, size=16)
+    out = tmp_path / "run"
+    options = ["--dataset_path", data, "--save_images_steps", "none", "--train_batch_size", "4", "--checkpointing_steps", "2",
+               "--no-fused_adam"]  # fmt: skip
+    run_training(out, *options, "--max_train_steps", "2", "--mixed_precision", "bf16")
+    reset_accelerate()
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        run_training(out, *options, "--max_train_steps", "4", "--mixed_precision", "fp16", "--resume_from_checkpoint", "latest")
+    assert "has no fp16 loss-scaler state" in caplog.text
+    assert (out / "checkpoint-4" / "scaler.pt").is_file()
+    reset_accelerate()
+    assert run_training(out, *options, "--max_train_steps", "6", "--mixed_precision", "bf16",
+                        "--resume_from_checkpoint", "latest").global_step == 6  # fmt: skip
 
 
 def test_too_few_images_for_a_batch_is_a_clear_error(tmp_path):
