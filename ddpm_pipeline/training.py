@@ -877,6 +877,8 @@ class Trainer:
         if self.checkpoint is not None:
             implementation = [{key: group.get(key) for key in OPTIMIZER_IMPLEMENTATION_KEYS} for group in self.optimizer.param_groups]
             self._load_state(self.checkpoint)
+            if self.ema is not None:  # Accelerate loads custom states to the CPU, and EMAModel takes its tensors as they come
+                self.ema.to(accelerator.device)
             for group, flags in zip(self.optimizer.param_groups, implementation, strict=True):
                 group.update(flags)  # this run's fused / foreach kernels, not the checkpoint's
             self._apply_options_over_restored_state()
