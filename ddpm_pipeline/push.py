@@ -34,18 +34,23 @@ def check_repo_id(repo_id: str | None) -> str:
     return repo_id
 
 
-def check_hub_access(token: str | None = None, api: HfApi | None = None) -> str:
+#: what a training run that cannot reach the Hub at start-up is told
+TRAINING_HUB_ADVICE = ("Log in with `hf auth login` or pass --hub_token; or drop --push_to_hub and push the finished "
+                       "folder later with `python -m ddpm_pipeline.push OUTPUT_DIR --repo_id USER/NAME`.")  # fmt: skip
+#: what `python -m ddpm_pipeline.push` is told when it cannot reach the Hub
+PUSH_HUB_ADVICE = ("Log in with `hf auth login` or pass --token, and check that this machine reaches huggingface.co "
+                   "(HF_HUB_OFFLINE unset); the folder is unchanged, so run the same command again then.")  # fmt: skip
+
+
+def check_hub_access(token: str | None = None, api: HfApi | None = None, advice: str = TRAINING_HUB_ADVICE) -> str:
     """The Hub user name the token (or saved login) belongs to; a clear error when there is none,
-    so a training run that is to be pushed fails at start-up rather than after training."""
+    so a training run that is to be pushed fails at start-up rather than after training, and a push
+    fails before it writes anything."""
     api = api or HfApi(token=token)
     try:
         return api.whoami()["name"]
     except Exception as error:  # offline, no login, bad token: all mean the push cannot happen
-        raise RuntimeError(
-            f"--push_to_hub cannot reach the Hub with these credentials ({type(error).__name__}: {error}). "
-            "Log in with `hf auth login` or pass --hub_token; or drop --push_to_hub and push the finished "
-            "folder later with `python -m ddpm_pipeline.push OUTPUT_DIR --repo_id USER/NAME`."
-        ) from error
+        raise RuntimeError(f"Cannot reach the Hugging Face Hub with these credentials ({type(error).__name__}: {error}). {advice}") from error
 
 
 def push_to_hub(
@@ -97,8 +102,14 @@ def main(argv: list[str] | None = None) -> Any:
             raise FileNotFoundError(f"{args.folder} has no model_index.json: give a finished train_ddpm.py --output_dir.")
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
-    info = push_to_hub(args.folder, args.repo_id, private=args.private, token=args.token, license=args.license,
-                       eval_report=args.eval_report, commit_message=args.commit_message)  # fmt: skip
+    api = HfApi(token=args.token)
+    try:
+        user = check_hub_access(api=api, advice=PUSH_HUB_ADVICE)
+    except RuntimeError as error:
+        parser.exit(1, f"{parser.prog}: {error}\n")
+    logger.info(f"pushing to {args.repo_id} as {user}")
+    info = push_to_hub(args.folder, args.repo_id, private=args.private, license=args.license,
+                       eval_report=args.eval_report, commit_message=args.commit_message, api=api)  # fmt: skip
     print(getattr(info, "commit_url", info))
     return info
 

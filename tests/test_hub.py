@@ -156,6 +156,22 @@ def test_repo_id_and_hub_access_errors_are_clear(tmp_path):
 
 
 
+def test_the_push_command_checks_the_hub_first_and_says_how_to_try_again(tmp_path, monkeypatch, capsys):
+    folder = pipeline_folder(tmp_path / "p")
+    monkeypatch.setattr(push_module, "HfApi", lambda token=None: RecordingHfApi(token, fail_whoami=True))
+    with pytest.raises(SystemExit) as stopped:
+        push_module.main([str(folder), "--repo_id", "someone/x", "--token", "hf_abc"])
+    assert stopped.value.code == 1
+    error = capsys.readouterr().err
+    assert "Cannot reach the Hugging Face Hub" in error and "run the same command again" in error and "Traceback" not in error
+    assert not (folder / "README.md").exists()  # nothing written before the Hub answered
+    apis = []
+    monkeypatch.setattr(push_module, "HfApi", lambda token=None: apis.append(RecordingHfApi(token)) or apis[-1])
+    push_module.main([str(folder), "--repo_id", "someone/x", "--token", "hf_abc"])
+    assert [api.token for api in apis] == ["hf_abc"]
+    assert [name for name, _ in apis[0].calls] == ["whoami", "create_repo", "upload_folder"]
+
+
 def test_train_ddpm_push_to_hub(tmp_path, monkeypatch, fresh_accelerate_state):
     apis = []
     monkeypatch.setattr(push_module, "HfApi", lambda token=None: apis.append(RecordingHfApi(token)) or apis[-1])
