@@ -3,6 +3,7 @@ the timesteps (weighted right under importance sampling), the CSV across resumes
 
 import csv
 import math
+import os
 
 import numpy as np
 import pytest
@@ -110,6 +111,25 @@ def test_the_history_keeps_its_columns_across_a_resume_from_an_older_csv(tmp_pat
     steps, q1 = again.series("loss_q0")
     again.close()
     assert steps == [1, 2, 3] and np.isnan(q1[:2]).all() and q1[2] == 0.5
+
+
+def test_a_crash_while_the_history_is_rewritten_on_resume_leaves_it_whole(tmp_path, monkeypatch):
+    path = tmp_path / "loss_history.csv"
+    path.write_text("step,loss,lr\n1,0.5,0.001\n2,nan,0.002\n3,0.3,0.003\n")
+    before = path.read_text()
+
+    def crash(*args):
+        raise KeyboardInterrupt("killed while rewriting")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        LossHistory(path, resume_step=2, enabled=True)
+    assert path.read_text() == before
+    monkeypatch.undo()
+    history = LossHistory(path, resume_step=2, enabled=True)
+    history.close()
+    assert path.read_text().splitlines()[1:] == ["1,0.5,0.001,,,,", "2,nan,0.002,,,,"]  # a NaN loss stays NaN
+    assert [p.name for p in tmp_path.iterdir()] == ["loss_history.csv"]
 
 
 def test_the_moving_average_skips_missing_values():
