@@ -89,7 +89,7 @@ class DDPMTargetPipeline(DDPMPipeline):
     @property
     def interrupt(self) -> bool:
         """Set ``pipe._interrupt = True`` in a ``callback_on_step_end`` to stop the chain after that
-        step (diffusers' convention): the call returns the state reached, ``x_t`` of the last step taken."""
+        step (diffusers' convention): the call returns the state that step reached, as images."""
         return self._interrupt
 
     def __setattr__(self, name: str, value) -> None:
