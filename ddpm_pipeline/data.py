@@ -137,9 +137,11 @@ def load_image_dataset(
     """One split of images from exactly one source, or the bundled data set when none is given.
 
     ``dataset_name``: a Hub data set (``load_dataset(name, config, split=split)``);
-    ``train_data_dir``: a local folder of images (the ``imagefolder`` builder);
-    ``dataset_path``: a data set written by ``save_to_disk`` (a ``DatasetDict`` is indexed by
-    ``split``).
+    ``train_data_dir``: a local folder of images (the ``imagefolder`` builder; subfolders named
+    ``train``, ``test``, … are its splits);
+    ``dataset_path``: a data set written by ``save_to_disk`` (:func:`select_split`).
+    ``split`` is read as ``load_dataset`` reads it for all of them: a name, a slice
+    (``train[:1000]``, ``train[10%:20%]``) or a sum (``train+test``); the bundled set is one split.
     """
     given = [
         name
@@ -167,18 +169,48 @@ def load_image_dataset(
                 f"--train_data_dir {folder} holds no image files (.png, .jpg, .webp, … in it or its subfolders): "
                 "point it at the folder of images."
             )
-        return datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=cache_dir)
+        return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, cache_dir=cache_dir)
     if dataset_path:
         path = Path(dataset_path)
         if not path.exists():
             raise FileNotFoundError(f"--dataset_path {path} does not exist (write one with Dataset.save_to_disk).")
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{path} has splits {sorted(loaded)}, not {split!r}: pass --split.")
-            loaded = loaded[split]
-        return loaded
-    return bundled_dataset()
+        return select_split(datasets.load_from_disk(str(path)), split, what=str(path))
+    return select_split(bundled_dataset(), split, what="the bundled data set")
+
+
+def select_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, what: str = "the data set") -> datasets.Dataset:
+    """The rows that ``split`` names in a ``save_to_disk`` data set, read as
+    ``load_dataset(split=...)`` reads it (``datasets.ReadInstruction``): ``"test"``,
+    ``"train[:1000]"``, ``"train[10%:20%]"``, ``"train[-500:]"``, ``"train+test"``. A
+    ``DatasetDict``'s splits are its keys; a lone ``Dataset`` is one split under any name, so
+    there only the slice counts (``"train[:1000]"`` = its first 1000 rows)."""
+    try:
+        instruction = datasets.ReadInstruction.from_spec(split)
+    except (ValueError, AssertionError) as error:
+        raise ValueError(f"--split {split!r} is not a split name or slice ({error}); e.g. train, train[:1000], train[:10%].") from error
+    names = _split_names(split)
+    if isinstance(loaded, datasets.DatasetDict):
+        missing = sorted(set(names) - set(loaded))
+        if missing:
+            raise ValueError(f"{what} has splits {sorted(loaded)}, not {', '.join(map(repr, missing))}: pass --split.")
+        splits = dict(loaded)
+    elif len(set(names)) > 1:
+        raise ValueError(f"{what} is one data set without splits; --split {split!r} names {sorted(set(names))}: give one.")
+    else:
+        splits = {names[0]: loaded}
+    parts = []
+    for part in instruction.to_absolute({name: len(rows) for name, rows in splits.items()}):
+        rows = splits[part.splitname]
+        whole = part.from_ == 0 and part.to == len(rows)
+        parts.append(rows if whole else rows.select(range(part.from_, part.to)))
+    if not sum(len(rows) for rows in parts):
+        raise ValueError(f"--split {split!r} selects no rows of {what} ({', '.join(f'{n}: {len(r)}' for n, r in splits.items())} rows).")
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _split_names(split: str) -> list[str]:
+    """The split names in a split spec: ``"train[:10%]+test"`` → ``["train", "test"]``."""
+    return [part.split("[", 1)[0].strip() for part in split.split("+")]
 
 
 def describe_data_source(
@@ -193,7 +225,7 @@ def describe_data_source(
     if dataset_name:
         return f"Hub data set {dataset_name}" + (f" ({dataset_config})" if dataset_config else "") + f", split {split}"
     if train_data_dir:
-        return f"image folder {Path(train_data_dir).resolve()}"
+        return f"image folder {Path(train_data_dir).resolve()}" + (f", split {split}" if split != "train" else "")
     if dataset_path:
         return f"saved data set {Path(dataset_path).resolve()}, split {split}"
     return "the bundled Fashion-MNIST test set"

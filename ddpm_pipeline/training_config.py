@@ -139,7 +139,8 @@ class TrainingConfig:
     # data
     dataset_name: str | None = _option(None, "A data set on the Hugging Face Hub, e.g. cifar10 (needs the network).")
     dataset_config: str | None = _option(None, "The Hub data set's configuration name, if it has several.")
-    split: str = _option("train", "Which split of --dataset_name / --dataset_path to train on.")
+    split: str = _option("train", "Which split to train on, as datasets reads it: a name (train, test; an image folder's "
+                         "subfolders), a slice (train[:1000], train[:10%]) or a sum (train+test).")
     train_data_dir: str | None = _option(None, "A local folder of images (read with the `imagefolder` builder).")
     dataset_path: str | None = _option(None, "A data set written by `Dataset.save_to_disk` (see ddpm_pipeline.convert).")
     image_column: str | None = _option(None, "The column holding the images (default: image, img, or the one Image column).")

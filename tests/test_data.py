@@ -170,6 +170,35 @@ def test_saved_dataset_dict_and_column_rules(tmp_path):
         find_image_column(two)
 
 
+def test_split_slices_and_sums_select_rows_of_every_source(tmp_path):
+    # as datasets' load_dataset(split=...) reads them; they were ignored for folders and saved sets
+    numbers = datasets.Dataset.from_dict({"n": list(range(10))})
+    datasets.DatasetDict({"train": numbers, "test": numbers.select(range(4))}).save_to_disk(str(tmp_path / "dd"))
+    numbers.save_to_disk(str(tmp_path / "lone"))
+    saved = {"dataset_path": tmp_path / "dd"}
+    assert load_image_dataset(**saved, split="train[:3]")["n"] == [0, 1, 2]
+    assert load_image_dataset(**saved, split="train[-20%:]")["n"] == [8, 9]
+    assert load_image_dataset(**saved, split="train[2:4]+test[:1]")["n"] == [2, 3, 0]
+    assert load_image_dataset(dataset_path=tmp_path / "lone", split="train[:50%]")["n"] == [0, 1, 2, 3, 4]
+    assert load_image_dataset(dataset_path=tmp_path / "lone", split="test")["n"] == list(range(10))  # a lone set: any name
+    with pytest.raises(ValueError, match=r"has splits \['test', 'train'\], not 'validation'"):
+        load_image_dataset(**saved, split="train+validation[:2]")
+    with pytest.raises(ValueError, match="one data set without splits"):
+        load_image_dataset(dataset_path=tmp_path / "lone", split="train+test")
+    with pytest.raises(ValueError, match="selects no rows"):
+        load_image_dataset(**saved, split="train[5:5]")
+    with pytest.raises(ValueError, match="is not a split name or slice"):
+        load_image_dataset(**saved, split="train[:")
+    assert load_image_dataset(split="train[:25]").num_rows == 25  # the bundled set
+    # an image folder: its subfolders are its splits, and slices apply
+    for split, count in (("train", 3), ("test", 2)):
+        (tmp_path / "folder" / split).mkdir(parents=True)
+        for index in range(count):
+            Image.new("L", (8, 8), 40 * index).save(tmp_path / "folder" / split / f"{index}.png")
+    folder = {"train_data_dir": tmp_path / "folder"}
+    assert [load_image_dataset(**folder, split=split).num_rows for split in ("train", "test", "train[:1]+test")] == [3, 2, 3]
+
+
 def test_preprocessing_pads_crops_flips_and_scales():
     square = Image.fromarray(np.full((28, 28), 255, np.uint8))
     padded = ImagePreprocessor(resolution=32)(square)
