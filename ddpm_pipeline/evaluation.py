@@ -64,7 +64,7 @@ class EvaluationConfig:
     model: str | None = field(default=None, metadata={"help": "Pipeline folder or Hub id to sample from."})
     samples: str | None = field(default=None, metadata={"help": "Score this folder of images instead of sampling a model."})
     reference: str = field(default="bundled", metadata={"help": "Reference data: 'bundled', a saved data set or image folder, a Hub data set name, or a .npz statistics file."})  # noqa: E501
-    reference_split: str = field(default="train", metadata={"help": "Split of a saved / Hub reference data set."})
+    reference_split: str = field(default="train", metadata={"help": "Split of a saved / Hub / image-folder reference, as datasets reads it: a name, a slice (train[:5000]) or a sum (train+test)."})
     reference_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub reference data set."})
     reference_max_images: int | None = field(default=None, metadata={"help": "Use only the first N reference images (none = all)."})
     metrics: str = field(default="fid,kid,prc", metadata={"help": "Comma-separated: fid, isc, kid, prc, bpd."})
