@@ -46,7 +46,8 @@ def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | Non
 
     ``None`` → none; ``"latest"`` → the newest complete one in ``output_dir`` (None when there is
     none yet, so a first run and its restarts share one command); otherwise a path, which must be
-    a complete checkpoint.
+    a complete checkpoint: as given, or else in ``output_dir`` (``checkpoint-1500``, as diffusers'
+    training examples take it).
     """
     if not resume_from_checkpoint:
         return None
@@ -54,10 +55,12 @@ def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | Non
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1] if checkpoints else None
     path = Path(resume_from_checkpoint)
+    if not path.is_dir() and not path.is_absolute() and (Path(output_dir) / path).is_dir():
+        path = Path(output_dir) / path
     if not path.is_dir():
         raise FileNotFoundError(
-            f"--resume_from_checkpoint {path} is not a folder: give a checkpoint-N folder from an "
-            f"earlier run's --output_dir, or 'latest'."
+            f"--resume_from_checkpoint {path} is not a folder, here or in --output_dir {output_dir}: give a "
+            f"checkpoint-N folder from an earlier run's --output_dir, or 'latest'."
         )
     if not (path / TRAINER_STATE_NAME).is_file():
         raise ValueError(

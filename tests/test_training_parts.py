@@ -130,6 +130,10 @@ def test_checkpoints_are_atomic_listed_pruned_and_resolved(tmp_path):
         resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-25"))
     with pytest.raises(FileNotFoundError, match="not a folder"):
         resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-99"))
+    # a bare name is looked for in the output folder too, as diffusers' training examples take it
+    assert resolve_checkpoint(tmp_path, "checkpoint-10") == tmp_path / "checkpoint-10"
+    with pytest.raises(FileNotFoundError, match="not a folder, here or in --output_dir"):
+        resolve_checkpoint(tmp_path, "checkpoint-99")
     removed = prune_checkpoints(tmp_path, 2)
     assert [p.name for p in removed] == ["checkpoint-5"]
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-15"]
