@@ -267,12 +267,27 @@ def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed:
     return SampleStore(folder, settings)
 
 
+def load_pipeline(model: str) -> DDPMTargetPipeline:
+    """``DDPMTargetPipeline.from_pretrained(model)`` (float32, on the CPU), with an error that
+    names the fixes when ``model`` is a Hub id that is neither cached nor reachable."""
+    try:
+        return DDPMTargetPipeline.from_pretrained(model)
+    except OSError as error:
+        if Path(model).exists():
+            raise
+        raise FileNotFoundError(
+            f"--model {model} is not a local folder, and as a Hub repo it is neither cached nor reachable (offline, "
+            "HF_HUB_OFFLINE=1?). Download it once on a machine with network access (`hf download "
+            f"{model}`, into the same HF_HOME), or give a local pipeline folder."
+        ) from error
+
+
 def sampling_pipeline(model: str, device: torch.device, fast_sampling: str = "auto", dtype: str = "auto",
                       scheduler: str = "ddpm") -> DDPMTargetPipeline:  # fmt: skip
     """``model``'s pipeline on ``device`` for sampling: with :meth:`DDPMTargetPipeline.enable_fast_sampling`
     (``dtype`` for its UNet) unless ``fast_sampling`` is ``"off"``, and with ``scheduler`` (a name of
     :data:`SCHEDULER_CHOICES`) built from the saved one's config unless it is ``"ddpm"``."""
-    pipeline = DDPMTargetPipeline.from_pretrained(model).to(device)
+    pipeline = load_pipeline(model).to(device)
     if scheduler != "ddpm":
         if isinstance(pipeline.scheduler, DDPMTargetScheduler) and not pipeline.scheduler.is_stock_compatible():
             raise ValueError(
@@ -430,7 +445,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     training = None
     sampling: dict[str, Any] | None = None
     if config.model is not None:
-        pipeline = DDPMTargetPipeline.from_pretrained(config.model).to(device)  # float32: the bound's network
+        pipeline = load_pipeline(config.model).to(device)  # float32: the bound's network
         training = load_training_config(config.model)
         preprocess = model_preprocessing(pipeline, training, config.resize_mode)
         num_train_timesteps = pipeline.scheduler.config.num_train_timesteps

@@ -352,6 +352,9 @@ def test_bad_options_fail_before_any_work(tmp_path, tiny_pipeline, reference_dat
     (unfinished / "checkpoint-2").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="not a complete pipeline folder: missing model_index.json"):
         evaluate(**{**common, "model": str(unfinished)}, reference=str(reference_data), metrics="fid")
+    with pytest.raises(FileNotFoundError, match="--model ddpm-pipeline-tests/not-cached is not a local folder, and as a Hub "
+                                                "repo it is neither cached nor reachable"):  # fmt: skip
+        evaluate(**{**common, "model": "ddpm-pipeline-tests/not-cached"}, reference=str(reference_data), metrics="fid")
     with pytest.raises(ValueError, match="--num_inference_steps 41 exceeds the 40 diffusion steps"):
         evaluate(**{**common, "num_inference_steps": 41}, reference=str(reference_data), metrics="fid")
     big = tmp_path / "big-images"
