@@ -228,7 +228,7 @@ def describe_data_source(
         return f"image folder {Path(train_data_dir).resolve()}" + (f", split {split}" if split != "train" else "")
     if dataset_path:
         return f"saved data set {Path(dataset_path).resolve()}, split {split}"
-    return "the bundled Fashion-MNIST test set"
+    return "the bundled Fashion-MNIST test set" + (f", split {split}" if split != "train" else "")
 
 
 def data_identity(dataset: datasets.Dataset, source: str) -> dict[str, Any]:

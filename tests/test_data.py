@@ -110,6 +110,7 @@ def test_cifar10_converter(tmp_path):
 def test_the_data_a_checkpoint_records_names_its_source_count_and_fingerprint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert describe_data_source() == "the bundled Fashion-MNIST test set"
+    assert describe_data_source(split="train[:1000]") == "the bundled Fashion-MNIST test set, split train[:1000]"
     assert describe_data_source(dataset_name="cifar10") == "Hub data set cifar10, split train"
     assert describe_data_source("ylecun/mnist", "mnist", "test") == "Hub data set ylecun/mnist (mnist), split test"
     assert describe_data_source(train_data_dir="faces") == f"image folder {tmp_path / 'faces'}"
