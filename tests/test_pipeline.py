@@ -309,7 +309,7 @@ def test_step_end_callbacks_see_and_replace_the_state_and_can_interrupt():
     torch.testing.assert_close(stopped.images, (full.trajectory.samples[4] / 2 + 0.5).clamp(0, 1), rtol=0, atol=0)
     assert not pipe.interrupt  # each call starts afresh
 
-    class ScaleTheStateOnce(PipelineCallback):  # diffusers' callback classes work too
+    class ZeroTheStateAtOneStep(PipelineCallback):  # diffusers' callback classes work too
         tensor_inputs = ["latents"]
 
         def callback_fn(self, pipeline, step_index, timestep, callback_kwargs):
@@ -317,8 +317,8 @@ def test_step_end_callbacks_see_and_replace_the_state_and_can_interrupt():
                 callback_kwargs["latents"] = callback_kwargs["latents"] * 0
             return callback_kwargs
 
-    scaled = sample(pipe, steps=10, callback_on_step_end=MultiPipelineCallbacks([ScaleTheStateOnce(None, 9)]))
-    assert torch.all(scaled.images == 0.5)
+    zeroed = sample(pipe, steps=10, callback_on_step_end=MultiPipelineCallbacks([ZeroTheStateAtOneStep(None, 9)]))
+    assert torch.all(zeroed.images == 0.5)
     with pytest.raises(ValueError, match=r"\['x0'\] are not tensors of this pipeline; pick from \['latents'\]"):
         sample(pipe, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["x0"])
 
