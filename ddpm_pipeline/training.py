@@ -539,19 +539,26 @@ class Trainer:
         )
 
     def _load_state(self, checkpoint: Path) -> None:
-        """``accelerator.load_state``, also from a checkpoint without the fp16 loss scaler's state
-        that this run has (trained in bf16 or fp32, resumed where ``auto`` means fp16: a GPU older
-        than Ampere), which Accelerate would fail on: the scaler then starts afresh."""
+        """``accelerator.load_state``, with what this run is running on kept: its AdamW kernel
+        (fused or foreach, not the checkpoint's), the EMA weights on its device (Accelerate loads
+        custom states to the CPU, and `EMAModel` keeps its tensors where they come), and its fp16
+        loss scaler when the checkpoint has no scaler state (trained in bf16 or fp32, resumed where
+        ``auto`` means fp16: a GPU older than Ampere), which Accelerate would fail on: it then
+        starts afresh."""
         accelerator, scaler = self.accelerator, self.accelerator.scaler
-        if scaler is None or (checkpoint / SCALER_NAME).is_file():
-            accelerator.load_state(str(checkpoint))
-            return
-        logger.info(f"{checkpoint} has no fp16 loss-scaler state (it was trained in bf16 or fp32): the loss scale starts afresh")
-        accelerator.scaler = None
+        kernels = [{key: group.get(key) for key in OPTIMIZER_IMPLEMENTATION_KEYS} for group in self.optimizer.param_groups]
+        without_scaler = scaler is not None and not (checkpoint / SCALER_NAME).is_file()
+        if without_scaler:
+            logger.info(f"{checkpoint} has no fp16 loss-scaler state (it was trained in bf16 or fp32): the loss scale starts afresh")
+            accelerator.scaler = None
         try:
             accelerator.load_state(str(checkpoint))
         finally:
             accelerator.scaler = scaler
+        for group, flags in zip(self.optimizer.param_groups, kernels, strict=True):
+            group.update(flags)
+        if self.ema is not None:
+            self.ema.to(accelerator.device)
 
     def _apply_options_over_restored_state(self) -> None:
         """A checkpoint's optimizer, schedule and EMA states carry the options they were built with
@@ -875,12 +882,7 @@ class Trainer:
         is_main = accelerator.is_main_process
         global_step, earlier_seconds = 0, 0.0
         if self.checkpoint is not None:
-            implementation = [{key: group.get(key) for key in OPTIMIZER_IMPLEMENTATION_KEYS} for group in self.optimizer.param_groups]
             self._load_state(self.checkpoint)
-            if self.ema is not None:  # Accelerate loads custom states to the CPU, and EMAModel takes its tensors as they come
-                self.ema.to(accelerator.device)
-            for group, flags in zip(self.optimizer.param_groups, implementation, strict=True):
-                group.update(flags)  # this run's fused / foreach kernels, not the checkpoint's
             self._apply_options_over_restored_state()
             self._load_timestep_sampler(self.checkpoint)
             state = read_trainer_state(self.checkpoint)
