@@ -149,19 +149,27 @@ def cpu_threads_per_process(num_processes: int) -> int:
     return max(1, available // max(1, local_processes))
 
 
+#: `EMAModel`'s settings (its keyword arguments and attributes) and the options that give them
+EMA_SETTINGS = {"decay": "ema_max_decay", "min_decay": "ema_min_decay", "use_ema_warmup": "ema_warmup",
+                "inv_gamma": "ema_inv_gamma", "power": "ema_power"}  # fmt: skip
+
+
+def ema_settings(config: TrainingConfig) -> dict[str, Any]:
+    """`EMAModel`'s settings from the options (:data:`EMA_SETTINGS`)."""
+    return {setting: getattr(config, option) for setting, option in EMA_SETTINGS.items()}
+
+
+def adamw_hyperparameters(config: TrainingConfig) -> dict[str, Any]:
+    """AdamW's ``lr``, ``betas``, ``weight_decay`` and ``eps`` from the options."""
+    return {"lr": config.learning_rate, "betas": (config.adam_beta1, config.adam_beta2),
+            "weight_decay": config.adam_weight_decay, "eps": config.adam_epsilon}  # fmt: skip
+
+
 def build_ema(unet: torch.nn.Module, config: TrainingConfig) -> EMAModel:
     """diffusers' `EMAModel`: after the n-th optimizer step, ``θ̄ ← d_n θ̄ + (1 - d_n) θ`` with
     ``d_1 = 0`` and, for ``n ≥ 2``, ``d_n = clamp(1 - (1 + (n-1)/γ)^(-p), min_decay, max_decay)``
     (``--ema_warmup``) or ``clamp((1 + (n-1))/(10 + (n-1)), min_decay, max_decay)``."""
-    return EMAModel(
-        unet.parameters(),
-        decay=config.ema_max_decay,
-        min_decay=config.ema_min_decay,
-        use_ema_warmup=config.ema_warmup,
-        inv_gamma=config.ema_inv_gamma,
-        power=config.ema_power,
-        foreach=True,
-    )
+    return EMAModel(unet.parameters(), **ema_settings(config), foreach=True)
 
 
 def _option_text(value: Any) -> str:
@@ -300,14 +308,7 @@ class Trainer:
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.ema = build_ema(self.unet, config) if config.use_ema else None
-        self.optimizer = build_adamw(
-            self.unet.parameters(),
-            fused=self.fused_adam,
-            lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            weight_decay=config.adam_weight_decay,
-            eps=config.adam_epsilon,
-        )
+        self.optimizer = build_adamw(self.unet.parameters(), fused=self.fused_adam, **adamw_hyperparameters(config))
         self.unet, self.optimizer, self.dataloader = self.accelerator.prepare(
             self.unet, self.optimizer, self.dataloader
         )
@@ -578,25 +579,20 @@ class Trainer:
         }
         if ema is not None:
             restored_and_wanted.update(
-                ema_max_decay=(ema.decay, config.ema_max_decay),
-                ema_min_decay=(ema.min_decay, config.ema_min_decay),
-                ema_warmup=(ema.use_ema_warmup, config.ema_warmup),
-                ema_inv_gamma=(ema.inv_gamma, config.ema_inv_gamma),
-                ema_power=(ema.power, config.ema_power),
+                {option: (getattr(ema, setting), getattr(config, option)) for setting, option in EMA_SETTINGS.items()}
             )
         changed = {name: pair for name, pair in restored_and_wanted.items() if pair[0] != pair[1]}
         if not changed:
             return
-        for group in self.optimizer.param_groups:
-            group.update(initial_lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                         weight_decay=config.adam_weight_decay, eps=config.adam_epsilon)  # fmt: skip
+        for group in self.optimizer.param_groups:  # its lr: the schedule's, set below
+            group.update(adamw_hyperparameters(config), initial_lr=config.learning_rate)
         scheduler.base_lrs = [config.learning_rate] * len(scheduler.base_lrs)
         scheduler._last_lr = scheduler.get_lr()  # the rate of the resumed step, from the new peak
         for group, lr in zip(self.optimizer.param_groups, scheduler._last_lr, strict=True):
             group["lr"] = lr
         if ema is not None:
-            ema.decay, ema.min_decay, ema.use_ema_warmup = config.ema_max_decay, config.ema_min_decay, config.ema_warmup
-            ema.inv_gamma, ema.power = config.ema_inv_gamma, config.ema_power
+            for setting, value in ema_settings(config).items():
+                setattr(ema, setting, value)
         described = ", ".join(f"--{name} {_option_text(old)} → {_option_text(new)}" for name, (old, new) in changed.items())
         logger.info(f"resumed with other options than {self.checkpoint}'s, applied from here on: {described}")
 
