@@ -311,7 +311,7 @@ class ImagePreprocessor:
     def to_pil(self, image: Image.Image) -> Image.Image:
         """Steps 1–2: the canvas-sized image in the right mode (transparent pixels composited on
         black, 16-bit images scaled to 8 bits)."""
-        image = _to_8bit_opaque(image).convert("L" if self.channels == 1 else "RGB")
+        image = to_8bit_opaque(image).convert("L" if self.channels == 1 else "RGB")
         size_h, size_w = self.height_width
         width, height = image.size
         fits = width <= size_w and height <= size_h
@@ -337,7 +337,7 @@ class ImagePreprocessor:
         return tensor.contiguous()
 
 
-def _to_8bit_opaque(image: Image.Image) -> Image.Image:
+def to_8bit_opaque(image: Image.Image) -> Image.Image:
     """``image`` with 8-bit channels and no alpha: 16-bit (``I;16``, ``I``) gray scaled by 255/65535
     (``I`` only when its values exceed 255), transparency composited on black (like the padding)."""
     if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
@@ -353,6 +353,38 @@ def _to_8bit_opaque(image: Image.Image) -> Image.Image:
 
 #: PIL modes without colour: their images train as one channel.
 GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+#: The EXIF tag that says how a camera's stored pixels must be flipped or turned to show the picture
+#: upright: 1 as stored, 2–8 the other seven flips and quarter turns (5–8 swap width and height).
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """``image``'s EXIF orientation, 1 (as stored) when it has none or its EXIF cannot be parsed: a
+    malformed tag leaves the pixels usable, so it never makes an image bad."""
+    try:
+        orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - PIL raises many kinds of errors for malformed EXIF
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` as it is meant to be seen, as photo viewers and `datasets`' own decoding show it:
+    flipped or turned by its EXIF orientation (Pillow's ``ImageOps.exif_transpose``, which also
+    clears the tag, so turning twice is harmless); returned unchanged when the orientation is 1."""
+    if exif_orientation(image) == 1:
+        return image
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of :func:`upright` ``(image)`` without turning its pixels: orientations 5–8
+    turn the picture a quarter, so they swap the stored sides."""
+    width, height = image.size
+    return (height, width) if exif_orientation(image) >= 5 else (width, height)
 
 
 class ImageSource:
@@ -372,7 +404,8 @@ class ImageSource:
         return len(self.images)
 
     def open(self, index: int, load: bool = True) -> Image.Image:
-        """Image ``index``; with ``load=False`` only its header is read (size and mode), not its pixels."""
+        """Image ``index``, turned :func:`upright`; with ``load=False`` only opened (size and mode
+        read, as stored: :func:`upright_size` gives the upright size), its pixels not decoded."""
         item = self.images[int(index)][self.image_column]
         if not self.undecoded:
             if not isinstance(item, Image.Image):
@@ -384,6 +417,7 @@ class ImageSource:
             image = Image.open(io.BytesIO(item["bytes"])) if item.get("bytes") else Image.open(item["path"])
             if load:
                 image.load()
+                image = upright(image)
             return image
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise BadImageError(f"{self.name(index)} cannot be used: {type(error).__name__}: {error}") from error
@@ -433,7 +467,7 @@ def inspect_images(source: ImageSource, max_images: int = 64) -> ImageFormat:
             continue
         with image:  # closes the file the header came from
             shorter_sides.append(min(image.size))
-            sizes.append(tuple(image.size))
+            sizes.append(upright_size(image))
             colour = colour or image.mode not in GRAY_MODES
     if not shorter_sides:
         raise ValueError(

@@ -31,7 +31,15 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .bound_store import BoundStore
-from .data import GRAY_MODES, ImagePreprocessor, ImageSource, check_padding, find_image_column, inspect_images
+from .data import (
+    GRAY_MODES,
+    ImagePreprocessor,
+    ImageSource,
+    check_padding,
+    find_image_column,
+    inspect_images,
+    upright_size,
+)
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .inception_weights import file_digest
 from .likelihood import BoundTerms, variational_bound
@@ -242,7 +250,7 @@ def samples_preprocessing(files: list[Path], config: EvaluationConfig) -> ImageP
     from PIL import Image
 
     with Image.open(files[0]) as first:
-        (width, height), mode = first.size, first.mode
+        (width, height), mode = upright_size(first), first.mode
     channels = config.channels or (1 if mode in GRAY_MODES else 3)
     return ImagePreprocessor(config.resolution or (height, width), channels, config.resize_mode or "auto")
 
@@ -553,8 +561,9 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         )
         report["feature_extractor"] = extractor.identity()
         grid_count = min(64, len(sample_paths))
-        grid = [np.asarray(_open_rgb_or_gray(path), dtype=np.float32) / 255.0 for path in sample_paths[:grid_count]]
-        report["grid"] = str(save_image_grid(np.stack(grid), Path(f"{stem}-grid.png")))
+        grid = next(image_batches(sample_paths[:grid_count], grid_count))  # read as the features were
+        grid = grid[:, :1] if preprocess.channels == 1 else grid
+        report["grid"] = str(save_image_grid(grid.permute(0, 2, 3, 1).numpy().astype(np.float32) / 255.0, Path(f"{stem}-grid.png")))
 
     if bound is not None:
         curve = bound.pop("per_timestep_mean", None)
@@ -571,15 +580,6 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         terms_store.remove()  # the report holds the bound now
     logger.info(f"wrote {output}: {_summary(report['metrics'])}")
     return report
-
-
-def _open_rgb_or_gray(path: Path):
-    from PIL import Image
-
-    with Image.open(path) as image:
-        picture = image.convert("L") if image.mode in ("L", "1") else image.convert("RGB")
-        array = np.asarray(picture)
-    return array[..., None] if array.ndim == 2 else array
 
 
 def _model_identity(model: str) -> str:

@@ -167,14 +167,17 @@ def image_files(folder: str | Path) -> list[Path]:
 
 
 def image_batches(paths: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
-    """``uint8 [B, 3, H, W]`` batches of image files (grayscale repeated to RGB)."""
+    """``uint8 [B, 3, H, W]`` batches of image files (grayscale repeated to RGB), each read as the
+    training data's images are: turned :func:`~ddpm_pipeline.data.upright`, then
+    :func:`~ddpm_pipeline.data.to_8bit_opaque`."""
+    from .data import to_8bit_opaque, upright
     from .features import pil_to_uint8
 
     for start in range(0, len(paths), batch_size):
         tensors = []
         for path in paths[start : start + batch_size]:
             with Image.open(path) as image:
-                tensors.append(pil_to_uint8(image))
+                tensors.append(pil_to_uint8(to_8bit_opaque(upright(image))))
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) > 1:
             raise ValueError(f"Images of different sizes {sorted(shapes)} among {paths[start]}…: resize them to one size.")

@@ -443,6 +443,30 @@ def test_fid_with_the_offline_inception_weights(tmp_path, converted_weights, tin
     assert report["metrics"]["fid"] > 0 and math.isfinite(report["metrics"]["kid_mean"])
 
 
+def test_a_folder_scored_as_samples_and_as_reference_reads_the_same_pixels(tmp_path):
+    """Real images in a --samples folder (the real-data floor) are read as the reference and the
+    training data read them: turned upright by their EXIF orientation, 16-bit scaled to 8, transparency
+    composited on black. The same folder on both sides then scores FID 0."""
+    rng = np.random.default_rng(5)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(12):
+        upright_pixels = rng.integers(0, 256, (16, 8), dtype=np.uint8)  # 8 wide, 16 tall
+        if index % 3 == 0:  # a camera's way: stored turned, with the orientation that turns it back
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            Image.fromarray(np.rot90(upright_pixels).copy(), "L").save(folder / f"{index:02d}.png", exif=exif.tobytes())
+        elif index % 3 == 1:
+            Image.fromarray(upright_pixels.astype(np.uint16) * 257).save(folder / f"{index:02d}.png")  # 16-bit
+        else:
+            alpha = rng.integers(0, 256, (16, 8), dtype=np.uint8)
+            gray = np.repeat(upright_pixels[..., None], 3, axis=2)
+            Image.fromarray(np.dstack([gray, alpha]), "RGBA").save(folder / f"{index:02d}.png")
+    report = evaluate(samples=str(folder), reference=str(folder), metrics="fid", feature_extractor=FEATURES,
+                      output=str(tmp_path / "fid.json"), cache_dir=str(tmp_path / "cache"), device="cpu")  # fmt: skip
+    assert report["metrics"]["fid"] == pytest.approx(0.0, abs=1e-3)
+
+
 def test_reference_forms_are_recognised(tmp_path, reference_data):
     from ddpm_pipeline.reference import DataSource
 

@@ -26,8 +26,10 @@ from ddpm_pipeline.data import (
     BadImageError,
     ImageFormat,
     ImagePreprocessor,
+    ImageSource,
     TrainingImages,
     check_padding,
+    inspect_images,
     load_image_dataset,
 )
 from ddpm_pipeline.training import TIMESTEP_SAMPLER_STATE_NAME, main
@@ -125,6 +127,42 @@ def test_bad_files_are_named_skipped_and_counted(tmp_path):
     assert by_name["sixteen_bit.png"].max() == 1.0  # 65535 → white, not clipped garbage
     assert by_name["tiny.png"][0, 7, 7] == 1.0 and by_name["tiny.png"][0, 0, 0] == -1.0  # padded to 16
     assert by_name["huge.jpg"].shape == (1, 16, 16)  # resized and cropped
+
+
+def test_camera_photos_train_upright_by_their_exif_orientation(tmp_path):
+    """A phone stores a portrait photo as landscape pixels with an EXIF orientation; photo viewers and
+    `datasets`' own decoding turn it upright, and so must training. The reference for each of the eight
+    orientations is Pillow's own ``ImageOps.exif_transpose``."""
+    from PIL import ImageOps
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    pixels = np.zeros((8, 16), dtype=np.uint8)  # stored 16 wide, 8 tall, bright in one corner only
+    pixels[:2, :3] = 255
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(pixels, "L").save(folder / f"o{orientation}.png", exif=exif.tobytes())
+    truncated = exif.tobytes()[:12]  # Pillow cannot parse it (a struct error)
+    Image.fromarray(pixels, "L").save(folder / "malformed.png", exif=truncated)
+    source = ImageSource(load_image_dataset(train_data_dir=folder), "image")
+    by_name = {Path(source.name(i)).name: i for i in range(len(source))}
+    for orientation in range(1, 9):
+        index = by_name[f"o{orientation}.png"]
+        with Image.open(folder / f"o{orientation}.png") as stored:
+            expected = np.asarray(ImageOps.exif_transpose(stored))
+        assert np.array_equal(np.asarray(source.open(index)), expected), orientation
+        assert expected.shape == ((16, 8) if orientation >= 5 else (8, 16))
+    assert np.array_equal(np.asarray(source.open(by_name["malformed.png"])), pixels)  # read as stored, not refused
+    # Preprocessing sees the upright picture: o6 (a quarter turn) puts the bright corner top right.
+    images = TrainingImages(load_image_dataset(train_data_dir=folder), "image", ImagePreprocessor((16, 8), channels=1, resize_mode="pad"))
+    turned = images.load(by_name["o6.png"])
+    assert turned.shape == (1, 16, 8) and turned[0, 0, -1] == 1.0 and turned[0, -1, 0] == -1.0
+    # The size check before training reads the upright sizes too: on a portrait canvas 16 tall and
+    # 8 wide, the four turned a quarter fit and the others (malformed included: read as stored) do not.
+    image_format = inspect_images(source)
+    assert sorted(image_format.sizes).count((8, 16)) == 4
+    assert image_format.too_big_to_pad((16, 8)) == 5
 
 
 def test_bad_files_fail_when_asked_naming_the_file(tmp_path):
