@@ -358,13 +358,12 @@ def bound_over_data(
     processes = processes or EvaluationProcesses(device)
     with processes.main_first():  # one download of a Hub data set, which the others then read from the cache
         dataset = source.load()
-    column = find_image_column(dataset)
+    source_images = ImageSource(dataset, find_image_column(dataset))  # read as in training: upright, bad files named
     count = len(dataset) if num_images is None else min(num_images, len(dataset))
     scheduler = pipeline.scheduler
     if not isinstance(scheduler, DDPMTargetScheduler):  # a folder saved with DDIM, DPM-Solver, …
         scheduler = DDPMTargetScheduler.from_config(scheduler.config)
     unet = pipeline.unet.to(device).eval()
-    images = dataset.select_columns([column])
     mine: list[tuple[int, BoundTerms]] = []
     batches = range(processes.index, -(-count // batch_size), processes.count)
     with strict_float32(device):
@@ -374,8 +373,8 @@ def bound_over_data(
                 if before_batch is not None:
                     before_batch()
                 start = batch_index * batch_size
-                rows = images[start : min(start + batch_size, count)][column]
-                batch = torch.stack([preprocess(image) for image in rows]).to(device)
+                indices = range(start, min(start + batch_size, count))
+                batch = torch.stack([preprocess(source_images.open(index)) for index in indices]).to(device)
                 generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, batch_index))
                 bound = variational_bound(unet, scheduler, batch, num_timesteps, generator, show_progress=processes.is_main)
                 if store is not None:

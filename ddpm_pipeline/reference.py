@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .data import ImagePreprocessor, find_image_column, load_image_dataset
+from .data import ImagePreprocessor, ImageSource, find_image_column, load_image_dataset
 from .features import FeatureExtractorSpec, extract_features, pil_to_uint8
 from .metrics import gaussian_statistics
 
@@ -159,12 +159,12 @@ def cache_path_for(key: dict[str, Any], cache_dir: str | Path) -> Path:
 def preprocessed_batches(
     dataset: datasets.Dataset, preprocess: ImagePreprocessor, count: int, batch_size: int
 ) -> Iterator[torch.Tensor]:
-    """``uint8 [B, 3, R, R]`` batches of the first ``count`` images, preprocessed as in training."""
-    column = find_image_column(dataset)
-    images = dataset.select_columns([column])
+    """``uint8 [B, 3, R, R]`` batches of the first ``count`` images, read and preprocessed as in
+    training (:class:`~ddpm_pipeline.data.ImageSource`: upright, an unreadable file named)."""
+    source = ImageSource(dataset, find_image_column(dataset))
     for start in range(0, count, batch_size):
-        rows = images[start : min(start + batch_size, count)][column]
-        yield torch.stack([pil_to_uint8(preprocess.to_pil(image)) for image in rows])
+        indices = range(start, min(start + batch_size, count))
+        yield torch.stack([pil_to_uint8(preprocess.to_pil(source.open(index))) for index in indices])
 
 
 def reference_statistics(

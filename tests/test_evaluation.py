@@ -445,8 +445,9 @@ def test_fid_with_the_offline_inception_weights(tmp_path, converted_weights, tin
 
 def test_a_folder_scored_as_samples_and_as_reference_reads_the_same_pixels(tmp_path):
     """Real images in a --samples folder (the real-data floor) are read as the reference and the
-    training data read them: turned upright by their EXIF orientation, 16-bit scaled to 8, transparency
-    composited on black. The same folder on both sides then scores FID 0."""
+    training data read them: turned upright by their EXIF orientation (one whose EXIF cannot be
+    parsed as stored), 16-bit scaled to 8, transparency composited on black. The same folder on both
+    sides then scores FID 0."""
     rng = np.random.default_rng(5)
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -462,6 +463,8 @@ def test_a_folder_scored_as_samples_and_as_reference_reads_the_same_pixels(tmp_p
             alpha = rng.integers(0, 256, (16, 8), dtype=np.uint8)
             gray = np.repeat(upright_pixels[..., None], 3, axis=2)
             Image.fromarray(np.dstack([gray, alpha]), "RGBA").save(folder / f"{index:02d}.png")
+    truncated_exif = exif.tobytes()[:12]  # Pillow cannot parse it; the pixels are fine
+    Image.fromarray(upright_pixels).save(folder / "malformed-exif.png", exif=truncated_exif)
     report = evaluate(samples=str(folder), reference=str(folder), metrics="fid", feature_extractor=FEATURES,
                       output=str(tmp_path / "fid.json"), cache_dir=str(tmp_path / "cache"), device="cpu")  # fmt: skip
     assert report["metrics"]["fid"] == pytest.approx(0.0, abs=1e-3)
