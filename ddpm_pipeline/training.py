@@ -56,6 +56,7 @@ from .data import (
     inspect_images,
     load_image_dataset,
     stack_images,
+    warn_if_mostly_padding,
 )
 from .losses import diffusion_loss_terms, has_bound_term
 from .lr_schedule import RunLengthLR
@@ -294,6 +295,8 @@ class Trainer:
             self.model_name = config.model
         check_unet_config(self.unet_config, self.noise_scheduler.config.variance_type, fine_tuning=self.pretrained is not None)
         check_padding(image_format, self.unet_config["sample_size"], config.resize_mode)
+        if self.accelerator.is_main_process:
+            warn_if_mostly_padding(image_format, self.unet_config["sample_size"], config.resize_mode)
         self.unet = DDPMUNet(**self.unet_config)
         if self.pretrained is not None and self.checkpoint is None:  # resuming loads the checkpoint's weights
             self.pretrained.load_weights(self.unet)

@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import logging
 import pickle
 import struct
 import tarfile
@@ -14,13 +15,16 @@ from PIL import Image
 
 from ddpm_pipeline.convert import main as convert
 from ddpm_pipeline.data import (
+    ImageFormat,
     ImagePreprocessor,
     bundled_dataset,
     data_identity,
     describe_data_source,
     find_image_column,
     load_image_dataset,
+    padded_coverage,
     read_idx,
+    warn_if_mostly_padding,
 )
 
 
@@ -220,6 +224,26 @@ def test_preprocessing_pads_crops_flips_and_scales():
         ImagePreprocessor(resolution=32, resize_mode="pad")(Image.new("L", (40, 40)))
     with pytest.raises(ValueError, match="channels must be 1"):
         ImagePreprocessor(resolution=32, channels=2)
+
+
+def test_auto_padding_that_leaves_most_of_the_canvas_black_is_warned_about(caplog):
+    small = ImageFormat(size=28, channels=1, smallest=28, largest=28, inspected=3, sizes=((28, 28),) * 3)
+    assert padded_coverage(small, 32) == pytest.approx(28 * 28 / 32**2)  # MNIST's 28 → 32: 77 %
+    assert padded_coverage(small, 64) == pytest.approx(28 * 28 / 64**2)
+    assert padded_coverage(small, (28, 56)) == pytest.approx(0.5)  # (height, width)
+    assert padded_coverage(small, 64, "crop") is None  # crop fills every canvas
+    mixed = ImageFormat(size=80, channels=3, smallest=28, largest=100, inspected=3, sizes=((28, 28), (100, 80), (90, 90)))
+    assert padded_coverage(mixed, 64) == 1.0  # auto resizes the two larger ones to fill it
+    assert padded_coverage(mixed, 64, "pad") == pytest.approx(28 * 28 / 64**2)  # pad skips them
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.data"):
+        warn_if_mostly_padding(small, 32, "auto")
+        warn_if_mostly_padding(small, 64, "pad")  # asked for
+        warn_if_mostly_padding(mixed, 64, "auto")
+        assert not caplog.records
+        warn_if_mostly_padding(small, 64, "auto")
+    assert len(caplog.records) == 1
+    assert "28px images onto a 64×64 canvas, where they cover 19% of it" in caplog.text
+    assert "--resize_mode crop" in caplog.text
 
 
 def test_preprocessing_to_a_non_square_canvas():
