@@ -146,7 +146,7 @@ class EvaluationConfig:
         )
         for item in fields(cls):
             kind = _field_type(item)
-            parser.add_argument(f"--{item.name}", type=kind, default=item.default, help=item.metadata["help"])
+            parser.add_argument(f"--{item.name}", type=kind, default=item.default, help=item.metadata["help"].replace("%", "%%"))
         return cls(**vars(parser.parse_args(argv)))
 
 

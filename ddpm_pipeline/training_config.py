@@ -476,7 +476,7 @@ class TrainingConfig:
         for spec in dataclasses.fields(cls):
             meta = dict(spec.metadata)
             default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
-            kwargs: dict[str, Any] = {"default": default, "help": meta.pop("help")}
+            kwargs: dict[str, Any] = {"default": default, "help": meta.pop("help").replace("%", "%%")}  # argparse %-formats help
             if spec.type in ("bool", "bool | None"):
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:

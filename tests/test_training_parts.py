@@ -258,3 +258,22 @@ def test_runs_recorded_before_data_defaults_still_resume():
     assert before.architecture_differences(now) == []
     rgb, _ = TrainingConfig().with_data_defaults(ImageFormat(28, 3, 28, 28, 64))
     assert before.architecture_differences(rgb) == ["channels: 1 vs 3"]
+
+
+@pytest.mark.parametrize("module", ["training", "evaluation", "push", "convert", "inception_weights"])
+def test_every_command_line_prints_its_help(module, capsys):
+    """``--help`` is the first thing a user runs; argparse %-formats help texts, so a bare ``%`` in one
+    (``train[:10%]``) used to crash train_ddpm.py's with a ValueError."""
+    import importlib
+
+    main = importlib.import_module(f"ddpm_pipeline.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("usage:")
+    if module == "training":
+        from ddpm_pipeline.training_config import TrainingConfig
+
+        assert all(f"--{field.name}" in printed for field in dataclasses.fields(TrainingConfig))
+        assert "train[:10%]" in printed
