@@ -213,7 +213,11 @@ class TrainingConfig:
     output_dir: str = _option("outputs/ddpm-fashion-mnist", "Where the pipeline, checkpoints, grids and logs go.")
     checkpointing_steps: int | None = _option(400, "Save a resumable checkpoint every N optimizer steps (none = only at the end).")
     checkpoints_total_limit: int | None = _option(2, "Keep at most this many checkpoints, deleting the oldest.")
-    resume_from_checkpoint: str | None = _option(None, "latest, or the path of a checkpoint-N folder.")
+    resume_from_checkpoint: str | None = _option(
+        None,
+        "latest (the newest in --output_dir), checkpoint-N (looked up in --output_dir), or the path of any "
+        "checkpoint-N folder: another run's branches that run into --output_dir, its loss history up to step N included.",
+    )
     save_images_steps: int | None = _option(400, "Write a sample grid every N optimizer steps (and always at the end).")
     num_grid_images: int = _option(64, "Images in each sample grid (a square number looks best).")
     grid_inference_steps: int = _option(100, "Sampling steps for the grids (respaced; T gives the full chain).")
