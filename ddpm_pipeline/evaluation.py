@@ -52,7 +52,7 @@ from .sample_store import SampleStore, image_batches, image_files
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .seeding import derive_seed
 from .speed import strict_float32
-from .training_config import CONFIG_FILE_NAME, optional
+from .training_config import CONFIG_FILE_NAME, DefaultsHelpFormatter, optional
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class EvaluationConfig:
         parser = argparse.ArgumentParser(
             prog="eval_metrics.py",
             description="Score a DDPM pipeline (or images) with torch-fidelity and the variational bound.",
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=DefaultsHelpFormatter,
         )
         for item in fields(cls):
             kind = _field_type(item)

@@ -475,7 +475,7 @@ class TrainingConfig:
             prog="train_ddpm.py",
             description="Train a DDPM (ε, x0 or μ target) with diffusers and Accelerate; "
             "with no options, the small preset on the bundled Fashion-MNIST images.",
-            formatter_class=_HelpFormatter,
+            formatter_class=DefaultsHelpFormatter,
         )
         for spec in dataclasses.fields(cls):
             meta = dict(spec.metadata)
@@ -519,7 +519,7 @@ def diffusers_example_hints(argv: list[str]) -> list[str]:
     return hints
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Appends each option's default, except a ``None`` its help text already explains."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
