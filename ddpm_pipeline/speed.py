@@ -62,14 +62,25 @@ def _auto_precision(device: torch.device | str, prediction_type: str) -> str:
     return "bf16" if has_native_bf16(device) else "fp16"
 
 
-def resolve_mixed_precision(requested: str | None, device: torch.device | str, prediction_type: str) -> str | None:
-    """The autocast precision of a run: ``"auto"`` → ``"bf16"`` on a CUDA device with bfloat16 in
+#: Where ``accelerate launch --mixed_precision …`` (or the ``mixed_precision`` of its config file)
+#: hands its choice to the script.
+LAUNCHER_PRECISION_VARIABLE = "ACCELERATE_MIXED_PRECISION"
+
+
+def resolve_mixed_precision(
+    requested: str | None, device: torch.device | str, prediction_type: str, launcher: str | None = None
+) -> str | None:
+    """The autocast precision of a run: ``"auto"`` → the ``launcher``'s half precision when
+    ``accelerate launch --mixed_precision fp16|bf16`` (or its config) chose one (its ``"no"`` is also
+    its default, so it leaves the choice to auto), else ``"bf16"`` on a CUDA device with bfloat16 in
     hardware, ``"fp16"`` on an older one, ``"no"`` on the CPU and for the μ target; ``None`` →
     Accelerate's own config; any other value as given (with a warning for half precision and μ)."""
     if requested is None:
         return None
     if requested not in MIXED_PRECISION_CHOICES:
         raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {requested!r}.")
+    if requested == "auto" and launcher in HALF_DTYPES:
+        requested = launcher
     if requested == "auto":
         return _auto_precision(device, prediction_type)
     if requested in HALF_DTYPES and needs_full_precision(prediction_type):

@@ -70,6 +70,8 @@ from .schedules import DEFAULT_SNR_GAMMA
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .seeding import derive_seed
 from .speed import (
+    HALF_DTYPES,
+    LAUNCHER_PRECISION_VARIABLE,
     auto_flag,
     build_adamw,
     compile_module,
@@ -237,7 +239,8 @@ class Trainer:
         cpu_processes = world_size > 1 and not torch.cuda.is_available()
         device = PartialState(cpu=cpu_processes).device
         on_gpu = device.type == "cuda"
-        self.mixed_precision = resolve_mixed_precision(config.mixed_precision, device, self.prediction_type)
+        self.mixed_precision = resolve_mixed_precision(config.mixed_precision, device, self.prediction_type,
+                                                       launcher=os.environ.get(LAUNCHER_PRECISION_VARIABLE))  # fmt: skip
         self.accelerator = Accelerator(
             cpu=cpu_processes,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -262,6 +265,7 @@ class Trainer:
         self.compile_unet = resolve_compile(config.compile_unet, device, "--no-compile_unet")
         # skipping a non-finite step happens inside the fused AdamW kernel (its found_inf input)
         self.fused_adam = auto_flag(config.fused_adam, device) or config.nonfinite_loss == "skip"
+        self.log_every = config.log_every or (25 if on_gpu else 1)  # each read of the loss stalls a GPU
         self.skipped_steps = torch.zeros((), device=device)
         if on_gpu:
             set_tf32(self.allow_tf32)
@@ -317,6 +321,8 @@ class Trainer:
         )
         if self.compile_unet:
             compile_module(self.unet, config.compile_mode)
+        if self.accelerator.is_main_process:
+            logger.info(f"on {self.accelerator.device}: {self.speed_settings()}")
         self.steps_per_epoch = math.ceil(len(self.dataloader) / config.gradient_accumulation_steps)
         self.total_steps = config.max_train_steps or config.num_epochs * self.steps_per_epoch
         # Stepped by hand once per optimizer step (not through accelerate.prepare, which steps it
@@ -412,6 +418,7 @@ class Trainer:
         workers = config.dataloader_num_workers
         if workers is None:
             workers = default_num_workers(self.accelerator.device, self.accelerator.num_processes, on_device)
+        self.num_workers = workers
         self.dataloader = torch.utils.data.DataLoader(
             IndexDataset(len(self.train_images)) if on_device else self.train_images,
             batch_size=config.train_batch_size,
@@ -423,6 +430,29 @@ class Trainer:
             # the trainer alone answers a stop signal; workers keep serving it until it has stopped
             worker_init_fn=functools.partial(ignore_signals, tuple(config.checkpoint_on_signals)) if workers > 0 else None,
         )
+
+    def speed_settings(self) -> str:
+        """The fast paths this run resolved its options (and their auto defaults) to, in one line
+        for the log: what a user checks first when a run is slower or less exact than expected."""
+        config, on_gpu = self.config, self.accelerator.device.type == "cuda"
+        precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}.get(self.mixed_precision, "float32")
+        launched = os.environ.get(LAUNCHER_PRECISION_VARIABLE)
+        if config.mixed_precision == "auto" and launched in HALF_DTYPES:
+            precision += f" (from accelerate launch's mixed_precision {launched})"
+        settings = [precision]
+        if on_gpu:
+            settings.append("TF32 on" if self.allow_tf32 else "TF32 off")
+        settings.append("channels_last" if self.channels_last else "NCHW")
+        settings.append(f"torch.compile ({config.compile_mode or 'default'})" if self.compile_unet else "eager")
+        settings.append("fused AdamW" if self.fused_adam else "foreach AdamW")
+        if config.gradient_checkpointing:
+            settings.append("gradient checkpointing")
+        if self.device_images is not None:
+            settings.append("data on the device")
+        else:
+            settings.append(f"{self.num_workers} loader workers" if self.num_workers else "data loaded in the main process")
+        settings.append(f"loss read every {self.log_every} step{'s' if self.log_every > 1 else ''}")
+        return ", ".join(settings)
 
     def _device_resident_images(self) -> torch.Tensor | None:
         """The whole preprocessed data set on the device, when ``--data_on_device`` asks for it (or,
@@ -919,7 +949,7 @@ class Trainer:
         first_epoch = global_step // self.steps_per_epoch
         batches_done = (global_step % self.steps_per_epoch) * config.gradient_accumulation_steps
         micro_records: list[torch.Tensor] = []
-        log_every = config.log_every or (1 if accelerator.device.type == "cpu" else 25)
+        log_every = self.log_every
         pending_losses = PendingLosses(accelerator, history, progress)
         clock = TrainingClock(earlier_seconds)
         piece_start = time.perf_counter()

@@ -1,5 +1,6 @@
 """Fast paths are options of the same code: they compute the same losses, updates and images."""
 
+import logging
 import warnings
 from types import SimpleNamespace
 
@@ -72,6 +73,22 @@ def test_auto_policy_on_cpu_and_gpu(monkeypatch):
         resolve_sampling_dtype("int8", "cpu", "epsilon")
     assert default_num_workers("cpu", 1, data_on_device=False) == 0
     assert default_num_workers("cuda", 1, data_on_device=True) == 0
+
+
+def test_accelerate_launch_s_half_precision_is_honored_under_auto(monkeypatch):
+    """``accelerate launch --mixed_precision fp16|bf16`` reaches the script only as an environment
+    variable; with ``--mixed_precision auto`` it decides. Its ``no`` is also its default, so auto keeps
+    deciding then, and the script's own explicit choice always wins."""
+    assert resolve_mixed_precision("auto", "cpu", "epsilon", launcher="bf16") == "bf16"
+    assert resolve_mixed_precision("auto", "cpu", "epsilon", launcher="no") == "no"
+    assert resolve_mixed_precision("no", "cpu", "epsilon", launcher="bf16") == "no"
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(major=9))
+    assert resolve_mixed_precision("auto", "cuda", "epsilon", launcher="fp16") == "fp16"  # not auto's bf16
+    assert resolve_mixed_precision("auto", "cuda", "epsilon", launcher="no") == "bf16"
+    assert resolve_mixed_precision("auto", "cuda", "epsilon", launcher="fp8") == "bf16"  # not one of ours
+    with pytest.warns(UserWarning, match="μ target"):  # asked for at launch: honored, with the warning
+        assert resolve_mixed_precision("auto", "cuda", "mu", launcher="bf16") == "bf16"
 
 
 def test_compile_is_auto_only_where_triton_can_compile_and_an_explicit_request_is_checked(monkeypatch, caplog):
@@ -281,6 +298,16 @@ def test_bf16_autocast_step_keeps_fp32_master_weights_and_loss(tmp_path):
     assert all(p.dtype == torch.float32 for p in unet.parameters())
     state = trainers["bf16"].optimizer.state_dict()["state"]
     assert all(s["exp_avg"].dtype == torch.float32 for s in state.values())
+
+
+def test_a_run_logs_its_resolved_fast_paths_and_the_launcher_s_precision(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # as `accelerate launch --mixed_precision bf16` sets it
+    config = TrainingConfig.from_args([*TINY, "--output_dir", str(tmp_path), "--log_every", "4"])
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        trainer = Trainer(config)
+    assert trainer.mixed_precision == "bf16" and trainer.accelerator.mixed_precision == "bf16"
+    assert ("on cpu: bf16 autocast (from accelerate launch's mixed_precision bf16), NCHW, eager, foreach AdamW, "
+            "data loaded in the main process, loss read every 4 steps") in caplog.text  # fmt: skip
 
 
 def test_mu_target_stays_in_fp32_by_default(tmp_path):
