@@ -57,7 +57,6 @@ from ddpm_pipeline.checkpointing import list_checkpoints
 from ddpm_pipeline.data import (
     BUNDLED_IMAGES,
     BUNDLED_LABELS,
-    ImagePreprocessor,
     TrainingImages,
     find_image_column,
     idx_to_dataset,
@@ -72,6 +71,7 @@ from ddpm_pipeline.evaluation import (
     sample_store,
     sampling_pipeline,
 )
+from ddpm_pipeline.images import ImagePreprocessor
 from ddpm_pipeline.pipeline_ddpm_target import DDPMTargetPipeline
 from ddpm_pipeline.plots import save_labelled_images, save_loss_curve, save_metric_curves
 from ddpm_pipeline.reference import DataSource

@@ -31,16 +31,9 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .bound_store import BoundStore
-from .data import (
-    GRAY_MODES,
-    ImagePreprocessor,
-    ImageSource,
-    check_padding,
-    find_image_column,
-    inspect_images,
-    upright_size,
-)
+from .data import find_image_column
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
+from .images import GRAY_MODES, ImagePreprocessor, ImageSource, check_padding, inspect_images, upright_size
 from .inception_weights import file_digest
 from .likelihood import BoundTerms, variational_bound
 from .metrics import FEATURE_METRICS, feature_metrics, parse_metrics
@@ -240,7 +233,7 @@ def model_preprocessing(pipeline: DDPMTargetPipeline, training: dict[str, Any] |
 
 def check_reference_padding(dataset: datasets.Dataset, preprocess: ImagePreprocessor) -> None:
     """A reference image that ``resize_mode="pad"`` cannot fit on the canvas would fail after the
-    sampling: :func:`~ddpm_pipeline.data.check_padding` of the images it inspects, before."""
+    sampling: :func:`~ddpm_pipeline.images.check_padding` of the images it inspects, before."""
     if preprocess.resize_mode == "pad":
         image_format = inspect_images(ImageSource(dataset, find_image_column(dataset)))
         check_padding(image_format, preprocess.resolution, "pad", what="reference images", skips_bad_images=False)

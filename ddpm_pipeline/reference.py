@@ -9,7 +9,7 @@ A reference is given as one string, like a training data source:
   the cache files this module writes;
 * anything else — a data set name on the Hugging Face Hub.
 
-Its images are preprocessed exactly as for training (:class:`~ddpm_pipeline.data.ImagePreprocessor`),
+Its images are preprocessed exactly as for training (:class:`~ddpm_pipeline.images.ImagePreprocessor`),
 turned to ``uint8`` RGB, and passed through the feature extractor once: the features and their
 Gaussian statistics are cached in ``cache_dir`` under a key made of the source (with the data
 set's fingerprint), split, image count, resolution, channels, resize mode and the extractor's
@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .data import ImagePreprocessor, ImageSource, find_image_column, load_image_dataset
+from .data import find_image_column, load_image_dataset
 from .features import FeatureExtractorSpec, extract_features, pil_to_uint8
+from .images import ImagePreprocessor, ImageSource
 from .metrics import gaussian_statistics
 
 STATS_SUFFIX = ".npz"
@@ -160,7 +161,7 @@ def preprocessed_batches(
     dataset: datasets.Dataset, preprocess: ImagePreprocessor, count: int, batch_size: int
 ) -> Iterator[torch.Tensor]:
     """``uint8 [B, 3, R, R]`` batches of the first ``count`` images, read and preprocessed as in
-    training (:class:`~ddpm_pipeline.data.ImageSource`: upright, an unreadable file named)."""
+    training (:class:`~ddpm_pipeline.images.ImageSource`: upright, an unreadable file named)."""
     source = ImageSource(dataset, find_image_column(dataset))
     for start in range(0, count, batch_size):
         indices = range(start, min(start + batch_size, count))

@@ -168,10 +168,10 @@ def image_files(folder: str | Path) -> list[Path]:
 
 def image_batches(paths: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
     """``uint8 [B, 3, H, W]`` batches of image files (grayscale repeated to RGB), each read as the
-    training data's images are: turned :func:`~ddpm_pipeline.data.upright`, then
-    :func:`~ddpm_pipeline.data.to_8bit_opaque`."""
-    from .data import to_8bit_opaque, upright
+    training data's images are: turned :func:`~ddpm_pipeline.images.upright`, then
+    :func:`~ddpm_pipeline.images.to_8bit_opaque`."""
     from .features import pil_to_uint8
+    from .images import to_8bit_opaque, upright
 
     for start in range(0, len(paths), batch_size):
         tensors = []

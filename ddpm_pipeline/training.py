@@ -44,20 +44,15 @@ from .checkpointing import (
 )
 from .data import (
     EpochShuffleSampler,
-    ImageFormat,
-    ImagePreprocessor,
-    ImageSource,
     IndexDataset,
     TrainingImages,
-    check_padding,
     data_identity,
     describe_data_source,
     find_image_column,
-    inspect_images,
     load_image_dataset,
     stack_images,
-    warn_if_mostly_padding,
 )
+from .images import ImageFormat, ImagePreprocessor, ImageSource, check_padding, inspect_images, warn_if_mostly_padding
 from .losses import diffusion_loss_terms, has_bound_term
 from .lr_schedule import RunLengthLR
 from .pipeline_ddpm_target import DDPMTargetPipeline

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import RESIZE_MODES, ImageFormat
+from .images import RESIZE_MODES, ImageFormat
 from .losses import DEFAULT_VLB_WEIGHT
 from .schedules import (
     DEFAULT_SNR_GAMMA,

@@ -15,17 +15,14 @@ from PIL import Image
 
 from ddpm_pipeline.convert import main as convert
 from ddpm_pipeline.data import (
-    ImageFormat,
-    ImagePreprocessor,
     bundled_dataset,
     data_identity,
     describe_data_source,
     find_image_column,
     load_image_dataset,
-    padded_coverage,
     read_idx,
-    warn_if_mostly_padding,
 )
+from ddpm_pipeline.images import ImageFormat, ImagePreprocessor, padded_coverage, warn_if_mostly_padding
 
 
 def write_idx(path, array: np.ndarray, compress: bool = True) -> None:

@@ -180,7 +180,8 @@ def test_prior_and_timestep_terms_match_their_definitions():
 
 
 def test_bound_falls_as_a_tiny_model_trains():
-    from ddpm_pipeline.data import ImagePreprocessor, bundled_dataset
+    from ddpm_pipeline.data import bundled_dataset
+    from ddpm_pipeline.images import ImagePreprocessor
 
     dataset = bundled_dataset().select(range(32))
     preprocess = ImagePreprocessor(16, 1, "crop")

@@ -22,15 +22,14 @@ from safetensors.torch import load_file
 import ddpm_pipeline.training as training_module
 from ddpm_pipeline import evaluate, preflight
 from ddpm_pipeline.checkpointing import list_checkpoints, resolve_checkpoint
-from ddpm_pipeline.data import (
+from ddpm_pipeline.data import TrainingImages, load_image_dataset
+from ddpm_pipeline.images import (
     BadImageError,
     ImageFormat,
     ImagePreprocessor,
     ImageSource,
-    TrainingImages,
     check_padding,
     inspect_images,
-    load_image_dataset,
 )
 from ddpm_pipeline.training import TIMESTEP_SAMPLER_STATE_NAME, main
 from ddpm_pipeline.training_config import TrainingConfig

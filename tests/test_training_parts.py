@@ -16,15 +16,8 @@ from ddpm_pipeline.checkpointing import (
     resolve_checkpoint,
     write_checkpoint,
 )
-from ddpm_pipeline.data import (
-    EpochShuffleSampler,
-    ImageFormat,
-    ImagePreprocessor,
-    ImageSource,
-    TrainingImages,
-    inspect_images,
-    load_image_dataset,
-)
+from ddpm_pipeline.data import EpochShuffleSampler, TrainingImages, load_image_dataset
+from ddpm_pipeline.images import ImageFormat, ImagePreprocessor, ImageSource, inspect_images
 from ddpm_pipeline.plots import image_grid, moving_average, save_loss_curve
 from ddpm_pipeline.preflight import check_unet_config
 from ddpm_pipeline.training import micro_batch_seed

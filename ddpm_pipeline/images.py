@@ -1,0 +1,305 @@
+"""One stored image → one training tensor: reading it (upright by its EXIF orientation, 8-bit,
+opaque; a file that cannot be read named), inspecting a data set's sizes and colours from headers,
+and preprocessing onto the network's canvas (pad, crop or auto) in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+
+from .unet import sample_height_width
+
+RESIZE_MODES = ("auto", "crop", "pad")
+
+logger = logging.getLogger(__name__)
+
+
+class BadImageError(ValueError):
+    """An image of the data set that cannot be read or preprocessed; the message names it."""
+
+
+@dataclass(frozen=True)
+class ImagePreprocessor:
+    """PIL image → float tensor ``[C, R, R]`` in [-1, 1], the same for training and evaluation.
+
+    1. convert to ``"L"`` (``channels=1``) or ``"RGB"`` (``channels=3``);
+    2. ``resize_mode``: ``"pad"`` centers the image on a black R×R canvas (28 → 32 for MNIST-like
+       data); ``"crop"`` resizes it (bicubic) by ``max(R/width, R/height)``, the least that covers
+       the canvas, and center-crops; ``"auto"`` pads images that fit on the canvas and crops the rest;
+    3. scale ``x/127.5 - 1``; a random horizontal flip when ``random_flip``.
+
+    ``resolution`` is R, or ``(height, width)`` for a non-square canvas (a UNet2DModel's
+    ``sample_size`` may be either); a square pair is stored as one number.
+    """
+
+    resolution: int | tuple[int, int]
+    channels: int = 1
+    resize_mode: str = "auto"
+    random_flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}.")
+        resolution = self.resolution
+        if isinstance(resolution, (list, tuple)):
+            if len(resolution) != 2:
+                raise ValueError(f"resolution must be one size or (height, width), got {resolution}.")
+            resolution = int(resolution[0]) if resolution[0] == resolution[1] else (int(resolution[0]), int(resolution[1]))
+            object.__setattr__(self, "resolution", resolution)
+        if min(self.height_width) < 1:
+            raise ValueError(f"resolution must be positive, got {self.resolution}.")
+
+    @property
+    def height_width(self) -> tuple[int, int]:
+        """The canvas as ``(height, width)``."""
+        return sample_height_width(self.resolution)
+
+    def to_pil(self, image: Image.Image) -> Image.Image:
+        """Steps 1–2: the canvas-sized image in the right mode (transparent pixels composited on
+        black, 16-bit images scaled to 8 bits)."""
+        image = to_8bit_opaque(image).convert("L" if self.channels == 1 else "RGB")
+        size_h, size_w = self.height_width
+        width, height = image.size
+        fits = width <= size_w and height <= size_h
+        if self.resize_mode == "pad" or (self.resize_mode == "auto" and fits):
+            if not fits:
+                raise ValueError(
+                    f"Cannot pad a {width}x{height} image to {size_w}x{size_h}: use resize_mode='auto' or 'crop'."
+                )
+            canvas = Image.new(image.mode, (size_w, size_h), 0)
+            canvas.paste(image, ((size_w - width) // 2, (size_h - height) // 2))
+            return canvas
+        scale = max(size_w / width, size_h / height)
+        resized = image.resize((max(size_w, round(width * scale)), max(size_h, round(height * scale))), Image.BICUBIC)
+        left, top = (resized.width - size_w) // 2, (resized.height - size_h) // 2
+        return resized.crop((left, top, left + size_w, top + size_h))
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        array = np.asarray(self.to_pil(image), dtype=np.float32)
+        tensor = torch.from_numpy(array.reshape(*self.height_width, self.channels)).permute(2, 0, 1)
+        tensor = tensor / 127.5 - 1.0
+        if self.random_flip and torch.rand((), generator=generator).item() < 0.5:
+            tensor = tensor.flip(-1)
+        return tensor.contiguous()
+
+
+def to_8bit_opaque(image: Image.Image) -> Image.Image:
+    """``image`` with 8-bit channels and no alpha: 16-bit (``I;16``, ``I``) gray scaled by 255/65535
+    (``I`` only when its values exceed 255), transparency composited on black (like the padding)."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        array = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(array * (255 / 65535) + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("I", "F"):
+        return Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    return image
+
+
+#: PIL modes without colour: their images train as one channel.
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+#: The EXIF tag that says how a camera's stored pixels must be flipped or turned to show the picture
+#: upright: 1 as stored, 2–8 the other seven flips and quarter turns (5–8 swap width and height).
+EXIF_ORIENTATION = 0x0112
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """``image``'s EXIF orientation, 1 (as stored) when it has none or its EXIF cannot be parsed: a
+    malformed tag leaves the pixels usable, so it never makes an image bad."""
+    try:
+        orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - PIL raises many kinds of errors for malformed EXIF
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` as it is meant to be seen, as photo viewers and `datasets`' own decoding show it:
+    flipped or turned by its EXIF orientation (Pillow's ``ImageOps.exif_transpose``, which also
+    clears the tag, so turning twice is harmless); returned unchanged when the orientation is 1."""
+    if exif_orientation(image) == 1:
+        return image
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image)
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` of :func:`upright` ``(image)`` without turning its pixels: orientations 5–8
+    turn the picture a quarter, so they swap the stored sides."""
+    width, height = image.size
+    return (height, width) if exif_orientation(image) >= 5 else (width, height)
+
+
+class ImageSource:
+    """A `datasets.Dataset`'s image column, opened one image at a time as PIL images; a file that
+    cannot be read raises `BadImageError` naming it (decoded here rather than in `datasets`)."""
+
+    def __init__(self, dataset: datasets.Dataset, image_column: str):
+        if len(dataset) == 0:
+            raise ValueError("The training data set is empty.")
+        self.images = dataset.select_columns([image_column])
+        self.undecoded = isinstance(dataset.features.get(image_column), datasets.Image)
+        if self.undecoded:
+            self.images = self.images.cast_column(image_column, datasets.Image(decode=False))
+        self.image_column = image_column
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def open(self, index: int, load: bool = True) -> Image.Image:
+        """Image ``index``, turned :func:`upright`; with ``load=False`` only opened (size and mode
+        read, as stored: :func:`upright_size` gives the upright size), its pixels not decoded."""
+        item = self.images[int(index)][self.image_column]
+        if not self.undecoded:
+            if not isinstance(item, Image.Image):
+                raise TypeError(
+                    f"Column {self.image_column!r} holds {type(item).__name__}, not images: pass --image_column."
+                )
+            return item
+        try:
+            image = Image.open(io.BytesIO(item["bytes"])) if item.get("bytes") else Image.open(item["path"])
+            if load:
+                image.load()
+                image = upright(image)
+            return image
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise BadImageError(f"{self.name(index)} cannot be used: {type(error).__name__}: {error}") from error
+
+    def name(self, index: int) -> str:
+        """How messages name image ``index``: its file, where it has one."""
+        if self.undecoded:
+            return self.images[int(index)][self.image_column].get("path") or f"image {index} (stored in the data set)"
+        return f"image {index}"
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """What a data set's images look like, from :func:`inspect_images`: ``size`` is the median of
+    their shorter sides, ``channels`` 3 if any of them has colour (a mode outside
+    :data:`GRAY_MODES`), else 1; ``sizes`` each inspected image's ``(width, height)``."""
+
+    size: int
+    channels: int
+    smallest: int
+    largest: int
+    inspected: int
+    sizes: tuple[tuple[int, int], ...] = ()
+
+    def too_big_to_pad(self, resolution: int | tuple[int, int]) -> int:
+        """How many of the inspected images are wider or taller than the canvas (``R`` or ``(height,
+        width)``): padding, which never shrinks an image, cannot put them on it."""
+        height, width = sample_height_width(resolution)
+        return sum(w > width or h > height for w, h in self.sizes)
+
+    def describe(self) -> str:
+        sides = f"{self.size}px" if self.smallest == self.largest else f"shorter sides {self.smallest}–{self.largest}px, median {self.size}"
+        colour = "RGB" if self.channels == 3 else "grayscale"
+        return f"{colour}, {sides} ({self.inspected} images inspected)"
+
+
+def inspect_images(source: ImageSource, max_images: int = 64) -> ImageFormat:
+    """The :class:`ImageFormat` of ``max_images`` images spread evenly over ``source`` (headers
+    only: nothing is decoded); unreadable ones are passed over."""
+    count, wanted = len(source), min(len(source), max_images)
+    indices = sorted({round(i * (count - 1) / max(1, wanted - 1)) for i in range(wanted)})
+    shorter_sides, sizes, colour = [], [], False
+    for index in indices:
+        try:
+            image = source.open(index, load=False)
+        except BadImageError:
+            continue
+        with image:  # closes the file the header came from
+            shorter_sides.append(min(image.size))
+            sizes.append(upright_size(image))
+            colour = colour or image.mode not in GRAY_MODES
+    if not shorter_sides:
+        raise ValueError(
+            f"None of the {len(indices)} images inspected can be read: check the files, or pass --resolution and --channels."
+        )
+    shorter_sides.sort()
+    return ImageFormat(
+        size=shorter_sides[(len(shorter_sides) - 1) // 2],
+        channels=3 if colour else 1,
+        smallest=shorter_sides[0],
+        largest=shorter_sides[-1],
+        inspected=len(shorter_sides),
+        sizes=tuple(sizes),
+    )
+
+
+def check_padding(
+    image_format: ImageFormat,
+    resolution: int | tuple[int, int],
+    resize_mode: str,
+    what: str = "images",
+    skips_bad_images: bool = True,
+) -> None:
+    """With ``resize_mode="pad"``, which centers each image on a black canvas (``R`` or ``(height,
+    width)``) and never shrinks one, some of the inspected images may not fit: a `ValueError` naming
+    the fix when none fits (or any, where a bad image is not skipped but fails), else a warning that
+    they will be skipped as bad images. Other modes fit any image: nothing to check."""
+    too_big = image_format.too_big_to_pad(resolution)
+    if resize_mode != "pad" or too_big == 0:
+        return
+    height, width = sample_height_width(resolution)
+    largest = max(max(size) for size in image_format.sizes)
+    count = len(image_format.sizes)
+    fix = "--resize_mode auto (pads the images that fit and resizes the rest) or crop"
+    if isinstance(resolution, int) and skips_bad_images:
+        fix += f", or a --resolution of at least {largest}"
+    which = f"all {count}" if too_big == count else f"{too_big} of the {count}"
+    problem = (
+        f"--resize_mode pad: {which} {what} inspected are larger than the {width}×{height} canvas (up to {largest}px), "
+        "and padding never shrinks an image"
+    )
+    if too_big == count or not skips_bad_images:
+        raise ValueError(f"{problem}. Use {fix}.")
+    logger.warning(f"{problem}: they will be skipped as bad images. To keep them, use {fix}.")
+
+
+#: Padded images that cover less of the canvas than this (the median, by area) get a warning.
+MOSTLY_PADDING = 0.5
+
+
+def padded_coverage(image_format: ImageFormat, resolution: int | tuple[int, int], resize_mode: str = "auto") -> float | None:
+    """The median fraction of the canvas's area (``R`` or ``(height, width)``) that the inspected
+    images cover once preprocessed: ``w·h / (W·H)`` for one padded, 1 for one that ``auto`` resizes
+    to fill it (``pad`` skips those); ``None`` when nothing is left, or ``crop`` fills every canvas."""
+    if resize_mode not in ("pad", "auto"):
+        return None
+    height, width = sample_height_width(resolution)
+    fractions = sorted(
+        w * h / (width * height) if w <= width and h <= height else 1.0
+        for w, h in image_format.sizes
+        if resize_mode == "auto" or (w <= width and h <= height)
+    )
+    return fractions[(len(fractions) - 1) // 2] if fractions else None
+
+
+def warn_if_mostly_padding(image_format: ImageFormat, resolution: int | tuple[int, int], resize_mode: str) -> None:
+    """A warning when the default ``resize_mode="auto"`` pads the images that fit the canvas and they
+    would cover under :data:`MOSTLY_PADDING` of it: 28 px images on a 64 px canvas are small pictures
+    in a black frame, which the network then learns to draw. MNIST's 28 → 32 (77 %) is the DDPM
+    convention and passes quietly, and an explicit ``pad`` is taken as meant."""
+    coverage = padded_coverage(image_format, resolution, resize_mode) if resize_mode == "auto" else None
+    if coverage is None or coverage >= MOSTLY_PADDING:
+        return
+    height, width = sample_height_width(resolution)
+    sides = f"{image_format.size}px" if image_format.smallest == image_format.largest else f"{image_format.smallest}–{image_format.largest}px"
+    logger.warning(
+        f"--resize_mode auto pads these {sides} images onto a {width}×{height} canvas, where they cover "
+        f"{coverage:.0%} of it (the median of {image_format.inspected} inspected): the network would learn small "
+        "pictures in a black frame. Pass --resize_mode crop to scale them up to fill it, or a --resolution near their size."
+    )
