@@ -19,6 +19,7 @@ import secrets
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ from .plots import save_image_grid, save_loss_curve
 from .preflight import check_free_space, check_output_dir, check_unet_config, run_output_bytes
 from .pretrained import PretrainedDDPM
 from .push import check_hub_access, push_to_hub
+from .run_lock import OutputDirLock
 from .run_records import QUARTER_COLUMNS, TIMESTEP_QUARTERS, LossHistory, PendingLosses, TrainingClock, step_record
 from .schedules import DEFAULT_SNR_GAMMA
 from .scheduling_ddpm_target import DDPMTargetScheduler
@@ -266,6 +268,7 @@ class Trainer:
             set_tf32(self.allow_tf32)
         if self.accelerator.is_main_process:
             check_output_dir(self.output_dir)
+            OutputDirLock(self.output_dir).check()  # another run writing there: refused before any work
         self.checkpoint = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint)
         if self.checkpoint is None and config.resume_from_checkpoint == "latest":
             logger.info(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir} yet, so the run starts at step 0")
@@ -889,10 +892,12 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def run(self) -> TrainingResult:
-        """Train, with the stop signals turned into a request to checkpoint and stop (see
+        """Train, holding ``--output_dir``'s lock (:mod:`ddpm_pipeline.run_lock`: one run at a time),
+        with the stop signals turned into a request to checkpoint and stop (see
         :mod:`ddpm_pipeline.stop_signals`) for as long as the run lasts, and a failure of
         ``torch.compile`` on the UNet explained (:func:`~ddpm_pipeline.speed.explain_compile_failure`)."""
         with (
+            OutputDirLock(self.output_dir) if self.accelerator.is_main_process else nullcontext(),
             StopRequest(self.config.checkpoint_on_signals, watch_launcher=started_by_launcher()) as self.stop_request,
             explain_compile_failure("train again with --no-compile_unet (and --resume_from_checkpoint latest)"),
         ):

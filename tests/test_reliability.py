@@ -549,3 +549,30 @@ def test_snapshots_hold_the_pipeline_of_their_step_or_minute(tmp_path):
 def test_bad_snapshot_options_are_refused():
     with pytest.raises(ValueError, match="snapshot_minutes must be positive"):
         TrainingConfig(snapshot_minutes=[1.0, 0.0])
+
+
+def test_one_run_at_a_time_per_output_dir_and_a_killed_run_leaves_no_stale_lock(tmp_path):
+    """A second run into a folder a live run is writing to is refused before any work, naming the
+    first; the lock dies with its process (here SIGKILL), so the killed run's resume just trains."""
+    from ddpm_pipeline.run_lock import OutputDirLock, OutputDirLockedError
+
+    folder = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from ddpm_pipeline.run_lock import OutputDirLock; "
+         f"lock = OutputDirLock({str(folder)!r}); lock.acquire(); print('locked', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputDirLockedError, match=rf"Another training run is writing to .*run \(pid {holder.pid} on "):
+            main([*TINY, "--max_train_steps", "2", "--output_dir", str(folder)])
+        assert sorted(p.name for p in folder.iterdir()) == [".train.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    result = main([*TINY, "--max_train_steps", "2", "--output_dir", str(folder)])
+    assert result.finished and (folder / "model_index.json").exists()
+    # in one process too: the lock is per open file, and the run lets go of it when it ends
+    with OutputDirLock(folder), pytest.raises(OutputDirLockedError):
+        OutputDirLock(folder).check()
+    OutputDirLock(folder).check()
