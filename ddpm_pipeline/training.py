@@ -433,7 +433,8 @@ class Trainer:
         """The fast paths this run resolved its options (and their auto defaults) to, in one line
         for the log: what a user checks first when a run is slower or less exact than expected."""
         config, on_gpu = self.config, self.accelerator.device.type == "cuda"
-        precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}.get(self.mixed_precision, "float32")
+        precision = self.accelerator.mixed_precision  # what autocast really does, whoever chose it
+        precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling", "no": "float32"}.get(precision, precision)
         launched = os.environ.get(LAUNCHER_PRECISION_VARIABLE)
         if config.mixed_precision == "auto" and launched in HALF_DTYPES:
             precision += f" (from accelerate launch's mixed_precision {launched})"
