@@ -576,3 +576,19 @@ def test_one_run_at_a_time_per_output_dir_and_a_killed_run_leaves_no_stale_lock(
     with OutputDirLock(folder), pytest.raises(OutputDirLockedError):
         OutputDirLock(folder).check()
     OutputDirLock(folder).check()
+
+
+def test_a_file_system_without_locks_warns_and_trains_unguarded(tmp_path, monkeypatch, caplog):
+    import fcntl
+
+    from ddpm_pipeline.run_lock import OutputDirLock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.run_lock"):
+        assert OutputDirLock(tmp_path).acquire() is False
+    assert "cannot lock" in caplog.text and "start only one run into it at a time" in caplog.text
+    result = main([*TINY, "--max_train_steps", "1", "--output_dir", str(tmp_path / "run")])
+    assert result.finished
