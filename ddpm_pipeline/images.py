@@ -114,10 +114,14 @@ GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;
 EXIF_ORIENTATION = 0x0112
 
 
-def exif_orientation(image: Image.Image) -> int:
+def exif_orientation(image: Image.Image, header_only: bool = False) -> int:
     """``image``'s EXIF orientation, 1 (as stored) when it has none or its EXIF cannot be parsed: a
-    malformed tag leaves the pixels usable, so it never makes an image bad."""
+    malformed tag leaves the pixels usable, so it never makes an image bad. With ``header_only``,
+    a PNG's pixels are not decoded to look for EXIF after them (Pillow's ``getexif`` would): only
+    an eXIf chunk before the image data counts, where writers put it."""
     try:
+        if header_only and image.format == "PNG" and "exif" not in image.info:
+            return 1
         orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - PIL raises many kinds of errors for malformed EXIF
         return 1
@@ -136,10 +140,10 @@ def upright(image: Image.Image) -> Image.Image:
 
 
 def upright_size(image: Image.Image) -> tuple[int, int]:
-    """``(width, height)`` of :func:`upright` ``(image)`` without turning its pixels: orientations 5–8
-    turn the picture a quarter, so they swap the stored sides."""
+    """``(width, height)`` of :func:`upright` ``(image)`` from its header, without decoding its pixels:
+    orientations 5–8 turn the picture a quarter, so they swap the stored sides."""
     width, height = image.size
-    return (height, width) if exif_orientation(image) >= 5 else (width, height)
+    return (height, width) if exif_orientation(image, header_only=True) >= 5 else (width, height)
 
 
 class ImageSource:
