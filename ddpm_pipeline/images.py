@@ -152,7 +152,7 @@ class ImageSource:
 
     def __init__(self, dataset: datasets.Dataset, image_column: str):
         if len(dataset) == 0:
-            raise ValueError("The training data set is empty.")
+            raise ValueError("The data set is empty (no images to read).")
         self.images = dataset.select_columns([image_column])
         self.undecoded = isinstance(dataset.features.get(image_column), datasets.Image)
         if self.undecoded:

@@ -216,7 +216,7 @@ class TrainingConfig:
     resume_from_checkpoint: str | None = _option(
         None,
         "latest (the newest in --output_dir), checkpoint-N (looked up in --output_dir), or the path of any "
-        "checkpoint-N folder: another run's branches that run into --output_dir, its loss history up to step N included.",
+        "checkpoint-N folder (another run's starts a branch of that run in --output_dir, with its loss history up to step N).",
     )
     save_images_steps: int | None = _option(400, "Write a sample grid every N optimizer steps (and always at the end).")
     num_grid_images: int = _option(64, "Images in each sample grid (a square number looks best).")

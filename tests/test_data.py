@@ -232,7 +232,7 @@ def test_auto_padding_that_leaves_most_of_the_canvas_black_is_warned_about(caplo
     mixed = ImageFormat(size=80, channels=3, smallest=28, largest=100, inspected=3, sizes=((28, 28), (100, 80), (90, 90)))
     assert padded_coverage(mixed, 64) == 1.0  # auto resizes the two larger ones to fill it
     assert padded_coverage(mixed, 64, "pad") == pytest.approx(28 * 28 / 64**2)  # pad skips them
-    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.data"):
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.images"):
         warn_if_mostly_padding(small, 32, "auto")
         warn_if_mostly_padding(small, 64, "pad")  # asked for
         warn_if_mostly_padding(mixed, 64, "auto")
