@@ -244,7 +244,7 @@ def test_other_samplers_use_the_prediction_channels_alone():
 # -- options and fine-tuning ------------------------------------------------------------------
 
 
-def test_options():
+def test_options(tmp_path):
     small = "ddpm-small-28"
     assert TrainingConfig(model=small, variance_type="learned_range").unet_overrides_dict()["out_channels"] == 2
     assert TrainingConfig(model=small, variance_type="learned_range", channels=3).unet_overrides_dict()["out_channels"] == 6
@@ -254,7 +254,7 @@ def test_options():
         TrainingConfig(vlb_weight=-1.0)
     with pytest.raises(ValueError, match="out_channels 3, but with variance_type learned_range"):
         Trainer(TrainingConfig(model="ddpm-tiny-16", variance_type="learned_range", unet_overrides='{"out_channels": 3}',
-                               output_dir="unused"))  # fmt: skip
+                               output_dir=str(tmp_path)))  # fmt: skip
 
 
 def test_fine_tuning_keeps_a_learned_variance_and_refuses_to_add_or_drop_one(tmp_path):

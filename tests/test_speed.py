@@ -171,8 +171,8 @@ def test_strict_float32_turns_tf32_off_for_a_block_and_restores_it():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def test_device_resident_data_equals_the_loader():
-    config = TrainingConfig.from_args([*TINY, *FAST_CPU, "--output_dir", "unused"])
+def test_device_resident_data_equals_the_loader(tmp_path):
+    config = TrainingConfig.from_args([*TINY, *FAST_CPU, "--output_dir", str(tmp_path)])
     trainer = Trainer(config)
     assert isinstance(trainer.dataloader.dataset, IndexDataset)
     stacked = trainer.device_images
