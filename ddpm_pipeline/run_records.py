@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import time
 from array import array
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from .atomic import atomic_path
 from .losses import DiffusionLossTerms
 
 #: The training loss is also logged per quarter of the timesteps: ``loss_q{q}`` for ``t ∈ [qT/4, (q+1)T/4)``.
@@ -74,8 +74,7 @@ class LossHistory:
         source = path if resumed_history is None else resumed_history
         # the kept rows are streamed into a new file that then replaces the old one (which may be the
         # source): a crash while rewriting leaves the old history whole
-        partial = path.with_name(f".{path.name}.partial")
-        with partial.open("w", newline="") as handle:
+        with atomic_path(path) as partial, partial.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(self.columns)
             if resume_step > 0 and source.is_file():
@@ -83,7 +82,6 @@ class LossHistory:
                     if row["step"] <= resume_step:
                         writer.writerow(self._cells(row))
                         self._keep(row)
-        os.replace(partial, path)
         self._handle = path.open("a", newline="")
         self._writer = csv.writer(self._handle)
 
