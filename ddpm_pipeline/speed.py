@@ -67,6 +67,13 @@ def _auto_precision(device: torch.device | str, prediction_type: str) -> str:
 LAUNCHER_PRECISION_VARIABLE = "ACCELERATE_MIXED_PRECISION"
 
 
+def launcher_precision(requested: str | None, launcher: str | None) -> str | None:
+    """The half precision (``"fp16"``/``"bf16"``) that ``accelerate launch --mixed_precision`` (or
+    its config) chose, when it decides this run's: only ``requested="auto"`` defers to it, and its
+    ``"no"`` is also its default, so it decides nothing; else ``None``."""
+    return launcher if requested == "auto" and launcher in HALF_DTYPES else None
+
+
 def resolve_mixed_precision(
     requested: str | None, device: torch.device | str, prediction_type: str, launcher: str | None = None
 ) -> str | None:
@@ -79,8 +86,7 @@ def resolve_mixed_precision(
         return None
     if requested not in MIXED_PRECISION_CHOICES:
         raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {requested!r}.")
-    if requested == "auto" and launcher in HALF_DTYPES:
-        requested = launcher
+    requested = launcher_precision(requested, launcher) or requested
     if requested == "auto":
         return _auto_precision(device, prediction_type)
     if requested in HALF_DTYPES and needs_full_precision(prediction_type):

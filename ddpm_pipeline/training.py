@@ -67,7 +67,6 @@ from .schedules import DEFAULT_SNR_GAMMA
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .seeding import derive_seed
 from .speed import (
-    HALF_DTYPES,
     LAUNCHER_PRECISION_VARIABLE,
     auto_flag,
     build_adamw,
@@ -75,6 +74,7 @@ from .speed import (
     default_num_workers,
     explain_compile_failure,
     fits_on_device,
+    launcher_precision,
     needs_full_precision,
     resolve_compile,
     resolve_mixed_precision,
@@ -236,8 +236,9 @@ class Trainer:
         cpu_processes = world_size > 1 and not torch.cuda.is_available()
         device = PartialState(cpu=cpu_processes).device
         on_gpu = device.type == "cuda"
-        self.mixed_precision = resolve_mixed_precision(config.mixed_precision, device, self.prediction_type,
-                                                       launcher=os.environ.get(LAUNCHER_PRECISION_VARIABLE))  # fmt: skip
+        launcher = os.environ.get(LAUNCHER_PRECISION_VARIABLE)
+        self.precision_from_launcher = launcher_precision(config.mixed_precision, launcher)
+        self.mixed_precision = resolve_mixed_precision(config.mixed_precision, device, self.prediction_type, launcher=launcher)
         self.accelerator = Accelerator(
             cpu=cpu_processes,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -435,9 +436,8 @@ class Trainer:
         config, on_gpu = self.config, self.accelerator.device.type == "cuda"
         precision = self.accelerator.mixed_precision  # what autocast really does, whoever chose it
         precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling", "no": "float32"}.get(precision, precision)
-        launched = os.environ.get(LAUNCHER_PRECISION_VARIABLE)
-        if config.mixed_precision == "auto" and launched in HALF_DTYPES:
-            precision += f" (from accelerate launch's mixed_precision {launched})"
+        if self.precision_from_launcher:
+            precision += f" (from accelerate launch's mixed_precision {self.precision_from_launcher})"
         settings = [precision]
         if on_gpu:
             settings.append("TF32 on" if self.allow_tf32 else "TF32 off")
