@@ -139,7 +139,7 @@ class EvaluationConfig:
         )
         for item in fields(cls):
             kind = _field_type(item)
-            parser.add_argument(f"--{item.name}", type=kind, default=item.default, help=item.metadata["help"].replace("%", "%%"))
+            parser.add_argument(f"--{item.name}", type=kind, default=item.default, help=item.metadata["help"])
         return cls(**vars(parser.parse_args(argv)))
 
 

@@ -480,7 +480,7 @@ class TrainingConfig:
         for spec in dataclasses.fields(cls):
             meta = dict(spec.metadata)
             default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
-            kwargs: dict[str, Any] = {"default": default, "help": meta.pop("help").replace("%", "%%")}  # argparse %-formats help
+            kwargs: dict[str, Any] = {"default": default, "help": meta.pop("help")}
             if spec.type in ("bool", "bool | None"):
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
@@ -519,13 +519,17 @@ def diffusers_example_hints(argv: list[str]) -> list[str]:
     return hints
 
 
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends each option's default, except a ``None`` its help text already explains."""
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help texts taken literally (argparse %-formats them, so a ``%`` such as ``train[:10%]`` is
+    escaped here) with each option's default appended, except a ``None`` its text already explains."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None and "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+        text = (action.help or "").replace("%", "%%")
+        explained = action.default is None and "default" in text
+        takes_default = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+        if action.default is argparse.SUPPRESS or explained or not takes_default:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def optional(kind: type) -> Any:
