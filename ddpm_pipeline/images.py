@@ -207,8 +207,12 @@ class ImageFormat:
         height, width = sample_height_width(resolution)
         return sum(w > width or h > height for w, h in self.sizes)
 
+    def shorter_sides(self) -> str:
+        """The shorter sides' range, ``28px`` or ``20–100px``."""
+        return f"{self.size}px" if self.smallest == self.largest else f"{self.smallest}–{self.largest}px"
+
     def describe(self) -> str:
-        sides = f"{self.size}px" if self.smallest == self.largest else f"shorter sides {self.smallest}–{self.largest}px, median {self.size}"
+        sides = self.shorter_sides() if self.smallest == self.largest else f"shorter sides {self.shorter_sides()}, median {self.size}"
         colour = "RGB" if self.channels == 3 else "grayscale"
         return f"{colour}, {sides} ({self.inspected} images inspected)"
 
@@ -284,11 +288,13 @@ def padded_coverage(image_format: ImageFormat, resolution: int | tuple[int, int]
     if resize_mode not in ("pad", "auto"):
         return None
     height, width = sample_height_width(resolution)
-    fractions = sorted(
-        w * h / (width * height) if w <= width and h <= height else 1.0
-        for w, h in image_format.sizes
-        if resize_mode == "auto" or (w <= width and h <= height)
-    )
+    fractions = []
+    for w, h in image_format.sizes:
+        if w <= width and h <= height:
+            fractions.append(w * h / (width * height))
+        elif resize_mode == "auto":
+            fractions.append(1.0)
+    fractions.sort()
     return fractions[(len(fractions) - 1) // 2] if fractions else None
 
 
@@ -301,9 +307,8 @@ def warn_if_mostly_padding(image_format: ImageFormat, resolution: int | tuple[in
     if coverage is None or coverage >= MOSTLY_PADDING:
         return
     height, width = sample_height_width(resolution)
-    sides = f"{image_format.size}px" if image_format.smallest == image_format.largest else f"{image_format.smallest}–{image_format.largest}px"
     logger.warning(
-        f"--resize_mode auto pads these {sides} images onto a {width}×{height} canvas, where they cover "
+        f"--resize_mode auto pads these {image_format.shorter_sides()} images onto a {width}×{height} canvas, where they cover "
         f"{coverage:.0%} of it (the median of {image_format.inspected} inspected): the network would learn small "
         "pictures in a black frame. Pass --resize_mode crop to scale them up to fill it, or a --resolution near their size."
     )
