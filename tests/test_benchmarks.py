@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,52 @@ def test_the_gpu_session_runs_tests_that_exist():
     assert len(named) >= 6
     for path, name in named:
         assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.MULTILINE), f"{path}::{name} does not exist"
+
+
+def test_bench_sample_times_stock_only_at_the_batch_sizes_asked(tmp_path):
+    """A short GPU call times stock at the target's batch only; the headline ratio is then taken
+    where both ran, not at ours' best batch."""
+    result = load("bench_sample").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "2", "3",
+                                        "--stock_batch_size", "2", "--num_inference_steps", "2", "--repeats", "1"])  # fmt: skip
+    assert "stock_unet_evals_per_s" in result["batches"]["2"] and "stock_unet_evals_per_s" not in result["batches"]["3"]
+    assert result["batches"]["3"]["speedup"] is None and result["batches"]["3"]["ours_unet_evals_per_s"] > 0
+    assert result["speedup_batch_size"] == 2 and result["speedup"] == result["batches"]["2"]["speedup"]
+    with pytest.raises(SystemExit):
+        load("bench_sample").main(["--device", "cpu", "--batch_size", "2", "--stock_batch_size", "4"])
+
+
+def _stub_gpu_session(tmp_path: Path) -> tuple[Path, dict]:
+    """A copy of gpu_session.sh whose python3 and nvidia-smi are stubs that log their arguments."""
+    root = tmp_path / "repo"
+    (root / "benchmarks").mkdir(parents=True)
+    (root / ".whl").mkdir()
+    (root / ".whl" / "fake-0.1-py3-none-any.whl").write_text("")
+    shutil.copy(ROOT / "benchmarks" / "gpu_session.sh", root / "benchmarks" / "gpu_session.sh")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python3", "nvidia-smi"):
+        stub = bin_dir / name
+        stub.write_text(f'#!/usr/bin/env bash\necho "{name} $*" >> "{tmp_path}/calls.log"\n')
+        stub.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(tmp_path / "out"))
+    return root, env
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
+def test_the_gpu_session_fits_its_call_and_skips_what_does_not(tmp_path):
+    root, env = _stub_gpu_session(tmp_path)
+    subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=root, env=env, check=True, capture_output=True)
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    benchmarks = [line for line in calls if "benchmarks/" in line or "pytest" in line]
+    # one call's default: training, sampling (stock only at the target's batch), then the CUDA tests
+    assert ["bench_train.py" in benchmarks[0], "bench_sample.py" in benchmarks[1], "pytest" in benchmarks[2]] == [True] * 3
+    assert "--batch_size 256 1024 --stock_batch_size 256" in benchmarks[1]
+    session = (tmp_path / "out" / "session.txt").read_text()
+    assert re.search(r"== train \(.*, at most 240s\)", session) and "call took" in session
+    # a call with too little left (a second call late in the session) skips its parts and says so
+    (tmp_path / "calls.log").unlink()
+    env["CALL_SECONDS"] = "65"
+    subprocess.run(["bash", "benchmarks/gpu_session.sh", "ablation", "tests"], cwd=root, env=env, check=True, capture_output=True)
+    assert not any("pytest" in line or "bench_" in line for line in (tmp_path / "calls.log").read_text().splitlines())
+    session = (tmp_path / "out" / "session.txt").read_text()
+    assert re.search(r"== ablation skipped: 5\ds left of the call's 65s", session) and "== tests skipped" in session
