@@ -9,6 +9,13 @@ one JSON line per (budget milestone, sampler) to ``--results``::
     python benchmarks/quality_fmnist.py run stock ...          # diffusers' own recipe, same protocol
     python benchmarks/quality_fmnist.py floor ...              # FID-5k of 5,000 real test images
     python benchmarks/quality_fmnist.py report --markdown study.md --plot fid_vs_minutes.png
+    python benchmarks/quality_fmnist.py next                   # the recipe a GPU session runs next
+    python benchmarks/quality_fmnist.py collect quality.tgz    # keep a session's records in the repository
+
+**Across GPU sessions.** A session of 15 device minutes holds one recipe (``quality_session.sh``);
+``collect`` adds what it returns to ``benchmarks/quality_fmnist/`` (records, grids, reports,
+``study.md``), which is committed, and ``next`` names the first recipe of :data:`STUDY_ORDER` that
+those records lack, so the study grows a recipe per session.
 
 Recipes: ``{eps, x0, mu_simple, mu_vlb}-{linear, cosine}`` (the study) and
 ``{eps_minsnr, x0_minsnr}-{linear, cosine}`` (Min-SNR-γ, beyond it) are ``train_ddpm.py`` with that target,
@@ -44,6 +51,8 @@ import math
 import shlex
 import shutil
 import sys
+import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +115,12 @@ OUR_DEFAULTS = ["--learning_rate", "2e-4", "--lr_scheduler", "constant_with_warm
 #: forward instead of 35.7M and 12.1): plenty for 28×28 gray images, and 4× cheaper to sample 5,000
 #: images three times and to bound 10,000 over a study that must fit a few 30-minute GPU sessions.
 HALF_WIDTH = [64, 128, 128, 128]
+#: The order GPU sessions run the recipes in, one a session (``next``): the default recipe and the
+#: stock one first, which the target compares, then the rest of the study.
+STUDY_ORDER = ("eps-cosine", STOCK, "eps-linear", "x0-cosine", "x0-linear", "mu_vlb-cosine", "mu_vlb-linear",
+               "mu_simple-cosine", "mu_simple-linear")  # fmt: skip
+#: where the records of every session are kept, in the repository (``collect`` adds to it)
+COLLECTED = Path("benchmarks/quality_fmnist")
 DEFAULT_DATA = ("../shared/data/fashion-mnist", ".data/fashion-mnist")
 
 
@@ -572,15 +587,78 @@ def save_stock_pipeline(recipe: StockRecipe, unet_config: dict[str, Any], folder
         pipeline.save_pretrained(staging)
 
 
-def read_records(paths: list[Path]) -> list[dict[str, Any]]:
+def read_records(paths: list[Path], missing_ok: bool = False) -> list[dict[str, Any]]:
+    """The study's records in the JSON lines files ``paths`` (with ``missing_ok``, a file that does
+    not exist yet holds none)."""
     records = []
     for path in paths:
+        if missing_ok and not Path(path).is_file():
+            continue
         for line in Path(path).read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
                 if record.get("study") == STUDY:
                     records.append(record)
     return records
+
+
+def next_recipe(records: list[dict[str, Any]], seed: int = 0, budget: float = 5.0, budget_unit: str = "minutes") -> str | None:
+    """The first recipe of :data:`STUDY_ORDER` with no final record at this seed and budget in
+    ``records`` (None when every one has one)."""
+    done = {r["recipe"] for r in records
+            if r.get("final") and r.get("seed", 0) == seed and r.get("budget") == budget and r.get("budget_unit") == budget_unit}  # fmt: skip
+    return next((recipe for recipe in STUDY_ORDER if recipe not in done), None)
+
+
+def _record_key(record: dict[str, Any]) -> str:
+    fields = ("recipe", "description", "seed", "budget", "budget_unit", "sampler_steps", "date")
+    return json.dumps([record.get(name) for name in fields])
+
+
+def collect(archive: Path, into: Path = COLLECTED) -> list[dict[str, Any]]:
+    """Add a device session's ``quality.tgz`` (``quality_session.sh``'s) to the records kept in the
+    repository: its records that ``into/records.jsonl`` lacks are appended, with their grids and
+    evaluation reports copied under ``into`` (and the paths in the records pointing there), its
+    other files (bits/dim, loss curves, study states) beside them and its log in ``into/logs/``;
+    then the report of every record so far is written to ``into/study.md``, with the plot and the
+    grids. Returns the records added."""
+    into.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        extracted = Path(folder)
+        with tarfile.open(archive) as tar:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(extracted, filter="data")
+            else:  # Python < 3.10.12 / 3.11.4: no filters; the archive is one of ours
+                tar.extractall(extracted)  # noqa: S202
+        if not (extracted / "results.jsonl").is_file():
+            raise FileNotFoundError(f"{archive} holds no results.jsonl: did the session's study commands run (its session.log says)?")
+        files = [path.relative_to(extracted) for path in sorted(extracted.rglob("*")) if path.is_file()]
+        kept = [rel for rel in files if rel.parts[0] == "runs" or rel.name.startswith("floor-")]
+
+        def moved(path: str | None) -> str | None:
+            """Where a file a record names (by its path on the device) lies under ``into``."""
+            if path is None:
+                return None
+            match = next((rel for rel in kept if path == str(rel) or path.endswith("/" + str(rel))), None)
+            return str(into / match) if match else path
+
+        existing = {_record_key(r) for r in read_records([into / "records.jsonl"], missing_ok=True)}
+        added = []
+        for record in read_records([extracted / "results.jsonl"]):
+            if _record_key(record) not in existing:
+                added.append({**record, "grid": moved(record.get("grid")), "eval_report": moved(record.get("eval_report"))})
+        for rel in kept:
+            (into / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(extracted / rel, into / rel)
+        if (extracted / "session.log").is_file():
+            (into / "logs").mkdir(exist_ok=True)
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            shutil.copy2(extracted / "session.log", into / "logs" / f"session-{stamp}.log")
+    append_json_lines(into / "records.jsonl", added)
+    text = report(read_records([into / "records.jsonl"], missing_ok=True), plot=into / "fid_vs_minutes.png",
+                  grids=into / "sample_grids.png")  # fmt: skip
+    (into / "study.md").write_text(text + "\n")
+    return added
 
 
 def _spread(values: list[float]) -> tuple[float, float | None]:
@@ -737,6 +815,16 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--stock_check_every", type=int, default=25, help="stock recipe: steps between budget checks")
         sub.add_argument("--stop_after_minutes", type=float, help="end this command after about this long (exit 3)")
     run.add_argument("--train_only", action="store_true", help="stop after training (score in a later command)")
+    nxt = commands.add_parser("next", allow_abbrev=False,
+                              help="print the study's next recipe that the records lack (nothing when every one is recorded); "
+                                   "run's other options are ignored")  # fmt: skip
+    nxt.add_argument("--records", nargs="+", default=[str(COLLECTED / "records.jsonl")], help="JSON lines files (missing ones hold none)")
+    nxt.add_argument("--seed", type=int, default=0)
+    nxt.add_argument("--budget", type=float, default=5.0)
+    nxt.add_argument("--budget_unit", choices=("minutes", "steps"), default="minutes")
+    col = commands.add_parser("collect", help="add a device session's quality.tgz to the records kept in the repository")
+    col.add_argument("archive", type=Path, help="quality_session.sh's $OUT/quality.tgz")
+    col.add_argument("--into", type=Path, default=COLLECTED, help="the kept records, their files and the report")
     rep = commands.add_parser("report", help="Markdown table and FID-vs-minutes plot from the records")
     rep.add_argument("--results", nargs="+", default=["runs/quality-fmnist/results.jsonl"])
     rep.add_argument("--primary_steps", type=int, help="sampler for the ranking and the plot (default: the most steps)")
@@ -761,6 +849,16 @@ def main(argv: list[str] | None = None) -> Any:
             args.markdown.write_text(text + "\n")
         print(text)
         return text
+    if args.command == "next":  # run's options (QUALITY_OPTIONS) may come along: only seed and budget matter
+        recipe = next_recipe(read_records(args.records, missing_ok=True), args.seed, args.budget, args.budget_unit)
+        print(recipe or "")
+        return recipe
+    if args.command == "collect":
+        if extra:
+            parser.error(f"unknown options {extra}")
+        added = collect(args.archive, args.into)
+        print(f"added {len(added)} record(s) to {args.into / 'records.jsonl'}; report in {args.into / 'study.md'}")
+        return added
     if args.command == "floor" and extra:
         parser.error(f"unknown options {extra}")
     given = list(argv) if argv is not None else sys.argv[1:]

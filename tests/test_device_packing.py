@@ -2,17 +2,20 @@
 Inception weights' parts join back into the same file on the device (shell scripts, run here)."""
 
 import hashlib
+import importlib.util
 import os
 import random
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ("pack_device_files.sh", "quality_session.sh")
+SCRIPTS = ("pack_device_files.sh", "quality_session.sh", "carry_weights.py")
 
 pytestmark = pytest.mark.skipif(
     shutil.which("bash") is None or shutil.which("git") is None or shutil.which("dd") is None,
@@ -52,6 +55,7 @@ def pack(project: Path, limit: int) -> subprocess.CompletedProcess:
         DATA_DIR=str(project.parent / "data"),
         LIMIT_BYTES=str(limit),
         MARGIN_BYTES="65536",
+        PYTHON=sys.executable,
     )
     return subprocess.run(
         ["bash", "benchmarks/pack_device_files.sh"], cwd=project, env=env, capture_output=True, text=True
@@ -59,7 +63,7 @@ def pack(project: Path, limit: int) -> subprocess.CompletedProcess:
 
 
 def session(project: Path, *parts: str) -> str:
-    env = dict(os.environ, OUT=str(project.parent / "out"))
+    env = dict(os.environ, OUT=str(project.parent / "out"), PYTHON=sys.executable)
     subprocess.run(["bash", "benchmarks/quality_session.sh", *parts], cwd=project, env=env, check=True,
                    capture_output=True, text=True)
     return (project / "runs/quality-fmnist/session.log").read_text()
@@ -76,24 +80,44 @@ def test_weights_are_split_to_fit_every_call_and_join_back(project: Path):
     result = pack(project, limit)
     assert result.returncode == 0, result.stderr
 
-    calls = re.findall(r"run\(carry=\[(.*?)\], command=\"bash benchmarks/quality_session.sh (.*?)\"\)\s+# (\d+) bytes",
+    calls = re.findall(r"run\(carry=\[(.*?)\], command=\"bash benchmarks/quality_session.sh (.*?)\", timeout_s=600\)\s+# (\d+) bytes",
                        result.stdout)
     folders = sorted(p.name for p in project.glob(".carry-?"))
     parts = int((project / ".carry-a/inception.parts").read_text())
-    # 1.2 MB of room per call: about 0.8 MB of the 2.5 MB in call A beside the data and wheels,
-    # then 1.13 MB and the rest.
+    # 1.2 MB of room per call: about 0.8 MB of the 2.5 MB (packed: random bytes do not shrink) in
+    # call A beside the data and wheels, then 1.13 MB and the rest.
     assert parts == len(folders) == len(calls) == 3
     assert all(int(size) <= limit for _, _, size in calls)
-    assert calls[0][0] == '".whl", ".carry-a"' and calls[0][1].startswith("setup ")
+    assert calls[0] == ('".whl", ".carry-a"', "setup", calls[0][2])
     assert [c[0] for c in calls[1:]] == [f'"{name}"' for name in folders[1:]]
-    assert calls[-1][1].startswith("weights floor")
-    assert "weights" not in " ".join(c[1] for c in calls[:-1])
+    assert calls[1][1] == "carried" and calls[-1][1] == "weights floor next"
+    assert "quality_session.sh next report" in result.stdout and "quality_fmnist.py collect" in result.stdout
     assert (project / ".carry-a/fashion-mnist/train-images-idx3-ubyte.gz").stat().st_size == 200_000
+    packed = project.parent / "inception.pth.packed"
+    assert packed.read_bytes().startswith(b"DDPMPLN1")
+    assert sum((project / f / f"inception.part{i + 1}").stat().st_size for i, f in enumerate(folders)) == packed.stat().st_size
 
-    log = session(project, "weights")
+    log = session(project, "carried", "weights")
     joined = project / "weights/inception-fid-nofc.pth"
     assert sha256(joined) == sha256(project.parent / "inception.pth")
     assert f"joined {parts} parts" in log
+    assert not (project / "weights/inception-fid-nofc.pth.packed").exists()
+
+
+def test_packing_float32_weights_shrinks_them_exactly():
+    """The byte planes of float32 numbers: the sign-and-exponent plane compresses, the rest is kept."""
+    spec = importlib.util.spec_from_file_location("carry_weights", REPO / "benchmarks" / "carry_weights.py")
+    carry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(carry)
+    rng = np.random.default_rng(0)
+    weights = rng.normal(0, 0.05, 300_000).astype("<f4").tobytes() + b"tail!"  # a length that is no multiple of 4
+    packed = carry.pack(weights)
+    assert len(packed) < 0.85 * len(weights)
+    assert carry.unpack(packed) == weights
+    with pytest.raises(ValueError, match="damaged or cut short"):
+        carry.unpack(packed[:-100])
+    with pytest.raises(ValueError, match="not a file written by carry_weights.py"):
+        carry.unpack(weights)
 
 
 def test_a_missing_part_is_named_and_no_weights_are_written(project: Path):
@@ -110,3 +134,12 @@ def test_a_tree_too_large_for_the_limit_is_refused_with_the_fix(project: Path):
     result = pack(project, 400_000)
     assert result.returncode == 1
     assert "leave no room for the weights in call A" in result.stderr
+
+
+def test_a_floor_kept_in_the_repository_is_not_measured_again(project: Path):
+    kept = project / "benchmarks" / "quality_fmnist" / "records.jsonl"
+    kept.parent.mkdir(parents=True)
+    kept.write_text('{"study": "quality_fmnist", "recipe": "real data", "fid": 2.5}\n')
+    log = session(project, "floor", "nonsense")
+    assert "the floor is in benchmarks/quality_fmnist/records.jsonl already" in log
+    assert "unknown part nonsense" in log and "'nonsense' failed with status 2" in log

@@ -6,6 +6,7 @@ import gzip
 import importlib.util
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,53 @@ def test_report_over_seeds(tmp_path, fashion_like):
     assert "Best recipe eps-cosine: FID 82.00 vs stock diffusers 250.00 at 50 sampling steps (ratio 0.33" in text
     assert ("Seed by seed (0, 1), eps-cosine minus eps-linear at 50 sampling steps: FID -5.00, +1.00 (mean -2.00); "
             "eps-cosine is better at 1 of 2 seeds.") in text  # fmt: skip
+
+
+def test_sessions_take_the_next_recipe_and_collect_their_records(tmp_path, fashion_like):
+    """A GPU session runs one recipe (the first of the study's order that no record has) and its
+    quality.tgz is collected here into the records kept in the repository, grids and all."""
+    study = load_study()
+    work = tmp_path / "device" / "runs" / "quality-fmnist"
+    floor = study.main(["floor", *toy_options(fashion_like, work)])
+    results = work / "results.jsonl"
+    assert study.next_recipe(study.read_records([results])) == "eps-cosine"  # the floor is no recipe
+
+    # a recipe's records as the device writes them: paths as seen from the device's repository root
+    run = work / "runs" / "eps-cosine-5min"
+    run.mkdir(parents=True)
+    grid = run / "eval-5min-1000steps-grid.png"
+    Image.new("L", (16, 16)).save(grid)
+    (run / "bpd.json").write_text("{}")
+    device_path = f"runs/quality-fmnist/runs/eps-cosine-5min/{grid.name}"
+    record = {"study": "quality_fmnist", "recipe": "eps-cosine", "prediction_type": "epsilon", "beta_schedule": "cosine",
+              "loss_weighting": "simple", "steps": 900, "train_minutes": 5.0, "sampler_steps": 1000, "num_samples": 5000,
+              "fid": 12.0, "kid_mean": 0.01, "final": True, "seed": 0, "budget": 5.0, "budget_unit": "minutes",
+              "date": "2026-12-02T00:00:00+00:00", "grid": device_path, "eval_report": device_path.replace("-grid.png", ".json")}  # fmt: skip
+    with results.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    (work / "session.log").write_text("== setup\n")
+    assert study.next_recipe(study.read_records([results])) == "stock"
+    assert study.next_recipe(study.read_records([results]), seed=1) == "eps-cosine"  # another seed is another study
+    assert study.next_recipe(study.read_records([results]), budget=10.0) == "eps-cosine"
+    everything = [{**record, "recipe": name} for name in study.STUDY_ORDER]
+    assert study.next_recipe(everything) is None
+
+    archive = tmp_path / "quality.tgz"  # what quality_session.sh returns
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(work.rglob("*")):
+            if path.is_file() and "samples" not in path.parent.name and path.parent.name != "data" and "cache" not in path.parts:
+                tar.add(path, arcname=str(path.relative_to(work)))
+    kept = tmp_path / "kept"
+    added = study.main(["collect", str(archive), "--into", str(kept)])
+    assert [r["recipe"] for r in added] == ["real data", "eps-cosine"]
+    by_recipe = {r["recipe"]: r for r in records_of(kept / "records.jsonl")}
+    assert by_recipe["eps-cosine"]["grid"] == str(kept / "runs" / "eps-cosine-5min" / grid.name)
+    assert Path(by_recipe["eps-cosine"]["grid"]).is_file() and Path(by_recipe["real data"]["grid"]).is_file()
+    assert Path(floor["grid"]).name == Path(by_recipe["real data"]["grid"]).name
+    assert (kept / "runs" / "eps-cosine-5min" / "bpd.json").is_file() and len(list((kept / "logs").glob("session-*.log"))) == 1
+    study_md = (kept / "study.md").read_text()
+    assert "| eps-cosine |" in study_md and "real data (8 test images)" in study_md and (kept / "sample_grids.png").is_file()
+    # the next session's `next` reads the kept records; collecting the same archive again adds nothing
+    assert study.main(["next", "--records", str(kept / "records.jsonl"), str(tmp_path / "none.jsonl"), "--milestones", "1,2"]) == "stock"
+    assert study.main(["collect", str(archive), "--into", str(kept)]) == []
+    assert len(records_of(kept / "records.jsonl")) == 2
