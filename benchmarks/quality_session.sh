@@ -6,8 +6,8 @@
 # and then the calls it prints, back to back (the machine keeps git-ignored folders between calls
 # only while it is warm, 30 s after a reply), e.g.
 #   run(carry=[".whl", ".carry-a"], command="bash benchmarks/quality_session.sh setup", timeout_s=600)
-#   run(carry=[".carry-b"], command="bash benchmarks/quality_session.sh carried weights floor next", timeout_s=600)
-#   run(command="CALL_MINUTES=2.5 bash benchmarks/quality_session.sh next report")
+#   run(carry=[".carry-b"], command="bash benchmarks/quality_session.sh weights floor next", timeout_s=600)
+#   run(command="CALL_MINUTES=2.5 bash benchmarks/quality_session.sh next report")   # if `next` stopped early
 # and here, on the last reply's files: python benchmarks/quality_fmnist.py collect <files_at>/quality.tgz,
 # which adds the session's records to benchmarks/quality_fmnist/ (committed: the study grows a
 # recipe per GPU session) and writes its report.
@@ -15,7 +15,8 @@
 # of the weights), weights (join the Inception weights' parts, unpack them and check their sha256),
 # floor (the real-data floor, unless benchmarks/quality_fmnist/records.jsonl has it), run:RECIPE,
 # next (the first recipe of the study's order that neither the committed records nor this
-# machine's have: `quality_fmnist.py next`), report. Each study command gets what is left of the
+# machine's have: `quality_fmnist.py next`; a recipe not yet begun is not begun with under
+# FRESH_RECIPE_MINUTES, default 7, of the call left), report. Each study command gets what is left of the
 # call as --stop_after_minutes (CALL_MINUTES, default 9, in all) and the options in
 # $QUALITY_OPTIONS (e.g. "--budget 5 --milestones 1,2,3"), and our recipes (not stock) the
 # train_ddpm.py options in $OUR_TRAIN_OPTIONS (e.g. "--no-compile_unet" if gpu_session.sh found
@@ -99,6 +100,12 @@ for part in "$@"; do
         recipe=$("$python" benchmarks/quality_fmnist.py next --records "$committed" "$work/results.jsonl" ${QUALITY_OPTIONS:-})
         if [[ -z $recipe ]]; then echo "every recipe of the study is recorded" | tee -a "$log"; continue; fi
         echo "next recipe: $recipe" | tee -a "$log"
+        left=$("$python" -c "import time; print(int($limit - (time.time() - $start) / 60))")
+        if ! compgen -G "$work/runs/$recipe-*" > /dev/null && ((left < ${FRESH_RECIPE_MINUTES:-7})); then
+          # a recipe's 5 training minutes and more would not end in this call, nor in this session
+          echo "$recipe not started: ${left} min left of the call, under FRESH_RECIPE_MINUTES=${FRESH_RECIPE_MINUTES:-7}" | tee -a "$log"
+          continue
+        fi
       fi
       options=()
       # shellcheck disable=SC2206

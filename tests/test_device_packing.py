@@ -143,3 +143,20 @@ def test_a_floor_kept_in_the_repository_is_not_measured_again(project: Path):
     log = session(project, "floor", "nonsense")
     assert "the floor is in benchmarks/quality_fmnist/records.jsonl already" in log
     assert "unknown part nonsense" in log and "'nonsense' failed with status 2" in log
+
+
+def test_next_does_not_begin_a_recipe_that_cannot_end_in_the_call(project: Path, tmp_path: Path):
+    stub = tmp_path / "python"  # quality_fmnist.py's `next` answers stock; other study commands are logged
+    stub.write_text(f'#!/usr/bin/env bash\nif [[ $1 == -c ]]; then exec "{sys.executable}" "$@"; fi\n'
+                    f'if [[ $2 == next ]]; then echo stock; else echo "$*" >> "{tmp_path}/study.log"; fi\n')  # fmt: skip
+    stub.chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(stub), CALL_MINUTES="2.5")
+    run = ["bash", "benchmarks/quality_session.sh", "next"]
+    subprocess.run(run, cwd=project, env=env, check=True, capture_output=True)
+    log = (project / "runs/quality-fmnist/session.log").read_text()
+    assert "next recipe: stock" in log and "stock not started: 2 min left of the call, under FRESH_RECIPE_MINUTES=7" in log
+    assert not (tmp_path / "study.log").exists()
+    # one begun in an earlier call goes on however little is left
+    (project / "runs/quality-fmnist/runs/stock-5min").mkdir(parents=True)
+    subprocess.run(run, cwd=project, env=env, check=True, capture_output=True)
+    assert (tmp_path / "study.log").read_text().startswith("benchmarks/quality_fmnist.py run stock")
