@@ -113,7 +113,7 @@ OUR_DEFAULTS = ["--learning_rate", "2e-4", "--lr_scheduler", "constant_with_warm
                 "--report_to", "none"]  # fmt: skip
 #: The study's network: DDPM's CIFAR-10 UNet at half width (8.9M parameters, 3.0 GFLOP per 32×32
 #: forward instead of 35.7M and 12.1): plenty for 28×28 gray images, and 4× cheaper to sample 5,000
-#: images three times and to bound 10,000 over a study that must fit a few 30-minute GPU sessions.
+#: images three times and to bound 10,000 in a recipe that must fit one 15-minute GPU session.
 HALF_WIDTH = [64, 128, 128, 128]
 #: The order GPU sessions run the recipes in, one a session (``next``): the default recipe and the
 #: stock one first, which the target compares, then the rest of the study.
