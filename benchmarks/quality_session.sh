@@ -45,7 +45,7 @@ study() {
   [[ -f $weights ]] && scoring=(--inception_weights "$weights")
   # shellcheck disable=SC2086
   "$python" benchmarks/quality_fmnist.py "$@" "${scoring[@]}" ${QUALITY_OPTIONS:-} --stop_after_minutes "$left" 2>&1 \
-    | grep --line-buffered -v -e Warning -e "it/s]" | tee -a "$log"
+    | grep --line-buffered -v -e Warning -e "it/s]" -e "img/s]" -e "examples/s]" -e "batch/s]" | tee -a "$log"
   return "${PIPESTATUS[0]}"
 }
 
