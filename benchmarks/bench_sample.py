@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     if variants:
         result["variants"] = {name: {"options": options, "settings": settings.get(name)} for name, options in variant_options.items()}
     print(f"{result['device']}, {args.model}, {args.num_inference_steps} steps; ours: {settings.get('ours')}")
+
     def timed_at(batch_size: int) -> list[str]:
         """The contenders (still standing) timed at ``batch_size``: stock only at ``--stock_batch_size``."""
         return [name for name in pipelines if name != "stock" or batch_size in stock_batches]
