@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("destination", type=Path)
     args = parser.parse_args(argv)
     convert = pack if args.command == "pack" else unpack
+    # not ddpm_pipeline.atomic.atomic_path: importing the package (torch, diffusers) takes longer
+    # than the packing itself, and this script needs only the standard library and NumPy
     partial = args.destination.with_name(args.destination.name + ".partial")
     partial.write_bytes(convert(args.source.read_bytes()))
     partial.replace(args.destination)

@@ -38,9 +38,14 @@ committed=benchmarks/quality_fmnist/records.jsonl  # earlier sessions' records, 
 python=${PYTHON:-python3}  # the tests run the script with their own interpreter
 mkdir -p "$work"
 
+# minutes left of the call (CALL_MINUTES from the script's start), less $1, at least $2
+minutes_left() {
+  "$python" -c "import time; print(round(max($2, $limit - (time.time() - $start) / 60 - $1), 2))"
+}
+
 study() {
   local left
-  left=$("$python" -c "import time; print(round(max(0.5, $limit - (time.time() - $start) / 60 - 0.5), 2))")
+  left=$(minutes_left 0.5 0.5)
   local scoring=()
   [[ -f $weights ]] && scoring=(--inception_weights "$weights")
   # shellcheck disable=SC2086
@@ -100,7 +105,7 @@ for part in "$@"; do
         recipe=$("$python" benchmarks/quality_fmnist.py next --records "$committed" "$work/results.jsonl" ${QUALITY_OPTIONS:-})
         if [[ -z $recipe ]]; then echo "every recipe of the study is recorded" | tee -a "$log"; continue; fi
         echo "next recipe: $recipe" | tee -a "$log"
-        left=$("$python" -c "import time; print(int($limit - (time.time() - $start) / 60))")
+        left=$(minutes_left 0 0) && left=${left%.*}  # whole minutes
         if ! compgen -G "$work/runs/$recipe-*" > /dev/null && ((left < ${FRESH_RECIPE_MINUTES:-7})); then
           # a recipe's 5 training minutes and more would not end in this call, nor in this session
           echo "$recipe not started: ${left} min left of the call, under FRESH_RECIPE_MINUTES=${FRESH_RECIPE_MINUTES:-7}" | tee -a "$log"
