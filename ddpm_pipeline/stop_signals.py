@@ -4,7 +4,11 @@ checkpoint and ends, so ``--resume_from_checkpoint latest`` continues without lo
 The signals a run is asked to stop with: ``SIGTERM`` (what Kubernetes, SLURM at the time limit,
 ``torchrun`` and ``kill`` send before ``SIGKILL``), ``SIGINT`` (Ctrl-C) and ``SIGUSR1`` (SLURM's
 ``--signal=USR1@SECONDS`` warning before the time limit). A second signal acts at once, as it
-would have without the handler, so a stuck run can still be stopped.
+would have without the handler, so a stuck run can still be stopped; one within
+:data:`REPEAT_WINDOW_SECONDS` of the first is the same request delivered twice and changes nothing.
+Twice is how a stop often arrives: a terminal's Ctrl-C (``SIGINT``) and SLURM's ``SIGTERM`` reach
+every process of the job, and a launcher that passes them on (``accelerate launch`` from 1.16, as
+``SIGTERM``) sends its own right after.
 
 A run started by ``accelerate launch`` or ``torchrun`` also stops (with its checkpoint) when that
 launcher has exited: a launcher killed by a signal it does not pass on (SIGKILL, or SIGUSR1, which
@@ -21,6 +25,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from types import FrameType
 from typing import Any
@@ -30,6 +35,8 @@ DEFAULT_STOP_SIGNALS = tuple(name for name in ("SIGTERM", "SIGINT", "SIGUSR1") i
 UNCATCHABLE = ("SIGKILL", "SIGSTOP")
 #: :meth:`StopRequest.reason` when the launcher that started this process has exited.
 LAUNCHER_EXITED = "launcher exited"
+#: A stop signal this soon (seconds) after the first is the same request delivered twice, not a second one.
+REPEAT_WINDOW_SECONDS = 1.0
 #: Environment variables that ``accelerate launch`` / ``torchrun`` set for the processes they start.
 LAUNCHER_MARKERS = ("ACCELERATE_DYNAMO_BACKEND", "TORCHELASTIC_RUN_ID")
 
@@ -70,10 +77,11 @@ class StopRequest:
     """A context manager that turns the first of ``signals`` into a request to stop.
 
     With ``watch_launcher``, :meth:`reason` also reports a parent process (the launcher) that has
-    exited. Inside the ``with`` block the first such signal only sets :attr:`received` (its name); a second
-    one restores the handler that was there before and delivers the signal to it (the default
-    action for ``SIGTERM``/``SIGUSR1`` ends the process, Python's for ``SIGINT`` raises
-    `KeyboardInterrupt`). Leaving the block restores the previous handlers. A signal this process
+    exited. Inside the ``with`` block the first such signal only sets :attr:`received` (its name);
+    one within ``repeat_window`` seconds of it is taken for the same request delivered twice and
+    ignored; a later one restores the handler that was there before and delivers the signal to it
+    (the default action for ``SIGTERM``/``SIGUSR1`` ends the process, Python's for ``SIGINT``
+    raises `KeyboardInterrupt`). Leaving the block restores the previous handlers. A signal this process
     ignores on entry stays ignored and is listed in :attr:`ignored`, as Python leaves an inherited
     ``SIG_IGN`` for ``SIGINT`` alone: a shell without job control starts ``command &`` with Ctrl-C
     ignored, so that the Ctrl-C meant for what runs in the foreground does not reach it. Handlers
@@ -81,9 +89,16 @@ class StopRequest:
     nothing and :attr:`active` is False.
     """
 
-    def __init__(self, signals: Iterable[str] = DEFAULT_STOP_SIGNALS, watch_launcher: bool = False):
+    def __init__(
+        self,
+        signals: Iterable[str] = DEFAULT_STOP_SIGNALS,
+        watch_launcher: bool = False,
+        repeat_window: float = REPEAT_WINDOW_SECONDS,
+    ):
         self.signals = [signal.Signals(signal_number(name)) for name in signals]
+        self.repeat_window = repeat_window
         self.received: str | None = None
+        self._received_at = 0.0
         self.ignored: list[str] = []
         self.active = False
         self._previous: dict[signal.Signals, Any] = {}
@@ -119,7 +134,9 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
-            self.received = signal.Signals(signum).name
+            self.received, self._received_at = signal.Signals(signum).name, time.monotonic()
+            return
+        if time.monotonic() - self._received_at < self.repeat_window:
             return
         previous = self._previous.get(signal.Signals(signum), signal.SIG_DFL)
         self._restore()

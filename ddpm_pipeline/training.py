@@ -669,7 +669,10 @@ class Trainer:
                 f"starts a new one and draws uniformly until every timestep has {self.config.importance_history} losses."
             )
 
-    def save_checkpoint(self, step: int, train_seconds: float = 0.0) -> Path:
+    def save_checkpoint(self, step: int, train_seconds: float = 0.0, stop_reason: str | None = None) -> Path:
+        """Write ``checkpoint-<step>`` (:func:`~ddpm_pipeline.checkpointing.write_checkpoint`) and
+        prune old ones. ``stop_reason``, for the checkpoint a run stops with, is kept in its
+        ``trainer_state.json`` as ``stopped_because`` (the console that showed it may be gone)."""
         path = write_checkpoint(
             self.output_dir,
             step,
@@ -682,6 +685,7 @@ class Trainer:
                 "global_batch_size": self.global_batch_size(),
                 "data": self.data_identity,
                 "training_config": self.config.to_dict(),
+                **({"stopped_because": stop_reason} if stop_reason else {}),
             },
             is_main_process=self.accelerator.is_main_process,
             wait_for_everyone=self.accelerator.wait_for_everyone,
@@ -919,7 +923,8 @@ class Trainer:
             global_step, earlier_seconds = state["global_step"], state.get("train_seconds", 0.0)
             self._warn_if_batch_changed(state)
             self._warn_if_data_changed(state)
-            logger.info(f"resumed from {self.checkpoint} at step {global_step} ({earlier_seconds / 60:.1f} min trained)")
+            stopped = f"; it had stopped: {state['stopped_because']}" if state.get("stopped_because") else ""
+            logger.info(f"resumed from {self.checkpoint} at step {global_step} ({earlier_seconds / 60:.1f} min trained{stopped})")
         if is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / CONFIG_FILE_NAME)
@@ -1020,12 +1025,12 @@ class Trainer:
         history.flush()
         train_seconds = clock.total()
         if stopped_early and not budget_spent and global_step < self.total_steps:
-            checkpoint = self.save_checkpoint(global_step, train_seconds)
             reason = f"this piece's {config.stop_after_minutes} min were up"
             if stopped_by == LAUNCHER_EXITED:
                 reason = f"the launcher that started this run (PID {self.stop_request.launcher_pid}) has exited"
             elif stopped_by:
                 reason = f"received {stopped_by}"
+            checkpoint = self.save_checkpoint(global_step, train_seconds, stop_reason=reason)
             logger.info(
                 f"{reason}: stopped at step {global_step} ({train_seconds / 60:.1f} min trained in all) and wrote "
                 f"{checkpoint}; continue with --resume_from_checkpoint latest"

@@ -1,6 +1,7 @@
 """A stop signal (preemption, Ctrl-C, SLURM's warning) ends a run with a checkpoint, not a loss."""
 
 import functools
+import io
 import logging
 import os
 import signal
@@ -16,7 +17,8 @@ from conftest import reset_accelerate, two_process_launch
 from safetensors.torch import load_file
 
 import ddpm_pipeline.training as training_module
-from ddpm_pipeline.checkpointing import list_checkpoints
+from ddpm_pipeline.checkpointing import list_checkpoints, read_trainer_state
+from ddpm_pipeline.console import OutlivesItsReader, keep_stderr_writable
 from ddpm_pipeline.stop_signals import DEFAULT_STOP_SIGNALS, StopRequest, ignore_signals, signal_name, signal_number
 from ddpm_pipeline.training import exit_status, main
 from ddpm_pipeline.training_config import TrainingConfig
@@ -47,13 +49,20 @@ def test_signal_names_are_read_in_every_usual_spelling_and_uncatchable_ones_refu
 def test_first_signal_is_recorded_second_acts_as_before_and_handlers_are_restored():
     calls = []
     previous = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append(signum))
+    window = 0.3
     try:
-        with StopRequest(["SIGUSR1", "SIGTERM"]) as request:
+        with StopRequest(["SIGUSR1", "SIGTERM"], repeat_window=window) as request:
             assert request.active and request.received is None
             os.kill(os.getpid(), signal.SIGUSR1)
             assert request.received == "SIGUSR1" and calls == []  # recorded, nothing else happened
+            # at once again, or another of them: the same request delivered twice (a terminal's
+            # Ctrl-C, then a launcher passing it on as SIGTERM), which changes nothing
+            os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGUSR1)
-            assert calls == [signal.SIGUSR1]  # the second went to the handler that was there before
+            assert request.received == "SIGUSR1" and calls == [] and request.active
+            time.sleep(window)
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert calls == [signal.SIGUSR1]  # a second one later went to the handler that was there before
             assert not request.active  # ... which is back, for both signals
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
         assert signal.getsignal(signal.SIGUSR1) is not request._handle
@@ -64,7 +73,7 @@ def test_first_signal_is_recorded_second_acts_as_before_and_handlers_are_restore
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
-            with StopRequest(["SIGINT"]) as request:
+            with StopRequest(["SIGINT"], repeat_window=0) as request:
                 os.kill(os.getpid(), signal.SIGINT)
                 assert request.received == "SIGINT"
                 os.kill(os.getpid(), signal.SIGINT)
@@ -91,6 +100,36 @@ def test_a_signal_ignored_on_entry_stays_ignored():
             assert request.ignored == ["SIGINT"] and not request.active
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_stderr_outlives_its_reader(tmp_path, monkeypatch):
+    """A launcher that relays stderr through a pipe and dies: writing goes on, to os.devnull, for
+    the wrapper and for every other writer of that descriptor, instead of raising BrokenPipeError."""
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    console = OutlivesItsReader(stream)
+    console.write("read\n")
+    console.flush()
+    assert os.read(read_end, 100) == b"read\n" and not console.reader_gone
+    os.close(read_end)  # the reader dies
+    console.write("nobody reads this\n" * 1000)
+    console.flush()
+    assert console.reader_gone
+    devnull = os.stat(os.devnull)
+    assert (os.fstat(write_end).st_dev, os.fstat(write_end).st_ino) == (devnull.st_dev, devnull.st_ino)
+    print("the stream itself writes on", file=stream, flush=True)
+    assert console.fileno() == write_end  # the rest is the stream's own
+    stream.close()
+    # installed once, over a stream with a descriptor; a test's or notebook's capture is left alone
+    with (tmp_path / "stderr.txt").open("w") as file:
+        monkeypatch.setattr(sys, "stderr", file)
+        keep_stderr_writable()
+        keep_stderr_writable()
+        assert isinstance(sys.stderr, OutlivesItsReader) and sys.stderr._stream is file
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", captured)
+    keep_stderr_writable()
+    assert sys.stderr is captured
 
 
 def test_outside_the_main_thread_nothing_is_installed():
@@ -147,10 +186,14 @@ def test_a_signal_mid_run_checkpoints_that_step_and_the_resumed_run_equals_an_un
     assert [p.name for p in list_checkpoints(tmp_path / "stopped")] == ["checkpoint-3"]
     assert not (tmp_path / "stopped" / "model_index.json").exists()  # no pipeline: the run is not over
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handlers are gone with the run
+    assert read_trainer_state(tmp_path / "stopped" / "checkpoint-3")["stopped_because"] == "received SIGUSR1"
     monkeypatch.undo()
     reset_accelerate()
-    resumed = main([*options, "--output_dir", str(tmp_path / "stopped"), "--resume_from_checkpoint", "latest"])
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        resumed = main([*options, "--output_dir", str(tmp_path / "stopped"), "--resume_from_checkpoint", "latest"])
     assert resumed.finished and resumed.stopped_by is None and resumed.global_step == 6 and exit_status(resumed) == 0
+    assert "at step 3 (0.0 min trained; it had stopped: received SIGUSR1)" in caplog.text
+    assert "stopped_because" not in read_trainer_state(tmp_path / "stopped" / "checkpoint-6")  # it did not stop
     reset_accelerate()
     main([*options, "--output_dir", str(tmp_path / "straight")])
     a = load_file(str(tmp_path / "stopped" / "checkpoint-6" / "model.safetensors"))
@@ -281,7 +324,10 @@ def is_running(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the training process through /proc")
 def test_a_run_whose_launcher_was_killed_stops_with_a_checkpoint_instead_of_training_on_alone(tmp_path):
     """`accelerate launch` SIGKILLed (no signal reaches its child): the orphaned training process
-    notices that its launcher has exited, writes the checkpoint of its step and ends."""
+    notices that its launcher has exited, writes the checkpoint of its step and ends. From
+    accelerate 1.16 the launcher relays the child's stderr through a pipe, which its death breaks:
+    the run writes on to nowhere rather than die of the broken pipe, and its checkpoint records why
+    it stopped."""
     out = tmp_path / "orphaned-run"
     log = tmp_path / "train.log"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
@@ -304,7 +350,52 @@ def test_a_run_whose_launcher_was_killed_stops_with_a_checkpoint_instead_of_trai
         launcher.kill()
         if trainer is not None and is_running(trainer):
             os.kill(trainer, signal.SIGKILL)
-    text = log.read_text()
-    assert "the launcher that started this run (PID" in text and "has exited: stopped at step" in text
     last = list_checkpoints(out)[-1]
-    assert int(last.name.split("-")[1]) > 2 and (last / "trainer_state.json").is_file()
+    assert int(last.name.split("-")[1]) > 2 and not list(out.glob(".*tmp"))  # not killed mid-write
+    reason = read_trainer_state(last)["stopped_because"]
+    assert reason == f"the launcher that started this run (PID {launcher.pid}) has exited"
+    if not launcher_relays_stderr():  # else the log went with the launcher
+        assert f"{reason}: stopped at step" in log.read_text()
+
+
+def launcher_relays_stderr() -> bool:
+    """Whether a single-process `accelerate launch` reads its child's stderr through a pipe (1.16 on)."""
+    import accelerate.commands.launch as launch
+
+    return hasattr(launch, "CHILD_STDERR_CHUNK_SIZE")
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the training process through /proc")
+def test_ctrl_c_under_accelerate_launch_stops_with_a_checkpoint(tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to every process of the foreground job: the launcher and
+    its training process. accelerate 1.16's launcher then sends its child SIGTERM too, right away;
+    that is the same request delivered twice, not a second one, so the run still finishes its step
+    and writes its checkpoint (the launcher kills it 5 s later otherwise)."""
+    out = tmp_path / "interrupted-run"
+    # as a terminal starts a job: Ctrl-C's default action (a pytest started with `&` ignores it), and
+    # its own process group (start_new_session) for the terminal's Ctrl-C to go to
+    with_ctrl_c = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    command = [sys.executable, "-c", with_ctrl_c, sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
+               "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_ddpm.py"), *TINY,
+               "--max_train_steps", "100000", "--checkpointing_steps", "2", "--checkpoints_total_limit", "none",
+               "--output_dir", str(out)]  # fmt: skip
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
+    trainer = None
+    try:
+        wait_for(out / "checkpoint-2", launcher)
+        trainer = child_with(launcher.pid, str(out))
+        os.killpg(launcher.pid, signal.SIGINT)  # the terminal's Ctrl-C
+        _, stderr = launcher.communicate(timeout=300)
+        deadline = time.monotonic() + 60
+        while is_running(trainer):
+            assert time.monotonic() < deadline, "the training process kept running after Ctrl-C"
+            time.sleep(0.2)
+    finally:  # never leave a training process behind, whatever failed
+        launcher.kill()
+        if trainer is not None and is_running(trainer):
+            os.kill(trainer, signal.SIGKILL)
+    last = list_checkpoints(out)[-1]
+    assert int(last.name.split("-")[1]) > 2 and not list(out.glob(".*tmp")), stderr[-3000:]
+    assert read_trainer_state(last)["stopped_because"] == "received SIGINT", stderr[-3000:]
