@@ -321,6 +321,37 @@ def is_running(pid: int) -> bool:
         return False
 
 
+SINGLE_PROCESS_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+                         "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+
+
+def interrupt_a_launched_run(out: Path, log: Path, interrupt, wrapper: tuple[str, ...] = (), **popen) -> int:
+    """Start ``train_ddpm.py`` through a single-process `accelerate launch` (run by ``wrapper``, if
+    given), its stderr to ``log``; once it has written checkpoint-2, call ``interrupt(launcher)``
+    and wait until the launcher and its training process have both ended (killing whatever is left
+    if the test fails). Returns the launcher's PID."""
+    command = [*wrapper, *SINGLE_PROCESS_LAUNCH, str(ROOT / "train_ddpm.py"), *TINY, "--max_train_steps", "100000",
+               "--checkpointing_steps", "2", "--checkpoints_total_limit", "none", "--output_dir", str(out)]  # fmt: skip
+    with log.open("w") as stderr:
+        launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr,
+                                    env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}, **popen)  # fmt: skip
+    trainer = None
+    try:
+        wait_for(out / "checkpoint-2", launcher)
+        trainer = child_with(launcher.pid, str(out))
+        interrupt(launcher)
+        launcher.wait(timeout=300)
+        deadline = time.monotonic() + 300
+        while is_running(trainer):
+            assert time.monotonic() < deadline, "the training process kept training after it was stopped"
+            time.sleep(0.2)
+    finally:  # never leave a training process behind, whatever failed
+        launcher.kill()
+        if trainer is not None and is_running(trainer):
+            os.kill(trainer, signal.SIGKILL)
+    return launcher.pid
+
+
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the training process through /proc")
 def test_a_run_whose_launcher_was_killed_stops_with_a_checkpoint_instead_of_training_on_alone(tmp_path):
     """`accelerate launch` SIGKILLed (no signal reaches its child): the orphaned training process
@@ -328,32 +359,12 @@ def test_a_run_whose_launcher_was_killed_stops_with_a_checkpoint_instead_of_trai
     accelerate 1.16 the launcher relays the child's stderr through a pipe, which its death breaks:
     the run writes on to nowhere rather than die of the broken pipe, and its checkpoint records why
     it stopped."""
-    out = tmp_path / "orphaned-run"
-    log = tmp_path / "train.log"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", str(ROOT / "train_ddpm.py"), *TINY, "--max_train_steps", "100000",
-               "--checkpointing_steps", "2", "--checkpoints_total_limit", "none", "--output_dir", str(out)]  # fmt: skip
-    with log.open("w") as stderr:
-        launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr,
-                                    env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
-    trainer = None
-    try:
-        wait_for(out / "checkpoint-2", launcher)
-        trainer = child_with(launcher.pid, str(out))
-        launcher.send_signal(signal.SIGKILL)
-        launcher.wait(timeout=60)
-        deadline = time.monotonic() + 300
-        while is_running(trainer):
-            assert time.monotonic() < deadline, "the orphaned training process kept training after its launcher was killed"
-            time.sleep(0.2)
-    finally:  # never leave a training process behind, whatever failed
-        launcher.kill()
-        if trainer is not None and is_running(trainer):
-            os.kill(trainer, signal.SIGKILL)
+    out, log = tmp_path / "orphaned-run", tmp_path / "train.log"
+    launcher_pid = interrupt_a_launched_run(out, log, lambda launcher: launcher.send_signal(signal.SIGKILL))
     last = list_checkpoints(out)[-1]
     assert int(last.name.split("-")[1]) > 2 and not list(out.glob(".*tmp"))  # not killed mid-write
     reason = read_trainer_state(last)["stopped_because"]
-    assert reason == f"the launcher that started this run (PID {launcher.pid}) has exited"
+    assert reason == f"the launcher that started this run (PID {launcher_pid}) has exited"
     if not launcher_relays_stderr():  # else the log went with the launcher
         assert f"{reason}: stopped at step" in log.read_text()
 
@@ -371,31 +382,12 @@ def test_ctrl_c_under_accelerate_launch_stops_with_a_checkpoint(tmp_path):
     its training process. accelerate 1.16's launcher then sends its child SIGTERM too, right away;
     that is the same request delivered twice, not a second one, so the run still finishes its step
     and writes its checkpoint (the launcher kills it 5 s later otherwise)."""
-    out = tmp_path / "interrupted-run"
-    # as a terminal starts a job: Ctrl-C's default action (a pytest started with `&` ignores it), and
-    # its own process group (start_new_session) for the terminal's Ctrl-C to go to
+    out, log = tmp_path / "interrupted-run", tmp_path / "train.log"
+    # started as a terminal starts a job: with Ctrl-C's default action (a pytest started with `&`
+    # ignores it), in a process group of its own for the terminal's Ctrl-C to go to
     with_ctrl_c = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
-    command = [sys.executable, "-c", with_ctrl_c, sys.executable, "-m", "accelerate.commands.launch", "--num_processes",
-               "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "train_ddpm.py"), *TINY,
-               "--max_train_steps", "100000", "--checkpointing_steps", "2", "--checkpoints_total_limit", "none",
-               "--output_dir", str(out)]  # fmt: skip
-    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})  # fmt: skip
-    trainer = None
-    try:
-        wait_for(out / "checkpoint-2", launcher)
-        trainer = child_with(launcher.pid, str(out))
-        os.killpg(launcher.pid, signal.SIGINT)  # the terminal's Ctrl-C
-        _, stderr = launcher.communicate(timeout=300)
-        deadline = time.monotonic() + 60
-        while is_running(trainer):
-            assert time.monotonic() < deadline, "the training process kept running after Ctrl-C"
-            time.sleep(0.2)
-    finally:  # never leave a training process behind, whatever failed
-        launcher.kill()
-        if trainer is not None and is_running(trainer):
-            os.kill(trainer, signal.SIGKILL)
+    interrupt_a_launched_run(out, log, lambda launcher: os.killpg(launcher.pid, signal.SIGINT),
+                             wrapper=(sys.executable, "-c", with_ctrl_c), start_new_session=True)  # fmt: skip
     last = list_checkpoints(out)[-1]
-    assert int(last.name.split("-")[1]) > 2 and not list(out.glob(".*tmp")), stderr[-3000:]
-    assert read_trainer_state(last)["stopped_because"] == "received SIGINT", stderr[-3000:]
+    assert int(last.name.split("-")[1]) > 2 and not list(out.glob(".*tmp")), log.read_text()[-3000:]
+    assert read_trainer_state(last)["stopped_because"] == "received SIGINT", log.read_text()[-3000:]
