@@ -7,7 +7,8 @@
 N GPUs. ``--help`` lists every option; the work is done by :func:`ddpm_pipeline.evaluate`.
 """
 
+from ddpm_pipeline.console import run_command
 from ddpm_pipeline.evaluation import main
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "eval_metrics.py")

@@ -1,6 +1,13 @@
-"""Console output that outlives its reader.
+"""The command lines' console: errors for people, and output that outlives its reader.
 
-From accelerate 1.16 on, a single-process ``accelerate launch`` reads its training process's stderr
+**Errors.** What this package raises for bad input (an option, a path, the data, a full disk, a
+diverging run) says what is wrong and how to fix it. :func:`run_command` prints that message alone,
+``train_ddpm.py: error: …``, as argparse reports a bad option, instead of a traceback that buries it
+(twice over under accelerate 1.16's launcher, which repeats the tail of its child's stderr in its own
+traceback). Errors raised anywhere else keep their traceback, and so do all with
+``DDPM_PIPELINE_TRACEBACK=1`` in the environment.
+
+**Output.** From accelerate 1.16 on, a single-process ``accelerate launch`` reads its training process's stderr
 through a pipe and writes it on. When that launcher dies (SIGKILL, the out-of-memory killer), the
 next log line or progress bar the training process writes to the pipe raises `BrokenPipeError`,
 which would end the run where it stands and lose its steps since the last checkpoint. With
@@ -13,8 +20,41 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from contextlib import suppress
-from typing import Any, TextIO
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+#: The exception types this package raises for bad input, each with a message naming the fix (the
+#: out-of-memory error a training step reports, `torch.OutOfMemoryError`, is a `RuntimeError`).
+USER_ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError)
+PACKAGE_FOLDER = Path(__file__).resolve().parent
+#: Set (to anything) to see the traceback of every error.
+TRACEBACK_VARIABLE = "DDPM_PIPELINE_TRACEBACK"
+T = TypeVar("T")
+
+
+def raised_by_this_package(error: BaseException) -> bool:
+    """Whether the innermost frame of ``error``'s traceback (where it was raised) is in this package."""
+    frame = error.__traceback__
+    if frame is None:
+        return False
+    while frame.tb_next is not None:
+        frame = frame.tb_next
+    return Path(frame.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_FOLDER)
+
+
+def run_command(main: Callable[[], T], program: str) -> T:
+    """``main()``; an error of :data:`USER_ERRORS` that this package raised ends the program instead
+    with ``{program}: error: {message}`` on stderr and exit status 1, without a traceback (unless
+    :data:`TRACEBACK_VARIABLE` is set)."""
+    try:
+        return main()
+    except USER_ERRORS as error:
+        if not raised_by_this_package(error) or os.environ.get(TRACEBACK_VARIABLE):
+            raise
+        print(f"{program}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 class OutlivesItsReader:

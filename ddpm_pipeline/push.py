@@ -17,6 +17,7 @@ from typing import Any
 
 from huggingface_hub import HfApi
 
+from .console import run_command
 from .model_card import write_model_card
 
 logger = logging.getLogger(__name__)
@@ -115,4 +116,4 @@ def main(argv: list[str] | None = None) -> Any:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main, "python -m ddpm_pipeline.push")

@@ -1,7 +1,6 @@
 """A stop signal (preemption, Ctrl-C, SLURM's warning) ends a run with a checkpoint, not a loss."""
 
 import functools
-import io
 import logging
 import os
 import signal
@@ -18,7 +17,6 @@ from safetensors.torch import load_file
 
 import ddpm_pipeline.training as training_module
 from ddpm_pipeline.checkpointing import list_checkpoints, read_trainer_state
-from ddpm_pipeline.console import OutlivesItsReader, keep_stderr_writable
 from ddpm_pipeline.stop_signals import DEFAULT_STOP_SIGNALS, StopRequest, ignore_signals, signal_name, signal_number
 from ddpm_pipeline.training import exit_status, main
 from ddpm_pipeline.training_config import TrainingConfig
@@ -100,36 +98,6 @@ def test_a_signal_ignored_on_entry_stays_ignored():
             assert request.ignored == ["SIGINT"] and not request.active
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def test_stderr_outlives_its_reader(tmp_path, monkeypatch):
-    """A launcher that relays stderr through a pipe and dies: writing goes on, to os.devnull, for
-    the wrapper and for every other writer of that descriptor, instead of raising BrokenPipeError."""
-    read_end, write_end = os.pipe()
-    stream = os.fdopen(write_end, "w")
-    console = OutlivesItsReader(stream)
-    console.write("read\n")
-    console.flush()
-    assert os.read(read_end, 100) == b"read\n" and not console.reader_gone
-    os.close(read_end)  # the reader dies
-    console.write("nobody reads this\n" * 1000)
-    console.flush()
-    assert console.reader_gone
-    devnull = os.stat(os.devnull)
-    assert (os.fstat(write_end).st_dev, os.fstat(write_end).st_ino) == (devnull.st_dev, devnull.st_ino)
-    print("the stream itself writes on", file=stream, flush=True)
-    assert console.fileno() == write_end  # the rest is the stream's own
-    stream.close()
-    # installed once, over a stream with a descriptor; a test's or notebook's capture is left alone
-    with (tmp_path / "stderr.txt").open("w") as file:
-        monkeypatch.setattr(sys, "stderr", file)
-        keep_stderr_writable()
-        keep_stderr_writable()
-        assert isinstance(sys.stderr, OutlivesItsReader) and sys.stderr._stream is file
-    captured = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", captured)
-    keep_stderr_writable()
-    assert sys.stderr is captured
 
 
 def test_outside_the_main_thread_nothing_is_installed():
