@@ -16,6 +16,13 @@ reported; prints images/s for each and the ratio, peak memory on CUDA, and model
 utilization (:mod:`measure`: against the measured bf16 matmul peak on CUDA, the float32 one on the
 CPU). ``--profile`` adds each side's top kernels and how much of a step the device is busy.
 
+On the CPU both sides run with the torch threads ours takes (every core this process may use),
+unless ``--stock_threads N`` gives stock its own: ``--stock_threads 1`` is stock as diffusers'
+example runs under ``accelerate launch`` on a machine whose Accelerate config is not ``use_cpu``
+(the launcher sets ``OMP_NUM_THREADS=1``; ``train_ddpm.py`` resets its threads to the cores, see
+:func:`ddpm_pipeline.training.cpu_threads_per_process`). Each side's threads are set before each of
+its blocks and recorded (``threads_ours``, ``threads_stock``).
+
 ``--variant NAME=OPTIONS`` (repeatable) adds another configuration of ours, timed in the same
 alternating blocks, e.g. ``--variant 'eager=--no-compile_unet' --variant 'nchw=--no-channels_last'``
 for what compiling and the memory layout bring. Every variant runs in the mixed precision that
@@ -73,6 +80,7 @@ class OurStep:
 
     def __init__(self, args: argparse.Namespace, workdir: Path, options: list[str], name: str = "ours"):
         self.trainer = Trainer(TrainingConfig.from_args(our_options(args, workdir, name) + options))
+        self.threads = torch.get_num_threads()  # what the Trainer set on the CPU
         self.step_index = 0
 
     def describe(self) -> dict:
@@ -84,6 +92,7 @@ class OurStep:
     def __call__(self, images: torch.Tensor) -> None:
         if images.is_cuda:
             set_tf32(self.trainer.allow_tf32)
+        use_threads(self.threads)
         self.trainer.training_step(images, seed=self.step_index)
         self.trainer.after_optimizer_step()
         self.step_index += 1
@@ -92,11 +101,19 @@ class OurStep:
 class StockStep:
     """diffusers' unconditional training example, step for step (:mod:`stock_recipe`)."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device):
+    def __init__(self, args: argparse.Namespace, device: torch.device, threads: int):
         self.recipe = StockRecipe(DDPMUNet.preset_config(args.model), device)
+        self.threads = threads
 
     def __call__(self, images: torch.Tensor) -> None:
+        use_threads(self.threads)
         self.recipe.step(images)
+
+
+def use_threads(threads: int) -> None:
+    """Torch's intra-op threads for the next step (a no-op when already so)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def our_options(args: argparse.Namespace, workdir: Path, name: str) -> list[str]:
@@ -149,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each first")
     parser.add_argument("--block", type=int, default=5, help="steps per timed block")
     parser.add_argument("--blocks", type=int, default=4, help="timed blocks of each")
+    parser.add_argument("--stock_threads", type=int, help="CPU: torch threads for stock (default: ours'; 1 = under `accelerate launch`)")
     parser.add_argument("--output", type=Path, help="append the result as a JSON line")
     args, args.ours = parser.parse_known_args(argv)
     try:
@@ -159,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--variant cannot change --mixed_precision: one process holds one Accelerate state. "
                      "Run each precision as a run of its own (--mixed_precision).")  # fmt: skip
     device = torch.device(args.device)
+    if args.stock_threads is not None and (device.type != "cpu" or args.stock_threads < 1):
+        parser.error("--stock_threads takes a positive thread count, and only with --device cpu.")
     config = DDPMUNet.preset_config(args.model)
     shape = (args.batch_size, config["in_channels"], config["sample_size"], config["sample_size"])
     images = torch.rand(shape, generator=torch.Generator().manual_seed(0)).mul(2).sub(1).to(device)
@@ -172,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if trainer.accelerator.device.type != device.type:
                     parser.error(f"Accelerate chose {trainer.accelerator.device}, not --device {device}.")
                 settings[name] = contenders[name].describe()
-        contenders.add("stock", lambda: StockStep(args, device))
+        our_threads = contenders["ours"].threads if "ours" in contenders else torch.get_num_threads()
+        contenders.add("stock", lambda: StockStep(args, device, args.stock_threads or our_threads))
         for name, step in list(contenders.items()):
             contenders.attempt(name, lambda step=step: [step(images) for _ in range(args.warmup)])
         timed = time_blocks(contenders, images, device, args.block, args.blocks)
@@ -180,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.profile and {"ours", "stock"} <= set(contenders):
             profiled = contenders.attempt("profile", lambda: profile_calls(
                 {"ours": lambda: contenders["ours"](images), "stock": lambda: contenders["stock"](images)}, device, unit="step"))  # fmt: skip
+    if device.type == "cpu":
+        use_threads(our_threads)  # the peak (and the device's name) with every core this process may use
     peak, peak_dtype = matmul_peak_flops(device)
     flops = training_flops_per_image(args.model)
     result = {
@@ -192,6 +215,9 @@ def main(argv: list[str] | None = None) -> dict:
         "mixed_precision_stock": "fp16" if device.type == "cuda" else "no",
         "torch": torch.__version__,
     }
+    if device.type == "cpu":
+        result["threads_ours"] = our_threads
+        result["threads_stock"] = args.stock_threads or our_threads
     measured = {}  # in the contenders' order: ours, its variants, stock
     for name, (seconds, memory) in timed.items():
         measured[name] = {"images_per_s": args.batch_size / seconds, "steps_per_s": 1 / seconds}
@@ -214,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["failures"] = contenders.failures
     if profiled is not None:
         result["profile"] = profiled
-    print(f"{result['device']}, {args.model}, batch {args.batch_size}; ours: {settings.get('ours')}")
+    threads = f"; torch threads: ours {our_threads}, stock {result['threads_stock']}" if device.type == "cpu" else ""
+    print(f"{result['device']}, {args.model}, batch {args.batch_size}; ours: {settings.get('ours')}{threads}")
     for name, row in measured.items():
         extra = f", {row['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in row else ""
         ratio = f", {row['images_per_s'] / stock:.2f}x stock" if stock and name != "stock" else ""

@@ -9,6 +9,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+
+from ddpm_pipeline.training import cpu_threads_per_process
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -52,6 +55,37 @@ def test_bench_train_on_the_cpu(tmp_path):
         expected = result[f"{name}_images_per_s"] * result["training_gflop_per_image"] / (1e3 * result["matmul_peak_tflops"])
         assert result[f"{name}_mfu"] == pytest.approx(expected)
     assert json.loads(output.read_text())["model"] == "ddpm-tiny-16"
+
+
+def test_bench_train_gives_stock_the_threads_accelerate_launch_would(monkeypatch):
+    """`accelerate launch` leaves a script on one thread (OMP_NUM_THREADS=1) unless its config says
+    use_cpu, and train_ddpm.py takes the cores back: --stock_threads 1 times stock as it runs there,
+    each side with its own threads in the same run."""
+    bench = load("bench_train")
+    seen = {"ours": set(), "stock": set()}
+    our_step, stock_step = bench.Trainer.training_step, bench.StockRecipe.step
+
+    def ours(self, *args, **kwargs):
+        seen["ours"].add(torch.get_num_threads())
+        return our_step(self, *args, **kwargs)
+
+    def stock(self, *args, **kwargs):
+        seen["stock"].add(torch.get_num_threads())
+        return stock_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench.Trainer, "training_step", ours)
+    monkeypatch.setattr(bench.StockRecipe, "step", stock)
+    before = torch.get_num_threads()
+    try:
+        result = bench.main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "4", "--warmup", "1",
+                             "--block", "1", "--blocks", "2", "--stock_threads", "1"])  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    our_threads = cpu_threads_per_process(1)
+    assert result["threads_ours"] == our_threads and result["threads_stock"] == 1
+    assert seen == {"ours": {our_threads}, "stock": {1}}  # every step of each, blocks alternating
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cuda", "--stock_threads", "1"])
 
 
 def _failing_compiler(graph, example_inputs):
