@@ -202,6 +202,29 @@ def check_tracker_installed(report_to: str) -> None:
         raise ValueError("--report_to wandb needs the wandb package: pip install wandb (or use --report_to tensorboard).")
 
 
+#: ``WANDB_MODE`` values in which W&B logs without an account (``dryrun`` is the old ``offline``).
+WANDB_ACCOUNTLESS_MODES = ("offline", "disabled", "dryrun")
+
+
+def check_wandb_login() -> None:
+    """For ``--report_to wandb``, before any work: W&B has an API key (``WANDB_API_KEY``, a W&B
+    settings file or ``~/.netrc``, where ``wandb.login`` finds it; on a terminal it asks for one
+    now), unless ``WANDB_MODE`` logs without an account. Otherwise ``wandb.init`` would fail only
+    once the data are loaded and the network built."""
+    if os.environ.get("WANDB_MODE", "").lower() in WANDB_ACCOUNTLESS_MODES:
+        return
+    import wandb
+
+    try:
+        wandb.login(verify=False)
+    except wandb.errors.UsageError as error:
+        raise RuntimeError(
+            f"--report_to wandb: W&B has no API key on this machine ({error}). Run `wandb login` (or set "
+            "WANDB_API_KEY), or log offline with WANDB_MODE=offline and `wandb sync` the run later, or use "
+            "--report_to tensorboard."
+        ) from error
+
+
 def _tracker_config(config: TrainingConfig) -> dict[str, Any]:
     """The options as TensorBoard hparams accept them (numbers, strings, booleans)."""
     flat = {}
@@ -270,6 +293,8 @@ class Trainer:
         if self.accelerator.is_main_process:
             check_output_dir(self.output_dir)
             OutputDirLock(self.output_dir).check()  # another run writing there: refused before any work
+            if config.report_to == "wandb":
+                check_wandb_login()
         self.checkpoint = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint)
         if self.checkpoint is None and config.resume_from_checkpoint == "latest":
             logger.info(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir} yet, so the run starts at step 0")

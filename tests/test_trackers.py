@@ -11,7 +11,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ddpm_pipeline.run_records import read_loss_history
-from ddpm_pipeline.training import LOSS_HISTORY_NAME, WANDB_RUN_ID_NAME, Trainer, main
+from ddpm_pipeline.training import LOSS_HISTORY_NAME, WANDB_RUN_ID_NAME, Trainer, check_wandb_login, main
 from ddpm_pipeline.training_config import TrainingConfig
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -97,3 +97,24 @@ def test_wandb_without_the_package_is_refused_before_any_work(tmp_path, monkeypa
     assert not (tmp_path / "run").exists()
     # the options of a W&B run stay readable without wandb (a model card, a resumed run's check)
     assert TrainingConfig.from_dict(config.to_dict()).report_to == "wandb"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install -e '.[dev]')")
+def test_wandb_without_an_api_key_is_refused_before_the_data_are_loaded(tmp_path, monkeypatch):
+    """Without a W&B login, wandb.init would fail only after the data are loaded and the network
+    built; the run says so at start-up instead, with the ways on."""
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no W&B settings
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-settings"))
+    monkeypatch.setattr(Trainer, "_load_dataset", lambda self: pytest.fail("the data were loaded before the W&B check"))
+    import wandb
+
+    wandb.teardown()  # W&B keeps the settings it started with per process: an earlier test's offline mode
+    config = TrainingConfig.from_args([*TINY, "--report_to", "wandb", "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(RuntimeError, match=r"W&B has no API key on this machine .*Run `wandb login`.*WANDB_MODE=offline"):
+        Trainer(config)
+    for mode in ("offline", "disabled"):  # no account needed: nothing to check
+        monkeypatch.setenv("WANDB_MODE", mode)
+        check_wandb_login()
