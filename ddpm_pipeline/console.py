@@ -7,13 +7,13 @@ diverging run) says what is wrong and how to fix it. :func:`run_command` prints 
 traceback). Errors raised anywhere else keep their traceback, and so do all with
 ``DDPM_PIPELINE_TRACEBACK=1`` in the environment.
 
-**Output.** From accelerate 1.16 on, a single-process ``accelerate launch`` reads its training process's stderr
-through a pipe and writes it on. When that launcher dies (SIGKILL, the out-of-memory killer), the
-next log line or progress bar the training process writes to the pipe raises `BrokenPipeError`,
-which would end the run where it stands and lose its steps since the last checkpoint. With
-:func:`keep_stderr_writable`, the run instead goes on writing to ``os.devnull`` until it notices
-that its launcher has exited (:mod:`~ddpm_pipeline.stop_signals`) and writes the checkpoint of its
-step.
+**Output.** From accelerate 1.16 on, a single-process ``accelerate launch`` reads its training
+process's stderr through a pipe and writes it on. When that launcher dies (SIGKILL, the
+out-of-memory killer), the next log line or progress bar the training process writes to the pipe
+raises `BrokenPipeError`, which would end the run where it stands and lose its steps since the last
+checkpoint. With :func:`keep_stderr_writable`, the run instead goes on writing to ``os.devnull``
+until it notices that its launcher has exited (:mod:`~ddpm_pipeline.stop_signals`) and writes the
+checkpoint of its step.
 """
 
 from __future__ import annotations

@@ -80,8 +80,8 @@ class StopRequest:
     exited. Inside the ``with`` block the first such signal only sets :attr:`received` (its name);
     one within ``repeat_window`` seconds of it is taken for the same request delivered twice and
     ignored; a later one restores the handler that was there before and delivers the signal to it
-    (the default action for ``SIGTERM``/``SIGUSR1`` ends the process, Python's for ``SIGINT``
-    raises `KeyboardInterrupt`). Leaving the block restores the previous handlers. A signal this process
+    (the default action for ``SIGTERM``/``SIGUSR1`` ends the process, Python's for ``SIGINT`` raises
+    `KeyboardInterrupt`). Leaving the block restores the previous handlers. A signal this process
     ignores on entry stays ignored and is listed in :attr:`ignored`, as Python leaves an inherited
     ``SIG_IGN`` for ``SIGINT`` alone: a shell without job control starts ``command &`` with Ctrl-C
     ignored, so that the Ctrl-C meant for what runs in the foreground does not reach it. Handlers
