@@ -109,9 +109,9 @@ def test_wandb_without_an_api_key_is_refused_before_the_data_are_loaded(tmp_path
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-settings"))
     monkeypatch.setattr(Trainer, "_load_dataset", lambda self: pytest.fail("the data were loaded before the W&B check"))
-    import wandb
+    import wandb.sdk
 
-    wandb.teardown()  # W&B keeps the settings it started with per process: an earlier test's offline mode
+    wandb.sdk.teardown()  # W&B keeps the settings it started with per process: an earlier test's offline mode
     config = TrainingConfig.from_args([*TINY, "--report_to", "wandb", "--output_dir", str(tmp_path / "run")])
     with pytest.raises(RuntimeError, match=r"W&B has no API key on this machine .*Run `wandb login`.*WANDB_MODE=offline"):
         Trainer(config)
