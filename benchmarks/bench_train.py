@@ -20,7 +20,7 @@ On the CPU both sides run with the torch threads ours takes (every core this pro
 unless ``--stock_threads N`` gives stock its own: ``--stock_threads 1`` is stock as diffusers'
 example runs under ``accelerate launch`` on a machine whose Accelerate config is not ``use_cpu``
 (the launcher sets ``OMP_NUM_THREADS=1``; ``train_ddpm.py`` resets its threads to the cores, see
-:func:`ddpm_pipeline.training.cpu_threads_per_process`). Each side's threads are set before each of
+:func:`ddpm_pipeline.speed.cpu_threads_per_process`). Each side's threads are set before each of
 its blocks and recorded (``threads_ours``, ``threads_stock``).
 
 ``--variant NAME=OPTIONS`` (repeatable) adds another configuration of ours, timed in the same

@@ -45,7 +45,8 @@ from .reference import DataSource, reference_statistics
 from .sample_store import SampleStore, image_batches, image_files
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .seeding import derive_seed
-from .speed import strict_float32
+from .speed import cpu_threads_per_process, strict_float32
+from .stop_signals import started_by_launcher
 from .training_config import CONFIG_FILE_NAME, DefaultsHelpFormatter, optional
 
 logger = logging.getLogger(__name__)
@@ -421,6 +422,8 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     timings: dict[str, float] = {}
     processes = EvaluationProcesses.from_environment(config.device)
     device = processes.device
+    if device.type == "cpu" and started_by_launcher():  # which left this process one thread (OMP_NUM_THREADS=1)
+        torch.set_num_threads(cpu_threads_per_process(processes.count))
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     stem = output.with_suffix("")

@@ -248,10 +248,26 @@ def fits_on_device(num_bytes: int, device: torch.device | str, fraction: float =
     return num_bytes <= fraction * total
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one, else all of them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cpu_threads_per_process(num_processes: int) -> int:
+    """:func:`available_cores` shared among the local processes (``LOCAL_WORLD_SIZE`` of them when a
+    launcher says so, else ``num_processes``), at least 1.
+
+    ``accelerate launch`` sets ``OMP_NUM_THREADS=1`` unless its config says ``use_cpu`` (and
+    ``torchrun`` sets it too), which would leave a CPU run on one core; training, and evaluation
+    started by a launcher, set torch's thread count from this instead.
+    """
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+    return max(1, available_cores() // max(1, local_processes))
+
+
 def default_num_workers(device: torch.device | str, num_processes: int, data_on_device: bool) -> int:
     """DataLoader workers when none are asked for: 0 on the CPU (the cores are training) and when
     the data set is on the device; else up to 8 per process on a GPU machine."""
     if torch.device(device).type != "cuda" or data_on_device:
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // max(1, num_processes) - 1))
+    return max(0, min(8, available_cores() // max(1, num_processes) - 1))

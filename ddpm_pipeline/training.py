@@ -71,6 +71,7 @@ from .speed import (
     auto_flag,
     build_adamw,
     compile_module,
+    cpu_threads_per_process,
     default_num_workers,
     explain_compile_failure,
     fits_on_device,
@@ -136,17 +137,6 @@ def micro_batch_seed(seed: int, epoch: int, batch_index: int) -> int:
     whole global batch and keeps its own rows, so N processes train exactly as one process with
     N times the batch (dropout aside, whose masks are drawn per process)."""
     return derive_seed(seed, epoch, batch_index)
-
-
-def cpu_threads_per_process(num_processes: int) -> int:
-    """The cores this process may use (its CPU affinity) shared among the local processes.
-
-    ``accelerate launch`` sets ``OMP_NUM_THREADS=1`` unless its config says ``use_cpu``, which
-    would leave a CPU run on one core; the trainer sets torch's thread count from this instead.
-    """
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
-    return max(1, available // max(1, local_processes))
 
 
 #: `EMAModel`'s settings (its keyword arguments and attributes) and the options that give them

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm_pipeline.training import cpu_threads_per_process
+from ddpm_pipeline.speed import cpu_threads_per_process
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

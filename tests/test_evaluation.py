@@ -31,6 +31,7 @@ from ddpm_pipeline.images import ImagePreprocessor
 from ddpm_pipeline.likelihood import BoundTerms
 from ddpm_pipeline.metrics import inception_score
 from ddpm_pipeline.reference import DataSource
+from ddpm_pipeline.speed import cpu_threads_per_process
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +270,23 @@ def test_bits_per_dim_report(tmp_path, tiny_pipeline, reference_data):
                     output=str(tmp_path / "estimate.json"))  # fmt: skip
     assert estimated["metrics"]["bpd"]["timesteps"] == 4
     assert math.isfinite(estimated["metrics"]["bpd"]["bits_per_dim"])
+
+
+def test_started_by_a_launcher_on_the_cpu_evaluation_takes_back_the_cores(tmp_path, tiny_pipeline, reference_data, monkeypatch):
+    """`accelerate launch` leaves a script on one thread (OMP_NUM_THREADS=1) unless its config says
+    use_cpu; evaluation it started uses the cores, as training does. Started by hand, it keeps the
+    thread count it was given."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run(tmp_path, tiny_pipeline, reference_data, metrics="bpd", bpd_num_images=2, bpd_timesteps=2)
+        assert torch.get_num_threads() == 1
+        monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "no")  # set by accelerate launch for what it starts
+        run(tmp_path, tiny_pipeline, reference_data, metrics="bpd", bpd_num_images=2, bpd_timesteps=2,
+            output=str(tmp_path / "launched.json"))  # fmt: skip
+        assert torch.get_num_threads() == cpu_threads_per_process(1)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_an_interrupted_bound_resumes_from_its_finished_batches(tmp_path, tiny_pipeline, reference_data, monkeypatch):
