@@ -27,7 +27,6 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
@@ -41,6 +40,7 @@ from .metrics import FEATURE_METRICS, feature_metrics, parse_metrics
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder
+from .pretrained import is_local_source
 from .reference import DataSource, reference_statistics
 from .sample_store import SampleStore, image_batches, image_files
 from .scheduling_ddpm_target import DDPMTargetScheduler
@@ -272,21 +272,17 @@ def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed:
 
 def load_pipeline(model: str) -> DDPMTargetPipeline:
     """``DDPMTargetPipeline.from_pretrained(model)`` (float32, on the CPU), with an error that
-    names the fixes when ``model`` is neither a local folder nor a Hub id, or a Hub id that is
-    neither cached nor reachable."""
+    names the fixes when ``model`` is a path (:func:`~ddpm_pipeline.pretrained.is_local_source`)
+    that does not exist, or a Hub id that is neither cached nor reachable."""
+    if is_local_source(model) and not Path(model).expanduser().exists():
+        raise FileNotFoundError(
+            f"--model {model} is not a folder, nor a Hub repo id (user/name): give a train_ddpm.py --output_dir "
+            "or a save_pretrained folder (is the path right?)."
+        )
     try:
         return DDPMTargetPipeline.from_pretrained(model)
-    except (OSError, ValueError) as error:
+    except OSError as error:
         if Path(model).exists():
-            raise
-        try:
-            validate_repo_id(model)
-        except HFValidationError:
-            raise FileNotFoundError(
-                f"--model {model} is not a folder, nor a Hub repo id (user/name): give a train_ddpm.py --output_dir "
-                "or a save_pretrained folder (is the path right?)."
-            ) from error
-        if not isinstance(error, OSError):
             raise
         raise FileNotFoundError(
             f"--model {model} is not a local folder, and as a Hub repo it is neither cached nor reachable (offline, "
