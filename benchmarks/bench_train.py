@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
                     parser.error(f"Accelerate chose {trainer.accelerator.device}, not --device {device}.")
                 settings[name] = contenders[name].describe()
         our_threads = contenders["ours"].threads if "ours" in contenders else torch.get_num_threads()
-        contenders.add("stock", lambda: StockStep(args, device, args.stock_threads or our_threads))
+        stock_threads = args.stock_threads or our_threads
+        contenders.add("stock", lambda: StockStep(args, device, stock_threads))
         for name, step in list(contenders.items()):
             contenders.attempt(name, lambda step=step: [step(images) for _ in range(args.warmup)])
         timed = time_blocks(contenders, images, device, args.block, args.blocks)
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if device.type == "cpu":
         result["threads_ours"] = our_threads
-        result["threads_stock"] = args.stock_threads or our_threads
+        result["threads_stock"] = stock_threads
     measured = {}  # in the contenders' order: ours, its variants, stock
     for name, (seconds, memory) in timed.items():
         measured[name] = {"images_per_s": args.batch_size / seconds, "steps_per_s": 1 / seconds}
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["failures"] = contenders.failures
     if profiled is not None:
         result["profile"] = profiled
-    threads = f"; torch threads: ours {our_threads}, stock {result['threads_stock']}" if device.type == "cpu" else ""
+    threads = f"; torch threads: ours {our_threads}, stock {stock_threads}" if device.type == "cpu" else ""
     print(f"{result['device']}, {args.model}, batch {args.batch_size}; ours: {settings.get('ours')}{threads}")
     for name, row in measured.items():
         extra = f", {row['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in row else ""
