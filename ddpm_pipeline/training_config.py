@@ -218,7 +218,7 @@ class TrainingConfig:
         "latest (the newest in --output_dir), checkpoint-N (looked up in --output_dir), or the path of any "
         "checkpoint-N folder (another run's starts a branch of that run in --output_dir, with its loss history up to step N).",
     )
-    save_images_steps: int | None = _option(400, "Write a sample grid every N optimizer steps (and always at the end).")
+    save_images_steps: int | None = _option(400, "Write a sample grid every N optimizer steps (none = only the one at the end).")
     num_grid_images: int = _option(64, "Images in each sample grid (a square number looks best).")
     grid_inference_steps: int = _option(100, "Sampling steps for the grids (respaced; T gives the full chain).")
     report_to: str = _option("tensorboard", "Where to log the loss, learning rate and sample grids besides the progress bar and files: TensorBoard (in --logging_dir) or Weights & Biases (pip install wandb; `wandb login`, or WANDB_MODE=offline; one W&B run per --output_dir, continued on resuming).", choices=REPORT_TO)
@@ -255,7 +255,7 @@ class TrainingConfig:
             if value is None and allow_none:
                 return
             if value is None or value < 1:
-                problems.append(f"--{name} must be a positive integer, got {value}.")
+                problems.append(f"--{name} must be a positive integer{' or none' if allow_none else ''}, got {value}.")
 
         for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "num_grid_images",
                      "grid_inference_steps"):  # fmt: skip

@@ -52,7 +52,8 @@ def test_command_line_types_none_and_booleans():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--train_batch_size", "0"], "--train_batch_size must be a positive integer"),
+        (["--train_batch_size", "0"], "--train_batch_size must be a positive integer, got 0"),
+        (["--save_images_steps", "0"], "--save_images_steps must be a positive integer or none, got 0"),
         (["--grid_inference_steps", "2000"], "exceeds --num_train_timesteps"),
         (["--ema_max_decay", "1.0"], "--ema_max_decay < 1"),
         (["--unet_overrides", "{oops"], "not valid JSON"),
