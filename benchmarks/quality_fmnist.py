@@ -74,7 +74,6 @@ from ddpm_pipeline.data import (
 from ddpm_pipeline.evaluation import (
     bound_over_data,
     bound_store,
-    device_description,
     evaluate,
     package_versions,
     sample_store,
@@ -86,6 +85,7 @@ from ddpm_pipeline.plots import save_labelled_images, save_loss_curve, save_metr
 from ddpm_pipeline.reference import DataSource
 from ddpm_pipeline.scheduling_ddpm_target import DDPMTargetScheduler
 from ddpm_pipeline.seeding import derive_seed
+from ddpm_pipeline.speed import device_description
 from ddpm_pipeline.training import SNAPSHOT_STATE_NAME, micro_batch_seed, snapshot_name, train
 from ddpm_pipeline.training_config import TrainingConfig, optional
 from ddpm_pipeline.unet import DDPMUNet

@@ -13,7 +13,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
@@ -45,7 +44,7 @@ from .reference import DataSource, reference_statistics
 from .sample_store import SampleStore, image_batches, image_files
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .seeding import derive_seed
-from .speed import cpu_threads_per_process, strict_float32
+from .speed import cpu_threads_per_process, device_description, strict_float32
 from .stop_signals import started_by_launcher
 from .training_config import CONFIG_FILE_NAME, DefaultsHelpFormatter, optional
 
@@ -204,12 +203,6 @@ def package_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def load_training_config(model: str) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .atomic import atomic_path
 from .preflight import check_pipeline_folder
 from .pretrained import is_local_source
+from .run_records import QUARTER_COLUMNS, SNAPSHOT_SUMMARY_NAME, TRAINING_SUMMARY_NAME
 from .schedules import is_learned_variance
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
@@ -87,6 +88,71 @@ def load_eval_report(pipeline_dir: str | Path, eval_report: str | Path | None = 
     if eval_report and not path.is_file():
         raise FileNotFoundError(f"--eval_report {path} does not exist: give the JSON file eval_metrics.py wrote.")
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_run_summary(pipeline_dir: str | Path) -> tuple[dict[str, Any] | None, bool]:
+    """What the run that wrote the folder did (``training_summary.json``), or, for a
+    ``--snapshot_*`` folder, the run up to the snapshot (``snapshot.json``), and whether it is the
+    latter; None for a folder written otherwise."""
+    for name in (TRAINING_SUMMARY_NAME, SNAPSHOT_SUMMARY_NAME):
+        path = Path(pipeline_dir) / name
+        if path.is_file():
+            return json.loads(path.read_text()), name == SNAPSHOT_SUMMARY_NAME
+    return None, False
+
+
+def _duration(seconds: float) -> str:
+    """``"0.9 s"``, ``"42 s"``, ``"3.4 min"``, ``"5.2 h"``."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _results_section(pipeline_dir: Path) -> list[str]:
+    """The card's "Training results": how long and on what the run trained, its recent loss, and the
+    loss curve and sampling trajectory the run drew (each part only when the folder has it)."""
+    summary, snapshot = load_run_summary(pipeline_dir)
+    lines = []
+    if summary is not None:
+        processes = summary.get("num_processes", 1)
+        device = summary.get("device")
+        where = f" on {f'{processes} × ' if processes > 1 else ''}{device}" if device else ""
+        precision = summary.get("mixed_precision")
+        precision = {"no": ", float32", None: ""}.get(precision, f", {precision} mixed precision")
+        batch = summary.get("global_batch_size")
+        data = summary.get("data") or {}
+        epochs = summary.get("epochs")
+        seen = (f" ({epochs:.3g} epochs of {data['num_images']:,} images)"
+                if epochs is not None and data.get("num_images") else "")  # fmt: skip
+        lines.append(
+            f"{'This snapshot was taken after' if snapshot else 'Trained for'} {summary['global_step']:,} optimizer steps"
+            + (f" of {batch:,} images" if batch else "") + seen
+            + f", {_duration(summary['train_seconds'])} of training{where}{precision}."
+        )
+        recent = summary.get("recent_loss") or {}
+        if "loss" in recent:
+            quarters = [recent.get(name) for name in QUARTER_COLUMNS]
+            by_quarter = (
+                " By quarter of the timesteps, from the least noisy (t < T/4) to the noisiest: "
+                + ", ".join("–" if value is None else f"{value:.4g}" for value in quarters) + "."
+                if any(value is not None for value in quarters) else ""
+            )  # fmt: skip
+            parts = (f" (its MSE part {recent['mse']:.4g}, its bound part {recent['vlb']:.4g})"
+                     if "mse" in recent and "vlb" in recent else "")  # fmt: skip
+            lines.append(f"The training loss averaged {recent['loss']:.4g}{parts} over the last {recent['steps']} steps.{by_quarter}")
+    figures = [
+        ("loss_curve.png", "the training loss, in all and by quarter of the timesteps"),
+        ("trajectory.png", "the sampling chain: x_t, the predicted noise and the predicted x0 at a few steps"),
+    ]
+    images = [f"![{alt}]({name})" for name, alt in figures if (pipeline_dir / name).is_file()]
+    if not lines and not images:
+        return []
+    section = ["", "## Training results"]
+    for paragraph in ([" ".join(lines)] if lines else []) + images:
+        section += ["", paragraph]
+    return section
 
 
 def _image_size(sample_size: int | list[int] | None) -> str:
@@ -182,6 +248,7 @@ def _body(
             "",
             "`ddpm_pipeline.DDPMTargetPipeline` loads it too, adding respaced exact-posterior sampling and trajectories.",
         ]
+    lines += _results_section(pipeline_dir)
     if report:
         lines += ["", "## Evaluation", "", _metrics_table(report)]
     if config is not None:

@@ -24,6 +24,12 @@ TIMESTEP_QUARTERS = 4
 QUARTER_COLUMNS = tuple(f"loss_q{q}" for q in range(TIMESTEP_QUARTERS))
 #: With a learned variance the loss's two parts are logged too (:class:`~ddpm_pipeline.losses.DiffusionLossTerms`).
 TERM_COLUMNS = ("mse", "vlb")
+#: A finished run's summary reports its loss averaged over this many last steps.
+SUMMARY_STEPS = 100
+#: Beside a finished run's pipeline: what the run did (:meth:`ddpm_pipeline.training.Trainer.run_summary`).
+TRAINING_SUMMARY_NAME = "training_summary.json"
+#: In each ``--snapshot_*`` folder: the same summary, of the run up to the snapshot.
+SNAPSHOT_SUMMARY_NAME = "snapshot.json"
 
 
 def step_record(
@@ -104,6 +110,23 @@ class LossHistory:
     def series(self, column: str) -> tuple[list[int], list[float]]:
         """The steps and values of ``column`` (NaN where a row has none)."""
         return [int(step) for step in self._values["step"]], self._values[column].tolist()
+
+    def __len__(self) -> int:
+        """The number of rows (steps) recorded, the resumed run's kept rows included."""
+        return len(self._values["step"])
+
+    def recent_means(self, steps: int = SUMMARY_STEPS) -> dict[str, float]:
+        """Each loss column's mean over the last ``steps`` rows, ``(1/n) Σ value`` over the n of
+        them with a finite value (a quarter's cell is empty on a step without an image there, and a
+        step skipped for a non-finite loss is left out); a column with no such value is left out. Empty when nothing has been recorded."""
+        means = {}
+        for name in self.columns:
+            if name in ("step", "lr"):
+                continue
+            values = [value for value in self._values[name][-steps:] if math.isfinite(value)]
+            if values:
+                means[name] = math.fsum(values) / len(values)
+        return means
 
     def flush(self) -> None:
         """Write the buffered rows to the file (before a checkpoint, and before an error ends the run)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import platform
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -246,6 +247,15 @@ def fits_on_device(num_bytes: int, device: torch.device | str, fraction: float =
         return False
     total = torch.cuda.get_device_properties(device).total_memory
     return num_bytes <= fraction * total
+
+
+def device_description(device: torch.device | str) -> str:
+    """The device in words, for reports: the GPU's name (``"NVIDIA H100 80GB HBM3"``), or
+    ``"cpu (x86_64, 2 threads)"`` with the threads torch uses now."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def available_cores() -> int:

@@ -62,7 +62,17 @@ from .preflight import check_free_space, check_output_dir, check_unet_config, ru
 from .pretrained import PretrainedDDPM
 from .push import check_hub_access, push_to_hub
 from .run_lock import OutputDirLock
-from .run_records import QUARTER_COLUMNS, TIMESTEP_QUARTERS, LossHistory, PendingLosses, TrainingClock, step_record
+from .run_records import (
+    QUARTER_COLUMNS,
+    SNAPSHOT_SUMMARY_NAME,
+    SUMMARY_STEPS,
+    TIMESTEP_QUARTERS,
+    TRAINING_SUMMARY_NAME,
+    LossHistory,
+    PendingLosses,
+    TrainingClock,
+    step_record,
+)
 from .schedules import DEFAULT_SNR_GAMMA
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .seeding import derive_seed
@@ -73,6 +83,7 @@ from .speed import (
     compile_module,
     cpu_threads_per_process,
     default_num_workers,
+    device_description,
     explain_compile_failure,
     fits_on_device,
     launcher_precision,
@@ -96,8 +107,8 @@ TRAJECTORY_NAME = "trajectory.png"
 GRID_FOLDER = "samples"
 #: In --logging_dir: the id of the W&B run that a resumed training run continues.
 WANDB_RUN_ID_NAME = "wandb_run_id.txt"
-#: in each snapshot folder: the step and training seconds it was taken at
-SNAPSHOT_STATE_NAME = "snapshot.json"
+#: in each snapshot folder: the run's summary at the step it was taken (its step and training seconds, …)
+SNAPSHOT_STATE_NAME = SNAPSHOT_SUMMARY_NAME
 TIMESTEP_SAMPLER_STATE_NAME = "timestep_sampler.pt"
 #: AdamW's implementation flags: a resumed run keeps its own (fused on a GPU), not its checkpoint's
 OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach")
@@ -710,27 +721,46 @@ class Trainer:
                 logger.info(f"removed old checkpoint {removed}")
         return path
 
-    def save_pipeline(self) -> None:
-        """``save_pretrained`` of the EMA pipeline into ``output_dir`` and the options beside it;
-        written to a temporary folder first and moved into place part by part."""
+    def run_summary(self, global_step: int, train_seconds: float, history: LossHistory) -> dict[str, Any]:
+        """What the run has done by ``global_step``, for the model card and for people: the steps,
+        epochs (steps ÷ steps per epoch), global batch, processes, training seconds, device,
+        precision and data, and each loss column's mean over the last :data:`SUMMARY_STEPS` steps
+        (``recent_loss``, with the number of steps averaged, ``steps``)."""
+        return {
+            "global_step": global_step,
+            "epochs": global_step / self.steps_per_epoch,
+            "global_batch_size": self.global_batch_size(),
+            "num_processes": self.accelerator.num_processes,
+            "train_seconds": train_seconds,
+            "device": device_description(self.accelerator.device),
+            "mixed_precision": self.accelerator.mixed_precision,
+            "data": self.data_identity,
+            "recent_loss": {"steps": min(SUMMARY_STEPS, len(history)), **history.recent_means(SUMMARY_STEPS)},
+        }
+
+    def save_pipeline(self, summary: dict[str, Any]) -> None:
+        """``save_pretrained`` of the EMA pipeline into ``output_dir``, with the options and the run's
+        ``summary`` (``training_summary.json``) beside it; written to a temporary folder first and
+        moved into place part by part."""
         staging = temporary_sibling(self.output_dir / "pipeline")
         remove(staging)
         self.sampling_pipeline().save_pretrained(staging)
         self.config.save(staging / CONFIG_FILE_NAME)
+        (staging / TRAINING_SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
         for entry in sorted(staging.iterdir()):
             move_into_place(entry, self.output_dir / entry.name)
         staging.rmdir()
 
-    def save_snapshot(self, name: str, global_step: int, train_seconds: float) -> Path:
-        """The EMA pipeline now, with the options and ``snapshot.json`` (step, training seconds),
-        into ``output_dir/name`` (written beside it, then renamed into place)."""
+    def save_snapshot(self, name: str, summary: dict[str, Any]) -> Path:
+        """The EMA pipeline now, with the options and ``snapshot.json`` (the run's ``summary`` at
+        this step: :meth:`run_summary`), into ``output_dir/name`` (written beside it, then renamed
+        into place)."""
         folder = self.output_dir / name
         with atomic_path(folder) as staging:
             self.sampling_pipeline().save_pretrained(staging)
             self.config.save(staging / CONFIG_FILE_NAME)
-            record = {"global_step": global_step, "train_seconds": train_seconds}
-            (staging / SNAPSHOT_STATE_NAME).write_text(json.dumps(record, indent=2) + "\n")
-        logger.info(f"wrote {folder} (step {global_step}, {train_seconds / 60:.2f} min trained)")
+            (staging / SNAPSHOT_STATE_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info(f"wrote {folder} (step {summary['global_step']}, {summary['train_seconds'] / 60:.2f} min trained)")
         return folder
 
     def _due_snapshots(self, global_step: int, train_seconds: float) -> list[str]:
@@ -1012,7 +1042,7 @@ class Trainer:
                     due = self._due_snapshots(global_step, seconds) if is_main else []
                     with clock.paused():
                         for name in due:
-                            self.save_snapshot(name, global_step, seconds)
+                            self.save_snapshot(name, self.run_summary(global_step, seconds, history))
                 if not done and not stopped_early:
                     stopped_by = self._stop_reason(global_step, log_every)
                     stopped_early = stopped_by is not None
@@ -1055,13 +1085,19 @@ class Trainer:
             accelerator.end_training()
             return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, None, False, train_seconds,
                                   stopped_by)  # fmt: skip
-        logger.info(f"trained to step {global_step} in {train_seconds:.0f} s; writing the pipeline and the grid")
+        summary = self.run_summary(global_step, train_seconds, history)
+        recent = summary["recent_loss"]
+        logger.info(
+            f"trained to step {global_step} in {train_seconds:.0f} s"
+            + (f" (loss {recent['loss']:.4g} over the last {recent['steps']} steps)" if "loss" in recent else "")
+            + "; writing the pipeline and the grid"
+        )
         if self.train_images.skipped:  # counted here when the main process loaded them (workers count their own)
             logger.warning(f"{len(self.train_images.skipped)} bad image(s) were skipped (see the warnings above)")
         self.save_checkpoint(global_step, train_seconds)
         samples_path = None
         if is_main:
-            self.save_pipeline()
+            self.save_pipeline(summary)
             samples_path = self.save_grid(
                 self.output_dir / SAMPLES_NAME, trajectory_path=self.output_dir / TRAJECTORY_NAME, step=global_step
             )

@@ -118,6 +118,34 @@ def test_model_card_of_a_fine_tuned_model_names_its_hub_base_model_only(tmp_path
     assert "base_model" not in card_metadata(card) and "fine-tuned" not in card.text
 
 
+SUMMARY = {
+    "global_step": 80000, "epochs": 170.666, "global_batch_size": 128, "num_processes": 2, "train_seconds": 9000.0,
+    "device": "NVIDIA H100 80GB HBM3", "mixed_precision": "bf16",
+    "data": {"source": "Hub data set cifar10, split train", "num_images": 60000, "fingerprint": "abc"},
+    "recent_loss": {"steps": 100, "loss": 0.031234, "loss_q0": 0.08, "loss_q2": 0.01, "loss_q3": 0.002},
+}  # fmt: skip
+
+
+def test_model_card_tells_the_training_results(tmp_path):
+    folder = pipeline_folder(tmp_path / "p")
+    assert "## Training results" not in build_model_card(folder, "someone/x").text  # nothing to tell
+    (folder / "training_summary.json").write_text(json.dumps(SUMMARY))
+    (folder / "loss_curve.png").write_bytes(b"png")
+    text = build_model_card(folder, "someone/x").text
+    results = text[text.index("## Training results"):text.index("## Training\n")]
+    assert (
+        "Trained for 80,000 optimizer steps of 128 images (171 epochs of 60,000 images), 2.5 h of training on "
+        "2 × NVIDIA H100 80GB HBM3, bf16 mixed precision. The training loss averaged 0.03123 over the last 100 steps. "
+        "By quarter of the timesteps, from the least noisy (t < T/4) to the noisiest: 0.08, –, 0.01, 0.002."
+    ) in results
+    assert "](loss_curve.png)" in results and "trajectory.png" not in results  # only the figures the folder has
+    snapshot = pipeline_folder(tmp_path / "snapshot-2min")
+    (snapshot / "snapshot.json").write_text(json.dumps({**SUMMARY, "global_step": 900, "epochs": 1.92, "train_seconds": 120.0,
+                                                        "num_processes": 1, "mixed_precision": "no"}))  # fmt: skip
+    assert "This snapshot was taken after 900 optimizer steps of 128 images (1.92 epochs of 60,000 images), 2.0 min of " \
+           "training on NVIDIA H100 80GB HBM3, float32." in build_model_card(snapshot, "someone/x").text
+
+
 def test_model_card_needs_a_pipeline_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         build_model_card(tmp_path, "someone/x")

@@ -2,6 +2,7 @@
 the timesteps (weighted right under importance sampling), the CSV across resumes, and the plot."""
 
 import csv
+import json
 import math
 import os
 
@@ -17,6 +18,7 @@ from test_training import run_training
 from ddpm_pipeline import DDPMTargetScheduler, DDPMUNet, diffusion_loss, diffusion_loss_terms
 from ddpm_pipeline.likelihood import timestep_bpd
 from ddpm_pipeline.losses import DiffusionLossTerms
+from ddpm_pipeline.model_card import build_model_card
 from ddpm_pipeline.plots import moving_average
 from ddpm_pipeline.run_records import QUARTER_COLUMNS, LossHistory, step_record
 from ddpm_pipeline.training import Trainer
@@ -132,6 +134,20 @@ def test_a_crash_while_the_history_is_rewritten_on_resume_leaves_it_whole(tmp_pa
     assert [p.name for p in tmp_path.iterdir()] == ["loss_history.csv"]
 
 
+def test_the_recent_means_average_the_last_steps_with_a_value(tmp_path):
+    history = LossHistory(tmp_path / "loss_history.csv", resume_step=0, enabled=True)
+    assert len(history) == 0 and history.recent_means(3) == {}
+    history.append(1, 9.0, 0.1, loss_q0=9.0, loss_q1=None, loss_q2=None, loss_q3=None)
+    history.append(2, 0.5, 0.1, loss_q0=None, loss_q1=0.5, loss_q2=None, loss_q3=None)
+    history.append(3, math.nan, 0.1, loss_q0=None, loss_q1=None, loss_q2=math.nan, loss_q3=None)  # a skipped step
+    history.append(4, 0.25, 0.1, loss_q0=0.125, loss_q1=None, loss_q2=None, loss_q3=None)
+    history.close()
+    assert len(history) == 4
+    # the last three rows: the non-finite loss and the empty cells are left out, a column without a value too
+    assert history.recent_means(3) == {"loss": 0.375, "loss_q0": 0.125, "loss_q1": 0.5}
+    assert history.recent_means(100)["loss"] == pytest.approx((9.0 + 0.5 + 0.25) / 3)
+
+
 def test_the_moving_average_skips_missing_values():
     np.testing.assert_allclose(moving_average([1, math.nan, 3, math.nan, math.nan, 6], 2), [1, 1, 3, 3, math.nan, 6])
     np.testing.assert_allclose(moving_average([1, 2, 4, 8, 16], 4, centered=True), [1, 7 / 3, 31 / 5, 28 / 3, 16])
@@ -149,6 +165,20 @@ def test_a_hybrid_run_logs_its_terms_and_quarters_and_plots_them(tmp_path):
         assert float(row["loss"]) == pytest.approx(float(row["mse"]) + 0.01 * float(row["vlb"]), rel=1e-4)
         assert any(row[name] for name in QUARTER_COLUMNS)
     assert Image.open(out / "loss_curve.png").size == (1680, 480)  # the loss, and the loss by quarter
+    # the run's summary averages the CSV's rows (all 12: fewer than 100), and the model card tells it
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["global_step"] == 12 and summary["global_batch_size"] == 8 and summary["num_processes"] == 1
+    assert summary["epochs"] == pytest.approx(12 / (10_000 / 8)) and summary["data"]["num_images"] == 10_000
+    assert summary["mixed_precision"] == "no" and summary["device"].startswith("cpu")
+    recent = summary["recent_loss"]
+    assert recent["steps"] == 12
+    for name in ("loss", "mse", "vlb", *QUARTER_COLUMNS):
+        values = [float(row[name]) for row in rows if row[name]]
+        assert recent[name] == pytest.approx(np.mean(values), rel=1e-5), name  # the CSV keeps 6 digits
+    card = build_model_card(out, "someone/hybrid").text
+    assert "## Training results" in card and "Trained for 12 optimizer steps of 8 images (0.0096 epochs of 10,000 images)" in card
+    assert f"averaged {recent['loss']:.4g} (its MSE part {recent['mse']:.4g}, its bound part {recent['vlb']:.4g})" in card
+    assert "over the last 12 steps" in card and "](loss_curve.png)" in card and "](trajectory.png)" in card
 
 
 def test_a_fixed_variance_run_logs_quarters_without_terms(tmp_path):

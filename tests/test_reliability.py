@@ -558,6 +558,11 @@ def test_snapshots_hold_the_pipeline_of_their_step_or_minute(tmp_path):
     a = load_file(str(by_step / "unet" / "diffusion_pytorch_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(a[name], b[name]) for name in b)
+    # and its summary is the one that run ends with, but for the clock
+    taken = json.loads((by_step / "snapshot.json").read_text())
+    ended = json.loads((tmp_path / "two" / "training_summary.json").read_text())
+    assert taken.pop("train_seconds") > 0 and ended.pop("train_seconds") > 0
+    assert taken == ended and taken["recent_loss"]["steps"] == 2
     assert not list(out.glob(".*tmp"))
 
 
