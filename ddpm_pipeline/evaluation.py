@@ -41,6 +41,7 @@ from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder
 from .pretrained import is_local_source
 from .reference import DataSource, reference_statistics
+from .run_records import load_run_summary
 from .sample_store import SampleStore, image_batches, image_files
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .seeding import derive_seed
@@ -218,6 +219,17 @@ def load_training_config(model: str) -> dict[str, Any] | None:
         return json.loads(Path(hf_hub_download(model, CONFIG_FILE_NAME)).read_text())
     except Exception:  # noqa: BLE001 - any Hub failure just means "no recorded options"
         return None
+
+
+def model_training(model: str | None) -> dict[str, Any] | None:
+    """How far the run that wrote a local pipeline folder had trained (its
+    :func:`~ddpm_pipeline.run_records.load_run_summary`, with ``"snapshot": true`` for a
+    ``--snapshot_*`` folder), so that reports of one run's snapshots line up against its steps and
+    minutes; None for a Hub id or a folder without a summary."""
+    if not model or not is_local_source(model):
+        return None
+    summary, snapshot = load_run_summary(Path(model).expanduser())
+    return None if summary is None else {**summary, "snapshot": snapshot}
 
 
 def model_preprocessing(pipeline: DDPMTargetPipeline, training: dict[str, Any] | None, resize_mode: str | None) -> ImagePreprocessor:
@@ -510,6 +522,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         "num_samples": len(sample_paths),
         "samples_reused": reused,
         "num_inference_steps": config.num_inference_steps if config.model else None,
+        "model_training": model_training(config.model),
         "sampling": sampling,
         "seed": config.seed,
         "metrics": {},

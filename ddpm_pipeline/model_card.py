@@ -17,7 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .atomic import atomic_path
 from .preflight import check_pipeline_folder
 from .pretrained import is_local_source
-from .run_records import QUARTER_COLUMNS, SNAPSHOT_SUMMARY_NAME, TRAINING_SUMMARY_NAME
+from .run_records import QUARTER_COLUMNS, load_run_summary
 from .schedules import is_learned_variance
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
@@ -88,17 +88,6 @@ def load_eval_report(pipeline_dir: str | Path, eval_report: str | Path | None = 
     if eval_report and not path.is_file():
         raise FileNotFoundError(f"--eval_report {path} does not exist: give the JSON file eval_metrics.py wrote.")
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def load_run_summary(pipeline_dir: str | Path) -> tuple[dict[str, Any] | None, bool]:
-    """What the run that wrote the folder did (``training_summary.json``), or, for a
-    ``--snapshot_*`` folder, the run up to the snapshot (``snapshot.json``), and whether it is the
-    latter; None for a folder written otherwise."""
-    for name in (TRAINING_SUMMARY_NAME, SNAPSHOT_SUMMARY_NAME):
-        path = Path(pipeline_dir) / name
-        if path.is_file():
-            return json.loads(path.read_text()), name == SNAPSHOT_SUMMARY_NAME
-    return None, False
 
 
 def _duration(seconds: float) -> str:

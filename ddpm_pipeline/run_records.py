@@ -5,12 +5,14 @@ and the clock of training seconds."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -137,6 +139,17 @@ class LossHistory:
         """Close the CSV file."""
         if self.enabled:
             self._handle.close()
+
+
+def load_run_summary(folder: str | Path) -> tuple[dict[str, Any] | None, bool]:
+    """What the run that wrote a pipeline folder did (``training_summary.json``), or, for a
+    ``--snapshot_*`` folder, the run up to the snapshot (``snapshot.json``), and whether it is the
+    latter; ``(None, False)`` for a folder written otherwise."""
+    for name in (TRAINING_SUMMARY_NAME, SNAPSHOT_SUMMARY_NAME):
+        path = Path(folder) / name
+        if path.is_file():
+            return json.loads(path.read_text()), name == SNAPSHOT_SUMMARY_NAME
+    return None, False
 
 
 def iter_loss_history(path: Path) -> Iterator[dict[str, float | None]]:

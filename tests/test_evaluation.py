@@ -79,6 +79,17 @@ def test_evaluate_writes_a_report_grid_and_reusable_samples(tmp_path, tiny_pipel
     samples = sorted((tmp_path / "results-samples").glob("*.png"))
     assert [p.name for p in samples] == [f"{i:06d}.png" for i in range(6)]
     assert Image.open(samples[0]).size == (16, 16) and Image.open(samples[0]).mode == "L"
+    assert report["model_training"] is None  # a folder no training run wrote
+
+
+def test_the_report_says_how_far_the_model_had_trained(tmp_path, tiny_pipeline, reference_data):
+    snapshot = tmp_path / "snapshot-2min"
+    shutil.copytree(tiny_pipeline, snapshot)
+    taken = {"global_step": 900, "train_seconds": 121.5, "recent_loss": {"steps": 100, "loss": 0.05}}
+    (snapshot / "snapshot.json").write_text(json.dumps(taken))
+    report = run(tmp_path, snapshot, reference_data, metrics="fid")
+    assert report["model_training"] == {**taken, "snapshot": True}
+    assert json.loads((tmp_path / "results.json").read_text())["model_training"]["global_step"] == 900
 
 
 def test_fast_sampling_changes_the_samples_not_the_bound(tmp_path, reference_data):
