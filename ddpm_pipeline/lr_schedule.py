@@ -34,6 +34,9 @@ from torch.optim.lr_scheduler import LRScheduler
 DECAYING_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial")
 #: what a checkpoint keeps (the options come from the run's configuration)
 STATE_KEYS = ("last_epoch", "_step_count", "base_lrs", "_last_lr", "reading", "warmup_end_seconds")
+#: what shapes the schedule (:meth:`RunLengthLR.definition`), kept in a checkpoint so that a run
+#: resumed with another schedule can tell: another name, warmup, length or time budget
+DEFINITION_KEY = "definition"
 
 
 def diffusers_multiplier(name: str, learning_rate: float, warmup_steps: int, total_steps: int) -> Callable[[float], float]:
@@ -63,6 +66,9 @@ class RunLengthLR(LRScheduler):
         #: the last clock reading: (step, training seconds, seconds per step since the reading before, or None)
         self.reading: tuple[int, float, float | None] | None = None
         self.warmup_end_seconds: float | None = None  # T_W
+        #: the definition the restored state was built with (None: nothing restored, or a
+        #: checkpoint written before definitions were kept)
+        self.restored_definition: dict[str, Any] | None = None
         learning_rate = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
         self._multiplier = diffusers_multiplier(name, learning_rate, warmup_steps, total_steps)
         super().__init__(optimizer, last_epoch)
@@ -71,6 +77,14 @@ class RunLengthLR(LRScheduler):
     def decays_over_budget(self) -> bool:
         """Whether the time budget can end the decay (a decaying schedule with a budget)."""
         return self.budget_seconds is not None and self.name in DECAYING_SCHEDULES
+
+    def definition(self) -> dict[str, Any]:
+        """What shapes the multipliers: the schedule's name and warmup steps and, for a decaying
+        schedule, its step limit and time budget (a constant one does not depend on them)."""
+        decaying = self.name in DECAYING_SCHEDULES
+        return {"name": self.name, "warmup_steps": self.warmup_steps,
+                "step_limit": self.step_limit if decaying else None,
+                "budget_seconds": self.budget_seconds if decaying else None}  # fmt: skip
 
     def observe(self, step: int, train_seconds: float) -> None:
         """A clock reading: ``train_seconds`` of training after ``step`` optimizer steps."""
@@ -120,12 +134,22 @@ class RunLengthLR(LRScheduler):
         return [base * factor for base in self.base_lrs]
 
     def state_dict(self) -> dict[str, Any]:
-        """The position and the clock readings (the options come from the run's configuration)."""
-        return {key: getattr(self, key) for key in STATE_KEYS if hasattr(self, key)}
+        """The position and the clock readings, and the :meth:`definition` they were reached with
+        (the options themselves come from the run's configuration)."""
+        return {**{key: getattr(self, key) for key in STATE_KEYS if hasattr(self, key)}, DEFINITION_KEY: self.definition()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; also reads the ``LambdaLR`` state of checkpoints written
+        """Restore :meth:`state_dict`, keeping this run's definition (the checkpoint's is kept as
+        :attr:`restored_definition`); also reads the ``LambdaLR`` state of checkpoints written
         before this class (its ``lr_lambdas`` entry carries nothing the run needs)."""
         for key in STATE_KEYS:
             if key in state_dict:
                 setattr(self, key, state_dict[key])
+        self.restored_definition = state_dict.get(DEFINITION_KEY)
+
+    def restart_here(self) -> None:
+        """Set the learning rate of the next step from this schedule at the restored position
+        (``lr = base · λ(n)`` at ``n = last_epoch``), replacing the rate restored with it."""
+        self._last_lr = self.get_lr()
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            group["lr"] = lr

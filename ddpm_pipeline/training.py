@@ -640,19 +640,41 @@ class Trainer:
                 {option: (getattr(ema, setting), getattr(config, option)) for setting, option in EMA_SETTINGS.items()}
             )
         changed = {name: pair for name, pair in restored_and_wanted.items() if pair[0] != pair[1]}
-        if not changed:
+        schedule_changes = self._schedule_changes()
+        if not changed and not schedule_changes:
             return
+        restored_lr = scheduler.get_last_lr()[0]
         for group in self.optimizer.param_groups:  # its lr: the schedule's, set below
             group.update(adamw_hyperparameters(config), initial_lr=config.learning_rate)
         scheduler.base_lrs = [config.learning_rate] * len(scheduler.base_lrs)
-        scheduler._last_lr = scheduler.get_lr()  # the rate of the resumed step, from the new peak
-        for group, lr in zip(self.optimizer.param_groups, scheduler._last_lr, strict=True):
-            group["lr"] = lr
+        scheduler.restart_here()  # the rate of the next step: this run's schedule at the resumed step
         if ema is not None:
             for setting, value in ema_settings(config).items():
                 setattr(ema, setting, value)
-        described = ", ".join(f"--{name} {_option_text(old)} → {_option_text(new)}" for name, (old, new) in changed.items())
-        logger.info(f"resumed with other options than {self.checkpoint}'s, applied from here on: {described}")
+        described = [f"--{name} {_option_text(old)} → {_option_text(new)}" for name, (old, new) in changed.items()]
+        logger.info(
+            f"resumed with other options than {self.checkpoint}'s, applied from here on: "
+            f"{', '.join(described + schedule_changes)}; the learning rate from step {scheduler.last_epoch + 1} on "
+            f"follows this run's schedule: {restored_lr:.3g} → {scheduler.get_last_lr()[0]:.3g} at that step"
+        )
+
+    def _schedule_changes(self) -> list[str]:
+        """How this run's learning-rate schedule differs from the one the checkpoint's position was
+        reached with (:meth:`~ddpm_pipeline.lr_schedule.RunLengthLR.definition`), in words: another
+        ``--lr_scheduler`` or ``--lr_warmup_steps``, or, for a decaying schedule, another length
+        (``--max_train_steps`` or ``--num_epochs``: a run trained further) or time budget. Empty when
+        they agree or the checkpoint predates the record."""
+        restored, now = self.lr_scheduler.restored_definition, self.lr_scheduler.definition()
+        if restored is None or restored == now:
+            return []
+        labels = {"name": "--lr_scheduler", "warmup_steps": "--lr_warmup_steps",
+                  "step_limit": f"the {now['name']} decay's length in steps",
+                  "budget_seconds": f"the {now['name']} decay's time budget in seconds"}  # fmt: skip
+        return [
+            f"{label} {_option_text(restored.get(key))} → {_option_text(now[key])}"
+            for key, label in labels.items()
+            if restored.get(key) != now[key] and (key in ("name", "warmup_steps") or restored.get("name") == now["name"])
+        ]
 
     def _warn_if_batch_changed(self, state: dict[str, Any]) -> None:
         """A run resumed with another global batch (other processes, batch size or accumulation)

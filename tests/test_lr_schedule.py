@@ -83,12 +83,32 @@ def test_state_round_trip_and_old_lambdalr_checkpoints(tmp_path):
     second.load_state_dict(torch.load(tmp_path / "state.pt"))
     assert second.expected_total_steps() == first.expected_total_steps() == 60
     assert learning_rates(second, 30) == learning_rates(first, 30)
+    assert second.restored_definition == first.definition() == {"name": "cosine", "warmup_steps": 2, "step_limit": 1000,
+                                                                "budget_seconds": 30.0}  # fmt: skip
+    constant = RunLengthLR(optimizer(), "constant", warmup_steps=2, total_steps=1000, budget_seconds=30.0)
+    assert constant.definition()["step_limit"] is None  # its rates do not depend on the run's length
 
     old = get_scheduler("cosine", optimizer(), num_warmup_steps=2, num_training_steps=100)
     learning_rates(old, 10)
     resumed = RunLengthLR(optimizer(), "cosine", warmup_steps=2, total_steps=100)
     resumed.load_state_dict(old.state_dict())
     assert learning_rates(resumed, 20) == learning_rates(old, 20)
+    assert resumed.restored_definition is None  # not recorded then: nothing to compare
+
+
+def test_restarting_at_the_restored_step_takes_the_new_schedule_s_rate(tmp_path):
+    """A 10-step cosine schedule's position restored into a 20-step one: the next step's rate is the
+    20-step schedule's at step 10, as in a run that was always 20 steps long."""
+    short = RunLengthLR(optimizer(), "cosine", warmup_steps=0, total_steps=10)
+    learning_rates(short, 10)
+    long = RunLengthLR(optimizer(), "cosine", warmup_steps=0, total_steps=20)
+    long.load_state_dict(short.state_dict())
+    assert long.get_last_lr() == short.get_last_lr() == [0.0]  # the decay's end, restored
+    long.restart_here()
+    straight = RunLengthLR(optimizer(), "cosine", warmup_steps=0, total_steps=20)
+    learning_rates(straight, 10)
+    assert long.get_last_lr() == straight.get_last_lr() and long.optimizer.param_groups[0]["lr"] == straight.get_last_lr()[0]
+    assert learning_rates(long, 5) == learning_rates(straight, 5)
 
 
 def test_a_time_budgeted_run_anneals_its_learning_rate(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 import csv
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -405,6 +406,36 @@ def test_a_resumed_run_trains_with_its_own_optimizer_and_ema_options(tmp_path, c
     reset_accelerate()
     with pytest.raises(ValueError, match="use_ema: True vs False"):
         run_training(tmp_path / "no-ema", *options, "--no-use_ema", "--resume_from_checkpoint", first / "checkpoint-2")
+
+
+def test_a_run_trained_further_follows_the_longer_schedule_from_its_resumed_step(tmp_path, caplog):
+    # a finished 4-step cosine run, resumed to step 8: its rate has decayed to 0, and from step 5 on it
+    # trains at the rates of an 8-step run, not one step at the old schedule's 0 first
+    data = saved_dataset(tmp_path / "data", count=8, size=16)
+    options = ["--dataset_path", data, "--save_images_steps", "none", "--train_batch_size", "4", "--lr_scheduler", "cosine",
+               "--lr_warmup_steps", "1", "--learning_rate", "1e-3"]  # fmt: skip
+    first, further, straight = tmp_path / "first", tmp_path / "further", tmp_path / "straight"
+    run_training(first, *options, "--max_train_steps", "4")
+    reset_accelerate()
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        run_training(further, *options, "--max_train_steps", "8", "--resume_from_checkpoint", first / "checkpoint-4")
+    reset_accelerate()
+    run_training(straight, *options, "--max_train_steps", "8")
+
+    def rates(folder):
+        with open(folder / "loss_history.csv", newline="") as handle:
+            return {int(row["step"]): float(row["lr"]) for row in csv.DictReader(handle)}
+
+    assert [rates(further)[n] for n in range(1, 5)] == [rates(first)[n] for n in range(1, 5)]
+    assert [rates(further)[n] for n in range(5, 9)] == [rates(straight)[n] for n in range(5, 9)]
+    assert rates(straight)[5] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 7)), rel=1e-5)
+    assert "the cosine decay's length in steps 4 → 8; the learning rate from step 5 on follows this run's schedule: 0 → 0.000611" in caplog.text
+    # resumed with its own schedule, a run says nothing of it
+    caplog.clear()
+    reset_accelerate()
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        run_training(straight, *options, "--max_train_steps", "8", "--resume_from_checkpoint", straight / "checkpoint-8")
+    assert "other options" not in caplog.text
 
 
 @pytest.fixture
