@@ -35,13 +35,12 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
-from ddpm_pipeline.speed import is_channels_last
+from ddpm_pipeline.speed import device_description, is_channels_last
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
     Contenders,
     append_json_lines,
-    device_name,
     forward_flops_per_image,
     matmul_peak_flops,
     parse_variants,
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak, peak_dtype = matmul_peak_flops(device)
     flops = forward_flops_per_image(args.model)
     result = {
-        "device": device_name(device),
+        "device": device_description(device),
         "model": args.model,
         "num_inference_steps": args.num_inference_steps,
         "dtype_ours": settings["ours"]["dtype"] if "ours" in settings else None,

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddpm_pipeline.speed import set_tf32
+from ddpm_pipeline.speed import device_description, set_tf32
 from ddpm_pipeline.training import Trainer
 from ddpm_pipeline.training_config import TrainingConfig
 from ddpm_pipeline.unet import DDPMUNet
@@ -53,7 +53,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
     Contenders,
     append_json_lines,
-    device_name,
     matmul_peak_flops,
     parse_variants,
     profile_calls,
@@ -207,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     peak, peak_dtype = matmul_peak_flops(device)
     flops = training_flops_per_image(args.model)
     result = {
-        "device": device_name(device),
+        "device": device_description(device),
         "model": args.model,
         "batch_size": args.batch_size,
         "ours_settings": settings.get("ours"),

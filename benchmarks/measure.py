@@ -41,11 +41,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or ``cpu (N threads)``."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-
-
 def forward_flops_per_image(model: str) -> float:
     """FLOPs of one UNet forward pass on one image of the preset ``model`` (2 × multiply-adds of every
     convolution, linear layer and attention matmul), counted on the meta device."""
