@@ -668,10 +668,13 @@ class Trainer:
         if restored is None or restored == now:
             return []
         labels = {"name": "--lr_scheduler", "warmup_steps": "--lr_warmup_steps",
-                  "step_limit": f"the {now['name']} decay's length in steps",
-                  "budget_seconds": f"the {now['name']} decay's time budget in seconds"}  # fmt: skip
+                  "step_limit": f"the {now['name']} decay's length in steps", "budget_seconds": "--max_train_minutes"}  # fmt: skip
+
+        def shown(key: str, value: Any) -> str:
+            return _option_text(value / 60 if key == "budget_seconds" and value is not None else value)
+
         return [
-            f"{label} {_option_text(restored.get(key))} → {_option_text(now[key])}"
+            f"{label} {shown(key, restored.get(key))} → {shown(key, now[key])}"
             for key, label in labels.items()
             if restored.get(key) != now[key] and (key in ("name", "warmup_steps") or restored.get("name") == now["name"])
         ]

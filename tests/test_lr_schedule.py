@@ -1,6 +1,7 @@
 """The learning-rate schedule follows diffusers' named schedules over the run's real length."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -111,7 +112,7 @@ def test_restarting_at_the_restored_step_takes_the_new_schedule_s_rate(tmp_path)
     assert learning_rates(long, 5) == learning_rates(straight, 5)
 
 
-def test_a_time_budgeted_run_anneals_its_learning_rate(tmp_path, monkeypatch):
+def test_a_time_budgeted_run_anneals_its_learning_rate(tmp_path, monkeypatch, caplog):
     """train_ddpm.py with --max_train_minutes and the cosine schedule: on a clock that ticks one
     second per reading the budget allows far fewer steps than --max_train_steps, and the logged
     learning rate falls from its peak to nearly 0 at the last step (a cosine planned over the
@@ -119,10 +120,11 @@ def test_a_time_budgeted_run_anneals_its_learning_rate(tmp_path, monkeypatch):
     ticks = {"now": 0.0}
     monkeypatch.setattr(training_module.time, "perf_counter", lambda: ticks.__setitem__("now", ticks["now"] + 1.0) or ticks["now"])
     out = tmp_path / "run"
-    result = main(["--model", "ddpm-tiny-16", "--resolution", "16", "--grid_inference_steps", "2", "--num_grid_images", "4",
-                   "--report_to", "none", "--train_batch_size", "4", "--save_images_steps", "none", "--checkpointing_steps",
-                   "none", "--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--learning_rate", str(PEAK),
-                   "--max_train_steps", "10000", "--max_train_minutes", "1", "--output_dir", str(out)])  # fmt: skip
+    options = ["--model", "ddpm-tiny-16", "--resolution", "16", "--grid_inference_steps", "2", "--num_grid_images", "4",
+               "--report_to", "none", "--train_batch_size", "4", "--save_images_steps", "none", "--checkpointing_steps",
+               "none", "--lr_scheduler", "cosine", "--lr_warmup_steps", "3", "--learning_rate", str(PEAK),
+               "--max_train_steps", "10000", "--output_dir", str(out)]  # fmt: skip
+    result = main([*options, "--max_train_minutes", "1"])
     monkeypatch.undo()
     assert result.finished and 10 < result.global_step < 10000
     rows = (out / "loss_history.csv").read_text().splitlines()[1:]
@@ -134,3 +136,12 @@ def test_a_time_budgeted_run_anneals_its_learning_rate(tmp_path, monkeypatch):
     saved = json.loads((out / "training_config.json").read_text())
     assert saved["max_train_minutes"] == 1 and saved["lr_scheduler"] == "cosine"
     assert math.isfinite(result.final_loss)
+    # a larger budget trains it further, its decay stretched over the new budget from the next step on
+    monkeypatch.setattr(training_module.time, "perf_counter", lambda: ticks.__setitem__("now", ticks["now"] + 1.0) or ticks["now"])
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        further = main([*options, "--max_train_minutes", "2", "--resume_from_checkpoint", "latest"])
+    monkeypatch.undo()
+    assert further.finished and further.global_step > result.global_step
+    assert f"--max_train_minutes 1 → 2; the learning rate from step {result.global_step + 1} on follows" in caplog.text
+    rates = [float(row.split(",")[2]) for row in (out / "loss_history.csv").read_text().splitlines()[1:]]
+    assert rates[result.global_step] > 0.2 * PEAK and rates[-1] < 0.05 * PEAK  # back up, then decayed again
