@@ -120,7 +120,8 @@ class LossHistory:
     def recent_means(self, steps: int = SUMMARY_STEPS) -> dict[str, float]:
         """Each loss column's mean over the last ``steps`` rows, ``(1/n) Σ value`` over the n of
         them with a finite value (a quarter's cell is empty on a step without an image there, and a
-        step skipped for a non-finite loss is left out); a column with no such value is left out. Empty when nothing has been recorded."""
+        step skipped for a non-finite loss is left out); a column with no such value is left out,
+        so nothing is returned before the first row."""
         means = {}
         for name in self.columns:
             if name in ("step", "lr"):

@@ -652,11 +652,12 @@ class Trainer:
             for setting, value in ema_settings(config).items():
                 setattr(ema, setting, value)
         described = [f"--{name} {_option_text(old)} → {_option_text(new)}" for name, (old, new) in changed.items()]
+        new_lr = scheduler.get_last_lr()[0]
         logger.info(
-            f"resumed with other options than {self.checkpoint}'s, applied from here on: "
-            f"{', '.join(described + schedule_changes)}; the learning rate from step {scheduler.last_epoch + 1} on "
-            f"follows this run's schedule: {restored_lr:.3g} → {scheduler.get_last_lr()[0]:.3g} at that step"
-        )
+            f"resumed with other options than {self.checkpoint}'s, applied from here on: {', '.join(described + schedule_changes)}"
+            + (f"; the learning rate from step {scheduler.last_epoch + 1} on follows this run's schedule: "
+               f"{restored_lr:.3g} → {new_lr:.3g} at that step" if new_lr != restored_lr else "")
+        )  # fmt: skip
 
     def _schedule_changes(self) -> list[str]:
         """How this run's learning-rate schedule differs from the one the checkpoint's position was

@@ -393,7 +393,8 @@ def test_a_resumed_run_trains_with_its_own_optimizer_and_ema_options(tmp_path, c
     with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
         run_training(branch, *options, *changed, "--resume_from_checkpoint", first / "checkpoint-2")
     assert ("applied from here on: --learning_rate 0.001 → 0.0001, --adam_beta2 0.999 → 0.99, --adam_weight_decay 0 → 0.01, "
-            "--ema_max_decay 0.9999 → 0.99") in caplog.text  # fmt: skip
+            "--ema_max_decay 0.9999 → 0.99; the learning rate from step 3 on follows this run's schedule: 0.001 → 0.0001 "
+            "at that step") in caplog.text  # fmt: skip
     with open(branch / "loss_history.csv", newline="") as handle:
         rates = {int(row["step"]): float(row["lr"]) for row in csv.DictReader(handle)}
     assert rates == {1: 1e-3, 2: 1e-3, 3: 1e-4, 4: 1e-4}
