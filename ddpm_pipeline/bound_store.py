@@ -28,6 +28,7 @@ _TERMS = ("prior", "diffusion", "decoder", "per_timestep")
 
 
 def batch_file_name(batch_index: int) -> str:
+    """The file of batch ``b``'s terms: ``batch-000042.pt``."""
     return f"batch-{batch_index:06d}.pt"
 
 

@@ -69,6 +69,7 @@ class OutlivesItsReader:
         self.reader_gone = False
 
     def write(self, text: str) -> int:
+        """Write to the stream; once its reader has gone (a broken pipe), to nowhere."""
         try:
             return self._stream.write(text)
         except BrokenPipeError:
@@ -76,6 +77,7 @@ class OutlivesItsReader:
             return len(text)
 
     def flush(self) -> None:
+        """Flush the stream; once its reader has gone, do nothing."""
         try:
             self._stream.flush()
         except BrokenPipeError:

@@ -328,6 +328,7 @@ class EpochShuffleSampler(torch.utils.data.Sampler[int]):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next iteration yields (the order depends only on seed and epoch)."""
         self.epoch = epoch
 
     def __len__(self) -> int:

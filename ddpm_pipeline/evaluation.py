@@ -97,6 +97,7 @@ class EvaluationConfig:
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
 
     def metric_list(self) -> list[str]:
+        """``--metrics`` as a list of known metric names."""
         return parse_metrics(self.metrics)
 
     def validate(self) -> None:
@@ -134,6 +135,7 @@ class EvaluationConfig:
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> EvaluationConfig:
+        """The options of the ``eval_metrics.py`` command line (``argv``, default: ``sys.argv[1:]``)."""
         parser = argparse.ArgumentParser(
             prog="eval_metrics.py",
             description="Score a DDPM pipeline (or images) with torch-fidelity and the variational bound.",
@@ -184,6 +186,7 @@ class EvaluationProcesses:
 
     @property
     def is_main(self) -> bool:
+        """Whether this is the process that computes the metrics and writes the report."""
         return self.index == 0
 
     def wait(self) -> None:
@@ -197,6 +200,7 @@ class EvaluationProcesses:
 
 
 def package_versions() -> dict[str, str | None]:
+    """The installed version of each package a report names (None where one is missing)."""
     versions = {}
     for name in PACKAGES:
         try:
@@ -247,6 +251,8 @@ def check_reference_padding(dataset: datasets.Dataset, preprocess: ImagePreproce
 
 
 def samples_preprocessing(files: list[Path], config: EvaluationConfig) -> ImagePreprocessor:
+    """How reference images are prepared to match a folder of samples: the first sample's size and
+    colour, unless ``--resolution`` / ``--channels`` say otherwise."""
     from PIL import Image
 
     with Image.open(files[0]) as first:

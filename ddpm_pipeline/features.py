@@ -60,6 +60,7 @@ class InceptionV3WithoutClassifier(FeatureExtractorInceptionV3):
         super().__init__(name, features_list, feature_extractor_weights_path=feature_extractor_weights_path, **kwargs)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load every weight but the classifier's, strictly: a missing or unexpected one is an error."""
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         unexpected = list(result.unexpected_keys)
         missing = [key for key in result.missing_keys if key not in CLASSIFIER_KEYS]
@@ -72,6 +73,7 @@ class InceptionV3WithoutClassifier(FeatureExtractorInceptionV3):
 
     @staticmethod
     def get_provided_features_list():
+        """The feature layers it provides: torch-fidelity's, less the classifier's logits."""
         return "64", "192", "768", "2048"
 
 
@@ -140,6 +142,7 @@ class FeatureExtractorSpec:
 
     @property
     def has_classifier(self) -> bool:
+        """Whether its weights include the final classifier, which the Inception Score needs."""
         return self.name != INCEPTION_WITHOUT_CLASSIFIER
 
     def identity(self) -> dict[str, str | None]:

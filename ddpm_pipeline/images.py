@@ -212,6 +212,7 @@ class ImageFormat:
         return f"{self.size}px" if self.smallest == self.largest else f"{self.smallest}–{self.largest}px"
 
     def describe(self) -> str:
+        """In words, for the log: ``"RGB, 64px (64 images inspected)"``."""
         sides = self.shorter_sides() if self.smallest == self.largest else f"shorter sides {self.shorter_sides()}, median {self.size}"
         colour = "RGB" if self.channels == 3 else "grayscale"
         return f"{colour}, {sides} ({self.inspected} images inspected)"

@@ -77,6 +77,7 @@ class BoundTerms:
 
     @property
     def total(self) -> torch.Tensor:
+        """The whole bound per image, ``L_T + Σ L_{t-1} + L_0``."""
         return self.prior + self.diffusion + self.decoder
 
     @classmethod

@@ -130,6 +130,7 @@ class RunLengthLR(LRScheduler):
         return self._multiplier(warmup + by_time * (self.step_limit - warmup))
 
     def get_lr(self) -> list[float]:
+        """Each group's rate at the current step: ``base · λ(n)``."""
         factor = self.multiplier(self.last_epoch)
         return [base * factor for base in self.base_lrs]
 

@@ -78,6 +78,7 @@ def eval_results(report: dict[str, Any], dataset: str | None, dataset_name: str)
 
 
 def load_training_config(pipeline_dir: str | Path) -> TrainingConfig | None:
+    """The options the folder was trained with (``training_config.json``), or None."""
     path = Path(pipeline_dir) / CONFIG_FILE_NAME
     return TrainingConfig.load(path) if path.is_file() else None
 

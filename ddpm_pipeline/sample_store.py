@@ -33,6 +33,7 @@ def batch_seed(seed: int, batch_index: int) -> int:
 
 
 def sample_name(index: int) -> str:
+    """The file of sample ``i``: ``000042.png``."""
     return f"{index:06d}.png"
 
 
@@ -130,6 +131,7 @@ class SampleStore:
         return written
 
     def paths(self, num_samples: int) -> list[Path]:
+        """The files of the first ``num_samples`` samples."""
         return [self.folder / sample_name(i) for i in range(num_samples)]
 
 

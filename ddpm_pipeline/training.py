@@ -510,6 +510,8 @@ class Trainer:
         return unet.to(self.accelerator.device).eval()
 
     def sampling_pipeline(self) -> DDPMTargetPipeline:
+        """:meth:`sampling_unet` (the EMA weights, or the trained ones without EMA) in a pipeline with
+        its own copy of the noise scheduler, for grids, snapshots and the saved pipeline."""
         # its own scheduler: sampling sets timesteps, which the training scheduler must not carry
         scheduler = DDPMTargetScheduler.from_config(self.noise_scheduler.config)
         pipeline = DDPMTargetPipeline(unet=self.sampling_unet(), scheduler=scheduler)
