@@ -8,9 +8,10 @@ Inception Score).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ class InceptionV3WithoutClassifier(FeatureExtractorInceptionV3):
             raise ValueError(f"{name} needs feature_extractor_weights_path (a converted file without the fc layer).")
         super().__init__(name, features_list, feature_extractor_weights_path=feature_extractor_weights_path, **kwargs)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Load every weight but the classifier's, strictly: a missing or unexpected one is an error."""
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         unexpected = list(result.unexpected_keys)
@@ -72,7 +73,7 @@ class InceptionV3WithoutClassifier(FeatureExtractorInceptionV3):
         return result
 
     @staticmethod
-    def get_provided_features_list():
+    def get_provided_features_list() -> tuple[str, ...]:
         """The feature layers it provides: torch-fidelity's, less the classifier's logits."""
         return "64", "192", "768", "2048"
 

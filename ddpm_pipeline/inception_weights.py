@@ -21,6 +21,7 @@ import tempfile
 import warnings
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -96,7 +97,7 @@ def _torch_fidelity_convolutions() -> OrderedDict[str, list[tuple[str, tuple[int
     from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d, FeatureExtractorInceptionV3
 
     class LayersOnly(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: ARG002
+        def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> None:  # noqa: ARG002
             return None
 
     with tempfile.TemporaryDirectory() as folder:

@@ -147,7 +147,7 @@ class DDPMTargetScheduler(DDPMScheduler):
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs):
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
         """Build from a config dict, ours or another diffusers scheduler's (`DDPMScheduler`,
         `DDIMScheduler`, …; of another sampler's options, those this class takes are kept, except
         its ``variance_type``, which means something else there).

@@ -20,8 +20,9 @@ import logging
 import os
 import platform
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -227,7 +228,7 @@ def compile_module(module: torch.nn.Module, mode: str | None = None) -> torch.nn
     return module
 
 
-def build_adamw(parameters, fused: bool, **hyperparameters) -> torch.optim.AdamW:
+def build_adamw(parameters: Iterable[torch.nn.Parameter], fused: bool, **hyperparameters: Any) -> torch.optim.AdamW:
     """AdamW, as one fused kernel per step (``fused=True``) or as multi-tensor ``foreach`` kernels.
 
     Both implement ``m ← β1 m + (1-β1) g``, ``v ← β2 v + (1-β2) g²``,
