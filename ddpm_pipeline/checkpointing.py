@@ -58,9 +58,11 @@ def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | Non
     if not path.is_dir() and not path.is_absolute() and (Path(output_dir) / path).is_dir():
         path = Path(output_dir) / path
     if not path.is_dir():
+        there = [checkpoint.name for checkpoint in list_checkpoints(output_dir)]
         raise FileNotFoundError(
-            f"--resume_from_checkpoint {path} is not a folder, here or in --output_dir {output_dir}: give a "
-            f"checkpoint-N folder from an earlier run's --output_dir, or 'latest'."
+            f"--resume_from_checkpoint {path} is not a folder, here or in --output_dir {output_dir}"
+            + (f" (which holds {', '.join(there)})" if there else "")
+            + ": give a checkpoint-N folder from an earlier run's --output_dir, or 'latest'."
         )
     if not (path / TRAINER_STATE_NAME).is_file():
         raise ValueError(

@@ -126,7 +126,8 @@ def test_checkpoints_are_atomic_listed_pruned_and_resolved(tmp_path):
         resolve_checkpoint(tmp_path, str(tmp_path / "checkpoint-99"))
     # a bare name is looked for in the output folder too, as diffusers' training examples take it
     assert resolve_checkpoint(tmp_path, "checkpoint-10") == tmp_path / "checkpoint-10"
-    with pytest.raises(FileNotFoundError, match="not a folder, here or in --output_dir"):
+    with pytest.raises(FileNotFoundError, match=r"not a folder, here or in --output_dir .* \(which holds checkpoint-5, "
+                                                 r"checkpoint-10, checkpoint-15\)"):  # fmt: skip
         resolve_checkpoint(tmp_path, "checkpoint-99")
     removed = prune_checkpoints(tmp_path, 2)
     assert [p.name for p in removed] == ["checkpoint-5"]
