@@ -196,8 +196,9 @@ def select_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, wh
     for part in instruction.to_absolute({name: len(rows) for name, rows in splits.items()}):
         rows = splits[part.splitname]
         whole = part.from_ == 0 and part.to == len(rows)
-        parts.append(rows if whole else rows.select(range(part.from_, part.to)))
-    if not sum(len(rows) for rows in parts):
+        if whole or part.from_ < part.to:  # a slice past the end selects nothing (datasets' select would fail)
+            parts.append(rows if whole else rows.select(range(part.from_, part.to)))
+    if not parts or not sum(len(rows) for rows in parts):
         raise ValueError(f"--split {split!r} selects no rows of {what} ({', '.join(f'{n}: {len(r)}' for n, r in splits.items())} rows).")
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 

@@ -189,6 +189,9 @@ def test_split_slices_and_sums_select_rows_of_every_source(tmp_path):
         load_image_dataset(dataset_path=tmp_path / "lone", split="train+test")
     with pytest.raises(ValueError, match="selects no rows"):
         load_image_dataset(**saved, split="train[5:5]")
+    with pytest.raises(ValueError, match="selects no rows"):  # past the end: not datasets' IndexError
+        load_image_dataset(**saved, split="train[20:]")
+    assert load_image_dataset(**saved, split="train[8:]+test[9:]")["n"] == [8, 9]
     with pytest.raises(ValueError, match="is not a split name or slice"):
         load_image_dataset(**saved, split="train[:")
     assert load_image_dataset(split="train[:25]").num_rows == 25  # the bundled set
