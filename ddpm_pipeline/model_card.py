@@ -132,8 +132,17 @@ def _results_section(pipeline_dir: Path) -> list[str]:
             parts = (f" (its MSE part {recent['mse']:.4g}, its bound part {recent['vlb']:.4g})"
                      if "mse" in recent and "vlb" in recent else "")  # fmt: skip
             lines.append(f"The training loss averaged {recent['loss']:.4g}{parts} over the last {recent['steps']} steps.{by_quarter}")
+        held_out = summary.get("held_out")
+        if held_out:
+            how = "every timestep" if held_out.get("timesteps") is None else f"{held_out['timesteps']} stratified timesteps per image"
+            lines.append(
+                f"At step {held_out['step']:,} the variational bound on the negative log-likelihood ({how}) was "
+                f"{held_out['validation_bpd']:.4g} bits/dim on {held_out['num_images']:,} held-out images "
+                f"({held_out['split']}) and {held_out['train_bpd']:.4g} on {held_out['num_train_images']:,} training images."
+            )
     figures = [
         ("loss_curve.png", "the training loss, in all and by quarter of the timesteps"),
+        ("validation_curve.png", "the bound on held-out and on training images during training"),
         ("trajectory.png", "the sampling chain: x_t, the predicted noise and the predicted x0 at a few steps"),
     ]
     images = [f"![{alt}]({name})" for name, alt in figures if (pipeline_dir / name).is_file()]

@@ -69,11 +69,18 @@ class LossHistory:
     history with that run's rows up to ``resume_step``, so its curve shows the whole training."""
 
     def __init__(
-        self, path: Path, resume_step: int, enabled: bool, terms: bool = False, resumed_history: Path | None = None
+        self,
+        path: Path,
+        resume_step: int,
+        enabled: bool,
+        terms: bool = False,
+        resumed_history: Path | None = None,
+        columns: tuple[str, ...] | None = None,
     ):
         self.path = path
         self.enabled = enabled
-        self.columns = ("step", "loss", "lr", *QUARTER_COLUMNS, *(TERM_COLUMNS if terms else ()))
+        # another history kept the same way (``columns``, the first of them "step"): the held-out bound's
+        self.columns = columns or ("step", "loss", "lr", *QUARTER_COLUMNS, *(TERM_COLUMNS if terms else ()))
         # one float64 array per column (NaN: no value), not a dict per row: some 60 bytes a row
         # instead of 450, 50 MB over a run of 800,000 steps
         self._values = {name: array("d") for name in self.columns}
@@ -104,8 +111,12 @@ class LossHistory:
     def append(self, step: int, loss: float, lr: float, **values: float | None) -> None:
         """One row: the loss of ``step`` (mean over processes), its learning rate, and the other
         columns' ``values`` (None: none this step)."""
+        self.add(step, loss=loss, lr=lr, **values)
+
+    def add(self, step: int, **values: float | None) -> None:
+        """One row of ``step`` with these columns' ``values`` (the others empty)."""
         if self.enabled:
-            row = {"step": step, "loss": loss, "lr": lr, **values}
+            row = {"step": step, **values}
             self._keep(row)
             self._writer.writerow(self._cells(row))
 

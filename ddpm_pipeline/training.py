@@ -57,7 +57,7 @@ from .images import ImageFormat, ImagePreprocessor, ImageSource, check_padding, 
 from .losses import diffusion_loss_terms, has_bound_term
 from .lr_schedule import RunLengthLR
 from .pipeline_ddpm_target import DDPMTargetPipeline
-from .plots import save_image_grid, save_loss_curve
+from .plots import save_image_grid, save_loss_curve, save_metric_curves
 from .preflight import check_free_space, check_output_dir, check_unet_config, run_output_bytes
 from .pretrained import PretrainedDDPM
 from .push import check_hub_access, push_to_hub
@@ -97,11 +97,15 @@ from .stop_signals import LAUNCHER_EXITED, StopRequest, ignore_signals, signal_n
 from .timestep_sampling import ImportanceTimestepSampler
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
 from .unet import DDPMUNet, describe_sample_size, sample_height_width
+from .validation import VALIDATION_COLUMNS, HeldOutBound, first_images
 
 logger = get_logger(__name__, log_level="INFO")
 
 LOSS_HISTORY_NAME = "loss_history.csv"
 LOSS_CURVE_NAME = "loss_curve.png"
+#: With --validation_split: the bound on held-out and on training images, per measured step, and its plot.
+VALIDATION_HISTORY_NAME = "validation_history.csv"
+VALIDATION_CURVE_NAME = "validation_curve.png"
 SAMPLES_NAME = "samples.png"
 TRAJECTORY_NAME = "trajectory.png"
 GRID_FOLDER = "samples"
@@ -335,6 +339,8 @@ class Trainer:
             snapshots = len(config.snapshot_minutes or ()) + len(config.snapshot_steps or ())
             check_free_space(self.output_dir, run_output_bytes(parameters, config.checkpoints_total_limit, snapshots))
         self._build_data(dataset, image_column)
+        self.held_out = self._build_held_out()
+        self.held_out_record: dict[str, Any] | None = None  # the last measurement (run_summary)
         if self.channels_last:
             to_channels_last(self.unet)
         if config.gradient_checkpointing:
@@ -455,6 +461,74 @@ class Trainer:
             # the trainer alone answers a stop signal; workers keep serving it until it has stopped
             worker_init_fn=functools.partial(ignore_signals, tuple(config.checkpoint_on_signals)) if workers > 0 else None,
         )
+
+    def _build_held_out(self) -> HeldOutBound | None:
+        """With ``--validation_split``: the first ``--validation_images`` images of that split of the
+        training source and as many training images, preprocessed as training preprocesses them
+        (:class:`~ddpm_pipeline.validation.HeldOutBound`); None without it, and in the processes
+        other than the main one, which alone measures."""
+        config = self.config
+        if config.validation_split is None:
+            return None
+        source = dict(dataset_name=config.dataset_name, dataset_config=config.dataset_config, split=config.validation_split,
+                      train_data_dir=config.train_data_dir, dataset_path=config.dataset_path)  # fmt: skip
+        with self.accelerator.main_process_first():
+            dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
+        if not self.accelerator.is_main_process:
+            return None
+        images = TrainingImages(dataset, find_image_column(dataset, config.image_column), self.train_images.preprocess,
+                                bad_images=config.bad_images)  # fmt: skip
+        held_out = HeldOutBound(first_images(images, config.validation_images),
+                                first_images(self.train_images, config.validation_images),
+                                config.validation_timesteps, config.seed, batch_size=config.train_batch_size)  # fmt: skip
+        timesteps = "every timestep" if config.validation_timesteps is None else f"{config.validation_timesteps} timesteps per image"
+        logger.info(
+            f"held out: {len(held_out.validation)} images of {describe_data_source(**source)}; the bound ({timesteps}) on "
+            f"them and on {len(held_out.training)} training images is measured "
+            + (f"every {config.validation_steps} steps" if config.validation_steps else "at the end")
+        )
+        return held_out
+
+    def measure_held_out(self, global_step: int, history: LossHistory) -> None:
+        """The bound of the EMA network on the held-out and the training images
+        (:meth:`~ddpm_pipeline.validation.HeldOutBound.measure`), recorded in ``history`` (flushed
+        at once, so that a checkpoint never gets ahead of it), logged to the trackers as
+        ``validation/train_bpd`` and ``validation/validation_bpd`` and kept for the run's summary.
+        Every process calls it; the main one measures while the others wait."""
+        if self.held_out is not None:
+            pipeline = self.sampling_pipeline()
+            values = self.held_out.measure(pipeline.unet, pipeline.scheduler, self.accelerator.device)
+            history.add(global_step, **values)
+            history.flush()
+            self.accelerator.log({f"validation/{name}": value for name, value in values.items()}, step=global_step)
+            self.held_out_record = {
+                "step": global_step, **values, "split": self.config.validation_split,
+                "num_images": len(self.held_out.validation), "num_train_images": len(self.held_out.training),
+                "timesteps": self.config.validation_timesteps,
+            }  # fmt: skip
+            logger.info(
+                f"step {global_step}: the bound is {values['validation_bpd']:.4f} bits/dim on the held-out images, "
+                f"{values['train_bpd']:.4f} on the training images"
+            )
+        self.accelerator.wait_for_everyone()
+
+    def save_validation_curve(self, history: LossHistory) -> Path:
+        """``validation_curve.png``: the bound on the training and the held-out images against the step."""
+        steps, train = history.series("train_bpd")
+        held_out = history.series("validation_bpd")[1]
+        record = self.held_out_record or {}
+        return save_metric_curves(
+            {f"{len(self.held_out.training)} training images": (steps, train),
+             f"{len(self.held_out.validation)} held-out images ({self.config.validation_split})": (steps, held_out)},
+            self.output_dir / VALIDATION_CURVE_NAME, xlabel="optimizer step", ylabel="bound, bits/dim",
+            title=f"{self.model_name}: the EMA network's bound"
+                  + (f" ({record['timesteps']} timesteps per image)" if record.get("timesteps") else " (exact)"),
+        )  # fmt: skip
+
+    def held_out_due(self, global_step: int) -> bool:
+        """Whether ``--validation_steps`` asks for a measurement after ``global_step``."""
+        steps = self.config.validation_steps
+        return self.config.validation_split is not None and bool(steps) and global_step % steps == 0
 
     def speed_settings(self) -> str:
         """The fast paths this run resolved its options (and their auto defaults) to, in one line
@@ -764,6 +838,7 @@ class Trainer:
             "mixed_precision": self.accelerator.mixed_precision,
             "data": self.data_identity,
             "recent_loss": {"steps": min(SUMMARY_STEPS, len(history)), **history.recent_means(SUMMARY_STEPS)},
+            **({"held_out": self.held_out_record} if self.held_out_record is not None else {}),
         }
 
     def save_pipeline(self, summary: dict[str, Any]) -> None:
@@ -1007,6 +1082,11 @@ class Trainer:
         resumed_history = self.checkpoint.parent / LOSS_HISTORY_NAME if self.checkpoint is not None else None
         history = LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=is_main, terms=self.logs_loss_terms,
                               resumed_history=resumed_history)  # fmt: skip
+        validation_history = LossHistory(
+            self.output_dir / VALIDATION_HISTORY_NAME, global_step, enabled=self.held_out is not None,
+            resumed_history=self.checkpoint.parent / VALIDATION_HISTORY_NAME if self.checkpoint is not None else None,
+            columns=VALIDATION_COLUMNS,
+        )  # fmt: skip
         parameters = sum(p.numel() for p in self.unet.parameters())
         logger.info(
             f"{len(self.train_images)} images, {self.unet_config['in_channels']}×{describe_sample_size(self.unet_config['sample_size'])}; "
@@ -1071,6 +1151,9 @@ class Trainer:
                     with clock.paused():
                         for name in due:
                             self.save_snapshot(name, self.run_summary(global_step, seconds, history))
+                if self.held_out_due(global_step):  # before any checkpoint of this step: a resumed run has it
+                    with clock.paused():
+                        self.measure_held_out(global_step, validation_history)
                 if not done and not stopped_early:
                     stopped_by = self._stop_reason(global_step, log_every)
                     stopped_early = stopped_by is not None
@@ -1109,10 +1192,14 @@ class Trainer:
                 f"{checkpoint}; continue with --resume_from_checkpoint latest"
             )
             history.close()
+            validation_history.close()
             accelerator.wait_for_everyone()
             accelerator.end_training()
             return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, None, False, train_seconds,
                                   stopped_by)  # fmt: skip
+        if config.validation_split is not None and not self.held_out_due(global_step):
+            self.measure_held_out(global_step, validation_history)  # the end's, when no period ended here
+        validation_history.close()
         summary = self.run_summary(global_step, train_seconds, history)
         recent = summary["recent_loss"]
         logger.info(
@@ -1141,6 +1228,8 @@ class Trainer:
             save_loss_curve(steps, losses, self.output_dir / LOSS_CURVE_NAME, by_quarter=by_quarter,
                             title=f"{self.model_name}, {self.prediction_type} target, "
                                   f"{self.noise_scheduler.schedule_name or 'custom'} schedule")  # fmt: skip
+            if self.held_out is not None:
+                self.save_validation_curve(validation_history)
         history.close()
         if is_main and config.push_to_hub:
             self._push()

@@ -219,6 +219,10 @@ class TrainingConfig:
         "checkpoint-N folder (another run's starts a branch of that run in --output_dir, with its loss history up to step N).",
     )
     save_images_steps: int | None = _option(400, "Write a sample grid every N optimizer steps (none = only the one at the end).")
+    validation_split: str | None = _option(None, "Held-out images of the same source (a split or slice, e.g. test, or train[-500:] with --split 'train[:-500]'): every --validation_steps steps, the EMA network's bound in bits/dim on --validation_images of them and on as many training images is logged and plotted (validation_curve.png), to see it learn or overfit.")
+    validation_steps: int | None = _option(400, "With --validation_split: measure every N optimizer steps (none = only at the end; always at the end).")
+    validation_images: int = _option(256, "With --validation_split: the held-out images measured (the first N), and as many training images.")
+    validation_timesteps: int | None = _option(20, "With --validation_split: timesteps per image of the bound's unbiased estimate, one from each of K log-spaced strata (none = every timestep, exact: T network evaluations per image).")
     num_grid_images: int = _option(64, "Images in each sample grid (a square number looks best).")
     grid_inference_steps: int = _option(100, "Sampling steps for the grids (respaced; T gives the full chain).")
     report_to: str = _option("tensorboard", "Where to log the loss, learning rate and sample grids besides the progress bar and files: TensorBoard (in --logging_dir) or Weights & Biases (pip install wandb; `wandb login`, or WANDB_MODE=offline; one W&B run per --output_dir, continued on resuming).", choices=REPORT_TO)
@@ -258,12 +262,17 @@ class TrainingConfig:
                 problems.append(f"--{name} must be a positive integer{' or none' if allow_none else ''}, got {value}.")
 
         for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "num_grid_images",
-                     "grid_inference_steps"):  # fmt: skip
+                     "grid_inference_steps", "validation_images"):  # fmt: skip
             positive(name)
         for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "save_images_steps",
                      "resolution", "layers_per_block", "num_cpu_threads", "log_every", "max_skipped_steps",
-                     "num_train_timesteps"):  # fmt: skip
+                     "num_train_timesteps", "validation_steps", "validation_timesteps"):  # fmt: skip
             positive(name, allow_none=True)
+        if self.validation_split is not None and self.validation_split.replace(" ", "") == self.split.replace(" ", ""):
+            problems.append(
+                f"--validation_split {self.validation_split!r} is the training split itself: hold images out, e.g. "
+                "--split 'train[:-500]' --validation_split 'train[-500:]', or name another split (test)."
+            )
         if self.pretrained_model_name_or_path is not None:
             given = [f"--{name}" for name in WEIGHT_SHAPE_FIELDS if getattr(self, name) is not None]
             if given:

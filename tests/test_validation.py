@@ -1,0 +1,86 @@
+"""The held-out bound during training (--validation_split): what it measures, that it is the bound
+eval_metrics.py computes, and that a resumed run measures what the uninterrupted one did."""
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import reset_accelerate
+from PIL import Image
+from test_training import run_training
+
+from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
+from ddpm_pipeline.data import TrainingImages, bundled_dataset
+from ddpm_pipeline.evaluation import bound_over_data
+from ddpm_pipeline.images import ImagePreprocessor
+from ddpm_pipeline.model_card import build_model_card
+from ddpm_pipeline.reference import DataSource
+from ddpm_pipeline.training_config import TrainingConfig
+from ddpm_pipeline.validation import HeldOutBound, first_images
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+HELD_OUT = ["--resolution", "16", "--num_train_timesteps", "20", "--train_batch_size", "4", "--split", "train[:-100]",
+            "--validation_split", "train[-100:]", "--validation_images", "4", "--validation_timesteps", "3",
+            "--validation_steps", "2", "--save_images_steps", "none"]  # fmt: skip
+
+
+def read_rows(path):
+    with open(path, newline="") as handle:
+        return [{name: float(value) for name, value in row.items()} for row in csv.DictReader(handle)]
+
+
+def test_the_held_out_bound_is_the_bound_eval_metrics_computes(tmp_path):
+    """Both sets draw alike (common random numbers): the same images give the same bound, and it
+    is eval_metrics.py's over those images, seed and batches."""
+    torch.manual_seed(0)
+    pipeline = DDPMTargetPipeline(DDPMUNet.from_preset("ddpm-tiny-16"), DDPMTargetScheduler(num_train_timesteps=20, beta_schedule="cosine"))
+    preprocess = ImagePreprocessor(16, 1, "auto")
+    images = first_images(TrainingImages(bundled_dataset(), "image", preprocess), 6)
+    assert images.shape == (6, 1, 16, 16)
+    held_out = HeldOutBound(images, images.clone(), num_timesteps=4, seed=3, batch_size=4)
+    measured = held_out.measure(pipeline.unet, pipeline.scheduler, "cpu")
+    assert measured["train_bpd"] == measured["validation_bpd"]
+    assert held_out.measure(pipeline.unet, pipeline.scheduler, "cpu") == measured  # the same draws every time
+    evaluated = bound_over_data(pipeline, DataSource.parse("bundled"), preprocess, 6, 4, 4, 3, torch.device("cpu"))
+    assert measured["validation_bpd"] == pytest.approx(evaluated["bits_per_dim"], rel=1e-6)
+
+
+def test_a_run_measures_its_held_out_bound_and_a_resumed_run_the_same(tmp_path):
+    first, branch = tmp_path / "first", tmp_path / "branch"
+    run_training(first, *HELD_OUT, "--max_train_steps", "5", "--checkpointing_steps", "2", "--checkpoints_total_limit", "3")
+    rows = read_rows(first / "validation_history.csv")
+    assert [row["step"] for row in rows] == [2, 4, 5]  # every 2 steps, and at the end
+    assert all(0 < row["train_bpd"] < 100 and 0 < row["validation_bpd"] < 100 for row in rows)
+    # the last row is the bound of the saved (EMA) pipeline on the first 4 images of each set
+    pipeline = DDPMTargetPipeline.from_pretrained(first)
+    preprocess = ImagePreprocessor(16, 1, "auto")
+    config = TrainingConfig.load(first / "training_config.json")
+    assert (config.validation_split, config.validation_images) == ("train[-100:]", 4)
+    dataset = bundled_dataset()
+    held_out = HeldOutBound(first_images(TrainingImages(dataset.select(range(9900, 9904)), "image", preprocess), 4),
+                            first_images(TrainingImages(dataset, "image", preprocess), 4), num_timesteps=3, seed=0,
+                            batch_size=4)  # fmt: skip
+    assert held_out.measure(pipeline.unet, pipeline.scheduler, "cpu") == pytest.approx(
+        {"train_bpd": rows[-1]["train_bpd"], "validation_bpd": rows[-1]["validation_bpd"]}, rel=1e-5
+    )  # the CSV keeps 6 digits
+    summary = json.loads((first / "training_summary.json").read_text())
+    assert summary["held_out"]["step"] == 5 and summary["held_out"]["validation_bpd"] == pytest.approx(rows[-1]["validation_bpd"], rel=1e-5)
+    assert Image.open(first / "validation_curve.png").size[0] > 100
+    card = build_model_card(first, "someone/x").text
+    assert "on 4 held-out images (train[-100:]) and" in card and "](validation_curve.png)" in card
+    # a run branched from its step-2 checkpoint keeps the first row and measures the others alike
+    reset_accelerate()
+    run_training(branch, *HELD_OUT, "--max_train_steps", "5", "--checkpointing_steps", "2",
+                 "--resume_from_checkpoint", first / "checkpoint-2")  # fmt: skip
+    assert read_rows(branch / "validation_history.csv") == rows
+
+
+def test_held_out_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="is the training split itself"):
+        TrainingConfig(split="train", validation_split="train").validate()
+    with pytest.raises(ValueError, match="--validation_images must be a positive integer, got 0"):
+        TrainingConfig(validation_split="train[-10:]", validation_images=0).validate()
+    with pytest.raises(ValueError, match="selects no rows"):
+        run_training(tmp_path / "run", *HELD_OUT, "--validation_split", "train[10000:]", "--max_train_steps", "1")
