@@ -1152,6 +1152,7 @@ class Trainer:
                         for name in due:
                             self.save_snapshot(name, self.run_summary(global_step, seconds, history))
                 if self.held_out_due(global_step):  # before any checkpoint of this step: a resumed run has it
+                    self._check_finite(pending_losses.flush(), global_step, history)  # the trackers' steps in order
                     with clock.paused():
                         self.measure_held_out(global_step, validation_history)
                 if not done and not stopped_early:
