@@ -27,10 +27,18 @@ def png_pixels(path) -> np.ndarray:
 
 def test_tensorboard_gets_the_losses_and_every_sample_grid(tmp_path):
     out = tmp_path / "run"
-    main([*TINY, "--max_train_steps", "4", "--output_dir", str(out), "--report_to", "tensorboard"])
+    main([*TINY, "--max_train_steps", "4", "--output_dir", str(out), "--report_to", "tensorboard",
+          "--split", "train[:-10]", "--validation_split", "train[-10:]", "--validation_steps", "3",
+          "--validation_images", "2", "--validation_timesteps", "2"])  # fmt: skip
     events = EventAccumulator(str(out / "logs" / "train_ddpm"), size_guidance={"images": 0, "scalars": 0}).Reload()
     assert [event.step for event in events.Scalars("loss")] == [1, 2, 3, 4]
     assert {"lr", "loss/q0"} <= set(events.Tags()["scalars"])
+    # the held-out bound of step 3 and of the end, as validation_history.csv has it
+    rows = read_loss_history(out / "validation_history.csv")
+    for name in ("train_bpd", "validation_bpd"):
+        logged = events.Scalars(f"validation/{name}")
+        assert [event.step for event in logged] == [row["step"] for row in rows] == [3, 4]
+        assert [event.value for event in logged] == pytest.approx([row[name] for row in rows], rel=1e-5)
     images = events.Images("samples")
     assert [image.step for image in images] == [2, 4]  # the grid of step 2, and the final one
     for image in images:  # each is the PNG written beside it
