@@ -83,10 +83,11 @@ from ddpm_pipeline.images import ImagePreprocessor
 from ddpm_pipeline.pipeline_ddpm_target import DDPMTargetPipeline
 from ddpm_pipeline.plots import save_labelled_images, save_loss_curve, save_metric_curves
 from ddpm_pipeline.reference import DataSource
+from ddpm_pipeline.run_records import SNAPSHOT_SUMMARY_NAME
 from ddpm_pipeline.scheduling_ddpm_target import DDPMTargetScheduler
 from ddpm_pipeline.seeding import derive_seed
 from ddpm_pipeline.speed import device_description
-from ddpm_pipeline.training import SNAPSHOT_STATE_NAME, micro_batch_seed, snapshot_name, train
+from ddpm_pipeline.training import micro_batch_seed, snapshot_name, train
 from ddpm_pipeline.training_config import TrainingConfig, optional
 from ddpm_pipeline.unet import DDPMUNet
 
@@ -305,7 +306,7 @@ class Study:
         trained = {final.label: {"steps": result.global_step, "train_seconds": result.train_seconds, "pipeline": str(output)}}
         for milestone in milestones[:-1]:
             folder = output / milestone.snapshot
-            taken = json.loads((folder / SNAPSHOT_STATE_NAME).read_text())
+            taken = json.loads((folder / SNAPSHOT_SUMMARY_NAME).read_text())
             trained[milestone.label] = {"steps": taken["global_step"], "train_seconds": taken["train_seconds"], "pipeline": str(folder)}
         return trained
 

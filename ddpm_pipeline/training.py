@@ -111,8 +111,6 @@ TRAJECTORY_NAME = "trajectory.png"
 GRID_FOLDER = "samples"
 #: In --logging_dir: the id of the W&B run that a resumed training run continues.
 WANDB_RUN_ID_NAME = "wandb_run_id.txt"
-#: in each snapshot folder: the run's summary at the step it was taken (its step and training seconds, …)
-SNAPSHOT_STATE_NAME = SNAPSHOT_SUMMARY_NAME
 TIMESTEP_SAMPLER_STATE_NAME = "timestep_sampler.pt"
 #: AdamW's implementation flags: a resumed run keeps its own (fused on a GPU), not its checkpoint's
 OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach")
@@ -862,7 +860,7 @@ class Trainer:
         with atomic_path(folder) as staging:
             self.sampling_pipeline().save_pretrained(staging)
             self.config.save(staging / CONFIG_FILE_NAME)
-            (staging / SNAPSHOT_STATE_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+            (staging / SNAPSHOT_SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
         logger.info(f"wrote {folder} (step {summary['global_step']}, {summary['train_seconds'] / 60:.2f} min trained)")
         return folder
 
@@ -871,7 +869,7 @@ class Trainer:
         config = self.config
         due = [snapshot_name(n, "steps") for n in config.snapshot_steps or () if global_step == n]
         due += [snapshot_name(m, "minutes") for m in config.snapshot_minutes or () if train_seconds >= 60 * m]
-        return [name for name in due if not (self.output_dir / name / SNAPSHOT_STATE_NAME).is_file()]
+        return [name for name in due if not (self.output_dir / name / SNAPSHOT_SUMMARY_NAME).is_file()]
 
     def after_optimizer_step(self) -> None:
         """Once per optimizer step: advance the learning-rate schedule and update the EMA weights."""
