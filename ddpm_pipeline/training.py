@@ -393,12 +393,18 @@ class Trainer:
                 "--output_dir."
             )
 
+    def _data_source(self, split: str) -> dict[str, Any]:
+        """The options that name ``split`` of the run's data, as :func:`load_image_dataset` and
+        :func:`describe_data_source` take them."""
+        config = self.config
+        return dict(dataset_name=config.dataset_name, dataset_config=config.dataset_config, split=split,
+                    train_data_dir=config.train_data_dir, dataset_path=config.dataset_path)  # fmt: skip
+
     def _load_dataset(self) -> tuple[datasets.Dataset, str]:
         """The training split and its image column; sets :attr:`data_identity`, what checkpoints
         record of the data."""
         config = self.config
-        source = dict(dataset_name=config.dataset_name, dataset_config=config.dataset_config, split=config.split,
-                      train_data_dir=config.train_data_dir, dataset_path=config.dataset_path)  # fmt: skip
+        source = self._data_source(config.split)
         with self.accelerator.main_process_first():
             dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
         self.data_identity = data_identity(dataset, describe_data_source(**source))
@@ -468,8 +474,7 @@ class Trainer:
         config = self.config
         if config.validation_split is None:
             return None
-        source = dict(dataset_name=config.dataset_name, dataset_config=config.dataset_config, split=config.validation_split,
-                      train_data_dir=config.train_data_dir, dataset_path=config.dataset_path)  # fmt: skip
+        source = self._data_source(config.validation_split)
         with self.accelerator.main_process_first():
             dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
         if not self.accelerator.is_main_process:
@@ -514,13 +519,13 @@ class Trainer:
         """``validation_curve.png``: the bound on the training and the held-out images against the step."""
         steps, train = history.series("train_bpd")
         held_out = history.series("validation_bpd")[1]
-        record = self.held_out_record or {}
+        timesteps = self.config.validation_timesteps
         return save_metric_curves(
             {f"{len(self.held_out.training)} training images": (steps, train),
              f"{len(self.held_out.validation)} held-out images ({self.config.validation_split})": (steps, held_out)},
             self.output_dir / VALIDATION_CURVE_NAME, xlabel="optimizer step", ylabel="bound, bits/dim",
             title=f"{self.model_name}: the EMA network's bound"
-                  + (f" ({record['timesteps']} timesteps per image)" if record.get("timesteps") else " (exact)"),
+                  + (f" ({timesteps} timesteps per image)" if timesteps else " (exact)"),
         )  # fmt: skip
 
     def held_out_due(self, global_step: int) -> bool:
