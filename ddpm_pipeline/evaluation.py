@@ -34,7 +34,7 @@ from .data import find_image_column
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .images import GRAY_MODES, ImagePreprocessor, ImageSource, check_padding, inspect_images, upright_size
 from .inception_weights import file_digest
-from .likelihood import BoundTerms, variational_bound
+from .likelihood import BoundTerms, batch_bound
 from .metrics import FEATURE_METRICS, feature_metrics, parse_metrics
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_bound_terms_plot, save_image_grid
@@ -44,7 +44,6 @@ from .reference import DataSource, reference_statistics
 from .run_records import load_run_summary
 from .sample_store import SampleStore, image_batches, image_files
 from .scheduling_ddpm_target import DDPMTargetScheduler
-from .seeding import derive_seed
 from .speed import cpu_threads_per_process, device_description, strict_float32
 from .stop_signals import started_by_launcher
 from .training_config import CONFIG_FILE_NAME, DefaultsHelpFormatter, optional
@@ -387,8 +386,7 @@ def bound_over_data(
                 start = batch_index * batch_size
                 indices = range(start, min(start + batch_size, count))
                 batch = torch.stack([preprocess(source_images.open(index)) for index in indices]).to(device)
-                generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, batch_index))
-                bound = variational_bound(unet, scheduler, batch, num_timesteps, generator, show_progress=processes.is_main)
+                bound = batch_bound(unet, scheduler, batch, num_timesteps, seed, batch_index, show_progress=processes.is_main)
                 if store is not None:
                     store.save(batch_index, bound)
             mine.append((batch_index, bound))

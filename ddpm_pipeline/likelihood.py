@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .scheduling_ddpm_target import DDPMTargetScheduler
+from .seeding import derive_seed
 
 #: Half the width of a pixel bin for data scaled to [-1, 1].
 HALF_BIN = 1.0 / 255.0
@@ -218,6 +219,23 @@ def variational_bound(
         decoder=terms[:, 0].cpu(),
         per_timestep=terms.cpu() if exact else None,
     )
+
+
+def batch_bound(
+    unet: Callable[..., object],
+    scheduler: DDPMTargetScheduler,
+    images: torch.Tensor,
+    num_timesteps: int | None,
+    seed: int,
+    batch_index: int,
+    show_progress: bool = False,
+) -> BoundTerms:
+    """:func:`variational_bound` of batch ``batch_index`` of a data set, its timesteps and ``x_t``
+    drawn from a CPU generator seeded by ``derive_seed(seed, batch_index)``: the same images give the
+    same terms whichever process or measurement computes them (``eval_metrics.py``'s bits/dim and
+    the held-out bound during training alike)."""
+    generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, batch_index))
+    return variational_bound(unet, scheduler, images, num_timesteps, generator, show_progress=show_progress)
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:

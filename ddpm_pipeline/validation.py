@@ -23,9 +23,8 @@ from collections.abc import Callable
 import torch
 
 from .data import TrainingImages
-from .likelihood import BoundTerms, variational_bound
+from .likelihood import BoundTerms, batch_bound
 from .scheduling_ddpm_target import DDPMTargetScheduler
-from .seeding import derive_seed
 from .speed import strict_float32
 
 logger = logging.getLogger(__name__)
@@ -63,13 +62,12 @@ class HeldOutBound:
 
     def bound(self, unet: Callable[..., object], scheduler: DDPMTargetScheduler, images: torch.Tensor,
               device: torch.device | str) -> BoundTerms:  # fmt: skip
-        """The bound's terms for ``images``, batch ``b`` drawn from ``derive_seed(seed, b)``."""
-        parts = []
-        for batch_index, start in enumerate(range(0, len(images), self.batch_size)):
-            batch = images[start : start + self.batch_size].to(device)
-            generator = torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, batch_index))
-            parts.append(variational_bound(unet, scheduler, batch, self.num_timesteps, generator))
-        return BoundTerms.concatenate(parts)
+        """The bound's terms for ``images``, batch ``b`` drawn as :func:`~ddpm_pipeline.likelihood.batch_bound` draws it."""
+        starts = range(0, len(images), self.batch_size)
+        return BoundTerms.concatenate([
+            batch_bound(unet, scheduler, images[start : start + self.batch_size].to(device), self.num_timesteps, self.seed, index)
+            for index, start in enumerate(starts)
+        ])  # fmt: skip
 
     @torch.no_grad()
     def measure(self, unet: torch.nn.Module, scheduler: DDPMTargetScheduler, device: torch.device | str) -> dict[str, float]:

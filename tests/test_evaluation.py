@@ -304,7 +304,7 @@ def test_an_interrupted_bound_resumes_from_its_finished_batches(tmp_path, tiny_p
     options = dict(metrics="bpd", bpd_num_images=5, bpd_batch_size=2, bpd_timesteps=3)
     whole = run(tmp_path, tiny_pipeline, reference_data, output=str(tmp_path / "whole.json"), **options)
     assert whole["metrics"]["bpd"]["batches_reused"] == 0 and not (tmp_path / "whole-bpd-partial").exists()
-    original, calls = evaluation_module.variational_bound, []
+    original, calls = evaluation_module.batch_bound, []
 
     def crash_in_the_second_batch(*args, **kwargs):
         calls.append(1)
@@ -312,11 +312,11 @@ def test_an_interrupted_bound_resumes_from_its_finished_batches(tmp_path, tiny_p
             raise RuntimeError("killed")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation_module, "variational_bound", crash_in_the_second_batch)
+    monkeypatch.setattr(evaluation_module, "batch_bound", crash_in_the_second_batch)
     with pytest.raises(RuntimeError, match="killed"):
         run(tmp_path, tiny_pipeline, reference_data, output=str(tmp_path / "resumed.json"), **options)
     assert sorted(p.name for p in (tmp_path / "resumed-bpd-partial").glob("batch-*")) == ["batch-000000.pt"]
-    monkeypatch.setattr(evaluation_module, "variational_bound", original)
+    monkeypatch.setattr(evaluation_module, "batch_bound", original)
     resumed = run(tmp_path, tiny_pipeline, reference_data, output=str(tmp_path / "resumed.json"), **options)
     assert resumed["metrics"]["bpd"].pop("batches_reused") == 1
     whole["metrics"]["bpd"].pop("batches_reused")
