@@ -21,6 +21,7 @@ from .scheduling_ddpm_target import DDPMTargetScheduler
 from .speed import (
     auto_flag,
     compile_module,
+    cpu_precision_advice,
     explain_compile_failure,
     is_channels_last,
     needs_full_precision,
@@ -47,6 +48,16 @@ class DDPMTargetPipelineOutput(ImagePipelineOutput):
     """``images`` as the parent returns them, and the ``trajectory`` when one was asked for."""
 
     trajectory: DDPMTrajectory | None = None
+
+
+def _cast(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """``model.to(dtype=dtype)``, in place. diffusers' ``ModelMixin.to`` (0.42, for one) warns at
+    every cast that modules "should be kept in float32", naming none when the model keeps none
+    (`UNet2DModel`): such a model is cast as a plain ``torch.nn.Module``, which is all that call does."""
+    if getattr(model, "_keep_in_fp32_modules", None):
+        model.to(dtype=dtype)
+    else:
+        torch.nn.Module.to(model, dtype=dtype)
 
 
 class DDPMTargetPipeline(DDPMPipeline):
@@ -146,8 +157,11 @@ class DDPMTargetPipeline(DDPMPipeline):
         device = self.unet.device
         prediction_type = self.scheduler.config.prediction_type
         dtype = resolve_sampling_dtype(dtype, device, prediction_type)
+        advice = cpu_precision_advice(dtype, False, device, prediction_type, 'dtype="bfloat16"')
+        if advice is not None:
+            warnings.warn(advice[1], stacklevel=2)  # half precision this CPU only emulates
         if self.unet.dtype != dtype:
-            self.unet.to(dtype=dtype)
+            _cast(self.unet, dtype)
         if auto_flag(channels_last, device):
             to_channels_last(self.unet)
         if device.type == "cuda":

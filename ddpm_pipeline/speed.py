@@ -46,10 +46,36 @@ def auto_flag(requested: bool | None, device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
+#: What bfloat16 gained on a CPU with its instructions, measured on this project's 2-core reference
+#: machine (AMD EPYC, AVX512-BF16; benchmarks/RESULTS.md, 2026-12-02).
+CPU_BF16_MEASURED = "on this project's 2-core reference CPU, AVX512-BF16, 1.5x training and 1.7x sampling speed"
+#: What emulated half precision cost there: bfloat16 with oneDNN kept from the BF16 instructions
+#: (ONEDNN_MAX_CPU_ISA=AVX512_CORE), and float16, which that CPU has no instructions for.
+CPU_EMULATED_MEASURED = {
+    torch.bfloat16: "on this project's reference CPU with them turned off, bfloat16 trained and sampled at 0.55x float32's speed",
+    torch.float16: "on this project's reference CPU (no AMX-FP16), float16 sampled at 0.06x float32's speed",
+}
+
+
+def cpu_bf16_instructions() -> str | None:
+    """This CPU's bfloat16 instructions as torch names them — ``"AMX"`` or ``"AVX512-BF16"``, with
+    which oneDNN computes bf16 convolutions and matmuls at up to twice the float32 rate — ``""``
+    for an x86 CPU without them, and ``None`` where torch cannot tell (other architectures, or a
+    torch without the probes)."""
+    probes = {"AMX": "_is_amx_tile_supported", "AVX512-BF16": "_is_avx512_bf16_supported"}
+    checks = {name: getattr(torch.cpu, probe, None) for name, probe in probes.items()}
+    if platform.machine().lower() not in ("x86_64", "amd64") or None in checks.values():
+        return None
+    return next((name for name, check in checks.items() if check()), "")
+
+
 def has_native_bf16(device: torch.device | str) -> bool:
-    """Whether this CUDA device computes bfloat16 in hardware: compute capability ≥ 8.0 (A100,
-    RTX 30xx, H100 and later) or ROCm. ``torch.cuda.is_bf16_supported()`` says yes on older GPUs
-    too (T4, V100), which only emulate it, far slower than their float16 tensor cores."""
+    """Whether this device computes bfloat16 in hardware. A CUDA device: compute capability ≥ 8.0
+    (A100, RTX 30xx, H100 and later) or ROCm; ``torch.cuda.is_bf16_supported()`` says yes on older
+    GPUs too (T4, V100), which only emulate it, far slower than their float16 tensor cores. The
+    CPU: one with AMX or AVX512-BF16 (:func:`cpu_bf16_instructions`)."""
+    if torch.device(device).type == "cpu":
+        return bool(cpu_bf16_instructions())
     if torch.version.hip:
         return True
     return torch.cuda.get_device_properties(torch.device(device)).major >= 8
@@ -69,6 +95,12 @@ def _auto_precision(device: torch.device | str, prediction_type: str) -> str:
 LAUNCHER_PRECISION_VARIABLE = "ACCELERATE_MIXED_PRECISION"
 
 
+def accelerate_autocasts_fp16(device: torch.device | str) -> bool:
+    """Whether Accelerate's ``mixed_precision="fp16"`` autocasts on ``device``: not on the CPU,
+    where it silently trains in float32 (no autocast, no loss scaler)."""
+    return torch.device(device).type != "cpu"
+
+
 def launcher_precision(requested: str | None, launcher: str | None) -> str | None:
     """The half precision (``"fp16"``/``"bf16"``) that ``accelerate launch --mixed_precision`` (or
     its config) chose, when it decides this run's: only ``requested="auto"`` defers to it, and its
@@ -83,14 +115,31 @@ def resolve_mixed_precision(
     ``accelerate launch --mixed_precision fp16|bf16`` (or its config) chose one (its ``"no"`` is also
     its default, so it leaves the choice to auto), else ``"bf16"`` on a CUDA device with bfloat16 in
     hardware, ``"fp16"`` on an older one, ``"no"`` on the CPU and for the μ target; ``None`` →
-    Accelerate's own config; any other value as given (with a warning for half precision and μ)."""
+    Accelerate's own config; any other value as given (with a warning for half precision and μ),
+    except fp16 where Accelerate ignores it (:func:`accelerate_autocasts_fp16`): refused when asked
+    for, dropped with a warning when the launcher chose it."""
     if requested is None:
         return None
     if requested not in MIXED_PRECISION_CHOICES:
         raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {requested!r}.")
-    requested = launcher_precision(requested, launcher) or requested
+    from_launcher = launcher_precision(requested, launcher)
+    requested = from_launcher or requested
     if requested == "auto":
         return _auto_precision(device, prediction_type)
+    if requested == "fp16" and not accelerate_autocasts_fp16(device):
+        if from_launcher:
+            warnings.warn(
+                "accelerate launch's mixed_precision fp16 does nothing on the CPU (Accelerate autocasts to float16 on "
+                "GPUs only): this run trains in float32. The CPU's half precision is bf16 (--mixed_precision bf16, "
+                "fast on a CPU with AVX512-BF16 or AMX).",
+                stacklevel=2,
+            )
+            return "no"
+        raise ValueError(
+            "--mixed_precision fp16 does nothing on the CPU: Accelerate autocasts to float16 on GPUs only, so the run "
+            "would train in float32 while recording fp16. Use --mixed_precision no, or bf16 on a CPU with "
+            "AVX512-BF16 or AMX (faster there)."
+        )
     if requested in HALF_DTYPES and needs_full_precision(prediction_type):
         warnings.warn(
             f"mixed_precision={requested} with the μ target: half precision rounds away most of x0's signal in "
@@ -116,6 +165,34 @@ def resolve_sampling_dtype(requested: torch.dtype | str | None, device: torch.de
             stacklevel=2,
         )
     return dtype
+
+
+def cpu_precision_advice(dtype: torch.dtype, auto: bool, device: torch.device | str, prediction_type: str,
+                         switch: str) -> tuple[int, str] | None:  # fmt: skip
+    """What a CPU run should be told about its precision, as ``(logging level, message)``, or ``None``.
+
+    *Auto* computes in float32 on the CPU (the same numbers on every machine); on a CPU with
+    bfloat16 instructions (:func:`cpu_bf16_instructions`) an ε/x0/v run is told that ``switch``
+    (the option that asks for bf16) is faster there. Half precision that an x86 CPU has no
+    instructions for (bfloat16 without AVX512-BF16 or AMX, float16 without AMX-FP16) is emulated,
+    slower than float32, and gets a warning. ``dtype`` is what the run resolved to."""
+    if torch.device(device).type != "cpu":
+        return None
+    instructions = cpu_bf16_instructions()
+    if dtype == torch.float32:
+        if auto and instructions and not needs_full_precision(prediction_type):
+            return logging.INFO, (
+                f"this CPU computes bfloat16 in hardware ({instructions}): {switch} is faster here ({CPU_BF16_MEASURED}), "
+                "at bfloat16's rounding; auto keeps float32 on the CPU, for the same numbers on every machine"
+            )
+        return None
+    if dtype == torch.bfloat16 and instructions == "":
+        missing = "this CPU has no bfloat16 instructions (AVX512-BF16 or AMX), so bfloat16 is emulated"
+    elif dtype == torch.float16 and instructions is not None and not getattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)():
+        missing = "this CPU has no AMX-FP16, so float16 is likely emulated"
+    else:
+        return None
+    return logging.WARNING, f"{missing}: {CPU_EMULATED_MEASURED[dtype]}; float32 is faster"
 
 
 def set_tf32(enabled: bool) -> None:

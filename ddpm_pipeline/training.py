@@ -77,10 +77,12 @@ from .schedules import DEFAULT_SNR_GAMMA
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .seeding import derive_seed
 from .speed import (
+    HALF_DTYPES,
     LAUNCHER_PRECISION_VARIABLE,
     auto_flag,
     build_adamw,
     compile_module,
+    cpu_precision_advice,
     cpu_threads_per_process,
     default_num_workers,
     device_description,
@@ -352,6 +354,11 @@ class Trainer:
             compile_module(self.unet, config.compile_mode)
         if self.accelerator.is_main_process:
             logger.info(f"on {self.accelerator.device}: {self.speed_settings()}")
+            autocast_dtype = HALF_DTYPES.get(self.accelerator.mixed_precision, torch.float32)
+            chosen_by_auto = config.mixed_precision == "auto" and not self.precision_from_launcher
+            advice = cpu_precision_advice(autocast_dtype, chosen_by_auto, device, self.prediction_type, "--mixed_precision bf16")
+            if advice is not None:
+                logger.log(*advice)
         self.steps_per_epoch = math.ceil(len(self.dataloader) / config.gradient_accumulation_steps)
         self.total_steps = config.max_train_steps or config.num_epochs * self.steps_per_epoch
         # Stepped by hand once per optimizer step (not through accelerate.prepare, which steps it

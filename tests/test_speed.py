@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, speed
 from ddpm_pipeline.data import IndexDataset, stack_images
+from ddpm_pipeline.evaluation import sampling_pipeline
 from ddpm_pipeline.losses import diffusion_loss
 from ddpm_pipeline.speed import (
     auto_flag,
@@ -89,6 +90,81 @@ def test_accelerate_launch_s_half_precision_is_honored_under_auto(monkeypatch):
     assert resolve_mixed_precision("auto", "cuda", "epsilon", launcher="fp8") == "bf16"  # not one of ours
     with pytest.warns(UserWarning, match="μ target"):  # asked for at launch: honored, with the warning
         assert resolve_mixed_precision("auto", "cuda", "mu", launcher="bf16") == "bf16"
+
+
+def fake_cpu(monkeypatch, machine="x86_64", amx=False, avx512_bf16=False, amx_fp16=False):
+    """Pretend to run on a CPU with these bfloat16/float16 instructions (torch's own probes)."""
+    monkeypatch.setattr(speed.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: amx_fp16, raising=False)
+
+
+def test_a_cpu_s_bfloat16_instructions_are_read_from_torch_s_probes(monkeypatch):
+    fake_cpu(monkeypatch, amx=True, avx512_bf16=True)
+    assert speed.cpu_bf16_instructions() == "AMX" and has_native_bf16("cpu")
+    fake_cpu(monkeypatch, avx512_bf16=True)
+    assert speed.cpu_bf16_instructions() == "AVX512-BF16" and has_native_bf16("cpu")
+    fake_cpu(monkeypatch)
+    assert speed.cpu_bf16_instructions() == "" and not has_native_bf16("cpu")
+    fake_cpu(monkeypatch, machine="aarch64", avx512_bf16=True)  # torch cannot tell there
+    assert speed.cpu_bf16_instructions() is None and not has_native_bf16("cpu")
+    fake_cpu(monkeypatch, avx512_bf16=True)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probe
+    assert speed.cpu_bf16_instructions() is None
+    assert resolve_mixed_precision("auto", "cpu", "epsilon") == "no"  # auto stays float32 whatever the CPU
+
+
+def test_cpu_precision_advice_names_the_faster_option_and_warns_of_emulated_half_precision(monkeypatch):
+    advice = speed.cpu_precision_advice
+    fake_cpu(monkeypatch, avx512_bf16=True)
+    level, message = advice(torch.float32, True, "cpu", "epsilon", "--mixed_precision bf16")
+    assert level == logging.INFO
+    assert message.startswith("this CPU computes bfloat16 in hardware (AVX512-BF16): --mixed_precision bf16 is faster here")
+    assert advice(torch.float32, False, "cpu", "epsilon", "x") is None  # float32 asked for: nothing to say
+    assert advice(torch.float32, True, "cpu", "mu", "x") is None  # μ needs float32
+    assert advice(torch.bfloat16, False, "cpu", "epsilon", "x") is None  # bf16 where it is fast
+    level, message = advice(torch.float16, False, "cpu", "epsilon", "x")
+    assert level == logging.WARNING and "no AMX-FP16, so float16 is likely emulated" in message
+    fake_cpu(monkeypatch, avx512_bf16=True, amx_fp16=True)
+    assert advice(torch.float16, False, "cpu", "epsilon", "x") is None
+    fake_cpu(monkeypatch)
+    assert advice(torch.float32, True, "cpu", "epsilon", "x") is None
+    level, message = advice(torch.bfloat16, False, "cpu", "x0", "x")
+    assert level == logging.WARNING and "no bfloat16 instructions (AVX512-BF16 or AMX), so bfloat16 is emulated" in message
+    fake_cpu(monkeypatch, machine="aarch64")  # unknown: no claim either way
+    assert advice(torch.bfloat16, False, "cpu", "epsilon", "x") is None
+    assert advice(torch.float32, True, "cpu", "epsilon", "x") is None
+    assert advice(torch.float32, True, "cuda", "epsilon", "x") is None  # GPUs: auto decides
+
+
+def test_fp16_on_the_cpu_is_refused_or_dropped_as_accelerate_ignores_it(tmp_path):
+    """Accelerate neither autocasts nor scales the loss for fp16 on the CPU: a run asking for it
+    would train in float32 and call itself fp16."""
+    assert not speed.accelerate_autocasts_fp16("cpu") and speed.accelerate_autocasts_fp16("cuda")
+    with pytest.raises(ValueError, match=r"fp16 does nothing on the CPU.*--mixed_precision no, or bf16"):
+        resolve_mixed_precision("fp16", "cpu", "epsilon")
+    with pytest.warns(UserWarning, match="accelerate launch's mixed_precision fp16 does nothing on the CPU"):
+        assert resolve_mixed_precision("auto", "cpu", "epsilon", launcher="fp16") == "no"
+    with pytest.raises(ValueError, match="fp16 does nothing on the CPU"):
+        Trainer(TrainingConfig.from_args([*TINY, "--mixed_precision", "fp16", "--output_dir", str(tmp_path)]))
+
+
+def test_a_cpu_run_with_bfloat16_instructions_is_told_of_the_faster_option(tmp_path, monkeypatch, caplog):
+    fake_cpu(monkeypatch, avx512_bf16=True)
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        Trainer(TrainingConfig.from_args([*TINY, "--output_dir", str(tmp_path / "auto")]))
+    assert "--mixed_precision bf16 is faster here" in caplog.text
+    caplog.clear()
+    reset_accelerate()
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        Trainer(TrainingConfig.from_args([*TINY, "--mixed_precision", "no", "--output_dir", str(tmp_path / "no")]))
+    assert "faster here" not in caplog.text
+    fake_cpu(monkeypatch)
+    reset_accelerate()
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        Trainer(TrainingConfig.from_args([*TINY, "--mixed_precision", "bf16", "--output_dir", str(tmp_path / "bf16")]))
+    assert "so bfloat16 is emulated" in caplog.text
 
 
 def test_compile_is_auto_only_where_triton_can_compile_and_an_explicit_request_is_checked(monkeypatch, caplog):
@@ -356,6 +432,37 @@ def test_half_precision_unet_sees_the_float32_noise():
     assert output.trajectory.samples.dtype == torch.float32
     assert torch.equal(output.trajectory.samples[0], expected.trajectory.samples[0])  # x_T, drawn in float32
     assert 0 < np.abs(output.images - expected.images).mean() < 0.02
+
+
+def test_half_precision_sampling_on_the_cpu_is_cast_quietly_and_advised(tmp_path, monkeypatch, caplog):
+    """Casting the UNet does not trip diffusers' warning that names no float32 modules; an emulated
+    half precision warns; eval_metrics' auto float32 on a CPU with bfloat16 instructions says what is faster."""
+    fake_cpu(monkeypatch, avx512_bf16=True)
+    diffusers_records = []  # diffusers' loggers do not propagate to pytest's, and conftest quiets them
+    handler, diffusers_logger = logging.Handler(), logging.getLogger("diffusers")
+    handler.emit = diffusers_records.append
+    level = diffusers_logger.level
+    diffusers_logger.setLevel(logging.WARNING)  # setLevel, not the attribute: it clears the loggers' caches
+    diffusers_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pipe = tiny_pipeline().enable_fast_sampling(dtype=torch.bfloat16, channels_last=False, compile=False)
+    finally:
+        diffusers_logger.removeHandler(handler)
+        diffusers_logger.setLevel(level)
+    assert pipe.unet.dtype == torch.bfloat16
+    assert not [r for r in diffusers_records if "kept in float32" in r.getMessage()]
+    fake_cpu(monkeypatch)
+    with pytest.warns(UserWarning, match="so bfloat16 is emulated"):
+        tiny_pipeline().enable_fast_sampling(dtype="bfloat16", compile=False)
+    tiny_pipeline().save_pretrained(tmp_path)
+    fake_cpu(monkeypatch, avx512_bf16=True)
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.evaluation"):
+        assert sampling_pipeline(str(tmp_path), torch.device("cpu")).unet.dtype == torch.float32
+        sampling_pipeline(str(tmp_path), torch.device("cpu"), dtype="float32")
+        sampling_pipeline(str(tmp_path), torch.device("cpu"), fast_sampling="off")
+    assert caplog.text.count("--sampling_dtype bfloat16 is faster here") == 1
 
 
 @needs_cuda

@@ -20,6 +20,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
+from ddpm_pipeline import speed
 from ddpm_pipeline.checkpointing import list_checkpoints, read_trainer_state
 from ddpm_pipeline.training import TIMESTEP_SAMPLER_STATE_NAME, Trainer, build_ema, main
 from ddpm_pipeline.training_config import TrainingConfig
@@ -441,7 +442,9 @@ def test_a_run_trained_further_follows_the_longer_schedule_from_its_resumed_step
 
 @pytest.fixture
 def fp16_loss_scaling_on_the_cpu(monkeypatch):
-    """fp16 runs get a loss scaler as on a GPU (Accelerate gives none on the CPU)."""
+    """fp16 runs get a loss scaler as on a GPU (Accelerate gives none on the CPU, and the trainer
+    refuses fp16 there for that reason)."""
+    monkeypatch.setattr(speed, "accelerate_autocasts_fp16", lambda device: True)
     original = Accelerator.__init__
 
     def init_with_scaler(self, *args, **kwargs):
