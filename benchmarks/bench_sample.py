@@ -35,7 +35,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
-from ddpm_pipeline.speed import device_description, is_channels_last
+from ddpm_pipeline.speed import device_description, is_channels_last, is_compiled
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import (  # noqa: E402
@@ -81,7 +81,7 @@ def describe(pipeline: DDPMTargetPipeline) -> dict:
     """What a configuration of ours turned into: its UNet's dtype, memory layout, and whether it is compiled."""
     unet = pipeline.unet
     return {"dtype": str(unet.dtype).removeprefix("torch."), "channels_last": is_channels_last(unet),
-            "compiled": getattr(unet, "_compiled_call_impl", None) is not None}  # fmt: skip
+            "compiled": is_compiled(unet)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:

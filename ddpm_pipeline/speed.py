@@ -1,8 +1,9 @@
 """Fast paths for training and sampling, and the policy that picks them per device and target.
 
 Every fast path is an option of the same code; ``None`` means *auto*: on for a CUDA device, off on
-the CPU. None of them changes the math: channels_last, fused AdamW, the device-resident data set
-and ``torch.compile`` compute the same loss and update as the plain step up to float rounding
+the CPU (but channels_last is on where the UNet is compiled there: :func:`resolve_channels_last`).
+None of them changes the math: channels_last, fused AdamW, the device-resident data set and
+``torch.compile`` compute the same loss and update as the plain step up to float rounding
 (tests/test_speed.py); bf16 autocast keeps float32 master weights and a float32 loss.
 
 The one exception is the posterior-mean (μ) target. A μ network carries ``x_0`` only through
@@ -19,6 +20,8 @@ import importlib.util
 import logging
 import os
 import platform
+import shutil
+import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -44,6 +47,16 @@ def auto_flag(requested: bool | None, device: torch.device | str) -> bool:
     if requested is not None:
         return requested
     return torch.device(device).type == "cuda"
+
+
+def resolve_channels_last(requested: bool | None, device: torch.device | str, compiled: bool) -> bool:
+    """NHWC weights and activations: ``requested`` when given, else on for CUDA, and on the CPU
+    when the UNet is compiled. There Inductor's fused C++ GroupNorm replaces ATen's NHWC one (slow
+    on the CPU) and oneDNN's convolutions skip their per-call layout reorders: compiled sampling ran
+    at 1.38× eager with NHWC against 1.22× without on the 2-core reference CPU (benchmarks/RESULTS.md)."""
+    if requested is not None:
+        return requested
+    return torch.device(device).type == "cuda" or compiled
 
 
 #: What bfloat16 gained on a CPU with its instructions, measured on this project's 2-core reference
@@ -231,11 +244,26 @@ def is_channels_last(module: torch.nn.Module) -> bool:
     return False
 
 
+def inductor_cpp_compiler(system: str | None = None) -> str:
+    """The C++ compiler Inductor builds its CPU kernels with on ``system`` (default: this one's
+    ``sys.platform``): ``$CXX`` when set, else ``cl`` on Windows, ``clang++`` on macOS and ``g++``
+    elsewhere (``torch._inductor.config.cpp.cxx``)."""
+    default = {"win32": "cl", "darwin": "clang++"}.get(system or sys.platform, "g++")
+    return os.environ.get("CXX", "").strip() or default
+
+
 def compile_unavailable_reason(device: torch.device | str) -> str | None:
     """Why ``torch.compile``'s default backend (Inductor) cannot compile for ``device``, or ``None``
     when it can. On CUDA, Inductor writes Triton kernels: Triton must be installed and support the
-    GPU (compute capability 7.0 or newer); on the CPU it writes C++ and is assumed to work."""
+    GPU (compute capability 7.0 or newer). On the CPU it writes C++, which needs a C++ compiler
+    (:func:`inductor_cpp_compiler`) on the ``PATH``."""
     device = torch.device(device)
+    if device.type == "cpu":
+        compiler = inductor_cpp_compiler()
+        if shutil.which(compiler) is None and shutil.which(compiler.split()[0]) is None:  # CXX may carry flags
+            return (f"Inductor, torch.compile's backend, builds C++ on the CPU and finds no compiler {compiler!r} "
+                    "(install g++ or clang++, or name one in the CXX variable)")  # fmt: skip
+        return None
     if device.type != "cuda":
         return None
     try:
@@ -303,6 +331,11 @@ def compile_module(module: torch.nn.Module, mode: str | None = None) -> torch.nn
     ``state_dict`` keys stay as they are, so saving and checkpointing are unchanged); returns it."""
     module.compile(mode=mode)
     return module
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether ``module`` was compiled in place (:func:`compile_module`, ``nn.Module.compile``)."""
+    return getattr(module, "_compiled_call_impl", None) is not None
 
 
 def build_adamw(parameters: Iterable[torch.nn.Parameter], fused: bool, **hyperparameters: Any) -> torch.optim.AdamW:

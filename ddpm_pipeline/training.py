@@ -90,6 +90,7 @@ from .speed import (
     fits_on_device,
     launcher_precision,
     needs_full_precision,
+    resolve_channels_last,
     resolve_compile,
     resolve_mixed_precision,
     set_tf32,
@@ -287,8 +288,8 @@ class Trainer:
             torch.set_num_threads(config.num_cpu_threads or cpu_threads_per_process(self.accelerator.num_processes))
         strict_fp32 = needs_full_precision(self.prediction_type)
         self.allow_tf32 = config.allow_tf32 if config.allow_tf32 is not None else on_gpu and not strict_fp32
-        self.channels_last = auto_flag(config.channels_last, device)
         self.compile_unet = resolve_compile(config.compile_unet, device, "--no-compile_unet")
+        self.channels_last = resolve_channels_last(config.channels_last, device, self.compile_unet)
         # skipping a non-finite step happens inside the fused AdamW kernel (its found_inf input)
         self.fused_adam = auto_flag(config.fused_adam, device) or config.nonfinite_loss == "skip"
         self.log_every = config.log_every or (25 if on_gpu else 1)  # each read of the loss stalls a GPU

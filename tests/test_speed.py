@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, speed
 from ddpm_pipeline.data import IndexDataset, stack_images
-from ddpm_pipeline.evaluation import sampling_pipeline
+from ddpm_pipeline.evaluation import EvaluationConfig, sampling_pipeline
 from ddpm_pipeline.losses import diffusion_loss
 from ddpm_pipeline.speed import (
     auto_flag,
@@ -20,7 +20,10 @@ from ddpm_pipeline.speed import (
     compile_unavailable_reason,
     default_num_workers,
     has_native_bf16,
+    is_channels_last,
+    is_compiled,
     needs_full_precision,
+    resolve_channels_last,
     resolve_compile,
     resolve_mixed_precision,
     resolve_sampling_dtype,
@@ -43,6 +46,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_auto_policy_on_cpu_and_gpu(monkeypatch):
     assert auto_flag(None, "cpu") is False and auto_flag(None, "cuda") is True
     assert auto_flag(False, "cuda") is False and auto_flag(True, "cpu") is True
+    # NHWC: on a GPU, and on the CPU with torch.compile (eager NHWC GroupNorm is slow there)
+    assert [resolve_channels_last(None, "cpu", compiled) for compiled in (False, True)] == [False, True]
+    assert resolve_channels_last(None, "cuda", False) is True and resolve_channels_last(False, "cpu", True) is False
     assert resolve_mixed_precision("auto", "cpu", "epsilon") == "no"
     assert resolve_mixed_precision(None, "cpu", "epsilon") is None  # Accelerate's config decides
     capability = {"major": 9}  # an H100
@@ -189,7 +195,6 @@ def test_compile_unavailable_reason_names_a_missing_or_unsupported_triton(monkey
 
     import torch.utils._triton
 
-    assert compile_unavailable_reason("cpu") is None
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
     assert compile_unavailable_reason("cuda") is None
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
@@ -202,6 +207,37 @@ def test_compile_unavailable_reason_names_a_missing_or_unsupported_triton(monkey
     )
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "triton" else real_find_spec(name, *rest))
     assert "is not installed (pip install triton)" in compile_unavailable_reason("cuda")
+
+
+def test_compiling_on_the_cpu_trains_channels_last_unless_told_otherwise(tmp_path, monkeypatch):
+    monkeypatch.setattr("ddpm_pipeline.training.compile_module", lambda module, mode=None: module)  # the policy, not Inductor
+    compiled = Trainer(TrainingConfig.from_args([*TINY, "--compile_unet", "--output_dir", str(tmp_path / "compiled")]))
+    assert compiled.channels_last and "channels_last, torch.compile (default)" in compiled.speed_settings()
+    reset_accelerate()
+    nchw = Trainer(TrainingConfig.from_args([*TINY, "--compile_unet", "--no-channels_last", "--output_dir", str(tmp_path / "nchw")]))
+    assert not nchw.channels_last
+    reset_accelerate()
+    assert not Trainer(TrainingConfig.from_args([*TINY, "--output_dir", str(tmp_path / "eager")])).channels_last
+
+
+def test_compile_on_the_cpu_needs_the_cpp_compiler_inductor_builds_with(monkeypatch):
+    """Inductor's CPU kernels are C++: without the compiler it would use ($CXX, else g++, clang++ on
+    macOS, cl on Windows) on the PATH, auto stays eager and an explicit request is refused up front."""
+    monkeypatch.setenv("CXX", "/opt/gcc-13/bin/g++ -fno-plt")
+    found = {"/opt/gcc-13/bin/g++"}
+    monkeypatch.setattr(speed.shutil, "which", lambda name: name if name in found else None)
+    assert compile_unavailable_reason("cpu") is None  # $CXX with flags: its program is looked up
+    found.clear()
+    reason = compile_unavailable_reason("cpu")
+    assert reason.startswith("Inductor, torch.compile's backend, builds C++ on the CPU and finds no compiler '/opt/gcc-13/bin/g++ -fno-plt'")
+    assert "CXX" in reason
+    with pytest.raises(ValueError, match=r"finds no compiler .*Run without compiling \(--no-compile_unet\)"):
+        resolve_compile(True, "cpu", "--no-compile_unet")
+    assert resolve_compile(None, "cpu", "--no-compile_unet") is False
+    monkeypatch.delenv("CXX")
+    assert [speed.inductor_cpp_compiler(system) for system in ("linux", "darwin", "win32")] == ["g++", "clang++", "cl"]
+    found.add(speed.inductor_cpp_compiler())  # this system's default
+    assert compile_unavailable_reason("cpu") is None
 
 
 def _failing_compiler(graph, example_inputs):
@@ -420,6 +456,20 @@ def test_fast_sampling_gives_the_same_images_on_cpu(prediction_type, steps, opti
     np.testing.assert_allclose(images, expected, atol=atol)
 
 
+@pytest.mark.skipif(compile_unavailable_reason("cpu") is not None, reason="no C++ compiler for Inductor's CPU kernels")
+def test_compiled_sampling_on_the_cpu_gives_the_same_images():
+    """The CPU's opt-in torch.compile (Inductor's C++ kernels, with channels_last, which compiling
+    turns on there) samples the same images as the plain float32 pipeline. About 45 s, nearly all
+    of it Inductor's first compile."""
+    plain = tiny_pipeline()
+    fast = tiny_pipeline().enable_fast_sampling(compile=True)
+    assert is_compiled(fast.unet) and is_channels_last(fast.unet) and fast.unet.dtype == torch.float32
+    kwargs = {"batch_size": 3, "num_inference_steps": 6, "output_type": "np"}
+    expected = plain(generator=torch.Generator().manual_seed(5), **kwargs).images
+    images = fast(generator=torch.Generator().manual_seed(5), **kwargs).images
+    np.testing.assert_allclose(images, expected, atol=1e-5)
+
+
 def test_half_precision_unet_sees_the_float32_noise():
     """A bf16 UNet (CPU here) samples from the same x_T and step noise as the float32 one: the
     trajectories start equal and the images differ only by the network's rounding."""
@@ -463,6 +513,26 @@ def test_half_precision_sampling_on_the_cpu_is_cast_quietly_and_advised(tmp_path
         sampling_pipeline(str(tmp_path), torch.device("cpu"), dtype="float32")
         sampling_pipeline(str(tmp_path), torch.device("cpu"), fast_sampling="off")
     assert caplog.text.count("--sampling_dtype bfloat16 is faster here") == 1
+
+
+def test_eval_metrics_compile_unet_compiles_the_sampling_unet(tmp_path, monkeypatch):
+    """--compile_unet reaches enable_fast_sampling (whose auto stays eager on the CPU); it
+    contradicts --fast_sampling off."""
+    modes = []
+
+    def record(module, mode=None):
+        modes.append(mode)
+        return module.compile(backend="eager")  # Dynamo alone: the plumbing, not Inductor's C++
+
+    monkeypatch.setattr("ddpm_pipeline.pipeline_ddpm_target.compile_module", record)
+    tiny_pipeline().save_pretrained(tmp_path)
+    assert not is_compiled(sampling_pipeline(str(tmp_path), torch.device("cpu")).unet)
+    assert is_compiled(sampling_pipeline(str(tmp_path), torch.device("cpu"), compile=True).unet)
+    assert modes == [None]  # the default mode on the CPU (CUDA graphs are CUDA's)
+    base = ["--model", str(tmp_path)]
+    assert [EvaluationConfig.from_args([*base, *flag]).compile_unet for flag in ([], ["--compile_unet"], ["--no-compile_unet"])] == [None, True, False]  # fmt: skip
+    with pytest.raises(ValueError, match="--compile_unet compiles the fast sampling path, which --fast_sampling off turns off"):
+        EvaluationConfig.from_args([*base, "--compile_unet", "--fast_sampling", "off"]).validate()
 
 
 @needs_cuda
