@@ -54,9 +54,9 @@ def resolve_channels_last(requested: bool | None, device: torch.device | str, co
     when the UNet is compiled. There Inductor's fused C++ GroupNorm replaces ATen's NHWC one (slow
     on the CPU) and oneDNN's convolutions skip their per-call layout reorders: compiled sampling ran
     at 1.38× eager with NHWC against 1.22× without on the 2-core reference CPU (benchmarks/RESULTS.md)."""
-    if requested is not None:
-        return requested
-    return torch.device(device).type == "cuda" or compiled
+    if requested is None and compiled:
+        return True
+    return auto_flag(requested, device)
 
 
 #: What bfloat16 gained on a CPU with its instructions, measured on this project's 2-core reference
