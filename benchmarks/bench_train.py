@@ -7,7 +7,8 @@ Both train the same UNet configuration on the same batch, resident on the device
 EMA and gradient clipping at 1. *Ours* is :meth:`ddpm_pipeline.training.Trainer.training_step`
 plus :meth:`~ddpm_pipeline.training.Trainer.after_optimizer_step`, built from a
 :class:`~ddpm_pipeline.training_config.TrainingConfig` exactly as ``train_ddpm.py`` builds it, so
-with its defaults (on CUDA: bf16 autocast, TF32, channels_last, torch.compile, fused AdamW);
+with its defaults (on CUDA: bf16 autocast, TF32, channels_last, torch.compile, fused AdamW; on the
+CPU: float32, eager, fused AdamW);
 any other ``train_ddpm.py`` option given here (e.g. ``--no-compile_unet``) goes to ours.
 *Stock* is diffusers' ``train_unconditional.py`` recipe: ``UNet2DModel`` + ``DDPMScheduler`` +
 ``AdamW`` + ``EMAModel`` (no foreach) and, on CUDA, fp16 autocast with a ``GradScaler``, under

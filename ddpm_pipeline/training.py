@@ -79,7 +79,6 @@ from .seeding import derive_seed
 from .speed import (
     HALF_DTYPES,
     LAUNCHER_PRECISION_VARIABLE,
-    auto_flag,
     build_adamw,
     compile_module,
     cpu_precision_advice,
@@ -92,6 +91,7 @@ from .speed import (
     needs_full_precision,
     resolve_channels_last,
     resolve_compile,
+    resolve_fused_adam,
     resolve_mixed_precision,
     set_tf32,
     to_channels_last,
@@ -291,7 +291,7 @@ class Trainer:
         self.compile_unet = resolve_compile(config.compile_unet, device, "--no-compile_unet")
         self.channels_last = resolve_channels_last(config.channels_last, device, self.compile_unet)
         # skipping a non-finite step happens inside the fused AdamW kernel (its found_inf input)
-        self.fused_adam = auto_flag(config.fused_adam, device) or config.nonfinite_loss == "skip"
+        self.fused_adam = resolve_fused_adam(config.fused_adam, device) or config.nonfinite_loss == "skip"
         self.log_every = config.log_every or (25 if on_gpu else 1)  # each read of the loss stalls a GPU
         self.skipped_steps = torch.zeros((), device=device)
         if on_gpu:

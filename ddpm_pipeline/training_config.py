@@ -205,7 +205,7 @@ class TrainingConfig:
     channels_last: bool | None = _option(None, "Keep the UNet's weights and activations in NHWC memory layout (auto: on a GPU, and on the CPU with --compile_unet, where it is most of what compiling gains).")
     compile_unet: bool | None = _option(None, "torch.compile the UNet (the first steps take a while to compile; auto: on for CUDA when Triton supports the GPU). On the CPU an opt-in for long runs (needs a C++ compiler): 1.14-1.33x the images/s on the 2-core reference CPU (with channels_last, which it turns on there), after about 40 s of compiling and a recompile for a smaller last batch; the 800-step main job is slower with it.")
     compile_mode: str | None = _option(None, f"torch.compile mode: {', '.join(COMPILE_MODES)} (none = default).")
-    fused_adam: bool | None = _option(None, "One fused AdamW kernel per step (else multi-tensor foreach kernels).")
+    fused_adam: bool | None = _option(None, "One fused AdamW kernel per step (else multi-tensor foreach kernels); auto: on for CUDA and the CPU.")
     gradient_checkpointing: bool = _option(False, "Recompute each UNet block's activations in the backward pass instead of keeping them: less memory (larger batches or images) for more compute (README: measured on a CPU); the same gradients.")
     data_on_device: bool | None = _option(None, "Preprocess the whole data set once into device memory (auto: on a GPU when it takes at most a quarter of its memory).")
     seed: int = _option(0, "Seed for weights, data order, noise and dropout: a run is reproducible on the CPU.")

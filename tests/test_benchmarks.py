@@ -43,10 +43,10 @@ def test_bench_train_on_the_cpu(tmp_path):
                                        "--warmup", "1", "--block", "1", "--blocks", "2", "--output", str(output),
                                        "--profile", "--channels_last"])  # fmt: skip
     assert result["ours_images_per_s"] > 0 and result["stock_images_per_s"] > 0
-    # train_ddpm.py options reach our Trainer; the CPU defaults are otherwise the plain path
+    # train_ddpm.py options reach our Trainer; the CPU defaults are otherwise float32, eager, fused AdamW
     assert result["ours_extra_options"] == ["--channels_last"]
     assert result["ours_settings"] == {"mixed_precision": "no", "tf32": False, "channels_last": True,
-                                       "compile": False, "fused_adam": False}  # fmt: skip
+                                       "compile": False, "fused_adam": True}  # fmt: skip
     assert set(result["profile"]) == {"ours", "stock"} and result["profile"]["ours"]["top"]
     assert result["speedup"] == pytest.approx(result["ours_images_per_s"] / result["stock_images_per_s"])
     # MFU = images/s × FLOPs per image ÷ the measured float32 matmul peak on the CPU

@@ -25,6 +25,7 @@ from ddpm_pipeline.speed import (
     needs_full_precision,
     resolve_channels_last,
     resolve_compile,
+    resolve_fused_adam,
     resolve_mixed_precision,
     resolve_sampling_dtype,
     strict_float32,
@@ -49,6 +50,9 @@ def test_auto_policy_on_cpu_and_gpu(monkeypatch):
     # NHWC: on a GPU, and on the CPU with torch.compile (eager NHWC GroupNorm is slow there)
     assert [resolve_channels_last(None, "cpu", compiled) for compiled in (False, True)] == [False, True]
     assert resolve_channels_last(None, "cuda", False) is True and resolve_channels_last(False, "cpu", True) is False
+    # fused AdamW: torch has the kernel for CUDA and for the CPU, so auto is on for both; elsewhere off
+    assert [resolve_fused_adam(None, device) for device in ("cpu", "cuda", "mps")] == [True, True, False]
+    assert resolve_fused_adam(False, "cpu") is False and resolve_fused_adam(True, "mps") is True
     assert resolve_mixed_precision("auto", "cpu", "epsilon") == "no"
     assert resolve_mixed_precision(None, "cpu", "epsilon") is None  # Accelerate's config decides
     capability = {"major": 9}  # an H100
@@ -418,7 +422,7 @@ def test_a_run_logs_its_resolved_fast_paths_and_the_launcher_s_precision(tmp_pat
     with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
         trainer = Trainer(config)
     assert trainer.mixed_precision == "bf16" and trainer.accelerator.mixed_precision == "bf16"
-    assert ("on cpu: bf16 autocast (from accelerate launch's mixed_precision bf16), NCHW, eager, foreach AdamW, "
+    assert ("on cpu: bf16 autocast (from accelerate launch's mixed_precision bf16), NCHW, eager, fused AdamW, "
             "data loaded in the main process, loss read every 4 steps") in caplog.text  # fmt: skip
 
 
