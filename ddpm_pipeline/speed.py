@@ -343,8 +343,8 @@ def resolve_fused_adam(requested: bool | None, device: torch.device | str) -> bo
     """One fused AdamW kernel per step: ``requested`` when given, else on for CUDA and for the CPU,
     where torch (2.4 and later) has a fused, vectorized AdamW kernel too. There it replaces the
     foreach path's per-tensor loop (on the CPU, foreach ops run one tensor at a time, with bias
-    corrections built per tensor): ``ddpm-small-28``'s 154 tensors took 1.1 ms per step instead of
-    4.4 ms on the 2-core reference CPU (benchmarks/RESULTS.md). Off elsewhere (e.g. MPS)."""
+    corrections built per tensor): ``ddpm-small-28``'s 154 tensors took 1.1–2.8 ms per step instead
+    of 4.4–8.2 ms on the 2-core reference CPU (benchmarks/RESULTS.md). Off elsewhere (e.g. MPS)."""
     if requested is not None:
         return requested
     return torch.device(device).type in ("cuda", "cpu")
