@@ -145,12 +145,9 @@ class EvaluationConfig:
             formatter_class=DefaultsHelpFormatter,
         )
         for item in fields(cls):
-            if str(item.type) == "bool | None":
-                parser.add_argument(f"--{item.name}", action=argparse.BooleanOptionalAction, default=item.default,
-                                    help=item.metadata["help"])  # fmt: skip
-                continue
-            kind = _field_type(item)
-            parser.add_argument(f"--{item.name}", type=kind, default=item.default, help=item.metadata["help"])
+            # an auto/on/off switch takes --name and --no-name; every other option a typed value
+            kind = {"action": argparse.BooleanOptionalAction} if str(item.type) == "bool | None" else {"type": _field_type(item)}
+            parser.add_argument(f"--{item.name}", default=item.default, help=item.metadata["help"], **kind)
         return cls(**vars(parser.parse_args(argv)))
 
 

@@ -200,7 +200,7 @@ class TrainingConfig:
     ema_power: float = _option(0.75, "p of the EMA warmup (3/4 suits short runs, 2/3 long ones).")
     # precision and reproducibility
     mixed_precision: str | None = _option("auto", "Autocast precision with float32 master weights and loss: auto = bf16 on a GPU (fp16 on one older than Ampere, e.g. a T4 or V100, which only emulates bf16; fp32 for the μ target, which half precision ruins), no on the CPU (where bf16 is faster on a CPU with AVX512-BF16 or AMX, which the log names, and fp16 does nothing: refused).", choices=MIXED_PRECISION)
-    # speed (none = on for a GPU, off on the CPU; see ddpm_pipeline.speed)
+    # speed (none = auto: on for a GPU, off on the CPU, except where a help says otherwise; see ddpm_pipeline.speed)
     allow_tf32: bool | None = _option(None, "Let fp32 matmuls/convolutions use TF32 tensor cores (never for the μ target unless given).")
     channels_last: bool | None = _option(None, "Keep the UNet's weights and activations in NHWC memory layout (auto: on a GPU, and on the CPU with --compile_unet, where it is most of what compiling gains).")
     compile_unet: bool | None = _option(None, "torch.compile the UNet (the first steps take a while to compile; auto: on for CUDA when Triton supports the GPU). On the CPU an opt-in for long runs (needs a C++ compiler): 1.14-1.33x the images/s on the 2-core reference CPU (with channels_last, which it turns on there), after about 40 s of compiling and a recompile for a smaller last batch; the 800-step main job is slower with it.")
