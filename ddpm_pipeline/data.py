@@ -157,8 +157,9 @@ def load_image_dataset(
         folder = Path(train_data_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"--train_data_dir {folder} is not a folder.")
-        extensions = {ext.lower() for ext in Image.registered_extensions()}
-        if not any(path.is_file() and path.suffix.lower() in extensions for path in folder.rglob("*")):
+        if not holds_image_files(folder):
+            if is_saved_dataset(folder):
+                raise ValueError(f"--train_data_dir {folder} is a data set written by save_to_disk: pass it as --dataset_path {folder}.")
             raise ValueError(
                 f"--train_data_dir {folder} holds no image files (.png, .jpg, .webp, … in it or its subfolders): "
                 "point it at the folder of images."
@@ -168,8 +169,30 @@ def load_image_dataset(
         path = Path(dataset_path)
         if not path.exists():
             raise FileNotFoundError(f"--dataset_path {path} does not exist (write one with Dataset.save_to_disk).")
+        if not is_saved_dataset(path):
+            fix = (
+                f"it holds image files: pass it as --train_data_dir {path}"
+                if path.is_dir() and holds_image_files(path)
+                else "give the folder Dataset.save_to_disk or DatasetDict.save_to_disk wrote, or a folder of images as --train_data_dir"
+            )
+            raise FileNotFoundError(
+                f"--dataset_path {path} is not a data set written by save_to_disk (it has no dataset_info.json or "
+                f"dataset_dict.json); {fix}."
+            )
         return select_split(datasets.load_from_disk(str(path)), split, what=str(path))
     return select_split(bundled_dataset(), split, what="the bundled data set")
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """Whether ``folder`` holds what ``save_to_disk`` writes: a `Dataset`'s ``dataset_info.json`` or a
+    `DatasetDict`'s ``dataset_dict.json``."""
+    return (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def holds_image_files(folder: Path) -> bool:
+    """Whether ``folder`` or one of its subfolders holds a file with an image extension PIL reads."""
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    return any(path.is_file() and path.suffix.lower() in extensions for path in folder.rglob("*"))
 
 
 def select_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, what: str = "the data set") -> datasets.Dataset:

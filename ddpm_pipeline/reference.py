@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .data import find_image_column, load_image_dataset
+from .data import find_image_column, is_saved_dataset, load_image_dataset
 from .features import FeatureExtractorSpec, extract_features, pil_to_uint8
 from .images import ImagePreprocessor, ImageSource
 from .metrics import gaussian_statistics
@@ -69,8 +69,7 @@ class DataSource:
                 raise FileNotFoundError(f"Reference statistics {path} do not exist.")
             return cls("stats", str(path.resolve()), split)
         if path.is_dir():
-            saved = (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
-            return cls("saved" if saved else "imagefolder", str(path.resolve()), split)
+            return cls("saved" if is_saved_dataset(path) else "imagefolder", str(path.resolve()), split)
         if path.exists() or text.startswith((".", "/", "~")):
             raise FileNotFoundError(
                 f"Reference {text!r} is neither a folder, a .npz statistics file, 'bundled' nor a Hub data set name."

@@ -160,6 +160,16 @@ def test_saved_dataset_dict_and_column_rules(tmp_path):
     assert load_image_dataset(dataset_path=tmp_path / "dd", split="test").num_rows == 1
     with pytest.raises(ValueError, match="has splits"):
         load_image_dataset(dataset_path=tmp_path / "dd", split="validation")
+    # each kind of folder given as the other names the right option
+    with pytest.raises(ValueError, match=f"written by save_to_disk: pass it as --dataset_path {tmp_path / 'dd'}"):
+        load_image_dataset(train_data_dir=tmp_path / "dd")
+    (tmp_path / "pictures" / "a").mkdir(parents=True)
+    pictures[0].save(tmp_path / "pictures" / "a" / "0.png")
+    with pytest.raises(FileNotFoundError, match=f"holds image files: pass it as --train_data_dir {tmp_path / 'pictures'}"):
+        load_image_dataset(dataset_path=tmp_path / "pictures")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="is not a data set written by save_to_disk .* or a folder of images"):
+        load_image_dataset(dataset_path=tmp_path / "empty")
     assert find_image_column(dataset) == "picture"  # the only Image feature
     assert find_image_column(dataset, "picture") == "picture"
     with pytest.raises(ValueError, match="--image_column 'photo' is not a column"):
