@@ -18,6 +18,8 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
+from datasets.data_files import DataFilesDict, get_data_patterns
+from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 
 from .images import BadImageError, ImagePreprocessor, ImageSource
@@ -32,6 +34,8 @@ FASHION_MNIST_CLASSES = [
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 IMAGE_COLUMN_NAMES = ("image", "img")
 BAD_IMAGE_POLICIES = ("skip", "fail")
+#: the extensions ``datasets``' imagefolder builder reads as images
+_IMAGE_FOLDER_EXTENSIONS = frozenset(extension.lower() for extension in ImageFolder.EXTENSIONS)
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +168,7 @@ def load_image_dataset(
                 f"--train_data_dir {folder} holds no image files (.png, .jpg, .webp, … in it or its subfolders): "
                 "point it at the folder of images."
             )
+        check_image_folder_split(folder, split)
         return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, cache_dir=cache_dir)
     if dataset_path:
         path = Path(dataset_path)
@@ -189,10 +194,77 @@ def is_saved_dataset(folder: Path) -> bool:
     return (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
+def is_image_file(path: Path) -> bool:
+    """Whether ``path`` is a file that ``datasets``' imagefolder builder reads as an image (by its extension)."""
+    return path.suffix.lower() in _IMAGE_FOLDER_EXTENSIONS and path.is_file()
+
+
 def holds_image_files(folder: Path) -> bool:
-    """Whether ``folder`` or one of its subfolders holds a file with an image extension PIL reads."""
-    extensions = {ext.lower() for ext in Image.registered_extensions()}
-    return any(path.is_file() and path.suffix.lower() in extensions for path in folder.rglob("*"))
+    """Whether ``folder`` or one of its subfolders holds an image file (:func:`is_image_file`)."""
+    return any(is_image_file(path) for path in folder.rglob("*"))
+
+
+def image_folder_splits(folder: Path) -> dict[str, list[Path]]:
+    """The files of each split that ``datasets``' imagefolder builder finds in ``folder``, by the
+    patterns of ``datasets.data_files.get_data_patterns``: folders or files whose names hold a
+    split's name as a word (``train/``, ``train_cats/``, ``2020-test/``, ``validation.png``) make
+    that split, and files outside them belong to none. ``{}`` when no name does: then every image is
+    in ``train``. Hidden files and folders (``.``, ``__``) are in none."""
+    base = folder.resolve().as_posix()
+    patterns = get_data_patterns(base)
+    if {str(name): list(globs) for name, globs in patterns.items()} == {"train": ["**"]}:
+        return {}
+    found = DataFilesDict.from_patterns(patterns, base_path=base)
+    return {str(name): sorted(Path(file) for file in files) for name, files in found.items()}
+
+
+def check_image_folder_split(folder: Path, split: str) -> None:
+    """Refuse a ``split`` that the image folder ``folder`` does not have, or that holds no image
+    (see :func:`image_folder_splits`), naming the splits ``datasets`` found; warn when image files
+    lie in no split, where ``datasets`` would leave them out without a word."""
+    splits = image_folder_splits(folder)
+    names = list(dict.fromkeys(_split_names(split)))
+    if not splits:
+        other = [name for name in names if name != "train"]
+        if other:
+            raise ValueError(
+                f"The image folder {folder} has no folders or files named for a split (train/, test/, validation/, …), "
+                f"so all its images are the split 'train', not {other[0]!r}: pass --split with a slice of train, e.g. train[-500:]."
+            )
+        return
+    found = "; ".join(f"{name}: {_files_in_words(files, folder)}" for name, files in splits.items())
+    images = {name: [file for file in files if is_image_file(file)] for name, files in splits.items()}
+    why = f"`datasets` makes a split of the folders and files whose names hold its name as a word (here {found})"
+    for name in names:
+        if name not in splits:
+            raise ValueError(
+                f"The image folder {folder} has the splits {sorted(splits)}, not {name!r}: {why}. Pass --split with "
+                "one of them, or point at the folder of images itself."
+            )
+        if not images[name]:
+            raise ValueError(
+                f"The image folder {folder} has no image files in its split {name!r}: {why}, and leaves the files "
+                "outside them out. Rename those, or point at the folder of images itself."
+            )
+    in_splits = {file.resolve() for files in images.values() for file in files}
+    every = [path for path in folder.rglob("*") if is_image_file(path) and not _hidden(path.relative_to(folder))]
+    left_out = sorted(path for path in every if path.resolve() not in in_splits)
+    if left_out:
+        logger.warning(
+            f"{len(left_out)} of the {len(every)} image files in {folder} are in no split and will not be used (e.g. "
+            f"{left_out[0].relative_to(folder)}): {why}, and then only the files in them. Rename those to use every image."
+        )
+
+
+def _files_in_words(files: list[Path], folder: Path) -> str:
+    """``"3 files, e.g. train_cats/a.png"``: how many, and the first one relative to ``folder``."""
+    first = files[0].relative_to(folder.resolve()).as_posix()
+    return f"{len(files)} file{'s' * (len(files) != 1)}, e.g. {first}"
+
+
+def _hidden(relative: Path) -> bool:
+    """Whether ``datasets`` skips this path: a part that starts with ``.`` or ``__``."""
+    return any(part.startswith((".", "__")) for part in relative.parts)
 
 
 def select_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, what: str = "the data set") -> datasets.Dataset:

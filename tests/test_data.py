@@ -150,6 +150,50 @@ def test_imagefolder_source_and_column_detection(tmp_path):
         load_image_dataset(train_data_dir=tmp_path / "missing")
 
 
+def test_an_image_folder_whose_names_datasets_reads_as_splits_says_so(tmp_path, caplog):
+    def image(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), 7).save(path)
+
+    # datasets takes "train_cats/" for a split, and then leaves "dogs/" out
+    for path in ("train_cats/a.png", "train_cats/b.png", "dogs/c.png", ".thumbs/d.png"):
+        image(tmp_path / "pets" / path)
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.data"):
+        assert load_image_dataset(train_data_dir=tmp_path / "pets").num_rows == 2
+    assert "1 of the 3 image files in" in caplog.text and "(e.g. dogs/c.png)" in caplog.text  # the hidden one is no loss
+    assert "(here train: 2 files, e.g. train_cats/a.png)" in caplog.text
+    with pytest.raises(ValueError, match=r"has the splits \['train'\], not 'validation'"):
+        load_image_dataset(train_data_dir=tmp_path / "pets", split="train+validation")
+    # file names make splits too, where no folder's name does
+    for path in ("a_train_1.png", "b-test.png", "c.png"):
+        image(tmp_path / "names" / path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.data"):
+        assert load_image_dataset(train_data_dir=tmp_path / "names", split="test").num_rows == 1
+    assert "1 of the 3 image files" in caplog.text and "(e.g. c.png)" in caplog.text
+    assert "train: 1 file, e.g. a_train_1.png; test: 1 file, e.g. b-test.png" in caplog.text
+    # the folder a run wrote: its only "train" is logs/train_ddpm/, which holds no image
+    (tmp_path / "run" / "logs" / "train_ddpm").mkdir(parents=True)
+    (tmp_path / "run" / "logs" / "train_ddpm" / "events.out").write_bytes(b"0")
+    image(tmp_path / "run" / "samples" / "step_1.png")
+    with pytest.raises(ValueError, match="no image files in its split 'train'.*e.g. logs/train_ddpm/events.out"):
+        load_image_dataset(train_data_dir=tmp_path / "run")
+    # no split names: every image is "train", and another split is refused with the way to hold some out
+    image(tmp_path / "plain" / "a" / "e.png")
+    image(tmp_path / "plain" / "f.png")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.data"):
+        assert load_image_dataset(train_data_dir=tmp_path / "plain").num_rows == 2
+    assert not caplog.text
+    with pytest.raises(ValueError, match=r"images are the split 'train', not 'test': .*train\[-500:\]"):
+        load_image_dataset(train_data_dir=tmp_path / "plain", split="test")
+    # only files datasets reads as images count
+    (tmp_path / "documents").mkdir()
+    (tmp_path / "documents" / "scan.pdf").write_bytes(b"%PDF-1.4")
+    with pytest.raises(ValueError, match="holds no image files"):
+        load_image_dataset(train_data_dir=tmp_path / "documents")
+
+
 def test_saved_dataset_dict_and_column_rules(tmp_path):
     pictures = [Image.new("L", (8, 8), 10 * i) for i in range(3)]
     dataset = datasets.Dataset.from_dict(
