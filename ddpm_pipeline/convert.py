@@ -24,15 +24,19 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m ddpm_pipeline.convert", description=__doc__.split("\n")[0])
     formats = parser.add_subparsers(dest="format", required=True)
     idx = formats.add_parser("idx", help="MNIST / Fashion-MNIST IDX files (gzip or raw)")
-    idx.add_argument("--images", required=True, type=Path)
-    idx.add_argument("--labels", type=Path)
+    idx.add_argument("--images", required=True, type=Path, help="the images' IDX file, e.g. train-images-idx3-ubyte.gz")
+    idx.add_argument("--labels", type=Path, help="the labels' IDX file, e.g. train-labels-idx1-ubyte.gz (none: no label column)")
     idx.add_argument("--classes", choices=sorted(CLASS_NAMES), default="none", help="label names to record")
     cifar = formats.add_parser("cifar10", help="the CIFAR-10 python archive (cifar-10-python.tar.gz)")
-    cifar.add_argument("--archive", required=True, type=Path)
+    cifar.add_argument("--archive", required=True, type=Path, help="cifar-10-python.tar.gz")
     cifar.add_argument("--split", choices=["train", "test"], default="train")
     for sub in (idx, cifar):
         sub.add_argument("--output", required=True, type=Path, help="folder for Dataset.save_to_disk")
     args = parser.parse_args(argv)
+    for option in ("images", "labels", "archive"):
+        path = getattr(args, option, None)
+        if path is not None and not path.is_file():
+            parser.error(f"--{option} {path} is not a file.")
     if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
         parser.error(f"--output {args.output} exists and is not an empty folder; choose a new folder.")
     if args.format == "idx":

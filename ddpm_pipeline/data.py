@@ -48,8 +48,11 @@ def read_idx(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        raw = handle.read()
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (gzip.BadGzipFile, EOFError) as error:  # a .gz that is not gzip, or cut short
+        raise ValueError(f"{path} is not a complete gzip file ({error}); download it again.") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (MNIST format): its header is {raw[:4]!r}.")
     ndim = raw[3]
@@ -92,7 +95,14 @@ def cifar10_archive_to_dataset(archive_path: str | Path, split: str = "train") -
     if split not in members:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
     images, labels = [], []
-    with tarfile.open(archive_path, "r:*") as archive:
+    try:
+        archive = tarfile.open(archive_path, "r:*")
+    except tarfile.ReadError as error:
+        raise ValueError(
+            f"{archive_path} is not a tar archive: give the CIFAR-10 python version, cifar-10-python.tar.gz "
+            "(www.cs.toronto.edu/~kriz/cifar.html)."
+        ) from error
+    with archive:
         names = {Path(member.name).name: member for member in archive.getmembers()}
         for wanted in members[split]:
             if wanted not in names:

@@ -55,6 +55,11 @@ def test_read_idx_round_trip_and_errors(tmp_path):
     (tmp_path / "short").write_bytes((tmp_path / "a.raw").read_bytes()[:-3])
     with pytest.raises(ValueError, match="truncated"):
         read_idx(tmp_path / "short")
+    (tmp_path / "cut.gz").write_bytes((tmp_path / "a.gz").read_bytes()[:-9])  # a download cut short
+    (tmp_path / "plain.gz").write_bytes(b"not gzip at all")
+    for broken in ("cut.gz", "plain.gz"):
+        with pytest.raises(ValueError, match=f"{broken} is not a complete gzip file .*download it again"):
+            read_idx(tmp_path / broken)
 
 
 def test_idx_converter(tmp_path):
@@ -106,6 +111,16 @@ def test_cifar10_converter(tmp_path):
     assert np.array_equal(np.asarray(dataset[0]["img"]), expected)
     test = convert(["cifar10", "--archive", str(archive), "--split", "test", "--output", str(tmp_path / "test")])
     assert load_image_dataset(dataset_path=test).num_rows == 2
+    (tmp_path / "page.html").write_text("<html>not found</html>")
+    with pytest.raises(ValueError, match="page.html is not a tar archive: give the CIFAR-10 python version"):
+        convert(["cifar10", "--archive", str(tmp_path / "page.html"), "--output", str(tmp_path / "none")])
+
+
+def test_the_converter_names_a_missing_input_file(tmp_path, capsys):
+    for arguments in (["idx", "--images", "missing.gz"], ["cifar10", "--archive", "missing.tar.gz"]):
+        with pytest.raises(SystemExit):
+            convert([*arguments, "--output", str(tmp_path / "out")])
+        assert f"--{arguments[1][2:]} missing" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_the_data_a_checkpoint_records_names_its_source_count_and_fingerprint(tmp_path, monkeypatch):
