@@ -175,8 +175,8 @@ def load_image_dataset(
             if is_saved_dataset(folder):
                 raise ValueError(f"--train_data_dir {folder} is a data set written by save_to_disk: pass it as --dataset_path {folder}.")
             raise ValueError(
-                f"--train_data_dir {folder} holds no image files (.png, .jpg, .webp, … in it or its subfolders): "
-                "point it at the folder of images."
+                f"The image folder {folder} holds no image files (.png, .jpg, .webp, … in it or its subfolders): "
+                "point at the folder of images."
             )
         check_image_folder_split(folder, split)
         return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, cache_dir=cache_dir)
@@ -239,7 +239,7 @@ def check_image_folder_split(folder: Path, split: str) -> None:
         if other:
             raise ValueError(
                 f"The image folder {folder} has no folders or files named for a split (train/, test/, validation/, …), "
-                f"so all its images are the split 'train', not {other[0]!r}: pass --split with a slice of train, e.g. train[-500:]."
+                f"so all its images are the split 'train', not {other[0]!r}: give a slice of train as the split, e.g. train[-500:]."
             )
         return
     found = "; ".join(f"{name}: {_files_in_words(files, folder)}" for name, files in splits.items())
@@ -248,8 +248,8 @@ def check_image_folder_split(folder: Path, split: str) -> None:
     for name in names:
         if name not in splits:
             raise ValueError(
-                f"The image folder {folder} has the splits {sorted(splits)}, not {name!r}: {why}. Pass --split with "
-                "one of them, or point at the folder of images itself."
+                f"The image folder {folder} has the splits {sorted(splits)}, not {name!r}: {why}. Give one of them as "
+                "the split, or point at the folder of images itself."
             )
         if not images[name]:
             raise ValueError(
