@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from typing import Any
 
@@ -166,8 +167,11 @@ class DDPMUNet(UNet2DModel):
         allowed = set(inspect.signature(UNet2DModel.__init__).parameters) - {"self"}
         unknown = sorted(set(overrides) - allowed)
         if unknown:
+            close = {name: difflib.get_close_matches(name, allowed, n=1) for name in unknown}
+            named = ", ".join(f"{name} (did you mean {close[name][0]}?)" if close[name] else name for name in unknown)
             raise ValueError(
-                f"{', '.join(unknown)} {'is not' if len(unknown) == 1 else 'are not'} UNet2DModel option(s)."
+                f"{named} {'is not an option' if len(unknown) == 1 else 'are not options'} of diffusers' UNet2DModel, "
+                f"whose options are {', '.join(sorted(allowed))}."
             )
         # lists, as JSON gives them back, so a reloaded config compares equal
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in {**PRESETS[name], **overrides}.items()}

@@ -27,8 +27,10 @@ def test_preset_overrides():
     assert DDPMUNet.preset_config("ddpm-small-32", in_channels=3, out_channels=6)["out_channels"] == 6
     with pytest.raises(ValueError, match="Unknown UNet preset 'ddpm-huge'.*ddpm-cifar10-32"):
         DDPMUNet.from_preset("ddpm-huge")
-    with pytest.raises(ValueError, match="num_layers is not"):
+    with pytest.raises(ValueError, match="num_layers is not an option of diffusers' UNet2DModel, whose options are .*layers_per_block"):
         DDPMUNet.from_preset("ddpm-tiny-16", num_layers=3)
+    with pytest.raises(ValueError, match=r"norm_groups \(did you mean norm_num_groups\?\), spam are not options"):
+        DDPMUNet.preset_config("ddpm-tiny-16", norm_groups=4, spam=1)
 
 
 @pytest.mark.parametrize("preset", ["ddpm-small-32", "ddpm-tiny-16"])
