@@ -190,7 +190,7 @@ def load_image_dataset(
                 if path.is_dir() and holds_image_files(path)
                 else "give the folder Dataset.save_to_disk or DatasetDict.save_to_disk wrote, or a folder of images as --train_data_dir"
             )
-            raise FileNotFoundError(
+            raise ValueError(
                 f"--dataset_path {path} is not a data set written by save_to_disk (it has no dataset_info.json or "
                 f"dataset_dict.json); {fix}."
             )

@@ -224,10 +224,10 @@ def test_saved_dataset_dict_and_column_rules(tmp_path):
         load_image_dataset(train_data_dir=tmp_path / "dd")
     (tmp_path / "pictures" / "a").mkdir(parents=True)
     pictures[0].save(tmp_path / "pictures" / "a" / "0.png")
-    with pytest.raises(FileNotFoundError, match=f"holds image files: pass it as --train_data_dir {tmp_path / 'pictures'}"):
+    with pytest.raises(ValueError, match=f"holds image files: pass it as --train_data_dir {tmp_path / 'pictures'}"):
         load_image_dataset(dataset_path=tmp_path / "pictures")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="is not a data set written by save_to_disk .* or a folder of images"):
+    with pytest.raises(ValueError, match="is not a data set written by save_to_disk .* or a folder of images"):
         load_image_dataset(dataset_path=tmp_path / "empty")
     assert find_image_column(dataset) == "picture"  # the only Image feature
     assert find_image_column(dataset, "picture") == "picture"
