@@ -1,8 +1,11 @@
 """Shared test settings: offline, deterministic, small."""
 
+import importlib.util
 import os
 import socket
 import sys
+from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -20,6 +23,16 @@ diffusers_logging.disable_progress_bar()
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/{name}.py`` loaded afresh as the module ``name`` (registered in `sys.modules`,
+    where its dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def public_config(config) -> dict:

@@ -1,6 +1,5 @@
 """The GPU benchmarks also run on the CPU at toy scale, so they keep working between GPU sessions."""
 
-import importlib.util
 import json
 import os
 import re
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
 from ddpm_pipeline.speed import cpu_threads_per_process
 
@@ -18,15 +18,8 @@ pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_flops_per_image():
-    measure = load("measure")
+    measure = load_benchmark("measure")
     # DESIGN.md §2: 12.1 GFLOP per 32×32 forward of the DDPM CIFAR-10 network (the count here adds
     # the attention matmuls and the time embedding); its training figure is the one issue 7 fixes
     assert measure.forward_flops_per_image("ddpm-cifar10-32") == pytest.approx(12.1e9, rel=0.03)
@@ -39,7 +32,7 @@ def test_flops_per_image():
 
 def test_bench_train_on_the_cpu(tmp_path):
     output = tmp_path / "train.jsonl"
-    result = load("bench_train").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "4",
+    result = load_benchmark("bench_train").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "4",
                                        "--warmup", "1", "--block", "1", "--blocks", "2", "--output", str(output),
                                        "--profile", "--channels_last"])  # fmt: skip
     assert result["ours_images_per_s"] > 0 and result["stock_images_per_s"] > 0
@@ -61,7 +54,7 @@ def test_bench_train_gives_stock_the_threads_accelerate_launch_would(monkeypatch
     """`accelerate launch` leaves a script on one thread (OMP_NUM_THREADS=1) unless its config says
     use_cpu, and train_ddpm.py takes the cores back: --stock_threads 1 times stock as it runs there,
     each side with its own threads in the same run."""
-    bench = load("bench_train")
+    bench = load_benchmark("bench_train")
     seen = {"ours": set(), "stock": set()}
     our_step, stock_step = bench.Trainer.training_step, bench.StockRecipe.step
 
@@ -96,7 +89,7 @@ def test_bench_train_times_variants_and_survives_a_failing_one(tmp_path, monkeyp
     """An ablation in the same run; a contender whose torch.compile fails (as on a GPU without
     Triton) is recorded with its error, and the others are still measured."""
     monkeypatch.setattr("ddpm_pipeline.training.compile_module", lambda module, mode=None: module.compile(backend=_failing_compiler))
-    result = load("bench_train").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "4", "--warmup", "1",
+    result = load_benchmark("bench_train").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "4", "--warmup", "1",
                                        "--block", "1", "--blocks", "2", "--variant", "nhwc=--channels_last --fused_adam",
                                        "--variant", "compiled=--compile_unet"])  # fmt: skip
     assert result["ours_settings"]["channels_last"] is False and result["ours_images_per_s"] > 0
@@ -108,13 +101,13 @@ def test_bench_train_times_variants_and_survives_a_failing_one(tmp_path, monkeyp
     assert result["failures"]["compiled"].startswith("BackendCompilerFailed: ")
     assert "working triton installation" in result["failures"]["compiled"]
     with pytest.raises(SystemExit):  # one process holds one Accelerate state
-        load("bench_train").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--variant", "fp=--mixed_precision no"])
+        load_benchmark("bench_train").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--variant", "fp=--mixed_precision no"])
     with pytest.raises(SystemExit):
-        load("bench_train").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--variant", "stock=--channels_last"])
+        load_benchmark("bench_train").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--variant", "stock=--channels_last"])
 
 
 def test_bench_sample_on_the_cpu(tmp_path):
-    result = load("bench_sample").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "2", "3",
+    result = load_benchmark("bench_sample").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "2", "3",
                                         "--num_inference_steps", "3", "--repeats", "1", "--profile"])  # fmt: skip
     assert set(result["batches"]) == {"2", "3"} and result["best_batch_size"] in (2, 3)
     assert result["ours_unet_evals_per_s"] > 0 and result["stock_unet_evals_per_s"] > 0
@@ -129,7 +122,7 @@ def test_bench_sample_on_the_cpu(tmp_path):
 def test_bench_sample_times_variants_and_survives_a_failing_one(monkeypatch):
     monkeypatch.setattr("ddpm_pipeline.pipeline_ddpm_target.compile_module",
                         lambda module, mode=None: module.compile(backend=_failing_compiler))  # fmt: skip
-    result = load("bench_sample").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "2", "3",
+    result = load_benchmark("bench_sample").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "2", "3",
                                         "--num_inference_steps", "2", "--repeats", "1", "--variant", "nhwc=--channels_last",
                                         "--variant", "compiled=--compile --compile_mode default"])  # fmt: skip
     assert result["variants"]["nhwc"] == {"options": ["--channels_last"],
@@ -142,14 +135,14 @@ def test_bench_sample_times_variants_and_survives_a_failing_one(monkeypatch):
     assert result["variants"]["compiled"]["settings"]["compiled"] is True
     assert "torch.compile failed on the UNet" in result["failures"]["compiled"]
     with pytest.raises(SystemExit):
-        load("bench_sample").main(["--device", "cpu", "--variant", "eager"])  # NAME=OPTIONS
+        load_benchmark("bench_sample").main(["--device", "cpu", "--variant", "eager"])  # NAME=OPTIONS
 
 
 def test_winograd_convolution_is_the_same_convolution():
     """The CPU experiment of issue 7 times a real convolution: equal values and gradients."""
     import torch
 
-    winograd = load("winograd_cpu")
+    winograd = load_benchmark("winograd_cpu")
     generator = torch.Generator().manual_seed(0)
     for size in ((2, 3, 6, 6), (1, 2, 7, 5)):  # even and odd sides (the last tile is padded)
         x = torch.randn(*size, dtype=torch.float64, generator=generator, requires_grad=True)
@@ -161,7 +154,7 @@ def test_winograd_convolution_is_the_same_convolution():
 
 
 def test_winograd_experiment_runs(tmp_path):
-    result = load("winograd_cpu").main(["--model", "ddpm-tiny-16", "--batch_size", "2", "--repeats", "1",
+    result = load_benchmark("winograd_cpu").main(["--model", "ddpm-tiny-16", "--batch_size", "2", "--repeats", "1",
                                         "--output", str(tmp_path / "w.jsonl")])
     assert result["direct_ms"] > 0 and result["winograd_ms"] > 0 and result["winograd_matmuls_only_ms"] > 0
     assert result["max_relative_error"] < 1e-5  # float32
@@ -181,13 +174,13 @@ def test_the_gpu_session_runs_tests_that_exist():
 def test_bench_sample_times_stock_only_at_the_batch_sizes_asked(tmp_path):
     """A short GPU call times stock at the target's batch only; the headline ratio is then taken
     where both ran, not at ours' best batch."""
-    result = load("bench_sample").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "2", "3",
+    result = load_benchmark("bench_sample").main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "2", "3",
                                         "--stock_batch_size", "2", "--num_inference_steps", "2", "--repeats", "1"])  # fmt: skip
     assert "stock_unet_evals_per_s" in result["batches"]["2"] and "stock_unet_evals_per_s" not in result["batches"]["3"]
     assert result["batches"]["3"]["speedup"] is None and result["batches"]["3"]["ours_unet_evals_per_s"] > 0
     assert result["speedup_batch_size"] == 2 and result["speedup"] == result["batches"]["2"]["speedup"]
     with pytest.raises(SystemExit):
-        load("bench_sample").main(["--device", "cpu", "--batch_size", "2", "--stock_batch_size", "4"])
+        load_benchmark("bench_sample").main(["--device", "cpu", "--batch_size", "2", "--stock_batch_size", "4"])
 
 
 def _stub_gpu_session(tmp_path: Path) -> tuple[Path, dict]:

@@ -2,7 +2,6 @@
 Inception weights' parts join back into the same file on the device (shell scripts, run here)."""
 
 import hashlib
-import importlib.util
 import os
 import random
 import re
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("pack_device_files.sh", "quality_session.sh", "carry_weights.py")
@@ -106,9 +106,7 @@ def test_weights_are_split_to_fit_every_call_and_join_back(project: Path):
 
 def test_packing_float32_weights_shrinks_them_exactly():
     """The byte planes of float32 numbers: the sign-and-exponent plane compresses, the rest is kept."""
-    spec = importlib.util.spec_from_file_location("carry_weights", REPO / "benchmarks" / "carry_weights.py")
-    carry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(carry)
+    carry = load_benchmark("carry_weights")
     rng = np.random.default_rng(0)
     weights = rng.normal(0, 0.05, 300_000).astype("<f4").tobytes() + b"tail!"  # a length that is no multiple of 4
     packed = carry.pack(weights)

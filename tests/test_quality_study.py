@@ -3,15 +3,13 @@ recipe), sampling, FID/KID against the training statistics, bits/dim of the test
 records, pieces that repeat an uninterrupted run, the real-data floor and the report."""
 
 import gzip
-import importlib.util
 import json
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import reset_accelerate
+from conftest import load_benchmark, reset_accelerate
 from PIL import Image
 from pixel_features import FEATURES
 
@@ -21,10 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("quality_fmnist", ROOT / "benchmarks" / "quality_fmnist.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["quality_fmnist"] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
+    module = load_benchmark("quality_fmnist")
     command = module.main
 
     def main(argv):

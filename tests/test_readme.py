@@ -1,12 +1,11 @@
 """The README stays true to the code: every option it names exists, and every link it makes resolves."""
 
 import argparse
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_benchmark
 
 from ddpm_pipeline import convert, evaluation, inception_weights, push, training
 from ddpm_pipeline.training_config import DIFFUSERS_EXAMPLE_OPTIONS
@@ -37,14 +36,6 @@ def _option_names(parser: argparse.ArgumentParser) -> set[str]:
     return names
 
 
-def _benchmark_main(name: str, monkeypatch: pytest.MonkeyPatch):
-    spec = importlib.util.spec_from_file_location(f"readme_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return getattr(module, "main", None)  # a library of the others has none
-
-
 def _command_line_options(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     """The options of every command line of the project, read off the parser each one builds."""
 
@@ -53,7 +44,8 @@ def _command_line_options(monkeypatch: pytest.MonkeyPatch) -> set[str]:
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
     mains = [training.main, evaluation.main, convert.main, push.main, inception_weights.main]
-    mains += [_benchmark_main(path.stem, monkeypatch) for path in sorted((ROOT / "benchmarks").glob("*.py"))]
+    benchmarks = [load_benchmark(path.stem) for path in sorted((ROOT / "benchmarks").glob("*.py"))]
+    mains += [getattr(module, "main", None) for module in benchmarks]  # a library of the others has none
     names = set()
     for main in filter(None, mains):
         with pytest.raises(_Parsed) as parsed:
