@@ -215,17 +215,17 @@ def holds_image_files(folder: Path) -> bool:
 
 
 def image_folder_splits(folder: Path) -> dict[str, list[Path]]:
-    """The files of each split that ``datasets``' imagefolder builder finds in ``folder``, by the
-    patterns of ``datasets.data_files.get_data_patterns``: folders or files whose names hold a
-    split's name as a word (``train/``, ``train_cats/``, ``2020-test/``, ``validation.png``) make
-    that split, and files outside them belong to none. ``{}`` when no name does: then every image is
-    in ``train``. Hidden files and folders (``.``, ``__``) are in none."""
-    base = folder.resolve().as_posix()
-    patterns = get_data_patterns(base)
+    """The files (relative to ``folder``) of each split that ``datasets``' imagefolder builder finds
+    in it, by the patterns of ``datasets.data_files.get_data_patterns``: folders or files whose names
+    hold a split's name as a word (``train/``, ``train_cats/``, ``2020-test/``, ``validation.png``)
+    make that split, and files outside them belong to none. ``{}`` when no name does: then every
+    image is in ``train``. Hidden files and folders (``.``, ``__``) are in none."""
+    base = folder.resolve()
+    patterns = get_data_patterns(base.as_posix())
     if {str(name): list(globs) for name, globs in patterns.items()} == {"train": ["**"]}:
         return {}
-    found = DataFilesDict.from_patterns(patterns, base_path=base)
-    return {str(name): sorted(Path(file) for file in files) for name, files in found.items()}
+    found = DataFilesDict.from_patterns(patterns, base_path=base.as_posix())
+    return {str(name): sorted(Path(file).relative_to(base) for file in files) for name, files in found.items()}
 
 
 def check_image_folder_split(folder: Path, split: str) -> None:
@@ -242,8 +242,8 @@ def check_image_folder_split(folder: Path, split: str) -> None:
                 f"so all its images are the split 'train', not {other[0]!r}: give a slice of train as the split, e.g. train[-500:]."
             )
         return
-    found = "; ".join(f"{name}: {_files_in_words(files, folder)}" for name, files in splits.items())
-    images = {name: [file for file in files if is_image_file(file)] for name, files in splits.items()}
+    found = "; ".join(f"{name}: {_files_in_words(files)}" for name, files in splits.items())
+    images = {name: [file for file in files if is_image_file(folder / file)] for name, files in splits.items()}
     why = f"`datasets` makes a split of the folders and files whose names hold its name as a word (here {found})"
     for name in names:
         if name not in splits:
@@ -256,20 +256,20 @@ def check_image_folder_split(folder: Path, split: str) -> None:
                 f"The image folder {folder} has no image files in its split {name!r}: {why}, and leaves the files "
                 "outside them out. Rename those, or point at the folder of images itself."
             )
-    in_splits = {file.resolve() for files in images.values() for file in files}
-    every = [path for path in folder.rglob("*") if is_image_file(path) and not _hidden(path.relative_to(folder))]
-    left_out = sorted(path for path in every if path.resolve() not in in_splits)
+    in_splits = {file for files in images.values() for file in files}
+    every = [path.relative_to(folder) for path in folder.rglob("*") if is_image_file(path)]
+    every = [path for path in every if not _hidden(path)]
+    left_out = sorted(set(every) - in_splits)
     if left_out:
         logger.warning(
             f"{len(left_out)} of the {len(every)} image files in {folder} are in no split and will not be used (e.g. "
-            f"{left_out[0].relative_to(folder)}): {why}, and then only the files in them. Rename those to use every image."
+            f"{left_out[0].as_posix()}): {why}, and then only the files in them. Rename those to use every image."
         )
 
 
-def _files_in_words(files: list[Path], folder: Path) -> str:
-    """``"3 files, e.g. train_cats/a.png"``: how many, and the first one relative to ``folder``."""
-    first = files[0].relative_to(folder.resolve()).as_posix()
-    return f"{len(files)} file{'s' * (len(files) != 1)}, e.g. {first}"
+def _files_in_words(files: list[Path]) -> str:
+    """``"3 files, e.g. train_cats/a.png"``: how many, and the first one."""
+    return f"{len(files)} file{'s' * (len(files) != 1)}, e.g. {files[0].as_posix()}"
 
 
 def _hidden(relative: Path) -> bool:
