@@ -7,10 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import reset_accelerate
+from conftest import load_benchmark, reset_accelerate
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
-from test_benchmarks import load
 from test_finetune import fine_tune_config
 from test_training import run_training
 
@@ -214,7 +213,7 @@ def test_stock_diffusers_samples_a_learned_variance_pipeline_as_ours_does(tmp_pa
 
 def test_the_variance_profile_benchmark_runs(tmp_path):
     DDPMTargetPipeline(unet=learned_unet(), scheduler=scheduler()).save_pretrained(tmp_path / "pipe")
-    rows = load("learned_variance_profile").main(["--model", str(tmp_path / "pipe"), "--output", str(tmp_path / "p.png"),
+    rows = load_benchmark("learned_variance_profile").main(["--model", str(tmp_path / "pipe"), "--output", str(tmp_path / "p.png"),
                                                   "--json", str(tmp_path / "p.json"), "--num_images", "4",
                                                   "--num_timesteps", "4"])  # fmt: skip
     assert (tmp_path / "p.png").is_file() and json.loads((tmp_path / "p.json").read_text()) == rows

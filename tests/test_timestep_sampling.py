@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import reset_accelerate
-from test_benchmarks import load
+from conftest import load_benchmark, reset_accelerate
 from test_learned_variance import FixedOutput, learned_unet, quantized_images, scheduler
 from test_training import run_training
 
@@ -221,7 +220,7 @@ def test_resuming_a_uniform_run_with_importance_sampling_starts_a_new_history(tm
 
 def test_the_estimator_spread_benchmark_matches_a_direct_simulation(tmp_path):
     DDPMTargetPipeline(unet=learned_unet(), scheduler=scheduler()).save_pretrained(tmp_path / "pipe")
-    benchmark = load("timestep_sampling_profile")
+    benchmark = load_benchmark("timestep_sampling_profile")
     summary = benchmark.main(["--model", str(tmp_path / "pipe"), "--output", str(tmp_path / "p.png"), "--json",
                               str(tmp_path / "p.json"), "--num_images", "3", "--batch_size", "1"])  # fmt: skip
     assert (tmp_path / "p.png").is_file() and json.loads((tmp_path / "p.json").read_text()) == summary
