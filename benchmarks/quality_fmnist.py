@@ -71,19 +71,14 @@ from ddpm_pipeline.data import (
     idx_to_dataset,
     stack_images,
 )
-from ddpm_pipeline.evaluation import (
-    bound_over_data,
-    bound_store,
-    evaluate,
-    package_versions,
-    sample_store,
-    sampling_pipeline,
-)
+from ddpm_pipeline.evaluation import bound_over_data, bound_store, evaluate
 from ddpm_pipeline.images import ImagePreprocessor
 from ddpm_pipeline.pipeline_ddpm_target import DDPMTargetPipeline
 from ddpm_pipeline.plots import save_labelled_images, save_loss_curve, save_metric_curves
+from ddpm_pipeline.provenance import package_versions
 from ddpm_pipeline.reference import DataSource
 from ddpm_pipeline.run_records import SNAPSHOT_SUMMARY_NAME
+from ddpm_pipeline.sampling import sample_store, sampling_pipeline
 from ddpm_pipeline.scheduling_ddpm_target import DDPMTargetScheduler
 from ddpm_pipeline.seeding import derive_seed
 from ddpm_pipeline.speed import device_description

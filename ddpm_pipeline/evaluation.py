@@ -7,15 +7,11 @@ precision/recall with torch-fidelity, and the variational bound in bits/dim.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import importlib.metadata
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -23,9 +19,7 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from accelerate import PartialState
 from accelerate.utils import gather_object
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
@@ -33,30 +27,31 @@ from .bound_store import BoundStore
 from .data import find_image_column
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .images import GRAY_MODES, ImagePreprocessor, ImageSource, check_padding, inspect_images, upright_size
-from .inception_weights import file_digest
 from .likelihood import BoundTerms, batch_bound
 from .metrics import FEATURE_METRICS, feature_metrics, parse_metrics
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder
-from .pretrained import is_local_source
+from .provenance import model_training, package_versions
 from .reference import DataSource, reference_statistics
-from .run_records import load_run_summary
-from .sample_store import SampleStore, image_batches, image_files
+from .sample_store import image_batches, image_files
+from .sampling import (
+    LaunchedProcesses,
+    check_sampling_options,
+    load_pipeline,
+    model_identity,
+    sample_store,
+    sampling_option,
+    sampling_pipeline,
+    weights_fingerprint,
+)
 from .scheduling_ddpm_target import DDPMTargetScheduler
-from .speed import cpu_precision_advice, cpu_threads_per_process, device_description, is_compiled, strict_float32
+from .speed import cpu_threads_per_process, device_description, is_compiled, strict_float32
 from .stop_signals import started_by_launcher
-from .training_config import CONFIG_FILE_NAME, DefaultsHelpFormatter, optional
+from .training_config import CONFIG_FILE_NAME, dataclass_parser
 
 logger = logging.getLogger(__name__)
 
-PACKAGES = ("ddpm_pipeline", "torch", "diffusers", "torch-fidelity", "datasets", "numpy", "scipy")
-FAST_SAMPLING_CHOICES = ("auto", "off")
-SAMPLING_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-#: --scheduler: the saved scheduler ("ddpm": this package's ancestral sampler), or a diffusers one
-#: built from its config (same betas), for ε, x0 and v models
-SAMPLER_SCHEDULERS = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-SCHEDULER_CHOICES = ("ddpm", *SAMPLER_SCHEDULERS)
 
 
 @dataclass
@@ -72,11 +67,11 @@ class EvaluationConfig:
     metrics: str = field(default="fid,kid,prc", metadata={"help": "Comma-separated: fid, isc, kid, prc, bpd."})
     num_samples: int = field(default=50000, metadata={"help": "Samples to generate and score."})
     num_inference_steps: int = field(default=1000, metadata={"help": "Sampling steps (fewer = respaced chain)."})
-    scheduler: str = field(default="ddpm", metadata={"help": "Sampler: ddpm (the folder's own: ancestral, respaced exactly), or ddim (η = 0), dpmsolver++ or euler, built from its config with the same betas (ε, x0 and v models; 20-100 steps are usual)."})  # noqa: E501
+    scheduler: str = sampling_option("scheduler")
     batch_size: int = field(default=256, metadata={"help": "Images per sampling / feature batch."})
-    fast_sampling: str = field(default="auto", metadata={"help": "auto: sample with pipe.enable_fast_sampling() (on CUDA: bf16 UNet for ε/x0, channels_last, torch.compile with CUDA graphs; nothing on the CPU); off: the plain float32 pipeline."})  # noqa: E501
-    compile_unet: bool | None = field(default=None, metadata={"help": "torch.compile the UNet when sampling fast: auto = on CUDA where Triton supports the GPU; on the CPU an opt-in (--compile_unet, with channels_last; needs a C++ compiler) that gave 1.28-1.37x the UNet evaluations/s on the 2-core reference CPU after 15-60 s of compiling: for long sampling."})  # noqa: E501
-    sampling_dtype: str = field(default="auto", metadata={"help": "The UNet's dtype when sampling fast: auto (bfloat16 on CUDA, float16 on GPUs older than Ampere, float32 for μ and on the CPU), float32, bfloat16 (faster on a CPU with AVX512-BF16 or AMX too), float16."})  # noqa: E501
+    fast_sampling: str = sampling_option("fast_sampling")
+    compile_unet: bool | None = sampling_option("compile_unet")
+    sampling_dtype: str = sampling_option("sampling_dtype")
     seed: int = field(default=0, metadata={"help": "Sampling seed (image i is the same for any --num_samples)."})
     output: str = field(default="results.json", metadata={"help": "The JSON report; the grid and plots are written beside it."})
     samples_dir: str | None = field(default=None, metadata={"help": "Where samples are written and reused (default: <output stem>-samples/)."})
@@ -126,92 +121,17 @@ class EvaluationConfig:
             raise ValueError(f"--channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
         if self.bpd_timesteps is not None and self.bpd_timesteps < 1:
             raise ValueError("--bpd_timesteps must be positive (or none for every timestep).")
-        if self.fast_sampling not in FAST_SAMPLING_CHOICES:
-            raise ValueError(f"--fast_sampling must be one of {', '.join(FAST_SAMPLING_CHOICES)}, got {self.fast_sampling!r}.")
-        if self.scheduler not in SCHEDULER_CHOICES:
-            raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULER_CHOICES)}, got {self.scheduler!r}.")
-        if self.compile_unet and self.fast_sampling == "off":
-            raise ValueError("--compile_unet compiles the fast sampling path, which --fast_sampling off turns off: "
-                             "drop one of the two.")  # fmt: skip
-        if self.sampling_dtype not in SAMPLING_DTYPE_CHOICES:
-            raise ValueError(f"--sampling_dtype must be one of {', '.join(SAMPLING_DTYPE_CHOICES)}, got {self.sampling_dtype!r}.")
+        check_sampling_options(self)
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> EvaluationConfig:
         """The options of the ``eval_metrics.py`` command line (``argv``, default: ``sys.argv[1:]``)."""
-        parser = argparse.ArgumentParser(
-            prog="eval_metrics.py",
-            description="Score a DDPM pipeline (or images) with torch-fidelity and the variational bound.",
-            formatter_class=DefaultsHelpFormatter,
-        )
-        for item in fields(cls):
-            # an auto/on/off switch takes --name and --no-name; every other option a typed value
-            kind = {"action": argparse.BooleanOptionalAction} if str(item.type) == "bool | None" else {"type": _field_type(item)}
-            parser.add_argument(f"--{item.name}", default=item.default, help=item.metadata["help"], **kind)
+        parser = dataclass_parser(cls, "eval_metrics.py",
+                                  "Score a DDPM pipeline (or images) with torch-fidelity and the variational bound.")  # fmt: skip
         return cls(**vars(parser.parse_args(argv)))
 
 
-def _field_type(item) -> Any:
-    annotation = str(item.type)
-    if annotation.startswith("int"):
-        return optional(int)
-    return optional(str) if "None" in annotation else str
-
-
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EvaluationProcesses:
-    """The processes an evaluation runs in: this one alone, or the ``N`` that ``accelerate launch
-    --num_processes N`` (``torchrun``) started. They share the sampling and the bound batch by
-    batch; the main process alone then computes the features and the metrics, and writes the report."""
-
-    device: torch.device
-    index: int = 0
-    count: int = 1
-    state: PartialState | None = None
-
-    @classmethod
-    def from_environment(cls, device: str | None = None) -> EvaluationProcesses:
-        """One process on ``device`` (default: CUDA when available), unless a launcher set
-        ``WORLD_SIZE``: then every process gets its own GPU (``cuda:LOCAL_RANK``), or joins the
-        others over gloo on a machine without CUDA or with ``device="cpu"``."""
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
-            return cls(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-        state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-        if state.num_processes != world_size:
-            raise RuntimeError(
-                f"Launched as {world_size} processes, but Accelerate joined {state.num_processes}: each would sample "
-                "every image. Launch with `accelerate launch --multi_gpu --num_processes N eval_metrics.py ...`."
-            )
-        return cls(state.device, state.process_index, state.num_processes, state)
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this is the process that computes the metrics and writes the report."""
-        return self.index == 0
-
-    def wait(self) -> None:
-        """Wait until every process got here (nothing to wait for alone)."""
-        if self.state is not None:
-            self.state.wait_for_everyone()
-
-    def main_first(self) -> AbstractContextManager:
-        """A block the main process runs before the others (creating the sample folder's record)."""
-        return self.state.main_process_first() if self.state is not None else nullcontext()
-
-
-def package_versions() -> dict[str, str | None]:
-    """The installed version of each package a report names (None where one is missing)."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def load_training_config(model: str) -> dict[str, Any] | None:
@@ -227,17 +147,6 @@ def load_training_config(model: str) -> dict[str, Any] | None:
         return json.loads(Path(hf_hub_download(model, CONFIG_FILE_NAME)).read_text())
     except Exception:  # noqa: BLE001 - any Hub failure just means "no recorded options"
         return None
-
-
-def model_training(model: str | None) -> dict[str, Any] | None:
-    """How far the run that wrote a local pipeline folder had trained (its
-    :func:`~ddpm_pipeline.run_records.load_run_summary`, with ``"snapshot": true`` for a
-    ``--snapshot_*`` folder), so that reports of one run's snapshots line up against its steps and
-    minutes; None for a Hub id or a folder without a summary."""
-    if not model or not is_local_source(model):
-        return None
-    summary, snapshot = load_run_summary(Path(model).expanduser())
-    return None if summary is None else {**summary, "snapshot": snapshot}
 
 
 def model_preprocessing(pipeline: DDPMTargetPipeline, training: dict[str, Any] | None, resize_mode: str | None) -> ImagePreprocessor:
@@ -265,69 +174,6 @@ def samples_preprocessing(files: list[Path], config: EvaluationConfig) -> ImageP
     return ImagePreprocessor(config.resolution or (height, width), channels, config.resize_mode or "auto")
 
 
-def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed: int, batch_size: int,
-                 unet_dtype: torch.dtype = torch.float32, scheduler: str = "ddpm") -> SampleStore:  # fmt: skip
-    """The store of ``model``'s samples in ``folder`` for these sampling options: what :func:`evaluate`
-    fills and reads, so a caller that fills it first (with a faster pipeline, or in time-limited
-    pieces) has its samples scored rather than redone. A UNet sampling in half precision, or another
-    scheduler, makes other images than the float32 ancestral sampler: they are then part of the
-    options (the defaults record nothing, as stores did before the options existed), so the stores
-    are never mixed. A local model is also keyed on its weights (:func:`weights_fingerprint`): trained
-    further in the same folder, it needs a new ``folder``."""
-    settings = {"model": _model_identity(model), "num_inference_steps": num_inference_steps, "seed": seed, "batch_size": batch_size}
-    fingerprint = weights_fingerprint(model)
-    if fingerprint:  # a local folder: its exact weights (a Hub id records none)
-        settings["weights"] = fingerprint
-    if unet_dtype != torch.float32:
-        settings["unet_dtype"] = str(unet_dtype).removeprefix("torch.")
-    if scheduler != "ddpm":
-        settings["scheduler"] = scheduler
-    return SampleStore(folder, settings)
-
-
-def load_pipeline(model: str) -> DDPMTargetPipeline:
-    """``DDPMTargetPipeline.from_pretrained(model)`` (float32, on the CPU), with an error that
-    names the fixes when ``model`` is a path (:func:`~ddpm_pipeline.pretrained.is_local_source`)
-    that does not exist, or a Hub id that is neither cached nor reachable."""
-    if is_local_source(model) and not Path(model).expanduser().exists():
-        raise FileNotFoundError(
-            f"--model {model} is not a folder, nor a Hub repo id (user/name): give a train_ddpm.py --output_dir "
-            "or a save_pretrained folder (is the path right?)."
-        )
-    try:
-        return DDPMTargetPipeline.from_pretrained(model)
-    except OSError as error:
-        if Path(model).exists():
-            raise
-        raise FileNotFoundError(
-            f"--model {model} is not a local folder, and as a Hub repo it is neither cached nor reachable (offline, "
-            "HF_HUB_OFFLINE=1?). Download it once on a machine with network access (`hf download "
-            f"{model}`, into the same HF_HOME), or give a local pipeline folder."
-        ) from error
-
-
-def sampling_pipeline(model: str, device: torch.device, fast_sampling: str = "auto", dtype: str = "auto",
-                      scheduler: str = "ddpm", compile: bool | None = None) -> DDPMTargetPipeline:  # fmt: skip
-    """``model``'s pipeline on ``device`` for sampling: with :meth:`DDPMTargetPipeline.enable_fast_sampling`
-    (``dtype`` for its UNet, ``compile`` for ``torch.compile``: ``None`` = its auto) unless ``fast_sampling``
-    is ``"off"``, and with ``scheduler`` (a name of :data:`SCHEDULER_CHOICES`) built from the saved
-    one's config unless it is ``"ddpm"``."""
-    pipeline = load_pipeline(model).to(device)
-    if scheduler != "ddpm":
-        if isinstance(pipeline.scheduler, DDPMTargetScheduler) and not pipeline.scheduler.is_stock_compatible():
-            raise ValueError(
-                f"--scheduler {scheduler} cannot sample a {pipeline.scheduler.config.prediction_type!r} model: "
-                "diffusers' samplers take ε, x0 or v predictions; use --scheduler ddpm."
-            )
-        pipeline.scheduler = SAMPLER_SCHEDULERS[scheduler].from_config(pipeline.scheduler.config)
-    if fast_sampling != "off":
-        pipeline.enable_fast_sampling(dtype=dtype, compile=compile)
-        advice = cpu_precision_advice(pipeline.unet.dtype, dtype == "auto", device,
-                                      pipeline.scheduler.config.prediction_type, "--sampling_dtype bfloat16")  # fmt: skip
-        if advice is not None and advice[0] == logging.INFO:  # a warning came from enable_fast_sampling
-            logger.info(advice[1])
-    return pipeline
-
 
 def bound_store(folder: str | Path, model: str, source: DataSource, preprocess: ImagePreprocessor,
                 num_images: int | None, num_timesteps: int | None, batch_size: int, seed: int) -> BoundStore:  # fmt: skip
@@ -335,7 +181,7 @@ def bound_store(folder: str | Path, model: str, source: DataSource, preprocess: 
     model (a local folder also by its weights' :func:`weights_fingerprint`), the data, the
     preprocessing and the estimator's options."""
     settings = {
-        "model": _model_identity(model),
+        "model": model_identity(model),
         "weights": weights_fingerprint(model),
         "data": source.location,
         "split": source.split,
@@ -358,7 +204,7 @@ def bound_over_data(
     batch_size: int,
     seed: int,
     device: torch.device,
-    processes: EvaluationProcesses | None = None,
+    processes: LaunchedProcesses | None = None,
     store: BoundStore | None = None,
     before_batch: Callable[[], None] | None = None,
 ) -> dict[str, Any] | None:
@@ -376,7 +222,7 @@ def bound_over_data(
     computed and a repeated call reads them back, so an interrupted run resumes where it stopped.
     ``before_batch`` is called before each batch that is computed (a time limit may raise there).
     """
-    processes = processes or EvaluationProcesses(device)
+    processes = processes or LaunchedProcesses(device)
     with processes.main_first():  # one download of a Hub data set, which the others then read from the cache
         dataset = source.load()
     source_images = ImageSource(dataset, find_image_column(dataset))  # read as in training: upright, bad files named
@@ -435,7 +281,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     started = time.perf_counter()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     timings: dict[str, float] = {}
-    processes = EvaluationProcesses.from_environment(config.device)
+    processes = LaunchedProcesses.from_environment(config.device)
     device = processes.device
     if device.type == "cpu" and started_by_launcher():  # which left this process one thread (OMP_NUM_THREADS=1)
         torch.set_num_threads(cpu_threads_per_process(processes.count))
@@ -604,18 +450,6 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     logger.info(f"wrote {output}: {_summary(report['metrics'])}")
     return report
 
-
-def _model_identity(model: str) -> str:
-    path = Path(model)
-    return str(path.resolve()) if path.exists() else model
-
-
-def weights_fingerprint(model: str) -> list[list[str]]:
-    """``[file name, SHA-256]`` of each UNet weight file of a local pipeline folder (empty for a Hub
-    id): what the sample and bound stores are keyed on besides the path, so that a model trained
-    further in the same folder never has its old samples scored as its own."""
-    files = sorted(Path(model, "unet").glob("diffusion_pytorch_model*")) if Path(model).is_dir() else []
-    return [[path.name, file_digest(path)] for path in files]
 
 
 def _summary(metrics: dict[str, Any]) -> str:

@@ -552,6 +552,24 @@ def optional(kind: type) -> Any:
     return parse
 
 
+def dataclass_parser(config_class: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """A command line with one option per field of the dataclass ``config_class``: ``--name`` with
+    the field's default and its ``metadata["help"]``. A ``bool`` field (or an auto/on/off
+    ``bool | None``) takes ``--name`` and ``--no-name``, an ``int`` field an integer or ``none``,
+    a ``str | None`` field a string or ``none``, and any other a string."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=DefaultsHelpFormatter)
+    for item in dataclasses.fields(config_class):
+        annotation = str(item.type)
+        if annotation.startswith("bool"):
+            kind: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
+        elif annotation.startswith("int"):
+            kind = {"type": optional(int)}
+        else:
+            kind = {"type": optional(str) if "None" in annotation else str}
+        parser.add_argument(f"--{item.name}", default=item.default, help=item.metadata["help"], **kind)
+    return parser
+
+
 _ARG_TYPES: dict[str, Any] = {
     "str": str,
     "int": int,

@@ -25,12 +25,13 @@ from pixel_features import FEATURES, PixelFeatures, logits_of
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, evaluate
 from ddpm_pipeline import evaluation as evaluation_module
-from ddpm_pipeline.evaluation import EvaluationConfig, bound_store, main, sample_store
+from ddpm_pipeline.evaluation import EvaluationConfig, bound_store, main
 from ddpm_pipeline.features import MissingClassifierError
 from ddpm_pipeline.images import ImagePreprocessor
 from ddpm_pipeline.likelihood import BoundTerms
 from ddpm_pipeline.metrics import inception_score
 from ddpm_pipeline.reference import DataSource
+from ddpm_pipeline.sampling import sample_store
 from ddpm_pipeline.speed import cpu_threads_per_process
 
 

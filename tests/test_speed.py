@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, speed
 from ddpm_pipeline.data import IndexDataset, stack_images
-from ddpm_pipeline.evaluation import EvaluationConfig, sampling_pipeline
+from ddpm_pipeline.evaluation import EvaluationConfig
 from ddpm_pipeline.losses import diffusion_loss
+from ddpm_pipeline.sampling import sampling_pipeline
 from ddpm_pipeline.speed import (
     auto_flag,
     build_adamw,

@@ -1,0 +1,183 @@
+"""Sampling a saved pipeline to disk, shared by ``sample_ddpm.py`` and ``eval_metrics.py``: the
+pipeline (with the fast paths and the sampler asked for), the store its numbered PNGs go to (keyed
+on the model's exact weights and the sampling options), and the processes that share the batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from .inception_weights import file_digest
+from .pipeline_ddpm_target import DDPMTargetPipeline
+from .pretrained import is_local_source
+from .sample_store import SampleStore
+from .scheduling_ddpm_target import DDPMTargetScheduler
+from .speed import cpu_precision_advice
+
+logger = logging.getLogger(__name__)
+
+FAST_SAMPLING_CHOICES = ("auto", "off")
+SAMPLING_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+#: --scheduler: the saved scheduler ("ddpm": this package's ancestral sampler), or a diffusers one
+#: built from its config (same betas), for ε, x0 and v models
+SAMPLER_SCHEDULERS = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
+SCHEDULER_CHOICES = ("ddpm", *SAMPLER_SCHEDULERS)
+#: The options every sampling command line (``sample_ddpm.py``, ``eval_metrics.py``) has: default and help.
+SAMPLING_OPTIONS: dict[str, tuple[Any, str]] = {
+    "scheduler": ("ddpm", "Sampler: ddpm (the folder's own: ancestral, respaced exactly), or ddim (η = 0), dpmsolver++ or euler, built from its config with the same betas (ε, x0 and v models; 20-100 steps are usual)."),  # noqa: E501
+    "fast_sampling": ("auto", "auto: sample with pipe.enable_fast_sampling() (on CUDA: bf16 UNet for ε/x0, channels_last, torch.compile with CUDA graphs; nothing on the CPU); off: the plain float32 pipeline."),  # noqa: E501
+    "compile_unet": (None, "torch.compile the UNet when sampling fast: auto = on CUDA where Triton supports the GPU; on the CPU an opt-in (--compile_unet, with channels_last; needs a C++ compiler) that gave 1.28-1.37x the UNet evaluations/s on the 2-core reference CPU after 15-60 s of compiling: for long sampling."),  # noqa: E501
+    "sampling_dtype": ("auto", "The UNet's dtype when sampling fast: auto (bfloat16 on CUDA, float16 on GPUs older than Ampere, float32 for μ and on the CPU), float32, bfloat16 (faster on a CPU with AVX512-BF16 or AMX too), float16."),  # noqa: E501
+}
+
+
+def sampling_option(name: str) -> Any:
+    """A new dataclass field for the sampling option ``name`` of :data:`SAMPLING_OPTIONS`, with its
+    default and help, for a command line's config class."""
+    default, text = SAMPLING_OPTIONS[name]
+    return field(default=default, metadata={"help": text})
+
+
+def check_sampling_options(config: Any) -> None:
+    """Clear errors for bad sampling options of ``config`` (an object with the fields of
+    :data:`SAMPLING_OPTIONS`), before any work."""
+    if config.fast_sampling not in FAST_SAMPLING_CHOICES:
+        raise ValueError(f"--fast_sampling must be one of {', '.join(FAST_SAMPLING_CHOICES)}, got {config.fast_sampling!r}.")
+    if config.scheduler not in SCHEDULER_CHOICES:
+        raise ValueError(f"--scheduler must be one of {', '.join(SCHEDULER_CHOICES)}, got {config.scheduler!r}.")
+    if config.compile_unet and config.fast_sampling == "off":
+        raise ValueError("--compile_unet compiles the fast sampling path, which --fast_sampling off turns off: "
+                         "drop one of the two.")  # fmt: skip
+    if config.sampling_dtype not in SAMPLING_DTYPE_CHOICES:
+        raise ValueError(f"--sampling_dtype must be one of {', '.join(SAMPLING_DTYPE_CHOICES)}, got {config.sampling_dtype!r}.")
+
+
+@dataclass
+class LaunchedProcesses:
+    """The processes a sampling or evaluation command runs in: this one alone, or the ``N`` that
+    ``accelerate launch --num_processes N`` (``torchrun``) started. They share the sampling (and
+    the bound) batch by batch; the main process alone then writes what comes of it (the grid, the
+    metrics and the report)."""
+
+    device: torch.device
+    index: int = 0
+    count: int = 1
+    state: PartialState | None = None
+
+    @classmethod
+    def from_environment(cls, device: str | None = None, program: str = "eval_metrics.py") -> LaunchedProcesses:
+        """One process on ``device`` (default: CUDA when available), unless a launcher set
+        ``WORLD_SIZE``: then every process gets its own GPU (``cuda:LOCAL_RANK``), or joins the
+        others over gloo on a machine without CUDA or with ``device="cpu"``. ``program`` is the
+        script the error for a launch Accelerate did not join names."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+        state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+        if state.num_processes != world_size:
+            raise RuntimeError(
+                f"Launched as {world_size} processes, but Accelerate joined {state.num_processes}: each would sample "
+                f"every image. Launch with `accelerate launch --multi_gpu --num_processes N {program} ...`."
+            )
+        return cls(state.device, state.process_index, state.num_processes, state)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is the process that writes the results (grid, metrics, report)."""
+        return self.index == 0
+
+    def wait(self) -> None:
+        """Wait until every process got here (nothing to wait for alone)."""
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def main_first(self) -> AbstractContextManager:
+        """A block the main process runs before the others (creating the sample folder's record)."""
+        return self.state.main_process_first() if self.state is not None else nullcontext()
+
+
+def model_identity(model: str) -> str:
+    """What a store records of ``model``: a local folder's absolute path, else the Hub id."""
+    path = Path(model)
+    return str(path.resolve()) if path.exists() else model
+
+
+def weights_fingerprint(model: str) -> list[list[str]]:
+    """``[file name, SHA-256]`` of each UNet weight file of a local pipeline folder (empty for a Hub
+    id): what the sample and bound stores are keyed on besides the path, so that a model trained
+    further in the same folder never has its old samples scored as its own."""
+    files = sorted(Path(model, "unet").glob("diffusion_pytorch_model*")) if Path(model).is_dir() else []
+    return [[path.name, file_digest(path)] for path in files]
+
+
+def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed: int, batch_size: int,
+                 unet_dtype: torch.dtype = torch.float32, scheduler: str = "ddpm") -> SampleStore:  # fmt: skip
+    """The store of ``model``'s samples in ``folder`` for these sampling options: what
+    ``sample_ddpm.py`` fills and :func:`~ddpm_pipeline.evaluation.evaluate` fills and reads, so a caller that fills it first (with a faster pipeline, or in time-limited
+    pieces) has its samples scored rather than redone. A UNet sampling in half precision, or another
+    scheduler, makes other images than the float32 ancestral sampler: they are then part of the
+    options (the defaults record nothing, as stores did before the options existed), so the stores
+    are never mixed. A local model is also keyed on its weights (:func:`weights_fingerprint`): trained
+    further in the same folder, it needs a new ``folder``."""
+    settings = {"model": model_identity(model), "num_inference_steps": num_inference_steps, "seed": seed, "batch_size": batch_size}
+    fingerprint = weights_fingerprint(model)
+    if fingerprint:  # a local folder: its exact weights (a Hub id records none)
+        settings["weights"] = fingerprint
+    if unet_dtype != torch.float32:
+        settings["unet_dtype"] = str(unet_dtype).removeprefix("torch.")
+    if scheduler != "ddpm":
+        settings["scheduler"] = scheduler
+    return SampleStore(folder, settings)
+
+
+def load_pipeline(model: str) -> DDPMTargetPipeline:
+    """``DDPMTargetPipeline.from_pretrained(model)`` (float32, on the CPU), with an error that
+    names the fixes when ``model`` is a path (:func:`~ddpm_pipeline.pretrained.is_local_source`)
+    that does not exist, or a Hub id that is neither cached nor reachable."""
+    if is_local_source(model) and not Path(model).expanduser().exists():
+        raise FileNotFoundError(
+            f"--model {model} is not a folder, nor a Hub repo id (user/name): give a train_ddpm.py --output_dir "
+            "or a save_pretrained folder (is the path right?)."
+        )
+    try:
+        return DDPMTargetPipeline.from_pretrained(model)
+    except OSError as error:
+        if Path(model).exists():
+            raise
+        raise FileNotFoundError(
+            f"--model {model} is not a local folder, and as a Hub repo it is neither cached nor reachable (offline, "
+            "HF_HUB_OFFLINE=1?). Download it once on a machine with network access (`hf download "
+            f"{model}`, into the same HF_HOME), or give a local pipeline folder."
+        ) from error
+
+
+def sampling_pipeline(model: str, device: torch.device, fast_sampling: str = "auto", dtype: str = "auto",
+                      scheduler: str = "ddpm", compile: bool | None = None) -> DDPMTargetPipeline:  # fmt: skip
+    """``model``'s pipeline on ``device`` for sampling: with :meth:`DDPMTargetPipeline.enable_fast_sampling`
+    (``dtype`` for its UNet, ``compile`` for ``torch.compile``: ``None`` = its auto) unless ``fast_sampling``
+    is ``"off"``, and with ``scheduler`` (a name of :data:`SCHEDULER_CHOICES`) built from the saved
+    one's config unless it is ``"ddpm"``."""
+    pipeline = load_pipeline(model).to(device)
+    if scheduler != "ddpm":
+        if isinstance(pipeline.scheduler, DDPMTargetScheduler) and not pipeline.scheduler.is_stock_compatible():
+            raise ValueError(
+                f"--scheduler {scheduler} cannot sample a {pipeline.scheduler.config.prediction_type!r} model: "
+                "diffusers' samplers take ε, x0 or v predictions; use --scheduler ddpm."
+            )
+        pipeline.scheduler = SAMPLER_SCHEDULERS[scheduler].from_config(pipeline.scheduler.config)
+    if fast_sampling != "off":
+        pipeline.enable_fast_sampling(dtype=dtype, compile=compile)
+        advice = cpu_precision_advice(pipeline.unet.dtype, dtype == "auto", device,
+                                      pipeline.scheduler.config.prediction_type, "--sampling_dtype bfloat16")  # fmt: skip
+        if advice is not None and advice[0] == logging.INFO:  # a warning came from enable_fast_sampling
+            logger.info(advice[1])
+    return pipeline
