@@ -60,7 +60,8 @@ class SampleStore:
             if differences:
                 raise ValueError(
                     f"{self.folder} holds samples made with other options ({'; '.join(differences)}). "
-                    "Pass another --samples_dir, or delete that folder to sample afresh."
+                    "Sample into another folder (sample_ddpm.py --output_dir, eval_metrics.py --samples_dir), "
+                    "or delete this one to sample afresh."
                 )
         else:
             settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import load_benchmark
 
-from ddpm_pipeline import convert, evaluation, inception_weights, push, training
+from ddpm_pipeline import convert, evaluation, generation, inception_weights, push, training
 from ddpm_pipeline.training_config import DIFFUSERS_EXAMPLE_OPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def _command_line_options(monkeypatch: pytest.MonkeyPatch) -> set[str]:
         raise _Parsed(parser)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
-    mains = [training.main, evaluation.main, convert.main, push.main, inception_weights.main]
+    mains = [training.main, evaluation.main, generation.main, convert.main, push.main, inception_weights.main]
     benchmarks = [load_benchmark(path.stem) for path in sorted((ROOT / "benchmarks").glob("*.py"))]
     mains += [getattr(module, "main", None) for module in benchmarks]  # a library of the others has none
     names = set()

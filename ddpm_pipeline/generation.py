@@ -1,0 +1,192 @@
+"""Write a trained pipeline's samples to disk: what ``sample_ddpm.py`` runs.
+
+``generate_samples(model=..., num_images=...)`` fills ``<output_dir>/images/`` with numbered PNGs
+through the same store as ``eval_metrics.py`` (:func:`~ddpm_pipeline.sampling.sample_store`), so
+image ``i`` is the same however many images are asked for, an interrupted run resumes where it
+stopped, ``accelerate launch --num_processes N`` shares the batches, and ``eval_metrics.py
+--samples_dir <output_dir>/images`` with the same sampling options scores these images instead of
+sampling again. Beside them go ``grid.png`` (the first images), ``sampling_report.json`` and, with
+``--npz``, ``samples.npz`` (``arr_0``: the images as ``uint8 [N, H, W, C]``, the array that
+evaluation suites such as guided-diffusion's read).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .atomic import atomic_path
+from .plots import save_image_grid
+from .preflight import check_output_dir, check_pipeline_folder
+from .provenance import model_training, package_versions
+from .sample_store import SampleStore
+from .sampling import LaunchedProcesses, check_sampling_options, sample_store, sampling_option, sampling_pipeline
+from .speed import cpu_threads_per_process, device_description, is_compiled
+from .stop_signals import started_by_launcher
+from .training_config import dataclass_parser
+
+logger = logging.getLogger(__name__)
+
+IMAGES_FOLDER = "images"
+GRID_NAME = "grid.png"
+NPZ_NAME = "samples.npz"
+REPORT_NAME = "sampling_report.json"
+
+
+@dataclass
+class SampleConfig:
+    """Options of :func:`generate_samples` and ``sample_ddpm.py`` (one field per command-line flag)."""
+
+    model: str | None = field(default=None, metadata={"help": "Pipeline folder (a train_ddpm.py --output_dir) or Hub id to sample from."})  # noqa: E501
+    output_dir: str = field(default="samples", metadata={"help": "Where images/ (the numbered PNGs), grid.png, sampling_report.json and samples.npz go."})  # noqa: E501
+    num_images: int = field(default=64, metadata={"help": "How many images to have in <output_dir>/images (those already there are kept)."})  # noqa: E501
+    num_inference_steps: int | None = field(default=None, metadata={"help": "Sampling steps (fewer = respaced chain; default: the model's T, the full chain)."})  # noqa: E501
+    scheduler: str = sampling_option("scheduler")
+    batch_size: int = field(default=64, metadata={"help": "Images per sampling batch. Image i depends on the seed and the batch size: keep both to add images to a folder later."})  # noqa: E501
+    seed: int = field(default=0, metadata={"help": "Sampling seed (image i is the same for any --num_images)."})
+    fast_sampling: str = sampling_option("fast_sampling")
+    compile_unet: bool | None = sampling_option("compile_unet")
+    sampling_dtype: str = sampling_option("sampling_dtype")
+    grid_images: int = field(default=64, metadata={"help": "Images in grid.png, the first ones (0 = no grid)."})
+    npz: bool = field(default=False, metadata={"help": "Also write samples.npz: arr_0 = the images as uint8 [N, H, W, C]."})
+    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
+
+    def validate(self) -> None:
+        """Clear errors before any work."""
+        if not self.model:
+            raise ValueError("Give --model: a train_ddpm.py --output_dir, a save_pretrained folder or a Hub repo id.")
+        if not str(self.output_dir).strip():
+            raise ValueError("--output_dir is empty: name the folder to write the samples to (e.g. samples).")
+        for name in ("num_images", "batch_size", "num_inference_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name} must be positive, got {value}.")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be ≥ 0, got {self.seed}.")
+        if self.grid_images < 0:
+            raise ValueError(f"--grid_images must be ≥ 0 (0 = no grid), got {self.grid_images}.")
+        check_sampling_options(self)
+
+    @classmethod
+    def from_args(cls, argv: list[str] | None = None) -> SampleConfig:
+        """The options of the ``sample_ddpm.py`` command line (``argv``, default: ``sys.argv[1:]``)."""
+        parser = dataclass_parser(cls, "sample_ddpm.py", "Sample a trained DDPM pipeline into a folder of PNGs.")
+        return cls(**vars(parser.parse_args(argv)))
+
+
+def read_images(paths: list[Path]) -> np.ndarray:
+    """The PNGs at ``paths`` as one ``uint8 [N, H, W, C]`` array (``C`` = 1 for grayscale, 3 for
+    RGB), exactly the stored pixels."""
+    arrays = []
+    for path in paths:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+        arrays.append(array[..., None] if array.ndim == 2 else array)
+    return np.stack(arrays)
+
+
+def write_npz(images: np.ndarray, path: Path) -> Path:
+    """``images`` as ``arr_0`` of an ``.npz`` file (``np.savez``), written atomically."""
+    with atomic_path(path) as partial, open(partial, "wb") as file:
+        np.savez(file, images)
+    return path
+
+
+def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict[str, Any]:
+    """Sample ``config.model`` until ``<output_dir>/images`` holds ``num_images`` PNGs, then write
+    the grid, the report (and the ``.npz``); returns the report.
+
+    ``generate_samples(model="outputs/ddpm-fashion-mnist", num_images=1000)`` or
+    ``generate_samples(SampleConfig(...))``. Batch ``b`` of ``batch_size`` images is sampled from
+    the seed of ``(seed, b)`` (:class:`~ddpm_pipeline.sample_store.SampleStore`), by the pipeline
+    :func:`~ddpm_pipeline.sampling.sampling_pipeline` builds (its own ancestral sampler or a
+    diffusers one, with the fast paths asked for). Launched as several processes, they sample the
+    batches in turn; the main one writes the rest, and the others return
+    ``{"process_index": i, "samples_written": n}``.
+    """
+    config = config or SampleConfig(**options)
+    config.validate()
+    processes = LaunchedProcesses.from_environment(config.device, program="sample_ddpm.py")
+    device = processes.device
+    if device.type == "cpu" and started_by_launcher():  # which left this process one thread (OMP_NUM_THREADS=1)
+        torch.set_num_threads(cpu_threads_per_process(processes.count))
+    output_dir = Path(config.output_dir)
+    if Path(config.model).exists():  # else a Hub repo id, checked by from_pretrained
+        check_pipeline_folder(config.model)
+    pipeline = sampling_pipeline(config.model, device, config.fast_sampling, config.sampling_dtype, config.scheduler,
+                                 config.compile_unet)  # fmt: skip
+    if processes.is_main:
+        check_output_dir(output_dir)
+    num_train_timesteps = pipeline.scheduler.config.num_train_timesteps
+    steps = config.num_inference_steps or num_train_timesteps
+    if steps > num_train_timesteps:
+        raise ValueError(
+            f"--num_inference_steps {steps} exceeds the {num_train_timesteps} diffusion steps of {config.model}: "
+            f"give at most {num_train_timesteps}."
+        )
+    with processes.main_first():  # the main process writes the folder's record of the options first
+        store = sample_store(output_dir / IMAGES_FOLDER, config.model, steps, config.seed, config.batch_size,
+                             pipeline.unet.dtype, config.scheduler)  # fmt: skip
+    reused = store.count_existing(config.num_images) if processes.is_main else 0
+    processes.wait()  # counted before any process writes
+    started = time.perf_counter()
+    written = store.fill(pipeline, config.num_images, show_progress=processes.is_main,
+                         process_index=processes.index, num_processes=processes.count)  # fmt: skip
+    processes.wait()
+    seconds = time.perf_counter() - started
+    if not processes.is_main:
+        return {"process_index": processes.index, "samples_written": written}
+    report = _report(config, store, pipeline, steps, reused, seconds, device, processes.count)
+    paths = store.paths(config.num_images)
+    if config.grid_images:
+        grid = read_images(paths[: config.grid_images]).astype(np.float32) / 255.0
+        report["grid"] = str(save_image_grid(grid, output_dir / GRID_NAME))
+    if config.npz:
+        report["npz"] = str(write_npz(read_images(paths), output_dir / NPZ_NAME))
+    with atomic_path(output_dir / REPORT_NAME) as partial:
+        partial.write_text(json.dumps(report, indent=2) + "\n")
+    new = config.num_images - reused
+    speed = f" in {seconds:.1f} s ({new / seconds:.2f} images/s)" if new and seconds > 0 else ""
+    logger.info(f"{store.folder}: {config.num_images} images, {new} sampled now{speed}, {reused} already there")
+    return report
+
+
+def _report(config: SampleConfig, store: SampleStore, pipeline: Any, steps: int, reused: int, seconds: float,
+            device: torch.device, num_processes: int) -> dict[str, Any]:  # fmt: skip
+    """What ``sampling_report.json`` records: the images, how they were sampled and how fast."""
+    new = config.num_images - reused
+    return {
+        "model": config.model,
+        "images": str(store.folder),
+        "num_images": config.num_images,
+        "samples_reused": reused,
+        "num_inference_steps": steps,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "sampling": {"fast": config.fast_sampling != "off", "unet_dtype": str(pipeline.unet.dtype).removeprefix("torch."),
+                     "compiled": is_compiled(pipeline.unet), "scheduler": type(pipeline.scheduler).__name__},  # fmt: skip
+        "sampling_s": seconds,
+        "images_per_s": new / seconds if new and seconds > 0 else None,
+        "model_training": model_training(config.model),
+        "device": device_description(device),
+        "processes": num_processes,
+        "versions": package_versions(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "options": asdict(config),
+    }
+
+
+def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
+    """The ``sample_ddpm.py`` command line."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    return generate_samples(SampleConfig.from_args(list(argv) if argv is not None else None))

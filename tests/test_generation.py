@@ -1,0 +1,135 @@
+"""sample_ddpm.py / ddpm_pipeline.generation: a trained pipeline's samples written to disk."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import two_process_launch
+from PIL import Image
+from pixel_features import FEATURES
+
+from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, evaluate
+from ddpm_pipeline.generation import SampleConfig, generate_samples, main
+from ddpm_pipeline.sample_store import SETTINGS_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    """A randomly initialised 16×16 grayscale ε pipeline with T = 40, saved to disk."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("pipeline")
+    DDPMTargetPipeline(DDPMUNet.from_preset("ddpm-tiny-16"), DDPMTargetScheduler(num_train_timesteps=40)).save_pretrained(folder)
+    return folder
+
+
+def sample(tmp_path, model, folder="out", **options):
+    settings = dict(model=str(model), output_dir=str(tmp_path / folder), num_images=6, num_inference_steps=3,
+                    batch_size=4, device="cpu")  # fmt: skip
+    settings.update(options)
+    return generate_samples(**settings)
+
+
+def pngs(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.glob("*.png"))}
+
+
+def test_samples_grid_npz_and_report(tmp_path, tiny_pipeline):
+    report = sample(tmp_path, tiny_pipeline, npz=True, grid_images=4)
+    out = tmp_path / "out"
+    assert sorted(pngs(out / "images")) == [f"{i:06d}.png" for i in range(6)]
+    with np.load(out / "samples.npz") as archive:
+        images = archive["arr_0"]
+    assert images.dtype == np.uint8 and images.shape == (6, 16, 16, 1)
+    for index in range(6):  # the array holds exactly the PNGs' pixels
+        np.testing.assert_array_equal(images[index, ..., 0], np.asarray(Image.open(out / "images" / f"{index:06d}.png")))
+    assert Image.open(out / "grid.png").size[0] > 2 * 16  # 4 images side by side
+    assert json.loads((out / "sampling_report.json").read_text()) == report
+    assert report["num_images"] == 6 and report["samples_reused"] == 0 and report["num_inference_steps"] == 3
+    assert report["sampling"]["scheduler"] == "DDPMTargetScheduler" and report["images_per_s"] > 0
+    assert report["processes"] == 1 and report["versions"]["diffusers"]
+
+
+def test_more_images_later_keep_the_first_and_equal_a_fresh_run(tmp_path, tiny_pipeline):
+    sample(tmp_path, tiny_pipeline, num_images=6)
+    first = pngs(tmp_path / "out" / "images")
+    report = sample(tmp_path, tiny_pipeline, num_images=10)
+    assert report["samples_reused"] == 6
+    grown = pngs(tmp_path / "out" / "images")
+    assert len(grown) == 10 and all(grown[name] == data for name, data in first.items())
+    sample(tmp_path, tiny_pipeline, folder="fresh", num_images=10)
+    assert pngs(tmp_path / "fresh" / "images") == grown  # image i does not depend on how many were asked for
+
+
+def test_the_full_chain_by_default_and_other_options_refused(tmp_path, tiny_pipeline):
+    report = sample(tmp_path, tiny_pipeline, num_images=2, batch_size=2, num_inference_steps=None, grid_images=0)
+    assert report["num_inference_steps"] == 40 and "grid" not in report
+    assert json.loads((tmp_path / "out" / "images" / SETTINGS_FILE).read_text())["num_inference_steps"] == 40
+    with pytest.raises(ValueError, match="num_inference_steps: 40 there vs 3 now"):
+        sample(tmp_path, tiny_pipeline, num_images=2, batch_size=2)
+    with pytest.raises(ValueError, match="exceeds the 40 diffusion steps"):
+        sample(tmp_path, tiny_pipeline, folder="more", num_inference_steps=41)
+
+
+def test_eval_metrics_scores_these_samples_without_sampling_again(tmp_path, tiny_pipeline):
+    """The same store: eval_metrics.py --samples_dir <output_dir>/images with the same sampling
+    options finds every image there."""
+    sample(tmp_path, tiny_pipeline, scheduler="ddim")
+    report = evaluate(model=str(tiny_pipeline), samples_dir=str(tmp_path / "out" / "images"), num_samples=6,
+                      num_inference_steps=3, batch_size=4, scheduler="ddim", metrics="fid", reference=str(tmp_path / "out" / "images"),
+                      feature_extractor=FEATURES, output=str(tmp_path / "results.json"), cache_dir=str(tmp_path / "cache"),
+                      device="cpu")  # fmt: skip
+    assert report["samples_reused"] == 6 and report["sampling"]["scheduler"] == "DDIMScheduler"
+    assert report["metrics"]["fid"] == pytest.approx(0.0, abs=1e-3)  # scored against themselves
+
+
+def test_bad_options_name_the_fix(tmp_path, tiny_pipeline):
+    for options, message in [
+        ({"model": None}, "Give --model"),
+        ({"num_images": 0}, "--num_images must be positive"),
+        ({"grid_images": -1}, "--grid_images must be ≥ 0"),
+        ({"scheduler": "pndm"}, "--scheduler must be one of ddpm, ddim"),
+        ({"compile_unet": True, "fast_sampling": "off"}, "drop one of the two"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SampleConfig(**{"model": str(tiny_pipeline), **options}).validate()
+    with pytest.raises(FileNotFoundError, match="is not a folder, nor a Hub repo id"):
+        sample(tmp_path, tmp_path / "no-such-run")
+
+
+def test_the_command_line(tmp_path, tiny_pipeline):
+    report = main(["--model", str(tiny_pipeline), "--output_dir", str(tmp_path / "cli"), "--num_images", "3",
+                   "--num_inference_steps", "2", "--batch_size", "3", "--device", "cpu", "--npz", "--seed", "7"])  # fmt: skip
+    assert report["seed"] == 7 and report["options"]["npz"] is True and (tmp_path / "cli" / "samples.npz").is_file()
+    assert SampleConfig.from_args(["--model", "m", "--no-npz"]).npz is False
+
+
+def test_two_launched_processes_write_the_images_one_process_would(tmp_path, tiny_pipeline):
+    """`accelerate launch --multi_gpu --num_processes 2 sample_ddpm.py` (gloo on the CPU): the
+    processes share the batches, the folder equals one process's, the main one writes the rest."""
+    options = ["--model", str(tiny_pipeline), "--num_images", "7", "--num_inference_steps", "2", "--batch_size", "2",
+               "--device", "cpu", "--npz"]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([*two_process_launch(), str(ROOT / "sample_ddpm.py"), *options, "--output_dir", str(tmp_path / "two")],
+                   check=True, env=env, timeout=600, capture_output=True, cwd=ROOT)  # fmt: skip
+    subprocess.run([sys.executable, str(ROOT / "sample_ddpm.py"), *options, "--output_dir", str(tmp_path / "one")],
+                   check=True, env=env, timeout=600, capture_output=True, cwd=ROOT)  # fmt: skip
+    assert pngs(tmp_path / "two" / "images") == pngs(tmp_path / "one" / "images") and len(pngs(tmp_path / "one" / "images")) == 7
+    report = json.loads((tmp_path / "two" / "sampling_report.json").read_text())
+    assert report["processes"] == 2 and report["num_images"] == 7
+    with np.load(tmp_path / "two" / "samples.npz") as two, np.load(tmp_path / "one" / "samples.npz") as one:
+        np.testing.assert_array_equal(two["arr_0"], one["arr_0"])
+
+
+def test_a_bad_option_is_one_line_on_the_command_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "sample_ddpm.py"), "--model", str(tmp_path / "missing")],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("sample_ddpm.py: error: --model") and "Traceback" not in result.stderr
+    assert not (tmp_path / "samples").exists()  # nothing written for a run that could not start
