@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_path
+from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid
 from .preflight import check_output_dir, check_pipeline_folder
 from .provenance import model_training, package_versions
@@ -161,7 +162,7 @@ def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict
     return report
 
 
-def _report(config: SampleConfig, store: SampleStore, pipeline: Any, steps: int, reused: int, seconds: float,
+def _report(config: SampleConfig, store: SampleStore, pipeline: DDPMTargetPipeline, steps: int, reused: int, seconds: float,
             device: torch.device, num_processes: int) -> dict[str, Any]:  # fmt: skip
     """What ``sampling_report.json`` records: the images, how they were sampled and how fast."""
     new = config.num_images - reused

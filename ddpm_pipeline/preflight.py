@@ -31,7 +31,7 @@ def check_output_dir(output_dir: str | Path) -> Path:
     except OSError as error:
         raise PermissionError(
             f"--output_dir {folder} is not writable ({error.strerror or error}): pick a folder you can write to, "
-            "or fix its permissions, before training."
+            "or fix its permissions."
         ) from error
     return folder
 
