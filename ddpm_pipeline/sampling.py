@@ -61,6 +61,23 @@ def check_sampling_options(config: Any) -> None:
         raise ValueError(f"--sampling_dtype must be one of {', '.join(SAMPLING_DTYPE_CHOICES)}, got {config.sampling_dtype!r}.")
 
 
+def requested_device(device: str | None) -> torch.device:
+    """``--device``: ``None`` = CUDA when available, else the CPU; a device torch does not know, or
+    CUDA on a machine without it, is refused naming the fix (rather than failing in torch later)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r} is not a device torch knows: give cuda, cuda:N or cpu.") from error
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch finds no CUDA device on this machine; drop --device (or give cpu).")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")  # fmt: skip
+    return chosen
+
+
 @dataclass
 class LaunchedProcesses:
     """The processes a sampling or evaluation command runs in: this one alone, or the ``N`` that
@@ -81,7 +98,7 @@ class LaunchedProcesses:
         script the error for a launch Accelerate did not join names."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
-            return cls(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+            return cls(requested_device(device))
         state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
         if state.num_processes != world_size:
             raise RuntimeError(

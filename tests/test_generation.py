@@ -101,6 +101,11 @@ def test_bad_options_name_the_fix(tmp_path, tiny_pipeline):
             SampleConfig(**{"model": str(tiny_pipeline), **options}).validate()
     with pytest.raises(FileNotFoundError, match="is not a folder, nor a Hub repo id"):
         sample(tmp_path, tmp_path / "no-such-run")
+    with pytest.raises(ValueError, match="'gpu' is not a device torch knows"):
+        sample(tmp_path, tiny_pipeline, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device on this machine; drop --device"):
+            sample(tmp_path, tiny_pipeline, device="cuda")
 
 
 def test_the_command_line(tmp_path, tiny_pipeline):
