@@ -68,6 +68,7 @@ class EvaluationConfig:
     num_samples: int = field(default=50000, metadata={"help": "Samples to generate and score."})
     num_inference_steps: int = field(default=1000, metadata={"help": "Sampling steps (fewer = respaced chain)."})
     scheduler: str = sampling_option("scheduler")
+    eta: float = sampling_option("eta")
     batch_size: int = field(default=256, metadata={"help": "Images per sampling / feature batch."})
     fast_sampling: str = sampling_option("fast_sampling")
     compile_unet: bool | None = sampling_option("compile_unet")
@@ -338,7 +339,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
             samples_folder = Path(config.samples_dir) if config.samples_dir else Path(f"{stem}-samples")
             with processes.main_first():
                 store = sample_store(samples_folder, config.model, config.num_inference_steps, config.seed,
-                                     config.batch_size, sampler.unet.dtype, config.scheduler)  # fmt: skip
+                                     config.batch_size, sampler.unet.dtype, config.scheduler, config.eta)  # fmt: skip
             reused = store.count_existing(config.num_samples) if processes.is_main else 0  # only the main one reports
             processes.wait()  # counted before any process writes
             tick = time.perf_counter()

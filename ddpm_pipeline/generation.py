@@ -53,6 +53,7 @@ class SampleConfig:
     num_images: int = field(default=64, metadata={"help": "How many images to have in <output_dir>/images (those already there are kept)."})  # noqa: E501
     num_inference_steps: int | None = field(default=None, metadata={"help": "Sampling steps (fewer = respaced chain; default: the model's T, the full chain)."})  # noqa: E501
     scheduler: str = sampling_option("scheduler")
+    eta: float = sampling_option("eta")
     batch_size: int = field(default=64, metadata={"help": "Images per sampling batch. Image i depends on the seed and the batch size: keep both to add images to a folder later."})  # noqa: E501
     seed: int = field(default=0, metadata={"help": "Sampling seed (image i is the same for any --num_images)."})
     fast_sampling: str = sampling_option("fast_sampling")
@@ -137,7 +138,7 @@ def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict
         )
     with processes.main_first():  # the main process writes the folder's record of the options first
         store = sample_store(output_dir / IMAGES_FOLDER, config.model, steps, config.seed, config.batch_size,
-                             pipeline.unet.dtype, config.scheduler)  # fmt: skip
+                             pipeline.unet.dtype, config.scheduler, config.eta)  # fmt: skip
     reused = store.count_existing(config.num_images) if processes.is_main else 0
     processes.wait()  # counted before any process writes
     started = time.perf_counter()

@@ -118,6 +118,7 @@ class SampleStore:
                     batch_size=batch_size,
                     generator=generator,
                     num_inference_steps=int(self.settings["num_inference_steps"]),
+                    eta=float(self.settings.get("eta", 0.0)),
                     output_type="np",
                 ).images
                 _refuse_diverged(images, batch)

@@ -33,9 +33,10 @@ SAMPLER_SCHEDULERS = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepSc
 SCHEDULER_CHOICES = ("ddpm", *SAMPLER_SCHEDULERS)
 #: The options every sampling command line (``sample_ddpm.py``, ``eval_metrics.py``) has: default and help.
 SAMPLING_OPTIONS: dict[str, tuple[Any, str]] = {
-    "scheduler": ("ddpm", "Sampler: ddpm (the folder's own: ancestral, respaced exactly), or ddim (η = 0), dpmsolver++ or euler, built from its config with the same betas (ε, x0 and v models; 20-100 steps are usual)."),  # noqa: E501
+    "scheduler": ("ddpm", "Sampler: ddpm (the folder's own: ancestral, respaced exactly), or ddim (η = --eta), dpmsolver++ or euler, built from its config with the same betas (ε, x0 and v models; 20-100 steps are usual)."),  # noqa: E501
     "fast_sampling": ("auto", "auto: sample with pipe.enable_fast_sampling() (on CUDA: bf16 UNet for ε/x0, channels_last, torch.compile with CUDA graphs; nothing on the CPU); off: the plain float32 pipeline."),  # noqa: E501
     "compile_unet": (None, "torch.compile the UNet when sampling fast: auto = on CUDA where Triton supports the GPU; on the CPU an opt-in (--compile_unet, with channels_last; needs a C++ compiler) that gave 1.28-1.37x the UNet evaluations/s on the 2-core reference CPU after 15-60 s of compiling: for long sampling."),  # noqa: E501
+    "eta": (0.0, "DDIM's η with --scheduler ddim: 0 = deterministic DDIM, 1 = the respaced ancestral sampler (fixed_small), in between the DDIM paper's family."),  # noqa: E501
     "sampling_dtype": ("auto", "The UNet's dtype when sampling fast: auto (bfloat16 on CUDA, float16 on GPUs older than Ampere, float32 for μ and on the CPU), float32, bfloat16 (faster on a CPU with AVX512-BF16 or AMX too), float16."),  # noqa: E501
 }
 
@@ -57,6 +58,10 @@ def check_sampling_options(config: Any) -> None:
     if config.compile_unet and config.fast_sampling == "off":
         raise ValueError("--compile_unet compiles the fast sampling path, which --fast_sampling off turns off: "
                          "drop one of the two.")  # fmt: skip
+    if config.eta < 0:
+        raise ValueError(f"--eta must be ≥ 0, got {config.eta}.")
+    if config.eta != 0 and config.scheduler != "ddim":
+        raise ValueError(f"--eta is DDIM's η: it applies with --scheduler ddim, not {config.scheduler}.")
     if config.sampling_dtype not in SAMPLING_DTYPE_CHOICES:
         raise ValueError(f"--sampling_dtype must be one of {', '.join(SAMPLING_DTYPE_CHOICES)}, got {config.sampling_dtype!r}.")
 
@@ -137,11 +142,11 @@ def weights_fingerprint(model: str) -> list[list[str]]:
 
 
 def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed: int, batch_size: int,
-                 unet_dtype: torch.dtype = torch.float32, scheduler: str = "ddpm") -> SampleStore:  # fmt: skip
+                 unet_dtype: torch.dtype = torch.float32, scheduler: str = "ddpm", eta: float = 0.0) -> SampleStore:  # fmt: skip
     """The store of ``model``'s samples in ``folder`` for these sampling options: what
     ``sample_ddpm.py`` fills and :func:`~ddpm_pipeline.evaluation.evaluate` fills and reads, so a caller that fills it first (with a faster pipeline, or in time-limited
-    pieces) has its samples scored rather than redone. A UNet sampling in half precision, or another
-    scheduler, makes other images than the float32 ancestral sampler: they are then part of the
+    pieces) has its samples scored rather than redone. A UNet sampling in half precision, another
+    scheduler or DDIM's ``eta`` makes other images than the float32 ancestral sampler: they are then part of the
     options (the defaults record nothing, as stores did before the options existed), so the stores
     are never mixed. A local model is also keyed on its weights (:func:`weights_fingerprint`): trained
     further in the same folder, it needs a new ``folder``."""
@@ -153,6 +158,8 @@ def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed:
         settings["unet_dtype"] = str(unet_dtype).removeprefix("torch.")
     if scheduler != "ddpm":
         settings["scheduler"] = scheduler
+    if eta != 0:
+        settings["eta"] = eta
     return SampleStore(folder, settings)
 
 

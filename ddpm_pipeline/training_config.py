@@ -555,8 +555,8 @@ def optional(kind: type) -> Any:
 def dataclass_parser(config_class: type, prog: str, description: str) -> argparse.ArgumentParser:
     """A command line with one option per field of the dataclass ``config_class``: ``--name`` with
     the field's default and its ``metadata["help"]``. A ``bool`` field (or an auto/on/off
-    ``bool | None``) takes ``--name`` and ``--no-name``, an ``int`` field an integer or ``none``,
-    a ``str | None`` field a string or ``none``, and any other a string."""
+    ``bool | None``) takes ``--name`` and ``--no-name``, an ``int`` or ``float`` field a number or
+    ``none``, a ``str | None`` field a string or ``none``, and any other a string."""
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=DefaultsHelpFormatter)
     for item in dataclasses.fields(config_class):
         annotation = str(item.type)
@@ -564,6 +564,8 @@ def dataclass_parser(config_class: type, prog: str, description: str) -> argpars
             kind: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
         elif annotation.startswith("int"):
             kind = {"type": optional(int)}
+        elif annotation.startswith("float"):
+            kind = {"type": optional(float)}
         else:
             kind = {"type": optional(str) if "None" in annotation else str}
         parser.add_argument(f"--{item.name}", default=item.default, help=item.metadata["help"], **kind)

@@ -40,6 +40,10 @@ def pngs(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.glob("*.png"))}
 
 
+def pixels(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(path), dtype=int) for path in sorted(folder.glob("*.png"))])
+
+
 def test_samples_grid_npz_and_report(tmp_path, tiny_pipeline):
     report = sample(tmp_path, tiny_pipeline, npz=True, grid_images=4)
     out = tmp_path / "out"
@@ -89,6 +93,26 @@ def test_eval_metrics_scores_these_samples_without_sampling_again(tmp_path, tiny
     assert report["metrics"]["fid"] == pytest.approx(0.0, abs=1e-3)  # scored against themselves
 
 
+def test_ddim_eta_one_writes_the_ancestral_samplers_images(tmp_path):
+    """--scheduler ddim --eta 1 is this package's respaced ancestral sampler (the identity
+    test_pipeline checks on tensors), here through the store to PNGs; η is part of the folder's
+    options, and η = 0 makes other images."""
+    torch.manual_seed(0)
+    model = tmp_path / "x0-model"  # an x0 network without clipping: the identity is exact (test_pipeline)
+    DDPMTargetPipeline(DDPMUNet.from_preset("ddpm-tiny-16"),
+                       DDPMTargetScheduler(num_train_timesteps=40, prediction_type="sample", clip_sample=False)).save_pretrained(model)  # fmt: skip
+    sample(tmp_path, model, folder="ancestral", num_inference_steps=5)
+    report = sample(tmp_path, model, folder="ddim1", num_inference_steps=5, scheduler="ddim", eta=1.0)
+    sample(tmp_path, model, folder="ddim0", num_inference_steps=5, scheduler="ddim")
+    assert report["options"]["eta"] == 1.0 and report["sampling"]["scheduler"] == "DDIMScheduler"
+    ancestral, ddim1, ddim0 = (pixels(tmp_path / name / "images") for name in ("ancestral", "ddim1", "ddim0"))
+    assert np.abs(ddim1 - ancestral).max() <= 1  # the same up to 8-bit rounding
+    assert np.abs(ddim0 - ancestral).max() > 25  # deterministic DDIM is another sampler
+    assert json.loads((tmp_path / "ddim1" / "images" / SETTINGS_FILE).read_text())["eta"] == 1.0
+    with pytest.raises(ValueError, match="eta: 1.0 there vs 0.5 now"):
+        sample(tmp_path, model, folder="ddim1", num_inference_steps=5, scheduler="ddim", eta=0.5)
+
+
 def test_bad_options_name_the_fix(tmp_path, tiny_pipeline):
     for options, message in [
         ({"model": None}, "Give --model"),
@@ -96,6 +120,8 @@ def test_bad_options_name_the_fix(tmp_path, tiny_pipeline):
         ({"grid_images": -1}, "--grid_images must be ≥ 0"),
         ({"scheduler": "pndm"}, "--scheduler must be one of ddpm, ddim"),
         ({"compile_unet": True, "fast_sampling": "off"}, "drop one of the two"),
+        ({"eta": 0.5}, "--eta is DDIM's η: it applies with --scheduler ddim, not ddpm"),
+        ({"eta": -1.0, "scheduler": "ddim"}, "--eta must be ≥ 0"),
     ]:
         with pytest.raises(ValueError, match=message):
             SampleConfig(**{"model": str(tiny_pipeline), **options}).validate()
@@ -113,6 +139,7 @@ def test_the_command_line(tmp_path, tiny_pipeline):
                    "--num_inference_steps", "2", "--batch_size", "3", "--device", "cpu", "--npz", "--seed", "7"])  # fmt: skip
     assert report["seed"] == 7 and report["options"]["npz"] is True and (tmp_path / "cli" / "samples.npz").is_file()
     assert SampleConfig.from_args(["--model", "m", "--no-npz"]).npz is False
+    assert SampleConfig.from_args(["--model", "m", "--scheduler", "ddim", "--eta", "0.5"]).eta == 0.5
 
 
 def test_two_launched_processes_write_the_images_one_process_would(tmp_path, tiny_pipeline):
