@@ -5,8 +5,9 @@ through the same store as ``eval_metrics.py`` (:func:`~ddpm_pipeline.sampling.sa
 image ``i`` is the same however many images are asked for, an interrupted run resumes where it
 stopped, ``accelerate launch --num_processes N`` shares the batches, and ``eval_metrics.py
 --samples_dir <output_dir>/images`` with the same sampling options scores these images instead of
-sampling again. Beside them go ``grid.png`` (the first images), ``sampling_report.json`` and, with
-``--npz``, ``samples.npz`` (``arr_0``: the images as ``uint8 [N, H, W, C]``, the array that
+sampling again. Beside them go ``grid.png`` (the first images), ``sampling_report.json``, with
+``--trajectory`` ``trajectory.png`` (the chain of the first images) and with ``--npz``
+``samples.npz`` (``arr_0``: the images as ``uint8 [N, H, W, C]``, the array that
 evaluation suites such as guided-diffusion's read).
 """
 
@@ -41,6 +42,9 @@ logger = logging.getLogger(__name__)
 IMAGES_FOLDER = "images"
 GRID_NAME = "grid.png"
 NPZ_NAME = "samples.npz"
+TRAJECTORY_NAME = "trajectory.png"
+#: The steps a trajectory shows, spread over the chain.
+TRAJECTORY_STEPS = 8
 REPORT_NAME = "sampling_report.json"
 
 
@@ -60,6 +64,7 @@ class SampleConfig:
     compile_unet: bool | None = sampling_option("compile_unet")
     sampling_dtype: str = sampling_option("sampling_dtype")
     grid_images: int = field(default=64, metadata={"help": "Images in grid.png, the first ones (0 = no grid)."})
+    trajectory: bool = field(default=False, metadata={"help": "Also write trajectory.png: x_t, the predicted noise and the predicted x0 of the first 4 images at 8 steps (samples the first batch once more)."})  # noqa: E501
     npz: bool = field(default=False, metadata={"help": "Also write samples.npz: arr_0 = the images as uint8 [N, H, W, C]."})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
 
@@ -78,6 +83,9 @@ class SampleConfig:
         if self.grid_images < 0:
             raise ValueError(f"--grid_images must be ≥ 0 (0 = no grid), got {self.grid_images}.")
         check_sampling_options(self)
+        if self.trajectory and self.scheduler == "euler":
+            raise ValueError("--trajectory needs a sampler with integer timesteps; euler visits fractional ones: drop "
+                             "--trajectory, or sample with ddpm, ddim or dpmsolver++.")  # fmt: skip
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> SampleConfig:
@@ -153,6 +161,10 @@ def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict
     if config.grid_images:
         grid = read_images(paths[: config.grid_images]).astype(np.float32) / 255.0
         report["grid"] = str(save_image_grid(grid, output_dir / GRID_NAME))
+    if config.trajectory:  # batch 0 again, recorded: its first images are images 0, 1, … of the folder
+        logger.info(f"sampling the first batch again, recording its chain for {TRAJECTORY_NAME}")
+        store.sample_batch(pipeline, 0, trajectory_steps=TRAJECTORY_STEPS).trajectory.save_png(output_dir / TRAJECTORY_NAME)
+        report["trajectory"] = str(output_dir / TRAJECTORY_NAME)
     if config.npz:
         report["npz"] = str(write_npz(read_images(paths), output_dir / NPZ_NAME))
     with atomic_path(output_dir / REPORT_NAME) as partial:

@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
-from .pipeline_ddpm_target import DDPMTargetPipeline
+from .pipeline_ddpm_target import DDPMTargetPipeline, DDPMTargetPipelineOutput
 from .seeding import derive_seed
 
 SETTINGS_FILE = "sampling.json"
@@ -113,14 +113,7 @@ class SampleStore:
         todo = sum(min(batch_size, num_samples - batch * batch_size) for batch in batches)
         with tqdm(total=todo, desc="sampling", unit="img", disable=not show_progress or not batches) as progress:
             for batch in batches:
-                generator = torch.Generator(device="cpu").manual_seed(batch_seed(int(self.settings["seed"]), batch))
-                images = pipeline(
-                    batch_size=batch_size,
-                    generator=generator,
-                    num_inference_steps=int(self.settings["num_inference_steps"]),
-                    eta=float(self.settings.get("eta", 0.0)),
-                    output_type="np",
-                ).images
+                images = self.sample_batch(pipeline, batch).images
                 _refuse_diverged(images, batch)
                 for index, image in enumerate(images, start=batch * batch_size):
                     if index >= num_samples:
@@ -131,6 +124,20 @@ class SampleStore:
                         written += 1
                     progress.update(1)
         return written
+
+    def sample_batch(self, pipeline: DDPMTargetPipeline, batch: int, trajectory_steps: int | None = None) -> DDPMTargetPipelineOutput:
+        """Batch ``batch`` as the store samples it: ``batch_size`` images (``output_type="np"``) from
+        the generator seeded by :func:`batch_seed` of ``(seed, batch)``, with the store's steps and
+        η; with ``trajectory_steps``, its trajectory recorded too (the images are the same)."""
+        generator = torch.Generator(device="cpu").manual_seed(batch_seed(int(self.settings["seed"]), batch))
+        return pipeline(
+            batch_size=int(self.settings["batch_size"]),
+            generator=generator,
+            num_inference_steps=int(self.settings["num_inference_steps"]),
+            eta=float(self.settings.get("eta", 0.0)),
+            output_type="np",
+            trajectory_steps=trajectory_steps,
+        )
 
     def paths(self, num_samples: int) -> list[Path]:
         """The files of the first ``num_samples`` samples."""

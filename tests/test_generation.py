@@ -16,6 +16,7 @@ from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, eva
 from ddpm_pipeline.console import run_command
 from ddpm_pipeline.generation import SampleConfig, generate_samples, main
 from ddpm_pipeline.sample_store import SETTINGS_FILE
+from ddpm_pipeline.sampling import sample_store
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +59,21 @@ def test_samples_grid_npz_and_report(tmp_path, tiny_pipeline):
     assert report["num_images"] == 6 and report["samples_reused"] == 0 and report["num_inference_steps"] == 3
     assert report["sampling"]["scheduler"] == "DDPMTargetScheduler" and report["images_per_s"] > 0
     assert report["processes"] == 1 and report["versions"]["diffusers"]
+
+
+def test_the_trajectory_shows_the_chain_of_the_first_images(tmp_path, tiny_pipeline):
+    report = sample(tmp_path, tiny_pipeline, num_inference_steps=10, trajectory=True)
+    assert report["trajectory"] == str(tmp_path / "out" / "trajectory.png")
+    width, height = Image.open(report["trajectory"]).size
+    assert width > 8 * 64 and height > 4 * 3 * 64  # 8 steps by 3 rows for each of 4 images
+    # it comes from batch 0 sampled again: the same images as the folder's first ones
+    store = sample_store(tmp_path / "out" / "images", str(tiny_pipeline), 10, 0, 4)
+    recorded = store.sample_batch(DDPMTargetPipeline.from_pretrained(tiny_pipeline), 0, trajectory_steps=8)
+    assert recorded.trajectory.timesteps[-1] == 0 and len(recorded.trajectory.timesteps) == 8
+    first = np.round(np.clip(recorded.images[..., 0], 0, 1) * 255)
+    np.testing.assert_array_equal(first, pixels(tmp_path / "out" / "images")[:4])
+    with pytest.raises(ValueError, match="--trajectory needs a sampler with integer timesteps"):
+        SampleConfig(model=str(tiny_pipeline), scheduler="euler", trajectory=True).validate()
 
 
 def test_more_images_later_keep_the_first_and_equal_a_fresh_run(tmp_path, tiny_pipeline):
