@@ -53,7 +53,6 @@ from .training_config import CONFIG_FILE_NAME, dataclass_parser
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class EvaluationConfig:
     """Options of :func:`evaluate` and ``eval_metrics.py`` (one field per command-line flag)."""
@@ -173,7 +172,6 @@ def samples_preprocessing(files: list[Path], config: EvaluationConfig) -> ImageP
         (width, height), mode = upright_size(first), first.mode
     channels = config.channels or (1 if mode in GRAY_MODES else 3)
     return ImagePreprocessor(config.resolution or (height, width), channels, config.resize_mode or "auto")
-
 
 
 def bound_store(folder: str | Path, model: str, source: DataSource, preprocess: ImagePreprocessor,
@@ -450,7 +448,6 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         terms_store.remove()  # the report holds the bound now
     logger.info(f"wrote {output}: {_summary(report['metrics'])}")
     return report
-
 
 
 def _summary(metrics: dict[str, Any]) -> str:
