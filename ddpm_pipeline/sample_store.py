@@ -25,6 +25,15 @@ from .seeding import derive_seed
 
 SETTINGS_FILE = "sampling.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+#: The recorded sampling options a command line sets: the flag, and the value an unrecorded one has.
+OPTION_FLAGS = {
+    "num_inference_steps": ("--num_inference_steps", None),
+    "seed": ("--seed", None),
+    "batch_size": ("--batch_size", None),
+    "scheduler": ("--scheduler", "ddpm"),
+    "eta": ("--eta", 0.0),
+    "unet_dtype": ("--sampling_dtype", "float32"),
+}
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -58,9 +67,14 @@ class SampleStore:
             keys = sorted(saved.keys() | settings.keys())  # an option only one side records differs too
             differences = [f"{k}: {saved.get(k)!r} there vs {settings.get(k)!r} now" for k in keys if saved.get(k) != settings.get(k)]
             if differences:
+                differing = [k for k in keys if saved.get(k) != settings.get(k)]
+                reuse = ""
+                if all(k in OPTION_FLAGS for k in differing):  # the same model: its options would reuse the images
+                    flags = " ".join(f"{OPTION_FLAGS[k][0]} {saved.get(k, OPTION_FLAGS[k][1])}" for k in differing)
+                    reuse = f"To reuse and add to its images, sample with its options ({flags}). "
                 raise ValueError(
-                    f"{self.folder} holds samples made with other options ({'; '.join(differences)}). "
-                    "Sample into another folder (sample_ddpm.py --output_dir, eval_metrics.py --samples_dir), "
+                    f"{self.folder} holds samples made with other options ({'; '.join(differences)}). {reuse}"
+                    "Or sample into another folder (sample_ddpm.py --output_dir, eval_metrics.py --samples_dir), "
                     "or delete this one to sample afresh."
                 )
         else:

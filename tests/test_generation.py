@@ -91,8 +91,11 @@ def test_the_full_chain_by_default_and_other_options_refused(tmp_path, tiny_pipe
     report = sample(tmp_path, tiny_pipeline, num_images=2, batch_size=2, num_inference_steps=None, grid_images=0)
     assert report["num_inference_steps"] == 40 and "grid" not in report
     assert json.loads((tmp_path / "out" / "images" / SETTINGS_FILE).read_text())["num_inference_steps"] == 40
-    with pytest.raises(ValueError, match="num_inference_steps: 40 there vs 3 now"):
+    with pytest.raises(ValueError, match="num_inference_steps: 40 there vs 3 now") as refused:
         sample(tmp_path, tiny_pipeline, num_images=2, batch_size=2)
+    assert "sample with its options (--num_inference_steps 40)" in str(refused.value)
+    with pytest.raises(ValueError, match="sample with its options \\(--batch_size 2 --scheduler ddpm\\)"):
+        sample(tmp_path, tiny_pipeline, num_images=2, batch_size=4, num_inference_steps=40, scheduler="ddim")
     with pytest.raises(ValueError, match="exceeds the 40 diffusion steps"):
         sample(tmp_path, tiny_pipeline, folder="more", num_inference_steps=41)
 
