@@ -53,7 +53,7 @@ class SampleConfig:
     """Options of :func:`generate_samples` and ``sample_ddpm.py`` (one field per command-line flag)."""
 
     model: str | None = field(default=None, metadata={"help": "Pipeline folder (a train_ddpm.py --output_dir) or Hub id to sample from."})  # noqa: E501
-    output_dir: str = field(default="samples", metadata={"help": "Where images/ (the numbered PNGs), grid.png, sampling_report.json and samples.npz go."})  # noqa: E501
+    output_dir: str = field(default="samples", metadata={"help": "Where images/ (the numbered PNGs), grid.png and sampling_report.json go (and trajectory.png, samples.npz)."})  # noqa: E501
     num_images: int = field(default=64, metadata={"help": "How many images to have in <output_dir>/images (those already there are kept)."})  # noqa: E501
     num_inference_steps: int | None = field(default=None, metadata={"help": "Sampling steps (fewer = respaced chain; default: the model's T, the full chain)."})  # noqa: E501
     scheduler: str = sampling_option("scheduler")
