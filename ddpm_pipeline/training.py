@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import time
@@ -1272,5 +1273,10 @@ def main(argv: list[str] | None = None) -> TrainingResult:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
     result = train(TrainingConfig.from_args(argv))
     if result.finished:
-        logger.info(f"done: the pipeline, samples.png and loss_curve.png are in {result.output_dir}")
+        folder = shlex.quote(str(result.output_dir))
+        logger.info(
+            f"done: the pipeline, samples.png and loss_curve.png are in {result.output_dir}. Next: "
+            f"`python sample_ddpm.py --model {folder}` for more samples, `python eval_metrics.py --model {folder}` "
+            "for FID and bits/dim"
+        )
     return result

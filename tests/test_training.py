@@ -117,8 +117,10 @@ def test_a_non_square_network_trains_resumes_samples_and_evaluates(tmp_path, cap
     with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
         run_training(out, *options, "--max_train_steps", "2")
     assert "10 images, 3×16×32; ddpm-tiny-16" in caplog.text
-    assert main([*TINY, "--output_dir", str(out), *map(str, options), "--max_train_steps", "3",
-                 "--resume_from_checkpoint", "latest"]).global_step == 3  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        assert main([*TINY, "--output_dir", str(out), *map(str, options), "--max_train_steps", "3",
+                     "--resume_from_checkpoint", "latest"]).global_step == 3  # fmt: skip
+    assert f"Next: `python sample_ddpm.py --model {out}` for more samples" in caplog.text
     pipeline = DDPMPipeline.from_pretrained(out)
     assert list(pipeline.unet.config.sample_size) == [16, 32]
     assert pipeline(batch_size=1, num_inference_steps=3, output_type="np").images.shape == (1, 16, 32, 3)
@@ -131,6 +133,11 @@ def test_a_non_square_network_trains_resumes_samples_and_evaluates(tmp_path, cap
                       output=str(tmp_path / "eval.json"))  # fmt: skip
     assert np.isfinite(report["metrics"]["bpd"]["bits_per_dim"])
     assert json.loads((tmp_path / "eval.json").read_text())["preprocessing"]["resolution"] == [16, 32]
+    from ddpm_pipeline.generation import generate_samples
+
+    generate_samples(model=str(out), num_images=2, batch_size=2, num_inference_steps=2, npz=True, output_dir=str(tmp_path / "samples"))
+    with np.load(tmp_path / "samples" / "samples.npz") as samples:
+        assert samples["arr_0"].shape == (2, 16, 32, 3)
 
 
 def test_an_image_folder_trains_at_its_own_size_and_colour(tmp_path, caplog):
