@@ -78,7 +78,7 @@ from ddpm_pipeline.plots import save_labelled_images, save_loss_curve, save_metr
 from ddpm_pipeline.provenance import package_versions
 from ddpm_pipeline.reference import DataSource
 from ddpm_pipeline.run_records import SNAPSHOT_SUMMARY_NAME
-from ddpm_pipeline.sampling import sample_store, sampling_pipeline
+from ddpm_pipeline.sampling import noise_device, sample_store, sampling_pipeline
 from ddpm_pipeline.scheduling_ddpm_target import DDPMTargetScheduler
 from ddpm_pipeline.seeding import derive_seed
 from ddpm_pipeline.speed import device_description
@@ -384,7 +384,8 @@ class Study:
         """Sample ``--num_samples`` images into the store, a batch per unit of work."""
         args = self.args
         pipeline = sampling_pipeline(str(model), self.device, self.fast_sampling)
-        store = sample_store(samples, str(model), steps, args.seed, args.sample_batch_size, pipeline.unet.dtype)
+        store = sample_store(samples, str(model), steps, args.seed, args.sample_batch_size, pipeline.unet.dtype,
+                             noise_device=noise_device(self.device))
         while store.existing() < args.num_samples:
             self.piece.check()
             batch_end = (store.existing() // args.sample_batch_size + 1) * args.sample_batch_size

@@ -40,6 +40,7 @@ from .sampling import (
     check_sampling_options,
     load_pipeline,
     model_identity,
+    noise_device,
     sample_store,
     sampling_option,
     sampling_pipeline,
@@ -337,7 +338,8 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
             samples_folder = Path(config.samples_dir) if config.samples_dir else Path(f"{stem}-samples")
             with processes.main_first():
                 store = sample_store(samples_folder, config.model, config.num_inference_steps, config.seed,
-                                     config.batch_size, sampler.unet.dtype, config.scheduler, config.eta)  # fmt: skip
+                                     config.batch_size, sampler.unet.dtype, config.scheduler, config.eta,
+                                     noise_device(device))  # fmt: skip
             reused = store.count_existing(config.num_samples) if processes.is_main else 0  # only the main one reports
             processes.wait()  # counted before any process writes
             tick = time.perf_counter()

@@ -32,7 +32,14 @@ from .plots import save_image_grid
 from .preflight import check_output_dir, check_pipeline_folder
 from .provenance import model_training, package_versions
 from .sample_store import SampleStore
-from .sampling import LaunchedProcesses, check_sampling_options, sample_store, sampling_option, sampling_pipeline
+from .sampling import (
+    LaunchedProcesses,
+    check_sampling_options,
+    noise_device,
+    sample_store,
+    sampling_option,
+    sampling_pipeline,
+)
 from .speed import cpu_threads_per_process, device_description, is_compiled
 from .stop_signals import started_by_launcher
 from .training_config import dataclass_parser
@@ -146,7 +153,7 @@ def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict
         )
     with processes.main_first():  # the main process writes the folder's record of the options first
         store = sample_store(output_dir / IMAGES_FOLDER, config.model, steps, config.seed, config.batch_size,
-                             pipeline.unet.dtype, config.scheduler, config.eta)  # fmt: skip
+                             pipeline.unet.dtype, config.scheduler, config.eta, noise_device(device))  # fmt: skip
     reused = store.count_existing(config.num_images) if processes.is_main else 0
     processes.wait()  # counted before any process writes
     started = time.perf_counter()

@@ -33,6 +33,7 @@ OPTION_FLAGS = {
     "scheduler": ("--scheduler", "ddpm"),
     "eta": ("--eta", 0.0),
     "unet_dtype": ("--sampling_dtype", "float32"),
+    "noise_device": ("--device", "cpu"),
 }
 
 
@@ -141,9 +142,12 @@ class SampleStore:
 
     def sample_batch(self, pipeline: DDPMTargetPipeline, batch: int, trajectory_steps: int | None = None) -> DDPMTargetPipelineOutput:
         """Batch ``batch`` as the store samples it: ``batch_size`` images (``output_type="np"``) from
-        the generator seeded by :func:`batch_seed` of ``(seed, batch)``, with the store's steps and
+        the generator seeded by :func:`batch_seed` of ``(seed, batch)`` (on the CPU, or on the
+        pipeline's GPU for a store whose ``noise_device`` is ``"cuda"``), with the store's steps and
         η; with ``trajectory_steps``, its trajectory recorded too (the images are the same)."""
-        generator = torch.Generator(device="cpu").manual_seed(batch_seed(int(self.settings["seed"]), batch))
+        # noise on the pipeline's GPU when the store says so (the GPU each process samples on)
+        device = pipeline.device if self.settings.get("noise_device", "cpu") != "cpu" else "cpu"
+        generator = torch.Generator(device=device).manual_seed(batch_seed(int(self.settings["seed"]), batch))
         return pipeline(
             batch_size=int(self.settings["batch_size"]),
             generator=generator,

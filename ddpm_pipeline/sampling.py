@@ -142,14 +142,17 @@ def weights_fingerprint(model: str) -> list[list[str]]:
 
 
 def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed: int, batch_size: int,
-                 unet_dtype: torch.dtype = torch.float32, scheduler: str = "ddpm", eta: float = 0.0) -> SampleStore:  # fmt: skip
+                 unet_dtype: torch.dtype = torch.float32, scheduler: str = "ddpm", eta: float = 0.0,
+                 noise_device: str = "cpu") -> SampleStore:  # fmt: skip
     """The store of ``model``'s samples in ``folder`` for these sampling options: what
-    ``sample_ddpm.py`` fills and :func:`~ddpm_pipeline.evaluation.evaluate` fills and reads, so a caller that fills it first (with a faster pipeline, or in time-limited
-    pieces) has its samples scored rather than redone. A UNet sampling in half precision, another
-    scheduler or DDIM's ``eta`` makes other images than the float32 ancestral sampler: they are then part of the
-    options (the defaults record nothing, as stores did before the options existed), so the stores
-    are never mixed. A local model is also keyed on its weights (:func:`weights_fingerprint`): trained
-    further in the same folder, it needs a new ``folder``."""
+    ``sample_ddpm.py`` fills and :func:`~ddpm_pipeline.evaluation.evaluate` fills and reads, so a
+    caller that fills it first (with a faster pipeline, or in time-limited pieces) has its samples
+    scored rather than redone. A UNet sampling in half precision, another scheduler, DDIM's ``eta``
+    or noise drawn on a GPU (``noise_device="cuda"``, see :func:`noise_device`) makes other images
+    than the float32 ancestral sampler with CPU noise: they are then part of the options (the
+    defaults record nothing, as stores did before the options existed), so the stores are never
+    mixed. A local model is also keyed on its weights (:func:`weights_fingerprint`): trained further
+    in the same folder, it needs a new ``folder``."""
     settings = {"model": model_identity(model), "num_inference_steps": num_inference_steps, "seed": seed, "batch_size": batch_size}
     fingerprint = weights_fingerprint(model)
     if fingerprint:  # a local folder: its exact weights (a Hub id records none)
@@ -160,7 +163,18 @@ def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed:
         settings["scheduler"] = scheduler
     if eta != 0:
         settings["eta"] = eta
+    if noise_device != "cpu":
+        settings["noise_device"] = noise_device
     return SampleStore(folder, settings)
+
+
+def noise_device(device: torch.device) -> str:
+    """Where a store's batches draw their noise when sampled on ``device``: ``"cuda"`` on a GPU,
+    where a CPU generator would draw each step's noise on the CPU and copy it over, stopping the GPU
+    at every step until the copy is done (a synchronous copy from pageable memory); else ``"cpu"``.
+    CUDA's generator gives the same numbers for a seed on GPUs of one model, so processes on a
+    machine's GPUs still write the images one would (a GPU of another model may draw others)."""
+    return "cuda" if device.type == "cuda" else "cpu"
 
 
 def load_pipeline(model: str) -> DDPMTargetPipeline:

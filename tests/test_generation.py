@@ -90,7 +90,8 @@ def test_more_images_later_keep_the_first_and_equal_a_fresh_run(tmp_path, tiny_p
 def test_the_full_chain_by_default_and_other_options_refused(tmp_path, tiny_pipeline):
     report = sample(tmp_path, tiny_pipeline, num_images=2, batch_size=2, num_inference_steps=None, grid_images=0)
     assert report["num_inference_steps"] == 40 and "grid" not in report
-    assert json.loads((tmp_path / "out" / "images" / SETTINGS_FILE).read_text())["num_inference_steps"] == 40
+    settings = json.loads((tmp_path / "out" / "images" / SETTINGS_FILE).read_text())
+    assert settings["num_inference_steps"] == 40 and "noise_device" not in settings  # CPU noise, as stores always had
     with pytest.raises(ValueError, match="num_inference_steps: 40 there vs 3 now") as refused:
         sample(tmp_path, tiny_pipeline, num_images=2, batch_size=2)
     assert "sample with its options (--num_inference_steps 40)" in str(refused.value)
@@ -130,6 +131,18 @@ def test_ddim_eta_one_writes_the_ancestral_samplers_images(tmp_path):
     assert json.loads((tmp_path / "ddim1" / "images" / SETTINGS_FILE).read_text())["eta"] == 1.0
     with pytest.raises(ValueError, match="eta: 1.0 there vs 0.5 now"):
         sample(tmp_path, model, folder="ddim1", num_inference_steps=5, scheduler="ddim", eta=0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_noise_is_drawn_there_and_recorded(tmp_path, tiny_pipeline):
+    """No CPU generator on a GPU (each step would wait for a copy of its noise): the store records
+    noise_device cuda, and the images are still fixed by (seed, batch)."""
+    sample(tmp_path, tiny_pipeline, device="cuda", fast_sampling="off")
+    sample(tmp_path, tiny_pipeline, folder="again", device="cuda", fast_sampling="off")
+    assert json.loads((tmp_path / "out" / "images" / SETTINGS_FILE).read_text())["noise_device"] == "cuda"
+    assert pngs(tmp_path / "out" / "images") == pngs(tmp_path / "again" / "images")
+    with pytest.raises(ValueError, match="sample with its options \\(--device cuda\\)"):
+        sample(tmp_path, tiny_pipeline, fast_sampling="off")  # the same folder on the CPU
 
 
 def test_bad_options_name_the_fix(tmp_path, tiny_pipeline):
