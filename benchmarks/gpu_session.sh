@@ -55,6 +55,7 @@ for part in "${parts[@]}"; do
     # with the CPU and with fp32, compiled with eager, and the loop never waits on the host
     tests) "${limit[@]}" python3 -m pytest -q -p no:cacheprovider \
       tests/test_pipeline.py::test_cuda_sampling_matches_cpu \
+      tests/test_generation.py::test_on_a_gpu_the_noise_is_drawn_there_and_recorded \
       tests/test_loss_records.py::test_a_step_record_does_not_synchronize_with_the_host \
       tests/test_timestep_sampling.py::test_sampling_and_recording_do_not_synchronize_with_the_host \
       tests/test_speed.py::test_compiled_bf16_cuda_sampling_agrees_with_fp32 \
