@@ -44,11 +44,11 @@ from .sampling import (
     sample_store,
     sampling_option,
     sampling_pipeline,
+    sampling_record,
     weights_fingerprint,
 )
 from .scheduling_ddpm_target import DDPMTargetScheduler
-from .speed import cpu_threads_per_process, device_description, is_compiled, strict_float32
-from .stop_signals import started_by_launcher
+from .speed import device_description, strict_float32
 from .training_config import CONFIG_FILE_NAME, dataclass_parser
 
 logger = logging.getLogger(__name__)
@@ -283,8 +283,6 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     timings: dict[str, float] = {}
     processes = LaunchedProcesses.from_environment(config.device)
     device = processes.device
-    if device.type == "cpu" and started_by_launcher():  # which left this process one thread (OMP_NUM_THREADS=1)
-        torch.set_num_threads(cpu_threads_per_process(processes.count))
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     stem = output.with_suffix("")
@@ -349,8 +347,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
             timings["sampling_s"] = time.perf_counter() - tick
             helper_result["samples_written"] = written
             sample_paths = store.paths(config.num_samples)
-            sampling = {"fast": config.fast_sampling != "off", "unet_dtype": str(sampler.unet.dtype).removeprefix("torch."),
-                        "compiled": is_compiled(sampler.unet), "scheduler": type(sampler.scheduler).__name__}  # fmt: skip
+            sampling = sampling_record(sampler, config.fast_sampling)
             del sampler
     else:
         sample_paths = image_files(config.samples)[: config.num_samples]

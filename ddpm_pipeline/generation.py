@@ -39,9 +39,9 @@ from .sampling import (
     sample_store,
     sampling_option,
     sampling_pipeline,
+    sampling_record,
 )
-from .speed import cpu_threads_per_process, device_description, is_compiled
-from .stop_signals import started_by_launcher
+from .speed import device_description
 from .training_config import dataclass_parser
 
 logger = logging.getLogger(__name__)
@@ -135,8 +135,6 @@ def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict
     config.validate()
     processes = LaunchedProcesses.from_environment(config.device, program="sample_ddpm.py")
     device = processes.device
-    if device.type == "cpu" and started_by_launcher():  # which left this process one thread (OMP_NUM_THREADS=1)
-        torch.set_num_threads(cpu_threads_per_process(processes.count))
     output_dir = Path(config.output_dir)
     if Path(config.model).exists():  # else a Hub repo id, checked by from_pretrained
         check_pipeline_folder(config.model)
@@ -176,9 +174,8 @@ def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict
         report["npz"] = str(write_npz(read_images(paths), output_dir / NPZ_NAME))
     with atomic_path(output_dir / REPORT_NAME) as partial:
         partial.write_text(json.dumps(report, indent=2) + "\n")
-    new = config.num_images - reused
-    speed = f" in {seconds:.1f} s ({new / seconds:.2f} images/s)" if new and seconds > 0 else ""
-    logger.info(f"{store.folder}: {config.num_images} images, {new} sampled now{speed}, {reused} already there")
+    speed = f" in {seconds:.1f} s ({report['images_per_s']:.2f} images/s)" if report["images_per_s"] else ""
+    logger.info(f"{store.folder}: {config.num_images} images, {config.num_images - reused} sampled now{speed}, {reused} already there")
     return report
 
 
@@ -194,8 +191,7 @@ def _report(config: SampleConfig, store: SampleStore, pipeline: DDPMTargetPipeli
         "num_inference_steps": steps,
         "seed": config.seed,
         "batch_size": config.batch_size,
-        "sampling": {"fast": config.fast_sampling != "off", "unet_dtype": str(pipeline.unet.dtype).removeprefix("torch."),
-                     "compiled": is_compiled(pipeline.unet), "scheduler": type(pipeline.scheduler).__name__},  # fmt: skip
+        "sampling": sampling_record(pipeline, config.fast_sampling),
         "sampling_s": seconds,
         "images_per_s": new / seconds if new and seconds > 0 else None,
         "model_training": model_training(config.model),

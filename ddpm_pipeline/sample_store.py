@@ -66,9 +66,9 @@ class SampleStore:
         if settings_path.is_file():
             saved = json.loads(settings_path.read_text())
             keys = sorted(saved.keys() | settings.keys())  # an option only one side records differs too
-            differences = [f"{k}: {saved.get(k)!r} there vs {settings.get(k)!r} now" for k in keys if saved.get(k) != settings.get(k)]
-            if differences:
-                differing = [k for k in keys if saved.get(k) != settings.get(k)]
+            differing = [k for k in keys if saved.get(k) != settings.get(k)]
+            if differing:
+                differences = [f"{k}: {saved.get(k)!r} there vs {settings.get(k)!r} now" for k in differing]
                 reuse = ""
                 if all(k in OPTION_FLAGS for k in differing):  # the same model: its options would reuse the images
                     flags = " ".join(f"{OPTION_FLAGS[k][0]} {saved.get(k, OPTION_FLAGS[k][1])}" for k in differing)

@@ -21,7 +21,8 @@ from .pipeline_ddpm_target import DDPMTargetPipeline
 from .pretrained import is_local_source
 from .sample_store import SampleStore
 from .scheduling_ddpm_target import DDPMTargetScheduler
-from .speed import cpu_precision_advice
+from .speed import cpu_precision_advice, cpu_threads_per_process, is_compiled
+from .stop_signals import started_by_launcher
 
 logger = logging.getLogger(__name__)
 
@@ -100,17 +101,23 @@ class LaunchedProcesses:
         """One process on ``device`` (default: CUDA when available), unless a launcher set
         ``WORLD_SIZE``: then every process gets its own GPU (``cuda:LOCAL_RANK``), or joins the
         others over gloo on a machine without CUDA or with ``device="cpu"``. ``program`` is the
-        script the error for a launch Accelerate did not join names."""
+        script the error for a launch Accelerate did not join names. On the CPU, processes a launcher
+        started (which leaves each one thread, ``OMP_NUM_THREADS=1``) take back their share of the
+        cores, as training does."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
-            return cls(requested_device(device))
-        state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
-        if state.num_processes != world_size:
-            raise RuntimeError(
-                f"Launched as {world_size} processes, but Accelerate joined {state.num_processes}: each would sample "
-                f"every image. Launch with `accelerate launch --multi_gpu --num_processes N {program} ...`."
-            )
-        return cls(state.device, state.process_index, state.num_processes, state)
+            processes = cls(requested_device(device))
+        else:
+            state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
+            if state.num_processes != world_size:
+                raise RuntimeError(
+                    f"Launched as {world_size} processes, but Accelerate joined {state.num_processes}: each would sample "
+                    f"every image. Launch with `accelerate launch --multi_gpu --num_processes N {program} ...`."
+                )
+            processes = cls(state.device, state.process_index, state.num_processes, state)
+        if processes.device.type == "cpu" and started_by_launcher():  # which left this process one thread (OMP_NUM_THREADS=1)
+            torch.set_num_threads(cpu_threads_per_process(processes.count))
+        return processes
 
     @property
     def is_main(self) -> bool:
@@ -175,6 +182,13 @@ def noise_device(device: torch.device) -> str:
     CUDA's generator gives the same numbers for a seed on GPUs of one model, so processes on a
     machine's GPUs still write the images one would (a GPU of another model may draw others)."""
     return "cuda" if device.type == "cuda" else "cpu"
+
+
+def sampling_record(pipeline: DDPMTargetPipeline, fast_sampling: str) -> dict[str, Any]:
+    """What a report records of how ``pipeline`` sampled: fast paths on or off, the UNet's dtype,
+    whether it is compiled, and the scheduler's class."""
+    return {"fast": fast_sampling != "off", "unet_dtype": str(pipeline.unet.dtype).removeprefix("torch."),
+            "compiled": is_compiled(pipeline.unet), "scheduler": type(pipeline.scheduler).__name__}  # fmt: skip
 
 
 def load_pipeline(model: str) -> DDPMTargetPipeline:
