@@ -29,14 +29,17 @@ TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm"]
 PIPELINE_TAG = "unconditional-image-generation"
 BUNDLED_DATASET_ID = "zalando-datasets/fashion_mnist"
 TARGET_NAMES = {"epsilon": "the noise ε", "sample": "the clean image x0", "mu": "the posterior mean μ", "v_prediction": "v"}
-#: report key → (model-index metric type, display name); bits/dim is read from its own record.
+#: key in an ``eval_metrics.py`` report's metrics (:func:`~ddpm_pipeline.metrics.feature_metrics`)
+#: → (model-index metric type, display name); bits/dim is read from its own record.
 METRIC_NAMES = {
     "fid": ("fid", "FID"),
-    "kernel_inception_distance_mean": ("kid", "KID"),
-    "inception_score_mean": ("inception_score", "Inception Score"),
+    "kid_mean": ("kid", "KID"),
+    "isc_mean": ("inception_score", "Inception Score"),
     "precision": ("precision", "Precision"),
     "recall": ("recall", "Recall"),
 }
+#: the standard deviation over subsets / splits the report gives with a metric, shown beside it
+METRIC_SPREADS = {"kid_mean": "kid_std", "isc_mean": "isc_std"}
 
 
 def needs_package(pipeline_dir: str | Path) -> bool:
@@ -264,7 +267,8 @@ def _metrics_table(report: dict[str, Any]) -> str:
     rows = ["| metric | value |", "| --- | --- |"]
     for key, (_, display) in METRIC_NAMES.items():
         if isinstance(metrics.get(key), int | float):
-            rows.append(f"| {display} | {metrics[key]:.4g} |")
+            spread = metrics.get(METRIC_SPREADS.get(key, ""))
+            rows.append(f"| {display} | {metrics[key]:.4g}{f' ± {spread:.2g}' if isinstance(spread, int | float) else ''} |")
     bpd = metrics.get("bpd")
     if isinstance(bpd, dict) and "bits_per_dim" in bpd:
         stderr = bpd.get("bits_per_dim_stderr")

@@ -16,18 +16,30 @@ from PIL import Image
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
 from ddpm_pipeline import push as push_module
+from ddpm_pipeline.metrics import feature_metrics, gaussian_statistics
 from ddpm_pipeline.model_card import BUNDLED_DATASET_ID, build_model_card, write_model_card
 from ddpm_pipeline.push import IGNORE_PATTERNS, check_hub_access, push_to_hub
 from ddpm_pipeline.training import main as train_main
 from ddpm_pipeline.training_config import TrainingConfig
 
+
+def metrics_as_evaluated() -> dict:
+    """The metrics of a report as eval_metrics.py writes them: the metric functions' own output
+    (on small random features), so that the card reads the keys evaluation really writes."""
+    generator = torch.Generator().manual_seed(0)
+    generated = {"2048": torch.randn(40, 8, generator=generator), "logits_unbiased": torch.randn(40, 10, generator=generator)}
+    reference = torch.randn(50, 8, generator=generator) + 0.5
+    metrics = feature_metrics(["fid", "isc", "kid", "prc"], generated, gaussian_statistics(reference), reference,
+                              kid_subsets=10, kid_subset_size=20, isc_splits=2)  # fmt: skip
+    return {**metrics, "bpd": {"bits_per_dim": 3.21, "bits_per_dim_stderr": 0.02}}
+
+
 REPORT = {
     "num_samples": 5000,
     "num_inference_steps": 1000,
-    "metrics": {"fid": 12.3456, "kernel_inception_distance_mean": 0.0123, "kernel_inception_distance_std": 0.001,
-                "precision": 0.61, "recall": 0.52, "bpd": {"bits_per_dim": 3.21, "bits_per_dim_stderr": 0.02}},
+    "metrics": metrics_as_evaluated(),
     "reference": {"source": "bundled", "num_images": 10000},
-}  # fmt: skip
+}
 
 
 class RecordingHfApi:
@@ -80,14 +92,20 @@ def test_model_card_of_an_epsilon_model_with_metrics(tmp_path):
     (index,) = meta["model-index"]
     assert index["name"] == "fmnist-ddpm"
     metrics = {m["type"]: m["value"] for m in index["results"][0]["metrics"]}
-    assert metrics == {"fid": 12.3456, "kid": 0.0123, "precision": 0.61, "recall": 0.52, "bits_per_dim": 3.21}
+    reported = REPORT["metrics"]
+    assert metrics == pytest.approx({  # every metric eval_metrics.py computes, as the model index's types
+        "fid": reported["fid"], "kid": reported["kid_mean"], "inception_score": reported["isc_mean"],
+        "precision": reported["precision"], "recall": reported["recall"], "bits_per_dim": 3.21,
+    }, abs=1e-6)  # fmt: skip
     assert index["results"][0]["task"]["type"] == "unconditional-image-generation"
     body = card.text
     assert 'DDPMPipeline.from_pretrained("someone/fmnist-ddpm")().images[0]' in body
     assert "Stock diffusers is all it needs" in body and "pip install ddpm_pipeline" not in body
     assert "![samples from the EMA weights](samples.png)" in body
     assert "the noise ε" in body and "with the cosine noise schedule" in body
-    assert "| `model` | `ddpm-tiny-16` |" in body and "| FID | 12.35 |" in body
+    assert "| `model` | `ddpm-tiny-16` |" in body and f"| FID | {reported['fid']:.4g} |" in body
+    assert f"| KID | {reported['kid_mean']:.4g} ± {reported['kid_std']:.2g} |" in body
+    assert f"| Inception Score | {reported['isc_mean']:.4g} ± {reported['isc_std']:.2g} |" in body
     assert "5000 samples with 1000 sampling steps" in body
 
 
