@@ -60,6 +60,7 @@ class EvaluationConfig:
 
     model: str | None = field(default=None, metadata={"help": "Pipeline folder or Hub id to sample from."})
     samples: str | None = field(default=None, metadata={"help": "Score this folder of images instead of sampling a model."})
+    snapshots: bool = field(default=False, metadata={"help": "With --model a train_ddpm.py --output_dir: score each snapshot-* pipeline the run saved (--snapshot_minutes / --snapshot_steps) and its final one, each into <output stem>-<name>.json, and plot the scores against the training steps and minutes (<output stem>-curve.png); --output gets the summary."})  # noqa: E501
     reference: str = field(default="bundled", metadata={"help": "Reference data: 'bundled', a saved data set or image folder, a Hub data set name, or a .npz statistics file."})  # noqa: E501
     reference_split: str = field(default="train", metadata={"help": "Split of a saved / Hub / image-folder reference, as datasets reads it: a name, a slice (train[:5000]) or a sum (train+test)."})
     reference_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub reference data set."})
@@ -75,7 +76,7 @@ class EvaluationConfig:
     sampling_dtype: str = sampling_option("sampling_dtype")
     seed: int = field(default=0, metadata={"help": "Sampling seed (image i is the same for any --num_samples)."})
     output: str = field(default="results.json", metadata={"help": "The JSON report; the grid and plots are written beside it."})
-    samples_dir: str | None = field(default=None, metadata={"help": "Where samples are written and reused (default: <output stem>-samples/)."})
+    samples_dir: str | None = field(default=None, metadata={"help": "Where samples are written and reused (default: <output stem>-samples/; with --snapshots, a subfolder per pipeline)."})
     inception_weights: str | None = field(default=None, metadata={"help": "torch-fidelity-format Inception weights (default: torch-fidelity downloads them)."})  # noqa: E501
     feature_extractor: str | None = field(default=None, metadata={"help": "A torch-fidelity feature extractor name (default: InceptionV3 for the weights)."})  # noqa: E501
     resolution: int | None = field(default=None, metadata={"help": "Reference resolution when scoring --samples (default: the samples' size)."})
@@ -101,6 +102,8 @@ class EvaluationConfig:
         metrics = self.metric_list()
         if (self.model is None) == (self.samples is None):
             raise ValueError("Give exactly one of --model (a pipeline to sample) and --samples (a folder of images).")
+        if self.snapshots and self.model is None:
+            raise ValueError("--snapshots scores the pipelines a training run saved: give --model, that run's --output_dir.")
         if "bpd" in metrics and self.model is None:
             raise ValueError("bits/dim (bpd) needs --model: a folder of images has no likelihood.")
         if self.num_samples < 2:
@@ -269,6 +272,8 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
 
     ``evaluate(model="outputs/ddpm-fashion-mnist", num_samples=5000, metrics="fid,kid,bpd")`` or
     ``evaluate(EvaluationConfig(...))``. Returns the report dict (also written to ``output``).
+    With ``snapshots=True`` it scores every pipeline the run in ``model`` saved instead, and returns
+    their summary (:func:`~ddpm_pipeline.snapshot_scores.score_snapshots`).
 
     Launched as several processes (``accelerate launch --multi_gpu --num_processes N
     eval_metrics.py …``), they sample the batches in turn — the same images one process would
@@ -277,6 +282,10 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     """
     config = config or EvaluationConfig(**options)
     config.validate()
+    if config.snapshots:
+        from .snapshot_scores import score_snapshots  # it calls this function for each pipeline
+
+        return score_snapshots(config)
     metrics = config.metric_list()
     started = time.perf_counter()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -15,6 +15,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .atomic import atomic_path
+from .metrics import SCORE_NAMES
 from .preflight import check_pipeline_folder
 from .pretrained import is_local_source
 from .run_records import QUARTER_COLUMNS, load_run_summary
@@ -29,15 +30,10 @@ TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm"]
 PIPELINE_TAG = "unconditional-image-generation"
 BUNDLED_DATASET_ID = "zalando-datasets/fashion_mnist"
 TARGET_NAMES = {"epsilon": "the noise ε", "sample": "the clean image x0", "mu": "the posterior mean μ", "v_prediction": "v"}
-#: key in an ``eval_metrics.py`` report's metrics (:func:`~ddpm_pipeline.metrics.feature_metrics`)
+#: key in an ``eval_metrics.py`` report's metrics (:data:`~ddpm_pipeline.metrics.SCORE_NAMES`)
 #: → (model-index metric type, display name); bits/dim is read from its own record.
-METRIC_NAMES = {
-    "fid": ("fid", "FID"),
-    "kid_mean": ("kid", "KID"),
-    "isc_mean": ("inception_score", "Inception Score"),
-    "precision": ("precision", "Precision"),
-    "recall": ("recall", "Recall"),
-}
+MODEL_INDEX_TYPES = {"fid": "fid", "kid_mean": "kid", "isc_mean": "inception_score", "precision": "precision", "recall": "recall"}
+METRIC_NAMES = {key: (MODEL_INDEX_TYPES[key], name) for key, name in SCORE_NAMES.items()}
 #: the standard deviation over subsets / splits the report gives with a metric, shown beside it
 METRIC_SPREADS = {"kid_mean": "kid_std", "isc_mean": "isc_std"}
 

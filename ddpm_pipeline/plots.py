@@ -1,4 +1,4 @@
-"""PNG outputs a person looks at: sample grids and the training-loss curve."""
+"""PNG outputs a person looks at: sample grids, the training-loss curve and metric curves."""
 
 from __future__ import annotations
 
@@ -180,6 +180,42 @@ def save_metric_curves(
         axis.grid(True, alpha=0.3)
         if series or floor is not None:
             axis.legend()
+    return Path(path)
+
+
+def save_metrics_over_training(
+    steps: Sequence[int],
+    minutes: Sequence[float],
+    metrics: dict[str, Sequence[float | None]],
+    path: str | Path,
+    title: str = "",
+) -> Path:
+    """One panel per metric ``{label: values}`` (a value per point, None where it was not
+    measured) against the training step of each point, whose tick also names its training
+    minutes: how a run's scores move as it trains (e.g. FID of each ``--snapshot_*`` pipeline)."""
+    if not metrics:
+        raise ValueError("No metrics to plot: pass at least one {label: values}.")
+    count = len(metrics)
+    columns = min(count, 3)
+    layout = {"nrows": math.ceil(count / columns), "ncols": columns, "figsize": (4.2 * columns, 3.4 * math.ceil(count / columns)),
+              "dpi": 120, "squeeze": False}  # fmt: skip
+    xs = np.asarray(steps, dtype=np.float64)
+    ticks = [f"{step:,}\n{minute:.2g} min" for step, minute in zip(steps, minutes, strict=True)]
+    gaps = np.diff(np.sort(xs))
+    crowded = len(xs) > 1 and gaps.min() < 0.15 * (xs.max() - xs.min())  # labels that would run into each other
+    with _png_figure(path, **layout) as (figure, axes):
+        for axis, (label, values) in zip(axes.flat, metrics.items(), strict=False):
+            ys = np.asarray([np.nan if value is None else value for value in values], dtype=np.float64)
+            measured = np.isfinite(ys)
+            axis.plot(xs[measured], ys[measured], marker="o", linewidth=1.6)
+            axis.set_xticks(xs, ticks, fontsize=7, rotation=45 if crowded else 0, ha="right" if crowded else "center")
+            axis.set_xlabel("training step (and minutes)")
+            axis.set_title(label)
+            axis.grid(True, alpha=0.3)
+        for axis in list(axes.flat)[count:]:
+            axis.axis("off")
+        if title:
+            figure.suptitle(title)
     return Path(path)
 
 

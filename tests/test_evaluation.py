@@ -423,6 +423,78 @@ def test_command_line(tmp_path, tiny_pipeline, reference_data):
         EvaluationConfig.from_args(["--model", "m", "--bpd_timesteps", "some"])
 
 
+# -- every pipeline of one run: --snapshots --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_with_snapshots(tmp_path_factory):
+    """A finished tiny training run on the bundled data that saved snapshots at steps 1 and 2."""
+    from conftest import reset_accelerate
+
+    from ddpm_pipeline.training import main as train_main
+
+    folder = tmp_path_factory.mktemp("run")
+    reset_accelerate()
+    train_main(["--model", "ddpm-tiny-16", "--resolution", "16", "--num_train_timesteps", "40", "--max_train_steps", "3",
+                "--train_batch_size", "4", "--lr_warmup_steps", "0", "--learning_rate", "1e-2", "--snapshot_steps", "1", "2",
+                "--checkpointing_steps", "none", "--save_images_steps", "none", "--grid_inference_steps", "2",
+                "--num_grid_images", "4", "--report_to", "none", "--output_dir", str(folder)])  # fmt: skip
+    reset_accelerate()
+    return folder
+
+
+def test_snapshots_scores_every_pipeline_of_a_run_as_evaluate_would(tmp_path, run_with_snapshots):
+    """--snapshots scores snapshot-1steps, snapshot-2steps and the final pipeline, in training order,
+    each exactly as eval_metrics.py on that pipeline alone would; writes their summary and curve,
+    and a second call reuses every point's samples."""
+    options = dict(reference_max_images=24, metrics="fid,kid,bpd", bpd_num_images=4, bpd_batch_size=4,
+                   bpd_timesteps=4)  # fmt: skip
+    summary = run(tmp_path, run_with_snapshots, "bundled", snapshots=True, **options)
+    assert [(p["name"], p["step"]) for p in summary["points"]] == [("snapshot-1steps", 1), ("snapshot-2steps", 2), ("final", 3)]
+    assert summary == json.loads((tmp_path / "results.json").read_text())
+    minutes = [p["train_minutes"] for p in summary["points"]]
+    assert 0 < minutes[0] <= minutes[1] <= minutes[2]
+    for point in summary["points"]:
+        report = json.loads(Path(point["report"]).read_text())
+        assert Path(point["report"]) == tmp_path / f"results-{point['name']}.json"
+        assert report["model_training"]["global_step"] == point["step"] and report["num_samples"] == 6
+        assert point["scores"] == {"fid": report["metrics"]["fid"], "kid_mean": report["metrics"]["kid_mean"], "isc_mean": None,
+                                   "precision": None, "recall": None,
+                                   "bits_per_dim": report["metrics"]["bpd"]["bits_per_dim"]}  # fmt: skip
+    fids = [p["scores"]["fid"] for p in summary["points"]]
+    assert len(set(fids)) == 3  # three different networks
+    alone = run(tmp_path / "alone", run_with_snapshots / "snapshot-2steps", "bundled", **options)
+    assert alone["metrics"]["fid"] == fids[1]
+    assert alone["metrics"]["bpd"]["bits_per_dim"] == summary["points"][1]["scores"]["bits_per_dim"]
+    assert Image.open(summary["curve"]).size[0] > 600 and summary["curve"] == str(tmp_path / "results-curve.png")
+    again = run(tmp_path, run_with_snapshots, "bundled", snapshots=True, **options)
+    assert [p["scores"] for p in again["points"]] == [p["scores"] for p in summary["points"]]
+    assert all(json.loads(Path(p["report"]).read_text())["samples_reused"] == 6 for p in again["points"])
+
+
+def test_snapshots_of_a_run_in_progress_and_a_final_pipeline_at_a_snapshot_s_step(tmp_path, run_with_snapshots):
+    from ddpm_pipeline.snapshot_scores import run_pipelines
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run_with_snapshots, run_dir)
+    shutil.copytree(run_dir / "snapshot-2steps", run_dir / "snapshot-3steps")  # a snapshot at the final step
+    summary = json.loads((run_dir / "snapshot-3steps" / "snapshot.json").read_text())
+    (run_dir / "snapshot-3steps" / "snapshot.json").write_text(json.dumps({**summary, "global_step": 3}))
+    assert [(p.name, p.step) for p in run_pipelines(run_dir)] == [("snapshot-1steps", 1), ("snapshot-2steps", 2), ("final", 3)]
+    (run_dir / "model_index.json").unlink()  # still training: no final pipeline yet
+    assert [p.name for p in run_pipelines(run_dir)] == ["snapshot-1steps", "snapshot-2steps", "snapshot-3steps"]
+
+
+def test_snapshots_needs_a_run_folder_with_snapshots(tmp_path, tiny_pipeline, reference_data):
+    with pytest.raises(ValueError, match="holds no snapshot-\\* pipelines: train with --snapshot_minutes"):
+        run(tmp_path, tiny_pipeline, reference_data, snapshots=True)
+    with pytest.raises(FileNotFoundError, match="is not a folder on this machine"):
+        run(tmp_path, "someone/ddpm", reference_data, snapshots=True)
+    with pytest.raises(ValueError, match="--snapshots scores the pipelines a training run saved: give --model"):
+        evaluate(samples=str(tmp_path), snapshots=True)
+    assert EvaluationConfig.from_args(["--model", "m", "--snapshots"]).snapshots is True
+
+
 # -- the real Inception network, offline ---------------------------------------------------------
 
 
