@@ -87,7 +87,16 @@ def load_eval_report(pipeline_dir: str | Path, eval_report: str | Path | None = 
     path = Path(eval_report) if eval_report else Path(pipeline_dir) / EVAL_REPORT_NAME
     if eval_report and not path.is_file():
         raise FileNotFoundError(f"--eval_report {path} does not exist: give the JSON file eval_metrics.py wrote.")
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    if "points" in report and "metrics" not in report:  # the summary of eval_metrics.py --snapshots
+        final = next((point["report"] for point in report["points"] if point["name"] == "final"), None)
+        raise ValueError(
+            f"{path} is the summary of eval_metrics.py --snapshots, which holds no metrics of one model: give the "
+            f"report of the pipeline you push{f' ({final}, for the final one)' if final else ''} as --eval_report."
+        )
+    return report
 
 
 def _duration(seconds: float) -> str:

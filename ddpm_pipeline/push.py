@@ -18,7 +18,7 @@ from typing import Any
 from huggingface_hub import HfApi
 
 from .console import run_command
-from .model_card import write_model_card
+from .model_card import load_eval_report, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> Any:
         check_repo_id(args.repo_id)
         if not (args.folder / "model_index.json").is_file():
             raise FileNotFoundError(f"{args.folder} has no model_index.json: give a finished train_ddpm.py --output_dir.")
+        load_eval_report(args.folder, args.eval_report)  # a missing or wrong report, before the Hub is asked
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     api = HfApi(token=args.token)

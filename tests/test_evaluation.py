@@ -470,6 +470,13 @@ def test_snapshots_scores_every_pipeline_of_a_run_as_evaluate_would(tmp_path, ru
     again = run(tmp_path, run_with_snapshots, "bundled", snapshots=True, **options)
     assert [p["scores"] for p in again["points"]] == [p["scores"] for p in summary["points"]]
     assert all(json.loads(Path(p["report"]).read_text())["samples_reused"] == 6 for p in again["points"])
+    # the model card of the final pipeline takes the final point's report, not the summary
+    from ddpm_pipeline.model_card import build_model_card
+
+    with pytest.raises(ValueError, match="summary of eval_metrics.py --snapshots.*results-final.json"):
+        build_model_card(run_with_snapshots, "someone/x", eval_report=tmp_path / "results.json")
+    card = build_model_card(run_with_snapshots, "someone/x", eval_report=tmp_path / "results-final.json")
+    assert f"| FID | {fids[2]:.4g} |" in card.text
 
 
 def test_snapshots_of_a_run_in_progress_and_a_final_pipeline_at_a_snapshot_s_step(tmp_path, run_with_snapshots):

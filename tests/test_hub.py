@@ -6,6 +6,7 @@ and which of its files the ignore patterns let through (huggingface_hub's own fi
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -199,6 +200,20 @@ def test_repo_id_and_hub_access_errors_are_clear(tmp_path):
         check_hub_access(api=RecordingHfApi(fail_whoami=True))
     with pytest.raises(SystemExit):
         push_module.main([str(tmp_path / "nowhere"), "--repo_id", "someone/x"])
+
+
+def test_the_push_command_refuses_a_missing_or_wrong_eval_report_before_asking_the_hub(tmp_path, monkeypatch, capsys):
+    folder = pipeline_folder(tmp_path / "p")
+    apis = []
+    monkeypatch.setattr(push_module, "HfApi", lambda token=None: apis.append(RecordingHfApi(token)) or apis[-1])
+    summary = tmp_path / "results.json"  # what eval_metrics.py --snapshots writes (tests/test_evaluation.py)
+    summary.write_text(json.dumps({"run": str(folder), "points": [{"name": "final", "report": "results-final.json"}]}))
+    for report, message in [(tmp_path / "missing.json", "--eval_report .* does not exist"),
+                            (summary, "summary of eval_metrics.py --snapshots.*results-final.json")]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            push_module.main([str(folder), "--repo_id", "someone/x", "--eval_report", str(report)])
+        assert re.search(message, capsys.readouterr().err)
+    assert apis == []  # the Hub was not asked
 
 
 
