@@ -1271,12 +1271,15 @@ def exit_status(result: TrainingResult) -> int:
 def main(argv: list[str] | None = None) -> TrainingResult:
     """The ``train_ddpm.py`` command line (its exit status: :func:`exit_status`)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    result = train(TrainingConfig.from_args(argv))
+    config = TrainingConfig.from_args(argv)
+    result = train(config)
     if result.finished:
         folder = shlex.quote(str(result.output_dir))
+        snapshots = (f", `python eval_metrics.py --model {folder} --snapshots` for them at each snapshot too"
+                     if config.snapshot_minutes or config.snapshot_steps else "")  # fmt: skip
         logger.info(
             f"done: the pipeline, samples.png and loss_curve.png are in {result.output_dir}. Next: "
             f"`python sample_ddpm.py --model {folder}` for more samples, `python eval_metrics.py --model {folder}` "
-            "for FID and bits/dim"
+            f"for FID and bits/dim{snapshots}"
         )
     return result

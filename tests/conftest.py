@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -64,3 +65,14 @@ def two_process_launch() -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
             "--dynamo_backend", "no"]  # fmt: skip
+
+
+def run_to_success(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run`` of a command that must succeed; when it fails, the test fails with the end
+    of its output (a bare ``CalledProcessError`` shows neither stdout nor stderr)."""
+    result = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    if result.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, command))[:300]} exited with status {result.returncode}\n"
+                    f"--- stdout (end) ---\n{result.stdout[-2000:]}\n--- stderr (end) ---\n{result.stderr[-6000:]}")  # fmt: skip
+    return result
+

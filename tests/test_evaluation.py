@@ -11,14 +11,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import two_process_launch
+from conftest import run_to_success, two_process_launch
 from diffusers import DDIMScheduler
 from PIL import Image
 from pixel_features import FEATURES, PixelFeatures, logits_of
@@ -209,8 +208,7 @@ def test_two_launched_processes_sample_the_same_images_and_score_them_once(tmp_p
     launch = two_process_launch()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     two = tmp_path / "two.json"
-    subprocess.run([*launch, str(script), str(Path(__file__).parent), *options, "--output", str(two)],
-                   check=True, env=env, timeout=600, capture_output=True)  # fmt: skip
+    run_to_success([*launch, str(script), str(Path(__file__).parent), *options, "--output", str(two)], env=env, timeout=600)
     report = json.loads(two.read_text())
     assert report["processes"] == 2 and report["num_samples"] == 7
     assert json.loads(Path(f"{two}.rank1").read_text()) == {"process_index": 1, "samples_written": 3}

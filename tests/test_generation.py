@@ -2,13 +2,12 @@
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import two_process_launch
+from conftest import run_to_success, two_process_launch
 from PIL import Image
 from pixel_features import FEATURES
 
@@ -180,8 +179,8 @@ def test_two_launched_processes_write_the_images_one_process_would(tmp_path, tin
     options = ["--model", str(tiny_pipeline), "--num_images", "7", "--num_inference_steps", "2", "--batch_size", "2",
                "--device", "cpu", "--npz"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run([*two_process_launch(), str(ROOT / "sample_ddpm.py"), *options, "--output_dir", str(tmp_path / "two")],
-                   check=True, env=env, timeout=600, capture_output=True, cwd=ROOT)  # fmt: skip
+    run_to_success([*two_process_launch(), str(ROOT / "sample_ddpm.py"), *options, "--output_dir", str(tmp_path / "two")],
+                   env=env, timeout=600, cwd=ROOT)  # fmt: skip
     main([*options, "--output_dir", str(tmp_path / "one")])
     assert pngs(tmp_path / "two" / "images") == pngs(tmp_path / "one" / "images") and len(pngs(tmp_path / "one" / "images")) == 7
     report = json.loads((tmp_path / "two" / "sampling_report.json").read_text())

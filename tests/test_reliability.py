@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import reset_accelerate, two_process_launch
+from conftest import reset_accelerate, run_to_success, two_process_launch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -462,10 +462,8 @@ def test_two_cpu_processes_train_as_one_with_the_global_batch(tmp_path, timestep
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     two, one = tmp_path / "two", tmp_path / "one"
     launch = [*two_process_launch(), str(script)]
-    subprocess.run([*launch, *common, "--train_batch_size", "4", "--output_dir", str(two)], check=True, env=env,
-                   timeout=600, capture_output=True)  # fmt: skip
-    subprocess.run([sys.executable, str(script), *common, "--train_batch_size", "8", "--output_dir", str(one)],
-                   check=True, env=env, timeout=600, capture_output=True)  # fmt: skip
+    run_to_success([*launch, *common, "--train_batch_size", "4", "--output_dir", str(two)], env=env, timeout=600)
+    run_to_success([sys.executable, str(script), *common, "--train_batch_size", "8", "--output_dir", str(one)], env=env, timeout=600)
     rank0, rank1 = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
     single = torch.load(one / "rank0.pt")
     # each step, the two ranks saw disjoint halves of the single process's global batch
@@ -542,12 +540,14 @@ def test_pieces_of_a_run_give_the_uninterrupted_result(tmp_path, monkeypatch, ca
     ]
 
 
-def test_snapshots_hold_the_pipeline_of_their_step_or_minute(tmp_path):
+def test_snapshots_hold_the_pipeline_of_their_step_or_minute(tmp_path, caplog):
     """--snapshot_steps / --snapshot_minutes write the EMA pipeline during the run (quality against
     training time from one run): snapshot-2steps is what a run stopped at step 2 would have saved."""
     options = [*TINY, "--lr_scheduler", "constant", "--checkpointing_steps", "none"]
     out = tmp_path / "run"
-    main([*options, "--max_train_steps", "4", "--snapshot_steps", "2", "--snapshot_minutes", "1e-9", "--output_dir", str(out)])
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        main([*options, "--max_train_steps", "4", "--snapshot_steps", "2", "--snapshot_minutes", "1e-9", "--output_dir", str(out)])
+    assert f"`python eval_metrics.py --model {out} --snapshots` for them at each snapshot too" in caplog.text
     by_step = out / "snapshot-2steps"
     assert json.loads((by_step / "snapshot.json").read_text())["global_step"] == 2
     by_minute = json.loads((out / "snapshot-1e-09min" / "snapshot.json").read_text())
