@@ -17,7 +17,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import run_to_success, two_process_launch
+from conftest import reset_accelerate, run_to_success, two_process_launch
 from diffusers import DDIMScheduler
 from PIL import Image
 from pixel_features import FEATURES, PixelFeatures, logits_of
@@ -29,9 +29,12 @@ from ddpm_pipeline.features import MissingClassifierError
 from ddpm_pipeline.images import ImagePreprocessor
 from ddpm_pipeline.likelihood import BoundTerms
 from ddpm_pipeline.metrics import inception_score
+from ddpm_pipeline.model_card import build_model_card
 from ddpm_pipeline.reference import DataSource
 from ddpm_pipeline.sampling import sample_store
+from ddpm_pipeline.snapshot_scores import run_pipelines
 from ddpm_pipeline.speed import cpu_threads_per_process
+from ddpm_pipeline.training import main as train_main
 
 
 @pytest.fixture(scope="module")
@@ -427,10 +430,6 @@ def test_command_line(tmp_path, tiny_pipeline, reference_data):
 @pytest.fixture(scope="module")
 def run_with_snapshots(tmp_path_factory):
     """A finished tiny training run on the bundled data that saved snapshots at steps 1 and 2."""
-    from conftest import reset_accelerate
-
-    from ddpm_pipeline.training import main as train_main
-
     folder = tmp_path_factory.mktemp("run")
     reset_accelerate()
     train_main(["--model", "ddpm-tiny-16", "--resolution", "16", "--num_train_timesteps", "40", "--max_train_steps", "3",
@@ -469,8 +468,6 @@ def test_snapshots_scores_every_pipeline_of_a_run_as_evaluate_would(tmp_path, ru
     assert [p["scores"] for p in again["points"]] == [p["scores"] for p in summary["points"]]
     assert all(json.loads(Path(p["report"]).read_text())["samples_reused"] == 6 for p in again["points"])
     # the model card of the final pipeline takes the final point's report, not the summary
-    from ddpm_pipeline.model_card import build_model_card
-
     with pytest.raises(ValueError, match="summary of eval_metrics.py --snapshots.*results-final.json"):
         build_model_card(run_with_snapshots, "someone/x", eval_report=tmp_path / "results.json")
     card = build_model_card(run_with_snapshots, "someone/x", eval_report=tmp_path / "results-final.json")
@@ -478,8 +475,6 @@ def test_snapshots_scores_every_pipeline_of_a_run_as_evaluate_would(tmp_path, ru
 
 
 def test_snapshots_of_a_run_in_progress_and_a_final_pipeline_at_a_snapshot_s_step(tmp_path, run_with_snapshots):
-    from ddpm_pipeline.snapshot_scores import run_pipelines
-
     run_dir = tmp_path / "run"
     shutil.copytree(run_with_snapshots, run_dir)
     shutil.copytree(run_dir / "snapshot-2steps", run_dir / "snapshot-3steps")  # a snapshot at the final step
