@@ -6,7 +6,7 @@ the run has finished, the final pipeline there, all with the same options (sampl
 reference, metrics), and plots each metric against the training steps and minutes. Every point is
 an ordinary :func:`~ddpm_pipeline.evaluation.evaluate` run with its own report, sample folder and
 grid, so an interrupted or repeated call reuses the samples already drawn, and a snapshot added
-later costs only its own sampling.
+later costs only its own sampling (and every point's features, computed again).
 """
 
 from __future__ import annotations
