@@ -25,16 +25,12 @@ from .seeding import derive_seed
 
 SETTINGS_FILE = "sampling.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-#: The recorded sampling options a command line sets: the flag, and the value an unrecorded one has.
-OPTION_FLAGS = {
-    "num_inference_steps": ("--num_inference_steps", None),
-    "seed": ("--seed", None),
-    "batch_size": ("--batch_size", None),
-    "scheduler": ("--scheduler", "ddpm"),
-    "eta": ("--eta", 0.0),
-    "unet_dtype": ("--sampling_dtype", "float32"),
-    "noise_device": ("--device", "cpu"),
-}
+#: The sampling options a store records only where they differ from these defaults, so that a
+#: store written before an option existed holds none of it and reads as its default.
+UNRECORDED_DEFAULTS: dict[str, Any] = {"unet_dtype": "float32", "scheduler": "ddpm", "eta": 0.0, "noise_device": "cpu"}
+#: The recorded sampling options a command line sets, and its flag.
+OPTION_FLAGS = {"num_inference_steps": "--num_inference_steps", "seed": "--seed", "batch_size": "--batch_size",
+                "scheduler": "--scheduler", "eta": "--eta", "unet_dtype": "--sampling_dtype", "noise_device": "--device"}  # fmt: skip
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -71,7 +67,7 @@ class SampleStore:
                 differences = [f"{k}: {saved.get(k)!r} there vs {settings.get(k)!r} now" for k in differing]
                 reuse = ""
                 if all(k in OPTION_FLAGS for k in differing):  # the same model: its options would reuse the images
-                    flags = " ".join(f"{OPTION_FLAGS[k][0]} {saved.get(k, OPTION_FLAGS[k][1])}" for k in differing)
+                    flags = " ".join(f"{OPTION_FLAGS[k]} {saved.get(k, UNRECORDED_DEFAULTS.get(k))}" for k in differing)
                     reuse = f"To reuse and add to its images, sample with its options ({flags}). "
                 raise ValueError(
                     f"{self.folder} holds samples made with other options ({'; '.join(differences)}). {reuse}"
@@ -80,6 +76,10 @@ class SampleStore:
                 )
         else:
             settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+
+    def option(self, name: str) -> Any:
+        """A sampling option of the store: its recorded value, else its default (:data:`UNRECORDED_DEFAULTS`)."""
+        return self.settings.get(name, UNRECORDED_DEFAULTS.get(name))
 
     def existing(self) -> int:
         """How many images ``000000.png, 000001.png, …`` exist without a gap."""
@@ -146,13 +146,13 @@ class SampleStore:
         pipeline's GPU for a store whose ``noise_device`` is ``"cuda"``), with the store's steps and
         η; with ``trajectory_steps``, its trajectory recorded too (the images are the same)."""
         # noise on the pipeline's GPU when the store says so (the GPU each process samples on)
-        device = pipeline.device if self.settings.get("noise_device", "cpu") != "cpu" else "cpu"
+        device = pipeline.device if self.option("noise_device") != "cpu" else "cpu"
         generator = torch.Generator(device=device).manual_seed(batch_seed(int(self.settings["seed"]), batch))
         return pipeline(
             batch_size=int(self.settings["batch_size"]),
             generator=generator,
             num_inference_steps=int(self.settings["num_inference_steps"]),
-            eta=float(self.settings.get("eta", 0.0)),
+            eta=float(self.option("eta")),
             output_type="np",
             trajectory_steps=trajectory_steps,
         )

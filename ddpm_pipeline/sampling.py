@@ -19,7 +19,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from .inception_weights import file_digest
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .pretrained import is_local_source
-from .sample_store import SampleStore
+from .sample_store import UNRECORDED_DEFAULTS, SampleStore
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .speed import cpu_precision_advice, cpu_threads_per_process, is_compiled
 from .stop_signals import started_by_launcher
@@ -164,14 +164,8 @@ def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed:
     fingerprint = weights_fingerprint(model)
     if fingerprint:  # a local folder: its exact weights (a Hub id records none)
         settings["weights"] = fingerprint
-    if unet_dtype != torch.float32:
-        settings["unet_dtype"] = str(unet_dtype).removeprefix("torch.")
-    if scheduler != "ddpm":
-        settings["scheduler"] = scheduler
-    if eta != 0:
-        settings["eta"] = eta
-    if noise_device != "cpu":
-        settings["noise_device"] = noise_device
+    options = {"unet_dtype": str(unet_dtype).removeprefix("torch."), "scheduler": scheduler, "eta": eta, "noise_device": noise_device}
+    settings.update({name: value for name, value in options.items() if value != UNRECORDED_DEFAULTS[name]})
     return SampleStore(folder, settings)
 
 
