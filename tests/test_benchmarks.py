@@ -4,12 +4,11 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_benchmark
+from conftest import load_benchmark, run_to_success
 
 from ddpm_pipeline.speed import cpu_threads_per_process
 
@@ -203,7 +202,7 @@ def _stub_gpu_session(tmp_path: Path) -> tuple[Path, dict]:
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
 def test_the_gpu_session_fits_its_call_and_skips_what_does_not(tmp_path):
     root, env = _stub_gpu_session(tmp_path)
-    subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=root, env=env, check=True, capture_output=True)
+    run_to_success(["bash", "benchmarks/gpu_session.sh"], cwd=root, env=env)
     calls = (tmp_path / "calls.log").read_text().splitlines()
     benchmarks = [line for line in calls if "benchmarks/" in line or "pytest" in line]
     # one call's default: training, sampling (stock only at the target's batch), then the CUDA tests
@@ -214,7 +213,7 @@ def test_the_gpu_session_fits_its_call_and_skips_what_does_not(tmp_path):
     # a call with too little left (a second call late in the session) skips its parts and says so
     (tmp_path / "calls.log").unlink()
     env["CALL_SECONDS"] = "65"
-    subprocess.run(["bash", "benchmarks/gpu_session.sh", "ablation", "tests"], cwd=root, env=env, check=True, capture_output=True)
+    run_to_success(["bash", "benchmarks/gpu_session.sh", "ablation", "tests"], cwd=root, env=env)
     assert not any("pytest" in line or "bench_" in line for line in (tmp_path / "calls.log").read_text().splitlines())
     session = (tmp_path / "out" / "session.txt").read_text()
     assert re.search(r"== ablation skipped: 5\ds left of the call's 65s", session) and "== tests skipped" in session

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_benchmark
+from conftest import load_benchmark, run_to_success
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ("pack_device_files.sh", "quality_session.sh", "carry_weights.py")
@@ -64,8 +64,7 @@ def pack(project: Path, limit: int) -> subprocess.CompletedProcess:
 
 def session(project: Path, *parts: str) -> str:
     env = dict(os.environ, OUT=str(project.parent / "out"), PYTHON=sys.executable)
-    subprocess.run(["bash", "benchmarks/quality_session.sh", *parts], cwd=project, env=env, check=True,
-                   capture_output=True, text=True)
+    run_to_success(["bash", "benchmarks/quality_session.sh", *parts], cwd=project, env=env)
     return (project / "runs/quality-fmnist/session.log").read_text()
 
 
@@ -150,11 +149,11 @@ def test_next_does_not_begin_a_recipe_that_cannot_end_in_the_call(project: Path,
     stub.chmod(0o755)
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(stub), CALL_MINUTES="2.5")
     run = ["bash", "benchmarks/quality_session.sh", "next"]
-    subprocess.run(run, cwd=project, env=env, check=True, capture_output=True)
+    run_to_success(run, cwd=project, env=env)
     log = (project / "runs/quality-fmnist/session.log").read_text()
     assert "next recipe: stock" in log and "stock not started: 2 min left of the call, under FRESH_RECIPE_MINUTES=7" in log
     assert not (tmp_path / "study.log").exists()
     # one begun in an earlier call goes on however little is left
     (project / "runs/quality-fmnist/runs/stock-5min").mkdir(parents=True)
-    subprocess.run(run, cwd=project, env=env, check=True, capture_output=True)
+    run_to_success(run, cwd=project, env=env)
     assert (tmp_path / "study.log").read_text().startswith("benchmarks/quality_fmnist.py run stock")
