@@ -119,7 +119,8 @@ class SampleStore:
         same whatever ``num_samples`` is. Each PNG is written to a temporary name and renamed.
         Several processes (``process_index`` of ``num_processes``) share the work batch by batch
         (:meth:`batches_to_sample`); since batch ``b`` is always sampled from the seed of ``b``,
-        the folder they fill holds the same images as one process would write.
+        the folder they fill holds the same images as one process would write (to the bit where
+        they compute alike: on a CPU, with as many threads each).
         """
         batch_size = int(self.settings["batch_size"])
         batches = self.batches_to_sample(num_samples, process_index, num_processes)

@@ -5,6 +5,8 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -16,6 +18,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
+
+from ddpm_pipeline.speed import cpu_threads_per_process  # noqa: E402
 
 diffusers_logging.disable_progress_bar()
 
@@ -65,6 +69,28 @@ def two_process_launch() -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
             "--dynamo_backend", "no"]  # fmt: skip
+
+
+@contextmanager
+def torch_threads(count: int | None = None) -> Iterator[None]:
+    """Run the block with torch on ``count`` threads (``None``: as it is), then give torch back the
+    thread count it had, whatever the block set."""
+    before = torch.get_num_threads()
+    try:
+        if count is not None:
+            torch.set_num_threads(count)
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def launched_cpu_threads() -> int:
+    """The threads each process of :func:`two_process_launch` computes with: the launcher leaves a
+    script one (``OMP_NUM_THREADS=1``), and sampling and training started by it take their share of
+    the cores back (:func:`~ddpm_pipeline.speed.cpu_threads_per_process`). float32 convolutions sum
+    in another order on another number of threads, so a single process compared with them to the
+    bit has to compute on as many."""
+    return cpu_threads_per_process(2)
 
 
 def run_to_success(command: list[str], **kwargs) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_benchmark, run_to_success
+from conftest import load_benchmark, run_to_success, torch_threads
 
 from ddpm_pipeline.speed import cpu_threads_per_process
 
@@ -67,12 +67,9 @@ def test_bench_train_gives_stock_the_threads_accelerate_launch_would(monkeypatch
 
     monkeypatch.setattr(bench.Trainer, "training_step", ours)
     monkeypatch.setattr(bench.StockRecipe, "step", stock)
-    before = torch.get_num_threads()
-    try:
+    with torch_threads():  # bench_train sets its own
         result = bench.main(["--device", "cpu", "--model", "ddpm-tiny-16", "--batch_size", "4", "--warmup", "1",
                              "--block", "1", "--blocks", "2", "--stock_threads", "1"])  # fmt: skip
-    finally:
-        torch.set_num_threads(before)
     our_threads = cpu_threads_per_process(1)
     assert result["threads_ours"] == our_threads and result["threads_stock"] == 1
     assert seen == {"ours": {our_threads}, "stock": {1}}  # every step of each, blocks alternating

@@ -17,7 +17,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import reset_accelerate, run_to_success, two_process_launch
+from conftest import launched_cpu_threads, reset_accelerate, run_to_success, torch_threads, two_process_launch
 from diffusers import DDIMScheduler
 from PIL import Image
 from pixel_features import FEATURES, PixelFeatures, logits_of
@@ -201,7 +201,8 @@ json.dump(result, open(sys.argv[sys.argv.index("--output") + 1] + f".rank{Partia
 
 def test_two_launched_processes_sample_the_same_images_and_score_them_once(tmp_path, tiny_pipeline, reference_data):
     """`accelerate launch --multi_gpu --num_processes 2 eval_metrics.py` (gloo on the CPU): the
-    sample folder and the metrics equal one process's; the main process alone writes the report."""
+    sample folder and the metrics equal one process's on as many threads as each of them; the main
+    process alone writes the report."""
     script = tmp_path / "launched_evaluation.py"
     script.write_text(LAUNCHED_EVALUATION)
     options = ["--model", str(tiny_pipeline), "--reference", str(reference_data), "--metrics", "fid,kid,bpd",
@@ -215,8 +216,9 @@ def test_two_launched_processes_sample_the_same_images_and_score_them_once(tmp_p
     report = json.loads(two.read_text())
     assert report["processes"] == 2 and report["num_samples"] == 7
     assert json.loads(Path(f"{two}.rank1").read_text()) == {"process_index": 1, "samples_written": 3}
-    one = run(tmp_path, tiny_pipeline, reference_data, metrics="fid,kid,bpd", num_samples=7, num_inference_steps=2,
-              batch_size=2, bpd_num_images=5, bpd_batch_size=2, bpd_timesteps=3, output=str(tmp_path / "one.json"))  # fmt: skip
+    with torch_threads(launched_cpu_threads()):
+        one = run(tmp_path, tiny_pipeline, reference_data, metrics="fid,kid,bpd", num_samples=7, num_inference_steps=2,
+                  batch_size=2, bpd_num_images=5, bpd_batch_size=2, bpd_timesteps=3, output=str(tmp_path / "one.json"))  # fmt: skip
     for index in range(7):
         name = f"{index:06d}.png"
         assert (tmp_path / "two-samples" / name).read_bytes() == (tmp_path / "one-samples" / name).read_bytes()
@@ -289,17 +291,13 @@ def test_started_by_a_launcher_on_the_cpu_evaluation_takes_back_the_cores(tmp_pa
     """`accelerate launch` leaves a script on one thread (OMP_NUM_THREADS=1) unless its config says
     use_cpu; evaluation it started uses the cores, as training does. Started by hand, it keeps the
     thread count it was given."""
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         run(tmp_path, tiny_pipeline, reference_data, metrics="bpd", bpd_num_images=2, bpd_timesteps=2)
         assert torch.get_num_threads() == 1
         monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "no")  # set by accelerate launch for what it starts
         run(tmp_path, tiny_pipeline, reference_data, metrics="bpd", bpd_num_images=2, bpd_timesteps=2,
             output=str(tmp_path / "launched.json"))  # fmt: skip
         assert torch.get_num_threads() == cpu_threads_per_process(1)
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_an_interrupted_bound_resumes_from_its_finished_batches(tmp_path, tiny_pipeline, reference_data, monkeypatch):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_to_success, two_process_launch
+from conftest import launched_cpu_threads, run_to_success, torch_threads, two_process_launch
 from PIL import Image
 from pixel_features import FEATURES
 
@@ -175,13 +175,15 @@ def test_the_command_line(tmp_path, tiny_pipeline):
 
 def test_two_launched_processes_write_the_images_one_process_would(tmp_path, tiny_pipeline):
     """`accelerate launch --multi_gpu --num_processes 2 sample_ddpm.py` (gloo on the CPU): the
-    processes share the batches, the folder equals one process's, the main one writes the rest."""
+    processes share the batches, the folder equals one process's on as many threads as each of
+    them (on another number, a pixel may round the other way), the main one writes the rest."""
     options = ["--model", str(tiny_pipeline), "--num_images", "7", "--num_inference_steps", "2", "--batch_size", "2",
                "--device", "cpu", "--npz"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     run_to_success([*two_process_launch(), str(ROOT / "sample_ddpm.py"), *options, "--output_dir", str(tmp_path / "two")],
                    env=env, timeout=600, cwd=ROOT)  # fmt: skip
-    main([*options, "--output_dir", str(tmp_path / "one")])
+    with torch_threads(launched_cpu_threads()):
+        main([*options, "--output_dir", str(tmp_path / "one")])
     assert pngs(tmp_path / "two" / "images") == pngs(tmp_path / "one" / "images") and len(pngs(tmp_path / "one" / "images")) == 7
     report = json.loads((tmp_path / "two" / "sampling_report.json").read_text())
     assert report["processes"] == 2 and report["num_images"] == 7
