@@ -1071,40 +1071,46 @@ class Trainer:
             logger.warning(f"{self.stop_request.received} came after training had ended; the outputs are complete")
         return result
 
-    def _run(self) -> TrainingResult:
-        config, accelerator = self.config, self.accelerator
-        is_main = accelerator.is_main_process
-        global_step, earlier_seconds = 0, 0.0
-        if self.checkpoint is not None:
-            self._load_state(self.checkpoint)
-            self._apply_options_over_restored_state()
-            self._load_timestep_sampler(self.checkpoint)
-            state = read_trainer_state(self.checkpoint)
-            global_step, earlier_seconds = state["global_step"], state.get("train_seconds", 0.0)
-            self._warn_if_batch_changed(state)
-            self._warn_if_data_changed(state)
-            stopped = f"; it had stopped: {state['stopped_because']}" if state.get("stopped_because") else ""
-            logger.info(f"resumed from {self.checkpoint} at step {global_step} ({earlier_seconds / 60:.1f} min trained{stopped})")
-        if is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            config.save(self.output_dir / CONFIG_FILE_NAME)
-        if config.report_to != "none":
-            accelerator.init_trackers("train_ddpm", config=_tracker_config(config), init_kwargs=self._tracker_options(global_step))
-        # the history of the run the checkpoint belongs to: this one's, or another folder's
-        resumed_history = self.checkpoint.parent / LOSS_HISTORY_NAME if self.checkpoint is not None else None
-        history = LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=is_main, terms=self.logs_loss_terms,
-                              resumed_history=resumed_history)  # fmt: skip
+    def _resume(self) -> tuple[int, float]:
+        """Restore the checkpoint this run resumes (weights, optimizer, schedule, EMA, timestep
+        sampler, random states), put this run's options over it and warn where the batch or the data
+        changed; returns its step and training seconds so far, ``(0, 0.0)`` for a new run."""
+        if self.checkpoint is None:
+            return 0, 0.0
+        self._load_state(self.checkpoint)
+        self._apply_options_over_restored_state()
+        self._load_timestep_sampler(self.checkpoint)
+        state = read_trainer_state(self.checkpoint)
+        global_step, earlier_seconds = state["global_step"], state.get("train_seconds", 0.0)
+        self._warn_if_batch_changed(state)
+        self._warn_if_data_changed(state)
+        stopped = f"; it had stopped: {state['stopped_because']}" if state.get("stopped_because") else ""
+        logger.info(f"resumed from {self.checkpoint} at step {global_step} ({earlier_seconds / 60:.1f} min trained{stopped})")
+        return global_step, earlier_seconds
+
+    def _open_histories(self, global_step: int) -> tuple[LossHistory, LossHistory]:
+        """The training loss history (written by the main process) and the held-out bound's (when
+        measured), from ``global_step`` on; a resumed run's start with the rows of the run its
+        checkpoint belongs to, up to that step (this folder's, or another one's when branching)."""
+        resumed_from = self.checkpoint.parent if self.checkpoint is not None else None
+        history = LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=self.accelerator.is_main_process,
+                              terms=self.logs_loss_terms,
+                              resumed_history=resumed_from / LOSS_HISTORY_NAME if resumed_from else None)  # fmt: skip
         validation_history = LossHistory(
             self.output_dir / VALIDATION_HISTORY_NAME, global_step, enabled=self.held_out is not None,
-            resumed_history=self.checkpoint.parent / VALIDATION_HISTORY_NAME if self.checkpoint is not None else None,
-            columns=VALIDATION_COLUMNS,
+            resumed_history=resumed_from / VALIDATION_HISTORY_NAME if resumed_from else None, columns=VALIDATION_COLUMNS,
         )  # fmt: skip
+        return history, validation_history
+
+    def _log_start(self) -> None:
+        """Say what is trained, on what, for how long, and what stop signals and time budgets do."""
+        config = self.config
         parameters = sum(p.numel() for p in self.unet.parameters())
         logger.info(
             f"{len(self.train_images)} images, {self.unet_config['in_channels']}×{describe_sample_size(self.unet_config['sample_size'])}; "
             f"{self.model_name}: {parameters:,} parameters; {self.steps_per_epoch} steps per epoch; "
             f"training to step {self.total_steps} (batch {config.train_batch_size} × "
-            f"{config.gradient_accumulation_steps} accumulation × {accelerator.num_processes} processes)"
+            f"{config.gradient_accumulation_steps} accumulation × {self.accelerator.num_processes} processes)"
             + (f" or for {config.max_train_minutes:g} training minutes, whichever comes first" if config.max_train_minutes else "")
         )
         if self.stop_request.ignored:
@@ -1114,6 +1120,18 @@ class Trainer:
         if self.lr_scheduler.decays_over_budget:
             logger.info(f"the {config.lr_scheduler} learning-rate schedule measures its progress in training time too: "
                         "its decay ends when the time budget does")  # fmt: skip
+
+    def _run(self) -> TrainingResult:
+        config, accelerator = self.config, self.accelerator
+        is_main = accelerator.is_main_process
+        global_step, earlier_seconds = self._resume()
+        if is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            config.save(self.output_dir / CONFIG_FILE_NAME)
+        if config.report_to != "none":
+            accelerator.init_trackers("train_ddpm", config=_tracker_config(config), init_kwargs=self._tracker_options(global_step))
+        history, validation_history = self._open_histories(global_step)
+        self._log_start()
         progress = tqdm(
             total=self.total_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process
         )
@@ -1194,16 +1212,7 @@ class Trainer:
         history.flush()
         train_seconds = clock.total()
         if stopped_early and not budget_spent and global_step < self.total_steps:
-            reason = f"this piece's {config.stop_after_minutes} min were up"
-            if stopped_by == LAUNCHER_EXITED:
-                reason = f"the launcher that started this run (PID {self.stop_request.launcher_pid}) has exited"
-            elif stopped_by:
-                reason = f"received {stopped_by}"
-            checkpoint = self.save_checkpoint(global_step, train_seconds, stop_reason=reason)
-            logger.info(
-                f"{reason}: stopped at step {global_step} ({train_seconds / 60:.1f} min trained in all) and wrote "
-                f"{checkpoint}; continue with --resume_from_checkpoint latest"
-            )
+            self._checkpoint_and_stop(global_step, train_seconds, stopped_by)
             history.close()
             validation_history.close()
             accelerator.wait_for_everyone()
@@ -1213,6 +1222,35 @@ class Trainer:
         if config.validation_split is not None and not self.held_out_due(global_step):
             self.measure_held_out(global_step, validation_history)  # the end's, when no period ended here
         validation_history.close()
+        samples_path = self._finish(global_step, train_seconds, history, validation_history)
+        history.close()
+        if is_main and config.push_to_hub:
+            self._push()
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, samples_path, True, train_seconds)
+
+    def _checkpoint_and_stop(self, global_step: int, train_seconds: float, stopped_by: str | None) -> None:
+        """A run stopped before its end (its piece's ``--stop_after_minutes`` up, a stop signal, or
+        its launcher gone): write the checkpoint of this step with why it stopped, and say how to
+        go on."""
+        reason = f"this piece's {self.config.stop_after_minutes} min were up"
+        if stopped_by == LAUNCHER_EXITED:
+            reason = f"the launcher that started this run (PID {self.stop_request.launcher_pid}) has exited"
+        elif stopped_by:
+            reason = f"received {stopped_by}"
+        checkpoint = self.save_checkpoint(global_step, train_seconds, stop_reason=reason)
+        logger.info(
+            f"{reason}: stopped at step {global_step} ({train_seconds / 60:.1f} min trained in all) and wrote "
+            f"{checkpoint}; continue with --resume_from_checkpoint latest"
+        )
+        return checkpoint
+
+    def _finish(self, global_step: int, train_seconds: float, history: LossHistory,
+                validation_history: LossHistory) -> Path | None:  # fmt: skip
+        """A run that trained to its end: the last checkpoint on every process; then, by the main
+        process, the EMA pipeline with the run's summary, the final grid and trajectory, and the
+        loss (and held-out bound) curves. Returns the grid's path on the main process, else None."""
         summary = self.run_summary(global_step, train_seconds, history)
         recent = summary["recent_loss"]
         logger.info(
@@ -1223,32 +1261,27 @@ class Trainer:
         if self.train_images.skipped:  # counted here when the main process loaded them (workers count their own)
             logger.warning(f"{len(self.train_images.skipped)} bad image(s) were skipped (see the warnings above)")
         self.save_checkpoint(global_step, train_seconds)
-        samples_path = None
-        if is_main:
-            self.save_pipeline(summary)
-            samples_path = self.save_grid(
-                self.output_dir / SAMPLES_NAME, trajectory_path=self.output_dir / TRAJECTORY_NAME, step=global_step
-            )
-            (self.output_dir / GRID_FOLDER).mkdir(exist_ok=True)
-            shutil.copyfile(samples_path, self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png")
-            steps, losses = history.series("loss")
-            num_timesteps = self.noise_scheduler.config.num_train_timesteps
-            by_quarter = {
-                f"[{q * num_timesteps / TIMESTEP_QUARTERS:g}, {(q + 1) * num_timesteps / TIMESTEP_QUARTERS:g})":
-                    history.series(name)[1]
-                for q, name in enumerate(QUARTER_COLUMNS)
-            }  # fmt: skip
-            save_loss_curve(steps, losses, self.output_dir / LOSS_CURVE_NAME, by_quarter=by_quarter,
-                            title=f"{self.model_name}, {self.prediction_type} target, "
-                                  f"{self.noise_scheduler.schedule_name or 'custom'} schedule")  # fmt: skip
-            if self.held_out is not None:
-                self.save_validation_curve(validation_history)
-        history.close()
-        if is_main and config.push_to_hub:
-            self._push()
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, samples_path, True, train_seconds)
+        if not self.accelerator.is_main_process:
+            return None
+        self.save_pipeline(summary)
+        samples_path = self.save_grid(
+            self.output_dir / SAMPLES_NAME, trajectory_path=self.output_dir / TRAJECTORY_NAME, step=global_step
+        )
+        (self.output_dir / GRID_FOLDER).mkdir(exist_ok=True)
+        shutil.copyfile(samples_path, self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png")
+        steps, losses = history.series("loss")
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        by_quarter = {
+            f"[{q * num_timesteps / TIMESTEP_QUARTERS:g}, {(q + 1) * num_timesteps / TIMESTEP_QUARTERS:g})":
+                history.series(name)[1]
+            for q, name in enumerate(QUARTER_COLUMNS)
+        }  # fmt: skip
+        save_loss_curve(steps, losses, self.output_dir / LOSS_CURVE_NAME, by_quarter=by_quarter,
+                        title=f"{self.model_name}, {self.prediction_type} target, "
+                              f"{self.noise_scheduler.schedule_name or 'custom'} schedule")  # fmt: skip
+        if self.held_out is not None:
+            self.save_validation_curve(validation_history)
+        return samples_path
 
 
 def train(config: TrainingConfig) -> TrainingResult:
