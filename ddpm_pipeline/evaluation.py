@@ -267,6 +267,111 @@ def bound_over_data(
     return report
 
 
+@dataclass
+class _DrawnSamples:
+    """What :func:`_draw_samples` leaves: the store's folder, how many of its images were there
+    before (counted by the main process), the images to score, the sampling record, how many this
+    process wrote and the seconds the sampling took."""
+
+    folder: Path
+    reused: int
+    paths: list[Path]
+    sampling: dict[str, Any]
+    written: int
+    seconds: float
+
+
+def _draw_samples(config: EvaluationConfig, device: torch.device, processes: LaunchedProcesses,
+                  folder: Path) -> _DrawnSamples:  # fmt: skip
+    """Fill the sample store in ``folder`` with ``config.num_samples`` images of ``config.model``
+    (:func:`~ddpm_pipeline.sampling.sample_store`), the processes sharing its batches; the images
+    already there are kept."""
+    sampler = sampling_pipeline(config.model, device, config.fast_sampling, config.sampling_dtype, config.scheduler,
+                                config.compile_unet)  # fmt: skip
+    with processes.main_first():
+        store = sample_store(folder, config.model, config.num_inference_steps, config.seed, config.batch_size,
+                             sampler.unet.dtype, config.scheduler, config.eta, noise_device(device))  # fmt: skip
+    reused = store.count_existing(config.num_samples) if processes.is_main else 0  # only the main one reports
+    processes.wait()  # counted before any process writes
+    tick = time.perf_counter()
+    written = store.fill(sampler, config.num_samples, show_progress=processes.is_main,
+                         process_index=processes.index, num_processes=processes.count)  # fmt: skip
+    processes.wait()
+    seconds = time.perf_counter() - tick
+    return _DrawnSamples(folder, reused, store.paths(config.num_samples), sampling_record(sampler, config.fast_sampling),
+                         written, seconds)  # fmt: skip
+
+
+def _measure_bound(config: EvaluationConfig, pipeline: DDPMTargetPipeline, source: DataSource,
+                   preprocess: ImagePreprocessor, device: torch.device, processes: LaunchedProcesses,
+                   partial_folder: Path) -> tuple[dict[str, Any] | None, BoundStore]:  # fmt: skip
+    """The bound in bits/dim over ``source``'s images (:func:`bound_over_data`, every process taking
+    part), each batch's terms kept in ``partial_folder`` until the report is written, so that an
+    interrupted evaluation reuses them. Returns the bound (``None`` on processes other than the
+    main one) and the store of terms."""
+    with processes.main_first():  # the main process writes (or clears) the store's settings first
+        terms_store = bound_store(partial_folder, config.model, source, preprocess, config.bpd_num_images,
+                                  config.bpd_timesteps, config.bpd_batch_size, config.seed)  # fmt: skip
+    batches_reused = terms_store.count() if processes.is_main else 0
+    if batches_reused:
+        logger.info(f"bits/dim: reusing the terms of {batches_reused} batch(es) from {terms_store.folder}")
+    processes.wait()  # counted before any process adds its own
+    bound = bound_over_data(
+        pipeline, source, preprocess, config.bpd_num_images, config.bpd_timesteps, config.bpd_batch_size,
+        config.seed, device, processes, store=terms_store,
+    )  # fmt: skip
+    if bound is not None:
+        bound["batches_reused"] = batches_reused
+    return bound, terms_store
+
+
+def _add_feature_scores(report: dict[str, Any], timings: dict[str, float], config: EvaluationConfig,
+                        feature_wanted: list[str], extractor: FeatureExtractorSpec, sample_paths: list[Path],
+                        preprocess: ImagePreprocessor, device: torch.device, reference_images: Any,
+                        needs_reference: bool, grid_path: Path) -> None:  # fmt: skip
+    """The feature metrics of ``sample_paths`` (against the reference's statistics, computed or
+    read from the cache, where a metric needs them) into ``report``, with the reference's record,
+    the extractor's identity and a grid of the first 64 images at ``grid_path``."""
+    if len(sample_paths) < 2:
+        raise ValueError(f"Need at least 2 images to score, found {len(sample_paths)}.")
+    tick = time.perf_counter()
+    layers = {METRIC_LAYERS[m] for m in feature_wanted}
+    network = extractor.create(layers, device)
+    generated = extract_features(
+        network, image_batches(sample_paths, config.batch_size), device, total=len(sample_paths),
+        description="sample features",
+    )
+    timings["sample_features_s"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    reference = None
+    if needs_reference:
+        reference = reference_statistics(
+            config.reference, preprocess, extractor, device, split=config.reference_split,
+            dataset_config=config.reference_config, max_images=config.reference_max_images,
+            batch_size=config.batch_size, cache_dir=config.cache_dir, dataset=reference_images,
+        )  # fmt: skip
+        report["reference"] = {
+            "source": config.reference,
+            "split": reference.key.get("source", {}).get("split"),
+            "num_images": reference.num_images,
+            "statistics_file": str(reference.path) if reference.path else None,
+            "cache_hit": reference.cache_hit,
+        }
+    timings["reference_s"] = time.perf_counter() - tick
+    report["metrics"].update(
+        feature_metrics(
+            feature_wanted, generated,
+            reference.statistics if reference else None, reference.features if reference else None,
+            kid_subsets=config.kid_subsets, kid_subset_size=config.kid_subset_size, isc_splits=config.isc_splits,
+        )  # fmt: skip
+    )
+    report["feature_extractor"] = extractor.identity()
+    grid_count = min(64, len(sample_paths))
+    grid = next(image_batches(sample_paths[:grid_count], grid_count))  # read as the features were
+    grid = grid[:, :1] if preprocess.channels == 1 else grid
+    report["grid"] = str(save_image_grid(grid.permute(0, 2, 3, 1).numpy().astype(np.float32) / 255.0, grid_path))
+
+
 def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str, Any]:
     """Sample (resumably), compute the requested metrics and write the report.
 
@@ -340,24 +445,10 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
             check_reference_padding(reference_images, preprocess)
         samples_folder, reused, sample_paths = None, 0, []
         if feature_wanted:
-            sampler = sampling_pipeline(config.model, device, config.fast_sampling, config.sampling_dtype, config.scheduler,
-                                        config.compile_unet)  # fmt: skip
-            samples_folder = Path(config.samples_dir) if config.samples_dir else Path(f"{stem}-samples")
-            with processes.main_first():
-                store = sample_store(samples_folder, config.model, config.num_inference_steps, config.seed,
-                                     config.batch_size, sampler.unet.dtype, config.scheduler, config.eta,
-                                     noise_device(device))  # fmt: skip
-            reused = store.count_existing(config.num_samples) if processes.is_main else 0  # only the main one reports
-            processes.wait()  # counted before any process writes
-            tick = time.perf_counter()
-            written = store.fill(sampler, config.num_samples, show_progress=processes.is_main,
-                                 process_index=processes.index, num_processes=processes.count)  # fmt: skip
-            processes.wait()
-            timings["sampling_s"] = time.perf_counter() - tick
-            helper_result["samples_written"] = written
-            sample_paths = store.paths(config.num_samples)
-            sampling = sampling_record(sampler, config.fast_sampling)
-            del sampler
+            samples = _draw_samples(config, device, processes, Path(config.samples_dir or f"{stem}-samples"))
+            samples_folder, reused, sample_paths, sampling = samples.folder, samples.reused, samples.paths, samples.sampling
+            timings["sampling_s"] = samples.seconds
+            helper_result["samples_written"] = samples.written
     else:
         sample_paths = image_files(config.samples)[: config.num_samples]
         preprocess = samples_preprocessing(sample_paths, config)
@@ -366,20 +457,8 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     bound, terms_store = None, None
     if "bpd" in metrics:  # before the features: every process takes part, then only the main one goes on
         tick = time.perf_counter()
-        source = bpd_source
-        with processes.main_first():  # the main process writes (or clears) the store's settings first
-            terms_store = bound_store(Path(f"{stem}-bpd-partial"), config.model, source, preprocess, config.bpd_num_images,
-                                      config.bpd_timesteps, config.bpd_batch_size, config.seed)  # fmt: skip
-        batches_reused = terms_store.count() if processes.is_main else 0
-        if batches_reused:
-            logger.info(f"bits/dim: reusing the terms of {batches_reused} batch(es) from {terms_store.folder}")
-        processes.wait()  # counted before any process adds its own
-        bound = bound_over_data(
-            pipeline, source, preprocess, config.bpd_num_images, config.bpd_timesteps, config.bpd_batch_size,
-            config.seed, device, processes, store=terms_store,
-        )  # fmt: skip
-        if bound is not None:
-            bound["batches_reused"] = batches_reused
+        bound, terms_store = _measure_bound(config, pipeline, bpd_source, preprocess, device, processes,
+                                            Path(f"{stem}-bpd-partial"))  # fmt: skip
         timings["bpd_s"] = time.perf_counter() - tick
     if not processes.is_main:
         return helper_result
@@ -402,44 +481,8 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         "options": {f.name: getattr(config, f.name) for f in fields(config)},
     }
     if feature_wanted:
-        if len(sample_paths) < 2:
-            raise ValueError(f"Need at least 2 images to score, found {len(sample_paths)}.")
-        tick = time.perf_counter()
-        layers = {METRIC_LAYERS[m] for m in feature_wanted}
-        network = extractor.create(layers, device)
-        generated = extract_features(
-            network, image_batches(sample_paths, config.batch_size), device, total=len(sample_paths),
-            description="sample features",
-        )
-        timings["sample_features_s"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        reference = None
-        if needs_reference:
-            reference = reference_statistics(
-                config.reference, preprocess, extractor, device, split=config.reference_split,
-                dataset_config=config.reference_config, max_images=config.reference_max_images,
-                batch_size=config.batch_size, cache_dir=config.cache_dir, dataset=reference_images,
-            )  # fmt: skip
-            report["reference"] = {
-                "source": config.reference,
-                "split": reference.key.get("source", {}).get("split"),
-                "num_images": reference.num_images,
-                "statistics_file": str(reference.path) if reference.path else None,
-                "cache_hit": reference.cache_hit,
-            }
-        timings["reference_s"] = time.perf_counter() - tick
-        report["metrics"].update(
-            feature_metrics(
-                feature_wanted, generated,
-                reference.statistics if reference else None, reference.features if reference else None,
-                kid_subsets=config.kid_subsets, kid_subset_size=config.kid_subset_size, isc_splits=config.isc_splits,
-            )  # fmt: skip
-        )
-        report["feature_extractor"] = extractor.identity()
-        grid_count = min(64, len(sample_paths))
-        grid = next(image_batches(sample_paths[:grid_count], grid_count))  # read as the features were
-        grid = grid[:, :1] if preprocess.channels == 1 else grid
-        report["grid"] = str(save_image_grid(grid.permute(0, 2, 3, 1).numpy().astype(np.float32) / 255.0, Path(f"{stem}-grid.png")))
+        _add_feature_scores(report, timings, config, feature_wanted, extractor, sample_paths, preprocess, device,
+                            reference_images, needs_reference, Path(f"{stem}-grid.png"))  # fmt: skip
 
     if bound is not None:
         curve = bound.pop("per_timestep_mean", None)
