@@ -291,13 +291,7 @@ def _draw_samples(config: EvaluationConfig, device: torch.device, processes: Lau
     with processes.main_first():
         store = sample_store(folder, config.model, config.num_inference_steps, config.seed, config.batch_size,
                              sampler.unet.dtype, config.scheduler, config.eta, noise_device(device))  # fmt: skip
-    reused = store.count_existing(config.num_samples) if processes.is_main else 0  # only the main one reports
-    processes.wait()  # counted before any process writes
-    tick = time.perf_counter()
-    written = store.fill(sampler, config.num_samples, show_progress=processes.is_main,
-                         process_index=processes.index, num_processes=processes.count)  # fmt: skip
-    processes.wait()
-    seconds = time.perf_counter() - tick
+    reused, written, seconds = processes.fill(store, sampler, config.num_samples)
     return _DrawnSamples(folder, reused, store.paths(config.num_samples), sampling_record(sampler, config.fast_sampling),
                          written, seconds)  # fmt: skip
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -152,13 +151,7 @@ def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict
     with processes.main_first():  # the main process writes the folder's record of the options first
         store = sample_store(output_dir / IMAGES_FOLDER, config.model, steps, config.seed, config.batch_size,
                              pipeline.unet.dtype, config.scheduler, config.eta, noise_device(device))  # fmt: skip
-    reused = store.count_existing(config.num_images) if processes.is_main else 0
-    processes.wait()  # counted before any process writes
-    started = time.perf_counter()
-    written = store.fill(pipeline, config.num_images, show_progress=processes.is_main,
-                         process_index=processes.index, num_processes=processes.count)  # fmt: skip
-    processes.wait()
-    seconds = time.perf_counter() - started
+    reused, written, seconds = processes.fill(store, pipeline, config.num_images)
     if not processes.is_main:
         return {"process_index": processes.index, "samples_written": written}
     report = _report(config, store, pipeline, steps, reused, seconds, device, processes.count)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,20 @@ class LaunchedProcesses:
     def main_first(self) -> AbstractContextManager:
         """A block the main process runs before the others (creating the sample folder's record)."""
         return self.state.main_process_first() if self.state is not None else nullcontext()
+
+    def fill(self, store: SampleStore, pipeline: DDPMTargetPipeline, num_samples: int) -> tuple[int, int, float]:
+        """Fill ``store`` up to ``num_samples`` images, these processes sharing its batches
+        (:meth:`SampleStore.fill`). Returns how many of those images were there before (counted
+        by the main process before any process writes; 0 on the others), how many this process
+        wrote, and the seconds the sampling took, from the processes' start together to their end
+        together."""
+        reused = store.count_existing(num_samples) if self.is_main else 0
+        self.wait()
+        started = time.perf_counter()
+        written = store.fill(pipeline, num_samples, show_progress=self.is_main, process_index=self.index,
+                             num_processes=self.count)  # fmt: skip
+        self.wait()
+        return reused, written, time.perf_counter() - started
 
 
 def model_identity(model: str) -> str:
