@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder
 from .provenance import model_training, package_versions
 from .reference import DataSource, reference_statistics
-from .sample_store import image_batches, image_files
+from .sample_store import image_batches, image_files, recorded_batch_size
 from .sampling import (
     LaunchedProcesses,
     check_sampling_options,
@@ -53,6 +53,9 @@ from .training_config import CONFIG_FILE_NAME, dataclass_parser
 
 logger = logging.getLogger(__name__)
 
+#: Images per sampling and feature batch when no --batch_size is given and no samples are there.
+DEFAULT_BATCH_SIZE = 256
+
 
 @dataclass
 class EvaluationConfig:
@@ -70,7 +73,7 @@ class EvaluationConfig:
     num_inference_steps: int = field(default=1000, metadata={"help": "Sampling steps (fewer = respaced chain)."})
     scheduler: str = sampling_option("scheduler")
     eta: float = sampling_option("eta")
-    batch_size: int = field(default=256, metadata={"help": "Images per sampling / feature batch."})
+    batch_size: int | None = field(default=None, metadata={"help": f"Images per sampling / feature batch (default: with --model, the batch size of the samples already in the samples folder, else {DEFAULT_BATCH_SIZE}). Sample i depends on the seed and the batch size."})  # noqa: E501
     fast_sampling: str = sampling_option("fast_sampling")
     compile_unet: bool | None = sampling_option("compile_unet")
     sampling_dtype: str = sampling_option("sampling_dtype")
@@ -394,6 +397,10 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     stem = output.with_suffix("")
+    store_folder = Path(config.samples_dir or f"{stem}-samples")  # where a model's samples go
+    if config.batch_size is None:  # the samples' own, so that they are reused rather than refused for it
+        batch_size = recorded_batch_size(store_folder, DEFAULT_BATCH_SIZE) if config.model else DEFAULT_BATCH_SIZE
+        config = replace(config, batch_size=batch_size)
 
     feature_wanted = [m for m in metrics if m in FEATURE_METRICS]
     extractor = FeatureExtractorSpec.for_weights(config.inception_weights)
@@ -439,7 +446,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
             check_reference_padding(reference_images, preprocess)
         samples_folder, reused, sample_paths = None, 0, []
         if feature_wanted:
-            samples = _draw_samples(config, device, processes, Path(config.samples_dir or f"{stem}-samples"))
+            samples = _draw_samples(config, device, processes, store_folder)
             samples_folder, reused, sample_paths, sampling = samples.folder, samples.reused, samples.paths, samples.sampling
             timings["sampling_s"] = samples.seconds
             helper_result["samples_written"] = samples.written

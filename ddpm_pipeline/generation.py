@@ -17,7 +17,7 @@ import datetime
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid
 from .preflight import check_output_dir, check_pipeline_folder
 from .provenance import model_training, package_versions
-from .sample_store import SampleStore
+from .sample_store import SampleStore, recorded_batch_size
 from .sampling import (
     LaunchedProcesses,
     check_sampling_options,
@@ -52,6 +52,8 @@ TRAJECTORY_NAME = "trajectory.png"
 #: The steps a trajectory shows, spread over the chain.
 TRAJECTORY_STEPS = 8
 REPORT_NAME = "sampling_report.json"
+#: Images per sampling batch in a new folder when no --batch_size is given.
+DEFAULT_BATCH_SIZE = 64
 
 
 @dataclass
@@ -64,7 +66,7 @@ class SampleConfig:
     num_inference_steps: int | None = field(default=None, metadata={"help": "Sampling steps (fewer = respaced chain; default: the model's T, the full chain)."})  # noqa: E501
     scheduler: str = sampling_option("scheduler")
     eta: float = sampling_option("eta")
-    batch_size: int = field(default=64, metadata={"help": "Images per sampling batch. Image i depends on the seed and the batch size: keep both to add images to a folder later."})  # noqa: E501
+    batch_size: int | None = field(default=None, metadata={"help": f"Images per sampling batch (default: the batch size of the images already in <output_dir>/images, else {DEFAULT_BATCH_SIZE}). Image i depends on the seed and the batch size."})  # noqa: E501
     seed: int = field(default=0, metadata={"help": "Sampling seed (image i is the same for any --num_images)."})
     fast_sampling: str = sampling_option("fast_sampling")
     compile_unet: bool | None = sampling_option("compile_unet")
@@ -132,9 +134,11 @@ def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict
     """
     config = config or SampleConfig(**options)
     config.validate()
+    output_dir = Path(config.output_dir)
+    if config.batch_size is None:  # the folder's own, so that adding images to it is never refused for it
+        config = replace(config, batch_size=recorded_batch_size(output_dir / IMAGES_FOLDER, DEFAULT_BATCH_SIZE))
     processes = LaunchedProcesses.from_environment(config.device, program="sample_ddpm.py")
     device = processes.device
-    output_dir = Path(config.output_dir)
     if Path(config.model).exists():  # else a Hub repo id, checked by from_pretrained
         check_pipeline_folder(config.model)
     pipeline = sampling_pipeline(config.model, device, config.fast_sampling, config.sampling_dtype, config.scheduler,

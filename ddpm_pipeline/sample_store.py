@@ -33,6 +33,16 @@ OPTION_FLAGS = {"num_inference_steps": "--num_inference_steps", "seed": "--seed"
                 "scheduler": "--scheduler", "eta": "--eta", "unet_dtype": "--sampling_dtype", "noise_device": "--device"}  # fmt: skip
 
 
+def recorded_batch_size(folder: str | Path, default: int) -> int:
+    """The batch size the samples in ``folder`` were drawn with (its ``sampling.json``), else
+    ``default`` (a new folder). Image ``i`` depends on the batch size, so a command given none adds
+    to a folder with the folder's own rather than be refused."""
+    settings_path = Path(folder) / SETTINGS_FILE
+    if settings_path.is_file():
+        return int(json.loads(settings_path.read_text())["batch_size"])
+    return default
+
+
 def batch_seed(seed: int, batch_index: int) -> int:
     """The seed of one batch of samples: :func:`~ddpm_pipeline.seeding.derive_seed` of ``(seed, batch_index)``."""
     return derive_seed(seed, batch_index)

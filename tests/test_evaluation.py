@@ -154,6 +154,9 @@ def test_samples_are_reused_and_independent_of_how_many_were_asked_for(tmp_path,
         np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "results-samples" / name)),
                                       np.asarray(Image.open(tmp_path / "fresh" / name)))  # fmt: skip
     assert again["metrics"]["fid"] == pytest.approx(fresh["metrics"]["fid"], rel=1e-12)
+    # given no --batch_size, the folder's (image i depends on it), not the default 256
+    adopted = run(tmp_path, tiny_pipeline, reference_data, metrics="fid", num_samples=9, batch_size=None)
+    assert adopted["samples_reused"] == 9 and adopted["options"]["batch_size"] == 4
 
 
 def test_processes_share_the_batches_and_fill_the_folder_one_process_would(tmp_path, tiny_pipeline):

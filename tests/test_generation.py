@@ -76,14 +76,18 @@ def test_the_trajectory_shows_the_chain_of_the_first_images(tmp_path, tiny_pipel
 
 
 def test_more_images_later_keep_the_first_and_equal_a_fresh_run(tmp_path, tiny_pipeline):
+    """Asked for more images, a folder keeps its own and adds the rest, with its own batch size
+    when none is given (image i depends on it); a new folder's default batch is 64."""
     sample(tmp_path, tiny_pipeline, num_images=6)
     first = pngs(tmp_path / "out" / "images")
-    report = sample(tmp_path, tiny_pipeline, num_images=10)
-    assert report["samples_reused"] == 6
+    report = sample(tmp_path, tiny_pipeline, num_images=10, batch_size=None)
+    assert report["samples_reused"] == 6 and report["batch_size"] == 4
     grown = pngs(tmp_path / "out" / "images")
     assert len(grown) == 10 and all(grown[name] == data for name, data in first.items())
     sample(tmp_path, tiny_pipeline, folder="fresh", num_images=10)
     assert pngs(tmp_path / "fresh" / "images") == grown  # image i does not depend on how many were asked for
+    assert SampleConfig(model="m").batch_size is None
+    assert sample(tmp_path, tiny_pipeline, folder="new", num_images=1, batch_size=None, grid_images=0)["batch_size"] == 64
 
 
 def test_the_full_chain_by_default_and_other_options_refused(tmp_path, tiny_pipeline):
@@ -102,14 +106,19 @@ def test_the_full_chain_by_default_and_other_options_refused(tmp_path, tiny_pipe
 
 def test_eval_metrics_scores_these_samples_without_sampling_again(tmp_path, tiny_pipeline):
     """The same store: eval_metrics.py --samples_dir <output_dir>/images with the same sampling
-    options finds every image there."""
+    options finds every image there; given no --batch_size it takes the folder's (4, not its own
+    default 256), and another one given is refused, naming the folder's."""
     sample(tmp_path, tiny_pipeline, scheduler="ddim")
-    report = evaluate(model=str(tiny_pipeline), samples_dir=str(tmp_path / "out" / "images"), num_samples=6,
-                      num_inference_steps=3, batch_size=4, scheduler="ddim", metrics="fid", reference=str(tmp_path / "out" / "images"),
-                      feature_extractor=FEATURES, output=str(tmp_path / "results.json"), cache_dir=str(tmp_path / "cache"),
-                      device="cpu")  # fmt: skip
+    options = dict(model=str(tiny_pipeline), samples_dir=str(tmp_path / "out" / "images"), num_samples=6,
+                   num_inference_steps=3, scheduler="ddim", metrics="fid", reference=str(tmp_path / "out" / "images"),
+                   feature_extractor=FEATURES, output=str(tmp_path / "results.json"), cache_dir=str(tmp_path / "cache"),
+                   device="cpu")  # fmt: skip
+    report = evaluate(**options)
     assert report["samples_reused"] == 6 and report["sampling"]["scheduler"] == "DDIMScheduler"
+    assert report["options"]["batch_size"] == 4
     assert report["metrics"]["fid"] == pytest.approx(0.0, abs=1e-3)  # scored against themselves
+    with pytest.raises(ValueError, match="sample with its options \\(--batch_size 4\\)"):
+        evaluate(**{**options, "batch_size": 3})
 
 
 def test_ddim_eta_one_writes_the_ancestral_samplers_images(tmp_path):
