@@ -392,15 +392,16 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     started = time.perf_counter()
     started_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     timings: dict[str, float] = {}
-    processes = LaunchedProcesses.from_environment(config.device)
-    device = processes.device
     output = Path(config.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     stem = output.with_suffix("")
     store_folder = Path(config.samples_dir or f"{stem}-samples")  # where a model's samples go
     if config.batch_size is None:  # the samples' own, so that they are reused rather than refused for it
+        # read before the processes join, so before any of them writes the folder's record
         batch_size = recorded_batch_size(store_folder, DEFAULT_BATCH_SIZE) if config.model else DEFAULT_BATCH_SIZE
         config = replace(config, batch_size=batch_size)
+    processes = LaunchedProcesses.from_environment(config.device)
+    device = processes.device
+    output.parent.mkdir(parents=True, exist_ok=True)
 
     feature_wanted = [m for m in metrics if m in FEATURE_METRICS]
     extractor = FeatureExtractorSpec.for_weights(config.inception_weights)

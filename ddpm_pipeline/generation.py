@@ -135,7 +135,8 @@ def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict
     config = config or SampleConfig(**options)
     config.validate()
     output_dir = Path(config.output_dir)
-    if config.batch_size is None:  # the folder's own, so that adding images to it is never refused for it
+    if config.batch_size is None:  # the folder's own, so that adding images to it is never refused for it;
+        # read before the processes join, so before any of them writes the folder's record
         config = replace(config, batch_size=recorded_batch_size(output_dir / IMAGES_FOLDER, DEFAULT_BATCH_SIZE))
     processes = LaunchedProcesses.from_environment(config.device, program="sample_ddpm.py")
     device = processes.device
