@@ -33,14 +33,19 @@ OPTION_FLAGS = {"num_inference_steps": "--num_inference_steps", "seed": "--seed"
                 "scheduler": "--scheduler", "eta": "--eta", "unet_dtype": "--sampling_dtype", "noise_device": "--device"}  # fmt: skip
 
 
-def recorded_batch_size(folder: str | Path, default: int) -> int:
-    """The batch size the samples in ``folder`` were drawn with (its ``sampling.json``), else
-    ``default`` (a new folder). Image ``i`` depends on the batch size, so a command given none adds
-    to a folder with the folder's own rather than be refused."""
+def recorded_settings(folder: str | Path) -> dict[str, Any] | None:
+    """The sampling options ``folder``'s samples were made with (its ``sampling.json``), or None
+    for a folder without samples yet."""
     settings_path = Path(folder) / SETTINGS_FILE
-    if settings_path.is_file():
-        return int(json.loads(settings_path.read_text())["batch_size"])
-    return default
+    return json.loads(settings_path.read_text()) if settings_path.is_file() else None
+
+
+def recorded_batch_size(folder: str | Path, default: int) -> int:
+    """The batch size the samples in ``folder`` were drawn with, else ``default`` (a new folder).
+    Image ``i`` depends on the batch size, so a command given none adds to a folder with the
+    folder's own rather than be refused."""
+    saved = recorded_settings(folder)
+    return int(saved["batch_size"]) if saved is not None else default
 
 
 def batch_seed(seed: int, batch_index: int) -> int:
@@ -68,9 +73,8 @@ class SampleStore:
         self.folder = Path(folder)
         self.settings = settings
         self.folder.mkdir(parents=True, exist_ok=True)
-        settings_path = self.folder / SETTINGS_FILE
-        if settings_path.is_file():
-            saved = json.loads(settings_path.read_text())
+        saved = recorded_settings(self.folder)
+        if saved is not None:
             keys = sorted(saved.keys() | settings.keys())  # an option only one side records differs too
             differing = [k for k in keys if saved.get(k) != settings.get(k)]
             if differing:
@@ -85,7 +89,7 @@ class SampleStore:
                     "or delete this one to sample afresh."
                 )
         else:
-            settings_path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+            (self.folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
     def option(self, name: str) -> Any:
         """A sampling option of the store: its recorded value, else its default (:data:`UNRECORDED_DEFAULTS`)."""
