@@ -28,7 +28,7 @@ from .data import find_image_column
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .images import GRAY_MODES, ImagePreprocessor, ImageSource, check_padding, inspect_images, upright_size
 from .likelihood import BoundTerms, batch_bound
-from .metrics import FEATURE_METRICS, feature_metrics, parse_metrics
+from .metrics import FEATURE_METRICS, SCORE_NAMES, feature_metrics, parse_metrics
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder
@@ -505,7 +505,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
 
 def _summary(metrics: dict[str, Any]) -> str:
     parts = []
-    for key in ("fid", "kid_mean", "isc_mean", "precision", "recall"):
+    for key in SCORE_NAMES:  # the headline scores, in their order
         if key in metrics:
             parts.append(f"{key} {metrics[key]:.4g}")
     if "bpd" in metrics:
