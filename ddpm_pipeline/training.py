@@ -148,6 +148,31 @@ def snapshot_name(value: float, unit: str) -> str:
     return f"snapshot-{f'{value:g}'.replace('.', 'p')}{'min' if unit == 'minutes' else 'steps'}"
 
 
+#: A periodic grid that takes longer than this fraction of the training time since the grid before
+#: it gets a warning (once a run) naming the options that make grids cheaper.
+GRID_COST_WARNING_FRACTION = 0.25
+
+
+def grid_cost_advice(grid_seconds: float, period_seconds: float, step: int, config: TrainingConfig) -> str | None:
+    """A warning when one ``--save_images_steps`` grid took more than
+    :data:`GRID_COST_WARNING_FRACTION` of ``period_seconds``, the training time of the
+    ``--save_images_steps`` steps between two grids (a large network on a CPU: 64 images × 100
+    steps can cost more than the 400 steps between grids); None otherwise. Grids are not counted as
+    training time, but the run waits for them all the same. The advice scales
+    ``--save_images_steps`` by ``⌈ratio / fraction⌉``, which brings the grids under the fraction."""
+    if period_seconds <= 0 or grid_seconds <= GRID_COST_WARNING_FRACTION * period_seconds:
+        return None
+    ratio = grid_seconds / period_seconds
+    every = config.save_images_steps * math.ceil(ratio / GRID_COST_WARNING_FRACTION)
+    return (
+        f"the sample grid at step {step} ({config.num_grid_images} images × {config.grid_inference_steps} steps) "
+        f"took {grid_seconds / 60:.1f} min, {ratio:.0%} of the {period_seconds / 60:.1f} min that the "
+        f"{config.save_images_steps} training steps between grids take (grids are not counted as training time, "
+        f"but the run waits for them): --save_images_steps {every}, a smaller --num_grid_images or fewer "
+        "--grid_inference_steps make them cheaper, and --save_images_steps none writes only the final grid"
+    )
+
+
 def micro_batch_seed(seed: int, epoch: int, batch_index: int) -> int:
     """The seed of one micro-batch step: :func:`~ddpm_pipeline.seeding.derive_seed` of the three
     numbers. It is the same in every process: each draws the timesteps, noise and flips of the
@@ -343,6 +368,7 @@ class Trainer:
         self._build_data(dataset, image_column)
         self.held_out = self._build_held_out()
         self.held_out_record: dict[str, Any] | None = None  # the last measurement (run_summary)
+        self.grid_cost_warned = False  # grid_cost_advice is given once a run
         if self.channels_last:
             to_channels_last(self.unet)
         if config.gradient_checkpointing:
@@ -604,10 +630,13 @@ class Trainer:
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
-    def save_grid(self, path: Path, trajectory_path: Path | None = None, step: int | None = None) -> Path:
+    def save_grid(self, path: Path, trajectory_path: Path | None = None, step: int | None = None,
+                  description: str = "sample grid") -> Path:  # fmt: skip
         """Sample ``--num_grid_images`` images (always from the same seed) and write the grid; with
-        ``step``, log it to the trackers too (:meth:`log_grid`)."""
+        ``step``, log it to the trackers too (:meth:`log_grid`). The denoising steps show a progress
+        bar named ``description``, which goes once the grid is written."""
         pipeline = self.sampling_pipeline()
+        pipeline.set_progress_bar_config(desc=description, leave=False)
         output = pipeline(
             batch_size=self.config.num_grid_images,
             generator=torch.Generator().manual_seed(self.config.seed),
@@ -621,6 +650,17 @@ class Trainer:
         if step is not None:
             self.log_grid(path, step)
         return path
+
+    def _timed_grid(self, step: int, period_seconds: float) -> None:
+        """The ``--save_images_steps`` grid of ``step``, with :func:`grid_cost_advice` logged the first
+        time a grid costs too much against the ``period_seconds`` that the steps between grids take."""
+        started = time.perf_counter()
+        self.save_grid(self.output_dir / GRID_FOLDER / f"step_{step:07d}.png", step=step,
+                       description=f"sample grid of step {step}")  # fmt: skip
+        advice = None if self.grid_cost_warned else grid_cost_advice(time.perf_counter() - started, period_seconds, step, self.config)
+        if advice:
+            logger.warning(advice)
+            self.grid_cost_warned = True
 
     def log_grid(self, path: Path, step: int) -> None:
         """The grid written to ``path`` as an image of ``samples`` at ``step``, in TensorBoard's
@@ -1141,6 +1181,7 @@ class Trainer:
         log_every = self.log_every
         pending_losses = PendingLosses(accelerator, history, progress)
         clock = TrainingClock(earlier_seconds)
+        grid_mark = (clock.total(), global_step)  # training seconds and step at the last grid, or this piece's start
         piece_start = time.perf_counter()
         stopped_early = budget_spent = False
         stopped_by = None
@@ -1197,11 +1238,13 @@ class Trainer:
                         self.save_checkpoint(global_step, clock.total())
                 if config.save_images_steps and global_step % config.save_images_steps == 0 and not done:
                     self._check_finite(pending_losses.flush(), global_step, history)
+                    seconds_per_step = (clock.total() - grid_mark[0]) / (global_step - grid_mark[1])  # this piece's pace
                     with clock.paused():
                         if is_main:
-                            self.save_grid(self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png", step=global_step)
+                            self._timed_grid(global_step, seconds_per_step * config.save_images_steps)
                         self.unet.train()
                         accelerator.wait_for_everyone()
+                    grid_mark = (clock.total(), global_step)
                 if done:
                     break
             if done or stopped_early:
@@ -1256,7 +1299,8 @@ class Trainer:
         logger.info(
             f"trained to step {global_step} in {train_seconds:.0f} s"
             + (f" (loss {recent['loss']:.4g} over the last {recent['steps']} steps)" if "loss" in recent else "")
-            + "; writing the pipeline and the grid"
+            + f"; writing the pipeline, then the final grid and trajectory ({self.config.num_grid_images} images × "
+            f"{self.config.grid_inference_steps} steps, EMA weights)"
         )
         if self.train_images.skipped:  # counted here when the main process loaded them (workers count their own)
             logger.warning(f"{len(self.train_images.skipped)} bad image(s) were skipped (see the warnings above)")
@@ -1264,9 +1308,8 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return None
         self.save_pipeline(summary)
-        samples_path = self.save_grid(
-            self.output_dir / SAMPLES_NAME, trajectory_path=self.output_dir / TRAJECTORY_NAME, step=global_step
-        )
+        samples_path = self.save_grid(self.output_dir / SAMPLES_NAME, trajectory_path=self.output_dir / TRAJECTORY_NAME,
+                                      step=global_step, description="final grid")  # fmt: skip
         (self.output_dir / GRID_FOLDER).mkdir(exist_ok=True)
         shutil.copyfile(samples_path, self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png")
         steps, losses = history.series("loss")

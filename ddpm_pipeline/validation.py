@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+from tqdm.auto import tqdm
 
 from .data import TrainingImages
 from .likelihood import BoundTerms, batch_bound
@@ -61,12 +62,15 @@ class HeldOutBound:
         self.num_timesteps, self.seed, self.batch_size = num_timesteps, seed, batch_size
 
     def bound(self, unet: Callable[..., object], scheduler: DDPMTargetScheduler, images: torch.Tensor,
-              device: torch.device | str) -> BoundTerms:  # fmt: skip
-        """The bound's terms for ``images``, batch ``b`` drawn as :func:`~ddpm_pipeline.likelihood.batch_bound` draws it."""
+              device: torch.device | str, description: str | None = None) -> BoundTerms:  # fmt: skip
+        """The bound's terms for ``images``, batch ``b`` drawn as :func:`~ddpm_pipeline.likelihood.batch_bound`
+        draws it; with a ``description``, a progress bar of that name counts the batches (and goes
+        once they are done)."""
         starts = range(0, len(images), self.batch_size)
+        batches = tqdm(starts, desc=description, unit="batch", leave=False, disable=description is None)
         return BoundTerms.concatenate([
             batch_bound(unet, scheduler, images[start : start + self.batch_size].to(device), self.num_timesteps, self.seed, index)
-            for index, start in enumerate(starts)
+            for index, start in enumerate(batches)
         ])  # fmt: skip
 
     @torch.no_grad()
@@ -75,7 +79,6 @@ class HeldOutBound:
         the network in float32 (no TF32) and in eval mode (no dropout)."""
         unet = unet.to(device).eval()
         with strict_float32(device):
-            return {
-                "train_bpd": float(self.bound(unet, scheduler, self.training, device).total.mean()),
-                "validation_bpd": float(self.bound(unet, scheduler, self.validation, device).total.mean()),
-            }
+            training = self.bound(unet, scheduler, self.training, device, "bound, training images")
+            held_out = self.bound(unet, scheduler, self.validation, device, "bound, held-out images")
+        return {"train_bpd": float(training.total.mean()), "validation_bpd": float(held_out.total.mean())}

@@ -20,9 +20,9 @@ from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddpm_pipeline import speed
+from ddpm_pipeline import speed, training
 from ddpm_pipeline.checkpointing import list_checkpoints, read_trainer_state
-from ddpm_pipeline.training import TIMESTEP_SAMPLER_STATE_NAME, Trainer, build_ema, main
+from ddpm_pipeline.training import TIMESTEP_SAMPLER_STATE_NAME, Trainer, build_ema, grid_cost_advice, main
 from ddpm_pipeline.training_config import TrainingConfig
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -105,6 +105,42 @@ def test_cli_on_an_rgb_image_folder(tmp_path):
     assert pipeline.scheduler.config.beta_schedule == "squaredcos_cap_v2"
     images = pipeline(batch_size=1, num_inference_steps=3, output_type="np").images
     assert images.shape == (1, 16, 16, 3)
+
+
+def test_grids_show_their_progress_and_a_costly_grid_gets_advice_once(tmp_path, monkeypatch, caplog, capfd):
+    """Each grid's denoising shows a progress bar (a large network's grid on a CPU takes minutes);
+    the first grid that costs too much against the training before it is reported, once."""
+    consulted = []
+
+    def always_costly(grid_seconds, train_seconds, step, config):
+        consulted.append((step, grid_seconds, train_seconds, config.save_images_steps))
+        return f"the grid of step {step} was costly"
+
+    monkeypatch.setattr(training, "grid_cost_advice", always_costly)
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        run_training(tmp_path / "run", "--resolution", "16", "--max_train_steps", "6", "--train_batch_size", "4",
+                     "--save_images_steps", "2", "--checkpointing_steps", "none")  # fmt: skip
+    assert [(step, every) for step, _, _, every in consulted] == [(2, 2)]  # once advised, not asked again
+    assert consulted[0][1] > 0 and consulted[0][2] > 0
+    assert caplog.text.count("was costly") == 1
+    progress = capfd.readouterr().err
+    for bar in ("sample grid of step 2:", "sample grid of step 4:", "final grid:"):
+        assert bar in progress, bar
+    assert "then the final grid and trajectory (4 images × 5 steps, EMA weights)" in caplog.text
+
+
+def test_grid_cost_advice_names_a_grid_period_that_fits():
+    """Advice when a grid costs more than a quarter of the training between two grids; the period
+    it names scales --save_images_steps by the whole factor that brings it under."""
+    config = TrainingConfig(save_images_steps=400, num_grid_images=64, grid_inference_steps=100)
+    assert training.GRID_COST_WARNING_FRACTION == 0.25
+    assert grid_cost_advice(10.0, 100.0, 400, config) is None
+    assert grid_cost_advice(25.0, 100.0, 400, config) is None
+    assert grid_cost_advice(5.0, 0.0, 400, config) is None  # nothing trained since: nothing to weigh
+    advice = grid_cost_advice(1020.0, 1380.0, 800, config)  # 17 min of grid, 23 min of training per 400 steps
+    assert advice.startswith("the sample grid at step 800 (64 images × 100 steps) took 17.0 min, 74% of the 23.0 min "
+                             "that the 400 training steps between grids take")  # fmt: skip
+    assert "--save_images_steps 1200," in advice and "--save_images_steps none" in advice  # 400 × ⌈0.74 / 0.25⌉
 
 
 def test_a_non_square_network_trains_resumes_samples_and_evaluates(tmp_path, caplog):

@@ -31,9 +31,9 @@ def read_rows(path):
         return [{name: float(value) for name, value in row.items()} for row in csv.DictReader(handle)]
 
 
-def test_the_held_out_bound_is_the_bound_eval_metrics_computes(tmp_path):
+def test_the_held_out_bound_is_the_bound_eval_metrics_computes(tmp_path, capfd):
     """Both sets draw alike (common random numbers): the same images give the same bound, and it
-    is eval_metrics.py's over those images, seed and batches."""
+    is eval_metrics.py's over those images, seed and batches; a progress bar counts each set's batches."""
     torch.manual_seed(0)
     pipeline = DDPMTargetPipeline(DDPMUNet.from_preset("ddpm-tiny-16"), DDPMTargetScheduler(num_train_timesteps=20, beta_schedule="cosine"))
     preprocess = ImagePreprocessor(16, 1, "auto")
@@ -42,6 +42,8 @@ def test_the_held_out_bound_is_the_bound_eval_metrics_computes(tmp_path):
     held_out = HeldOutBound(images, images.clone(), num_timesteps=4, seed=3, batch_size=4)
     measured = held_out.measure(pipeline.unet, pipeline.scheduler, "cpu")
     assert measured["train_bpd"] == measured["validation_bpd"]
+    progress = capfd.readouterr().err
+    assert "bound, training images:" in progress and "bound, held-out images:" in progress
     assert held_out.measure(pipeline.unet, pipeline.scheduler, "cpu") == measured  # the same draws every time
     evaluated = bound_over_data(pipeline, DataSource.parse("bundled"), preprocess, 6, 4, 4, 3, torch.device("cpu"))
     assert measured["validation_bpd"] == pytest.approx(evaluated["bits_per_dim"], rel=1e-6)
