@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .bound_store import BoundStore
-from .data import find_image_column
+from .data import describe_data_source, find_image_column
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .images import GRAY_MODES, ImagePreprocessor, ImageSource, check_padding, inspect_images, upright_size
 from .likelihood import BoundTerms, batch_bound
@@ -33,10 +33,11 @@ from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder
 from .provenance import model_training, package_versions
-from .reference import DataSource, reference_statistics
+from .reference import DataSource, reference_statistics, training_data_reference
 from .sample_store import image_batches, image_files, recorded_batch_size
 from .sampling import (
     LaunchedProcesses,
+    check_model_exists,
     check_sampling_options,
     load_pipeline,
     model_identity,
@@ -64,9 +65,9 @@ class EvaluationConfig:
     model: str | None = field(default=None, metadata={"help": "Pipeline folder or Hub id to sample from."})
     samples: str | None = field(default=None, metadata={"help": "Score this folder of images instead of sampling a model."})
     snapshots: bool = field(default=False, metadata={"help": "With --model a train_ddpm.py --output_dir: score each snapshot-* pipeline the run saved (--snapshot_minutes / --snapshot_steps) and its final one, each into <output stem>-<name>.json, and plot the scores against the training steps and minutes (<output stem>-curve.png); --output gets the summary."})  # noqa: E501
-    reference: str = field(default="bundled", metadata={"help": "Reference data: 'bundled', a saved data set or image folder, a Hub data set name, or a .npz statistics file."})  # noqa: E501
-    reference_split: str = field(default="train", metadata={"help": "Split of a saved / Hub / image-folder reference, as datasets reads it: a name, a slice (train[:5000]) or a sum (train+test)."})
-    reference_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub reference data set."})
+    reference: str | None = field(default=None, metadata={"help": "Reference data: 'bundled', a saved data set or image folder, a Hub data set name, or a .npz statistics file (default: the data the --model was trained on, from its training_config.json)."})  # noqa: E501
+    reference_split: str | None = field(default=None, metadata={"help": "Split of a saved / Hub / image-folder reference, as datasets reads it: a name, a slice (train[:5000]) or a sum (train+test) (default: the training run's --split for its own data, else train)."})  # noqa: E501
+    reference_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub reference data set (default: the training run's, for its own data)."})  # noqa: E501
     reference_max_images: int | None = field(default=None, metadata={"help": "Use only the first N reference images (none = all)."})
     metrics: str = field(default="fid,kid,prc", metadata={"help": "Comma-separated: fid, isc, kid, prc, bpd."})
     num_samples: int = field(default=50000, metadata={"help": "Samples to generate and score."})
@@ -154,6 +155,42 @@ def load_training_config(model: str) -> dict[str, Any] | None:
         return json.loads(Path(hf_hub_download(model, CONFIG_FILE_NAME)).read_text())
     except Exception:  # noqa: BLE001 - any Hub failure just means "no recorded options"
         return None
+
+
+def resolve_reference(config: EvaluationConfig, announce: bool = True) -> EvaluationConfig:
+    """``config`` with its reference named: ``--reference`` as given (its split ``train`` unless
+    given), or, when a metric needs data (FID, KID, precision/recall, bits/dim) and none was given,
+    the data the ``--model`` was trained on (:func:`~ddpm_pipeline.reference.training_data_reference`,
+    with the run's split and configuration unless ``--reference_split`` / ``--reference_config``
+    are given), which is logged if ``announce``. Raises when nothing names the data: a folder of
+    ``--samples``, or a pipeline without ``training_config.json`` (from the Hub, or saved by hand)."""
+    if config.reference is not None:
+        return replace(config, reference_split=config.reference_split or "train")
+    needs_data = any(metric in ("fid", "kid", "prc") for metric in config.metric_list()) or (
+        "bpd" in config.metric_list() and config.bpd_data is None
+    )
+    if not needs_data:
+        return config
+    training = load_training_config(config.model) if config.model is not None else None
+    if training is None:
+        if config.model is not None:
+            unknown = f"--model {config.model} has no training_config.json to say what data it was trained on" + (
+                "" if Path(config.model).exists() else " (or, a Hub repo, it could not be fetched)"
+            )
+        else:
+            unknown = "--samples is a folder of images"
+        raise ValueError(
+            f"{unknown}: give --reference, the data its images are to be compared with: an image folder, a save_to_disk "
+            "folder, a Hub data set name (e.g. cifar10, with --reference_split), a .npz statistics file, or 'bundled' "
+            "(the bundled Fashion-MNIST images)."
+        )
+    source, split, dataset_config = training_data_reference(training, config.model)
+    split, dataset_config = config.reference_split or split, config.reference_config or dataset_config
+    words = describe_data_source(training.get("dataset_name"), dataset_config, split, training.get("train_data_dir"),
+                                 training.get("dataset_path"))  # fmt: skip
+    if announce:
+        logger.info(f"reference: the data {config.model} was trained on, {words}")
+    return replace(config, reference=source, reference_split=split, reference_config=dataset_config)
 
 
 def model_preprocessing(pipeline: DDPMTargetPipeline, training: dict[str, Any] | None, resize_mode: str | None) -> ImagePreprocessor:
@@ -409,8 +446,11 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         extractor = FeatureExtractorSpec(config.feature_extractor, extractor.weights_path)
     extractor.check_metrics(feature_wanted)
     # what can be wrong with the inputs is found before the sampling, which may take hours
-    if config.model is not None and Path(config.model).exists():  # else a Hub repo id, checked by from_pretrained
-        check_pipeline_folder(config.model)
+    if config.model is not None:
+        check_model_exists(config.model)
+        if Path(config.model).exists():  # else a Hub repo id, checked by from_pretrained
+            check_pipeline_folder(config.model)
+    config = resolve_reference(config, announce=processes.is_main)
     needs_reference = any(m in feature_wanted for m in ("fid", "kid", "prc"))
     reference_images = None  # the reference's images, loaded (a Hub data set downloaded) by the main process now
     if needs_reference:

@@ -200,15 +200,21 @@ def sampling_record(pipeline: DDPMTargetPipeline, fast_sampling: str) -> dict[st
             "compiled": is_compiled(pipeline.unet), "scheduler": type(pipeline.scheduler).__name__}  # fmt: skip
 
 
-def load_pipeline(model: str) -> DDPMTargetPipeline:
-    """``DDPMTargetPipeline.from_pretrained(model)`` (float32, on the CPU), with an error that
-    names the fixes when ``model`` is a path (:func:`~ddpm_pipeline.pretrained.is_local_source`)
-    that does not exist, or a Hub id that is neither cached nor reachable."""
+def check_model_exists(model: str) -> None:
+    """Raise, naming the fix, when ``model`` is a path (:func:`~ddpm_pipeline.pretrained.is_local_source`)
+    that does not exist: it cannot be a Hub repo id either."""
     if is_local_source(model) and not Path(model).expanduser().exists():
         raise FileNotFoundError(
             f"--model {model} is not a folder, nor a Hub repo id (user/name): give a train_ddpm.py --output_dir "
             "or a save_pretrained folder (is the path right?)."
         )
+
+
+def load_pipeline(model: str) -> DDPMTargetPipeline:
+    """``DDPMTargetPipeline.from_pretrained(model)`` (float32, on the CPU), with an error that
+    names the fixes when ``model`` is a path (:func:`~ddpm_pipeline.pretrained.is_local_source`)
+    that does not exist, or a Hub id that is neither cached nor reachable."""
+    check_model_exists(model)
     try:
         return DDPMTargetPipeline.from_pretrained(model)
     except OSError as error:

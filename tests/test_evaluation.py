@@ -30,11 +30,12 @@ from ddpm_pipeline.images import ImagePreprocessor
 from ddpm_pipeline.likelihood import BoundTerms
 from ddpm_pipeline.metrics import inception_score
 from ddpm_pipeline.model_card import build_model_card
-from ddpm_pipeline.reference import DataSource
+from ddpm_pipeline.reference import DataSource, training_data_reference
 from ddpm_pipeline.sampling import sample_store
 from ddpm_pipeline.snapshot_scores import run_pipelines
 from ddpm_pipeline.speed import cpu_threads_per_process
 from ddpm_pipeline.training import main as train_main
+from ddpm_pipeline.training_config import TrainingConfig
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def reference_data(tmp_path_factory):
 
 
 def run(tmp_path, model, reference, **options):
-    settings = dict(model=str(model), reference=str(reference), feature_extractor=FEATURES, num_samples=6,
+    settings = dict(model=str(model), reference=reference and str(reference), feature_extractor=FEATURES, num_samples=6,
                     num_inference_steps=4, batch_size=4, kid_subset_size=4, kid_subsets=3,
                     output=str(tmp_path / "results.json"), cache_dir=str(tmp_path / "cache"), device="cpu")  # fmt: skip
     settings.update(options)
@@ -367,7 +368,7 @@ def test_bad_options_fail_before_any_work(tmp_path, tiny_pipeline, reference_dat
         evaluate(model=str(tiny_pipeline), metrics="fid,lpips", output=str(tmp_path / "r.json"))
     with pytest.raises(FileNotFoundError, match="inception_weights"):
         evaluate(model=str(tiny_pipeline), metrics="fid", inception_weights=str(tmp_path / "missing.pth"),
-                 output=str(tmp_path / "r.json"))  # fmt: skip
+                 reference=str(reference_data), output=str(tmp_path / "r.json"))  # fmt: skip
     # the inputs the sampling does not need are checked before it too
     common = dict(model=str(tiny_pipeline), feature_extractor=FEATURES, num_samples=4, num_inference_steps=2,
                   output=str(tmp_path / "r.json"), device="cpu")  # fmt: skip
@@ -593,6 +594,49 @@ def test_reference_forms_are_recognised(tmp_path, reference_data):
 
     with pytest.raises(ValueError, match="lacks \\['sigma'\\]"):
         ReferenceStatistics.load(tmp_path / "only-mu.npz")
+
+
+def test_without_reference_a_model_is_compared_with_the_data_it_was_trained_on(tmp_path, tiny_pipeline, reference_data,
+                                                                              monkeypatch, caplog):  # fmt: skip
+    """No --reference: the training run's data (its training_config.json), scored as if named; a model
+    or a folder of images that records none is refused before any work, naming --reference."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, model)
+    TrainingConfig(dataset_path=str(reference_data), split="train[:20]").save(model / "training_config.json")
+    options = dict(metrics="fid,bpd", bpd_num_images=4, bpd_timesteps=2, bpd_batch_size=4, cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level("INFO", logger="ddpm_pipeline.evaluation"):
+        implicit = run(tmp_path / "implicit", model, None, **options)
+    assert f"reference: the data {model} was trained on, saved data set {reference_data}, split train[:20]" in caplog.text
+    assert implicit["reference"]["source"] == str(reference_data) and implicit["reference"]["num_images"] == 20
+    named = run(tmp_path / "named", model, reference_data, reference_split="train[:20]", **options)
+    assert named["reference"]["cache_hit"] is True  # the same statistics
+    assert implicit["metrics"]["fid"] == named["metrics"]["fid"]
+    assert implicit["metrics"]["bpd"] == named["metrics"]["bpd"]  # the bound's data default to the reference
+    # an image folder recorded by a relative path is read from the directory the command runs in
+    folder = tmp_path / "runs" / "images"
+    folder.mkdir(parents=True)
+    for index in range(4):
+        Image.fromarray(np.full((16, 16), 60 * index, np.uint8)).save(folder / f"{index}.png")
+    TrainingConfig(train_data_dir="images").save(model / "training_config.json")
+    monkeypatch.chdir(tmp_path / "runs")
+    assert run(tmp_path / "relative", model, None, metrics="fid")["reference"]["source"] == str(folder)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="trained on --train_data_dir images .* not there from .*: run from the "
+                                                "directory the training ran in, or give --reference"):  # fmt: skip
+        run(tmp_path / "elsewhere", model, None, metrics="fid")
+    # nothing names the data: refused, and nothing sampled
+    with pytest.raises(ValueError, match=f"--model {tiny_pipeline} has no training_config.json .*: give --reference"):
+        run(tmp_path / "unrecorded", tiny_pipeline, None, metrics="kid")
+    with pytest.raises(ValueError, match="--samples is a folder of images: give --reference"):
+        evaluate(samples=str(folder), metrics="fid", feature_extractor=FEATURES, output=str(tmp_path / "s.json"))
+    assert not list(tmp_path.glob("unrecorded*/*-samples")) and not (tmp_path / "s-samples").exists()
+
+
+def test_a_training_record_names_its_data_as_a_reference():
+    assert training_data_reference({"dataset_name": "uoft-cs/cifar10", "dataset_config": "plain_text", "split": "train"},
+                                   "m") == ("uoft-cs/cifar10", "train", "plain_text")  # fmt: skip
+    assert training_data_reference({"split": "train[:5000]"}, "m") == ("bundled", "train[:5000]", None)
+    assert training_data_reference(TrainingConfig().__dict__, "m") == ("bundled", "train", None)  # the main job
 
 
 def test_torch_fidelity_s_weights_are_fetched_before_sampling_or_their_absence_explained(tmp_path, tiny_pipeline, reference_data, monkeypatch):
