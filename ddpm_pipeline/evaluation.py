@@ -164,13 +164,11 @@ def resolve_reference(config: EvaluationConfig, announce: bool = True) -> Evalua
     with the run's split and configuration unless ``--reference_split`` / ``--reference_config``
     are given), which is logged if ``announce``. Raises when nothing names the data: a folder of
     ``--samples``, or a pipeline without ``training_config.json`` (from the Hub, or saved by hand)."""
-    if config.reference is not None:
-        return replace(config, reference_split=config.reference_split or "train")
     needs_data = any(metric in ("fid", "kid", "prc") for metric in config.metric_list()) or (
         "bpd" in config.metric_list() and config.bpd_data is None
     )
-    if not needs_data:
-        return config
+    if config.reference is not None or not needs_data:
+        return replace(config, reference_split=config.reference_split or "train")
     training = load_training_config(config.model) if config.model is not None else None
     if training is None:
         if config.model is not None:

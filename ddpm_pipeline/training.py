@@ -138,6 +138,8 @@ class TrainingResult:
     finished: bool = True
     train_seconds: float = 0.0
     stopped_by: str | None = None
+    device_type: str = "cpu"
+    """Where it trained: ``"cpu"``, ``"cuda"``, … (``torch.device.type``)."""
 
 
 def snapshot_name(value: float, unit: str) -> str:
@@ -147,6 +149,11 @@ def snapshot_name(value: float, unit: str) -> str:
         raise ValueError(f"unit must be 'minutes' or 'steps', got {unit!r}.")
     return f"snapshot-{f'{value:g}'.replace('.', 'p')}{'min' if unit == 'minutes' else 'steps'}"
 
+
+#: The eval_metrics.py options a run trained on a CPU suggests: the README's protocol for the main job
+#: (14 minutes on the 2-core reference machine), where the defaults would sample for days.
+QUICK_CPU_EVALUATION = ("--metrics fid,kid,bpd --num_samples 1000 --num_inference_steps 100 --reference_max_images 1000 "
+                        "--bpd_num_images 500 --bpd_timesteps 20")
 
 #: A periodic grid that takes longer than this fraction of the training time since the grid before
 #: it gets a warning (once a run) naming the options that make grids cheaper.
@@ -1261,7 +1268,7 @@ class Trainer:
             accelerator.wait_for_everyone()
             accelerator.end_training()
             return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, None, False, train_seconds,
-                                  stopped_by)  # fmt: skip
+                                  stopped_by, accelerator.device.type)  # fmt: skip
         if config.validation_split is not None and not self.held_out_due(global_step):
             self.measure_held_out(global_step, validation_history)  # the end's, when no period ended here
         validation_history.close()
@@ -1271,7 +1278,8 @@ class Trainer:
             self._push()
         accelerator.wait_for_everyone()
         accelerator.end_training()
-        return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, samples_path, True, train_seconds)
+        return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, samples_path, True, train_seconds,
+                              device_type=accelerator.device.type)  # fmt: skip
 
     def _checkpoint_and_stop(self, global_step: int, train_seconds: float, stopped_by: str | None) -> None:
         """A run stopped before its end (its piece's ``--stop_after_minutes`` up, a stop signal, or
@@ -1351,11 +1359,15 @@ def main(argv: list[str] | None = None) -> TrainingResult:
     result = train(config)
     if result.finished:
         folder = shlex.quote(str(result.output_dir))
-        snapshots = (f", `python eval_metrics.py --model {folder} --snapshots` for them at each snapshot too"
+        # eval_metrics.py's defaults (50,000 samples of 1,000 steps, the exact bound) are a GPU's work
+        scoring, scores = " --metrics fid,kid,prc,bpd", "FID, KID, precision/recall and bits/dim"
+        if result.device_type == "cpu":
+            scoring, scores = f" {QUICK_CPU_EVALUATION}", "a quick FID-1k, KID and bits/dim on a CPU"
+        snapshots = (f", `python eval_metrics.py --model {folder}{scoring} --snapshots` for them at each snapshot too"
                      if config.snapshot_minutes or config.snapshot_steps else "")  # fmt: skip
         logger.info(
             f"done: the pipeline, samples.png and loss_curve.png are in {result.output_dir}. Next: "
-            f"`python sample_ddpm.py --model {folder}` for more samples, `python eval_metrics.py --model {folder}` "
-            f"for FID and bits/dim{snapshots}"
+            f"`python sample_ddpm.py --model {folder}` for more samples, `python eval_metrics.py --model {folder}{scoring}` "
+            f"for {scores}{snapshots}"
         )
     return result

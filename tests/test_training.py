@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 from ddpm_pipeline import speed, training
 from ddpm_pipeline.checkpointing import list_checkpoints, read_trainer_state
+from ddpm_pipeline.evaluation import EvaluationConfig
 from ddpm_pipeline.training import TIMESTEP_SAMPLER_STATE_NAME, Trainer, build_ema, grid_cost_advice, main
 from ddpm_pipeline.training_config import TrainingConfig
 
@@ -157,6 +158,12 @@ def test_a_non_square_network_trains_resumes_samples_and_evaluates(tmp_path, cap
         assert main([*TINY, "--output_dir", str(out), *map(str, options), "--max_train_steps", "3",
                      "--resume_from_checkpoint", "latest"]).global_step == 3  # fmt: skip
     assert f"Next: `python sample_ddpm.py --model {out}` for more samples" in caplog.text
+    # on a CPU, the scoring it suggests is sized for a CPU (the defaults would sample for days), and parses
+    assert (f"`python eval_metrics.py --model {out} {training.QUICK_CPU_EVALUATION}` for a quick FID-1k, KID and "
+            "bits/dim on a CPU") in caplog.text  # fmt: skip
+    quick = EvaluationConfig.from_args(["--model", str(out), *training.QUICK_CPU_EVALUATION.split()])
+    quick.validate()
+    assert (quick.num_samples, quick.num_inference_steps, quick.bpd_timesteps) == (1000, 100, 20)
     pipeline = DDPMPipeline.from_pretrained(out)
     assert list(pipeline.unet.config.sample_size) == [16, 32]
     assert pipeline(batch_size=1, num_inference_steps=3, output_type="np").images.shape == (1, 16, 32, 3)
