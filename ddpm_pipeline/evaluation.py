@@ -171,12 +171,12 @@ def resolve_reference(config: EvaluationConfig, announce: bool = True) -> Evalua
         return replace(config, reference_split=config.reference_split or "train")
     training = load_training_config(config.model) if config.model is not None else None
     if training is None:
-        if config.model is not None:
-            unknown = f"--model {config.model} has no training_config.json to say what data it was trained on" + (
-                "" if Path(config.model).exists() else " (or, a Hub repo, it could not be fetched)"
-            )
-        else:
+        if config.model is None:
             unknown = "--samples is a folder of images"
+        elif Path(config.model).exists():
+            unknown = f"--model {config.model} has no training_config.json to say what data it was trained on"
+        else:
+            unknown = f"--model {config.model} is a Hub repo without a training_config.json (or one that could not be fetched)"
         raise ValueError(
             f"{unknown}: give --reference, the data its images are to be compared with: an image folder, a save_to_disk "
             "folder, a Hub data set name (e.g. cifar10, with --reference_split), a .npz statistics file, or 'bundled' "

@@ -93,8 +93,8 @@ class DataSource:
 def training_data_reference(training: dict[str, Any], model: str) -> tuple[str, str, str | None]:
     """The data a ``train_ddpm.py`` run trained on, from its ``training_config.json`` (``training``),
     as a reference: ``(source, split, dataset_config)`` for :meth:`DataSource.parse` — its image
-    folder or ``save_to_disk`` folder (a relative path is read from the current directory, as the
-    run read it), its Hub data set with its configuration, or ``"bundled"`` — and its ``--split``.
+    folder or ``save_to_disk`` folder (as recorded; a relative path is read from the current
+    directory, as the run read it), its Hub data set with its configuration, or ``"bundled"`` — and its ``--split``.
     Raises when the recorded folder is not there, naming it and the fix."""
     split = training.get("split") or "train"
     for option in ("train_data_dir", "dataset_path"):
@@ -106,7 +106,7 @@ def training_data_reference(training: dict[str, Any], model: str) -> tuple[str, 
                     f"there from {Path.cwd()}: run from the directory the training ran in, or give --reference with "
                     "the data its samples are to be compared with."
                 )
-            return str(folder.resolve()), split, None
+            return str(folder), split, None  # as the run recorded it: a report or model card shows no more of the disk
     if training.get("dataset_name"):
         return training["dataset_name"], split, training.get("dataset_config")
     return "bundled", split, None

@@ -619,7 +619,8 @@ def test_without_reference_a_model_is_compared_with_the_data_it_was_trained_on(t
         Image.fromarray(np.full((16, 16), 60 * index, np.uint8)).save(folder / f"{index}.png")
     TrainingConfig(train_data_dir="images").save(model / "training_config.json")
     monkeypatch.chdir(tmp_path / "runs")
-    assert run(tmp_path / "relative", model, None, metrics="fid")["reference"]["source"] == str(folder)
+    relative = run(tmp_path / "relative", model, None, metrics="fid")
+    assert relative["reference"]["source"] == "images" and relative["reference"]["num_images"] == 4  # as recorded
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match="trained on --train_data_dir images .* not there from .*: run from the "
                                                 "directory the training ran in, or give --reference"):  # fmt: skip
@@ -627,6 +628,8 @@ def test_without_reference_a_model_is_compared_with_the_data_it_was_trained_on(t
     # nothing names the data: refused, and nothing sampled
     with pytest.raises(ValueError, match=f"--model {tiny_pipeline} has no training_config.json .*: give --reference"):
         run(tmp_path / "unrecorded", tiny_pipeline, None, metrics="kid")
+    with pytest.raises(ValueError, match="--model ddpm-pipeline-tests/not-cached is a Hub repo without a training_config"):
+        run(tmp_path / "unrecorded-hub", "ddpm-pipeline-tests/not-cached", None, metrics="fid")
     with pytest.raises(ValueError, match="--samples is a folder of images: give --reference"):
         evaluate(samples=str(folder), metrics="fid", feature_extractor=FEATURES, output=str(tmp_path / "s.json"))
     assert not list(tmp_path.glob("unrecorded*/*-samples")) and not (tmp_path / "s-samples").exists()
