@@ -151,12 +151,12 @@ def snapshot_name(value: float, unit: str) -> str:
 
 
 #: The eval_metrics.py options a run trained on a CPU suggests: the README's protocol for the main job
-#: (14 minutes on the 2-core reference machine), where the defaults would sample for days.
+#: (11 to 14 minutes on the 2-core reference machine), where the defaults would sample for days.
 QUICK_CPU_EVALUATION = ("--metrics fid,kid,bpd --num_samples 1000 --num_inference_steps 100 --reference_max_images 1000 "
                         "--bpd_num_images 500 --bpd_timesteps 20")
 
-#: A periodic grid that takes longer than this fraction of the training time since the grid before
-#: it gets a warning (once a run) naming the options that make grids cheaper.
+#: A periodic grid that takes longer than this fraction of the training time between two grids gets
+#: a warning (once a run) naming the options that make grids cheaper.
 GRID_COST_WARNING_FRACTION = 0.25
 
 
