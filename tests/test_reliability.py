@@ -31,7 +31,7 @@ from ddpm_pipeline.images import (
     check_padding,
     inspect_images,
 )
-from ddpm_pipeline.training import TIMESTEP_SAMPLER_STATE_NAME, main
+from ddpm_pipeline.training import QUICK_CPU_EVALUATION, TIMESTEP_SAMPLER_STATE_NAME, main
 from ddpm_pipeline.training_config import TrainingConfig
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -547,7 +547,7 @@ def test_snapshots_hold_the_pipeline_of_their_step_or_minute(tmp_path, caplog):
     out = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
         main([*options, "--max_train_steps", "4", "--snapshot_steps", "2", "--snapshot_minutes", "1e-9", "--output_dir", str(out)])
-    assert f"`python eval_metrics.py --model {out} --snapshots` for them at each snapshot too" in caplog.text
+    assert f"`python eval_metrics.py --model {out} {QUICK_CPU_EVALUATION} --snapshots` for them at each snapshot too" in caplog.text
     by_step = out / "snapshot-2steps"
     assert json.loads((by_step / "snapshot.json").read_text())["global_step"] == 2
     by_minute = json.loads((out / "snapshot-1e-09min" / "snapshot.json").read_text())
