@@ -110,11 +110,11 @@ def test_cli_on_an_rgb_image_folder(tmp_path):
 
 def test_grids_show_their_progress_and_a_costly_grid_gets_advice_once(tmp_path, monkeypatch, caplog, capfd):
     """Each grid's denoising shows a progress bar (a large network's grid on a CPU takes minutes);
-    the first grid that costs too much against the training before it is reported, once."""
+    the first grid that costs too much against the training between grids is reported, once."""
     consulted = []
 
-    def always_costly(grid_seconds, train_seconds, step, config):
-        consulted.append((step, grid_seconds, train_seconds, config.save_images_steps))
+    def always_costly(grid_seconds, period_seconds, step, config):
+        consulted.append((step, grid_seconds, period_seconds, config.save_images_steps))
         return f"the grid of step {step} was costly"
 
     monkeypatch.setattr(training, "grid_cost_advice", always_costly)
