@@ -28,7 +28,7 @@ from .data import describe_data_source, find_image_column
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .images import GRAY_MODES, ImagePreprocessor, ImageSource, check_padding, inspect_images, upright_size
 from .likelihood import BoundTerms, batch_bound
-from .metrics import FEATURE_METRICS, SCORE_NAMES, feature_metrics, parse_metrics
+from .metrics import FEATURE_METRICS, REFERENCE_METRICS, SCORE_NAMES, feature_metrics, parse_metrics
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder
@@ -157,19 +157,19 @@ def load_training_config(model: str) -> dict[str, Any] | None:
         return None
 
 
-def resolve_reference(config: EvaluationConfig, announce: bool = True) -> EvaluationConfig:
+def resolve_reference(config: EvaluationConfig, training: dict[str, Any] | None, announce: bool = True) -> EvaluationConfig:
     """``config`` with its reference named: ``--reference`` as given (its split ``train`` unless
     given), or, when a metric needs data (FID, KID, precision/recall, bits/dim) and none was given,
-    the data the ``--model`` was trained on (:func:`~ddpm_pipeline.reference.training_data_reference`,
-    with the run's split and configuration unless ``--reference_split`` / ``--reference_config``
-    are given), which is logged if ``announce``. Raises when nothing names the data: a folder of
-    ``--samples``, or a pipeline without ``training_config.json`` (from the Hub, or saved by hand)."""
-    needs_data = any(metric in ("fid", "kid", "prc") for metric in config.metric_list()) or (
+    the data the ``--model`` was trained on, from its ``training_config.json`` (``training``, None
+    without one; :func:`~ddpm_pipeline.reference.training_data_reference`), with the run's split
+    and configuration unless ``--reference_split`` / ``--reference_config`` are given, which is
+    logged if ``announce``. Raises when nothing names the data: a folder of ``--samples``, or a
+    pipeline without ``training_config.json`` (from the Hub, or saved by hand)."""
+    needs_data = any(metric in REFERENCE_METRICS for metric in config.metric_list()) or (
         "bpd" in config.metric_list() and config.bpd_data is None
     )
     if config.reference is not None or not needs_data:
         return replace(config, reference_split=config.reference_split or "train")
-    training = load_training_config(config.model) if config.model is not None else None
     if training is None:
         if config.model is None:
             unknown = "--samples is a folder of images"
@@ -448,8 +448,9 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         check_model_exists(config.model)
         if Path(config.model).exists():  # else a Hub repo id, checked by from_pretrained
             check_pipeline_folder(config.model)
-    config = resolve_reference(config, announce=processes.is_main)
-    needs_reference = any(m in feature_wanted for m in ("fid", "kid", "prc"))
+    training = load_training_config(config.model) if config.model is not None else None  # read once, used twice
+    config = resolve_reference(config, training, announce=processes.is_main)
+    needs_reference = any(m in feature_wanted for m in REFERENCE_METRICS)
     reference_images = None  # the reference's images, loaded (a Hub data set downloaded) by the main process now
     if needs_reference:
         reference_source = DataSource.parse(config.reference, config.reference_split, config.reference_config)
@@ -469,11 +470,9 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     if not processes.is_main and config.model is None:
         return helper_result  # scoring a folder of images: nothing to share
     pipeline = None
-    training = None
     sampling: dict[str, Any] | None = None
     if config.model is not None:
         pipeline = load_pipeline(config.model).to(device)  # float32: the bound's network
-        training = load_training_config(config.model)
         preprocess = model_preprocessing(pipeline, training, config.resize_mode)
         num_train_timesteps = pipeline.scheduler.config.num_train_timesteps
         if feature_wanted and config.num_inference_steps > num_train_timesteps:

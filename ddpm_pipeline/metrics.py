@@ -24,6 +24,8 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 #: The metrics ``--metrics`` accepts (``bpd`` is the likelihood, not computed from features).
 METRICS = ("fid", "isc", "kid", "prc", "bpd")
 FEATURE_METRICS = ("fid", "isc", "kid", "prc")
+#: The feature metrics that compare the samples with reference data (the Inception Score needs none).
+REFERENCE_METRICS = ("fid", "kid", "prc")
 #: The headline scores the feature metrics put in a report (:func:`feature_metrics`), with their names for people.
 SCORE_NAMES = {"fid": "FID", "kid_mean": "KID", "isc_mean": "Inception Score", "precision": "Precision", "recall": "Recall"}
 
