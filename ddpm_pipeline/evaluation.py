@@ -90,7 +90,7 @@ class EvaluationConfig:
     kid_subset_size: int = field(default=1000, metadata={"help": "KID: subset size (capped at the sample count)."})
     isc_splits: int = field(default=10, metadata={"help": "Inception Score: splits (mean and std over them)."})
     bpd_data: str | None = field(default=None, metadata={"help": "Data for bits/dim (default: --reference), same forms as --reference."})
-    bpd_split: str | None = field(default=None, metadata={"help": "Split for bits/dim data (default: --reference_split)."})
+    bpd_split: str | None = field(default=None, metadata={"help": "Split for bits/dim data (default: with --reference left to the model's training data, the images its run held out, its --validation_split, where it had one; else --reference_split)."})  # noqa: E501
     bpd_num_images: int | None = field(default=1000, metadata={"help": "Images to average bits/dim over (none = all)."})
     bpd_timesteps: int | None = field(default=None, metadata={"help": "Timesteps per image for bits/dim (none = every t, exact; K = an unbiased estimate from one timestep in each of K log-spaced strata)."})  # noqa: E501
     bpd_batch_size: int = field(default=64, metadata={"help": "Images per bits/dim batch."})
@@ -163,7 +163,9 @@ def resolve_reference(config: EvaluationConfig, training: dict[str, Any] | None,
     the data the ``--model`` was trained on, from its ``training_config.json`` (``training``, None
     without one; :func:`~ddpm_pipeline.reference.training_data_reference`), with the run's split
     and configuration unless ``--reference_split`` / ``--reference_config`` are given, which is
-    logged if ``announce``. Raises when nothing names the data: a folder of ``--samples``, or a
+    logged if ``announce``. Then, unless ``--bpd_data`` or ``--bpd_split`` is given, bits/dim are
+    measured on the images the run held out (its ``--validation_split`` of the same source), where
+    it held some out. Raises when nothing names the data: a folder of ``--samples``, or a
     pipeline without ``training_config.json`` (from the Hub, or saved by hand)."""
     needs_data = any(metric in REFERENCE_METRICS for metric in config.metric_list()) or (
         "bpd" in config.metric_list() and config.bpd_data is None
@@ -188,7 +190,14 @@ def resolve_reference(config: EvaluationConfig, training: dict[str, Any] | None,
                                  training.get("dataset_path"))  # fmt: skip
     if announce:
         logger.info(f"reference: the data {config.model} was trained on, {words}")
-    return replace(config, reference=source, reference_split=split, reference_config=dataset_config)
+    bpd_split = config.bpd_split
+    held_out = training.get("validation_split")
+    if "bpd" in config.metric_list() and config.bpd_data is None and bpd_split is None and held_out:
+        bpd_split = held_out  # a likelihood is measured on images the model did not train on
+        if announce:
+            logger.info(f"bits/dim: on the images {config.model} held out from its training, split {held_out} "
+                        "(its --validation_split)")  # fmt: skip
+    return replace(config, reference=source, reference_split=split, reference_config=dataset_config, bpd_split=bpd_split)
 
 
 def model_preprocessing(pipeline: DDPMTargetPipeline, training: dict[str, Any] | None, resize_mode: str | None) -> ImagePreprocessor:
@@ -353,6 +362,7 @@ def _measure_bound(config: EvaluationConfig, pipeline: DDPMTargetPipeline, sourc
         config.seed, device, processes, store=terms_store,
     )  # fmt: skip
     if bound is not None:
+        bound["data"] = config.bpd_data or config.reference  # as given, as the reference is: no more of the disk
         bound["batches_reused"] = batches_reused
     return bound, terms_store
 

@@ -266,6 +266,11 @@ def _body(
     return "\n".join(lines) + "\n"
 
 
+def _data_words(source: Any, split: Any) -> str:
+    """A report's data source, as given to ``eval_metrics.py``, with its split."""
+    return f"{source}, split {split}" if split else str(source)
+
+
 def _metrics_table(report: dict[str, Any]) -> str:
     """The report's metrics as a table, with how each was measured."""
     metrics = report.get("metrics", {})
@@ -283,12 +288,14 @@ def _metrics_table(report: dict[str, Any]) -> str:
         reference = report.get("reference") or {}
         notes.append(
             f"Sample metrics: {report.get('num_samples')} samples with {report.get('num_inference_steps')} sampling "
-            f"steps against {reference.get('num_images', 'the')} reference images ({reference.get('source', 'see the report')})."
+            f"steps against {reference.get('num_images', 'the')} reference images "
+            f"({_data_words(reference.get('source', 'see the report'), reference.get('split'))})."
         )
     if isinstance(bpd, dict) and "bits_per_dim" in bpd:
         timesteps = bpd.get("timesteps")
         how = "every timestep" if timesteps in (None, "all") else f"{timesteps} stratified timesteps per image (unbiased)"
-        notes.append(f"Bits/dim: the variational bound over {bpd.get('num_images')} images of {bpd.get('data')}, {how}.")
+        notes.append(f"Bits/dim: the variational bound over {bpd.get('num_images')} images of "
+                     f"{_data_words(bpd.get('data'), bpd.get('split'))}, {how}.")
     notes.append("Computed by `eval_metrics.py` (torch-fidelity for the sample metrics).")
     return "\n".join(rows) + "\n\n" + " ".join(notes)
 

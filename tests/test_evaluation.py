@@ -578,6 +578,8 @@ def test_reference_forms_are_recognised(tmp_path, reference_data):
     from ddpm_pipeline.reference import DataSource
 
     assert DataSource.parse("bundled").kind == "bundled"
+    assert len(DataSource.parse("bundled", "train[:64]").load()) == 64  # a slice of the bundled set is kept
+    assert len(DataSource.parse("bundled", "train[-100:]").load()) == 100
     assert DataSource.parse(reference_data).kind == "saved"
     images = tmp_path / "folder"
     images.mkdir()
@@ -612,6 +614,21 @@ def test_without_reference_a_model_is_compared_with_the_data_it_was_trained_on(t
     assert named["reference"]["cache_hit"] is True  # the same statistics
     assert implicit["metrics"]["fid"] == named["metrics"]["fid"]
     assert implicit["metrics"]["bpd"] == named["metrics"]["bpd"]  # the bound's data default to the reference
+    assert implicit["metrics"]["bpd"]["data"] == str(reference_data)  # as given or recorded, as the reference is
+    # a run that held images out has its bound measured on them, as if --bpd_split named them
+    TrainingConfig(dataset_path=str(reference_data), split="train[:16]",
+                   validation_split="train[16:]").save(model / "training_config.json")  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ddpm_pipeline.evaluation"):
+        held_out = run(tmp_path / "held-out", model, None, **options)
+    assert f"bits/dim: on the images {model} held out from its training, split train[16:]" in caplog.text
+    assert held_out["reference"]["num_images"] == 16 and held_out["metrics"]["bpd"]["split"] == "train[16:]"
+    named = run(tmp_path / "held-out-named", model, reference_data, reference_split="train[:16]", bpd_split="train[16:]",
+                **options)  # fmt: skip
+    assert held_out["metrics"]["bpd"] == named["metrics"]["bpd"]
+    assert held_out["metrics"]["bpd"]["bits_per_dim"] != implicit["metrics"]["bpd"]["bits_per_dim"]  # other images
+    chosen = run(tmp_path / "chosen", model, None, bpd_split="train[:20]", **options)  # a split given is kept
+    assert chosen["metrics"]["bpd"]["bits_per_dim"] == implicit["metrics"]["bpd"]["bits_per_dim"]
     # an image folder recorded by a relative path is read from the directory the command runs in
     folder = tmp_path / "runs" / "images"
     folder.mkdir(parents=True)

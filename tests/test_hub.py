@@ -32,14 +32,15 @@ def metrics_as_evaluated() -> dict:
     reference = torch.randn(50, 8, generator=generator) + 0.5
     metrics = feature_metrics(["fid", "isc", "kid", "prc"], generated, gaussian_statistics(reference), reference,
                               kid_subsets=10, kid_subset_size=20, isc_splits=2)  # fmt: skip
-    return {**metrics, "bpd": {"bits_per_dim": 3.21, "bits_per_dim_stderr": 0.02}}
+    return {**metrics, "bpd": {"bits_per_dim": 3.21, "bits_per_dim_stderr": 0.02, "num_images": 1000, "timesteps": 20,
+                               "data": "my_images", "split": "test"}}  # fmt: skip
 
 
 REPORT = {
     "num_samples": 5000,
     "num_inference_steps": 1000,
     "metrics": metrics_as_evaluated(),
-    "reference": {"source": "bundled", "num_images": 10000},
+    "reference": {"source": "my_images", "split": "train", "num_images": 10000},
 }
 
 
@@ -107,7 +108,8 @@ def test_model_card_of_an_epsilon_model_with_metrics(tmp_path):
     assert "| `model` | `ddpm-tiny-16` |" in body and f"| FID | {reported['fid']:.4g} |" in body
     assert f"| KID | {reported['kid_mean']:.4g} ± {reported['kid_std']:.2g} |" in body
     assert f"| Inception Score | {reported['isc_mean']:.4g} ± {reported['isc_std']:.2g} |" in body
-    assert "5000 samples with 1000 sampling steps" in body
+    assert "5000 samples with 1000 sampling steps against 10000 reference images (my_images, split train)" in body
+    assert "over 1000 images of my_images, split test, 20 stratified timesteps per image" in body  # held out, it says
 
 
 def test_model_card_of_a_mu_model_says_the_package_is_needed(tmp_path):
