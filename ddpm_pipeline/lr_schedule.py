@@ -45,6 +45,21 @@ def diffusers_multiplier(name: str, learning_rate: float, warmup_steps: int, tot
     return get_scheduler(name, optimizer=probe, num_warmup_steps=warmup_steps, num_training_steps=total_steps).lr_lambdas[0]
 
 
+def warmup_advice(name: str, warmup_steps: int, total_steps: int) -> str | None:
+    """A warning for a warmup that fills the run, else None. diffusers' warmup scales the rate by
+    ``n / W`` at step ``n ≤ W`` (counted from 0), so with ``W ≥ N`` every step is warmup: the rate
+    climbs to ``(N - 1) / W`` of ``--learning_rate`` at the last step, and a decaying schedule never decays. (``constant``
+    ignores the warmup, as diffusers' does.)"""
+    if name == "constant" or warmup_steps < total_steps:
+        return None
+    decay = f", and the {name} decay never starts" if name in DECAYING_SCHEDULES else ""
+    return (
+        f"--lr_warmup_steps {warmup_steps} is not shorter than this run's {total_steps} steps: the learning rate climbs "
+        f"for the whole run, to {(total_steps - 1) / warmup_steps:.0%} of --learning_rate at its last step{decay}. "
+        f"Pass a shorter warmup, e.g. --lr_warmup_steps {total_steps // 10} (a tenth of the run)."
+    )
+
+
 class RunLengthLR(LRScheduler):
     """diffusers' schedule ``name`` with ``warmup_steps`` of warmup, decaying over ``total_steps``
     or over ``budget_seconds`` of training, whichever ends first (the module docstring has the

@@ -56,7 +56,7 @@ from .data import (
 )
 from .images import ImageFormat, ImagePreprocessor, ImageSource, check_padding, inspect_images, warn_if_mostly_padding
 from .losses import diffusion_loss_terms, has_bound_term
-from .lr_schedule import RunLengthLR
+from .lr_schedule import RunLengthLR, warmup_advice
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid, save_loss_curve, save_metric_curves
 from .preflight import check_free_space, check_output_dir, check_unet_config, run_output_bytes
@@ -407,6 +407,9 @@ class Trainer:
             budget_seconds=None if config.max_train_minutes is None else 60 * config.max_train_minutes,
         )
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
+        advice = warmup_advice(config.lr_scheduler, config.lr_warmup_steps, self.total_steps)
+        if advice is not None and self.accelerator.is_main_process:
+            logger.warning(advice)
         # Saved beside Accelerate's state by save_checkpoint (not registered with it), so that a run
         # may switch between uniform and importance draws when it resumes.
         self.timestep_sampler, self._importance_announced = None, False

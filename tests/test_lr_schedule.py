@@ -9,7 +9,7 @@ import torch
 from diffusers.optimization import get_scheduler
 
 import ddpm_pipeline.training as training_module
-from ddpm_pipeline.lr_schedule import DECAYING_SCHEDULES, RunLengthLR
+from ddpm_pipeline.lr_schedule import DECAYING_SCHEDULES, RunLengthLR, warmup_advice
 from ddpm_pipeline.training import main
 from ddpm_pipeline.training_config import LR_SCHEDULERS
 
@@ -145,3 +145,26 @@ def test_a_time_budgeted_run_anneals_its_learning_rate(tmp_path, monkeypatch, ca
     assert f"--max_train_minutes 1 → 2; the learning rate from step {result.global_step + 1} on follows" in caplog.text
     rates = [float(row.split(",")[2]) for row in (out / "loss_history.csv").read_text().splitlines()[1:]]
     assert rates[result.global_step] > 0.2 * PEAK and rates[-1] < 0.05 * PEAK  # back up, then decayed again
+
+
+@pytest.mark.parametrize(("name", "warmup", "steps"), [("cosine", 100, 100), ("linear", 500, 100), ("constant_with_warmup", 40, 8)])
+def test_a_warmup_that_fills_the_run_is_warned_of_with_the_rate_it_reaches(name, warmup, steps):
+    """With --lr_warmup_steps ≥ the run's steps the rate only climbs: the warning gives the share of
+    --learning_rate it reaches at the last step (read off the schedule itself) and a shorter warmup."""
+    advice = warmup_advice(name, warmup, steps)
+    last = learning_rates(RunLengthLR(optimizer(), name, warmup_steps=warmup, total_steps=steps), steps)[-1]
+    assert f"the learning rate climbs for the whole run, to {last / PEAK:.0%} of --learning_rate at its last step" in advice
+    assert ("decay never starts" in advice) == (name in DECAYING_SCHEDULES)
+    assert f"--lr_warmup_steps {steps // 10} (a tenth of the run)" in advice
+    assert warmup_advice(name, steps - 1, steps) is None  # a warmup shorter than the run is the user's choice
+    assert warmup_advice("constant", warmup, steps) is None  # constant has no warmup (diffusers ignores it)
+
+
+def test_a_short_run_with_the_default_warmup_is_warned(tmp_path, caplog):
+    """The default --lr_warmup_steps 100 in a 3-step run: the log says the run is all warmup."""
+    options = ["--model", "ddpm-tiny-16", "--resolution", "16", "--grid_inference_steps", "2", "--num_grid_images", "4",
+               "--report_to", "none", "--train_batch_size", "4", "--save_images_steps", "none", "--checkpointing_steps",
+               "none", "--max_train_steps", "3", "--output_dir", str(tmp_path / "run")]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.training"):
+        main(options)
+    assert "--lr_warmup_steps 100 is not shorter than this run's 3 steps" in caplog.text
