@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,16 @@ def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2,
         canvas[top : top + height, left : left + width] = pixels[index]
     grid = Image.fromarray(canvas[..., 0] if channels == 1 else canvas, mode="L" if channels == 1 else "RGB")
     return grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST) if scale > 1 else grid
+
+
+#: characters of a panel title per line (a 7-inch panel at matplotlib's default title size)
+TITLE_WIDTH = 70
+
+
+def panel_title(text: str) -> str:
+    """``text`` broken into lines of at most :data:`TITLE_WIDTH` characters, so that a long title
+    (a Hub id or a folder's name in it) stays inside its panel instead of running off the figure."""
+    return "\n".join(textwrap.wrap(text, TITLE_WIDTH)) if len(text) > TITLE_WIDTH else text
 
 
 def save_image_grid(images: np.ndarray, path: str | Path, **grid_kwargs) -> Path:
@@ -114,7 +125,7 @@ def save_loss_curve(
             if _suits_log_scale(losses):
                 axis.set_yscale("log")
             axis.legend()
-        axis.set_title(title or "training loss")
+        axis.set_title(panel_title(title or "training loss"))
         if by_quarter:
             quarters = axes[0][1]
             for index, (label, values) in enumerate(by_quarter.items()):
@@ -176,7 +187,7 @@ def save_metric_curves(
             axis.axhline(floor, color="gray", linestyle="--", linewidth=1.2, label=floor_label)
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
-        axis.set_title(title)
+        axis.set_title(panel_title(title))
         axis.grid(True, alpha=0.3)
         if series or floor is not None:
             axis.legend()

@@ -60,7 +60,7 @@ from .lr_schedule import RunLengthLR, warmup_advice
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid, save_loss_curve, save_metric_curves
 from .preflight import check_free_space, check_output_dir, check_unet_config, run_output_bytes
-from .pretrained import PretrainedDDPM
+from .pretrained import PretrainedDDPM, is_local_source
 from .push import check_hub_access, push_to_hub
 from .run_lock import OutputDirLock
 from .run_records import (
@@ -356,7 +356,8 @@ class Trainer:
         set_seed(config.seed)
         if self.pretrained is not None:
             self.unet_config = self.pretrained.unet_options(config.resolution, config.dropout, config.channels)
-            self.model_name = f"{self.pretrained.source} (fine-tuned)"
+            source = self.pretrained.source  # a Hub id, or a folder by its name (its path says nothing more in a plot title)
+            self.model_name = f"{Path(source).name if is_local_source(source) else source} (fine-tuned)"
         else:
             self.unet_config = DDPMUNet.preset_config(config.model, **config.unet_overrides_dict())
             self.model_name = config.model

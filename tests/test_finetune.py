@@ -60,6 +60,7 @@ def test_a_fine_tuning_run_starts_from_the_pretrained_weights_and_schedule(tmp_p
     torch.testing.assert_close(scheduler.alphas_cumprod, stock.scheduler.alphas_cumprod, rtol=1e-6, atol=0)
     # the local source is recorded by its absolute path, and the network by it (no preset)
     assert trainer.config.pretrained_model_name_or_path == str(source.resolve()) and trainer.config.model is None
+    assert trainer.model_name == "stock (fine-tuned)"  # in plot titles and the log: the folder by its name, not its path
 
 
 def test_fine_tuning_says_what_its_images_become_and_warns_when_they_lose_their_colour(tmp_path, caplog):

@@ -18,7 +18,7 @@ from ddpm_pipeline.checkpointing import (
 )
 from ddpm_pipeline.data import EpochShuffleSampler, TrainingImages, load_image_dataset
 from ddpm_pipeline.images import ImageFormat, ImagePreprocessor, ImageSource, inspect_images
-from ddpm_pipeline.plots import image_grid, moving_average, save_loss_curve
+from ddpm_pipeline.plots import image_grid, moving_average, panel_title, save_loss_curve
 from ddpm_pipeline.preflight import check_unet_config
 from ddpm_pipeline.training import micro_batch_seed
 from ddpm_pipeline.training_config import TrainingConfig
@@ -195,6 +195,24 @@ def test_image_grid_and_loss_curve(tmp_path):
     np.testing.assert_allclose(moving_average([1, 2, 3, 4], 2), [1, 1.5, 2.5, 3.5])
     path = save_loss_curve(list(range(1, 101)), list(np.exp(-np.arange(100) / 30)), tmp_path / "curve.png")
     assert Image.open(path).size == (840, 480)
+
+
+def test_a_long_panel_title_is_broken_into_lines_that_fit_the_panel():
+    """A fine-tuned Hub model's name made the held-out curve's title run off both sides of its 7-inch
+    figure; broken into lines, every line lies inside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    title = "google/ddpm-celebahq-256 (fine-tuned): the EMA network's bound (20 timesteps per image)"
+    assert panel_title("training loss") == "training loss"
+    assert panel_title(title).replace("\n", " ") == title and max(map(len, panel_title(title).split("\n"))) <= 70
+    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for text, fits in [(title, False), (panel_title(title), True)]:
+        box = axis.set_title(text).get_window_extent(figure.canvas.get_renderer())
+        assert (box.x0 >= 0 and box.x1 <= figure.bbox.width) == fits
+    plt.close(figure)
 
 
 def test_inspecting_images_reads_their_size_and_colour_from_headers(tmp_path):
