@@ -122,7 +122,8 @@ def write_npz(images: np.ndarray, path: Path) -> Path:
 
 def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict[str, Any]:
     """Sample ``config.model`` until ``<output_dir>/images`` holds ``num_images`` PNGs, then write
-    the grid, the report (and the ``.npz``); returns the report.
+    the grid, the report (and the ``.npz``, also when an earlier call left one there, so that it
+    holds the images the report describes); returns the report.
 
     ``generate_samples(model="outputs/ddpm-fashion-mnist", num_images=1000)`` or
     ``generate_samples(SampleConfig(...))``. Batch ``b`` of ``batch_size`` images is sampled from
@@ -168,8 +169,11 @@ def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict
         logger.info(f"sampling the first batch again, recording its chain for {TRAJECTORY_NAME}")
         store.sample_batch(pipeline, 0, trajectory_steps=TRAJECTORY_STEPS).trajectory.save_png(output_dir / TRAJECTORY_NAME)
         report["trajectory"] = str(output_dir / TRAJECTORY_NAME)
-    if config.npz:
-        report["npz"] = str(write_npz(read_images(paths), output_dir / NPZ_NAME))
+    npz_path = output_dir / NPZ_NAME
+    if config.npz or npz_path.exists():  # an earlier call's array would no longer be the folder's images
+        if not config.npz:
+            logger.info(f"rewriting {npz_path}, which an earlier call wrote, with these {len(paths)} images")
+        report["npz"] = str(write_npz(read_images(paths), npz_path))
     with atomic_path(output_dir / REPORT_NAME) as partial:
         partial.write_text(json.dumps(report, indent=2) + "\n")
     speed = f" in {seconds:.1f} s ({report['images_per_s']:.2f} images/s)" if report["images_per_s"] else ""

@@ -58,6 +58,11 @@ def test_samples_grid_npz_and_report(tmp_path, tiny_pipeline):
     assert report["num_images"] == 6 and report["samples_reused"] == 0 and report["num_inference_steps"] == 3
     assert report["sampling"]["scheduler"] == "DDPMTargetScheduler" and report["images_per_s"] > 0
     assert report["processes"] == 1 and report["versions"]["diffusers"]
+    # more images later, without --npz: the array left by the first call is rewritten with all of them
+    more = sample(tmp_path, tiny_pipeline, num_images=9, grid_images=4)
+    with np.load(out / "samples.npz") as archive:
+        np.testing.assert_array_equal(archive["arr_0"][:6], images)
+        assert archive["arr_0"].shape == (9, 16, 16, 1) and more["npz"] == str(out / "samples.npz")
 
 
 def test_the_trajectory_shows_the_chain_of_the_first_images(tmp_path, tiny_pipeline):
