@@ -31,6 +31,16 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def delete_atomically(path: Path) -> None:
+    """Delete a folder (or file) so that it is gone under its name at once: renamed aside to
+    ``.{name}.old`` first, then deleted, so a crash part-way never leaves a partial folder (a
+    checkpoint missing some of its files) under the name a later run would read."""
+    stale = temporary_sibling(path, "old")
+    remove(stale)
+    os.replace(path, stale)
+    remove(stale)
+
+
 def move_into_place(source: str | Path, target: str | Path) -> None:
     """Move ``source`` onto ``target`` atomically (``os.replace``). A folder already at ``target``
     (which ``os.replace`` cannot overwrite) is first renamed aside to ``.{name}.old`` and deleted

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_path, move_into_place, temporary_sibling
+from .atomic import atomic_path, delete_atomically, move_into_place, temporary_sibling
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -128,5 +128,5 @@ def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[P
     checkpoints = list_checkpoints(output_dir)
     doomed = checkpoints[: max(0, len(checkpoints) - total_limit)]
     for path in doomed:
-        shutil.rmtree(path)
+        delete_atomically(path)
     return doomed

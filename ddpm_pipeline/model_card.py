@@ -261,7 +261,8 @@ def _body(
     if config is not None:
         lines += ["", "## Training", "", "| option | value |", "| --- | --- |"]
         for key, value in sorted(config.to_dict().items()):
-            if value is not None and key not in ("output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint"):
+            if value is not None and key not in ("output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint",
+                                                 "overwrite_output_dir"):
                 lines.append(f"| `{key}` | `{value}` |")
     return "\n".join(lines) + "\n"
 

@@ -90,9 +90,9 @@ def test_weights_and_biases_offline_gets_the_grids_and_a_resumed_run_continues_i
     logged = {path.name.split("_")[1]: path for run in runs for path in (run / "files" / "media" / "images").glob("samples_*.png")}
     assert sorted(logged, key=int) == ["2", "4"]
     assert np.array_equal(png_pixels(logged["4"]), png_pixels(out / "samples.png"))
-    # a fresh run in the same folder is a new W&B run
+    # a fresh run in the same folder (its earlier run's checkpoints deleted) is a new W&B run
     reset_accelerate()
-    main([*options, "--max_train_steps", "2"])
+    main([*options, "--max_train_steps", "2", "--overwrite_output_dir"])
     assert (out / "logs" / WANDB_RUN_ID_NAME).read_text().strip() != run_id
 
 

@@ -431,6 +431,35 @@ def test_a_run_branched_from_another_folders_checkpoint_continues_its_loss_histo
     assert [p.name for p in list_checkpoints(first)] == ["checkpoint-2", "checkpoint-4"]  # the first run is untouched
 
 
+def test_a_fresh_run_over_an_earlier_run_is_refused_unless_told_to_overwrite_it(tmp_path, caplog):
+    """The same command again without --resume_from_checkpoint used to start afresh beside the earlier
+    run's checkpoints and snapshots: until it wrote its own, 'latest' was the other run's newest, and
+    the old snapshots stood for its own. It is refused, with the choices named, before any work;
+    --overwrite_output_dir deletes them first and trains as in an empty folder."""
+    data = saved_dataset(tmp_path / "data", count=8, size=16)
+    options = ["--dataset_path", data, "--save_images_steps", "none", "--train_batch_size", "4", "--checkpointing_steps",
+               "2", "--lr_warmup_steps", "0"]  # fmt: skip
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    run_training(out, *options, "--max_train_steps", "4", "--snapshot_steps", "1")
+    earlier = {path.name: path.stat().st_mtime_ns for path in out.iterdir() if not path.name.startswith(".")}  # not the lock
+    reset_accelerate()
+    with pytest.raises(ValueError, match=r"holds an earlier run \(checkpoint-2, checkpoint-4, snapshot-1steps\).*Pass "
+                                         r"--resume_from_checkpoint latest to continue it .* or --overwrite_output_dir"):
+        run_training(out, *options, "--max_train_steps", "3", "--learning_rate", "1e-2")
+    assert {path.name: path.stat().st_mtime_ns for path in out.iterdir() if not path.name.startswith(".")} == earlier
+    reset_accelerate()
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.training"):
+        run_training(out, *options, "--max_train_steps", "3", "--learning_rate", "1e-2", "--overwrite_output_dir")
+    assert "--overwrite_output_dir: deleting the earlier run's checkpoint-2, checkpoint-4, snapshot-1steps" in caplog.text
+    reset_accelerate()
+    run_training(fresh, *options, "--max_train_steps", "3", "--learning_rate", "1e-2")
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"] and not (out / "snapshot-1steps").exists()
+    assert read_loss_history(out) == read_loss_history(fresh)
+    overwritten, new = (load_file(folder / "unet" / "diffusion_pytorch_model.safetensors") for folder in (out, fresh))
+    assert overwritten.keys() == new.keys() and all(torch.equal(overwritten[key], new[key]) for key in new)
+    assert not list(out.glob(".*.old"))  # deleted whole
+
+
 def test_a_resumed_run_trains_with_its_own_optimizer_and_ema_options(tmp_path, caplog):
     # the checkpoint's AdamW, schedule and EMA states carry the first run's options; the resumed run's replace them
     data = saved_dataset(tmp_path / "data", count=8, size=16)
