@@ -145,14 +145,13 @@ class SampleStore:
             for batch in batches:
                 images = self.sample_batch(pipeline, batch).images
                 _refuse_diverged(images, batch)
-                for index, image in enumerate(images, start=batch * batch_size):
-                    if index >= num_samples:
-                        break
+                kept = images[: max(0, num_samples - batch * batch_size)]
+                for index, image in enumerate(kept, start=batch * batch_size):
                     path = self.folder / sample_name(index)
                     if not path.is_file():
                         _write_png(image, path)
                         written += 1
-                    progress.update(1)
+                progress.update(len(kept))  # a batch at once: the rate and time left count whole batches
         return written
 
     def sample_batch(self, pipeline: DDPMTargetPipeline, batch: int, trajectory_steps: int | None = None) -> DDPMTargetPipelineOutput:
