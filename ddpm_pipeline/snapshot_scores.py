@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path
-from .evaluation import EvaluationConfig, evaluate
+from .evaluation import EvaluationConfig, evaluate, load_training_config, resolve_reference
 from .metrics import FEATURE_METRICS, SCORE_NAMES
 from .plots import save_metrics_over_training
 from .run_records import load_run_summary
@@ -100,6 +100,8 @@ def score_snapshots(config: EvaluationConfig | None = None, **options: Any) -> d
     ``config``'s options, each into its own report (:func:`point_config`); then write the run's
     summary to ``config.output`` (every point's step, training minutes, scores and report) and
     ``<output stem>-curve.png`` (each score against the steps and minutes), and return the summary.
+    Without ``--reference`` every point is compared with the data the run records (its
+    ``training_config.json``: :func:`~ddpm_pipeline.evaluation.resolve_reference`, resolved once).
 
     ``score_snapshots(model="outputs/run", num_samples=5000, metrics="fid,kid")``. Launched as
     several processes, they share each point's sampling as :func:`evaluate` does; the others
@@ -108,6 +110,9 @@ def score_snapshots(config: EvaluationConfig | None = None, **options: Any) -> d
     config.validate()
     pipelines = run_pipelines(config.model)
     processes = LaunchedProcesses.from_environment(config.device)
+    # one reference for every point, named once (and in the summary): the run's data, unless given
+    training = load_training_config(config.model) or load_training_config(str(pipelines[0].path))
+    config = resolve_reference(config, training, announce=processes.is_main)
     if processes.is_main:
         logger.info(f"scoring {len(pipelines)} pipelines of {config.model}: " + ", ".join(p.name for p in pipelines))
     points = []

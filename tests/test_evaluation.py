@@ -442,7 +442,7 @@ def run_with_snapshots(tmp_path_factory):
     return folder
 
 
-def test_snapshots_scores_every_pipeline_of_a_run_as_evaluate_would(tmp_path, run_with_snapshots):
+def test_snapshots_scores_every_pipeline_of_a_run_as_evaluate_would(tmp_path, run_with_snapshots, caplog):
     """--snapshots scores snapshot-1steps, snapshot-2steps and the final pipeline, in training order,
     each exactly as eval_metrics.py on that pipeline alone would; writes their summary and curve,
     and a second call reuses every point's samples."""
@@ -474,6 +474,13 @@ def test_snapshots_scores_every_pipeline_of_a_run_as_evaluate_would(tmp_path, ru
         build_model_card(run_with_snapshots, "someone/x", eval_report=tmp_path / "results.json")
     card = build_model_card(run_with_snapshots, "someone/x", eval_report=tmp_path / "results-final.json")
     assert f"| FID | {fids[2]:.4g} |" in card.text
+    # without --reference: the run's own data (the bundled set), named once, for every point and in the summary
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ddpm_pipeline.evaluation"):
+        implicit = run(tmp_path / "implicit", run_with_snapshots, None, snapshots=True, **options)
+    assert caplog.text.count("reference: the data") == 1
+    assert implicit["options"]["reference"] == "bundled" and implicit["options"]["reference_split"] == "train"
+    assert [p["scores"] for p in implicit["points"]] == [p["scores"] for p in summary["points"]]
 
 
 def test_snapshots_of_a_run_in_progress_and_a_final_pipeline_at_a_snapshot_s_step(tmp_path, run_with_snapshots):
