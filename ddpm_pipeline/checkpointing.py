@@ -9,6 +9,7 @@ leaves a folder that looks like a checkpoint.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from collections.abc import Callable
@@ -16,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path, delete_atomically, move_into_place, temporary_sibling
+from .run_records import SNAPSHOT_SUMMARY_NAME
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
@@ -130,3 +134,32 @@ def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[P
     for path in doomed:
         delete_atomically(path)
     return doomed
+
+
+def earlier_run_folders(output_dir: Path) -> list[Path]:
+    """What an earlier run left in ``output_dir`` that a run started afresh there would mix with its
+    own: its checkpoints (``--resume_from_checkpoint latest`` would pick its newest) and its
+    ``snapshot-*`` pipelines (not written again, and scored by ``eval_metrics.py --snapshots``)."""
+    snapshots = sorted(path.parent for path in output_dir.glob(f"snapshot-*/{SNAPSHOT_SUMMARY_NAME}"))
+    return [*list_checkpoints(output_dir), *snapshots]
+
+
+def check_fresh_start(output_dir: Path, overwrite: bool, is_main_process: bool) -> None:
+    """A run that starts at step 0 in ``output_dir``: refused, naming the choices, where an earlier
+    run left checkpoints or snapshots (:func:`earlier_run_folders`); with ``overwrite``
+    (``--overwrite_output_dir``) the main process deletes them instead, and says so."""
+    earlier = earlier_run_folders(output_dir)
+    if not earlier:
+        return
+    names = ", ".join(path.name for path in earlier)
+    if not overwrite:
+        raise ValueError(
+            f"{output_dir} holds an earlier run ({names}), and a run started afresh there would mix with it (its newest "
+            "checkpoint would be this run's --resume_from_checkpoint latest). Pass --resume_from_checkpoint latest to "
+            "continue it (with a larger --max_train_steps to train it further), another --output_dir for a new run, or "
+            "--overwrite_output_dir to delete its checkpoints and snapshots and start afresh."
+        )
+    if is_main_process:
+        logger.warning(f"--overwrite_output_dir: deleting the earlier run's {names} in {output_dir}")
+        for path in earlier:
+            delete_atomically(path)

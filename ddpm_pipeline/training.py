@@ -36,8 +36,9 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path, delete_atomically, move_into_place, remove, temporary_sibling
+from .atomic import atomic_path, move_into_place, remove, temporary_sibling
 from .checkpointing import (
+    check_fresh_start,
     list_checkpoints,
     prune_checkpoints,
     read_trainer_state,
@@ -178,35 +179,6 @@ def grid_cost_advice(grid_seconds: float, period_seconds: float, step: int, conf
         f"but the run waits for them): --save_images_steps {every}, a smaller --num_grid_images or fewer "
         "--grid_inference_steps make them cheaper, and --save_images_steps none writes only the final grid"
     )
-
-
-def earlier_run_folders(output_dir: Path) -> list[Path]:
-    """What an earlier run left in ``output_dir`` that a run started afresh there would mix with its
-    own: its checkpoints (``--resume_from_checkpoint latest`` would pick its newest) and its
-    ``snapshot-*`` pipelines (not written again, and scored by ``eval_metrics.py --snapshots``)."""
-    snapshots = sorted(path.parent for path in output_dir.glob(f"snapshot-*/{SNAPSHOT_SUMMARY_NAME}"))
-    return [*list_checkpoints(output_dir), *snapshots]
-
-
-def check_fresh_start(output_dir: Path, overwrite: bool, is_main_process: bool) -> None:
-    """A run that starts at step 0 in ``output_dir``: refused, naming the choices, where an earlier
-    run left checkpoints or snapshots (:func:`earlier_run_folders`); with ``overwrite``
-    (``--overwrite_output_dir``) the main process deletes them instead, and says so."""
-    earlier = earlier_run_folders(output_dir)
-    if not earlier:
-        return
-    names = ", ".join(path.name for path in earlier)
-    if not overwrite:
-        raise ValueError(
-            f"{output_dir} holds an earlier run ({names}), and a run started afresh there would mix with it (its newest "
-            "checkpoint would be this run's --resume_from_checkpoint latest). Pass --resume_from_checkpoint latest to "
-            "continue it (with a larger --max_train_steps to train it further), another --output_dir for a new run, or "
-            "--overwrite_output_dir to delete its checkpoints and snapshots and start afresh."
-        )
-    if is_main_process:
-        logger.warning(f"--overwrite_output_dir: deleting the earlier run's {names} in {output_dir}")
-        for path in earlier:
-            delete_atomically(path)
 
 
 def micro_batch_seed(seed: int, epoch: int, batch_index: int) -> int:

@@ -448,7 +448,7 @@ def test_a_fresh_run_over_an_earlier_run_is_refused_unless_told_to_overwrite_it(
         run_training(out, *options, "--max_train_steps", "3", "--learning_rate", "1e-2")
     assert {path.name: path.stat().st_mtime_ns for path in out.iterdir() if not path.name.startswith(".")} == earlier
     reset_accelerate()
-    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.training"):
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.checkpointing"):
         run_training(out, *options, "--max_train_steps", "3", "--learning_rate", "1e-2", "--overwrite_output_dir")
     assert "--overwrite_output_dir: deleting the earlier run's checkpoint-2, checkpoint-4, snapshot-1steps" in caplog.text
     reset_accelerate()
