@@ -144,15 +144,23 @@ def earlier_run_folders(output_dir: Path) -> list[Path]:
     return [*list_checkpoints(output_dir), *snapshots]
 
 
-def check_fresh_start(output_dir: Path, overwrite: bool, is_main_process: bool) -> None:
-    """A run that starts at step 0 in ``output_dir``: refused, naming the choices, where an earlier
-    run left checkpoints or snapshots (:func:`earlier_run_folders`); with ``overwrite``
-    (``--overwrite_output_dir``) the main process deletes them instead, and says so."""
+def check_fresh_start(output_dir: Path, overwrite: bool, resume_latest: bool, is_main_process: bool) -> None:
+    """A run that starts at step 0 in ``output_dir``, where an earlier run left checkpoints or
+    snapshots (:func:`earlier_run_folders`): refused, naming the choices; with ``overwrite``
+    (``--overwrite_output_dir``) the main process deletes them instead, and says so. Snapshots
+    without any checkpoint, found by ``--resume_from_checkpoint latest`` (``resume_latest``), were
+    left by an attempt that stopped before its first checkpoint: they are deleted, since this run
+    writes them again."""
+    checkpoints = list_checkpoints(output_dir)
     earlier = earlier_run_folders(output_dir)
     if not earlier:
         return
     names = ", ".join(path.name for path in earlier)
-    if not overwrite:
+    if resume_latest and not checkpoints:
+        why = "left by an attempt that stopped before its first checkpoint (this run writes them again)"
+    elif overwrite:
+        why = "--overwrite_output_dir"
+    else:
         raise ValueError(
             f"{output_dir} holds an earlier run ({names}), and a run started afresh there would mix with it (its newest "
             "checkpoint would be this run's --resume_from_checkpoint latest). Pass --resume_from_checkpoint latest to "
@@ -160,6 +168,6 @@ def check_fresh_start(output_dir: Path, overwrite: bool, is_main_process: bool) 
             "--overwrite_output_dir to delete its checkpoints and snapshots and start afresh."
         )
     if is_main_process:
-        logger.warning(f"--overwrite_output_dir: deleting the earlier run's {names} in {output_dir}")
+        logger.warning(f"deleting {names} in {output_dir}: {why}")
         for path in earlier:
             delete_atomically(path)

@@ -339,7 +339,8 @@ class Trainer:
         if self.checkpoint is None and config.resume_from_checkpoint == "latest":
             logger.info(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir} yet, so the run starts at step 0")
         if self.checkpoint is None:
-            check_fresh_start(self.output_dir, config.overwrite_output_dir, self.accelerator.is_main_process)
+            check_fresh_start(self.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint == "latest",
+                              self.accelerator.is_main_process)  # fmt: skip
             self.accelerator.wait_for_everyone()  # no process looks at the folder before the deletion is done
         dataset, image_column = self._load_dataset()
         image_format = inspect_images(ImageSource(dataset, image_column))

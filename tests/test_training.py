@@ -450,7 +450,7 @@ def test_a_fresh_run_over_an_earlier_run_is_refused_unless_told_to_overwrite_it(
     reset_accelerate()
     with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.checkpointing"):
         run_training(out, *options, "--max_train_steps", "3", "--learning_rate", "1e-2", "--overwrite_output_dir")
-    assert "--overwrite_output_dir: deleting the earlier run's checkpoint-2, checkpoint-4, snapshot-1steps" in caplog.text
+    assert f"deleting checkpoint-2, checkpoint-4, snapshot-1steps in {out}: --overwrite_output_dir" in caplog.text
     reset_accelerate()
     run_training(fresh, *options, "--max_train_steps", "3", "--learning_rate", "1e-2")
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"] and not (out / "snapshot-1steps").exists()
@@ -458,6 +458,21 @@ def test_a_fresh_run_over_an_earlier_run_is_refused_unless_told_to_overwrite_it(
     overwritten, new = (load_file(folder / "unet" / "diffusion_pytorch_model.safetensors") for folder in (out, fresh))
     assert overwritten.keys() == new.keys() and all(torch.equal(overwritten[key], new[key]) for key in new)
     assert not list(out.glob(".*.old"))  # deleted whole
+    # snapshots without a checkpoint (an attempt killed before its first one) do not stop the same command
+    # with --resume_from_checkpoint latest, the cluster's way: it starts afresh and writes them again
+    reset_accelerate()
+    run_training(out, *options, "--max_train_steps", "2", "--snapshot_steps", "1", "--overwrite_output_dir")
+    for checkpoint in list_checkpoints(out):
+        shutil.rmtree(checkpoint)
+    stale = (out / "snapshot-1steps" / "snapshot.json").stat().st_mtime_ns
+    reset_accelerate()
+    with pytest.raises(ValueError, match=r"holds an earlier run \(snapshot-1steps\)"):
+        run_training(out, *options, "--max_train_steps", "2", "--snapshot_steps", "1")
+    reset_accelerate()
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.checkpointing"):
+        run_training(out, *options, "--max_train_steps", "2", "--snapshot_steps", "1", "--resume_from_checkpoint", "latest")
+    assert "deleting snapshot-1steps" in caplog.text and "before its first checkpoint" in caplog.text
+    assert (out / "snapshot-1steps" / "snapshot.json").stat().st_mtime_ns != stale  # written again by this run
 
 
 def test_a_resumed_run_trains_with_its_own_optimizer_and_ema_options(tmp_path, caplog):
