@@ -62,7 +62,6 @@ import numpy as np
 import torch
 
 from ddpm_pipeline.atomic import atomic_path
-from ddpm_pipeline.checkpointing import list_checkpoints
 from ddpm_pipeline.data import (
     BUNDLED_IMAGES,
     BUNDLED_LABELS,
@@ -292,8 +291,7 @@ class Study:
         remaining = self.piece.remaining_minutes()
         if remaining is not None:
             options += ["--stop_after_minutes", str(max(remaining, 1e-6))]
-        if list_checkpoints(output):
-            options += ["--resume_from_checkpoint", "latest"]
+        options += ["--resume_from_checkpoint", "latest"]  # the piece before's checkpoint, or a start (a killed first try's snapshots go)
         result = train(TrainingConfig.from_args(options))
         self.piece.done()
         if not result.finished:
