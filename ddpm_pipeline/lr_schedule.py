@@ -48,8 +48,8 @@ def diffusers_multiplier(name: str, learning_rate: float, warmup_steps: int, tot
 def warmup_advice(name: str, warmup_steps: int, total_steps: int) -> str | None:
     """A warning for a warmup that fills the run, else None. diffusers' warmup scales the rate by
     ``n / W`` at step ``n ≤ W`` (counted from 0), so with ``W ≥ N`` every step is warmup: the rate
-    climbs to ``(N - 1) / W`` of ``--learning_rate`` at the last step, and a decaying schedule never decays. (``constant``
-    ignores the warmup, as diffusers' does.)"""
+    climbs to ``(N - 1) / W`` of ``--learning_rate`` at the last step, and a decaying schedule
+    never decays. (``constant`` ignores the warmup, as diffusers' does.)"""
     if name == "constant" or warmup_steps < total_steps:
         return None
     decay = f", and the {name} decay never starts" if name in DECAYING_SCHEDULES else ""
