@@ -72,10 +72,10 @@ def test_a_run_measures_its_held_out_bound_and_a_resumed_run_the_same(tmp_path):
     assert Image.open(first / "validation_curve.png").size[0] > 100
     card = build_model_card(first, "someone/x").text
     assert "on 4 held-out images (train[-100:]) and" in card and "](validation_curve.png)" in card
-    # eval_metrics.py's bits/dim of the finished run, with its estimator's options and nothing naming the data,
+    # eval_metrics.py's bits/dim of the finished run, with the run's count, timesteps, seed and batch, nothing naming the data,
     # are measured on the held-out images: the run's last held-out bound
-    scored = evaluate(model=str(first), metrics="bpd", bpd_num_images=4, bpd_timesteps=3, output=str(tmp_path / "r.json"),
-                      device="cpu")  # fmt: skip
+    scored = evaluate(model=str(first), metrics="bpd", bpd_num_images=4, bpd_timesteps=3, bpd_batch_size=4,
+                      output=str(tmp_path / "r.json"), device="cpu")  # fmt: skip
     assert scored["metrics"]["bpd"]["split"] == "train[-100:]"
     assert scored["metrics"]["bpd"]["bits_per_dim"] == pytest.approx(summary["held_out"]["validation_bpd"], rel=1e-6)
     # a run branched from its step-2 checkpoint keeps the first row and measures the others alike
