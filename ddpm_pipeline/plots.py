@@ -104,6 +104,13 @@ def _png_figure(path: str | Path, **subplots: object) -> Iterator[tuple[object, 
         plt.close(figure)
 
 
+def loss_window(num_steps: int) -> int:
+    """Steps the loss curve averages over: ``max(⌊n/50⌋, min(10, ⌊n/5⌋), 1)`` for ``n`` steps (16
+    for the main job's 800; 10 rather than 2 for a 100-step fine-tune, whose per-step losses
+    scatter by a factor of 3)."""
+    return max(num_steps // 50, min(10, num_steps // 5), 1)
+
+
 def save_loss_curve(
     steps: Sequence[int],
     losses: Sequence[float],
@@ -111,13 +118,13 @@ def save_loss_curve(
     title: str = "",
     by_quarter: dict[str, Sequence[float]] | None = None,
 ) -> Path:
-    """Plot the per-step loss (faint) and its moving average (window = steps/50) as a PNG; with
+    """Plot the per-step loss (faint) and its moving average (:func:`loss_window`) as a PNG; with
     ``by_quarter`` (a label and per-step values, NaN where none, for each quarter of the
     timesteps), a second panel with each quarter's moving average."""
     panels = 2 if by_quarter else 1
     with _png_figure(path, ncols=panels, figsize=(7 * panels, 4), dpi=120, squeeze=False) as (_, axes):
         axis = axes[0][0]
-        window = max(1, len(steps) // 50)
+        window = loss_window(len(steps))
         if len(steps):
             axis.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8, label="loss per step")
             axis.plot(steps, moving_average(losses, window), color="tab:blue", linewidth=1.8,

@@ -18,7 +18,7 @@ from ddpm_pipeline.checkpointing import (
 )
 from ddpm_pipeline.data import EpochShuffleSampler, TrainingImages, load_image_dataset
 from ddpm_pipeline.images import ImageFormat, ImagePreprocessor, ImageSource, inspect_images
-from ddpm_pipeline.plots import image_grid, moving_average, panel_title, save_loss_curve
+from ddpm_pipeline.plots import image_grid, loss_window, moving_average, panel_title, save_loss_curve
 from ddpm_pipeline.preflight import check_unet_config
 from ddpm_pipeline.training import micro_batch_seed
 from ddpm_pipeline.training_config import TrainingConfig
@@ -193,6 +193,7 @@ def test_image_grid_and_loss_curve(tmp_path):
     with pytest.raises(ValueError, match="image_grid takes"):
         image_grid(np.zeros((2, 4, 4)))
     np.testing.assert_allclose(moving_average([1, 2, 3, 4], 2), [1, 1.5, 2.5, 3.5])
+    assert [loss_window(n) for n in (3, 20, 100, 800, 10_000)] == [1, 4, 10, 16, 200]  # short runs smoothed too
     path = save_loss_curve(list(range(1, 101)), list(np.exp(-np.arange(100) / 30)), tmp_path / "curve.png")
     assert Image.open(path).size == (840, 480)
 
