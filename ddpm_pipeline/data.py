@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -233,7 +234,7 @@ def check_image_folder_split(folder: Path, split: str) -> None:
     (see :func:`image_folder_splits`), naming the splits ``datasets`` found; warn when image files
     lie in no split, where ``datasets`` would leave them out without a word."""
     splits = image_folder_splits(folder)
-    names = list(dict.fromkeys(_split_names(split)))
+    names = list(dict.fromkeys(split_names(split)))
     if not splits:
         other = [name for name in names if name != "train"]
         if other:
@@ -287,7 +288,7 @@ def select_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, wh
         instruction = datasets.ReadInstruction.from_spec(split)
     except (ValueError, AssertionError) as error:
         raise ValueError(f"--split {split!r} is not a split name or slice ({error}); e.g. train, train[:1000], train[:10%].") from error
-    names = _split_names(split)
+    names = split_names(split)
     if isinstance(loaded, datasets.DatasetDict):
         missing = sorted(set(names) - set(loaded))
         if missing:
@@ -308,9 +309,29 @@ def select_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, wh
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def _split_names(split: str) -> list[str]:
+def split_names(split: str) -> list[str]:
     """The split names in a split spec: ``"train[:10%]+test"`` → ``["train", "test"]``."""
     return [part.split("[", 1)[0].strip() for part in split.split("+")]
+
+
+def shared_rows(split: str, other: str, split_size: Callable[[str], int], one_split: bool = False) -> list[tuple[str, int, int]]:
+    """The rows that two split specs of one source both select, as ``(split name, start, end)``
+    ranges, reading each spec as :func:`select_split` does (``datasets.ReadInstruction``) with
+    ``split_size(name)`` rows in split ``name``. ``one_split``: the source is one data set without
+    splits (the bundled set, a saved ``Dataset``), where every name is the same rows.
+    ``shared_rows("train", "train[-500:]", {"train": 10_000}.get)`` → ``[("train", 9500, 10000)]``."""
+
+    def ranges(spec: str) -> list[tuple[str, int, int]]:
+        names = dict.fromkeys(split_names(spec))
+        parts = datasets.ReadInstruction.from_spec(spec).to_absolute({name: split_size(name) for name in names})
+        return [("" if one_split else part.splitname, part.from_, part.to) for part in parts]
+
+    shared = []
+    for name, start, end in ranges(split):
+        for other_name, other_start, other_end in ranges(other):
+            if name == other_name and max(start, other_start) < min(end, other_end):
+                shared.append((name, max(start, other_start), min(end, other_end)))
+    return shared
 
 
 def describe_data_source(

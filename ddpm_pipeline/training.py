@@ -53,6 +53,8 @@ from .data import (
     describe_data_source,
     find_image_column,
     load_image_dataset,
+    shared_rows,
+    split_names,
     stack_images,
 )
 from .images import ImageFormat, ImagePreprocessor, ImageSource, check_padding, inspect_images, warn_if_mostly_padding
@@ -520,6 +522,7 @@ class Trainer:
         config = self.config
         if config.validation_split is None:
             return None
+        self._refuse_held_out_training_images()
         source = self._data_source(config.validation_split)
         with self.accelerator.main_process_first():
             dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
@@ -537,6 +540,31 @@ class Trainer:
             + (f"every {config.validation_steps} steps" if config.validation_steps else "at the end")
         )
         return held_out
+
+    def _refuse_held_out_training_images(self) -> None:
+        """Raise when ``--validation_split`` selects rows that ``--split`` trains on (say
+        ``--validation_split 'train[-500:]'`` with the default ``--split train``): the held-out
+        bound would then measure training images, and show no overfitting where there is some."""
+        config = self.config
+        one_split = config.dataset_name is None and config.train_data_dir is None and not (
+            config.dataset_path is not None and (Path(config.dataset_path) / "dataset_dict.json").is_file()
+        )  # the bundled set or a saved Dataset: every split name means all of its rows
+        names = set(split_names(config.split)) & set(split_names(config.validation_split))
+        if not names and not one_split:
+            return
+
+        def split_size(name: str) -> int:  # read from the cache: the training split was just loaded
+            return len(load_image_dataset(**self._data_source(name), cache_dir=config.cache_dir))
+
+        shared = shared_rows(config.split, config.validation_split, split_size, one_split)
+        if shared:
+            rows = ", ".join(f"rows {start}–{end - 1}" + (f" of {name}" if name else "") for name, start, end in shared)
+            raise ValueError(
+                f"--validation_split {config.validation_split!r} holds {sum(end - start for _, start, end in shared):,} "
+                f"images that --split {config.split!r} trains on ({rows}): the held-out bound would measure training "
+                "images. Hold them out of training, e.g. --split 'train[:-500]' --validation_split 'train[-500:]', or "
+                "name another split (test)."
+            )
 
     def measure_held_out(self, global_step: int, history: LossHistory) -> None:
         """The bound of the EMA network on the held-out and the training images

@@ -3,7 +3,9 @@ eval_metrics.py computes, and that a resumed run measures what the uninterrupted
 
 import csv
 import json
+import re
 
+import datasets
 import pytest
 import torch
 from conftest import reset_accelerate
@@ -92,3 +94,36 @@ def test_held_out_options_are_checked(tmp_path):
         TrainingConfig(validation_split="train[-10:]", validation_images=0).validate()
     with pytest.raises(ValueError, match="selects no rows"):
         run_training(tmp_path / "run", *HELD_OUT, "--validation_split", "train[10000:]", "--max_train_steps", "1")
+
+
+@pytest.mark.parametrize(("split", "held_out", "shared"), [
+    ("train", "train[-500:]", "500 images that --split 'train' trains on (rows 9500–9999)"),  # --split left out
+    ("train[:9000]", "test[-2000:]", "1,000 images that --split 'train[:9000]' trains on (rows 8000–8999)"),  # one set
+])  # fmt: skip
+def test_a_held_out_split_that_shares_training_images_is_refused(tmp_path, split, held_out, shared):
+    """The bundled set is one split under any name, so its slices overlap by rows whatever their names."""
+    with pytest.raises(ValueError, match=re.escape(f"--validation_split {held_out!r} holds {shared}: the held-out bound "
+                                                   "would measure training images")):  # fmt: skip
+        run_training(tmp_path / "run", *HELD_OUT, "--split", split, "--validation_split", held_out, "--max_train_steps", "1")
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
+def test_rows_shared_by_two_splits_of_a_source_with_named_splits(tmp_path):
+    from test_training import saved_dataset
+
+    from ddpm_pipeline.data import shared_rows
+
+    sizes = {"train": 30, "test": 10}.get
+    assert shared_rows("train[:-5]", "train[-5:]", sizes) == [] and shared_rows("train", "test", sizes) == []
+    assert shared_rows("train[:50%]+test[:4]", "test", sizes) == [("test", 0, 4)]
+    assert shared_rows("train[:10%]", "train[:2]", sizes) == [("train", 0, 2)]  # percentages as datasets reads them
+    # a saved DatasetDict's splits are distinct; its test split trains nothing of train
+    whole = saved_dataset(tmp_path / "whole", count=12, size=16)
+    splits = datasets.load_from_disk(str(whole)).train_test_split(test_size=4, shuffle=False)
+    splits.save_to_disk(str(tmp_path / "dict"))
+    run_training(tmp_path / "ok", *HELD_OUT, "--dataset_path", tmp_path / "dict", "--split", "train", "--validation_split",
+                 "test", "--max_train_steps", "1", "--checkpointing_steps", "none")  # fmt: skip
+    reset_accelerate()
+    with pytest.raises(ValueError, match=r"holds 2 images that --split 'train' trains on \(rows 6–7 of train\)"):
+        run_training(tmp_path / "bad", *HELD_OUT, "--dataset_path", tmp_path / "dict", "--split", "train",
+                     "--validation_split", "train[6:]", "--max_train_steps", "1")  # fmt: skip
