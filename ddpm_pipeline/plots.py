@@ -107,7 +107,7 @@ def _png_figure(path: str | Path, **subplots: object) -> Iterator[tuple[object, 
 def loss_window(num_steps: int) -> int:
     """Steps the loss curve averages over: ``max(⌊n/50⌋, min(10, ⌊n/5⌋), 1)`` for ``n`` steps (16
     for the main job's 800; 10 rather than 2 for a 100-step fine-tune, whose per-step losses
-    scatter by a factor of 3)."""
+    ranged over a factor of 4)."""
     return max(num_steps // 50, min(10, num_steps // 5), 1)
 
 
