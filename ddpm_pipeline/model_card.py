@@ -181,8 +181,9 @@ def build_model_card(
     prediction_type = scheduler.config.prediction_type
     beta_schedule = scheduler.schedule_name or "custom"
     base_model = config.pretrained_model_name_or_path if config is not None else None
+    local_base = None
     if base_model is not None and is_local_source(base_model):
-        base_model = None  # a local folder means nothing on the Hub
+        base_model, local_base = None, Path(base_model).name  # a local folder means nothing on the Hub: named only
     dataset = dataset_id(config)
     dataset_name = "Fashion-MNIST" if dataset == BUNDLED_DATASET_ID else (dataset or "a local image data set")
     report = load_eval_report(pipeline_dir, eval_report)
@@ -198,7 +199,7 @@ def build_model_card(
         eval_results=results or None,
     )
     body = _body(pipeline_dir, repo_id, config, prediction_type, beta_schedule, dataset_name, report, base_model,
-                 scheduler.config.variance_type)  # fmt: skip
+                 scheduler.config.variance_type, local_base)  # fmt: skip
     return ModelCard(f"---\n{data.to_yaml()}\n---\n" + body)
 
 
@@ -212,9 +213,13 @@ def _body(
     report: dict[str, Any] | None,
     base_model: str | None = None,
     variance_type: str = "fixed_small",
+    local_base: str | None = None,
 ) -> str:
     unet = json.loads((pipeline_dir / "unet" / "config.json").read_text())
-    trained = f"fine-tuned from [{base_model}](https://huggingface.co/{base_model})" if base_model else "trained"
+    if base_model:
+        trained = f"fine-tuned from [{base_model}](https://huggingface.co/{base_model})"
+    else:
+        trained = f"fine-tuned from a local model (`{local_base}`)" if local_base else "trained"
     lines = [
         f"# {repo_id.split('/')[-1]}",
         "",
@@ -261,6 +266,8 @@ def _body(
     if config is not None:
         lines += ["", "## Training", "", "| option | value |", "| --- | --- |"]
         for key, value in sorted(config.to_dict().items()):
+            if key == "pretrained_model_name_or_path" and local_base:
+                value = local_base  # recorded by its absolute path, for resuming: the card shows no more of the disk
             if value is not None and key not in ("output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint",
                                                  "overwrite_output_dir"):
                 lines.append(f"| `{key}` | `{value}` |")

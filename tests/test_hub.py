@@ -129,14 +129,16 @@ def test_model_card_of_local_data_names_no_hub_dataset(tmp_path):
     assert card_metadata(card)["datasets"] == ["cifar10"]
 
 
-def test_model_card_of_a_fine_tuned_model_names_its_hub_base_model_only(tmp_path):
+def test_model_card_of_a_fine_tuned_model_names_its_hub_base_model_and_says_so_of_a_local_one(tmp_path):
     config = TrainingConfig(pretrained_model_name_or_path="google/ddpm-cifar10-32")
     card = build_model_card(pipeline_folder(tmp_path / "p", config=config), "someone/x")
     assert card_metadata(card)["base_model"] == "google/ddpm-cifar10-32"
     assert "fine-tuned from [google/ddpm-cifar10-32](https://huggingface.co/google/ddpm-cifar10-32)" in card.text
     config = TrainingConfig(pretrained_model_name_or_path=str(tmp_path / "local-run"))  # a local folder: no base_model
     card = build_model_card(pipeline_folder(tmp_path / "q", config=config), "someone/x")
-    assert "base_model" not in card_metadata(card) and "fine-tuned" not in card.text
+    assert "base_model" not in card_metadata(card)
+    assert "fine-tuned from a local model (`local-run`)" in card.text and str(tmp_path) not in card.text
+    assert "| `pretrained_model_name_or_path` | `local-run` |" in card.text
 
 
 SUMMARY = {
