@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path, delete_atomically, move_into_place, temporary_sibling
-from .run_records import SNAPSHOT_SUMMARY_NAME
+from .run_records import SNAPSHOT_SUMMARY_NAME, TRAINING_SUMMARY_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -148,15 +148,16 @@ def check_fresh_start(output_dir: Path, overwrite: bool, resume_latest: bool, is
     """A run that starts at step 0 in ``output_dir``, where an earlier run left checkpoints or
     snapshots (:func:`earlier_run_folders`): refused, naming the choices; with ``overwrite``
     (``--overwrite_output_dir``) the main process deletes them instead, and says so. Snapshots
-    without any checkpoint, found by ``--resume_from_checkpoint latest`` (``resume_latest``), were
-    left by an attempt that stopped before its first checkpoint: they are deleted, since this run
-    writes them again."""
+    without any checkpoint or finished pipeline, found by ``--resume_from_checkpoint latest``
+    (``resume_latest``), were left by an attempt that stopped before its first checkpoint: they are
+    deleted, since this run writes them again (a finished run's snapshots, its checkpoints deleted
+    to save space, are not)."""
     checkpoints = list_checkpoints(output_dir)
     earlier = earlier_run_folders(output_dir)
     if not earlier:
         return
     names = ", ".join(path.name for path in earlier)
-    if resume_latest and not checkpoints:
+    if resume_latest and not checkpoints and not (output_dir / TRAINING_SUMMARY_NAME).is_file():
         why = "left by an attempt that stopped before its first checkpoint (this run writes them again)"
     elif overwrite:
         why = "--overwrite_output_dir"

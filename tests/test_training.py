@@ -462,8 +462,9 @@ def test_a_fresh_run_over_an_earlier_run_is_refused_unless_told_to_overwrite_it(
     # with --resume_from_checkpoint latest, the cluster's way: it starts afresh and writes them again
     reset_accelerate()
     run_training(out, *options, "--max_train_steps", "2", "--snapshot_steps", "1", "--overwrite_output_dir")
-    for checkpoint in list_checkpoints(out):
+    for checkpoint in list_checkpoints(out):  # a first attempt killed after its snapshot: no checkpoint, no summary
         shutil.rmtree(checkpoint)
+    (out / "training_summary.json").unlink()
     stale = (out / "snapshot-1steps" / "snapshot.json").stat().st_mtime_ns
     reset_accelerate()
     with pytest.raises(ValueError, match=r"holds an earlier run \(snapshot-1steps\)"):
@@ -473,6 +474,12 @@ def test_a_fresh_run_over_an_earlier_run_is_refused_unless_told_to_overwrite_it(
         run_training(out, *options, "--max_train_steps", "2", "--snapshot_steps", "1", "--resume_from_checkpoint", "latest")
     assert "deleting snapshot-1steps" in caplog.text and "before its first checkpoint" in caplog.text
     assert (out / "snapshot-1steps" / "snapshot.json").stat().st_mtime_ns != stale  # written again by this run
+    # but a finished run's snapshots, its checkpoints deleted to save space, are kept: refused as above
+    for checkpoint in list_checkpoints(out):
+        shutil.rmtree(checkpoint)
+    reset_accelerate()
+    with pytest.raises(ValueError, match=r"holds an earlier run \(snapshot-1steps\)"):
+        run_training(out, *options, "--max_train_steps", "2", "--snapshot_steps", "1", "--resume_from_checkpoint", "latest")
 
 
 def test_a_resumed_run_trains_with_its_own_optimizer_and_ema_options(tmp_path, caplog):
