@@ -721,11 +721,13 @@ class Trainer:
 
         A run resumed from its checkpoint of step ``resumed_step`` retrains the steps after it that a
         crash cut short; TensorBoard is told to hide what the crashed run logged from step
-        ``resumed_step + 1`` on (``SummaryWriter(purge_step=...)``), so each step keeps one point."""
+        ``resumed_step + 1`` on (``SummaryWriter(purge_step=...)``), so each step keeps one point.
+        A fresh run (step 0) hides that way whatever an earlier run logged in the same folder (one
+        overwritten, or one that crashed before its first checkpoint)."""
         if not self.accelerator.is_main_process:
             return {}
         if self.config.report_to == "tensorboard":
-            return {"tensorboard": {"purge_step": resumed_step + 1}} if self.checkpoint is not None else {}
+            return {"tensorboard": {"purge_step": resumed_step + 1}}
         if self.config.report_to != "wandb":
             return {}
         id_file = self.output_dir / self.config.logging_dir / WANDB_RUN_ID_NAME

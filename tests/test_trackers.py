@@ -72,6 +72,14 @@ def test_a_run_resumed_after_a_crash_keeps_one_tensorboard_point_per_step(tmp_pa
     # the points kept are the resumed run's (the same values: a resumed run retrains step 3 exactly)
     rows = {row["step"]: row["loss"] for row in read_loss_history(out / LOSS_HISTORY_NAME)}
     assert [event.value for event in events.Scalars("loss")] == pytest.approx([rows[step] for step in (1, 2, 3, 4)], rel=1e-5)
+    # a fresh run over it (--overwrite_output_dir, another learning rate) hides all of its points
+    reset_accelerate()
+    main([*options, "--max_train_steps", "3", "--learning_rate", "1e-2", "--overwrite_output_dir"])
+    events = EventAccumulator(str(out / "logs" / "train_ddpm"), size_guidance={"scalars": 0, "images": 0}).Reload()
+    rows = {row["step"]: row["loss"] for row in read_loss_history(out / LOSS_HISTORY_NAME)}
+    assert [event.step for event in events.Scalars("loss")] == [1, 2, 3]
+    assert [event.value for event in events.Scalars("loss")] == pytest.approx([rows[step] for step in (1, 2, 3)], rel=1e-5)
+    assert [image.step for image in events.Images("samples")] == [2, 3]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install -e '.[dev]')")
