@@ -144,18 +144,18 @@ def earlier_run_folders(output_dir: Path) -> list[Path]:
     return [*list_checkpoints(output_dir), *snapshots]
 
 
-def check_fresh_start(output_dir: Path, overwrite: bool, resume_latest: bool, is_main_process: bool) -> None:
+def check_fresh_start(output_dir: Path, overwrite: bool, resume_latest: bool, is_main_process: bool) -> list[Path]:
     """A run that starts at step 0 in ``output_dir``, where an earlier run left checkpoints or
     snapshots (:func:`earlier_run_folders`): refused, naming the choices; with ``overwrite``
     (``--overwrite_output_dir``) the main process deletes them instead, and says so. Snapshots
     without any checkpoint or finished pipeline, found by ``--resume_from_checkpoint latest``
     (``resume_latest``), were left by an attempt that stopped before its first checkpoint: they are
     deleted, since this run writes them again (a finished run's snapshots, its checkpoints deleted
-    to save space, are not)."""
+    to save space, are not). Returns what it deleted."""
     checkpoints = list_checkpoints(output_dir)
     earlier = earlier_run_folders(output_dir)
     if not earlier:
-        return
+        return []
     names = ", ".join(path.name for path in earlier)
     if resume_latest and not checkpoints and not (output_dir / TRAINING_SUMMARY_NAME).is_file():
         why = "left by an attempt that stopped before its first checkpoint (this run writes them again)"
@@ -172,3 +172,4 @@ def check_fresh_start(output_dir: Path, overwrite: bool, resume_latest: bool, is
         logger.warning(f"deleting {names} in {output_dir}: {why}")
         for path in earlier:
             delete_atomically(path)
+    return earlier

@@ -341,8 +341,10 @@ class Trainer:
         if self.checkpoint is None and config.resume_from_checkpoint == "latest":
             logger.info(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir} yet, so the run starts at step 0")
         if self.checkpoint is None:
-            check_fresh_start(self.output_dir, config.overwrite_output_dir, config.resume_from_checkpoint == "latest",
-                              self.accelerator.is_main_process)  # fmt: skip
+            deleted = check_fresh_start(self.output_dir, config.overwrite_output_dir,
+                                        config.resume_from_checkpoint == "latest", self.accelerator.is_main_process)  # fmt: skip
+            if deleted and self.accelerator.is_main_process:
+                remove(self.output_dir / GRID_FOLDER)  # the earlier run's grids, which this run's would sit among
             self.accelerator.wait_for_everyone()  # no process looks at the folder before the deletion is done
         dataset, image_column = self._load_dataset()
         image_format = inspect_images(ImageSource(dataset, image_column))

@@ -80,6 +80,7 @@ def test_a_run_resumed_after_a_crash_keeps_one_tensorboard_point_per_step(tmp_pa
     assert [event.step for event in events.Scalars("loss")] == [1, 2, 3]
     assert [event.value for event in events.Scalars("loss")] == pytest.approx([rows[step] for step in (1, 2, 3)], rel=1e-5)
     assert [image.step for image in events.Images("samples")] == [2, 3]
+    assert sorted(path.name for path in (out / "samples").iterdir()) == ["step_0000002.png", "step_0000003.png"]  # not step 4
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install -e '.[dev]')")
