@@ -136,28 +136,30 @@ def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[P
     return doomed
 
 
-def earlier_run_folders(output_dir: Path) -> list[Path]:
+def earlier_run_outputs(output_dir: Path) -> list[Path]:
     """What an earlier run left in ``output_dir`` that a run started afresh there would mix with its
-    own: its checkpoints (``--resume_from_checkpoint latest`` would pick its newest) and its
-    ``snapshot-*`` pipelines (not written again, and scored by ``eval_metrics.py --snapshots``)."""
+    own: its checkpoints (``--resume_from_checkpoint latest`` would pick its newest), its
+    ``snapshot-*`` pipelines (not written again, and scored by ``eval_metrics.py --snapshots``) and,
+    had it finished, its pipeline (marked by ``training_summary.json``)."""
     snapshots = sorted(path.parent for path in output_dir.glob(f"snapshot-*/{SNAPSHOT_SUMMARY_NAME}"))
-    return [*list_checkpoints(output_dir), *snapshots]
+    finished = [output_dir / TRAINING_SUMMARY_NAME] if (output_dir / TRAINING_SUMMARY_NAME).is_file() else []
+    return [*list_checkpoints(output_dir), *snapshots, *finished]
 
 
-def check_fresh_start(output_dir: Path, overwrite: bool, resume_latest: bool, is_main_process: bool) -> list[Path]:
-    """A run that starts at step 0 in ``output_dir``, where an earlier run left checkpoints or
-    snapshots (:func:`earlier_run_folders`): refused, naming the choices; with ``overwrite``
-    (``--overwrite_output_dir``) the main process deletes them instead, and says so. Snapshots
-    without any checkpoint or finished pipeline, found by ``--resume_from_checkpoint latest``
-    (``resume_latest``), were left by an attempt that stopped before its first checkpoint: they are
-    deleted, since this run writes them again (a finished run's snapshots, its checkpoints deleted
-    to save space, are not). Returns what it deleted."""
-    checkpoints = list_checkpoints(output_dir)
-    earlier = earlier_run_folders(output_dir)
+def check_fresh_start(output_dir: Path, overwrite: bool, resume_latest: bool, is_main_process: bool) -> bool:
+    """A run that starts at step 0 in ``output_dir``, where an earlier run left outputs
+    (:func:`earlier_run_outputs`): refused, naming the choices; with ``overwrite``
+    (``--overwrite_output_dir``) the main process deletes its checkpoints and snapshots instead, and
+    says so. Snapshots alone (no checkpoint, no finished pipeline), found by
+    ``--resume_from_checkpoint latest`` (``resume_latest``), were left by an attempt that stopped
+    before its first checkpoint: they are deleted, since this run writes them again (a finished
+    run's, its checkpoints deleted to save space, are not). Returns whether an earlier run's outputs
+    are to go (the caller deletes the rest: its pipeline, grids and records)."""
+    earlier = earlier_run_outputs(output_dir)
     if not earlier:
-        return []
-    names = ", ".join(path.name for path in earlier)
-    if resume_latest and not checkpoints and not (output_dir / TRAINING_SUMMARY_NAME).is_file():
+        return False
+    names = ", ".join("a finished pipeline" if path.name == TRAINING_SUMMARY_NAME else path.name for path in earlier)
+    if resume_latest and all(checkpoint_step(path) is None and path.name != TRAINING_SUMMARY_NAME for path in earlier):
         why = "left by an attempt that stopped before its first checkpoint (this run writes them again)"
     elif overwrite:
         why = "--overwrite_output_dir"
@@ -166,10 +168,10 @@ def check_fresh_start(output_dir: Path, overwrite: bool, resume_latest: bool, is
             f"{output_dir} holds an earlier run ({names}), and a run started afresh there would mix with it (its newest "
             "checkpoint would be this run's --resume_from_checkpoint latest). Pass --resume_from_checkpoint latest to "
             "continue it (with a larger --max_train_steps to train it further), another --output_dir for a new run, or "
-            "--overwrite_output_dir to delete its checkpoints and snapshots and start afresh."
+            "--overwrite_output_dir to delete its outputs and start afresh."
         )
     if is_main_process:
         logger.warning(f"deleting {names} in {output_dir}: {why}")
         for path in earlier:
             delete_atomically(path)
-    return earlier
+    return True

@@ -60,6 +60,7 @@ from .data import (
 from .images import ImageFormat, ImagePreprocessor, ImageSource, check_padding, inspect_images, warn_if_mostly_padding
 from .losses import diffusion_loss_terms, has_bound_term
 from .lr_schedule import RunLengthLR, warmup_advice
+from .model_card import EVAL_REPORT_NAME
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid, save_loss_curve, save_metric_curves
 from .preflight import check_free_space, check_output_dir, check_unet_config, run_output_bytes
@@ -118,6 +119,11 @@ TRAJECTORY_NAME = "trajectory.png"
 GRID_FOLDER = "samples"
 #: In --logging_dir: the id of the W&B run that a resumed training run continues.
 WANDB_RUN_ID_NAME = "wandb_run_id.txt"
+#: What a run writes in --output_dir besides checkpoints, snapshots and logs (and the evaluation report
+#: a push reads there): deleted with an earlier run's checkpoints when a run starts afresh over it
+EARLIER_RUN_FILES = ("model_index.json", "unet", "scheduler", TRAINING_SUMMARY_NAME, SAMPLES_NAME, TRAJECTORY_NAME,
+                     LOSS_HISTORY_NAME, LOSS_CURVE_NAME, VALIDATION_HISTORY_NAME, VALIDATION_CURVE_NAME, GRID_FOLDER,
+                     EVAL_REPORT_NAME)  # fmt: skip
 TIMESTEP_SAMPLER_STATE_NAME = "timestep_sampler.pt"
 #: AdamW's implementation flags: a resumed run keeps its own (fused on a GPU), not its checkpoint's
 OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach")
@@ -341,10 +347,11 @@ class Trainer:
         if self.checkpoint is None and config.resume_from_checkpoint == "latest":
             logger.info(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir} yet, so the run starts at step 0")
         if self.checkpoint is None:
-            deleted = check_fresh_start(self.output_dir, config.overwrite_output_dir,
-                                        config.resume_from_checkpoint == "latest", self.accelerator.is_main_process)  # fmt: skip
-            if deleted and self.accelerator.is_main_process:
-                remove(self.output_dir / GRID_FOLDER)  # the earlier run's grids, which this run's would sit among
+            earlier_run = check_fresh_start(self.output_dir, config.overwrite_output_dir,
+                                            config.resume_from_checkpoint == "latest", self.accelerator.is_main_process)  # fmt: skip
+            if earlier_run and self.accelerator.is_main_process:
+                for name in EARLIER_RUN_FILES:  # its pipeline, grids, records and evaluation, which this run's would sit among
+                    remove(self.output_dir / name)
             self.accelerator.wait_for_everyone()  # no process looks at the folder before the deletion is done
         dataset, image_column = self._load_dataset()
         image_format = inspect_images(ImageSource(dataset, image_column))

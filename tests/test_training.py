@@ -441,16 +441,21 @@ def test_a_fresh_run_over_an_earlier_run_is_refused_unless_told_to_overwrite_it(
                "2", "--lr_warmup_steps", "0"]  # fmt: skip
     out, fresh = tmp_path / "out", tmp_path / "fresh"
     run_training(out, *options, "--max_train_steps", "4", "--snapshot_steps", "1")
+    (out / "eval_results.json").write_text("{}")  # the earlier model's scores, which a push would put on the card
+    (out / "notes.txt").write_text("mine")
     earlier = {path.name: path.stat().st_mtime_ns for path in out.iterdir() if not path.name.startswith(".")}  # not the lock
     reset_accelerate()
-    with pytest.raises(ValueError, match=r"holds an earlier run \(checkpoint-2, checkpoint-4, snapshot-1steps\).*Pass "
+    with pytest.raises(ValueError, match=r"holds an earlier run \(checkpoint-2, checkpoint-4, snapshot-1steps, a finished "
+                                         r"pipeline\).*Pass "
                                          r"--resume_from_checkpoint latest to continue it .* or --overwrite_output_dir"):
         run_training(out, *options, "--max_train_steps", "3", "--learning_rate", "1e-2")
     assert {path.name: path.stat().st_mtime_ns for path in out.iterdir() if not path.name.startswith(".")} == earlier
     reset_accelerate()
     with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.checkpointing"):
         run_training(out, *options, "--max_train_steps", "3", "--learning_rate", "1e-2", "--overwrite_output_dir")
-    assert f"deleting checkpoint-2, checkpoint-4, snapshot-1steps in {out}: --overwrite_output_dir" in caplog.text
+    assert (f"deleting checkpoint-2, checkpoint-4, snapshot-1steps, a finished pipeline in {out}: --overwrite_output_dir"
+            in caplog.text)
+    assert not (out / "eval_results.json").exists() and (out / "notes.txt").read_text() == "mine"  # the user's own kept
     reset_accelerate()
     run_training(fresh, *options, "--max_train_steps", "3", "--learning_rate", "1e-2")
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"] and not (out / "snapshot-1steps").exists()
@@ -478,7 +483,7 @@ def test_a_fresh_run_over_an_earlier_run_is_refused_unless_told_to_overwrite_it(
     for checkpoint in list_checkpoints(out):
         shutil.rmtree(checkpoint)
     reset_accelerate()
-    with pytest.raises(ValueError, match=r"holds an earlier run \(snapshot-1steps\)"):
+    with pytest.raises(ValueError, match=r"holds an earlier run \(snapshot-1steps, a finished pipeline\)"):
         run_training(out, *options, "--max_train_steps", "2", "--snapshot_steps", "1", "--resume_from_checkpoint", "latest")
 
 
