@@ -136,33 +136,66 @@ def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[P
     return doomed
 
 
-def earlier_run_outputs(output_dir: Path) -> list[Path]:
-    """What an earlier run left in ``output_dir`` that a run started afresh there would mix with its
-    own: its checkpoints (``--resume_from_checkpoint latest`` would pick its newest), its
-    ``snapshot-*`` pipelines (not written again, and scored by ``eval_metrics.py --snapshots``) and,
-    had it finished, its pipeline (marked by ``training_summary.json``)."""
-    snapshots = sorted(path.parent for path in output_dir.glob(f"snapshot-*/{SNAPSHOT_SUMMARY_NAME}"))
-    finished = [output_dir / TRAINING_SUMMARY_NAME] if (output_dir / TRAINING_SUMMARY_NAME).is_file() else []
-    return [*list_checkpoints(output_dir), *snapshots, *finished]
+def outputs_past(output_dir: Path, step: int) -> list[Path]:
+    """What a run left in ``output_dir`` past optimizer step ``step`` (0: everything), which a run
+    going on from ``step`` there would mix with its own: checkpoints (``--resume_from_checkpoint
+    latest`` would pick the newest), ``snapshot-*`` pipelines (not written again, and scored by
+    ``eval_metrics.py --snapshots``) and a finished pipeline trained past it (by its
+    ``training_summary.json``)."""
+    later = [path for path in list_checkpoints(output_dir) if checkpoint_step(path) > step]
+    for record in sorted(output_dir.glob(f"snapshot-*/{SNAPSHOT_SUMMARY_NAME}")):
+        if _recorded_step(record) > step:
+            later.append(record.parent)
+    summary = output_dir / TRAINING_SUMMARY_NAME
+    if summary.is_file() and _recorded_step(summary) > step:
+        later.append(summary)
+    return later
 
 
-def check_fresh_start(output_dir: Path, overwrite: bool, resume_latest: bool, is_main_process: bool) -> bool:
-    """A run that starts at step 0 in ``output_dir``, where an earlier run left outputs
-    (:func:`earlier_run_outputs`): refused, naming the choices; with ``overwrite``
-    (``--overwrite_output_dir``) the main process deletes its checkpoints and snapshots instead, and
-    says so. Snapshots alone (no checkpoint, no finished pipeline), found by
-    ``--resume_from_checkpoint latest`` (``resume_latest``), were left by an attempt that stopped
-    before its first checkpoint: they are deleted, since this run writes them again (a finished
-    run's, its checkpoints deleted to save space, are not). Returns whether an earlier run's outputs
-    are to go (the caller deletes the rest: its pipeline, grids and records)."""
-    earlier = earlier_run_outputs(output_dir)
-    if not earlier:
-        return False
-    names = ", ".join("a finished pipeline" if path.name == TRAINING_SUMMARY_NAME else path.name for path in earlier)
-    if resume_latest and all(checkpoint_step(path) is None and path.name != TRAINING_SUMMARY_NAME for path in earlier):
+def _recorded_step(summary: Path) -> int:
+    """The ``global_step`` of a run summary (``training_summary.json``, ``snapshot.json``); one that
+    cannot be read counts as past any step."""
+    try:
+        return int(json.loads(summary.read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1 << 62
+
+
+def check_start(output_dir: Path, checkpoint: Path | None, overwrite: bool, resume_latest: bool,
+                is_main_process: bool) -> list[Path]:  # fmt: skip
+    """Check what ``output_dir`` holds past the step a run starts at there: 0 when it starts afresh
+    (``checkpoint`` None) or branches from another folder's checkpoint, the checkpoint's step when it
+    resumes one of this folder's (:func:`outputs_past`).
+
+    * Resuming this folder's newest checkpoint: snapshots past it are this run's own, taken before
+      it stopped; nothing to do.
+    * Snapshots alone (no checkpoint, no finished pipeline) with ``resume_latest``
+      (``--resume_from_checkpoint latest`` found no checkpoint): an attempt stopped before its first
+      checkpoint left them; they are deleted, and this run writes them again.
+    * Anything else past the start — another run's outputs, or checkpoints and a finished pipeline
+      past an older checkpoint resumed (an abandoned continuation) — would mix with this run's: it is
+      refused, naming the choices, or with ``overwrite`` (``--overwrite_output_dir``) deleted.
+
+    Deletions are made by the main process and logged. Returns what is to go (the caller deletes the
+    rest of it: the pipeline whose summary is among them, later grids, records)."""
+    in_place = checkpoint is not None and checkpoint.parent.resolve() == output_dir.resolve()
+    step = checkpoint_step(checkpoint) if in_place else 0
+    later = outputs_past(output_dir, step)
+    abandoned = [path for path in later if checkpoint_step(path) is not None or path.name == TRAINING_SUMMARY_NAME]
+    if not later or (in_place and not abandoned):  # snapshots past the newest checkpoint: this run's, before it stopped
+        return []
+    names = ", ".join("a finished pipeline" if path.name == TRAINING_SUMMARY_NAME else path.name for path in later)
+    if checkpoint is None and resume_latest and not abandoned:
         why = "left by an attempt that stopped before its first checkpoint (this run writes them again)"
     elif overwrite:
         why = "--overwrite_output_dir"
+    elif in_place:
+        raise ValueError(
+            f"{output_dir} holds outputs past step {step} ({names}), of the run that went on from {checkpoint.name} "
+            f"before: resuming {checkpoint.name} here would mix them with this run's. Branch into another folder "
+            f"(--resume_from_checkpoint {checkpoint} --output_dir NEW_FOLDER), or pass --overwrite_output_dir to delete "
+            f"them and go on from step {step} here."
+        )
     else:
         raise ValueError(
             f"{output_dir} holds an earlier run ({names}), and a run started afresh there would mix with it (its newest "
@@ -172,6 +205,6 @@ def check_fresh_start(output_dir: Path, overwrite: bool, resume_latest: bool, is
         )
     if is_main_process:
         logger.warning(f"deleting {names} in {output_dir}: {why}")
-        for path in earlier:
+        for path in later:
             delete_atomically(path)
-    return True
+    return later

@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path, move_into_place, remove, temporary_sibling
 from .checkpointing import (
-    check_fresh_start,
+    check_start,
+    checkpoint_step,
     list_checkpoints,
     prune_checkpoints,
     read_trainer_state,
@@ -119,11 +120,22 @@ TRAJECTORY_NAME = "trajectory.png"
 GRID_FOLDER = "samples"
 #: In --logging_dir: the id of the W&B run that a resumed training run continues.
 WANDB_RUN_ID_NAME = "wandb_run_id.txt"
-#: What a run writes in --output_dir besides checkpoints, snapshots and logs (and the evaluation report
-#: a push reads there): deleted with an earlier run's checkpoints when a run starts afresh over it
-EARLIER_RUN_FILES = ("model_index.json", "unet", "scheduler", TRAINING_SUMMARY_NAME, SAMPLES_NAME, TRAJECTORY_NAME,
-                     LOSS_HISTORY_NAME, LOSS_CURVE_NAME, VALIDATION_HISTORY_NAME, VALIDATION_CURVE_NAME, GRID_FOLDER,
-                     EVAL_REPORT_NAME)  # fmt: skip
+#: The finished pipeline's files in --output_dir (and the evaluation report a push reads there)
+PIPELINE_OUTPUTS = ("model_index.json", "unet", "scheduler", TRAINING_SUMMARY_NAME, SAMPLES_NAME, TRAJECTORY_NAME,
+                    LOSS_CURVE_NAME, VALIDATION_CURVE_NAME, EVAL_REPORT_NAME)  # fmt: skip
+
+
+def remove_outputs_past(output_dir: Path, step: int, pipeline: bool) -> None:
+    """Delete what a run wrote in ``output_dir`` past optimizer step ``step``, besides the
+    checkpoints and snapshots (:func:`~ddpm_pipeline.checkpointing.check_start`) and the logs
+    (TensorBoard hides them): with ``pipeline``, its finished pipeline; its grids of later steps;
+    and, from step 0, its loss and held-out records (a resumed run keeps theirs up to its step)."""
+    names = (PIPELINE_OUTPUTS if pipeline else ()) + ((LOSS_HISTORY_NAME, VALIDATION_HISTORY_NAME) if step == 0 else ())
+    for name in names:
+        remove(output_dir / name)
+    for grid in (output_dir / GRID_FOLDER).glob("step_*.png"):
+        if not grid.stem[5:].isdigit() or int(grid.stem[5:]) > step:
+            remove(grid)
 TIMESTEP_SAMPLER_STATE_NAME = "timestep_sampler.pt"
 #: AdamW's implementation flags: a resumed run keeps its own (fused on a GPU), not its checkpoint's
 OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach")
@@ -346,13 +358,13 @@ class Trainer:
         self.checkpoint = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint)
         if self.checkpoint is None and config.resume_from_checkpoint == "latest":
             logger.info(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir} yet, so the run starts at step 0")
-        if self.checkpoint is None:
-            earlier_run = check_fresh_start(self.output_dir, config.overwrite_output_dir,
-                                            config.resume_from_checkpoint == "latest", self.accelerator.is_main_process)  # fmt: skip
-            if earlier_run and self.accelerator.is_main_process:
-                for name in EARLIER_RUN_FILES:  # its pipeline, grids, records and evaluation, which this run's would sit among
-                    remove(self.output_dir / name)
-            self.accelerator.wait_for_everyone()  # no process looks at the folder before the deletion is done
+        in_place = self.checkpoint is not None and self.checkpoint.parent.resolve() == self.output_dir.resolve()
+        deleted = check_start(self.output_dir, self.checkpoint, config.overwrite_output_dir,
+                              config.resume_from_checkpoint == "latest", self.accelerator.is_main_process)  # fmt: skip
+        if deleted and self.accelerator.is_main_process:  # the rest of what the other run wrote, which this run's would sit among
+            remove_outputs_past(self.output_dir, checkpoint_step(self.checkpoint) if in_place else 0,
+                                pipeline=any(path.name == TRAINING_SUMMARY_NAME for path in deleted))  # fmt: skip
+        self.accelerator.wait_for_everyone()  # no process looks at the folder before the deletion is done
         dataset, image_column = self._load_dataset()
         image_format = inspect_images(ImageSource(dataset, image_column))
         if self.pretrained is None:

@@ -212,7 +212,7 @@ class TrainingConfig:
     output_dir: str = _option("outputs/ddpm-fashion-mnist", "Where the pipeline, checkpoints, grids and logs go.")
     checkpointing_steps: int | None = _option(400, "Save a resumable checkpoint every N optimizer steps (none = only at the end).")
     checkpoints_total_limit: int | None = _option(2, "Keep at most this many checkpoints, deleting the oldest.")
-    overwrite_output_dir: bool = _option(False, "Start afresh in an --output_dir that holds an earlier run (checkpoints, snapshots or a finished pipeline), deleting its outputs first (files of your own stay); without it, such a folder is refused, since the two runs would mix.")
+    overwrite_output_dir: bool = _option(False, "Start afresh in an --output_dir that holds an earlier run (checkpoints, snapshots or a finished pipeline), or go back to an older checkpoint of it, deleting that run's outputs (past the checkpoint) first; files of your own stay. Without it, such a start is refused, since the two runs would mix.")
     resume_from_checkpoint: str | None = _option(
         None,
         "latest (the newest in --output_dir), checkpoint-N (looked up in --output_dir), or the path of any "

@@ -487,6 +487,44 @@ def test_a_fresh_run_over_an_earlier_run_is_refused_unless_told_to_overwrite_it(
         run_training(out, *options, "--max_train_steps", "2", "--snapshot_steps", "1", "--resume_from_checkpoint", "latest")
 
 
+def test_resuming_an_older_checkpoint_in_place_is_refused_unless_told_to_overwrite_what_came_after(tmp_path, caplog):
+    """--resume_from_checkpoint checkpoint-2 in a folder that went on to step 4: its checkpoint-4, later
+    snapshot and finished pipeline belong to the abandoned continuation ('latest' would pick
+    checkpoint-4 after a crash). Refused, naming them and the choices; --overwrite_output_dir deletes
+    them and trains as a branch into a new folder does. Snapshots past the newest checkpoint are a
+    resumed run's own, and stay (the crash-and-resume path)."""
+    data = saved_dataset(tmp_path / "data", count=8, size=16)
+    options = ["--dataset_path", data, "--save_images_steps", "2", "--train_batch_size", "4", "--checkpointing_steps",
+               "2", "--lr_warmup_steps", "0", "--max_train_steps", "4", "--snapshot_steps", "3"]  # fmt: skip
+    out, branch = tmp_path / "out", tmp_path / "branch"
+    run_training(out, *options)
+    reset_accelerate()
+    run_training(branch, *options, "--resume_from_checkpoint", out / "checkpoint-2", "--learning_rate", "1e-2")
+    reset_accelerate()
+    with pytest.raises(ValueError, match=r"holds outputs past step 2 \(checkpoint-4, snapshot-3steps, a finished pipeline\)"
+                                         r".* Branch into another folder .* or pass --overwrite_output_dir"):  # fmt: skip
+        run_training(out, *options, "--resume_from_checkpoint", "checkpoint-2", "--learning_rate", "1e-2")
+    assert (out / "checkpoint-4").is_dir() and (out / "training_summary.json").is_file()  # untouched
+    reset_accelerate()
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.checkpointing"):
+        run_training(out, *options, "--resume_from_checkpoint", "checkpoint-2", "--learning_rate", "1e-2",
+                     "--overwrite_output_dir")  # fmt: skip
+    assert "deleting checkpoint-4, snapshot-3steps, a finished pipeline" in caplog.text
+    assert read_loss_history(out) == read_loss_history(branch)
+    for folder in ("", "snapshot-3steps"):
+        rewound, branched = (load_file(run / folder / "unet" / "diffusion_pytorch_model.safetensors") for run in (out, branch))
+        assert all(torch.equal(rewound[key], branched[key]) for key in branched)
+    assert sorted(path.name for path in (out / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    # resuming the newest checkpoint with a snapshot past it (a crash after the snapshot): nothing refused or deleted
+    shutil.rmtree(out / "checkpoint-4")
+    for name in ("training_summary.json", "model_index.json"):
+        (out / name).unlink()
+    snapshot = (out / "snapshot-3steps" / "snapshot.json").stat().st_mtime_ns
+    reset_accelerate()
+    run_training(out, *options, "--resume_from_checkpoint", "latest", "--learning_rate", "1e-2")
+    assert (out / "snapshot-3steps" / "snapshot.json").stat().st_mtime_ns == snapshot  # kept, as before
+
+
 def test_a_resumed_run_trains_with_its_own_optimizer_and_ema_options(tmp_path, caplog):
     # the checkpoint's AdamW, schedule and EMA states carry the first run's options; the resumed run's replace them
     data = saved_dataset(tmp_path / "data", count=8, size=16)
