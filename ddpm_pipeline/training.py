@@ -123,19 +123,6 @@ WANDB_RUN_ID_NAME = "wandb_run_id.txt"
 #: The finished pipeline's files in --output_dir (and the evaluation report a push reads there)
 PIPELINE_OUTPUTS = ("model_index.json", "unet", "scheduler", TRAINING_SUMMARY_NAME, SAMPLES_NAME, TRAJECTORY_NAME,
                     LOSS_CURVE_NAME, VALIDATION_CURVE_NAME, EVAL_REPORT_NAME)  # fmt: skip
-
-
-def remove_outputs_past(output_dir: Path, step: int, pipeline: bool) -> None:
-    """Delete what a run wrote in ``output_dir`` past optimizer step ``step``, besides the
-    checkpoints and snapshots (:func:`~ddpm_pipeline.checkpointing.check_start`) and the logs
-    (TensorBoard hides them): with ``pipeline``, its finished pipeline; its grids of later steps;
-    and, from step 0, its loss and held-out records (a resumed run keeps theirs up to its step)."""
-    names = (PIPELINE_OUTPUTS if pipeline else ()) + ((LOSS_HISTORY_NAME, VALIDATION_HISTORY_NAME) if step == 0 else ())
-    for name in names:
-        remove(output_dir / name)
-    for grid in (output_dir / GRID_FOLDER).glob("step_*.png"):
-        if not grid.stem[5:].isdigit() or int(grid.stem[5:]) > step:
-            remove(grid)
 TIMESTEP_SAMPLER_STATE_NAME = "timestep_sampler.pt"
 #: AdamW's implementation flags: a resumed run keeps its own (fused on a GPU), not its checkpoint's
 OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach")
@@ -199,6 +186,19 @@ def grid_cost_advice(grid_seconds: float, period_seconds: float, step: int, conf
         f"but the run waits for them): --save_images_steps {every}, a smaller --num_grid_images or fewer "
         "--grid_inference_steps make them cheaper, and --save_images_steps none writes only the final grid"
     )
+
+
+def remove_outputs_past(output_dir: Path, step: int, pipeline: bool) -> None:
+    """Delete what a run wrote in ``output_dir`` past optimizer step ``step``, besides the
+    checkpoints and snapshots (:func:`~ddpm_pipeline.checkpointing.check_start`) and the logs
+    (TensorBoard hides them): with ``pipeline``, its finished pipeline; its grids of later steps;
+    and, from step 0, its loss and held-out records (a resumed run keeps theirs up to its step)."""
+    names = (PIPELINE_OUTPUTS if pipeline else ()) + ((LOSS_HISTORY_NAME, VALIDATION_HISTORY_NAME) if step == 0 else ())
+    for name in names:
+        remove(output_dir / name)
+    for grid in (output_dir / GRID_FOLDER).glob("step_*.png"):
+        if not grid.stem[5:].isdigit() or int(grid.stem[5:]) > step:
+            remove(grid)
 
 
 def micro_batch_seed(seed: int, epoch: int, batch_index: int) -> int:
