@@ -162,7 +162,7 @@ def _recorded_step(summary: Path) -> int:
 
 
 def check_start(output_dir: Path, checkpoint: Path | None, overwrite: bool, resume_latest: bool,
-                is_main_process: bool) -> list[Path]:  # fmt: skip
+                is_main_process: bool) -> tuple[int, list[Path]]:  # fmt: skip
     """Check what ``output_dir`` holds past the step a run starts at there: 0 when it starts afresh
     (``checkpoint`` None) or branches from another folder's checkpoint, the checkpoint's step when it
     resumes one of this folder's (:func:`outputs_past`).
@@ -176,14 +176,15 @@ def check_start(output_dir: Path, checkpoint: Path | None, overwrite: bool, resu
       past an older checkpoint resumed (an abandoned continuation) — would mix with this run's: it is
       refused, naming the choices, or with ``overwrite`` (``--overwrite_output_dir``) deleted.
 
-    Deletions are made by the main process and logged. Returns what is to go (the caller deletes the
-    rest of it: the pipeline whose summary is among them, later grids, records)."""
+    Deletions are made by the main process and logged. Returns the step the run starts at and what
+    is to go past it (the caller deletes the rest of it: the pipeline whose summary is among them,
+    later grids, records)."""
     in_place = checkpoint is not None and checkpoint.parent.resolve() == output_dir.resolve()
     step = checkpoint_step(checkpoint) if in_place else 0
     later = outputs_past(output_dir, step)
     abandoned = [path for path in later if checkpoint_step(path) is not None or path.name == TRAINING_SUMMARY_NAME]
     if not later or (in_place and not abandoned):  # snapshots past the newest checkpoint: this run's, before it stopped
-        return []
+        return step, []
     names = ", ".join("a finished pipeline" if path.name == TRAINING_SUMMARY_NAME else path.name for path in later)
     if checkpoint is None and resume_latest and not abandoned:
         why = "left by an attempt that stopped before its first checkpoint (this run writes them again)"
@@ -207,4 +208,4 @@ def check_start(output_dir: Path, checkpoint: Path | None, overwrite: bool, resu
         logger.warning(f"deleting {names} in {output_dir}: {why}")
         for path in later:
             delete_atomically(path)
-    return later
+    return step, later

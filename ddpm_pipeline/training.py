@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 from .atomic import atomic_path, move_into_place, remove, temporary_sibling
 from .checkpointing import (
     check_start,
-    checkpoint_step,
     list_checkpoints,
     prune_checkpoints,
     read_trainer_state,
@@ -358,12 +357,10 @@ class Trainer:
         self.checkpoint = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint)
         if self.checkpoint is None and config.resume_from_checkpoint == "latest":
             logger.info(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir} yet, so the run starts at step 0")
-        in_place = self.checkpoint is not None and self.checkpoint.parent.resolve() == self.output_dir.resolve()
-        deleted = check_start(self.output_dir, self.checkpoint, config.overwrite_output_dir,
-                              config.resume_from_checkpoint == "latest", self.accelerator.is_main_process)  # fmt: skip
+        start_step, deleted = check_start(self.output_dir, self.checkpoint, config.overwrite_output_dir,
+                                          config.resume_from_checkpoint == "latest", self.accelerator.is_main_process)  # fmt: skip
         if deleted and self.accelerator.is_main_process:  # the rest of what the other run wrote, which this run's would sit among
-            remove_outputs_past(self.output_dir, checkpoint_step(self.checkpoint) if in_place else 0,
-                                pipeline=any(path.name == TRAINING_SUMMARY_NAME for path in deleted))  # fmt: skip
+            remove_outputs_past(self.output_dir, start_step, pipeline=any(path.name == TRAINING_SUMMARY_NAME for path in deleted))
         self.accelerator.wait_for_everyone()  # no process looks at the folder before the deletion is done
         dataset, image_column = self._load_dataset()
         image_format = inspect_images(ImageSource(dataset, image_column))
