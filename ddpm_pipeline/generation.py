@@ -82,6 +82,13 @@ class SampleConfig:
             raise ValueError("Give --model: a train_ddpm.py --output_dir, a save_pretrained folder or a Hub repo id.")
         if not str(self.output_dir).strip():
             raise ValueError("--output_dir is empty: name the folder to write the samples to (e.g. samples).")
+        folder = Path(self.output_dir).resolve()
+        if (folder / "model_index.json").is_file():
+            raise ValueError(
+                f"--output_dir {self.output_dir} holds a pipeline (model_index.json): the samples would replace "
+                "its training trajectory.png and mix with the files a push uploads. Give them a folder of their "
+                f"own, e.g. --output_dir {folder.with_name(folder.name + '-samples')}."
+            )
         for name in ("num_images", "batch_size", "num_inference_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -18,12 +18,31 @@ from typing import Any
 from huggingface_hub import HfApi
 
 from .console import run_command
+from .generation import NPZ_NAME, REPORT_NAME
 from .model_card import load_eval_report, write_model_card
+from .sample_store import SETTINGS_FILE
 
 logger = logging.getLogger(__name__)
 
 #: What stays local: resumable checkpoints, --snapshot_* pipelines and the temporary folders of atomic writes.
 IGNORE_PATTERNS = ["checkpoint-*", "snapshot-*", ".*", "*.tmp", "*.partial"]
+
+
+def local_only_patterns(folder: str | Path) -> list[str]:
+    """:data:`IGNORE_PATTERNS` and the samples written into ``folder``: each folder of numbered
+    sample PNGs (one that holds a ``sampling.json``, such as the ``eval_results-samples/`` of
+    ``eval_metrics.py --output FOLDER/eval_results.json``: up to 50,000 images) and each
+    ``samples.npz`` that ``sample_ddpm.py`` wrote. Those are evaluation data, not the model;
+    their grids and reports, a few kB, are pushed."""
+    folder = Path(folder)
+    patterns = list(IGNORE_PATTERNS)
+    for settings in sorted(folder.rglob(SETTINGS_FILE)):
+        patterns.append(f"{settings.parent.relative_to(folder).as_posix()}/*")
+    for report in sorted(folder.rglob(REPORT_NAME)):
+        npz = report.parent / NPZ_NAME
+        if npz.is_file():
+            patterns.append(npz.relative_to(folder).as_posix())
+    return patterns
 
 
 def check_repo_id(repo_id: str | None) -> str:
@@ -75,13 +94,15 @@ def push_to_hub(
     logger.info(f"wrote the model card {card}")
     api = api or HfApi(token=token)
     url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    logger.info(f"uploading {folder} to {url}")
+    local_only = local_only_patterns(folder)
+    samples = local_only[len(IGNORE_PATTERNS) :]
+    logger.info(f"uploading {folder} to {url}" + (f"; its samples stay local ({', '.join(samples)})" if samples else ""))
     return api.upload_folder(
         repo_id=repo_id,
         repo_type="model",
         folder_path=str(folder),
         commit_message=commit_message or f"Upload DDPM pipeline from {folder.name}",
-        ignore_patterns=IGNORE_PATTERNS,
+        ignore_patterns=local_only,
     )
 
 

@@ -196,6 +196,26 @@ def test_push_makes_one_commit_of_the_folder_without_checkpoints(tmp_path):
     assert ModelCard.load(folder / "README.md").data.library_name == "diffusers"
 
 
+def test_push_leaves_the_samples_written_into_the_folder_local(tmp_path):
+    folder = pipeline_folder(tmp_path / "p", report=REPORT)
+    store = folder / "eval_results-samples"  # eval_metrics.py --output FOLDER/eval_results.json
+    generated = folder / "generated"  # sample_ddpm.py --output_dir FOLDER/generated --npz
+    for images in (store, store / "snapshot-2min", generated / "images"):
+        images.mkdir(parents=True)
+        (images / "sampling.json").write_text("{}")
+        (images / "000000.png").write_bytes(b"a sample")
+    (folder / "eval_results-grid.png").write_bytes(b"the evaluation's grid")
+    for name in ("grid.png", "sampling_report.json", "samples.npz"):
+        (generated / name).write_bytes(b"sample_ddpm.py's output")
+    api = RecordingHfApi()
+    push_to_hub(folder, "someone/fmnist-ddpm", api=api)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    sent = set(filter_repo_objects(files, ignore_patterns=api.calls[1][1]["ignore_patterns"]))
+    assert not any("sampling.json" in p or "000000.png" in p or p.endswith(".npz") for p in sent)
+    assert {"eval_results.json", "eval_results-grid.png", "generated/grid.png", "generated/sampling_report.json",
+            "unet/diffusion_pytorch_model.safetensors", "README.md"} <= sent  # fmt: skip
+
+
 def test_repo_id_and_hub_access_errors_are_clear(tmp_path):
     folder = pipeline_folder(tmp_path / "p")
     with pytest.raises(ValueError, match="user-or-org/model-name"):
