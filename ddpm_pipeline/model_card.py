@@ -26,6 +26,13 @@ from .unet import sample_height_width
 
 CARD_NAME = "README.md"
 EVAL_REPORT_NAME = "eval_results.json"
+#: What ``eval_metrics.py`` writes beside its ``--output`` report, named by the report's stem and
+#: these suffixes: the sample grid, the bound's plot, the samples, the bound's partial terms.
+EVAL_GRID_SUFFIX = "-grid.png"
+EVAL_BOUND_PLOT_SUFFIX = "-bpd.png"
+EVAL_SAMPLES_SUFFIX = "-samples"
+EVAL_BOUND_PARTIAL_SUFFIX = "-bpd-partial"
+
 TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm"]
 PIPELINE_TAG = "unconditional-image-generation"
 BUNDLED_DATASET_ID = "zalando-datasets/fashion_mnist"
@@ -36,6 +43,15 @@ MODEL_INDEX_TYPES = {"fid": "fid", "kid_mean": "kid", "isc_mean": "inception_sco
 METRIC_NAMES = {key: (MODEL_INDEX_TYPES[key], name) for key, name in SCORE_NAMES.items()}
 #: the standard deviation over subsets / splits the report gives with a metric, shown beside it
 METRIC_SPREADS = {"kid_mean": "kid_std", "isc_mean": "isc_std"}
+
+
+def eval_outputs(report: str | Path) -> list[Path]:
+    """The report ``FOLDER/NAME.json`` and what ``eval_metrics.py`` writes beside it:
+    ``FOLDER/NAME-grid.png``, ``NAME-bpd.png``, ``NAME-samples/`` and ``NAME-bpd-partial/``."""
+    report = Path(report)
+    stem = report.with_suffix("")
+    suffixes = (EVAL_GRID_SUFFIX, EVAL_BOUND_PLOT_SUFFIX, EVAL_SAMPLES_SUFFIX, EVAL_BOUND_PARTIAL_SUFFIX)
+    return [report] + [Path(f"{stem}{suffix}") for suffix in suffixes]
 
 
 def needs_package(pipeline_dir: str | Path) -> bool:

@@ -66,6 +66,32 @@ def count_complete(folder: Path) -> int:
     return count
 
 
+def _shown(key: str, value: Any) -> str:
+    """A recorded option as an error shows it: a weights fingerprint as its files' first hash digits."""
+    if key == "weights" and isinstance(value, list):
+        return ", ".join(f"{name} {digest[:12]}…" for name, digest in value)
+    return repr(value)
+
+
+def _refusal(folder: Path, saved: dict[str, Any], settings: dict[str, Any], differing: list[str]) -> str:
+    """Why a store's folder holds no samples for ``settings``, and the ways on."""
+    differences = "; ".join(f"{k}: {_shown(k, saved.get(k))} there vs {_shown(k, settings.get(k))} now" for k in differing)
+    if "model" in differing:
+        made = f"samples of another model ({differences})"
+    elif "weights" in differing:  # the same folder, its weights replaced: trained further or again since
+        made = f"samples of other weights of {settings.get('model')}, trained since they were drawn ({differences})"
+    else:
+        made = f"samples made with other options ({differences})"
+    reuse = ""
+    if all(k in OPTION_FLAGS for k in differing):  # the same model: its options would reuse the images
+        flags = " ".join(f"{OPTION_FLAGS[k]} {saved.get(k, UNRECORDED_DEFAULTS.get(k))}" for k in differing)
+        reuse = f"To reuse and add to its images, sample with its options ({flags}); or sample"
+    return (
+        f"{folder} holds {made}. {reuse or 'Sample'} into another folder (sample_ddpm.py --output_dir, "
+        "eval_metrics.py --samples_dir), or delete this one to sample afresh."
+    )
+
+
 class SampleStore:
     """A folder of numbered sample PNGs from one pipeline and one set of sampling options."""
 
@@ -78,16 +104,7 @@ class SampleStore:
             keys = sorted(saved.keys() | settings.keys())  # an option only one side records differs too
             differing = [k for k in keys if saved.get(k) != settings.get(k)]
             if differing:
-                differences = [f"{k}: {saved.get(k)!r} there vs {settings.get(k)!r} now" for k in differing]
-                reuse = ""
-                if all(k in OPTION_FLAGS for k in differing):  # the same model: its options would reuse the images
-                    flags = " ".join(f"{OPTION_FLAGS[k]} {saved.get(k, UNRECORDED_DEFAULTS.get(k))}" for k in differing)
-                    reuse = f"To reuse and add to its images, sample with its options ({flags}). "
-                raise ValueError(
-                    f"{self.folder} holds samples made with other options ({'; '.join(differences)}). {reuse}"
-                    "Or sample into another folder (sample_ddpm.py --output_dir, eval_metrics.py --samples_dir), "
-                    "or delete this one to sample afresh."
-                )
+                raise ValueError(_refusal(self.folder, saved, settings, differing))
         else:
             (self.folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 

@@ -60,7 +60,7 @@ from .data import (
 from .images import ImageFormat, ImagePreprocessor, ImageSource, check_padding, inspect_images, warn_if_mostly_padding
 from .losses import diffusion_loss_terms, has_bound_term
 from .lr_schedule import RunLengthLR, warmup_advice
-from .model_card import EVAL_REPORT_NAME
+from .model_card import EVAL_REPORT_NAME, eval_outputs
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid, save_loss_curve, save_metric_curves
 from .preflight import check_free_space, check_output_dir, check_unet_config, run_output_bytes
@@ -190,11 +190,15 @@ def grid_cost_advice(grid_seconds: float, period_seconds: float, step: int, conf
 def remove_outputs_past(output_dir: Path, step: int, pipeline: bool) -> None:
     """Delete what a run wrote in ``output_dir`` past optimizer step ``step``, besides the
     checkpoints and snapshots (:func:`~ddpm_pipeline.checkpointing.check_start`) and the logs
-    (TensorBoard hides them): with ``pipeline``, its finished pipeline; its grids of later steps;
+    (TensorBoard hides them): with ``pipeline``, its finished pipeline and ``eval_metrics.py``'s
+    scores of it in ``eval_results.json`` (:func:`~ddpm_pipeline.model_card.eval_outputs`); its grids of later steps;
     and, from step 0, its loss and held-out records (a resumed run keeps theirs up to its step)."""
     names = (PIPELINE_OUTPUTS if pipeline else ()) + ((LOSS_HISTORY_NAME, VALIDATION_HISTORY_NAME) if step == 0 else ())
     for name in names:
         remove(output_dir / name)
+    if pipeline:  # the scores of the deleted pipeline: the grid, plots and samples beside its report too
+        for path in eval_outputs(output_dir / EVAL_REPORT_NAME)[1:]:
+            remove(path)
     for grid in (output_dir / GRID_FOLDER).glob("step_*.png"):
         if not grid.stem[5:].isdigit() or int(grid.stem[5:]) > step:
             remove(grid)

@@ -355,7 +355,9 @@ def test_samples_of_a_model_trained_further_in_the_same_folder_are_refused(tmp_p
     shutil.copytree(tiny_pipeline, model)
     run(tmp_path, model, reference_data, metrics="fid", num_samples=4, num_inference_steps=2)
     train_further(model)
-    with pytest.raises(ValueError, match="holds samples made with other options.*weights"):
+    with pytest.raises(ValueError, match=rf"holds samples of other weights of {model}, trained since they were drawn "
+                                         r"\(weights: diffusion_pytorch_model.safetensors [0-9a-f]{12}… there vs .* now\)\. "
+                                         r"Sample into another folder .* or delete this one"):  # fmt: skip
         run(tmp_path, model, reference_data, metrics="fid", num_samples=4, num_inference_steps=2)
 
 

@@ -442,6 +442,9 @@ def test_a_fresh_run_over_an_earlier_run_is_refused_unless_told_to_overwrite_it(
     out, fresh = tmp_path / "out", tmp_path / "fresh"
     run_training(out, *options, "--max_train_steps", "4", "--snapshot_steps", "1")
     (out / "eval_results.json").write_text("{}")  # the earlier model's scores, which a push would put on the card
+    (out / "eval_results-grid.png").write_bytes(b"its samples' grid")  # and what eval_metrics.py wrote beside them
+    (out / "eval_results-samples").mkdir()
+    (out / "eval_results-samples" / "000000.png").write_bytes(b"one of its samples")
     (out / "notes.txt").write_text("mine")
     earlier = {path.name: path.stat().st_mtime_ns for path in out.iterdir() if not path.name.startswith(".")}  # not the lock
     reset_accelerate()
@@ -456,6 +459,7 @@ def test_a_fresh_run_over_an_earlier_run_is_refused_unless_told_to_overwrite_it(
     assert (f"deleting checkpoint-2, checkpoint-4, snapshot-1steps, a finished pipeline in {out}: --overwrite_output_dir"
             in caplog.text)
     assert not (out / "eval_results.json").exists() and (out / "notes.txt").read_text() == "mine"  # the user's own kept
+    assert not (out / "eval_results-grid.png").exists() and not (out / "eval_results-samples").exists()
     reset_accelerate()
     run_training(fresh, *options, "--max_train_steps", "3", "--learning_rate", "1e-2")
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"] and not (out / "snapshot-1steps").exists()
