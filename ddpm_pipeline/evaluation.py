@@ -306,7 +306,9 @@ def bound_over_data(
         "num_images": count,
         "timesteps": "all" if num_timesteps is None else num_timesteps,
         "data": source.location,
+        "kind": source.kind,
         "split": source.split,
+        "config": source.dataset_config,
         "prediction_type": scheduler.config.prediction_type,
         "variance_type": scheduler.config.variance_type,
     }
@@ -393,9 +395,13 @@ def _add_feature_scores(report: dict[str, Any], timings: dict[str, float], confi
             dataset_config=config.reference_config, max_images=config.reference_max_images,
             batch_size=config.batch_size, cache_dir=config.cache_dir, dataset=reference_images,
         )  # fmt: skip
+        summarized = reference.key.get("source", {})
         report["reference"] = {
             "source": config.reference,
-            "split": reference.key.get("source", {}).get("split"),
+            "kind": summarized.get("kind"),  # of the data the statistics summarize, also when read from a .npz
+            "location": summarized.get("location"),
+            "split": summarized.get("split"),
+            "config": summarized.get("dataset_config"),
             "num_images": reference.num_images,
             "statistics_file": str(reference.path) if reference.path else None,
             "cache_hit": reference.cache_hit,

@@ -15,6 +15,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .atomic import atomic_path
+from .data import describe_data_source
 from .metrics import SCORE_NAMES
 from .preflight import check_pipeline_folder
 from .pretrained import is_local_source
@@ -72,23 +73,41 @@ def dataset_id(config: TrainingConfig | None) -> str | None:
     return None
 
 
+def eval_dataset(record: dict[str, Any], source_key: str, dataset: str | None, dataset_name: str) -> dict[str, Any]:
+    """The model-index data set of metrics measured on the data a report ``record`` names (its
+    ``kind``, its source under ``source_key``, its ``split`` and ``config``): a Hub data set with its split,
+    Fashion-MNIST's test split for the bundled images, ``custom`` (named by its folder or file) for
+    local data; the training data set (``dataset``, ``dataset_name``) where the record has no kind."""
+    kind, source, split = record.get("kind"), record.get(source_key), record.get("split")
+    if kind == "bundled":
+        return {"dataset_type": BUNDLED_DATASET_ID, "dataset_name": "Fashion-MNIST", "dataset_split": "test"}
+    if kind == "hub":
+        return {"dataset_type": source, "dataset_name": source, "dataset_split": split, "dataset_config": record.get("config")}
+    if kind is not None and source:
+        return {"dataset_type": "custom", "dataset_name": Path(str(source)).name}
+    return {"dataset_type": dataset or "custom", "dataset_name": dataset_name}
+
+
 def eval_results(report: dict[str, Any], dataset: str | None, dataset_name: str) -> list[EvalResult]:
-    """The metrics of an ``eval_metrics.py`` report as `EvalResult`s (model-index entries)."""
+    """The metrics of an ``eval_metrics.py`` report as `EvalResult`s (model-index entries), each on
+    the data it was measured on (:func:`eval_dataset`): the sample metrics on the reference data,
+    bits/dim on its own."""
     metrics = report.get("metrics", {})
     samples = report.get("num_samples")
     steps = report.get("num_inference_steps")
     setting = f"{samples} samples, {steps} steps" if samples else ""
-    common = {"task_type": PIPELINE_TAG, "dataset_type": dataset or "custom", "dataset_name": dataset_name}
+    on_reference = {"task_type": PIPELINE_TAG, **eval_dataset(report.get("reference") or {}, "location", dataset, dataset_name)}
     results = []
     for key, (metric_type, display) in METRIC_NAMES.items():
         if isinstance(metrics.get(key), int | float):
             name = f"{display} ({setting})" if setting else display
             results.append(EvalResult(metric_type=metric_type, metric_value=round(float(metrics[key]), 6),
-                                      metric_name=name, **common))  # fmt: skip
+                                      metric_name=name, **on_reference))  # fmt: skip
     bpd = metrics.get("bpd")
     if isinstance(bpd, dict) and isinstance(bpd.get("bits_per_dim"), int | float):
+        on_bound_data = {"task_type": PIPELINE_TAG, **eval_dataset(bpd, "data", dataset, dataset_name)}
         results.append(EvalResult(metric_type="bits_per_dim", metric_value=round(float(bpd["bits_per_dim"]), 6),
-                                  metric_name="NLL bound (bits/dim)", **common))  # fmt: skip
+                                  metric_name="NLL bound (bits/dim)", **on_bound_data))  # fmt: skip
     return results
 
 
@@ -291,7 +310,11 @@ def _body(
 
 
 def _data_words(source: Any, split: Any) -> str:
-    """A report's data source, as given to ``eval_metrics.py``, with its split."""
+    """A report's data source, as given to ``eval_metrics.py``, with its split; ``bundled`` in
+    words (:func:`~ddpm_pipeline.data.describe_data_source`), as its one split is Fashion-MNIST's
+    test set although datasets names it ``train``."""
+    if source == "bundled":
+        return describe_data_source(split=split or "train")
     return f"{source}, split {split}" if split else str(source)
 
 

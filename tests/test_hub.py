@@ -110,6 +110,35 @@ def test_model_card_of_an_epsilon_model_with_metrics(tmp_path):
     assert f"| Inception Score | {reported['isc_mean']:.4g} ± {reported['isc_std']:.2g} |" in body
     assert "5000 samples with 1000 sampling steps against 10000 reference images (my_images, split train)" in body
     assert "over 1000 images of my_images, split test, 20 stratified timesteps per image" in body  # held out, it says
+    # the bundled set is Fashion-MNIST's test set, though datasets names its one split "train"
+    bundled = {**REPORT, "reference": {"source": "bundled", "split": "train", "num_images": 1000},
+               "metrics": {**REPORT["metrics"], "bpd": {**REPORT["metrics"]["bpd"], "data": "bundled", "split": "train[:500]"}}}
+    (folder / "eval_results.json").write_text(json.dumps(bundled))
+    body = build_model_card(folder, "someone/fmnist-ddpm").text
+    assert "against 1000 reference images (the bundled Fashion-MNIST test set)" in body
+    assert "over 1000 images of the bundled Fashion-MNIST test set, split train[:500]," in body
+
+
+def test_model_index_names_the_data_each_metric_was_measured_on(tmp_path):
+    # FID against the bundled images (Fashion-MNIST's test split), bits/dim on a Hub data set's test
+    # split: each result says so, not the data the model trained on; a report without kinds (older)
+    # keeps the training data set
+    report = {**REPORT, "reference": {"source": "bundled", "kind": "bundled", "location": "bundled", "split": "train"},
+              "metrics": {"fid": 12.5, "bpd": {"bits_per_dim": 3.2, "num_images": 100, "timesteps": 20, "kind": "hub",
+                                               "data": "someone/faces", "split": "test", "config": "small"}}}  # fmt: skip
+    folder = pipeline_folder(tmp_path / "p", report=report)
+    results = card_metadata(build_model_card(folder, "someone/x"))["model-index"][0]["results"]
+    datasets = {result["metrics"][0]["type"]: result["dataset"] for result in results}
+    assert datasets == {"fid": {"name": "Fashion-MNIST", "type": BUNDLED_DATASET_ID, "split": "test"},
+                        "bits_per_dim": {"name": "someone/faces", "type": "someone/faces", "split": "test", "config": "small"}}
+    report["reference"] = {"source": "/data/mine.npz", "kind": "imagefolder", "location": "/data/my_faces", "split": "train"}
+    (folder / "eval_results.json").write_text(json.dumps(report))
+    results = card_metadata(build_model_card(folder, "someone/x"))["model-index"][0]["results"]
+    assert results[0]["dataset"] == {"name": "my_faces", "type": "custom"}  # local data: named, no Hub id
+    del report["reference"]["kind"]
+    (folder / "eval_results.json").write_text(json.dumps(report))
+    results = card_metadata(build_model_card(folder, "someone/x"))["model-index"][0]["results"]
+    assert results[0]["dataset"] == {"name": "Fashion-MNIST", "type": BUNDLED_DATASET_ID}  # pipeline_folder's training data
 
 
 def test_model_card_of_a_mu_model_says_the_package_is_needed(tmp_path):
