@@ -73,7 +73,7 @@ def dataset_id(config: TrainingConfig | None) -> str | None:
     return None
 
 
-def eval_dataset(record: dict[str, Any], source_key: str, dataset: str | None, dataset_name: str) -> dict[str, Any]:
+def eval_dataset(record: dict[str, Any], source_key: str, dataset: str | None, dataset_name: str | None) -> dict[str, Any]:
     """The model-index data set of metrics measured on the data a report ``record`` names (its
     ``kind``, its source under ``source_key``, its ``split`` and ``config``): a Hub data set with its split,
     Fashion-MNIST's test split for the bundled images, ``custom`` (named by its folder or file) for
@@ -85,10 +85,10 @@ def eval_dataset(record: dict[str, Any], source_key: str, dataset: str | None, d
         return {"dataset_type": source, "dataset_name": source, "dataset_split": split, "dataset_config": record.get("config")}
     if kind is not None and source:
         return {"dataset_type": "custom", "dataset_name": Path(str(source)).name}
-    return {"dataset_type": dataset or "custom", "dataset_name": dataset_name}
+    return {"dataset_type": dataset or "custom", "dataset_name": dataset_name or "custom"}
 
 
-def eval_results(report: dict[str, Any], dataset: str | None, dataset_name: str) -> list[EvalResult]:
+def eval_results(report: dict[str, Any], dataset: str | None, dataset_name: str | None) -> list[EvalResult]:
     """The metrics of an ``eval_metrics.py`` report as `EvalResult`s (model-index entries), each on
     the data it was measured on (:func:`eval_dataset`): the sample metrics on the reference data,
     bits/dim on its own."""
@@ -220,7 +220,10 @@ def build_model_card(
     if base_model is not None and is_local_source(base_model):
         base_model, local_base = None, Path(base_model).name  # a local folder means nothing on the Hub: named only
     dataset = dataset_id(config)
-    dataset_name = "Fashion-MNIST" if dataset == BUNDLED_DATASET_ID else (dataset or "a local image data set")
+    if config is None:  # a save_pretrained folder: nothing says what it was trained on
+        dataset_name = None
+    else:
+        dataset_name = "Fashion-MNIST" if dataset == BUNDLED_DATASET_ID else (dataset or "a local image data set")
     report = load_eval_report(pipeline_dir, eval_report)
     results = eval_results(report, dataset, dataset_name) if report else []
     data = ModelCardData(
@@ -244,7 +247,7 @@ def _body(
     config: TrainingConfig | None,
     prediction_type: str,
     beta_schedule: str,
-    dataset_name: str,
+    dataset_name: str | None,
     report: dict[str, Any] | None,
     base_model: str | None = None,
     variance_type: str = "fixed_small",
@@ -258,7 +261,7 @@ def _body(
     lines = [
         f"# {repo_id.split('/')[-1]}",
         "",
-        f"An unconditional DDPM (Ho et al. 2020) {trained} on {dataset_name} with "
+        f"An unconditional DDPM (Ho et al. 2020) {trained}{f' on {dataset_name}' if dataset_name else ''} with "
         "[ddpm_pipeline](https://pypi.org/project/ddpm_pipeline/) and 🤗 diffusers: a `UNet2DModel` "
         f"({_image_size(unet.get('sample_size'))}, {unet.get('in_channels')} channel(s), "
         f"channels {unet.get('block_out_channels')}) that predicts {TARGET_NAMES.get(prediction_type, prediction_type)}, "
@@ -271,6 +274,8 @@ def _body(
         ),
         "",
     ]
+    if config is None:
+        lines += [f"The folder holds no `{CONFIG_FILE_NAME}`, so this card cannot say what the model was trained on or how.", ""]
     if (pipeline_dir / "samples.png").is_file():
         lines += ["![samples from the EMA weights](samples.png)", ""]
     lines += ["## Use", ""]

@@ -141,6 +141,18 @@ def test_model_index_names_the_data_each_metric_was_measured_on(tmp_path):
     assert results[0]["dataset"] == {"name": "Fashion-MNIST", "type": BUNDLED_DATASET_ID}  # pipeline_folder's training data
 
 
+def test_model_card_of_a_folder_without_its_training_options_claims_no_training_data(tmp_path):
+    folder = pipeline_folder(tmp_path / "p", report={**REPORT, "reference": {"source": "x.npz", "split": "train"}})
+    (folder / "training_config.json").unlink()  # e.g. a pipeline saved with save_pretrained
+    card = build_model_card(folder, "someone/x")
+    assert "An unconditional DDPM (Ho et al. 2020) trained with [ddpm_pipeline]" in card.text  # on no named data
+    assert "holds no `training_config.json`, so this card cannot say what the model was trained on" in card.text
+    assert "datasets" not in card_metadata(card)
+    assert card_metadata(card)["model-index"][0]["results"][0]["dataset"] == {"name": "custom", "type": "custom"}
+    folder = pipeline_folder(tmp_path / "local", config=TrainingConfig(model="ddpm-tiny-16", train_data_dir="faces"))
+    assert "trained on a local image data set with" in build_model_card(folder, "someone/x").text  # recorded, not on the Hub
+
+
 def test_model_card_of_a_mu_model_says_the_package_is_needed(tmp_path):
     folder = pipeline_folder(tmp_path / "p", prediction_type="mu")
     card = build_model_card(folder, "someone/mu")
