@@ -1,4 +1,4 @@
-"""Score a trained pipeline (or a folder of images) the way papers do: FID, IS, KID,
+"""Score a trained pipeline (or images: a folder, an .npz) the way papers do: FID, IS, KID,
 precision/recall with torch-fidelity, and the variational bound in bits/dim.
 
 ``evaluate(...)`` is what ``eval_metrics.py`` runs; it writes a JSON report, a sample grid and
@@ -26,7 +26,7 @@ from .atomic import atomic_path
 from .bound_store import BoundStore
 from .data import describe_data_source, find_image_column
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
-from .images import GRAY_MODES, ImagePreprocessor, ImageSource, check_padding, inspect_images, upright_size
+from .images import ImagePreprocessor, ImageSource, check_padding, inspect_images
 from .likelihood import BoundTerms, batch_bound
 from .metrics import FEATURE_METRICS, REFERENCE_METRICS, SCORE_NAMES, feature_metrics, parse_metrics
 from .model_card import EVAL_BOUND_PARTIAL_SUFFIX, EVAL_BOUND_PLOT_SUFFIX, EVAL_GRID_SUFFIX, EVAL_SAMPLES_SUFFIX
@@ -35,7 +35,7 @@ from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder
 from .provenance import model_training, package_versions
 from .reference import DataSource, reference_statistics, training_data_reference
-from .sample_store import image_batches, image_files, recorded_batch_size
+from .sample_store import recorded_batch_size
 from .sampling import (
     LaunchedProcesses,
     check_model_exists,
@@ -50,6 +50,7 @@ from .sampling import (
     weights_fingerprint,
 )
 from .scheduling_ddpm_target import DDPMTargetScheduler
+from .scored_images import ScoredImages
 from .speed import device_description, strict_float32
 from .training_config import CONFIG_FILE_NAME, dataclass_parser
 
@@ -64,7 +65,7 @@ class EvaluationConfig:
     """Options of :func:`evaluate` and ``eval_metrics.py`` (one field per command-line flag)."""
 
     model: str | None = field(default=None, metadata={"help": "Pipeline folder or Hub id to sample from."})
-    samples: str | None = field(default=None, metadata={"help": "Score this folder of images instead of sampling a model."})
+    samples: str | None = field(default=None, metadata={"help": "Score these images instead of sampling a model: a folder of image files, or an .npz whose arr_0 holds them as uint8 [N, H, W, C] (sample_ddpm.py --npz; guided-diffusion's format)."})  # noqa: E501
     snapshots: bool = field(default=False, metadata={"help": "With --model a train_ddpm.py --output_dir: score each snapshot-* pipeline the run saved (--snapshot_minutes / --snapshot_steps) and its final one, each into <output stem>-<name>.json, and plot the scores against the training steps and minutes (<output stem>-curve.png); --output gets the summary."})  # noqa: E501
     reference: str | None = field(default=None, metadata={"help": "Reference data: 'bundled', a saved data set or image folder, a Hub data set name, or a .npz statistics file (default: the data the --model was trained on, from its training_config.json)."})  # noqa: E501
     reference_split: str | None = field(default=None, metadata={"help": "Split of a saved / Hub / image-folder reference, as datasets reads it: a name, a slice (train[:5000]) or a sum (train+test) (default: the training run's --split for its own data, else train)."})  # noqa: E501
@@ -106,11 +107,11 @@ class EvaluationConfig:
         """Clear errors before any work."""
         metrics = self.metric_list()
         if (self.model is None) == (self.samples is None):
-            raise ValueError("Give exactly one of --model (a pipeline to sample) and --samples (a folder of images).")
+            raise ValueError("Give exactly one of --model (a pipeline to sample) and --samples (a folder of images or an .npz).")
         if self.snapshots and self.model is None:
             raise ValueError("--snapshots scores the pipelines a training run saved: give --model, that run's --output_dir.")
         if "bpd" in metrics and self.model is None:
-            raise ValueError("bits/dim (bpd) needs --model: a folder of images has no likelihood.")
+            raise ValueError("bits/dim (bpd) needs --model: --samples, images alone, have no likelihood.")
         if self.num_samples < 2:
             raise ValueError(f"--num_samples must be at least 2, got {self.num_samples}.")
         if not str(self.output).strip():
@@ -175,7 +176,7 @@ def resolve_reference(config: EvaluationConfig, training: dict[str, Any] | None,
         return replace(config, reference_split=config.reference_split or "train")
     if training is None:
         if config.model is None:
-            unknown = "--samples is a folder of images"
+            unknown = "--samples are images alone"
         elif Path(config.model).exists():
             unknown = f"--model {config.model} has no training_config.json to say what data it was trained on"
         else:
@@ -215,15 +216,11 @@ def check_reference_padding(dataset: datasets.Dataset, preprocess: ImagePreproce
         check_padding(image_format, preprocess.resolution, "pad", what="reference images", skips_bad_images=False)
 
 
-def samples_preprocessing(files: list[Path], config: EvaluationConfig) -> ImagePreprocessor:
-    """How reference images are prepared to match a folder of samples: the first sample's size and
+def samples_preprocessing(images: ScoredImages, config: EvaluationConfig) -> ImagePreprocessor:
+    """How reference images are prepared to match the ``--samples``: the first sample's size and
     colour, unless ``--resolution`` / ``--channels`` say otherwise."""
-    from PIL import Image
-
-    with Image.open(files[0]) as first:
-        (width, height), mode = upright_size(first), first.mode
-    channels = config.channels or (1 if mode in GRAY_MODES else 3)
-    return ImagePreprocessor(config.resolution or (height, width), channels, config.resize_mode or "auto")
+    height, width, channels = images.size_and_channels()
+    return ImagePreprocessor(config.resolution or (height, width), config.channels or channels, config.resize_mode or "auto")
 
 
 def bound_store(folder: str | Path, model: str, source: DataSource, preprocess: ImagePreprocessor,
@@ -371,19 +368,19 @@ def _measure_bound(config: EvaluationConfig, pipeline: DDPMTargetPipeline, sourc
 
 
 def _add_feature_scores(report: dict[str, Any], timings: dict[str, float], config: EvaluationConfig,
-                        feature_wanted: list[str], extractor: FeatureExtractorSpec, sample_paths: list[Path],
+                        feature_wanted: list[str], extractor: FeatureExtractorSpec, images: ScoredImages,
                         preprocess: ImagePreprocessor, device: torch.device, reference_images: Any,
                         needs_reference: bool, grid_path: Path) -> None:  # fmt: skip
-    """The feature metrics of ``sample_paths`` (against the reference's statistics, computed or
+    """The feature metrics of ``images`` (against the reference's statistics, computed or
     read from the cache, where a metric needs them) into ``report``, with the reference's record,
     the extractor's identity and a grid of the first 64 images at ``grid_path``."""
-    if len(sample_paths) < 2:
-        raise ValueError(f"Need at least 2 images to score, found {len(sample_paths)}.")
+    if len(images) < 2:
+        raise ValueError(f"Need at least 2 images to score, found {len(images)}.")
     tick = time.perf_counter()
     layers = {METRIC_LAYERS[m] for m in feature_wanted}
     network = extractor.create(layers, device)
     generated = extract_features(
-        network, image_batches(sample_paths, config.batch_size), device, total=len(sample_paths),
+        network, images.batches(config.batch_size), device, total=len(images),
         description="sample features",
     )
     timings["sample_features_s"] = time.perf_counter() - tick
@@ -415,8 +412,8 @@ def _add_feature_scores(report: dict[str, Any], timings: dict[str, float], confi
         )  # fmt: skip
     )
     report["feature_extractor"] = extractor.identity()
-    grid_count = min(64, len(sample_paths))
-    grid = next(image_batches(sample_paths[:grid_count], grid_count))  # read as the features were
+    grid_count = min(64, len(images))
+    grid = next(images.head(grid_count).batches(grid_count))  # read as the features were
     grid = grid[:, :1] if preprocess.channels == 1 else grid
     report["grid"] = str(save_image_grid(grid.permute(0, 2, 3, 1).numpy().astype(np.float32) / 255.0, grid_path))
 
@@ -485,7 +482,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
 
     helper_result = {"process_index": processes.index, "samples_written": 0}  # what a process other than the main returns
     if not processes.is_main and config.model is None:
-        return helper_result  # scoring a folder of images: nothing to share
+        return helper_result  # scoring --samples: nothing to share
     pipeline = None
     sampling: dict[str, Any] | None = None
     if config.model is not None:
@@ -499,16 +496,17 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
             )
         if reference_images is not None:  # padding never shrinks: a reference image too big for it would fail after sampling
             check_reference_padding(reference_images, preprocess)
-        samples_folder, reused, sample_paths = None, 0, []
+        samples_folder, reused, scored = None, 0, ScoredImages(Path())
         if feature_wanted:
             samples = _draw_samples(config, device, processes, store_folder)
-            samples_folder, reused, sample_paths, sampling = samples.folder, samples.reused, samples.paths, samples.sampling
+            samples_folder, reused, sampling = samples.folder, samples.reused, samples.sampling
+            scored = ScoredImages(samples.folder, files=tuple(samples.paths))
             timings["sampling_s"] = samples.seconds
             helper_result["samples_written"] = samples.written
     else:
-        sample_paths = image_files(config.samples)[: config.num_samples]
-        preprocess = samples_preprocessing(sample_paths, config)
-        samples_folder, reused = Path(config.samples), len(sample_paths)
+        scored = ScoredImages.from_path(config.samples).head(config.num_samples)
+        preprocess = samples_preprocessing(scored, config)
+        samples_folder, reused = scored.source, len(scored)
 
     bound, terms_store = None, None
     if "bpd" in metrics:  # before the features: every process takes part, then only the main one goes on
@@ -522,7 +520,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     report: dict[str, Any] = {
         "model": config.model,
         "samples": str(samples_folder) if samples_folder else None,
-        "num_samples": len(sample_paths),
+        "num_samples": len(scored),
         "samples_reused": reused,
         "num_inference_steps": config.num_inference_steps if config.model else None,
         "model_training": model_training(config.model),
@@ -537,7 +535,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         "options": {f.name: getattr(config, f.name) for f in fields(config)},
     }
     if feature_wanted:
-        _add_feature_scores(report, timings, config, feature_wanted, extractor, sample_paths, preprocess, device,
+        _add_feature_scores(report, timings, config, feature_wanted, extractor, scored, preprocess, device,
                             reference_images, needs_reference, Path(f"{stem}{EVAL_GRID_SUFFIX}"))  # fmt: skip
 
     if bound is not None:

@@ -219,7 +219,7 @@ def image_files(folder: str | Path) -> list[Path]:
     partial writes of :func:`~ddpm_pipeline.atomic.atomic_path`) are not images of the set."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--samples {folder} is not a folder of images.")
+        raise FileNotFoundError(f"--samples {folder} is not there: give a folder of images or an .npz of them.")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
     if not files:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")

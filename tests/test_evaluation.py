@@ -26,6 +26,7 @@ from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, eva
 from ddpm_pipeline import evaluation as evaluation_module
 from ddpm_pipeline.evaluation import EvaluationConfig, bound_store, main
 from ddpm_pipeline.features import MissingClassifierError
+from ddpm_pipeline.generation import read_images, write_npz
 from ddpm_pipeline.images import ImagePreprocessor
 from ddpm_pipeline.likelihood import BoundTerms
 from ddpm_pipeline.metrics import inception_score
@@ -273,6 +274,37 @@ def test_inception_score_from_known_logits_equals_the_closed_form(tmp_path, refe
     closed_form = math.exp((p * (p.log() - p.mean(0, keepdim=True).log())).sum(1).mean().item())
     assert report["metrics"]["isc_mean"] == pytest.approx(closed_form, rel=1e-5)
     assert inception_score(logits.float(), splits=1)["isc_mean"] == pytest.approx(closed_form, rel=1e-5)
+
+
+def test_samples_as_an_npz_score_as_the_same_images_as_files(tmp_path, tiny_pipeline, reference_data):
+    """sample_ddpm.py --npz's array (guided-diffusion's format: arr_0, uint8 [N, H, W, C]) is scored
+    exactly as the PNGs it was read from, and as the model's own samples; grayscale may come without
+    its channel axis, and an array that is not images is refused with the conversion to make."""
+    sampled = run(tmp_path, tiny_pipeline, reference_data, metrics="fid,kid,isc", isc_splits=1)
+    folder = Path(sampled["samples"])
+    pngs = sorted(folder.glob("*.png"))
+    array = read_images(pngs)
+    assert array.shape == (6, 16, 16, 1)
+    write_npz(array, tmp_path / "samples.npz")
+    np.savez(tmp_path / "gray.npz", images=array[..., 0])  # one array, any name, no channel axis
+    options = dict(reference=str(reference_data), metrics="fid,kid,isc", isc_splits=1, feature_extractor=FEATURES,
+                   kid_subset_size=4, kid_subsets=3, batch_size=4, cache_dir=str(tmp_path / "cache"), device="cpu")  # fmt: skip
+    scored = {name: evaluate(samples=str(path), output=str(tmp_path / f"{name}.json"), **options)
+              for name, path in [("files", folder), ("npz", tmp_path / "samples.npz"), ("gray", tmp_path / "gray.npz")]}  # fmt: skip
+    for report in scored.values():
+        assert report["metrics"] == sampled["metrics"] and report["num_samples"] == 6
+        assert report["preprocessing"] == sampled["preprocessing"]  # 16×16 grayscale, read from the array
+    assert scored["npz"]["samples"] == str(tmp_path / "samples.npz")
+    fewer = evaluate(samples=str(tmp_path / "samples.npz"), output=str(tmp_path / "fewer.json"), num_samples=4, **options)
+    assert fewer["num_samples"] == 4
+    np.savez(tmp_path / "floats.npz", array.astype(np.float32) / 255)
+    np.savez(tmp_path / "two.npz", a=array, b=array)
+    for name, message in [("floats", r"arr_0 is float32 \[6, 16, 16, 1\], not images as uint8 .*\.astype\(np.uint8\)"),
+                          ("two", r"holds no arr_0 and 2 arrays \(a, b\)")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            evaluate(samples=str(tmp_path / f"{name}.npz"), output=str(tmp_path / "bad.json"), **options)
+    with pytest.raises(FileNotFoundError, match="is a file: give a folder of images or an .npz"):
+        evaluate(samples=str(pngs[0]), output=str(tmp_path / "bad.json"), **options)
 
 
 def test_bits_per_dim_report(tmp_path, tiny_pipeline, reference_data):
@@ -656,7 +688,7 @@ def test_without_reference_a_model_is_compared_with_the_data_it_was_trained_on(t
         run(tmp_path / "unrecorded", tiny_pipeline, None, metrics="kid")
     with pytest.raises(ValueError, match="--model ddpm-pipeline-tests/not-cached is a Hub repo without a training_config"):
         run(tmp_path / "unrecorded-hub", "ddpm-pipeline-tests/not-cached", None, metrics="fid")
-    with pytest.raises(ValueError, match="--samples is a folder of images: give --reference"):
+    with pytest.raises(ValueError, match="--samples are images alone: give --reference"):
         evaluate(samples=str(folder), metrics="fid", feature_extractor=FEATURES, output=str(tmp_path / "s.json"))
     assert not list(tmp_path.glob("unrecorded*/*-samples")) and not (tmp_path / "s-samples").exists()
 

@@ -1,0 +1,95 @@
+"""The images ``eval_metrics.py`` scores: a folder of image files, or an ``.npz`` array of them.
+
+An ``.npz`` holds the images as ``arr_0``, ``uint8 [N, H, W, C]`` with ``C`` = 1 or 3 (or
+``[N, H, W]`` for grayscale): the array ``sample_ddpm.py --npz`` writes and the one that
+evaluation suites such as guided-diffusion's ``evaluator.py`` read, so samples of another code
+base are scored here as they are there. Either way the images reach the feature extractor as
+``uint8 [B, 3, H, W]`` batches, grayscale repeated to RGB, exactly as
+:func:`~ddpm_pipeline.sample_store.image_batches` reads files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .images import GRAY_MODES, upright_size
+from .sample_store import image_batches, image_files
+
+NPZ_SUFFIX = ".npz"
+#: The array of an ``.npz`` that holds the images (numpy's name for the first positional array).
+NPZ_ARRAY = "arr_0"
+
+
+def read_npz_images(path: str | Path) -> np.ndarray:
+    """The images of an ``.npz`` file as ``uint8 [N, H, W, C]`` (``C`` = 1 or 3): its ``arr_0``,
+    or its only array; a clear error for anything else."""
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as archive:
+        names = list(archive.files)
+        name = NPZ_ARRAY if NPZ_ARRAY in names else (names[0] if len(names) == 1 else None)
+        if name is None:
+            raise ValueError(f"--samples {path} holds no {NPZ_ARRAY} and {len(names)} arrays ({', '.join(names)}): "
+                             f"save the images as its first array, np.savez(path, images).")  # fmt: skip
+        array = archive[name]
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"--samples {path}: {name} is {array.dtype} {list(array.shape)}, not images as uint8 [N, H, W, C] with "
+            "C = 1 or 3 (pixels 0-255, channels last): convert it, e.g. (x * 255).round().astype(np.uint8) for "
+            "floats in [0, 1], x.transpose(0, 2, 3, 1) for [N, C, H, W]."
+        )
+    return array
+
+
+@dataclass(frozen=True)
+class ScoredImages:
+    """The images to score: ``files`` (sorted image paths) or ``array`` (``uint8 [N, H, W, C]``),
+    read from ``source``."""
+
+    source: Path
+    files: tuple[Path, ...] = ()
+    array: np.ndarray | None = None
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> ScoredImages:
+        """A folder's image files (recursively) or an ``.npz`` file's array, from ``--samples``."""
+        path = Path(path)
+        if path.suffix.lower() == NPZ_SUFFIX and path.is_file():
+            return cls(path, array=read_npz_images(path))
+        if path.is_file():
+            raise FileNotFoundError(f"--samples {path} is a file: give a folder of images or an .npz of them.")
+        return cls(path, files=tuple(image_files(path)))
+
+    def __len__(self) -> int:
+        return len(self.array) if self.array is not None else len(self.files)
+
+    def head(self, count: int) -> ScoredImages:
+        """The first ``count`` images."""
+        if self.array is not None:
+            return ScoredImages(self.source, array=self.array[:count])
+        return ScoredImages(self.source, files=self.files[:count])
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        """``uint8 [B, 3, H, W]`` batches, grayscale repeated to RGB."""
+        if self.array is None:
+            yield from image_batches(list(self.files), batch_size)
+            return
+        for start in range(0, len(self.array), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(self.array[start : start + batch_size])).permute(0, 3, 1, 2)
+            yield batch.expand(-1, 3, -1, -1).contiguous() if batch.shape[1] == 1 else batch
+
+    def size_and_channels(self) -> tuple[int, int, int]:
+        """The first image's ``(height, width, channels)``: 1 for grayscale, else 3."""
+        if self.array is not None:
+            _, height, width, channels = self.array.shape
+            return height, width, channels
+        with Image.open(self.files[0]) as first:
+            (width, height), mode = upright_size(first), first.mode
+        return height, width, 1 if mode in GRAY_MODES else 3
