@@ -104,7 +104,7 @@ from .speed import (
 from .stop_signals import LAUNCHER_EXITED, StopRequest, ignore_signals, signal_number, started_by_launcher
 from .timestep_sampling import ImportanceTimestepSampler
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
-from .unet import DDPMUNet, describe_sample_size, sample_height_width
+from .unet import CPU_PRESETS, DDPMUNet, describe_sample_size, sample_height_width
 from .validation import VALIDATION_COLUMNS, HeldOutBound, first_images
 
 logger = get_logger(__name__, log_level="INFO")
@@ -486,6 +486,12 @@ class Trainer:
         config, chosen = self.config.with_data_defaults(image_format)
         if chosen:
             logger.info(f"the data: {image_format.describe()}; so {' '.join(chosen)} (give these options to choose otherwise)")
+        if self.config.model is None and config.model not in CPU_PRESETS and self.accelerator.device.type == "cpu":
+            logger.warning(
+                f"--model {config.model}, chosen for images of {describe_sample_size(config.resolution)}, is the DDPM paper's GPU-sized "
+                "network: on a CPU its steps take seconds each (the progress bar estimates the run's length). For a "
+                "network sized for a CPU, pass --model ddpm-small-32 (2.5M parameters, made for 32px images)."
+            )
         return config
 
     def _compare_data_with_pretrained(self, image_format: ImageFormat) -> None:

@@ -96,6 +96,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
+#: The presets made to train on a CPU (the others are the DDPM paper's GPU-sized designs).
+CPU_PRESETS = ("ddpm-tiny-16", "ddpm-small-28", "ddpm-small-32")
+
 #: Without ``--model``, the network for images of a given size: the first preset made for images
 #: at least that large, else the last (see :func:`preset_for_image_size`).
 PRESETS_BY_IMAGE_SIZE: tuple[tuple[int, str], ...] = (

@@ -183,7 +183,7 @@ def test_a_non_square_network_trains_resumes_samples_and_evaluates(tmp_path, cap
         assert samples["arr_0"].shape == (2, 16, 32, 3)
 
 
-def test_an_image_folder_trains_at_its_own_size_and_colour(tmp_path, caplog):
+def test_an_image_folder_trains_at_its_own_size_and_colour(tmp_path, caplog, monkeypatch):
     folder = mixed_image_folder(tmp_path / "images")
     out = tmp_path / "run"
     options = ["--train_data_dir", str(folder), "--output_dir", str(out), "--train_batch_size", "4", "--report_to", "none",
@@ -195,9 +195,14 @@ def test_an_image_folder_trains_at_its_own_size_and_colour(tmp_path, caplog):
     assert (saved["model"], saved["resolution"], saved["channels"]) == ("ddpm-small-28", 20, 3)
     unet = UNet2DModel.from_pretrained(out / "unet")
     assert (unet.config.sample_size, unet.config.in_channels, unet.config.out_channels) == (20, 3, 3)
-    # the same command resumes: the data give the same network again
+    assert "GPU-sized" not in caplog.text  # a network made for the CPU
+    # the same command resumes: the data give the same network again; had it been one of the paper's
+    # GPU-sized networks, the CPU run says so, naming the CPU-sized one
+    monkeypatch.setattr(training, "CPU_PRESETS", ())
     with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
         assert main([*options, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"]).global_step == 3
+    assert "--model ddpm-small-28, chosen for images of 20², is the DDPM paper's GPU-sized network" in caplog.text
+    assert "pass --model ddpm-small-32" in caplog.text
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in caplog.text
     assert "was trained on" not in caplog.text  # the same data: nothing to warn of
     data = read_trainer_state(out / "checkpoint-3")["data"]
