@@ -205,6 +205,16 @@ def is_saved_dataset(folder: Path) -> bool:
     return (folder / "dataset_info.json").is_file() or (folder / "dataset_dict.json").is_file()
 
 
+def has_named_splits(dataset_name: str | None = None, train_data_dir: str | Path | None = None,
+                     dataset_path: str | Path | None = None) -> bool:  # fmt: skip
+    """Whether the source :func:`load_image_dataset` reads for these options has named splits: a
+    Hub data set, an image folder, a saved `DatasetDict`. The bundled set and a saved `Dataset`
+    are one data set, in which every split name (``train``, ``test``) means all of its rows."""
+    if dataset_path is not None and not dataset_name and not train_data_dir:
+        return (Path(dataset_path) / "dataset_dict.json").is_file()
+    return bool(dataset_name or train_data_dir)
+
+
 def is_image_file(path: Path) -> bool:
     """Whether ``path`` is a file that ``datasets``' imagefolder builder reads as an image (by its extension)."""
     return path.suffix.lower() in _IMAGE_FOLDER_EXTENSIONS and path.is_file()

@@ -52,6 +52,7 @@ from .data import (
     data_identity,
     describe_data_source,
     find_image_column,
+    has_named_splits,
     load_image_dataset,
     shared_rows,
     split_names,
@@ -574,9 +575,7 @@ class Trainer:
         ``--validation_split 'train[-500:]'`` with the default ``--split train``): the held-out
         bound would then measure training images, and show no overfitting where there is some."""
         config = self.config
-        one_split = config.dataset_name is None and config.train_data_dir is None and not (
-            config.dataset_path is not None and (Path(config.dataset_path) / "dataset_dict.json").is_file()
-        )  # the bundled set or a saved Dataset: every split name means all of its rows
+        one_split = not has_named_splits(config.dataset_name, config.train_data_dir, config.dataset_path)
         names = set(split_names(config.split)) & set(split_names(config.validation_split))
         if not names and not one_split:
             return

@@ -111,7 +111,7 @@ def test_a_held_out_split_that_shares_training_images_is_refused(tmp_path, split
 def test_rows_shared_by_two_splits_of_a_source_with_named_splits(tmp_path):
     from test_training import saved_dataset
 
-    from ddpm_pipeline.data import shared_rows
+    from ddpm_pipeline.data import has_named_splits, shared_rows
 
     sizes = {"train": 30, "test": 10}.get
     assert shared_rows("train[:-5]", "train[-5:]", sizes) == [] and shared_rows("train", "test", sizes) == []
@@ -121,6 +121,8 @@ def test_rows_shared_by_two_splits_of_a_source_with_named_splits(tmp_path):
     whole = saved_dataset(tmp_path / "whole", count=12, size=16)
     splits = datasets.load_from_disk(str(whole)).train_test_split(test_size=4, shuffle=False)
     splits.save_to_disk(str(tmp_path / "dict"))
+    assert has_named_splits(dataset_path=tmp_path / "dict") and not has_named_splits(dataset_path=whole)
+    assert not has_named_splits() and has_named_splits("cifar10") and has_named_splits(train_data_dir=tmp_path)  # bundled: one
     run_training(tmp_path / "ok", *HELD_OUT, "--dataset_path", tmp_path / "dict", "--split", "train", "--validation_split",
                  "test", "--max_train_steps", "1", "--checkpointing_steps", "none")  # fmt: skip
     reset_accelerate()
