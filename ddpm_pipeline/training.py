@@ -118,6 +118,7 @@ VALIDATION_CURVE_NAME = "validation_curve.png"
 SAMPLES_NAME = "samples.png"
 TRAJECTORY_NAME = "trajectory.png"
 GRID_FOLDER = "samples"
+GRID_PREFIX = "step_"
 #: In --logging_dir: the id of the W&B run that a resumed training run continues.
 WANDB_RUN_ID_NAME = "wandb_run_id.txt"
 #: The finished pipeline's files in --output_dir (and the evaluation report a push reads there)
@@ -130,6 +131,17 @@ OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach")
 
 #: A stop reason in the processes' all-gather that no signal number can be.
 _LAUNCHER_EXITED_CODE = 1 << 16
+
+
+def grid_path(output_dir: Path, step: int) -> Path:
+    """The sample grid of optimizer step ``step``: ``samples/step_0000400.png``."""
+    return output_dir / GRID_FOLDER / f"{GRID_PREFIX}{step:07d}.png"
+
+
+def grid_step(path: Path) -> int | None:
+    """The step of a :func:`grid_path` file, None for a file of another name."""
+    digits = path.stem.removeprefix(GRID_PREFIX)
+    return int(digits) if path.stem.startswith(GRID_PREFIX) and digits.isdigit() else None
 
 
 @dataclass
@@ -200,8 +212,9 @@ def remove_outputs_past(output_dir: Path, step: int, pipeline: bool) -> None:
     if pipeline:  # the scores of the deleted pipeline: the grid, plots and samples beside its report too
         for path in eval_outputs(output_dir / EVAL_REPORT_NAME)[1:]:
             remove(path)
-    for grid in (output_dir / GRID_FOLDER).glob("step_*.png"):
-        if not grid.stem[5:].isdigit() or int(grid.stem[5:]) > step:
+    for grid in (output_dir / GRID_FOLDER).glob(f"{GRID_PREFIX}*.png"):
+        grid_at = grid_step(grid)
+        if grid_at is None or grid_at > step:
             remove(grid)
 
 
@@ -721,7 +734,7 @@ class Trainer:
         """The ``--save_images_steps`` grid of ``step``, with :func:`grid_cost_advice` logged the first
         time a grid costs too much against the ``period_seconds`` that the steps between grids take."""
         started = time.perf_counter()
-        self.save_grid(self.output_dir / GRID_FOLDER / f"step_{step:07d}.png", step=step,
+        self.save_grid(grid_path(self.output_dir, step), step=step,
                        description=f"sample grid of step {step}")  # fmt: skip
         advice = None if self.grid_cost_warned else grid_cost_advice(time.perf_counter() - started, period_seconds, step, self.config)
         if advice:
@@ -1380,7 +1393,7 @@ class Trainer:
         samples_path = self.save_grid(self.output_dir / SAMPLES_NAME, trajectory_path=self.output_dir / TRAJECTORY_NAME,
                                       step=global_step, description="final grid")  # fmt: skip
         (self.output_dir / GRID_FOLDER).mkdir(exist_ok=True)
-        shutil.copyfile(samples_path, self.output_dir / GRID_FOLDER / f"step_{global_step:07d}.png")
+        shutil.copyfile(samples_path, grid_path(self.output_dir, global_step))
         steps, losses = history.series("loss")
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         by_quarter = {
