@@ -47,12 +47,11 @@ METRIC_SPREADS = {"kid_mean": "kid_std", "isc_mean": "isc_std"}
 
 
 def eval_outputs(report: str | Path) -> list[Path]:
-    """The report ``FOLDER/NAME.json`` and what ``eval_metrics.py`` writes beside it:
-    ``FOLDER/NAME-grid.png``, ``NAME-bpd.png``, ``NAME-samples/`` and ``NAME-bpd-partial/``."""
+    """The report ``FOLDER/NAME.json`` and the files ``eval_metrics.py`` wrote beside it, all named
+    ``NAME-*``: ``NAME-grid.png``, ``NAME-bpd.png``, ``NAME-samples/``, ``NAME-bpd-partial/``,
+    and with ``--snapshots`` each point's ``NAME-<point>.json`` with its own, and ``NAME-curve.png``."""
     report = Path(report)
-    stem = report.with_suffix("")
-    suffixes = (EVAL_GRID_SUFFIX, EVAL_BOUND_PLOT_SUFFIX, EVAL_SAMPLES_SUFFIX, EVAL_BOUND_PARTIAL_SUFFIX)
-    return [report] + [Path(f"{stem}{suffix}") for suffix in suffixes]
+    return [report, *sorted(report.parent.glob(f"{report.stem}-*"))]
 
 
 def needs_package(pipeline_dir: str | Path) -> bool:

@@ -450,6 +450,7 @@ def test_a_fresh_run_over_an_earlier_run_is_refused_unless_told_to_overwrite_it(
     (out / "eval_results-grid.png").write_bytes(b"its samples' grid")  # and what eval_metrics.py wrote beside them
     (out / "eval_results-samples").mkdir()
     (out / "eval_results-samples" / "000000.png").write_bytes(b"one of its samples")
+    (out / "eval_results-final.json").write_text("{}")  # a --snapshots point's report
     (out / "notes.txt").write_text("mine")
     earlier = {path.name: path.stat().st_mtime_ns for path in out.iterdir() if not path.name.startswith(".")}  # not the lock
     reset_accelerate()
@@ -464,7 +465,7 @@ def test_a_fresh_run_over_an_earlier_run_is_refused_unless_told_to_overwrite_it(
     assert (f"deleting checkpoint-2, checkpoint-4, snapshot-1steps, a finished pipeline in {out}: --overwrite_output_dir"
             in caplog.text)
     assert not (out / "eval_results.json").exists() and (out / "notes.txt").read_text() == "mine"  # the user's own kept
-    assert not (out / "eval_results-grid.png").exists() and not (out / "eval_results-samples").exists()
+    assert not [path.name for path in out.glob("eval_results*")]
     reset_accelerate()
     run_training(fresh, *options, "--max_train_steps", "3", "--learning_rate", "1e-2")
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-3"] and not (out / "snapshot-1steps").exists()
