@@ -524,6 +524,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         "samples_reused": reused,
         "num_inference_steps": config.num_inference_steps if config.model else None,
         "model_training": model_training(config.model),
+        "weights": weights_fingerprint(config.model) if config.model else None,  # which weights: a push checks them
         "sampling": sampling,
         "seed": config.seed,
         "metrics": {},

@@ -9,6 +9,7 @@ the training options.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,13 @@ from .metrics import SCORE_NAMES
 from .preflight import check_pipeline_folder
 from .pretrained import is_local_source
 from .run_records import QUARTER_COLUMNS, load_run_summary
+from .sampling import weights_fingerprint
 from .schedules import is_learned_variance
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
 from .unet import sample_height_width
+
+logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 EVAL_REPORT_NAME = "eval_results.json"
@@ -116,8 +120,29 @@ def load_training_config(pipeline_dir: str | Path) -> TrainingConfig | None:
     return TrainingConfig.load(path) if path.is_file() else None
 
 
-def load_eval_report(pipeline_dir: str | Path, eval_report: str | Path | None = None) -> dict[str, Any] | None:
-    """The ``eval_metrics.py`` report: ``eval_report`` if given, else ``eval_results.json`` in the folder."""
+def stale_report_reason(pipeline_dir: str | Path, report: dict[str, Any]) -> str | None:
+    """Why an ``eval_metrics.py`` ``report`` does not score the pipeline now in ``pipeline_dir``
+    (trained further or again since it was scored), or None: its UNet's
+    :func:`~ddpm_pipeline.sampling.weights_fingerprint` differs from the folder's, or, for a report
+    that records none, the training step it saw differs from the folder's ``training_summary.json``."""
+    scored_step = (report.get("model_training") or {}).get("global_step")
+    summary, _ = load_run_summary(pipeline_dir)
+    step_now = summary.get("global_step") if summary else None
+    steps = f" (the report saw step {scored_step}, the folder holds step {step_now})" if scored_step != step_now else ""
+    recorded = report.get("weights")
+    if recorded:
+        differs = recorded != weights_fingerprint(str(pipeline_dir))
+        return f"the folder's UNet is not the one it scored{steps}" if differs else None
+    if scored_step is not None and step_now is not None and steps:
+        return f"it scored the model at another training step{steps}"
+    return None
+
+
+def load_eval_report(pipeline_dir: str | Path, eval_report: str | Path | None = None,
+                     skip_stale: bool = False) -> dict[str, Any] | None:  # fmt: skip
+    """The ``eval_metrics.py`` report: ``eval_report`` if given, else ``eval_results.json`` in the
+    folder. A report of other weights than the folder's (:func:`stale_report_reason`) is refused,
+    or with ``skip_stale`` left out with a warning."""
     path = Path(eval_report) if eval_report else Path(pipeline_dir) / EVAL_REPORT_NAME
     if eval_report and not path.is_file():
         raise FileNotFoundError(f"--eval_report {path} does not exist: give the JSON file eval_metrics.py wrote.")
@@ -130,6 +155,15 @@ def load_eval_report(pipeline_dir: str | Path, eval_report: str | Path | None = 
             f"{path} is the summary of eval_metrics.py --snapshots, which holds no metrics of one model: give the "
             f"report of the pipeline you push{f' ({final}, for the final one)' if final else ''} as --eval_report."
         )
+    reason = stale_report_reason(pipeline_dir, report)
+    if reason is not None:
+        message = (f"{path} does not score the pipeline now in {pipeline_dir}: {reason}; the model was trained further "
+                   "or again since. Score it again with eval_metrics.py (a new --output, or the same one once its "
+                   "-samples folder, samples of the earlier weights, is deleted)")  # fmt: skip
+        if skip_stale:
+            logger.warning(f"{message}; the card leaves its metrics out.")
+            return None
+        raise ValueError(f"{message}, or give the report of these weights as --eval_report.")
     return report
 
 
@@ -206,8 +240,11 @@ def build_model_card(
     repo_id: str,
     license: str = "apache-2.0",
     eval_report: str | Path | None = None,
+    skip_stale_report: bool = False,
 ) -> ModelCard:
-    """The card of the pipeline in ``pipeline_dir`` as it will be published under ``repo_id``."""
+    """The card of the pipeline in ``pipeline_dir`` as it will be published under ``repo_id``; an
+    evaluation report of other weights is refused (:func:`load_eval_report`), or left out with
+    ``skip_stale_report``."""
     pipeline_dir = Path(pipeline_dir)
     check_pipeline_folder(pipeline_dir)
     config = load_training_config(pipeline_dir)
@@ -223,7 +260,7 @@ def build_model_card(
         dataset_name = None
     else:
         dataset_name = "Fashion-MNIST" if dataset == BUNDLED_DATASET_ID else (dataset or "a local image data set")
-    report = load_eval_report(pipeline_dir, eval_report)
+    report = load_eval_report(pipeline_dir, eval_report, skip_stale=skip_stale_report)
     results = eval_results(report, dataset, dataset_name) if report else []
     data = ModelCardData(
         library_name="diffusers",
@@ -352,10 +389,12 @@ def _metrics_table(report: dict[str, Any]) -> str:
 
 
 def write_model_card(pipeline_dir: str | Path, repo_id: str, license: str = "apache-2.0",
-                     eval_report: str | Path | None = None) -> Path:  # fmt: skip
-    """Write the card as ``README.md`` in ``pipeline_dir`` (replacing an older one); returns its path."""
+                     eval_report: str | Path | None = None, skip_stale_report: bool = False) -> Path:  # fmt: skip
+    """Write the card (:func:`build_model_card`) as ``README.md`` in ``pipeline_dir`` (replacing an
+    older one); returns its path."""
     path = Path(pipeline_dir) / CARD_NAME
-    card = build_model_card(pipeline_dir, repo_id, license=license, eval_report=eval_report)
+    card = build_model_card(pipeline_dir, repo_id, license=license, eval_report=eval_report,
+                            skip_stale_report=skip_stale_report)  # fmt: skip
     with atomic_path(path) as partial:
         partial.write_text(str(card))
     return path

@@ -82,15 +82,19 @@ def push_to_hub(
     eval_report: str | Path | None = None,
     commit_message: str | None = None,
     api: HfApi | None = None,
+    skip_stale_report: bool = False,
 ) -> Any:
     """Write the model card into ``folder`` and upload the folder to ``repo_id`` in one commit.
 
+    An evaluation report of other weights than the folder's is refused, or with
+    ``skip_stale_report`` (a training run's own push) left off the card
+    (:func:`~ddpm_pipeline.model_card.load_eval_report`).
     Returns `upload_folder`'s `CommitInfo` (its ``commit_url``). ``api`` defaults to
     ``HfApi(token=token)``; ``token=None`` uses the locally saved login (``hf auth login``).
     """
     folder = Path(folder)
     check_repo_id(repo_id)
-    card = write_model_card(folder, repo_id, license=license, eval_report=eval_report)
+    card = write_model_card(folder, repo_id, license=license, eval_report=eval_report, skip_stale_report=skip_stale_report)
     logger.info(f"wrote the model card {card}")
     api = api or HfApi(token=token)
     url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)

@@ -1164,8 +1164,8 @@ class Trainer:
         and how to publish the folder again, since training itself is done."""
         config = self.config
         try:
-            info = push_to_hub(self.output_dir, config.hub_model_id, private=config.hub_private,
-                               token=config.hub_token, license=config.hub_license)  # fmt: skip
+            info = push_to_hub(self.output_dir, config.hub_model_id, private=config.hub_private, token=config.hub_token,
+                               license=config.hub_license, skip_stale_report=True)  # an earlier model's scores: left off  # fmt: skip
         except Exception as error:
             raise RuntimeError(
                 f"Training finished and everything is saved in {self.output_dir}, but the push to {config.hub_model_id} "

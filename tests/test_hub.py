@@ -20,6 +20,7 @@ from ddpm_pipeline import push as push_module
 from ddpm_pipeline.metrics import feature_metrics, gaussian_statistics
 from ddpm_pipeline.model_card import BUNDLED_DATASET_ID, build_model_card, write_model_card
 from ddpm_pipeline.push import IGNORE_PATTERNS, check_hub_access, push_to_hub
+from ddpm_pipeline.sampling import weights_fingerprint
 from ddpm_pipeline.training import main as train_main
 from ddpm_pipeline.training_config import TrainingConfig
 
@@ -210,6 +211,21 @@ def test_model_card_tells_the_training_results(tmp_path):
            "training on NVIDIA H100 80GB HBM3, float32." in build_model_card(snapshot, "someone/x").text
 
 
+def test_a_report_of_other_weights_is_refused_or_left_off(tmp_path):
+    folder = pipeline_folder(tmp_path / "p", report={**REPORT, "model_training": {"global_step": 50000}})
+    (folder / "training_summary.json").write_text(json.dumps(SUMMARY))  # trained on to step 80000 since
+    with pytest.raises(ValueError, match=r"scored the model at another training step \(the report saw step 50000, the "
+                                         r"folder holds step 80000\).* give the report of these weights as --eval_report"):
+        build_model_card(folder, "someone/x")
+    assert "model-index" not in card_metadata(build_model_card(folder, "someone/x", skip_stale_report=True))
+    for report in ({**REPORT, "model_training": {"global_step": 80000}}, REPORT):  # its step, or no record: taken as is
+        (folder / "eval_results.json").write_text(json.dumps(report))
+        assert "model-index" in card_metadata(build_model_card(folder, "someone/x"))
+    matching = {**REPORT, "weights": weights_fingerprint(str(folder)), "model_training": {"global_step": 1}}
+    (folder / "eval_results.json").write_text(json.dumps(matching))  # the same weights, however the step was recorded
+    assert "model-index" in card_metadata(build_model_card(folder, "someone/x"))
+
+
 def test_model_card_needs_a_pipeline_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         build_model_card(tmp_path, "someone/x")
@@ -310,6 +326,21 @@ def test_train_ddpm_push_to_hub(tmp_path, monkeypatch, fresh_accelerate_state):
     assert all(api.token == "hf_secret" for api in apis)
     assert (out / "README.md").is_file() and "someone/tiny" in (out / "README.md").read_text()
     assert "hf_secret" not in (out / "training_config.json").read_text()  # the token never reaches the disk
+    # scored as eval_metrics.py scores it (its report names the weights), then trained further in place:
+    # those scores are no longer this model's, and no push puts them on its card
+    scored = {**REPORT, "weights": weights_fingerprint(str(out)), "model_training": {"global_step": 2}}
+    (out / "eval_results.json").write_text(json.dumps(scored))
+    assert "## Evaluation" in build_model_card(out, "someone/tiny").text
+    train_main(["--model", "ddpm-tiny-16", "--resolution", "16", "--max_train_steps", "3", "--train_batch_size", "4",
+                "--grid_inference_steps", "2", "--num_grid_images", "4", "--report_to", "none", "--output_dir", str(out),
+                "--resume_from_checkpoint", "latest", "--push_to_hub", "--hub_model_id", "someone/tiny"])  # fmt: skip
+    assert [name for name, _ in apis[-1].calls] == ["create_repo", "upload_folder"]  # the run's push went ahead
+    assert "## Evaluation" not in (out / "README.md").read_text()  # without the earlier weights' scores
+    with pytest.raises(ValueError, match=r"eval_results.json does not score the pipeline now in .*: the folder's UNet is not "
+                                         r"the one it scored \(the report saw step 2, the folder holds step 3\)"):
+        build_model_card(out, "someone/tiny")
+    with pytest.raises(SystemExit):  # the push command refuses it before asking the Hub
+        push_module.main([str(out), "--repo_id", "someone/tiny"])
 
 
 class FailingUploadHfApi(RecordingHfApi):
