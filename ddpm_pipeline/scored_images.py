@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .generation import IMAGES_FOLDER, REPORT_NAME
 from .images import GRAY_MODES, upright_size
-from .sample_store import image_batches, image_files
+from .sample_store import SETTINGS_FILE, image_batches, image_files
 
 NPZ_SUFFIX = ".npz"
 #: The array of an ``.npz`` that holds the images (numpy's name for the first positional array).
@@ -59,12 +60,15 @@ class ScoredImages:
 
     @classmethod
     def from_path(cls, path: str | Path) -> ScoredImages:
-        """A folder's image files (recursively) or an ``.npz`` file's array, from ``--samples``."""
+        """A folder's image files (recursively) or an ``.npz`` file's array, from ``--samples``; for
+        a ``sample_ddpm.py --output_dir``, the samples in its ``images/``."""
         path = Path(path)
         if path.suffix.lower() == NPZ_SUFFIX and path.is_file():
             return cls(path, array=read_npz_images(path))
         if path.is_file():
             raise FileNotFoundError(f"--samples {path} is a file: give a folder of images or an .npz of them.")
+        if (path / REPORT_NAME).is_file() and (path / IMAGES_FOLDER / SETTINGS_FILE).is_file():
+            path = path / IMAGES_FOLDER  # a sample_ddpm.py --output_dir: its samples, not its grid beside them
         return cls(path, files=tuple(image_files(path)))
 
     def __len__(self) -> int:

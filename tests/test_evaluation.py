@@ -26,7 +26,7 @@ from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, eva
 from ddpm_pipeline import evaluation as evaluation_module
 from ddpm_pipeline.evaluation import EvaluationConfig, bound_store, main
 from ddpm_pipeline.features import MissingClassifierError
-from ddpm_pipeline.generation import read_images, write_npz
+from ddpm_pipeline.generation import generate_samples, read_images, write_npz
 from ddpm_pipeline.images import ImagePreprocessor
 from ddpm_pipeline.likelihood import BoundTerms
 from ddpm_pipeline.metrics import inception_score
@@ -305,6 +305,12 @@ def test_samples_as_an_npz_score_as_the_same_images_as_files(tmp_path, tiny_pipe
             evaluate(samples=str(tmp_path / f"{name}.npz"), output=str(tmp_path / "bad.json"), **options)
     with pytest.raises(FileNotFoundError, match="is a file: give a folder of images or an .npz"):
         evaluate(samples=str(pngs[0]), output=str(tmp_path / "bad.json"), **options)
+    # sample_ddpm.py's --output_dir: the samples in its images/, not the grid beside them
+    written = generate_samples(model=str(tiny_pipeline), output_dir=str(tmp_path / "sampled"), num_images=6, batch_size=4,
+                               num_inference_steps=4, device="cpu")  # fmt: skip
+    assert (tmp_path / "sampled" / "grid.png").is_file() and written["images"]
+    report = evaluate(samples=str(tmp_path / "sampled"), output=str(tmp_path / "dir.json"), **options)
+    assert report["samples"] == str(tmp_path / "sampled" / "images") and report["metrics"] == sampled["metrics"]
 
 
 def test_bits_per_dim_report(tmp_path, tiny_pipeline, reference_data):
