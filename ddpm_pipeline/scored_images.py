@@ -29,7 +29,9 @@ NPZ_ARRAY = "arr_0"
 
 def read_npz_images(path: str | Path) -> np.ndarray:
     """The images of an ``.npz`` file as ``uint8 [N, H, W, C]`` (``C`` = 1 or 3): its ``arr_0``,
-    or its only array; a clear error for anything else."""
+    or its only array; ``[N, H, W]`` is grayscale, and an alpha channel (``C`` = 2 or 4) is
+    composited on black, ``round(c·α/255)`` (as :func:`~ddpm_pipeline.images.to_8bit_opaque` reads
+    files); a clear error for anything else."""
     path = Path(path)
     with np.load(path, allow_pickle=False) as archive:
         names = list(archive.files)
@@ -40,12 +42,15 @@ def read_npz_images(path: str | Path) -> np.ndarray:
         array = archive[name]
     if array.ndim == 3:
         array = array[..., None]
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3):
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 2, 3, 4):
         raise ValueError(
             f"--samples {path}: {name} is {array.dtype} {list(array.shape)}, not images as uint8 [N, H, W, C] with "
             "C = 1 or 3 (pixels 0-255, channels last): convert it, e.g. (x * 255).round().astype(np.uint8) for "
             "floats in [0, 1], x.transpose(0, 2, 3, 1) for [N, C, H, W]."
         )
+    if array.shape[-1] in (2, 4):  # with alpha: composited on black, as image files with transparency are read
+        color, alpha = array[..., :-1].astype(np.uint32), array[..., -1:].astype(np.uint32)
+        array = ((color * alpha + 127) // 255).astype(np.uint8)
     return array
 
 
@@ -87,7 +92,7 @@ class ScoredImages:
             return
         for start in range(0, len(self.array), batch_size):
             batch = torch.from_numpy(np.ascontiguousarray(self.array[start : start + batch_size])).permute(0, 3, 1, 2)
-            yield batch.expand(-1, 3, -1, -1).contiguous() if batch.shape[1] == 1 else batch
+            yield (batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch).contiguous()  # as files are stacked
 
     def size_and_channels(self) -> tuple[int, int, int]:
         """The first image's ``(height, width, channels)``: 1 for grayscale, else 3."""

@@ -295,6 +295,14 @@ def test_samples_as_an_npz_score_as_the_same_images_as_files(tmp_path, tiny_pipe
         assert report["metrics"] == sampled["metrics"] and report["num_samples"] == 6
         assert report["preprocessing"] == sampled["preprocessing"]  # 16×16 grayscale, read from the array
     assert scored["npz"]["samples"] == str(tmp_path / "samples.npz")
+    rgba = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 4), dtype=np.uint8)  # transparency: on black
+    (tmp_path / "rgba").mkdir()
+    for index, image in enumerate(rgba):
+        Image.fromarray(image, "RGBA").save(tmp_path / "rgba" / f"{index}.png")
+    np.savez(tmp_path / "rgba.npz", rgba)
+    as_files, as_array = (evaluate(samples=str(path), output=str(tmp_path / "rgba.json"), **options)["metrics"]
+                          for path in (tmp_path / "rgba", tmp_path / "rgba.npz"))  # fmt: skip
+    assert as_files == as_array
     fewer = evaluate(samples=str(tmp_path / "samples.npz"), output=str(tmp_path / "fewer.json"), num_samples=4, **options)
     assert fewer["num_samples"] == 4
     np.savez(tmp_path / "floats.npz", array.astype(np.float32) / 255)
