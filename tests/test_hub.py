@@ -339,8 +339,10 @@ def test_train_ddpm_push_to_hub(tmp_path, monkeypatch, fresh_accelerate_state):
     with pytest.raises(ValueError, match=r"eval_results.json does not score the pipeline now in .*: the folder's UNet is not "
                                          r"the one it scored \(the report saw step 2, the folder holds step 3\)"):
         build_model_card(out, "someone/tiny")
+    asked = len(apis)
     with pytest.raises(SystemExit):  # the push command refuses it before asking the Hub
         push_module.main([str(out), "--repo_id", "someone/tiny"])
+    assert len(apis) == asked
 
 
 class FailingUploadHfApi(RecordingHfApi):
