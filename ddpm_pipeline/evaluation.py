@@ -129,6 +129,10 @@ class EvaluationConfig:
             raise ValueError(f"--kid_subset_size must be at least 2, got {self.kid_subset_size}.")
         if self.channels not in (None, 1, 3):
             raise ValueError(f"--channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
+        if self.samples_dir and (Path(self.samples_dir) / "model_index.json").is_file():
+            raise ValueError(f"--samples_dir {self.samples_dir} holds a pipeline (model_index.json): its samples would mix "
+                             "with the files a push uploads. Give them a folder of their own, or leave --samples_dir out "
+                             "(<output stem>-samples/).")  # fmt: skip
         if self.bpd_timesteps is not None and self.bpd_timesteps < 1:
             raise ValueError("--bpd_timesteps must be positive (or none for every timestep).")
         check_sampling_options(self)

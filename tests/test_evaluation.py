@@ -414,6 +414,8 @@ def test_bad_options_fail_before_any_work(tmp_path, tiny_pipeline, reference_dat
         evaluate(samples=str(tmp_path), metrics="bpd", output=str(tmp_path / "r.json"))
     with pytest.raises(ValueError, match="Unknown metrics"):
         evaluate(model=str(tiny_pipeline), metrics="fid,lpips", output=str(tmp_path / "r.json"))
+    with pytest.raises(ValueError, match="--samples_dir .* holds a pipeline"):  # the samples would be pushed with it
+        evaluate(model=str(tiny_pipeline), metrics="fid", samples_dir=str(tiny_pipeline), output=str(tmp_path / "r.json"))
     with pytest.raises(FileNotFoundError, match="inception_weights"):
         evaluate(model=str(tiny_pipeline), metrics="fid", inception_weights=str(tmp_path / "missing.pth"),
                  reference=str(reference_data), output=str(tmp_path / "r.json"))  # fmt: skip
