@@ -87,7 +87,7 @@ def eval_dataset(record: dict[str, Any], source_key: str, dataset: str | None, d
     if kind == "hub":
         return {"dataset_type": source, "dataset_name": source, "dataset_split": split, "dataset_config": record.get("config")}
     if kind is not None and source:
-        return {"dataset_type": "custom", "dataset_name": Path(str(source)).name}
+        return {"dataset_type": "custom", "dataset_name": Path(str(source)).name, "dataset_split": split}
     return {"dataset_type": dataset or "custom", "dataset_name": dataset_name or "custom"}
 
 
@@ -344,18 +344,27 @@ def _body(
         for key, value in sorted(config.to_dict().items()):
             if key == "pretrained_model_name_or_path" and local_base:
                 value = local_base  # recorded by its absolute path, for resuming: the card shows no more of the disk
+            if key in ("train_data_dir", "dataset_path") and value is not None:
+                value = Path(value).name  # likewise a local data set: named only
             if value is not None and key not in ("output_dir", "logging_dir", "cache_dir", "resume_from_checkpoint",
                                                  "overwrite_output_dir"):
                 lines.append(f"| `{key}` | `{value}` |")
     return "\n".join(lines) + "\n"
 
 
-def _data_words(source: Any, split: Any) -> str:
+#: The kinds of data source (:class:`~ddpm_pipeline.reference.DataSource`) that are local files.
+LOCAL_KINDS = ("saved", "imagefolder", "stats")
+
+
+def _data_words(source: Any, split: Any, kind: str | None = None) -> str:
     """A report's data source, as given to ``eval_metrics.py``, with its split; ``bundled`` in
     words (:func:`~ddpm_pipeline.data.describe_data_source`), as its one split is Fashion-MNIST's
-    test set although datasets names it ``train``."""
+    test set although datasets names it ``train``; local data by its folder or file name alone,
+    since a path means nothing on the Hub."""
     if source == "bundled":
         return describe_data_source(split=split or "train")
+    if kind in LOCAL_KINDS or (kind is None and isinstance(source, str) and is_local_source(source)):
+        source = f"local data `{Path(str(source)).name}`"
     return f"{source}, split {split}" if split else str(source)
 
 
@@ -377,13 +386,13 @@ def _metrics_table(report: dict[str, Any]) -> str:
         notes.append(
             f"Sample metrics: {report.get('num_samples')} samples with {report.get('num_inference_steps')} sampling "
             f"steps against {reference.get('num_images', 'the')} reference images "
-            f"({_data_words(reference.get('source', 'see the report'), reference.get('split'))})."
+            f"({_data_words(reference.get('source', 'see the report'), reference.get('split'), reference.get('kind'))})."
         )
     if isinstance(bpd, dict) and "bits_per_dim" in bpd:
         timesteps = bpd.get("timesteps")
         how = "every timestep" if timesteps in (None, "all") else f"{timesteps} stratified timesteps per image (unbiased)"
         notes.append(f"Bits/dim: the variational bound over {bpd.get('num_images')} images of "
-                     f"{_data_words(bpd.get('data'), bpd.get('split'))}, {how}.")
+                     f"{_data_words(bpd.get('data'), bpd.get('split'), bpd.get('kind'))}, {how}.")
     notes.append("Computed by `eval_metrics.py` (torch-fidelity for the sample metrics).")
     return "\n".join(rows) + "\n\n" + " ".join(notes)
 

@@ -135,7 +135,9 @@ def test_model_index_names_the_data_each_metric_was_measured_on(tmp_path):
     report["reference"] = {"source": "/data/mine.npz", "kind": "imagefolder", "location": "/data/my_faces", "split": "train"}
     (folder / "eval_results.json").write_text(json.dumps(report))
     results = card_metadata(build_model_card(folder, "someone/x"))["model-index"][0]["results"]
-    assert results[0]["dataset"] == {"name": "my_faces", "type": "custom"}  # local data: named, no Hub id
+    assert results[0]["dataset"] == {"name": "my_faces", "type": "custom", "split": "train"}  # local data: named, no Hub id
+    body = build_model_card(folder, "someone/x").text
+    assert "reference images (local data `mine.npz`, split train)" in body and "/data/" not in body  # no path of the disk
     del report["reference"]["kind"]
     (folder / "eval_results.json").write_text(json.dumps(report))
     results = card_metadata(build_model_card(folder, "someone/x"))["model-index"][0]["results"]
@@ -150,8 +152,9 @@ def test_model_card_of_a_folder_without_its_training_options_claims_no_training_
     assert "holds no `training_config.json`, so this card cannot say what the model was trained on" in card.text
     assert "datasets" not in card_metadata(card)
     assert card_metadata(card)["model-index"][0]["results"][0]["dataset"] == {"name": "custom", "type": "custom"}
-    folder = pipeline_folder(tmp_path / "local", config=TrainingConfig(model="ddpm-tiny-16", train_data_dir="faces"))
-    assert "trained on a local image data set with" in build_model_card(folder, "someone/x").text  # recorded, not on the Hub
+    folder = pipeline_folder(tmp_path / "local", config=TrainingConfig(model="ddpm-tiny-16", train_data_dir="/data/faces"))
+    card = build_model_card(folder, "someone/x").text
+    assert "trained on a local image data set with" in card and "| `train_data_dir` | `faces` |" in card  # named only
 
 
 def test_model_card_of_a_mu_model_says_the_package_is_needed(tmp_path):
