@@ -579,7 +579,7 @@ class Trainer:
         logger.info(
             f"held out: {len(held_out.validation)} images of {describe_data_source(**source)}; the bound ({timesteps}) on "
             f"them and on {len(held_out.training)} training images is measured "
-            + (f"every {config.validation_steps} steps" if config.validation_steps else "at the end")
+            + (f"every {config.validation_steps} steps and at the end" if config.validation_steps else "at the end")
         )
         return held_out
 
