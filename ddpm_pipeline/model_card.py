@@ -157,9 +157,10 @@ def load_eval_report(pipeline_dir: str | Path, eval_report: str | Path | None = 
         )
     reason = stale_report_reason(pipeline_dir, report)
     if reason is not None:
-        message = (f"{path} does not score the pipeline now in {pipeline_dir}: {reason}; the model was trained further "
-                   "or again since. Score it again with eval_metrics.py (a new --output, or the same one once its "
-                   "-samples folder, samples of the earlier weights, is deleted)")  # fmt: skip
+        message = (f"{path} does not score the pipeline now in {pipeline_dir}: {reason}, so it scores another one (a "
+                   "snapshot, or this model before it was trained further or again). Score this one with eval_metrics.py "
+                   "(a new --output, or the same one once its -samples folder, samples of the other weights, is "
+                   "deleted)")  # fmt: skip
         if skip_stale:
             logger.warning(f"{message}; the card leaves its metrics out.")
             return None
