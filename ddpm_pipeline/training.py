@@ -204,12 +204,13 @@ def remove_outputs_past(output_dir: Path, step: int, pipeline: bool) -> None:
     """Delete what a run wrote in ``output_dir`` past optimizer step ``step``, besides the
     checkpoints and snapshots (:func:`~ddpm_pipeline.checkpointing.check_start`) and the logs
     (TensorBoard hides them): with ``pipeline``, its finished pipeline and ``eval_metrics.py``'s
-    scores of it in ``eval_results.json`` (:func:`~ddpm_pipeline.model_card.eval_outputs`); its grids of later steps;
+    scores of it (``eval_results.json`` and all beside it, :func:`~ddpm_pipeline.model_card.eval_outputs`);
+    its grids of later steps;
     and, from step 0, its loss and held-out records (a resumed run keeps theirs up to its step)."""
     names = (PIPELINE_OUTPUTS if pipeline else ()) + ((LOSS_HISTORY_NAME, VALIDATION_HISTORY_NAME) if step == 0 else ())
     for name in names:
         remove(output_dir / name)
-    if pipeline:  # the scores of the deleted pipeline: the grid, plots and samples beside its report too
+    if pipeline:  # the deleted pipeline's scores: what eval_metrics.py wrote beside its report too
         for path in eval_outputs(output_dir / EVAL_REPORT_NAME)[1:]:
             remove(path)
     for grid in (output_dir / GRID_FOLDER).glob(f"{GRID_PREFIX}*.png"):
@@ -502,9 +503,10 @@ class Trainer:
             logger.info(f"the data: {image_format.describe()}; so {' '.join(chosen)} (give these options to choose otherwise)")
         if self.config.model is None and config.model not in CPU_PRESETS and self.accelerator.device.type == "cpu":
             logger.warning(
-                f"--model {config.model}, chosen for images of {describe_sample_size(config.resolution)}, is the DDPM paper's GPU-sized "
-                "network: on a CPU its steps take seconds each (the progress bar estimates the run's length). For a "
-                "network sized for a CPU, pass --model ddpm-small-32 (2.5M parameters, made for 32px images)."
+                f"--model {config.model}, chosen for images of {describe_sample_size(config.resolution)}, is the DDPM "
+                "paper's GPU-sized network: on a CPU its steps take seconds each (the progress bar estimates the run's "
+                "length). For a network sized for a CPU, pass --model ddpm-small-32 (2.5M parameters, made for 32px "
+                "images)."
             )
         return config
 
@@ -1164,8 +1166,9 @@ class Trainer:
         and how to publish the folder again, since training itself is done."""
         config = self.config
         try:
+            # scores of earlier weights (a run resumed and trained further) are left off the card, with a warning
             info = push_to_hub(self.output_dir, config.hub_model_id, private=config.hub_private, token=config.hub_token,
-                               license=config.hub_license, skip_stale_report=True)  # an earlier model's scores: left off  # fmt: skip
+                               license=config.hub_license, skip_stale_report=True)  # fmt: skip
         except Exception as error:
             raise RuntimeError(
                 f"Training finished and everything is saved in {self.output_dir}, but the push to {config.hub_model_id} "
