@@ -17,6 +17,7 @@ from typing import Any
 
 from huggingface_hub import HfApi
 
+from .bound_store import SETTINGS_FILE as BOUND_SETTINGS_FILE
 from .console import run_command
 from .generation import NPZ_NAME, REPORT_NAME
 from .model_card import load_eval_report, write_model_card
@@ -31,12 +32,13 @@ IGNORE_PATTERNS = ["checkpoint-*", "snapshot-*", ".*", "*.tmp", "*.partial"]
 def local_only_patterns(folder: str | Path) -> list[str]:
     """:data:`IGNORE_PATTERNS` and the samples written into ``folder``: each folder of numbered
     sample PNGs (one that holds a ``sampling.json``, such as the ``eval_results-samples/`` of
-    ``eval_metrics.py --output FOLDER/eval_results.json``: up to 50,000 images) and each
+    ``eval_metrics.py --output FOLDER/eval_results.json``: up to 50,000 images), each folder of an
+    interrupted evaluation's bound terms (``bound.json``, pickled ``.pt`` batches) and each
     ``samples.npz`` that ``sample_ddpm.py`` wrote. Those are evaluation data, not the model;
     their grids and reports, a few kB, are pushed."""
     folder = Path(folder)
     patterns = list(IGNORE_PATTERNS)
-    for settings in sorted(folder.rglob(SETTINGS_FILE)):
+    for settings in sorted([*folder.rglob(SETTINGS_FILE), *folder.rglob(BOUND_SETTINGS_FILE)]):
         patterns.append(f"{settings.parent.relative_to(folder).as_posix()}/*")
     for report in sorted(folder.rglob(REPORT_NAME)):
         npz = report.parent / NPZ_NAME

@@ -265,13 +265,16 @@ def test_push_leaves_the_samples_written_into_the_folder_local(tmp_path):
         (images / "sampling.json").write_text("{}")
         (images / "000000.png").write_bytes(b"a sample")
     (folder / "eval_results-grid.png").write_bytes(b"the evaluation's grid")
+    (folder / "eval_results-bpd-partial").mkdir()  # an interrupted evaluation's bound terms
+    (folder / "eval_results-bpd-partial" / "bound.json").write_text("{}")
+    (folder / "eval_results-bpd-partial" / "batch-000000.pt").write_bytes(b"pickled terms")
     for name in ("grid.png", "sampling_report.json", "samples.npz"):
         (generated / name).write_bytes(b"sample_ddpm.py's output")
     api = RecordingHfApi()
     push_to_hub(folder, "someone/fmnist-ddpm", api=api)
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     sent = set(filter_repo_objects(files, ignore_patterns=api.calls[1][1]["ignore_patterns"]))
-    assert not any("sampling.json" in p or "000000.png" in p or p.endswith(".npz") for p in sent)
+    assert not any("sampling.json" in p or "000000.png" in p or p.endswith((".npz", ".pt")) or "bound" in p for p in sent)
     assert {"eval_results.json", "eval_results-grid.png", "generated/grid.png", "generated/sampling_report.json",
             "unet/diffusion_pytorch_model.safetensors", "README.md"} <= sent  # fmt: skip
 
