@@ -32,7 +32,7 @@ from .metrics import FEATURE_METRICS, REFERENCE_METRICS, SCORE_NAMES, feature_me
 from .model_card import EVAL_BOUND_PARTIAL_SUFFIX, EVAL_BOUND_PLOT_SUFFIX, EVAL_GRID_SUFFIX, EVAL_SAMPLES_SUFFIX
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_bound_terms_plot, save_image_grid
-from .preflight import check_pipeline_folder
+from .preflight import check_pipeline_folder, refuse_pipeline_folder
 from .provenance import model_training, package_versions
 from .reference import DataSource, reference_statistics, training_data_reference
 from .sample_store import recorded_batch_size
@@ -129,10 +129,8 @@ class EvaluationConfig:
             raise ValueError(f"--kid_subset_size must be at least 2, got {self.kid_subset_size}.")
         if self.channels not in (None, 1, 3):
             raise ValueError(f"--channels must be 1 (grayscale) or 3 (RGB), got {self.channels}.")
-        if self.samples_dir and (Path(self.samples_dir) / "model_index.json").is_file():
-            raise ValueError(f"--samples_dir {self.samples_dir} holds a pipeline (model_index.json): its samples would mix "
-                             "with the files a push uploads. Give them a folder of their own, or leave --samples_dir out "
-                             "(<output stem>-samples/).")  # fmt: skip
+        if self.samples_dir:
+            refuse_pipeline_folder(self.samples_dir, "--samples_dir", harm="")
         if self.bpd_timesteps is not None and self.bpd_timesteps < 1:
             raise ValueError("--bpd_timesteps must be positive (or none for every timestep).")
         check_sampling_options(self)

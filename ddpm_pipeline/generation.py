@@ -28,7 +28,7 @@ from PIL import Image
 from .atomic import atomic_path
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid
-from .preflight import check_output_dir, check_pipeline_folder
+from .preflight import check_output_dir, check_pipeline_folder, refuse_pipeline_folder
 from .provenance import model_training, package_versions
 from .sample_store import SampleStore, recorded_batch_size
 from .sampling import (
@@ -82,13 +82,7 @@ class SampleConfig:
             raise ValueError("Give --model: a train_ddpm.py --output_dir, a save_pretrained folder or a Hub repo id.")
         if not str(self.output_dir).strip():
             raise ValueError("--output_dir is empty: name the folder to write the samples to (e.g. samples).")
-        folder = Path(self.output_dir).resolve()
-        if (folder / "model_index.json").is_file():
-            raise ValueError(
-                f"--output_dir {self.output_dir} holds a pipeline (model_index.json): the samples would replace "
-                "its training trajectory.png and mix with the files a push uploads. Give them a folder of their "
-                f"own, e.g. --output_dir {folder.with_name(folder.name + '-samples')}."
-            )
+        refuse_pipeline_folder(self.output_dir, "--output_dir", harm="replace its training trajectory.png and ")
         for name in ("num_images", "batch_size", "num_inference_steps"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -96,6 +96,19 @@ def check_unet_config(config: dict[str, Any], variance_type: str = "fixed_small"
         raise ValueError("The UNet configuration cannot train:\n  " + "\n  ".join(problems))
 
 
+def refuse_pipeline_folder(folder: str | Path, option: str, harm: str) -> None:
+    """Raise when ``folder``, given as ``option``, holds a pipeline (``model_index.json``): samples
+    written there would do ``harm`` and mix with the files a push uploads. The error suggests a
+    sibling folder of their own."""
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        resolved = folder.resolve()
+        raise ValueError(
+            f"{option} {folder} holds a pipeline (model_index.json): the samples would {harm}mix with the files a "
+            f"push uploads. Give them a folder of their own, e.g. {option} {resolved.with_name(resolved.name + '-samples')}."
+        )
+
+
 def check_pipeline_folder(folder: str | Path) -> None:
     """A saved pipeline folder has its index, a UNet (config and weights) and a scheduler, and
     they agree; raise naming what is missing or mismatched."""

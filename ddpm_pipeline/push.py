@@ -29,21 +29,20 @@ logger = logging.getLogger(__name__)
 IGNORE_PATTERNS = ["checkpoint-*", "snapshot-*", ".*", "*.tmp", "*.partial"]
 
 
-def local_only_patterns(folder: str | Path) -> list[str]:
-    """:data:`IGNORE_PATTERNS` and the samples written into ``folder``: each folder of numbered
-    sample PNGs (one that holds a ``sampling.json``, such as the ``eval_results-samples/`` of
-    ``eval_metrics.py --output FOLDER/eval_results.json``: up to 50,000 images), each folder of an
+def sample_patterns(folder: str | Path) -> list[str]:
+    """The ignore patterns of the samples written into ``folder``, found in one walk: each folder of
+    numbered sample PNGs (one that holds a ``sampling.json``, such as the ``eval_results-samples/``
+    of ``eval_metrics.py --output FOLDER/eval_results.json``: up to 50,000 images), each folder of an
     interrupted evaluation's bound terms (``bound.json``, pickled ``.pt`` batches) and each
-    ``samples.npz`` that ``sample_ddpm.py`` wrote. Those are evaluation data, not the model;
-    their grids and reports, a few kB, are pushed."""
+    ``samples.npz`` that ``sample_ddpm.py`` wrote (beside its ``sampling_report.json``). Those are
+    evaluation data, not the model; their grids and reports, a few kB, are pushed."""
     folder = Path(folder)
-    patterns = list(IGNORE_PATTERNS)
-    for settings in sorted([*folder.rglob(SETTINGS_FILE), *folder.rglob(BOUND_SETTINGS_FILE)]):
-        patterns.append(f"{settings.parent.relative_to(folder).as_posix()}/*")
-    for report in sorted(folder.rglob(REPORT_NAME)):
-        npz = report.parent / NPZ_NAME
-        if npz.is_file():
-            patterns.append(npz.relative_to(folder).as_posix())
+    patterns = []
+    for path in sorted(folder.rglob("*")):
+        if path.name in (SETTINGS_FILE, BOUND_SETTINGS_FILE):
+            patterns.append(f"{path.parent.relative_to(folder).as_posix()}/*")
+        elif path.name == NPZ_NAME and (path.parent / REPORT_NAME).is_file():
+            patterns.append(path.relative_to(folder).as_posix())
     return patterns
 
 
@@ -100,15 +99,14 @@ def push_to_hub(
     logger.info(f"wrote the model card {card}")
     api = api or HfApi(token=token)
     url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    local_only = local_only_patterns(folder)
-    samples = local_only[len(IGNORE_PATTERNS) :]
+    samples = sample_patterns(folder)
     logger.info(f"uploading {folder} to {url}" + (f"; its samples stay local ({', '.join(samples)})" if samples else ""))
     return api.upload_folder(
         repo_id=repo_id,
         repo_type="model",
         folder_path=str(folder),
         commit_message=commit_message or f"Upload DDPM pipeline from {folder.name}",
-        ignore_patterns=local_only,
+        ignore_patterns=IGNORE_PATTERNS + samples,
     )
 
 
