@@ -121,9 +121,9 @@ GRID_FOLDER = "samples"
 GRID_PREFIX = "step_"
 #: In --logging_dir: the id of the W&B run that a resumed training run continues.
 WANDB_RUN_ID_NAME = "wandb_run_id.txt"
-#: The finished pipeline's files in --output_dir (and the evaluation report a push reads there)
+#: The finished pipeline's files in --output_dir (its scores, eval_results.json and what lies beside it: eval_outputs)
 PIPELINE_OUTPUTS = ("model_index.json", "unet", "scheduler", TRAINING_SUMMARY_NAME, SAMPLES_NAME, TRAJECTORY_NAME,
-                    LOSS_CURVE_NAME, VALIDATION_CURVE_NAME, EVAL_REPORT_NAME)  # fmt: skip
+                    LOSS_CURVE_NAME, VALIDATION_CURVE_NAME)  # fmt: skip
 TIMESTEP_SAMPLER_STATE_NAME = "timestep_sampler.pt"
 #: AdamW's implementation flags: a resumed run keeps its own (fused on a GPU), not its checkpoint's
 OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach")
@@ -210,8 +210,8 @@ def remove_outputs_past(output_dir: Path, step: int, pipeline: bool) -> None:
     names = (PIPELINE_OUTPUTS if pipeline else ()) + ((LOSS_HISTORY_NAME, VALIDATION_HISTORY_NAME) if step == 0 else ())
     for name in names:
         remove(output_dir / name)
-    if pipeline:  # the deleted pipeline's scores: what eval_metrics.py wrote beside its report too
-        for path in eval_outputs(output_dir / EVAL_REPORT_NAME)[1:]:
+    if pipeline:  # the deleted pipeline's scores: its report and what eval_metrics.py wrote beside it
+        for path in eval_outputs(output_dir / EVAL_REPORT_NAME):
             remove(path)
     for grid in (output_dir / GRID_FOLDER).glob(f"{GRID_PREFIX}*.png"):
         grid_at = grid_step(grid)
