@@ -29,7 +29,6 @@ from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .images import ImagePreprocessor, ImageSource, check_padding, inspect_images
 from .likelihood import BoundTerms, batch_bound
 from .metrics import FEATURE_METRICS, REFERENCE_METRICS, SCORE_NAMES, feature_metrics, parse_metrics
-from .model_card import EVAL_BOUND_PARTIAL_SUFFIX, EVAL_BOUND_PLOT_SUFFIX, EVAL_GRID_SUFFIX, EVAL_SAMPLES_SUFFIX
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder, refuse_pipeline_folder
@@ -445,7 +444,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     timings: dict[str, float] = {}
     output = Path(config.output)
     stem = output.with_suffix("")
-    store_folder = Path(config.samples_dir or f"{stem}{EVAL_SAMPLES_SUFFIX}")  # where a model's samples go
+    store_folder = Path(config.samples_dir or f"{stem}-samples")  # where a model's samples go
     if config.batch_size is None:  # the samples' own, so that they are reused rather than refused for it
         # read before the processes join, so before any of them writes the folder's record
         batch_size = recorded_batch_size(store_folder, DEFAULT_BATCH_SIZE) if config.model else DEFAULT_BATCH_SIZE
@@ -514,7 +513,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     if "bpd" in metrics:  # before the features: every process takes part, then only the main one goes on
         tick = time.perf_counter()
         bound, terms_store = _measure_bound(config, pipeline, bpd_source, preprocess, device, processes,
-                                            Path(f"{stem}{EVAL_BOUND_PARTIAL_SUFFIX}"))  # fmt: skip
+                                            Path(f"{stem}-bpd-partial"))  # fmt: skip
         timings["bpd_s"] = time.perf_counter() - tick
     if not processes.is_main:
         return helper_result
@@ -539,12 +538,12 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     }
     if feature_wanted:
         _add_feature_scores(report, timings, config, feature_wanted, extractor, scored, preprocess, device,
-                            reference_images, needs_reference, Path(f"{stem}{EVAL_GRID_SUFFIX}"))  # fmt: skip
+                            reference_images, needs_reference, Path(f"{stem}-grid.png"))  # fmt: skip
 
     if bound is not None:
         curve = bound.pop("per_timestep_mean", None)
         if curve is not None:
-            report["bpd_plot"] = str(save_bound_terms_plot(curve, Path(f"{stem}{EVAL_BOUND_PLOT_SUFFIX}")))
+            report["bpd_plot"] = str(save_bound_terms_plot(curve, Path(f"{stem}-bpd.png")))
             report["bpd_per_timestep"] = curve
         report["metrics"]["bpd"] = bound
 

@@ -31,13 +31,6 @@ logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 EVAL_REPORT_NAME = "eval_results.json"
-#: What ``eval_metrics.py`` writes beside its ``--output`` report, named by the report's stem and
-#: these suffixes: the sample grid, the bound's plot, the samples, the bound's partial terms.
-EVAL_GRID_SUFFIX = "-grid.png"
-EVAL_BOUND_PLOT_SUFFIX = "-bpd.png"
-EVAL_SAMPLES_SUFFIX = "-samples"
-EVAL_BOUND_PARTIAL_SUFFIX = "-bpd-partial"
-
 TAGS = ["pytorch", "diffusers", "unconditional-image-generation", "ddpm"]
 PIPELINE_TAG = "unconditional-image-generation"
 BUNDLED_DATASET_ID = "zalando-datasets/fashion_mnist"
