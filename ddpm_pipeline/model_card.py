@@ -41,6 +41,8 @@ MODEL_INDEX_TYPES = {"fid": "fid", "kid_mean": "kid", "isc_mean": "inception_sco
 METRIC_NAMES = {key: (MODEL_INDEX_TYPES[key], name) for key, name in SCORE_NAMES.items()}
 #: the standard deviation over subsets / splits the report gives with a metric, shown beside it
 METRIC_SPREADS = {"kid_mean": "kid_std", "isc_mean": "isc_std"}
+#: The kinds of data source (:class:`~ddpm_pipeline.reference.DataSource`) that are local files.
+LOCAL_KINDS = ("saved", "imagefolder", "stats")
 
 
 def eval_outputs(report: str | Path) -> list[Path]:
@@ -79,7 +81,7 @@ def eval_dataset(record: dict[str, Any], source_key: str, dataset: str | None, d
         return {"dataset_type": BUNDLED_DATASET_ID, "dataset_name": "Fashion-MNIST", "dataset_split": "test"}
     if kind == "hub":
         return {"dataset_type": source, "dataset_name": source, "dataset_split": split, "dataset_config": record.get("config")}
-    if kind is not None and source:
+    if kind in LOCAL_KINDS and source:
         return {"dataset_type": "custom", "dataset_name": Path(str(source)).name, "dataset_split": split}
     return {"dataset_type": dataset or "custom", "dataset_name": dataset_name or "custom"}
 
@@ -344,10 +346,6 @@ def _body(
                                                  "overwrite_output_dir"):
                 lines.append(f"| `{key}` | `{value}` |")
     return "\n".join(lines) + "\n"
-
-
-#: The kinds of data source (:class:`~ddpm_pipeline.reference.DataSource`) that are local files.
-LOCAL_KINDS = ("saved", "imagefolder", "stats")
 
 
 def _data_words(source: Any, split: Any, kind: str | None = None) -> str:
