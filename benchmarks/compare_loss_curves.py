@@ -19,8 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ddpm_pipeline.plots import moving_average  # noqa: E402
+from ddpm_pipeline.run_outputs import LOSS_HISTORY_NAME  # noqa: E402
 from ddpm_pipeline.run_records import read_loss_history  # noqa: E402
-from ddpm_pipeline.training import LOSS_HISTORY_NAME  # noqa: E402
 
 
 def read_history(run: Path) -> tuple[list[int], list[float]]:

@@ -76,12 +76,13 @@ from ddpm_pipeline.pipeline_ddpm_target import DDPMTargetPipeline
 from ddpm_pipeline.plots import save_labelled_images, save_loss_curve, save_metric_curves
 from ddpm_pipeline.provenance import package_versions
 from ddpm_pipeline.reference import DataSource
+from ddpm_pipeline.run_outputs import snapshot_name
 from ddpm_pipeline.run_records import SNAPSHOT_SUMMARY_NAME
 from ddpm_pipeline.sampling import noise_device, sample_store, sampling_pipeline
 from ddpm_pipeline.scheduling_ddpm_target import DDPMTargetScheduler
 from ddpm_pipeline.seeding import derive_seed
 from ddpm_pipeline.speed import device_description
-from ddpm_pipeline.training import micro_batch_seed, snapshot_name, train
+from ddpm_pipeline.training import micro_batch_seed, train
 from ddpm_pipeline.training_config import TrainingConfig, optional
 from ddpm_pipeline.unet import DDPMUNet
 

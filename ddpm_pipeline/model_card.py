@@ -20,6 +20,7 @@ from .data import describe_data_source
 from .metrics import SCORE_NAMES
 from .preflight import check_pipeline_folder
 from .pretrained import is_local_source
+from .run_outputs import LOSS_CURVE_NAME, SAMPLES_NAME, TRAJECTORY_NAME, VALIDATION_CURVE_NAME
 from .run_records import QUARTER_COLUMNS, load_run_summary
 from .sampling import weights_fingerprint
 from .schedules import is_learned_variance
@@ -213,9 +214,9 @@ def _results_section(pipeline_dir: Path) -> list[str]:
                 f"({held_out['split']}) and {held_out['train_bpd']:.4g} on {held_out['num_train_images']:,} training images."
             )
     figures = [
-        ("loss_curve.png", "the training loss, in all and by quarter of the timesteps"),
-        ("validation_curve.png", "the bound on held-out and on training images during training"),
-        ("trajectory.png", "the sampling chain: x_t, the predicted noise and the predicted x0 at a few steps"),
+        (LOSS_CURVE_NAME, "the training loss, in all and by quarter of the timesteps"),
+        (VALIDATION_CURVE_NAME, "the bound on held-out and on training images during training"),
+        (TRAJECTORY_NAME, "the sampling chain: x_t, the predicted noise and the predicted x0 at a few steps"),
     ]
     images = [f"![{alt}]({name})" for name, alt in figures if (pipeline_dir / name).is_file()]
     if not lines and not images:
@@ -308,8 +309,8 @@ def _body(
     ]
     if config is None:
         lines += [f"The folder holds no `{CONFIG_FILE_NAME}`, so this card cannot say what the model was trained on or how.", ""]
-    if (pipeline_dir / "samples.png").is_file():
-        lines += ["![samples from the EMA weights](samples.png)", ""]
+    if (pipeline_dir / SAMPLES_NAME).is_file():
+        lines += [f"![samples from the EMA weights]({SAMPLES_NAME})", ""]
     lines += ["## Use", ""]
     if needs_package(pipeline_dir):
         lines += [

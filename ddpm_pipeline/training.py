@@ -10,12 +10,10 @@ would have (on the CPU: bit for bit).
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import logging
 import math
 import os
-import secrets
 import shlex
 import shutil
 import signal
@@ -26,14 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import PartialState
 from accelerate.utils import SCALER_NAME, DataLoaderConfiguration, ProjectConfiguration, broadcast, set_seed
 from diffusers.training_utils import EMAModel
-from PIL import Image
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path, move_into_place, remove, temporary_sibling
@@ -68,6 +64,20 @@ from .preflight import check_free_space, check_output_dir, check_unet_config, ru
 from .pretrained import PretrainedDDPM, is_local_source
 from .push import check_hub_access, push_to_hub
 from .run_lock import OutputDirLock
+from .run_outputs import (
+    GRID_FOLDER,
+    GRID_PREFIX,
+    LOSS_CURVE_NAME,
+    LOSS_HISTORY_NAME,
+    PIPELINE_OUTPUTS,
+    SAMPLES_NAME,
+    TRAJECTORY_NAME,
+    VALIDATION_CURVE_NAME,
+    VALIDATION_HISTORY_NAME,
+    grid_path,
+    grid_step,
+    snapshot_name,
+)
 from .run_records import (
     QUARTER_COLUMNS,
     SNAPSHOT_SUMMARY_NAME,
@@ -104,26 +114,13 @@ from .speed import (
 )
 from .stop_signals import LAUNCHER_EXITED, StopRequest, ignore_signals, signal_number, started_by_launcher
 from .timestep_sampling import ImportanceTimestepSampler
+from .trackers import check_tracker_installed, check_wandb_login, log_image, tracker_config, tracker_init_kwargs
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
 from .unet import CPU_PRESETS, DDPMUNet, describe_sample_size, sample_height_width
 from .validation import VALIDATION_COLUMNS, HeldOutBound, first_images
 
 logger = get_logger(__name__, log_level="INFO")
 
-LOSS_HISTORY_NAME = "loss_history.csv"
-LOSS_CURVE_NAME = "loss_curve.png"
-#: With --validation_split: the bound on held-out and on training images, per measured step, and its plot.
-VALIDATION_HISTORY_NAME = "validation_history.csv"
-VALIDATION_CURVE_NAME = "validation_curve.png"
-SAMPLES_NAME = "samples.png"
-TRAJECTORY_NAME = "trajectory.png"
-GRID_FOLDER = "samples"
-GRID_PREFIX = "step_"
-#: In --logging_dir: the id of the W&B run that a resumed training run continues.
-WANDB_RUN_ID_NAME = "wandb_run_id.txt"
-#: The finished pipeline's files in --output_dir (its scores, eval_results.json and what lies beside it: eval_outputs)
-PIPELINE_OUTPUTS = ("model_index.json", "unet", "scheduler", TRAINING_SUMMARY_NAME, SAMPLES_NAME, TRAJECTORY_NAME,
-                    LOSS_CURVE_NAME, VALIDATION_CURVE_NAME)  # fmt: skip
 TIMESTEP_SAMPLER_STATE_NAME = "timestep_sampler.pt"
 #: AdamW's implementation flags: a resumed run keeps its own (fused on a GPU), not its checkpoint's
 OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach")
@@ -131,17 +128,6 @@ OPTIMIZER_IMPLEMENTATION_KEYS = ("fused", "foreach")
 
 #: A stop reason in the processes' all-gather that no signal number can be.
 _LAUNCHER_EXITED_CODE = 1 << 16
-
-
-def grid_path(output_dir: Path, step: int) -> Path:
-    """The sample grid of optimizer step ``step``: ``samples/step_0000400.png``."""
-    return output_dir / GRID_FOLDER / f"{GRID_PREFIX}{step:07d}.png"
-
-
-def grid_step(path: Path) -> int | None:
-    """The step of a :func:`grid_path` file, None for a file of another name."""
-    digits = path.stem.removeprefix(GRID_PREFIX)
-    return int(digits) if path.stem.startswith(GRID_PREFIX) and digits.isdigit() else None
 
 
 @dataclass
@@ -160,14 +146,6 @@ class TrainingResult:
     stopped_by: str | None = None
     device_type: str = "cpu"
     """Where it trained: ``"cpu"``, ``"cuda"``, … (``torch.device.type``)."""
-
-
-def snapshot_name(value: float, unit: str) -> str:
-    """The folder of a ``--snapshot_minutes`` / ``--snapshot_steps`` pipeline: ``snapshot-2min``,
-    ``snapshot-1p5min``, ``snapshot-400steps``."""
-    if unit not in ("minutes", "steps"):
-        raise ValueError(f"unit must be 'minutes' or 'steps', got {unit!r}.")
-    return f"snapshot-{f'{value:g}'.replace('.', 'p')}{'min' if unit == 'minutes' else 'steps'}"
 
 
 #: The eval_metrics.py options a run trained on a CPU suggests: the README's protocol for the main job
@@ -271,44 +249,6 @@ def build_scheduler(config: TrainingConfig, pretrained: PretrainedDDPM | None = 
         prediction_type=config.prediction_type,
         variance_type=config.variance_type,
     )
-
-
-def check_tracker_installed(report_to: str) -> None:
-    """Refuse, before any work, a ``--report_to`` whose package is missing. (Not a check of the
-    options themselves: a run's saved options stay readable where that package is not installed.)"""
-    if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
-        raise ValueError("--report_to wandb needs the wandb package: pip install wandb (or use --report_to tensorboard).")
-
-
-#: ``WANDB_MODE`` values in which W&B logs without an account (``dryrun`` is the old ``offline``).
-WANDB_ACCOUNTLESS_MODES = ("offline", "disabled", "dryrun")
-
-
-def check_wandb_login() -> None:
-    """For ``--report_to wandb``, before any work: W&B has an API key (``WANDB_API_KEY``, a W&B
-    settings file or ``~/.netrc``, where ``wandb.login`` finds it; on a terminal it asks for one
-    now), unless ``WANDB_MODE`` logs without an account. Otherwise ``wandb.init`` would fail only
-    once the data are loaded and the network built."""
-    if os.environ.get("WANDB_MODE", "").lower() in WANDB_ACCOUNTLESS_MODES:
-        return
-    import wandb
-
-    try:
-        wandb.login(verify=False)
-    except wandb.errors.UsageError as error:
-        raise RuntimeError(
-            f"--report_to wandb: W&B has no API key on this machine ({error}). Run `wandb login` (or set "
-            "WANDB_API_KEY), or log offline with WANDB_MODE=offline and `wandb sync` the run later, or use "
-            "--report_to tensorboard."
-        ) from error
-
-
-def _tracker_config(config: TrainingConfig) -> dict[str, Any]:
-    """The options as TensorBoard hparams accept them (numbers, strings, booleans)."""
-    flat = {}
-    for key, value in config.to_dict().items():
-        flat[key] = value if isinstance(value, int | float | str | bool) else json.dumps(value)
-    return flat
 
 
 class Trainer:
@@ -714,7 +654,7 @@ class Trainer:
     def save_grid(self, path: Path, trajectory_path: Path | None = None, step: int | None = None,
                   description: str = "sample grid") -> Path:  # fmt: skip
         """Sample ``--num_grid_images`` images (always from the same seed) and write the grid; with
-        ``step``, log it to the trackers too (:meth:`log_grid`). The denoising steps show a progress
+        ``step``, log it to the trackers too (:func:`~ddpm_pipeline.trackers.log_image`). The denoising steps show a progress
         bar named ``description``, which goes once the grid is written."""
         pipeline = self.sampling_pipeline()
         pipeline.set_progress_bar_config(desc=description, leave=False)
@@ -729,7 +669,7 @@ class Trainer:
         if trajectory_path is not None:
             output.trajectory.save_png(trajectory_path)
         if step is not None:
-            self.log_grid(path, step)
+            log_image(self.accelerator.trackers, "samples", path, step)
         return path
 
     def _timed_grid(self, step: int, period_seconds: float) -> None:
@@ -742,44 +682,6 @@ class Trainer:
         if advice:
             logger.warning(advice)
             self.grid_cost_warned = True
-
-    def log_grid(self, path: Path, step: int) -> None:
-        """The grid written to ``path`` as an image of ``samples`` at ``step``, in TensorBoard's
-        images tab or the W&B run's media (nothing without --report_to)."""
-        if not self.accelerator.trackers:
-            return
-        with Image.open(path) as grid:
-            image = np.asarray(grid.convert("RGB"))
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.log_images({"samples": image[None]}, step=step, dataformats="NHWC")
-            elif tracker.name == "wandb":
-                tracker.log_images({"samples": [image]}, step=step)
-
-    def _tracker_options(self, resumed_step: int) -> dict[str, Any]:
-        """``init_kwargs`` of the trackers: a W&B run writes under --output_dir and is named after it,
-        and a resumed training run continues its W&B run (the id kept in
-        ``<logging_dir>/wandb_run_id.txt``); a fresh run in the same folder starts a new one.
-
-        A run resumed from its checkpoint of step ``resumed_step`` retrains the steps after it that a
-        crash cut short; TensorBoard is told to hide what the crashed run logged from step
-        ``resumed_step + 1`` on (``SummaryWriter(purge_step=...)``), so each step keeps one point.
-        A fresh run (step 0) hides that way whatever an earlier run logged in the same folder (one
-        overwritten, or one that crashed before its first checkpoint)."""
-        if not self.accelerator.is_main_process:
-            return {}
-        if self.config.report_to == "tensorboard":
-            return {"tensorboard": {"purge_step": resumed_step + 1}}
-        if self.config.report_to != "wandb":
-            return {}
-        id_file = self.output_dir / self.config.logging_dir / WANDB_RUN_ID_NAME
-        if self.checkpoint is not None and id_file.is_file():
-            run_id = id_file.read_text().strip()
-        else:
-            run_id = secrets.token_hex(8)
-            id_file.parent.mkdir(parents=True, exist_ok=True)
-            id_file.write_text(run_id + "\n")
-        return {"wandb": {"dir": str(self.output_dir), "name": self.output_dir.name, "id": run_id, "resume": "allow"}}
 
     def global_batch_size(self) -> int:
         """Images per optimizer step, over all processes."""
@@ -1253,7 +1155,8 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             config.save(self.output_dir / CONFIG_FILE_NAME)
         if config.report_to != "none":
-            accelerator.init_trackers("train_ddpm", config=_tracker_config(config), init_kwargs=self._tracker_options(global_step))
+            init_kwargs = tracker_init_kwargs(config, self.checkpoint is not None, global_step) if is_main else {}
+            accelerator.init_trackers("train_ddpm", config=tracker_config(config), init_kwargs=init_kwargs)
         history, validation_history = self._open_histories(global_step)
         self._log_start()
         progress = tqdm(

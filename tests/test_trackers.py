@@ -10,8 +10,10 @@ from conftest import reset_accelerate
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from ddpm_pipeline.run_outputs import LOSS_HISTORY_NAME
 from ddpm_pipeline.run_records import read_loss_history
-from ddpm_pipeline.training import LOSS_HISTORY_NAME, WANDB_RUN_ID_NAME, Trainer, check_wandb_login, main
+from ddpm_pipeline.trackers import WANDB_RUN_ID_NAME, check_wandb_login
+from ddpm_pipeline.training import Trainer, main
 from ddpm_pipeline.training_config import TrainingConfig
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
