@@ -415,7 +415,8 @@ class Study:
         return report
 
     def bits_per_dim(self, model: Path, run_dir: Path) -> dict[str, Any]:
-        """bits/dim of the test images (``--bpd_num_images``; all by default) with eval_metrics.py's
+        """bits/dim of the test images (``--bpd_num_images``; all by default; per dimension of the images
+        themselves, ``bpd_canvas`` per dimension of the padded canvas) with eval_metrics.py's
         own estimator (:func:`~ddpm_pipeline.evaluation.bound_over_data`), a batch per unit of work:
         each batch's terms are kept in ``bpd_partial/`` as it is done, so pieces resume."""
         args = self.args
@@ -435,6 +436,8 @@ class Study:
             "bpd_num_images": bound["num_images"],
             "bpd_timesteps": bound["timesteps"],
             "bpd_terms": {"prior": bound["prior_term"], "diffusion": bound["diffusion_terms"], "decoder": bound["decoder_term"]},
+            # per dimension of the 28×28 images (above); per dimension of the 32×32 canvas they are padded onto:
+            "bpd_canvas": bound.get("canvas_bits_per_dim", bound["bits_per_dim"]),
         }
         with atomic_path(done_path) as partial:  # its presence means "done": never a half-written one
             partial.write_text(json.dumps(result, indent=2) + "\n")

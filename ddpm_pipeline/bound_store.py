@@ -24,7 +24,7 @@ from .likelihood import BoundTerms
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "bound.json"
-_TERMS = ("prior", "diffusion", "decoder", "per_timestep")
+_TERMS = ("prior", "diffusion", "decoder", "per_timestep", "data_share")
 
 
 def batch_file_name(batch_index: int) -> str:

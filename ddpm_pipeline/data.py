@@ -23,7 +23,7 @@ from datasets.data_files import DataFilesDict, get_data_patterns
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 
-from .images import BadImageError, ImagePreprocessor, ImageSource
+from .images import BadImageError, ImagePreprocessor, ImageSource, upright_size
 
 #: Fashion-MNIST's 10,000 test images (MIT license, © 2017 Zalando SE; LICENSE beside them).
 BUNDLED_DIR = Path(__file__).parent / "bundled_data" / "fashion_mnist"
@@ -436,11 +436,21 @@ class TrainingImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         """Image ``index``; a bad one is, with ``bad_images="skip"``, replaced by the next readable
         image (the same one every time, so runs stay reproducible) and counted in :attr:`skipped`."""
+        return self.usable(index)[1]
+
+    def data_share(self, index: int) -> float:
+        """:meth:`~ddpm_pipeline.images.ImagePreprocessor.data_share` of image ``index`` (read from its
+        header): the share of the canvas it fills."""
+        return self.preprocess.data_share(upright_size(self.source.open(index, load=False)))
+
+    def usable(self, index: int) -> tuple[int, torch.Tensor]:
+        """``(i, image i)`` for the image that ``self[index]`` gives: ``index``, or the readable one
+        that replaces a bad one (see :meth:`__getitem__`)."""
         last_error = None
         for offset in range(len(self)):
             candidate = (int(index) + offset) % len(self)
             try:
-                return self.load(candidate)
+                return candidate, self.load(candidate)
             except BadImageError as error:
                 last_error = error
                 if self.bad_images == "fail":

@@ -240,6 +240,7 @@ def bound_store(folder: str | Path, model: str, source: DataSource, preprocess: 
         "timesteps": num_timesteps,
         "batch_size": batch_size,
         "seed": seed,
+        "dimensions": "the images' own",  # the terms per canvas dimension that earlier versions kept are not reused
     }
     return BoundStore(folder, settings)
 
@@ -258,7 +259,9 @@ def bound_over_data(
     before_batch: Callable[[], None] | None = None,
 ) -> dict[str, Any] | None:
     """bits/dim averaged over the first ``num_images`` images of ``source``, with its per-term
-    breakdown, the standard error over images, and the mean per-timestep curve when exact. The
+    breakdown, the standard error over images, and the mean per-timestep curve when exact; each
+    image's per dimension of its own (an image padded onto the canvas: the padding's dimensions not
+    counted, :meth:`~ddpm_pipeline.likelihood.BoundTerms.per_data_dimension`). The
     network runs in float32 without TF32 (:func:`strict_float32`), whatever it sampled with, and the
     bound is the DDPM chain's of the pipeline's betas whichever scheduler the folder samples with.
 
@@ -289,9 +292,11 @@ def bound_over_data(
                 if before_batch is not None:
                     before_batch()
                 start = batch_index * batch_size
-                indices = range(start, min(start + batch_size, count))
-                batch = torch.stack([preprocess(source_images.open(index)) for index in indices]).to(device)
-                bound = batch_bound(unet, scheduler, batch, num_timesteps, seed, batch_index, show_progress=processes.is_main)
+                opened = [source_images.open(index) for index in range(start, min(start + batch_size, count))]
+                batch = torch.stack([preprocess(image) for image in opened]).to(device)
+                share = torch.tensor([preprocess.data_share(image.size) for image in opened])
+                bound = batch_bound(unet, scheduler, batch, num_timesteps, seed, batch_index,
+                                    show_progress=processes.is_main).per_data_dimension(share)  # fmt: skip
                 if store is not None:
                     store.save(batch_index, bound)
             mine.append((batch_index, bound))
@@ -365,6 +370,13 @@ def _measure_bound(config: EvaluationConfig, pipeline: DDPMTargetPipeline, sourc
     if bound is not None:
         bound["data"] = config.bpd_data or config.reference  # as given, as the reference is: no more of the disk
         bound["batches_reused"] = batches_reused
+        if bound.get("padded_images"):
+            height, width = preprocess.height_width
+            logger.info(
+                f"bits/dim: {bound['padded_images']} of the {bound['num_images']} images are padded onto the {width}×{height} "
+                f"canvas; each one's bound is per dimension of the image itself, padding not counted "
+                f"({bound['bits_per_dim']:.4f}; per dimension of the canvas, {bound['canvas_bits_per_dim']:.4f})"
+            )
     return bound, terms_store
 
 

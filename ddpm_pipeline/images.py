@@ -69,9 +69,8 @@ class ImagePreprocessor:
         image = to_8bit_opaque(image).convert("L" if self.channels == 1 else "RGB")
         size_h, size_w = self.height_width
         width, height = image.size
-        fits = width <= size_w and height <= size_h
-        if self.resize_mode == "pad" or (self.resize_mode == "auto" and fits):
-            if not fits:
+        if self.pads(image.size):
+            if width > size_w or height > size_h:
                 raise ValueError(
                     f"Cannot pad a {width}x{height} image to {size_w}x{size_h}: use resize_mode='auto' or 'crop'."
                 )
@@ -82,6 +81,22 @@ class ImagePreprocessor:
         resized = image.resize((max(size_w, round(width * scale)), max(size_h, round(height * scale))), Image.BICUBIC)
         left, top = (resized.width - size_w) // 2, (resized.height - size_h) // 2
         return resized.crop((left, top, left + size_w, top + size_h))
+
+    def pads(self, size: tuple[int, int]) -> bool:
+        """Whether an image of ``size`` (width, height) is padded onto the canvas (``"pad"``, or
+        ``"auto"`` and it fits) rather than resized to cover it."""
+        size_h, size_w = self.height_width
+        return self.resize_mode == "pad" or (self.resize_mode == "auto" and size[0] <= size_w and size[1] <= size_h)
+
+    def data_share(self, size: tuple[int, int]) -> float:
+        """The share of the canvas that an image of ``size`` (width, height) fills once placed on it:
+        ``w·h / (W·H)`` when it is padded (the rest is padding), 1 when it is resized to cover it.
+        The bound in bits/dim counts the image's own dimensions: the canvas's divided by this
+        (:meth:`~ddpm_pipeline.likelihood.BoundTerms.per_data_dimension`)."""
+        if not self.pads(size):
+            return 1.0
+        size_h, size_w = self.height_width
+        return min(size[0], size_w) * min(size[1], size_h) / (size_w * size_h)
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         array = np.asarray(self.to_pil(image), dtype=np.float32)
@@ -288,14 +303,10 @@ def padded_coverage(image_format: ImageFormat, resolution: int | tuple[int, int]
     to fill it (``pad`` skips those); ``None`` when nothing is left, or ``crop`` fills every canvas."""
     if resize_mode not in ("pad", "auto"):
         return None
-    height, width = sample_height_width(resolution)
-    fractions = []
-    for w, h in image_format.sizes:
-        if w <= width and h <= height:
-            fractions.append(w * h / (width * height))
-        elif resize_mode == "auto":
-            fractions.append(1.0)
-    fractions.sort()
+    preprocess = ImagePreprocessor(resolution, resize_mode=resize_mode)
+    height, width = preprocess.height_width
+    fits = [size for size in image_format.sizes if resize_mode == "auto" or (size[0] <= width and size[1] <= height)]
+    fractions = sorted(preprocess.data_share(size) for size in fits)
     return fractions[(len(fractions) - 1) // 2] if fractions else None
 
 

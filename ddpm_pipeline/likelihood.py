@@ -75,35 +75,69 @@ class BoundTerms:
     """``L_0 / (D ln 2)``."""
     per_timestep: torch.Tensor | None = None
     """``[N, T]``: ``L_{t-1}`` per diffusers timestep (index 0 holds ``L_0``), bits/dim, when every t was computed."""
+    data_share: torch.Tensor | None = None
+    """``[N]``, after :meth:`per_data_dimension`: the share of the canvas each image fills (1 for
+    all of it, less for an image padded onto it), whose own dimensions ``D`` counts; None: ``D`` is
+    the canvas's ``C·H·W``."""
 
     @property
     def total(self) -> torch.Tensor:
         """The whole bound per image, ``L_T + Σ L_{t-1} + L_0``."""
         return self.prior + self.diffusion + self.decoder
 
+    def per_data_dimension(self, share: torch.Tensor) -> BoundTerms:
+        """These terms (per dimension of the canvas) per dimension of each image itself: divided by
+        ``share``, the share of the canvas each image fills (``[N]``;
+        :meth:`~ddpm_pipeline.images.ImagePreprocessor.data_share`). For an image padded onto the
+        canvas, the bound on ``-log p(x, padding)`` is one on ``-log p(x)``, since
+        ``p(x) ≥ p(x, padding)``: divided by the image's own dimensions, it is that image's bound in
+        bits/dim, comparable with numbers for the images at their own size (Fashion-MNIST's 28×28
+        on a 32×32 canvas: ×1024/784), where dividing by the canvas's would dilute it with the
+        padding's nearly free dimensions."""
+        share = share.to(self.prior.dtype)
+        return BoundTerms(
+            prior=self.prior / share,
+            diffusion=self.diffusion / share,
+            decoder=self.decoder / share,
+            per_timestep=None if self.per_timestep is None else self.per_timestep / share[:, None],
+            data_share=share,
+        )
+
     @classmethod
     def concatenate(cls, parts: list[BoundTerms]) -> BoundTerms:
-        """The terms of several batches as one (``per_timestep`` only when every part has it)."""
+        """The terms of several batches as one (``per_timestep`` only when every part has it;
+        ``data_share`` when any part has it, 1 for the images of those without)."""
         curves = [part.per_timestep for part in parts]
+        shares = [part.data_share for part in parts]
+        if any(share is not None for share in shares):
+            shares = [torch.ones_like(part.prior) if share is None else share for part, share in zip(parts, shares, strict=True)]
         return cls(
             prior=torch.cat([part.prior for part in parts]),
             diffusion=torch.cat([part.diffusion for part in parts]),
             decoder=torch.cat([part.decoder for part in parts]),
             per_timestep=None if any(curve is None for curve in curves) else torch.cat(curves),
+            data_share=None if shares[0] is None else torch.cat(shares),
         )
 
-    def summary(self) -> dict[str, float | None]:
+    def summary(self) -> dict[str, float | int | None]:
         """Means over the ``N`` images, bits/dim: the bound (``bits_per_dim``) with its standard
-        error ``s/√N`` (``s`` the sample standard deviation; ``None`` for one image), and each term."""
+        error ``s/√N`` (``s`` the sample standard deviation; ``None`` for one image), and each term.
+        When some images are padded onto the canvas (:meth:`per_data_dimension`), also how many
+        (``padded_images``) and the bound per dimension of the canvas (``canvas_bits_per_dim``, the
+        number earlier versions reported)."""
         total = self.total
         count = len(total)
-        return {
+        summary = {
             "bits_per_dim": float(total.mean()),
             "bits_per_dim_stderr": float(total.std() / math.sqrt(count)) if count > 1 else None,
             "prior_term": float(self.prior.mean()),
             "diffusion_terms": float(self.diffusion.mean()),
             "decoder_term": float(self.decoder.mean()),
         }
+        padded = 0 if self.data_share is None else int((self.data_share < 1).sum())
+        if padded:
+            summary.update(padded_images=padded, canvas_bits_per_dim=float((total * self.data_share).mean()))
+        return summary
 
 
 def prior_bpd(scheduler: DDPMTargetScheduler, original_samples: torch.Tensor) -> torch.Tensor:

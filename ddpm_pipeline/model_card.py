@@ -384,8 +384,11 @@ def _metrics_table(report: dict[str, Any]) -> str:
     if isinstance(bpd, dict) and "bits_per_dim" in bpd:
         timesteps = bpd.get("timesteps")
         how = "every timestep" if timesteps in (None, "all") else f"{timesteps} stratified timesteps per image (unbiased)"
+        padded = (f" {bpd['padded_images']} of them are padded onto the network's canvas: their bound is per dimension of "
+                  f"the image itself, the padding not counted (per dimension of the canvas: {bpd['canvas_bits_per_dim']:.4g})."
+                  if bpd.get("padded_images") and isinstance(bpd.get("canvas_bits_per_dim"), int | float) else "")  # fmt: skip
         notes.append(f"Bits/dim: the variational bound over {bpd.get('num_images')} images of "
-                     f"{_data_words(bpd.get('data'), bpd.get('split'), bpd.get('kind'))}, {how}.")
+                     f"{_data_words(bpd.get('data'), bpd.get('split'), bpd.get('kind'))}, {how}.{padded}")
     notes.append("Computed by `eval_metrics.py` (torch-fidelity for the sample metrics).")
     return "\n".join(rows) + "\n\n" + " ".join(notes)
 

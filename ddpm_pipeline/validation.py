@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -34,24 +35,40 @@ logger = logging.getLogger(__name__)
 VALIDATION_COLUMNS = ("step", "train_bpd", "validation_bpd")
 
 
-def first_images(images: TrainingImages, count: int) -> torch.Tensor:
-    """The first ``count`` images of ``images`` (all of them if fewer), preprocessed, as one float32
-    tensor ``[n, C, H, W]`` in [-1, 1]; a bad image is replaced as training replaces it."""
-    return torch.stack([images[index] for index in range(min(count, len(images)))])
+@dataclass
+class PreprocessedImages:
+    """Images as the bound takes them: ``images``, float32 ``[n, C, H, W]`` in [-1, 1], and
+    ``data_share`` (``[n]``), the share of the canvas each fills
+    (:meth:`~ddpm_pipeline.images.ImagePreprocessor.data_share`: below 1 for a padded image, whose
+    bound counts its own dimensions)."""
+
+    images: torch.Tensor
+    data_share: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def first_images(images: TrainingImages, count: int) -> PreprocessedImages:
+    """The first ``count`` images of ``images`` (all of them if fewer), preprocessed; a bad image is
+    replaced as training replaces it."""
+    picked = [images.usable(index) for index in range(min(count, len(images)))]
+    return PreprocessedImages(torch.stack([image for _, image in picked]),
+                              torch.tensor([images.data_share(index) for index, _ in picked]))  # fmt: skip
 
 
 class HeldOutBound:
     """The bound of a network on held-out images and on as many training images (module docstring).
 
-    ``validation`` and ``training`` are preprocessed image tensors in [-1, 1] (:func:`first_images`),
+    ``validation`` and ``training`` are preprocessed images (:func:`first_images`),
     ``num_timesteps`` the ``K`` of the estimate (None: exact), ``seed`` the draws' seed and
     ``batch_size`` the images per network batch.
     """
 
     def __init__(
         self,
-        validation: torch.Tensor,
-        training: torch.Tensor,
+        validation: PreprocessedImages,
+        training: PreprocessedImages,
         num_timesteps: int | None,
         seed: int,
         batch_size: int = 64,
@@ -61,15 +78,16 @@ class HeldOutBound:
         self.validation, self.training = validation, training
         self.num_timesteps, self.seed, self.batch_size = num_timesteps, seed, batch_size
 
-    def bound(self, unet: Callable[..., object], scheduler: DDPMTargetScheduler, images: torch.Tensor,
+    def bound(self, unet: Callable[..., object], scheduler: DDPMTargetScheduler, images: PreprocessedImages,
               device: torch.device | str, description: str | None = None) -> BoundTerms:  # fmt: skip
-        """The bound's terms for ``images``, batch ``b`` drawn as :func:`~ddpm_pipeline.likelihood.batch_bound`
-        draws it; with a ``description``, a progress bar of that name counts the batches (and goes
-        once they are done)."""
+        """The bound's terms for ``images`` (per dimension of each image itself), batch ``b`` drawn
+        as :func:`~ddpm_pipeline.likelihood.batch_bound` draws it; with a ``description``, a progress
+        bar of that name counts the batches (and goes once they are done)."""
         starts = range(0, len(images), self.batch_size)
         batches = tqdm(starts, desc=description, unit="batch", leave=False, disable=description is None)
         return BoundTerms.concatenate([
-            batch_bound(unet, scheduler, images[start : start + self.batch_size].to(device), self.num_timesteps, self.seed, index)
+            batch_bound(unet, scheduler, images.images[start : start + self.batch_size].to(device), self.num_timesteps,
+                        self.seed, index).per_data_dimension(images.data_share[start : start + self.batch_size])
             for index, start in enumerate(batches)
         ])  # fmt: skip
 

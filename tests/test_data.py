@@ -15,6 +15,7 @@ from PIL import Image
 
 from ddpm_pipeline.convert import main as convert
 from ddpm_pipeline.data import (
+    TrainingImages,
     bundled_dataset,
     data_identity,
     describe_data_source,
@@ -293,6 +294,22 @@ def test_preprocessing_pads_crops_flips_and_scales():
         ImagePreprocessor(resolution=32, resize_mode="pad")(Image.new("L", (40, 40)))
     with pytest.raises(ValueError, match="channels must be 1"):
         ImagePreprocessor(resolution=32, channels=2)
+
+
+def test_the_data_share_is_the_part_of_the_canvas_the_image_fills():
+    """What the bound divides by for a padded image: the share of the canvas its own pixels take,
+    as preprocessing places them (a white image's pixels on the black canvas), 1 for a resized one."""
+    cases = [(ImagePreprocessor(32), (28, 28), 784 / 1024), (ImagePreprocessor(32), (20, 31), 620 / 1024),
+             (ImagePreprocessor(32), (40, 28), 1.0), (ImagePreprocessor(32), (32, 32), 1.0),
+             (ImagePreprocessor(32, resize_mode="crop"), (28, 28), 1.0),
+             (ImagePreprocessor(32, resize_mode="pad"), (32, 16), 0.5),
+             (ImagePreprocessor((16, 32), resize_mode="auto"), (32, 8), 0.5)]  # fmt: skip
+    for preprocess, size, share in cases:
+        assert preprocess.data_share(size) == pytest.approx(share), (preprocess, size)
+        placed = np.asarray(preprocess.to_pil(Image.new("L", size, 255)))
+        assert (placed > 0).mean() == pytest.approx(share), (preprocess, size)
+    images = TrainingImages(bundled_dataset().select(range(3)), "image", ImagePreprocessor(32))
+    assert [images.data_share(index) for index in range(3)] == [784 / 1024] * 3  # Fashion-MNIST on a 32 px canvas
 
 
 def test_auto_padding_that_leaves_most_of_the_canvas_black_is_warned_about(caplog):

@@ -118,6 +118,15 @@ def test_model_card_of_an_epsilon_model_with_metrics(tmp_path):
     body = build_model_card(folder, "someone/fmnist-ddpm").text
     assert "against 1000 reference images (the bundled Fashion-MNIST test set)" in body
     assert "over 1000 images of the bundled Fashion-MNIST test set, split train[:500]," in body
+    assert "padded" not in body
+    # images padded onto the canvas: the card says their bound counts the image's own dimensions, and gives the other
+    padded = {**bundled, "metrics": {**bundled["metrics"], "bpd": {**bundled["metrics"]["bpd"], "padded_images": 1000,
+                                                                    "canvas_bits_per_dim": 2.4581}}}  # fmt: skip
+    (folder / "eval_results.json").write_text(json.dumps(padded))
+    body = build_model_card(folder, "someone/fmnist-ddpm").text
+    assert "| NLL bound, bits/dim | 3.21 ± 0.02 |" in body
+    assert ("1000 of them are padded onto the network's canvas: their bound is per dimension of the image itself, the "
+            "padding not counted (per dimension of the canvas: 2.458).") in body  # fmt: skip
 
 
 def test_model_index_names_the_data_each_metric_was_measured_on(tmp_path):

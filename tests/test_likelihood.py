@@ -222,3 +222,23 @@ def test_terms_of_batches_concatenate_and_summarize():
     # an estimate (no per-timestep curve) in any part: no curve for the whole; one image: no standard error
     assert BoundTerms.concatenate([first, BoundTerms(*(t[:1] for t in (first.prior, first.diffusion, first.decoder)))]).per_timestep is None
     assert BoundTerms(torch.tensor([0.1]), torch.tensor([2.0]), torch.tensor([1.0])).summary()["bits_per_dim_stderr"] is None
+
+
+def test_terms_per_data_dimension_count_each_image_own_dimensions():
+    """A padded image's bound per dimension of its own: the same bits in all, over its share of the
+    canvas's dimensions; the summary keeps the canvas's number beside it."""
+    canvas = BoundTerms(torch.tensor([0.1, 0.2], dtype=torch.float64), torch.tensor([2.0, 3.0], dtype=torch.float64),
+                        torch.tensor([1.0, 1.5], dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64))  # fmt: skip
+    share = torch.tensor([784 / 1024, 1.0])  # 28×28 on a 32×32 canvas, and an image that fills it
+    own = canvas.per_data_dimension(share)
+    assert torch.allclose(own.total * own.data_share, canvas.total)
+    assert own.total.tolist() == pytest.approx([3.1 * 1024 / 784, 4.7])
+    assert own.per_timestep[0].tolist() == pytest.approx([1024 / 784] * 4) and own.per_timestep[1].tolist() == [1.0] * 4
+    summary = own.summary()
+    assert summary["padded_images"] == 1
+    assert summary["canvas_bits_per_dim"] == pytest.approx(canvas.summary()["bits_per_dim"])
+    assert summary["bits_per_dim"] == pytest.approx((3.1 * 1024 / 784 + 4.7) / 2)
+    # nothing padded: the summary is the canvas's, with nothing added
+    assert canvas.per_data_dimension(torch.ones(2)).summary() == canvas.summary()
+    # a part without shares (terms per canvas dimension) joins as images that fill the canvas
+    assert BoundTerms.concatenate([own, canvas]).data_share.tolist() == pytest.approx([784 / 1024, 1, 1, 1])

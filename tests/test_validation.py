@@ -6,6 +6,7 @@ import json
 import re
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from conftest import reset_accelerate
@@ -16,6 +17,7 @@ from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
 from ddpm_pipeline.data import TrainingImages, bundled_dataset
 from ddpm_pipeline.evaluation import bound_over_data, evaluate
 from ddpm_pipeline.images import ImagePreprocessor
+from ddpm_pipeline.likelihood import batch_bound
 from ddpm_pipeline.model_card import build_model_card
 from ddpm_pipeline.reference import DataSource
 from ddpm_pipeline.training_config import TrainingConfig
@@ -40,8 +42,8 @@ def test_the_held_out_bound_is_the_bound_eval_metrics_computes(tmp_path, capfd):
     pipeline = DDPMTargetPipeline(DDPMUNet.from_preset("ddpm-tiny-16"), DDPMTargetScheduler(num_train_timesteps=20, beta_schedule="cosine"))
     preprocess = ImagePreprocessor(16, 1, "auto")
     images = first_images(TrainingImages(bundled_dataset(), "image", preprocess), 6)
-    assert images.shape == (6, 1, 16, 16)
-    held_out = HeldOutBound(images, images.clone(), num_timesteps=4, seed=3, batch_size=4)
+    assert images.images.shape == (6, 1, 16, 16)
+    held_out = HeldOutBound(images, images, num_timesteps=4, seed=3, batch_size=4)
     measured = held_out.measure(pipeline.unet, pipeline.scheduler, "cpu")
     assert measured["train_bpd"] == measured["validation_bpd"]
     progress = capfd.readouterr().err
@@ -49,6 +51,33 @@ def test_the_held_out_bound_is_the_bound_eval_metrics_computes(tmp_path, capfd):
     assert held_out.measure(pipeline.unet, pipeline.scheduler, "cpu") == measured  # the same draws every time
     evaluated = bound_over_data(pipeline, DataSource.parse("bundled"), preprocess, 6, 4, 4, 3, torch.device("cpu"))
     assert measured["validation_bpd"] == pytest.approx(evaluated["bits_per_dim"], rel=1e-6)
+
+
+def test_padded_images_are_bounded_per_dimension_of_their_own_in_training_and_evaluation(tmp_path):
+    """Fashion-MNIST's 28×28 on a 32×32 canvas: the bound counts the 784 pixels of the image, not the
+    1,024 of the canvas (whose padding costs almost nothing and would dilute it), alike in the held-out
+    bound and in eval_metrics.py; images that fill the canvas are counted whole."""
+    torch.manual_seed(0)
+    pipeline = DDPMTargetPipeline(DDPMUNet.from_preset("ddpm-tiny-16", sample_size=32),
+                                  DDPMTargetScheduler(num_train_timesteps=20, beta_schedule="cosine"))  # fmt: skip
+    preprocess = ImagePreprocessor(32, 1, "auto")
+    images = first_images(TrainingImages(bundled_dataset(), "image", preprocess), 4)
+    assert images.data_share.tolist() == [784 / 1024] * 4
+    measured = HeldOutBound(images, images, num_timesteps=4, seed=3, batch_size=4).measure(pipeline.unet, pipeline.scheduler, "cpu")
+    evaluated = bound_over_data(pipeline, DataSource.parse("bundled"), preprocess, 4, 4, 4, 3, torch.device("cpu"))
+    assert measured["validation_bpd"] == pytest.approx(evaluated["bits_per_dim"], rel=1e-6)
+    assert evaluated["padded_images"] == 4
+    assert evaluated["bits_per_dim"] == pytest.approx(evaluated["canvas_bits_per_dim"] * 1024 / 784, rel=1e-12)
+    canvas = batch_bound(pipeline.unet, pipeline.scheduler, images.images, 4, 3, 0)  # the padded tensors' own bound
+    assert float(canvas.total.mean()) == pytest.approx(evaluated["canvas_bits_per_dim"], rel=1e-6)
+    # a folder of 28 px and 40 px images: the 28s are padded (counted by their pixels), the 40s resized to fill it
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for index, side in enumerate([28, 40, 28, 40]):
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (side, side), dtype=np.uint8)).save(folder / f"{index}.png")
+    mixed = bound_over_data(pipeline, DataSource.parse(str(folder)), preprocess, None, 4, 4, 3, torch.device("cpu"))
+    assert mixed["padded_images"] == 2 and mixed["num_images"] == 4
+    assert mixed["bits_per_dim"] > mixed["canvas_bits_per_dim"]
 
 
 def test_a_run_measures_its_held_out_bound_and_a_resumed_run_the_same(tmp_path):
