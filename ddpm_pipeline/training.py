@@ -442,11 +442,17 @@ class Trainer:
         if chosen:
             logger.info(f"the data: {image_format.describe()}; so {' '.join(chosen)} (give these options to choose otherwise)")
         if self.config.model is None and config.model not in CPU_PRESETS and self.accelerator.device.type == "cpu":
+            height, width = sample_height_width(config.resolution)
+            scaled = ""
+            if self.config.resolution is None and max(height, width) > 32:  # the small preset's own size would win
+                scaled = (f"; without --resolution it trains at 32px, these images scaled down to it, and with "
+                          f"--resolution {config.resolution} at their size, at about {height * width / 32**2:.0f}× the "
+                          "cost of a step")  # fmt: skip
             logger.warning(
                 f"--model {config.model}, chosen for images of {describe_sample_size(config.resolution)}, is the DDPM "
                 "paper's GPU-sized network: on a CPU its steps take seconds each (the progress bar estimates the run's "
                 "length). For a network sized for a CPU, pass --model ddpm-small-32 (2.5M parameters, made for 32px "
-                "images)."
+                f"images{scaled})."
             )
         return config
 

@@ -9,12 +9,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import PartialState
 from conftest import reset_accelerate
 from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
@@ -23,6 +25,7 @@ from safetensors.torch import load_file
 from ddpm_pipeline import speed, training
 from ddpm_pipeline.checkpointing import list_checkpoints, read_trainer_state
 from ddpm_pipeline.evaluation import EvaluationConfig
+from ddpm_pipeline.images import ImageFormat
 from ddpm_pipeline.training import TIMESTEP_SAMPLER_STATE_NAME, Trainer, build_ema, grid_cost_advice, main
 from ddpm_pipeline.training_config import TrainingConfig
 
@@ -207,6 +210,24 @@ def test_an_image_folder_trains_at_its_own_size_and_colour(tmp_path, caplog, mon
     assert "was trained on" not in caplog.text  # the same data: nothing to warn of
     data = read_trainer_state(out / "checkpoint-3")["data"]
     assert data["source"] == f"image folder {folder.resolve()}" and data["num_images"] == 10 and data["fingerprint"]
+
+
+def test_the_cpu_hint_for_large_images_says_what_the_small_network_does_with_them(caplog):
+    """64 px images pick the GPU-sized ddpm-64; the CPU hint names ddpm-small-32 and says that it
+    trains at 32 px (the images scaled down) unless --resolution 64 keeps their size, at 4× the cost."""
+    PartialState(cpu=True)
+    trainer = SimpleNamespace(config=TrainingConfig(output_dir="unused"), accelerator=SimpleNamespace(device=torch.device("cpu")))
+    large = ImageFormat(size=64, channels=3, smallest=64, largest=64, inspected=8, sizes=((64, 64),) * 8)
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        config = Trainer._fit_network_to_data(trainer, large)
+    assert (config.model, config.resolution) == ("ddpm-64", 64)
+    assert ("pass --model ddpm-small-32 (2.5M parameters, made for 32px images; without --resolution it trains at 32px, "
+            "these images scaled down to it, and with --resolution 64 at their size, at about 4× the cost of a step)") in caplog.text
+    caplog.clear()
+    small = ImageFormat(size=32, channels=3, smallest=32, largest=32, inspected=8, sizes=((32, 32),) * 8)
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
+        assert Trainer._fit_network_to_data(trainer, small).model == "ddpm-cifar10-32"
+    assert "pass --model ddpm-small-32 (2.5M parameters, made for 32px images)." in caplog.text  # nothing to scale
 
 
 def test_resuming_on_changed_data_goes_on_and_says_what_changed(tmp_path, caplog):
