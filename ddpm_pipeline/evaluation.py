@@ -46,6 +46,7 @@ from .sampling import (
     sampling_option,
     sampling_pipeline,
     sampling_record,
+    timestep_spacing_of,
     weights_fingerprint,
 )
 from .scheduling_ddpm_target import DDPMTargetScheduler
@@ -75,6 +76,7 @@ class EvaluationConfig:
     num_inference_steps: int = field(default=1000, metadata={"help": "Sampling steps (fewer = respaced chain)."})
     scheduler: str = sampling_option("scheduler")
     eta: float = sampling_option("eta")
+    timestep_spacing: str | None = sampling_option("timestep_spacing")
     batch_size: int | None = field(default=None, metadata={"help": f"Images per sampling / feature batch (default: with --model, the batch size of the samples already in the samples folder, else {DEFAULT_BATCH_SIZE}). Sample i depends on the seed and the batch size."})  # noqa: E501
     fast_sampling: str = sampling_option("fast_sampling")
     compile_unet: bool | None = sampling_option("compile_unet")
@@ -340,10 +342,11 @@ def _draw_samples(config: EvaluationConfig, device: torch.device, processes: Lau
     (:func:`~ddpm_pipeline.sampling.sample_store`), the processes sharing its batches; the images
     already there are kept."""
     sampler = sampling_pipeline(config.model, device, config.fast_sampling, config.sampling_dtype, config.scheduler,
-                                config.compile_unet)  # fmt: skip
+                                config.compile_unet, config.timestep_spacing)  # fmt: skip
     with processes.main_first():
         store = sample_store(folder, config.model, config.num_inference_steps, config.seed, config.batch_size,
-                             sampler.unet.dtype, config.scheduler, config.eta, noise_device(device))  # fmt: skip
+                             sampler.unet.dtype, config.scheduler, config.eta, noise_device(device),
+                             timestep_spacing_of(sampler))  # fmt: skip
     reused, written, seconds = processes.fill(store, sampler, config.num_samples)
     return _DrawnSamples(folder, reused, store.paths(config.num_samples), sampling_record(sampler, config.fast_sampling),
                          written, seconds)  # fmt: skip

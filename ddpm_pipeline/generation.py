@@ -39,6 +39,7 @@ from .sampling import (
     sampling_option,
     sampling_pipeline,
     sampling_record,
+    timestep_spacing_of,
 )
 from .speed import device_description
 from .training_config import dataclass_parser
@@ -66,6 +67,7 @@ class SampleConfig:
     num_inference_steps: int | None = field(default=None, metadata={"help": "Sampling steps (fewer = respaced chain; default: the model's T, the full chain)."})  # noqa: E501
     scheduler: str = sampling_option("scheduler")
     eta: float = sampling_option("eta")
+    timestep_spacing: str | None = sampling_option("timestep_spacing")
     batch_size: int | None = field(default=None, metadata={"help": f"Images per sampling batch (default: the batch size of the images already in <output_dir>/images, else {DEFAULT_BATCH_SIZE}). Image i depends on the seed and the batch size."})  # noqa: E501
     seed: int = field(default=0, metadata={"help": "Sampling seed (image i is the same for any --num_images)."})
     fast_sampling: str = sampling_option("fast_sampling")
@@ -145,7 +147,7 @@ def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict
     if Path(config.model).exists():  # else a Hub repo id, checked by from_pretrained
         check_pipeline_folder(config.model)
     pipeline = sampling_pipeline(config.model, device, config.fast_sampling, config.sampling_dtype, config.scheduler,
-                                 config.compile_unet)  # fmt: skip
+                                 config.compile_unet, config.timestep_spacing)  # fmt: skip
     if processes.is_main:
         check_output_dir(output_dir)
     num_train_timesteps = pipeline.scheduler.config.num_train_timesteps
@@ -157,7 +159,8 @@ def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict
         )
     with processes.main_first():  # the main process writes the folder's record of the options first
         store = sample_store(output_dir / IMAGES_FOLDER, config.model, steps, config.seed, config.batch_size,
-                             pipeline.unet.dtype, config.scheduler, config.eta, noise_device(device))  # fmt: skip
+                             pipeline.unet.dtype, config.scheduler, config.eta, noise_device(device),
+                             timestep_spacing_of(pipeline))  # fmt: skip
     reused, written, seconds = processes.fill(store, pipeline, config.num_images)
     if not processes.is_main:
         return {"process_index": processes.index, "samples_written": written}

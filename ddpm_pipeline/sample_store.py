@@ -27,10 +27,12 @@ SETTINGS_FILE = "sampling.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 #: The sampling options a store records only where they differ from these defaults, so that a
 #: store written before an option existed holds none of it and reads as its default.
-UNRECORDED_DEFAULTS: dict[str, Any] = {"unet_dtype": "float32", "scheduler": "ddpm", "eta": 0.0, "noise_device": "cpu"}
+UNRECORDED_DEFAULTS: dict[str, Any] = {"unet_dtype": "float32", "scheduler": "ddpm", "eta": 0.0, "noise_device": "cpu",
+                                       "timestep_spacing": "leading"}  # fmt: skip
 #: The recorded sampling options a command line sets, and its flag.
 OPTION_FLAGS = {"num_inference_steps": "--num_inference_steps", "seed": "--seed", "batch_size": "--batch_size",
-                "scheduler": "--scheduler", "eta": "--eta", "unet_dtype": "--sampling_dtype", "noise_device": "--device"}  # fmt: skip
+                "scheduler": "--scheduler", "eta": "--eta", "unet_dtype": "--sampling_dtype", "noise_device": "--device",
+                "timestep_spacing": "--timestep_spacing"}  # fmt: skip
 
 
 def recorded_settings(folder: str | Path) -> dict[str, Any] | None:
@@ -75,7 +77,10 @@ def _shown(key: str, value: Any) -> str:
 
 def _refusal(folder: Path, saved: dict[str, Any], settings: dict[str, Any], differing: list[str]) -> str:
     """Why a store's folder holds no samples for ``settings``, and the ways on."""
-    differences = "; ".join(f"{k}: {_shown(k, saved.get(k))} there vs {_shown(k, settings.get(k))} now" for k in differing)
+    def value(recorded: dict[str, Any], key: str) -> str:  # an unrecorded option is at its default
+        return _shown(key, recorded.get(key, UNRECORDED_DEFAULTS.get(key)))
+
+    differences = "; ".join(f"{k}: {value(saved, k)} there vs {value(settings, k)} now" for k in differing)
     if "model" in differing:
         made = f"samples of another model ({differences})"
     elif "weights" in differing:  # the same folder, its weights replaced: trained further or again since

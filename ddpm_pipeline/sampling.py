@@ -21,7 +21,7 @@ from .inception_weights import file_digest
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .pretrained import is_local_source
 from .sample_store import UNRECORDED_DEFAULTS, SampleStore
-from .scheduling_ddpm_target import DDPMTargetScheduler
+from .scheduling_ddpm_target import TIMESTEP_SPACINGS, DDPMTargetScheduler
 from .speed import cpu_precision_advice, cpu_threads_per_process, is_compiled
 from .stop_signals import started_by_launcher
 
@@ -39,6 +39,7 @@ SAMPLING_OPTIONS: dict[str, tuple[Any, str]] = {
     "fast_sampling": ("auto", "auto: sample with pipe.enable_fast_sampling() (on CUDA: bf16 UNet for ε/x0, channels_last, torch.compile with CUDA graphs; nothing on the CPU); off: the plain float32 pipeline."),  # noqa: E501
     "compile_unet": (None, "torch.compile the UNet when sampling fast: auto = on CUDA where Triton supports the GPU; on the CPU an opt-in (--compile_unet, with channels_last; needs a C++ compiler) that gave 1.28-1.37x the UNet evaluations/s on the 2-core reference CPU after 15-60 s of compiling: for long sampling."),  # noqa: E501
     "eta": (0.0, "DDIM's η with --scheduler ddim: 0 = deterministic DDIM, 1 = the respaced ancestral sampler (fixed_small), in between the DDIM paper's family."),  # noqa: E501
+    "timestep_spacing": (None, "Which timesteps fewer --num_inference_steps than the model's T visit: leading (diffusers' default; 100 of 1000 start at t = 990), trailing (start at t = T-1, the pure noise the chain was trained to reach; Lin et al. 2024 advise it for few steps) or linspace; default: the saved scheduler's own (leading for this package's)."),  # noqa: E501
     "sampling_dtype": ("auto", "The UNet's dtype when sampling fast: auto (bfloat16 on CUDA, float16 on GPUs older than Ampere, float32 for μ and on the CPU), float32, bfloat16 (faster on a CPU with AVX512-BF16 or AMX too), float16."),  # noqa: E501
 }
 
@@ -64,6 +65,8 @@ def check_sampling_options(config: Any) -> None:
         raise ValueError(f"--eta must be ≥ 0, got {config.eta}.")
     if config.eta != 0 and config.scheduler != "ddim":
         raise ValueError(f"--eta is DDIM's η: it applies with --scheduler ddim, not {config.scheduler}.")
+    if config.timestep_spacing is not None and config.timestep_spacing not in TIMESTEP_SPACINGS:
+        raise ValueError(f"--timestep_spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {config.timestep_spacing!r}.")
     if config.sampling_dtype not in SAMPLING_DTYPE_CHOICES:
         raise ValueError(f"--sampling_dtype must be one of {', '.join(SAMPLING_DTYPE_CHOICES)}, got {config.sampling_dtype!r}.")
 
@@ -165,13 +168,15 @@ def weights_fingerprint(model: str) -> list[list[str]]:
 
 def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed: int, batch_size: int,
                  unet_dtype: torch.dtype = torch.float32, scheduler: str = "ddpm", eta: float = 0.0,
-                 noise_device: str = "cpu") -> SampleStore:  # fmt: skip
+                 noise_device: str = "cpu", timestep_spacing: str = "leading") -> SampleStore:  # fmt: skip
     """The store of ``model``'s samples in ``folder`` for these sampling options: what
     ``sample_ddpm.py`` fills and :func:`~ddpm_pipeline.evaluation.evaluate` fills and reads, so a
     caller that fills it first (with a faster pipeline, or in time-limited pieces) has its samples
-    scored rather than redone. A UNet sampling in half precision, another scheduler, DDIM's ``eta``
-    or noise drawn on a GPU (``noise_device="cuda"``, see :func:`noise_device`) makes other images
-    than the float32 ancestral sampler with CPU noise: they are then part of the options (the
+    scored rather than redone. A UNet sampling in half precision, another scheduler, DDIM's ``eta``,
+    a ``timestep_spacing`` other than diffusers' default ``"leading"`` (the one the pipeline's
+    scheduler takes: :func:`timestep_spacing_of`) or noise drawn on a GPU (``noise_device="cuda"``,
+    see :func:`noise_device`) makes other images than the float32 ancestral sampler with CPU noise
+    and leading timesteps: they are then part of the options (the
     defaults record nothing, as stores did before the options existed), so the stores are never
     mixed. A local model is also keyed on its weights (:func:`weights_fingerprint`): trained further
     in the same folder, it needs a new ``folder``."""
@@ -179,7 +184,8 @@ def sample_store(folder: str | Path, model: str, num_inference_steps: int, seed:
     fingerprint = weights_fingerprint(model)
     if fingerprint:  # a local folder: its exact weights (a Hub id records none)
         settings["weights"] = fingerprint
-    options = {"unet_dtype": str(unet_dtype).removeprefix("torch."), "scheduler": scheduler, "eta": eta, "noise_device": noise_device}
+    options = {"unet_dtype": str(unet_dtype).removeprefix("torch."), "scheduler": scheduler, "eta": eta,
+               "noise_device": noise_device, "timestep_spacing": timestep_spacing}  # fmt: skip
     settings.update({name: value for name, value in options.items() if value != UNRECORDED_DEFAULTS[name]})
     return SampleStore(folder, settings)
 
@@ -193,11 +199,18 @@ def noise_device(device: torch.device) -> str:
     return "cuda" if device.type == "cuda" else "cpu"
 
 
+def timestep_spacing_of(pipeline: DDPMTargetPipeline) -> str:
+    """The ``timestep_spacing`` of the pipeline's scheduler (diffusers' default ``"leading"`` where
+    its config has none, as stock configs written before the option existed)."""
+    return pipeline.scheduler.config.get("timestep_spacing", "leading")
+
+
 def sampling_record(pipeline: DDPMTargetPipeline, fast_sampling: str) -> dict[str, Any]:
     """What a report records of how ``pipeline`` sampled: fast paths on or off, the UNet's dtype,
-    whether it is compiled, and the scheduler's class."""
+    whether it is compiled, the scheduler's class and its timestep spacing."""
     return {"fast": fast_sampling != "off", "unet_dtype": str(pipeline.unet.dtype).removeprefix("torch."),
-            "compiled": is_compiled(pipeline.unet), "scheduler": type(pipeline.scheduler).__name__}  # fmt: skip
+            "compiled": is_compiled(pipeline.unet), "scheduler": type(pipeline.scheduler).__name__,
+            "timestep_spacing": timestep_spacing_of(pipeline)}  # fmt: skip
 
 
 def check_model_exists(model: str) -> None:
@@ -228,11 +241,13 @@ def load_pipeline(model: str) -> DDPMTargetPipeline:
 
 
 def sampling_pipeline(model: str, device: torch.device, fast_sampling: str = "auto", dtype: str = "auto",
-                      scheduler: str = "ddpm", compile: bool | None = None) -> DDPMTargetPipeline:  # fmt: skip
+                      scheduler: str = "ddpm", compile: bool | None = None,
+                      spacing: str | None = None) -> DDPMTargetPipeline:  # fmt: skip
     """``model``'s pipeline on ``device`` for sampling: with :meth:`DDPMTargetPipeline.enable_fast_sampling`
     (``dtype`` for its UNet, ``compile`` for ``torch.compile``: ``None`` = its auto) unless ``fast_sampling``
-    is ``"off"``, and with ``scheduler`` (a name of :data:`SCHEDULER_CHOICES`) built from the saved
-    one's config unless it is ``"ddpm"``."""
+    is ``"off"``, with ``scheduler`` (a name of :data:`SCHEDULER_CHOICES`) built from the saved
+    one's config unless it is ``"ddpm"``, and with its ``timestep_spacing`` set to ``spacing``
+    unless that is None (the saved one's)."""
     pipeline = load_pipeline(model).to(device)
     if scheduler != "ddpm":
         if isinstance(pipeline.scheduler, DDPMTargetScheduler) and not pipeline.scheduler.is_stock_compatible():
@@ -241,6 +256,8 @@ def sampling_pipeline(model: str, device: torch.device, fast_sampling: str = "au
                 "diffusers' samplers take ε, x0 or v predictions; use --scheduler ddpm."
             )
         pipeline.scheduler = SAMPLER_SCHEDULERS[scheduler].from_config(pipeline.scheduler.config)
+    if spacing is not None:
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, timestep_spacing=spacing)
     if fast_sampling != "off":
         pipeline.enable_fast_sampling(dtype=dtype, compile=compile)
         advice = cpu_precision_advice(pipeline.unet.dtype, dtype == "auto", device,

@@ -106,13 +106,15 @@ def test_fast_sampling_changes_the_samples_not_the_bound(tmp_path, reference_dat
     common = {"metrics": "fid,bpd", "bpd_num_images": 4, "bpd_batch_size": 4}
     plain = run(tmp_path, model, reference_data, fast_sampling="off", output=str(tmp_path / "plain.json"), **common)
     half = run(tmp_path, model, reference_data, sampling_dtype="bfloat16", output=str(tmp_path / "half.json"), **common)
-    assert plain["sampling"] == {"fast": False, "unet_dtype": "float32", "compiled": False, "scheduler": "DDPMTargetScheduler"}
-    assert half["sampling"] == {"fast": True, "unet_dtype": "bfloat16", "compiled": False, "scheduler": "DDPMTargetScheduler"}
+    assert plain["sampling"] == {"fast": False, "unet_dtype": "float32", "compiled": False, "scheduler": "DDPMTargetScheduler",
+                                 "timestep_spacing": "leading"}  # fmt: skip
+    assert half["sampling"] == {"fast": True, "unet_dtype": "bfloat16", "compiled": False, "scheduler": "DDPMTargetScheduler",
+                                "timestep_spacing": "leading"}  # fmt: skip
     assert half["metrics"]["fid"] != plain["metrics"]["fid"]  # other samples
     assert half["metrics"]["bpd"]["bits_per_dim"] == plain["metrics"]["bpd"]["bits_per_dim"]  # the same bound
-    with pytest.raises(ValueError, match="unet_dtype: 'bfloat16' there vs None now"):
+    with pytest.raises(ValueError, match="unet_dtype: 'bfloat16' there vs 'float32' now"):
         run(tmp_path, model, reference_data, metrics="fid", fast_sampling="off", samples_dir=str(tmp_path / "half-samples"))
-    with pytest.raises(ValueError, match="unet_dtype: None there vs 'bfloat16' now"):
+    with pytest.raises(ValueError, match="unet_dtype: 'float32' there vs 'bfloat16' now"):
         run(tmp_path, model, reference_data, metrics="fid", sampling_dtype="bfloat16", samples_dir=str(tmp_path / "plain-samples"))
     with pytest.raises(ValueError, match="--fast_sampling must be one of auto, off"):
         run(tmp_path, model, reference_data, metrics="fid", fast_sampling="on")
@@ -137,7 +139,7 @@ def test_other_schedulers_sample_other_images_with_the_same_bound(tmp_path, tiny
     folder = run(tmp_path, saved_with_ddim, reference_data, output=str(tmp_path / "saved.json"), **common)
     assert folder["sampling"]["scheduler"] == "DDIMScheduler"
     np.testing.assert_allclose(folder["metrics"]["bpd"]["bits_per_dim"], ancestral["metrics"]["bpd"]["bits_per_dim"], rtol=1e-6)
-    with pytest.raises(ValueError, match="scheduler: None there vs 'ddim' now"):
+    with pytest.raises(ValueError, match="scheduler: 'ddpm' there vs 'ddim' now"):
         run(tmp_path, model, reference_data, metrics="fid", scheduler="ddim", samples_dir=str(tmp_path / "ddpm-samples"))
     with pytest.raises(ValueError, match="cannot sample a 'mu' model"):
         run(tmp_path, tiny_pipeline, reference_data, metrics="fid", scheduler="dpmsolver++")

@@ -15,7 +15,7 @@ from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, eva
 from ddpm_pipeline.console import run_command
 from ddpm_pipeline.generation import SampleConfig, generate_samples, main
 from ddpm_pipeline.sample_store import SETTINGS_FILE
-from ddpm_pipeline.sampling import sample_store
+from ddpm_pipeline.sampling import sample_store, sampling_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -144,6 +144,31 @@ def test_ddim_eta_one_writes_the_ancestral_samplers_images(tmp_path):
     assert json.loads((tmp_path / "ddim1" / "images" / SETTINGS_FILE).read_text())["eta"] == 1.0
     with pytest.raises(ValueError, match="eta: 1.0 there vs 0.5 now"):
         sample(tmp_path, model, folder="ddim1", num_inference_steps=5, scheduler="ddim", eta=0.5)
+
+
+def test_timestep_spacing_picks_the_visited_timesteps_and_keys_the_folder(tmp_path, tiny_pipeline):
+    """--timestep_spacing trailing starts a respaced chain at t = T-1 (leading, the saved default,
+    lower: at 26 for 3 of 40 steps), for the folder's own sampler and diffusers' alike; its images are
+    others, so the folder records it, while the default, given or not, records nothing."""
+    for scheduler in ("ddpm", "ddim", "dpmsolver++"):
+        visited = {}
+        for spacing in ("leading", "trailing", None):
+            pipeline = sampling_pipeline(str(tiny_pipeline), torch.device("cpu"), scheduler=scheduler, spacing=spacing)
+            pipeline.scheduler.set_timesteps(3)
+            visited[spacing] = [int(t) for t in pipeline.scheduler.timesteps]
+        assert visited["trailing"][0] == 39 and visited["leading"][0] < 39 and visited[None] == visited["leading"], scheduler
+        assert scheduler != "ddpm" or visited["leading"] == [26, 13, 0]
+    leading = sample(tmp_path, tiny_pipeline, folder="leading")
+    trailing = sample(tmp_path, tiny_pipeline, folder="trailing", timestep_spacing="trailing")
+    assert (leading["sampling"]["timestep_spacing"], trailing["sampling"]["timestep_spacing"]) == ("leading", "trailing")
+    assert np.abs(pixels(tmp_path / "trailing" / "images") - pixels(tmp_path / "leading" / "images")).max() > 25
+    assert "timestep_spacing" not in json.loads((tmp_path / "leading" / "images" / SETTINGS_FILE).read_text())
+    assert json.loads((tmp_path / "trailing" / "images" / SETTINGS_FILE).read_text())["timestep_spacing"] == "trailing"
+    assert sample(tmp_path, tiny_pipeline, folder="leading", timestep_spacing="leading")["samples_reused"] == 6
+    with pytest.raises(ValueError, match="timestep_spacing: 'trailing' there vs 'leading' now.*--timestep_spacing trailing"):
+        sample(tmp_path, tiny_pipeline, folder="trailing")
+    with pytest.raises(ValueError, match="--timestep_spacing must be one of linspace, leading, trailing"):
+        sample(tmp_path, tiny_pipeline, folder="sideways", timestep_spacing="sideways")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
