@@ -87,6 +87,26 @@ def eval_dataset(record: dict[str, Any], source_key: str, dataset: str | None, d
     return {"dataset_type": dataset or "custom", "dataset_name": dataset_name or "custom"}
 
 
+#: eval_metrics.py's --scheduler choices, as a card names them
+SAMPLER_NAMES = {"ddpm": "ancestral", "ddim": "DDIM", "dpmsolver++": "DPM-Solver++", "euler": "Euler"}
+
+
+def sampler_words(report: dict[str, Any]) -> str:
+    """How a report's samples were drawn, where not by the folder's own ancestral sampler on
+    diffusers' default (leading) timesteps: ``"DDIM, η = 0"``, ``"trailing timesteps"``, both
+    joined by a semicolon; ``""`` otherwise (and for a report of images alone)."""
+    options = report.get("options") or {}
+    scheduler = options.get("scheduler") or "ddpm"
+    words = []
+    if report.get("model") and scheduler != "ddpm":
+        eta = f", η = {options.get('eta') or 0:g}" if scheduler == "ddim" else ""
+        words.append(SAMPLER_NAMES.get(scheduler, scheduler) + eta)
+    spacing = (report.get("sampling") or {}).get("timestep_spacing")
+    if report.get("model") and spacing not in (None, "leading"):
+        words.append(f"{spacing} timesteps")
+    return "; ".join(words)
+
+
 def eval_results(report: dict[str, Any], dataset: str | None, dataset_name: str | None) -> list[EvalResult]:
     """The metrics of an ``eval_metrics.py`` report as `EvalResult`s (model-index entries), each on
     the data it was measured on (:func:`eval_dataset`): the sample metrics on the reference data,
@@ -94,7 +114,8 @@ def eval_results(report: dict[str, Any], dataset: str | None, dataset_name: str 
     metrics = report.get("metrics", {})
     samples = report.get("num_samples")
     steps = report.get("num_inference_steps")
-    setting = f"{samples} samples, {steps} steps" if samples else ""
+    sampler = sampler_words(report)
+    setting = f"{samples} samples, {steps} steps{f'; {sampler}' if sampler else ''}" if samples else ""
     on_reference = {"task_type": PIPELINE_TAG, **eval_dataset(report.get("reference") or {}, "location", dataset, dataset_name)}
     results = []
     for key, (metric_type, display) in METRIC_NAMES.items():
@@ -376,9 +397,10 @@ def _metrics_table(report: dict[str, Any]) -> str:
     notes = []
     if any(key in metrics for key in METRIC_NAMES):
         reference = report.get("reference") or {}
+        sampler = sampler_words(report)
         notes.append(
             f"Sample metrics: {report.get('num_samples')} samples with {report.get('num_inference_steps')} sampling "
-            f"steps against {reference.get('num_images', 'the')} reference images "
+            f"steps{f' ({sampler})' if sampler else ''} against {reference.get('num_images', 'the')} reference images "
             f"({_data_words(reference.get('source', 'see the report'), reference.get('split'), reference.get('kind'))})."
         )
     if isinstance(bpd, dict) and "bits_per_dim" in bpd:

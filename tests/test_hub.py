@@ -129,6 +129,21 @@ def test_model_card_of_an_epsilon_model_with_metrics(tmp_path):
             "padding not counted (per dimension of the canvas: 2.458).") in body  # fmt: skip
 
 
+def test_model_card_names_a_sampler_other_than_the_folders_own(tmp_path):
+    """FID of DDIM samples on trailing timesteps is not the ancestral sampler's: the card and the
+    metric names say which; the folder's own sampler on leading timesteps needs no words."""
+    report = {**REPORT, "model": "outputs/x", "num_inference_steps": 50, "options": {"scheduler": "ddim", "eta": 0.5},
+              "sampling": {"scheduler": "DDIMScheduler", "timestep_spacing": "trailing"}}  # fmt: skip
+    folder = pipeline_folder(tmp_path / "p", report=report)
+    card = build_model_card(folder, "someone/x")
+    assert "5000 samples with 50 sampling steps (DDIM, η = 0.5; trailing timesteps) against 10000 reference images" in card.text
+    names = {m["name"] for result in card_metadata(card)["model-index"][0]["results"] for m in result["metrics"]}
+    assert "FID (5000 samples, 50 steps; DDIM, η = 0.5; trailing timesteps)" in names
+    report.update(options={"scheduler": "ddpm", "eta": 0.0}, sampling={"scheduler": "DDPMTargetScheduler", "timestep_spacing": "leading"})
+    (folder / "eval_results.json").write_text(json.dumps(report))
+    assert "5000 samples with 50 sampling steps against" in build_model_card(folder, "someone/x").text
+
+
 def test_model_index_names_the_data_each_metric_was_measured_on(tmp_path):
     # FID against the bundled images (Fashion-MNIST's test split), bits/dim on a Hub data set's test
     # split: each result says so, not the data the model trained on; a report without kinds (older)
