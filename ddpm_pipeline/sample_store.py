@@ -68,6 +68,12 @@ def count_complete(folder: Path) -> int:
     return count
 
 
+def recorded_option(settings: dict[str, Any], name: str) -> Any:
+    """Sampling option ``name`` of a store's ``settings``: its recorded value, else its default
+    (:data:`UNRECORDED_DEFAULTS`)."""
+    return settings.get(name, UNRECORDED_DEFAULTS.get(name))
+
+
 def _shown(key: str, value: Any) -> str:
     """A recorded option as an error shows it: a weights fingerprint as its files' first hash digits."""
     if key == "weights" and isinstance(value, list):
@@ -77,10 +83,8 @@ def _shown(key: str, value: Any) -> str:
 
 def _refusal(folder: Path, saved: dict[str, Any], settings: dict[str, Any], differing: list[str]) -> str:
     """Why a store's folder holds no samples for ``settings``, and the ways on."""
-    def value(recorded: dict[str, Any], key: str) -> str:  # an unrecorded option is at its default
-        return _shown(key, recorded.get(key, UNRECORDED_DEFAULTS.get(key)))
-
-    differences = "; ".join(f"{k}: {value(saved, k)} there vs {value(settings, k)} now" for k in differing)
+    differences = "; ".join(f"{k}: {_shown(k, recorded_option(saved, k))} there vs "
+                            f"{_shown(k, recorded_option(settings, k))} now" for k in differing)  # fmt: skip
     if "model" in differing:
         made = f"samples of another model ({differences})"
     elif "weights" in differing:  # the same folder, its weights replaced: trained further or again since
@@ -89,7 +93,7 @@ def _refusal(folder: Path, saved: dict[str, Any], settings: dict[str, Any], diff
         made = f"samples made with other options ({differences})"
     reuse = ""
     if all(k in OPTION_FLAGS for k in differing):  # the same model: its options would reuse the images
-        flags = " ".join(f"{OPTION_FLAGS[k]} {saved.get(k, UNRECORDED_DEFAULTS.get(k))}" for k in differing)
+        flags = " ".join(f"{OPTION_FLAGS[k]} {recorded_option(saved, k)}" for k in differing)
         reuse = f"To reuse and add to its images, sample with its options ({flags}); or sample"
     return (
         f"{folder} holds {made}. {reuse or 'Sample'} into another folder (sample_ddpm.py --output_dir, "
@@ -114,8 +118,8 @@ class SampleStore:
             (self.folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
     def option(self, name: str) -> Any:
-        """A sampling option of the store: its recorded value, else its default (:data:`UNRECORDED_DEFAULTS`)."""
-        return self.settings.get(name, UNRECORDED_DEFAULTS.get(name))
+        """A sampling option of the store (:func:`recorded_option`)."""
+        return recorded_option(self.settings, name)
 
     def existing(self) -> int:
         """How many images ``000000.png, 000001.png, …`` exist without a gap."""
