@@ -95,14 +95,16 @@ def sampler_words(report: dict[str, Any]) -> str:
     """How a report's samples were drawn, where not by the folder's own ancestral sampler on
     diffusers' default (leading) timesteps: ``"DDIM, η = 0"``, ``"trailing timesteps"``, both
     joined by a semicolon; ``""`` otherwise (and for a report of images alone)."""
+    if not report.get("model"):
+        return ""
     options = report.get("options") or {}
     scheduler = options.get("scheduler") or "ddpm"
     words = []
-    if report.get("model") and scheduler != "ddpm":
+    if scheduler != "ddpm":
         eta = f", η = {options.get('eta') or 0:g}" if scheduler == "ddim" else ""
         words.append(SAMPLER_NAMES.get(scheduler, scheduler) + eta)
     spacing = (report.get("sampling") or {}).get("timestep_spacing")
-    if report.get("model") and spacing not in (None, "leading"):
+    if spacing not in (None, "leading"):
         words.append(f"{spacing} timesteps")
     return "; ".join(words)
 
