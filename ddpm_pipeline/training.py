@@ -50,7 +50,6 @@ from .data import (
     find_image_column,
     has_named_splits,
     load_image_dataset,
-    shared_rows,
     split_names,
     stack_images,
 )
@@ -59,7 +58,7 @@ from .losses import diffusion_loss_terms, has_bound_term
 from .lr_schedule import RunLengthLR, warmup_advice
 from .model_card import EVAL_REPORT_NAME, eval_outputs
 from .pipeline_ddpm_target import DDPMTargetPipeline
-from .plots import save_image_grid, save_loss_curve, save_metric_curves
+from .plots import save_image_grid, save_loss_curve
 from .preflight import check_free_space, check_output_dir, check_unet_config, run_output_bytes
 from .pretrained import PretrainedDDPM, is_local_source
 from .push import check_hub_access, push_to_hub
@@ -72,7 +71,6 @@ from .run_outputs import (
     PIPELINE_OUTPUTS,
     SAMPLES_NAME,
     TRAJECTORY_NAME,
-    VALIDATION_CURVE_NAME,
     VALIDATION_HISTORY_NAME,
     grid_path,
     grid_step,
@@ -117,7 +115,7 @@ from .timestep_sampling import ImportanceTimestepSampler
 from .trackers import check_tracker_installed, check_wandb_login, log_image, tracker_config, tracker_init_kwargs
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
 from .unet import CPU_PRESETS, DDPMUNet, describe_sample_size, sample_height_width
-from .validation import VALIDATION_COLUMNS, HeldOutBound, first_images
+from .validation import HeldOutBound, HeldOutMonitor, check_held_out_split, first_images
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -354,7 +352,6 @@ class Trainer:
             check_free_space(self.output_dir, run_output_bytes(parameters, config.checkpoints_total_limit, snapshots))
         self._build_data(dataset, image_column)
         self.held_out = self._build_held_out()
-        self.held_out_record: dict[str, Any] | None = None  # the last measurement (run_summary)
         self.grid_cost_warned = False  # grid_cost_advice is given once a run
         if self.channels_last:
             to_channels_last(self.unet)
@@ -504,96 +501,50 @@ class Trainer:
             worker_init_fn=functools.partial(ignore_signals, tuple(config.checkpoint_on_signals)) if workers > 0 else None,
         )
 
-    def _build_held_out(self) -> HeldOutBound | None:
-        """With ``--validation_split``: the first ``--validation_images`` images of that split of the
-        training source and as many training images, preprocessed as training preprocesses them
-        (:class:`~ddpm_pipeline.validation.HeldOutBound`); None without it, and in the processes
-        other than the main one, which alone measures."""
+    def _build_held_out(self) -> HeldOutMonitor | None:
+        """With ``--validation_split``: the held-out bound's monitor, over the first
+        ``--validation_images`` images of that split of the training source and as many training
+        images, preprocessed as training preprocesses them (measured by the main process alone, so
+        the images are only loaded there); None without it."""
         config = self.config
         if config.validation_split is None:
             return None
-        self._refuse_held_out_training_images()
+        one_split = not has_named_splits(config.dataset_name, config.train_data_dir, config.dataset_path)
+        if one_split or set(split_names(config.split)) & set(split_names(config.validation_split)):
+
+            def split_size(name: str) -> int:  # read from the cache: the training split was just loaded
+                return len(load_image_dataset(**self._data_source(name), cache_dir=config.cache_dir))
+
+            check_held_out_split(config.split, config.validation_split, split_size, one_split)
         source = self._data_source(config.validation_split)
         with self.accelerator.main_process_first():
             dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
+        monitor = HeldOutMonitor(None, config.validation_split, config.validation_steps, config.validation_timesteps)
         if not self.accelerator.is_main_process:
-            return None
+            return monitor
         images = TrainingImages(dataset, find_image_column(dataset, config.image_column), self.train_images.preprocess,
                                 bad_images=config.bad_images)  # fmt: skip
-        held_out = HeldOutBound(first_images(images, config.validation_images),
-                                first_images(self.train_images, config.validation_images),
-                                config.validation_timesteps, config.seed, batch_size=config.train_batch_size)  # fmt: skip
+        monitor.bound = HeldOutBound(first_images(images, config.validation_images),
+                                     first_images(self.train_images, config.validation_images),
+                                     config.validation_timesteps, config.seed, batch_size=config.train_batch_size)  # fmt: skip
         timesteps = "every timestep" if config.validation_timesteps is None else f"{config.validation_timesteps} timesteps per image"
         logger.info(
-            f"held out: {len(held_out.validation)} images of {describe_data_source(**source)}; the bound ({timesteps}) on "
-            f"them and on {len(held_out.training)} training images is measured "
+            f"held out: {len(monitor.bound.validation)} images of {describe_data_source(**source)}; the bound ({timesteps}) "
+            f"on them and on {len(monitor.bound.training)} training images is measured "
             + (f"every {config.validation_steps} steps and at the end" if config.validation_steps else "at the end")
         )
-        return held_out
+        return monitor
 
-    def _refuse_held_out_training_images(self) -> None:
-        """Raise when ``--validation_split`` selects rows that ``--split`` trains on (say
-        ``--validation_split 'train[-500:]'`` with the default ``--split train``): the held-out
-        bound would then measure training images, and show no overfitting where there is some."""
-        config = self.config
-        one_split = not has_named_splits(config.dataset_name, config.train_data_dir, config.dataset_path)
-        names = set(split_names(config.split)) & set(split_names(config.validation_split))
-        if not names and not one_split:
-            return
-
-        def split_size(name: str) -> int:  # read from the cache: the training split was just loaded
-            return len(load_image_dataset(**self._data_source(name), cache_dir=config.cache_dir))
-
-        shared = shared_rows(config.split, config.validation_split, split_size, one_split)
-        if shared:
-            rows = ", ".join(f"rows {start}–{end - 1}" + (f" of {name}" if name else "") for name, start, end in shared)
-            raise ValueError(
-                f"--validation_split {config.validation_split!r} holds {sum(end - start for _, start, end in shared):,} "
-                f"images that --split {config.split!r} trains on ({rows}): the held-out bound would measure training "
-                "images. Hold them out of training, e.g. --split 'train[:-500]' --validation_split 'train[-500:]', or "
-                "name another split (test)."
-            )
-
-    def measure_held_out(self, global_step: int, history: LossHistory) -> None:
-        """The bound of the EMA network on the held-out and the training images
-        (:meth:`~ddpm_pipeline.validation.HeldOutBound.measure`), recorded in ``history`` (flushed
-        at once, so that a checkpoint never gets ahead of it), logged to the trackers as
-        ``validation/train_bpd`` and ``validation/validation_bpd`` and kept for the run's summary.
-        Every process calls it; the main one measures while the others wait."""
-        if self.held_out is not None:
+    def measure_held_out(self, global_step: int) -> None:
+        """The held-out bound of the EMA network after ``global_step``
+        (:meth:`~ddpm_pipeline.validation.HeldOutMonitor.measure`), also logged to the trackers as
+        ``validation/train_bpd`` and ``validation/validation_bpd``. Every process calls it; the main
+        one measures while the others wait."""
+        if self.held_out.bound is not None:
             pipeline = self.sampling_pipeline()
-            values = self.held_out.measure(pipeline.unet, pipeline.scheduler, self.accelerator.device)
-            history.add(global_step, **values)
-            history.flush()
+            values = self.held_out.measure(global_step, pipeline.unet, pipeline.scheduler, self.accelerator.device)
             self.accelerator.log({f"validation/{name}": value for name, value in values.items()}, step=global_step)
-            self.held_out_record = {
-                "step": global_step, **values, "split": self.config.validation_split,
-                "num_images": len(self.held_out.validation), "num_train_images": len(self.held_out.training),
-                "timesteps": self.config.validation_timesteps,
-            }  # fmt: skip
-            logger.info(
-                f"step {global_step}: the bound is {values['validation_bpd']:.4f} bits/dim on the held-out images, "
-                f"{values['train_bpd']:.4f} on the training images"
-            )
         self.accelerator.wait_for_everyone()
-
-    def save_validation_curve(self, history: LossHistory) -> Path:
-        """``validation_curve.png``: the bound on the training and the held-out images against the step."""
-        steps, train = history.series("train_bpd")
-        held_out = history.series("validation_bpd")[1]
-        timesteps = self.config.validation_timesteps
-        return save_metric_curves(
-            {f"{len(self.held_out.training)} training images": (steps, train),
-             f"{len(self.held_out.validation)} held-out images ({self.config.validation_split})": (steps, held_out)},
-            self.output_dir / VALIDATION_CURVE_NAME, xlabel="optimizer step", ylabel="bound, bits/dim",
-            title=f"{self.model_name}: the EMA network's bound"
-                  + (f" ({timesteps} timesteps per image)" if timesteps else " (exact)"),
-        )  # fmt: skip
-
-    def held_out_due(self, global_step: int) -> bool:
-        """Whether ``--validation_steps`` asks for a measurement after ``global_step``."""
-        steps = self.config.validation_steps
-        return self.config.validation_split is not None and bool(steps) and global_step % steps == 0
 
     def speed_settings(self) -> str:
         """The fast paths this run resolved its options (and their auto defaults) to, in one line
@@ -881,7 +832,7 @@ class Trainer:
             "mixed_precision": self.accelerator.mixed_precision,
             "data": self.data_identity,
             "recent_loss": {"steps": min(SUMMARY_STEPS, len(history)), **history.recent_means(SUMMARY_STEPS)},
-            **({"held_out": self.held_out_record} if self.held_out_record is not None else {}),
+            **({"held_out": self.held_out.record} if self.held_out is not None and self.held_out.record else {}),
         }
 
     def save_pipeline(self, summary: dict[str, Any]) -> None:
@@ -1120,19 +1071,17 @@ class Trainer:
         logger.info(f"resumed from {self.checkpoint} at step {global_step} ({earlier_seconds / 60:.1f} min trained{stopped})")
         return global_step, earlier_seconds
 
-    def _open_histories(self, global_step: int) -> tuple[LossHistory, LossHistory]:
-        """The training loss history (written by the main process) and the held-out bound's (when
+    def _open_histories(self, global_step: int) -> LossHistory:
+        """The training loss history (written by the main process), and the held-out bound's (when
         measured), from ``global_step`` on; a resumed run's start with the rows of the run its
-        checkpoint belongs to, up to that step (this folder's, or another one's when branching)."""
+        checkpoint belongs to, up to that step (this folder's, or another one's when branching).
+        Returns the loss history."""
         resumed_from = self.checkpoint.parent if self.checkpoint is not None else None
-        history = LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=self.accelerator.is_main_process,
-                              terms=self.logs_loss_terms,
-                              resumed_history=resumed_from / LOSS_HISTORY_NAME if resumed_from else None)  # fmt: skip
-        validation_history = LossHistory(
-            self.output_dir / VALIDATION_HISTORY_NAME, global_step, enabled=self.held_out is not None,
-            resumed_history=resumed_from / VALIDATION_HISTORY_NAME if resumed_from else None, columns=VALIDATION_COLUMNS,
-        )  # fmt: skip
-        return history, validation_history
+        if self.held_out is not None:
+            self.held_out.open_history(self.output_dir, global_step, resumed_from)
+        return LossHistory(self.output_dir / LOSS_HISTORY_NAME, global_step, enabled=self.accelerator.is_main_process,
+                           terms=self.logs_loss_terms,
+                           resumed_history=resumed_from / LOSS_HISTORY_NAME if resumed_from else None)  # fmt: skip
 
     def _log_start(self) -> None:
         """Say what is trained, on what, for how long, and what stop signals and time budgets do."""
@@ -1163,7 +1112,7 @@ class Trainer:
         if config.report_to != "none":
             init_kwargs = tracker_init_kwargs(config, self.checkpoint is not None, global_step) if is_main else {}
             accelerator.init_trackers("train_ddpm", config=tracker_config(config), init_kwargs=init_kwargs)
-        history, validation_history = self._open_histories(global_step)
+        history = self._open_histories(global_step)
         self._log_start()
         progress = tqdm(
             total=self.total_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process
@@ -1215,10 +1164,10 @@ class Trainer:
                     with clock.paused():
                         for name in due:
                             self.save_snapshot(name, self.run_summary(global_step, seconds, history))
-                if self.held_out_due(global_step):  # before any checkpoint of this step: a resumed run has it
+                if self.held_out is not None and self.held_out.due(global_step):  # before any checkpoint of this step
                     self._check_finite(pending_losses.flush(), global_step, history)  # the trackers' steps in order
                     with clock.paused():
-                        self.measure_held_out(global_step, validation_history)
+                        self.measure_held_out(global_step)
                 if not done and not stopped_early:
                     stopped_by = self._stop_reason(global_step, log_every)
                     stopped_early = stopped_by is not None
@@ -1250,15 +1199,17 @@ class Trainer:
         if stopped_early and not budget_spent and global_step < self.total_steps:
             self._checkpoint_and_stop(global_step, train_seconds, stopped_by)
             history.close()
-            validation_history.close()
+            if self.held_out is not None:
+                self.held_out.close()
             accelerator.wait_for_everyone()
             accelerator.end_training()
             return TrainingResult(self.output_dir, global_step, pending_losses.last_loss, None, False, train_seconds,
                                   stopped_by, accelerator.device.type)  # fmt: skip
-        if config.validation_split is not None and not self.held_out_due(global_step):
-            self.measure_held_out(global_step, validation_history)  # the end's, when no period ended here
-        validation_history.close()
-        samples_path = self._finish(global_step, train_seconds, history, validation_history)
+        if self.held_out is not None:
+            if not self.held_out.due(global_step):
+                self.measure_held_out(global_step)  # the end's, when no period ended here
+            self.held_out.close()
+        samples_path = self._finish(global_step, train_seconds, history)
         history.close()
         if is_main and config.push_to_hub:
             self._push()
@@ -1283,8 +1234,7 @@ class Trainer:
         )
         return checkpoint
 
-    def _finish(self, global_step: int, train_seconds: float, history: LossHistory,
-                validation_history: LossHistory) -> Path | None:  # fmt: skip
+    def _finish(self, global_step: int, train_seconds: float, history: LossHistory) -> Path | None:
         """A run that trained to its end: the last checkpoint on every process; then, by the main
         process, the EMA pipeline with the run's summary, the final grid and trajectory, and the
         loss (and held-out bound) curves. Returns the grid's path on the main process, else None."""
@@ -1317,7 +1267,7 @@ class Trainer:
                         title=f"{self.model_name}, {self.prediction_type} target, "
                               f"{self.noise_scheduler.schedule_name or 'custom'} schedule")  # fmt: skip
         if self.held_out is not None:
-            self.save_validation_curve(validation_history)
+            self.held_out.save_curve(self.output_dir, self.model_name)
         return samples_path
 
 

@@ -20,12 +20,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import TrainingImages
+from .data import TrainingImages, shared_rows
 from .likelihood import BoundTerms, batch_bound
+from .plots import save_metric_curves
+from .run_outputs import VALIDATION_CURVE_NAME, VALIDATION_HISTORY_NAME
+from .run_records import LossHistory
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .speed import strict_float32
 
@@ -100,3 +105,94 @@ class HeldOutBound:
             training = self.bound(unet, scheduler, self.training, device, "bound, training images")
             held_out = self.bound(unet, scheduler, self.validation, device, "bound, held-out images")
         return {"train_bpd": float(training.total.mean()), "validation_bpd": float(held_out.total.mean())}
+
+
+def check_held_out_split(split: str, validation_split: str, split_size: Callable[[str], int], one_split: bool) -> None:
+    """Raise when ``validation_split`` selects rows that ``split`` trains on (say ``--validation_split
+    'train[-500:]'`` with ``--split train``): the held-out bound would then measure training images,
+    and show no overfitting where there is some. ``split_size(name)`` is the size of a named split,
+    and ``one_split`` says the data has a single split that any name reads
+    (:func:`~ddpm_pipeline.data.shared_rows`)."""
+    shared = shared_rows(split, validation_split, split_size, one_split)
+    if shared:
+        rows = ", ".join(f"rows {start}–{end - 1}" + (f" of {name}" if name else "") for name, start, end in shared)
+        raise ValueError(
+            f"--validation_split {validation_split!r} holds {sum(end - start for _, start, end in shared):,} "
+            f"images that --split {split!r} trains on ({rows}): the held-out bound would measure training "
+            "images. Hold them out of training, e.g. --split 'train[:-500]' --validation_split 'train[-500:]', or "
+            "name another split (test)."
+        )
+
+
+class HeldOutMonitor:
+    """The held-out bound over a training run (``--validation_split``): when a measurement is due,
+    taking it (:meth:`HeldOutBound.measure`) into ``validation_history.csv`` and the run's summary
+    (:attr:`record`), and drawing its curve.
+
+    ``bound`` is None in the processes other than the main one, which alone measures; ``split`` is
+    the held-out split's name, ``every`` the steps between measurements (None or 0: at the end
+    only) and ``timesteps`` the ``K`` of the estimate (None: exact)."""
+
+    def __init__(self, bound: HeldOutBound | None, split: str, every: int | None, timesteps: int | None):
+        self.bound, self.split, self.every, self.timesteps = bound, split, every, timesteps
+        self.record: dict[str, Any] | None = None  # the last measurement
+        self.history: LossHistory | None = None
+
+    def due(self, step: int) -> bool:
+        """Whether a measurement is due after optimizer step ``step`` (a multiple of ``every``)."""
+        return bool(self.every) and step % self.every == 0
+
+    def open_history(self, output_dir: Path, step: int, resumed_from: Path | None) -> None:
+        """Start ``validation_history.csv`` in ``output_dir`` from ``step`` on, with the rows of the
+        run in ``resumed_from`` up to it (:class:`~ddpm_pipeline.run_records.LossHistory`); the last
+        of them is the :attr:`record` until the next measurement."""
+        self.history = LossHistory(
+            output_dir / VALIDATION_HISTORY_NAME, step, enabled=self.bound is not None,
+            resumed_history=resumed_from / VALIDATION_HISTORY_NAME if resumed_from else None, columns=VALIDATION_COLUMNS,
+        )  # fmt: skip
+        if len(self.history):
+            steps, train = self.history.series("train_bpd")
+            self._keep_record(steps[-1], {"train_bpd": train[-1], "validation_bpd": self.history.series("validation_bpd")[1][-1]})
+
+    def _keep_record(self, step: int, values: dict[str, float]) -> None:
+        self.record = {
+            "step": step, **values, "split": self.split, "num_images": len(self.bound.validation),
+            "num_train_images": len(self.bound.training), "timesteps": self.timesteps,
+        }  # fmt: skip
+
+    def close(self) -> None:
+        """Close the history (nothing if it was never opened)."""
+        if self.history is not None:
+            self.history.close()
+
+    def measure(self, step: int, unet: torch.nn.Module, scheduler: DDPMTargetScheduler,
+                device: torch.device | str) -> dict[str, float] | None:  # fmt: skip
+        """The bound of ``unet`` after step ``step`` (``{"train_bpd": …, "validation_bpd": …}``),
+        written to the history at once (so that a checkpoint never gets ahead of it), kept as
+        :attr:`record` and logged; None in a process that does not measure."""
+        if self.bound is None:
+            return None
+        values = self.bound.measure(unet, scheduler, device)
+        self.history.add(step, **values)
+        self.history.flush()
+        self._keep_record(step, values)
+        logger.info(
+            f"step {step}: the bound is {values['validation_bpd']:.4f} bits/dim on the held-out images, "
+            f"{values['train_bpd']:.4f} on the training images"
+        )
+        return values
+
+    def save_curve(self, output_dir: Path, model_name: str) -> Path | None:
+        """``validation_curve.png`` in ``output_dir``: the bound on the training and the held-out
+        images against the step; None in a process that does not measure."""
+        if self.bound is None or self.history is None:
+            return None
+        steps, train = self.history.series("train_bpd")
+        held_out = self.history.series("validation_bpd")[1]
+        return save_metric_curves(
+            {f"{len(self.bound.training)} training images": (steps, train),
+             f"{len(self.bound.validation)} held-out images ({self.split})": (steps, held_out)},
+            output_dir / VALIDATION_CURVE_NAME, xlabel="optimizer step", ylabel="bound, bits/dim",
+            title=f"{model_name}: the EMA network's bound"
+                  + (f" ({self.timesteps} timesteps per image)" if self.timesteps else " (exact)"),
+        )  # fmt: skip

@@ -21,7 +21,7 @@ from ddpm_pipeline.likelihood import batch_bound
 from ddpm_pipeline.model_card import build_model_card
 from ddpm_pipeline.reference import DataSource
 from ddpm_pipeline.training_config import TrainingConfig
-from ddpm_pipeline.validation import HeldOutBound, first_images
+from ddpm_pipeline.validation import HeldOutBound, HeldOutMonitor, first_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -78,6 +78,35 @@ def test_padded_images_are_bounded_per_dimension_of_their_own_in_training_and_ev
     mixed = bound_over_data(pipeline, DataSource.parse(str(folder)), preprocess, None, 4, 4, 3, torch.device("cpu"))
     assert mixed["padded_images"] == 2 and mixed["num_images"] == 4
     assert mixed["bits_per_dim"] > mixed["canvas_bits_per_dim"]
+
+
+def test_the_monitor_keeps_its_history_and_a_resumed_run_its_last_record(tmp_path):
+    """HeldOutMonitor: due every ``every`` steps; each measurement is a history row at once and the
+    summary's record; a run resumed at step 4 keeps the rows up to it and, until it measures again,
+    the last of them as its record; a process that does not measure writes nothing."""
+    torch.manual_seed(0)
+    pipeline = DDPMTargetPipeline(DDPMUNet.from_preset("ddpm-tiny-16"), DDPMTargetScheduler(num_train_timesteps=20, beta_schedule="cosine"))
+    images = first_images(TrainingImages(bundled_dataset(), "image", ImagePreprocessor(16, 1, "auto")), 3)
+    monitor = HeldOutMonitor(HeldOutBound(images, images, 2, seed=0, batch_size=2), "test", every=2, timesteps=2)
+    assert [step for step in range(1, 7) if monitor.due(step)] == [2, 4, 6]
+    assert not HeldOutMonitor(None, "test", every=None, timesteps=None).due(4)  # at the end only
+    monitor.open_history(tmp_path, 0, None)
+    assert monitor.record is None
+    for step in (2, 4, 6):
+        values = monitor.measure(step, pipeline.unet, pipeline.scheduler, "cpu")
+        assert read_rows(tmp_path / "validation_history.csv")[-1] == pytest.approx({"step": step, **values}, rel=1e-5)
+    monitor.close()
+    assert monitor.record == {"step": 6, **values, "split": "test", "num_images": 3, "num_train_images": 3, "timesteps": 2}
+    assert Image.open(monitor.save_curve(tmp_path, "tiny")).size[0] > 100
+    resumed = HeldOutMonitor(monitor.bound, "test", every=2, timesteps=2)
+    resumed.open_history(tmp_path, 4, tmp_path)
+    resumed.close()
+    assert [row["step"] for row in read_rows(tmp_path / "validation_history.csv")] == [2, 4]
+    assert resumed.record["step"] == 4 and resumed.record["num_images"] == 3
+    other = HeldOutMonitor(None, "test", every=2, timesteps=2)  # another process than the main one
+    other.open_history(tmp_path / "other", 0, None)
+    assert other.measure(2, pipeline.unet, pipeline.scheduler, "cpu") is None and other.save_curve(tmp_path, "tiny") is None
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_run_measures_its_held_out_bound_and_a_resumed_run_the_same(tmp_path):
