@@ -15,6 +15,7 @@ batch-norm scale): they become torch-fidelity's ``conv.weight``, ``bn.bias``,
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import tempfile
@@ -170,8 +171,17 @@ def has_classifier(weights_path: str | Path) -> bool:
     return all(key in state for key in CLASSIFIER_KEYS)
 
 
-def file_digest(path: str | Path, chunk_size: int = 1 << 22) -> str:
-    """SHA-256 of a file (hex), to key caches on the exact weights used."""
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file (hex), to key caches on the exact weights used. Read once per version of
+    the file in a process: an evaluation keys its sample store, its bound store and its report on
+    the same UNet weights (a second each for the largest preset), and a file written anew (another
+    inode, size or modification time) is read again."""
+    status = Path(path).stat()
+    return _digest(str(Path(path).resolve()), status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, inode: int, size: int, modified_ns: int, chunk_size: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
         while chunk := handle.read(chunk_size):

@@ -28,6 +28,7 @@ from ddpm_pipeline.evaluation import EvaluationConfig, bound_store, main
 from ddpm_pipeline.features import MissingClassifierError
 from ddpm_pipeline.generation import generate_samples, read_images, write_npz
 from ddpm_pipeline.images import ImagePreprocessor
+from ddpm_pipeline.inception_weights import file_digest
 from ddpm_pipeline.likelihood import BoundTerms
 from ddpm_pipeline.metrics import inception_score
 from ddpm_pipeline.model_card import build_model_card
@@ -396,6 +397,33 @@ def train_further(model):
     with torch.no_grad():
         next(pipeline.unet.parameters()).add_(0.01)
     pipeline.save_pretrained(model)
+
+
+def test_a_file_is_hashed_once_per_version(tmp_path, monkeypatch):
+    """file_digest reads a file once while it stays the same (the stores and the report of one
+    evaluation key on the same weights), and again once it is rewritten in place or replaced."""
+    import hashlib
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 1000)
+    reads = []
+    real_open = Path.open
+
+    def counted_open(self, mode="r", *args, **kwargs):
+        if mode == "rb":
+            reads.append(self.name)
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counted_open)
+    assert file_digest(path) == file_digest(path) == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert reads == ["weights.bin"]
+    path.write_bytes(b"b" * 1000)  # in place: same inode and size, a later modification time
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    assert file_digest(path) == hashlib.sha256(b"b" * 1000).hexdigest()
+    replacement = tmp_path / "new.bin"
+    replacement.write_bytes(b"c" * 1000)
+    os.replace(replacement, path)  # replaced, as a run's pipeline is moved into place
+    assert file_digest(path) == hashlib.sha256(b"c" * 1000).hexdigest() and len(reads) == 3
 
 
 def test_samples_of_a_model_trained_further_in_the_same_folder_are_refused(tmp_path, tiny_pipeline, reference_data):
