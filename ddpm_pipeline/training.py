@@ -1164,7 +1164,8 @@ class Trainer:
                     with clock.paused():
                         for name in due:
                             self.save_snapshot(name, self.run_summary(global_step, seconds, history))
-                if self.held_out is not None and self.held_out.due(global_step):  # before any checkpoint of this step
+                # measured before this step's checkpoint, so that a run resumed from it has the row
+                if self.held_out is not None and self.held_out.due(global_step):
                     self._check_finite(pending_losses.flush(), global_step, history)  # the trackers' steps in order
                     with clock.paused():
                         self.measure_held_out(global_step)
