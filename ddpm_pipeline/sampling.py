@@ -249,15 +249,16 @@ def sampling_pipeline(model: str, device: torch.device, fast_sampling: str = "au
     one's config unless it is ``"ddpm"``, and with its ``timestep_spacing`` set to ``spacing``
     unless that is None (the saved one's)."""
     pipeline = load_pipeline(model).to(device)
+    overrides = {} if spacing is None else {"timestep_spacing": spacing}
     if scheduler != "ddpm":
         if isinstance(pipeline.scheduler, DDPMTargetScheduler) and not pipeline.scheduler.is_stock_compatible():
             raise ValueError(
                 f"--scheduler {scheduler} cannot sample a {pipeline.scheduler.config.prediction_type!r} model: "
                 "diffusers' samplers take ε, x0 or v predictions; use --scheduler ddpm."
             )
-        pipeline.scheduler = SAMPLER_SCHEDULERS[scheduler].from_config(pipeline.scheduler.config)
-    if spacing is not None:
-        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, timestep_spacing=spacing)
+        pipeline.scheduler = SAMPLER_SCHEDULERS[scheduler].from_config(pipeline.scheduler.config, **overrides)
+    elif overrides:
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, **overrides)
     if fast_sampling != "off":
         pipeline.enable_fast_sampling(dtype=dtype, compile=compile)
         advice = cpu_precision_advice(pipeline.unet.dtype, dtype == "auto", device,
