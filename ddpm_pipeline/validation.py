@@ -13,6 +13,10 @@ The diffusion sum is estimated from ``K`` stratified timesteps per image
 ``derive_seed(seed, b)`` at every measurement, so both sets and all measurements share their
 random draws (common random numbers): the curves move with the weights, not with the draws, their
 gap is a paired difference, and a resumed run measures what the uninterrupted one did.
+
+:class:`HeldOutBound` measures; :class:`HeldOutMonitor` is what a training run keeps of it (when a
+measurement is due, ``validation_history.csv``, the summary's record and the curve); and
+:func:`check_held_out_split` refuses a held-out split that shares rows with the training split.
 """
 
 from __future__ import annotations
