@@ -50,7 +50,6 @@ from .data import (
     find_image_column,
     has_named_splits,
     load_image_dataset,
-    split_names,
     stack_images,
 )
 from .images import ImageFormat, ImagePreprocessor, ImageSource, check_padding, inspect_images, warn_if_mostly_padding
@@ -509,13 +508,12 @@ class Trainer:
         config = self.config
         if config.validation_split is None:
             return None
+
+        def split_size(name: str) -> int:  # read from the cache: the training split was just loaded
+            return len(load_image_dataset(**self._data_source(name), cache_dir=config.cache_dir))
+
         one_split = not has_named_splits(config.dataset_name, config.train_data_dir, config.dataset_path)
-        if one_split or set(split_names(config.split)) & set(split_names(config.validation_split)):
-
-            def split_size(name: str) -> int:  # read from the cache: the training split was just loaded
-                return len(load_image_dataset(**self._data_source(name), cache_dir=config.cache_dir))
-
-            check_held_out_split(config.split, config.validation_split, split_size, one_split)
+        check_held_out_split(config.split, config.validation_split, split_size, one_split)
         source = self._data_source(config.validation_split)
         with self.accelerator.main_process_first():
             dataset = load_image_dataset(**source, cache_dir=config.cache_dir)

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .data import TrainingImages, shared_rows
+from .data import TrainingImages, shared_rows, split_names
 from .likelihood import BoundTerms, batch_bound
 from .plots import save_metric_curves
 from .run_outputs import VALIDATION_CURVE_NAME, VALIDATION_HISTORY_NAME
@@ -116,7 +116,9 @@ def check_held_out_split(split: str, validation_split: str, split_size: Callable
     'train[-500:]'`` with ``--split train``): the held-out bound would then measure training images,
     and show no overfitting where there is some. ``split_size(name)`` is the size of a named split,
     and ``one_split`` says the data has a single split that any name reads
-    (:func:`~ddpm_pipeline.data.shared_rows`)."""
+    (:func:`~ddpm_pipeline.data.shared_rows`); ``split_size`` is not called for distinct named splits."""
+    if not one_split and not set(split_names(split)) & set(split_names(validation_split)):
+        return  # other splits of a source with named splits: no row in common
     shared = shared_rows(split, validation_split, split_size, one_split)
     if shared:
         rows = ", ".join(f"rows {start}–{end - 1}" + (f" of {name}" if name else "") for name, start, end in shared)

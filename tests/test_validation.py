@@ -21,7 +21,7 @@ from ddpm_pipeline.likelihood import batch_bound
 from ddpm_pipeline.model_card import build_model_card
 from ddpm_pipeline.reference import DataSource
 from ddpm_pipeline.training_config import TrainingConfig
-from ddpm_pipeline.validation import HeldOutBound, HeldOutMonitor, first_images
+from ddpm_pipeline.validation import HeldOutBound, HeldOutMonitor, check_held_out_split, first_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -164,6 +164,19 @@ def test_a_held_out_split_that_shares_training_images_is_refused(tmp_path, split
                                                    "would measure training images")):  # fmt: skip
         run_training(tmp_path / "run", *HELD_OUT, "--split", split, "--validation_split", held_out, "--max_train_steps", "1")
     assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
+def test_the_split_check_reads_split_sizes_only_where_rows_can_be_shared():
+    """Distinct named splits share nothing, so no split is loaded to learn its size; the same names,
+    or a source of one split, are read and compared by rows."""
+    def unread(name):
+        raise AssertionError(f"split {name} was read")
+
+    check_held_out_split("train[:50%]", "test", unread, one_split=False)
+    sizes = {"train": 30, "test": 10}.get
+    check_held_out_split("train[:-5]", "train[-5:]", sizes, one_split=False)
+    with pytest.raises(ValueError, match=r"holds 10 images that --split 'train' trains on \(rows 0–9\)"):
+        check_held_out_split("train", "test", lambda name: 10, one_split=True)  # one split of 10 under any name
 
 
 def test_rows_shared_by_two_splits_of_a_source_with_named_splits(tmp_path):
