@@ -215,7 +215,8 @@ class PendingLosses:
                 nonfinite.append(step)
         step, _, lr, epoch = self.pending[-1]
         self.last_loss = gathered[-1][0]
-        self.progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch)
+        # shown with the bar's next update (or its close): a refresh of its own here would draw every step twice
+        self.progress.set_postfix(loss=f"{self.last_loss:.4f}", lr=f"{lr:.2e}", epoch=epoch, refresh=False)
         self.pending = []
         return nonfinite
 

@@ -2,6 +2,7 @@
 the timesteps (weighted right under importance sampling), the CSV across resumes, and the plot."""
 
 import csv
+import io
 import json
 import math
 import os
@@ -14,13 +15,14 @@ from PIL import Image
 from test_learned_variance import learned_unet, quantized_images
 from test_learned_variance import scheduler as learned_scheduler
 from test_training import run_training
+from tqdm import tqdm
 
 from ddpm_pipeline import DDPMTargetScheduler, DDPMUNet, diffusion_loss, diffusion_loss_terms
 from ddpm_pipeline.likelihood import timestep_bpd
 from ddpm_pipeline.losses import DiffusionLossTerms
 from ddpm_pipeline.model_card import build_model_card
 from ddpm_pipeline.plots import moving_average
-from ddpm_pipeline.run_records import QUARTER_COLUMNS, LossHistory, step_record
+from ddpm_pipeline.run_records import QUARTER_COLUMNS, LossHistory, PendingLosses, step_record
 from ddpm_pipeline.training import Trainer
 from ddpm_pipeline.training_config import TrainingConfig
 
@@ -179,6 +181,36 @@ def test_a_hybrid_run_logs_its_terms_and_quarters_and_plots_them(tmp_path):
     assert "## Training results" in card and "Trained for 12 optimizer steps of 8 images (0.0096 epochs of 10,000 images)" in card
     assert f"averaged {recent['loss']:.4g} (its MSE part {recent['mse']:.4g}, its bound part {recent['vlb']:.4g})" in card
     assert "over the last 12 steps" in card and "](loss_curve.png)" in card and "](trajectory.png)" in card
+
+
+class _OneProcess:
+    """What PendingLosses asks of an Accelerator, for one process."""
+
+    def gather(self, tensor):
+        return tensor
+
+    def log(self, values, step):
+        pass
+
+
+def test_the_progress_bar_draws_a_step_once_and_shows_its_loss(tmp_path):
+    """The loss's postfix waits for the bar's next draw instead of drawing it again (a log file
+    got every step twice), and closing the bar shows the last loss."""
+    stream = io.StringIO()
+    progress = tqdm(total=3, file=stream, mininterval=0, miniters=1, ascii=True)
+    history = LossHistory(tmp_path / "loss_history.csv", 0, enabled=True)
+    pending = PendingLosses(_OneProcess(), history, progress)
+    for step, loss in enumerate([0.5, 0.25, 0.125], start=1):
+        terms = DiffusionLossTerms(loss=torch.full((2,), loss), mse=torch.full((2,), loss), vlb=None)
+        pending.add(step, step_record(terms, torch.tensor([1, 7]), T), lr=1e-3, epoch=0)
+        progress.update(1)
+        pending.flush()
+    progress.close()
+    draws = [line for line in stream.getvalue().replace("\n", "\r").split("\r") if line.strip()]
+    assert len(draws) == 1 + 3 + 1  # the empty bar, one per step, and the close
+    assert "loss=0.2500" in draws[3] and "loss=0.1250" in draws[-1] and draws[-1].startswith("100%")
+    history.flush()
+    assert pending.last_loss == 0.125 and [float(row["loss"]) for row in read_rows(tmp_path)] == [0.5, 0.25, 0.125]
 
 
 def test_a_fixed_variance_run_logs_quarters_without_terms(tmp_path):
