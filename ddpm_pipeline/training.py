@@ -1231,7 +1231,6 @@ class Trainer:
             f"{reason}: stopped at step {global_step} ({train_seconds / 60:.1f} min trained in all) and wrote "
             f"{checkpoint}; continue with --resume_from_checkpoint latest"
         )
-        return checkpoint
 
     def _finish(self, global_step: int, train_seconds: float, history: LossHistory) -> Path | None:
         """A run that trained to its end: the last checkpoint on every process; then, by the main
