@@ -23,7 +23,17 @@ from ddpm_pipeline.data import (
     load_image_dataset,
     read_idx,
 )
-from ddpm_pipeline.images import ImageFormat, ImagePreprocessor, padded_coverage, warn_if_mostly_padding
+from ddpm_pipeline.images import (
+    BadImageError,
+    ImageFormat,
+    ImagePreprocessor,
+    ImageSource,
+    column_kind,
+    inspect_images,
+    padded_coverage,
+    pixels_to_image,
+    warn_if_mostly_padding,
+)
 
 
 def write_idx(path, array: np.ndarray, compress: bool = True) -> None:
@@ -350,3 +360,77 @@ def test_preprocessing_to_a_non_square_canvas():
         ImagePreprocessor(resolution=(16, 32), resize_mode="pad").to_pil(Image.new("L", (40, 10)))
     with pytest.raises(ValueError, match="one size or \\(height, width\\)"):
         ImagePreprocessor(resolution=[8, 8, 8])
+
+
+def test_arrays_of_pixels_become_the_images_they_hold():
+    """HW, HWC and CHW arrays of integers 0‥255 or floats in [0, 1] are the same 8-bit image; any
+    other shape, range or type is refused with what it is and how to store it."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(pixels_to_image(rgb)), rgb) and pixels_to_image(rgb).mode == "RGB"
+    assert np.array_equal(np.asarray(pixels_to_image(rgb.transpose(2, 0, 1))), rgb)  # channels first, as torch keeps them
+    assert np.array_equal(np.asarray(pixels_to_image(rgb.astype(np.int64))), rgb)  # lists of ints read as int64
+    assert np.array_equal(np.asarray(pixels_to_image(rgb.astype(np.float32) / 255)), rgb)  # k / 255 gives back k
+    gray = rgb[..., 0]
+    for layout in (gray, gray[..., None], gray[None]):
+        image = pixels_to_image(layout)
+        assert image.mode == "L" and np.array_equal(np.asarray(image), gray)
+    rgba = pixels_to_image(np.dstack([rgb, np.full((5, 7), 128, np.uint8)]))
+    assert rgba.mode == "RGBA" and rgba.size == (7, 5)
+    assert np.asarray(pixels_to_image(np.array([[0.0, 0.5 / 255, 1.5 / 255, 1.0]]))).tolist() == [[0, 0, 2, 255]]  # rounded
+    for pixels, message in [
+        (np.zeros((5, 5, 2), np.uint8), r"shape \[5, 5, 2\] is not an image: expected \[H, W\], \[H, W, C\] or \[C, H, W\]"),
+        (np.zeros(16, np.uint8), r"shape \[16\] is not an image"),
+        (np.zeros((0, 4), np.uint8), r"shape \[0, 4\] is not an image"),
+        (np.full((2, 2), 256), r"integer pixels span 256‥256, not 0‥255 \(for 16-bit pixels, store x // 257\)"),
+        (np.full((2, 2), -1.0), r"float pixels span \[-1, -1\], not \[0, 1\] \(from \[-1, 1\], store \(x \+ 1\) / 2"),
+        (np.array([[0.5, np.nan]]), r"float pixels span \[nan, nan\], not \[0, 1\]"),
+        (np.full((2, 2), 255.0), r"float pixels span \[255, 255\], not \[0, 1\] .* from 0‥255, store them as integers"),
+        (np.ones((2, 2), bool), "its pixels are bool, not integers in 0‥255 or floats in"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pixels_to_image(pixels)
+
+
+def test_a_column_may_hold_images_paths_or_arrays_and_each_trains_on_the_same_tensors(tmp_path, monkeypatch):
+    """The same pictures stored as PNG files (an image folder), as paths to them (absolute or
+    relative to the current directory), as an Array3D and as nested lists (what from_dict makes of a
+    NumPy array), in HWC and CHW, are the same training tensors; a column of labels is refused."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (6, 12, 10, 3), dtype=np.uint8)
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for index, picture in enumerate(pixels):
+        Image.fromarray(picture).save(folder / f"{index}.png")
+    preprocess = ImagePreprocessor(16, channels=3, resize_mode="pad")
+
+    def tensors(dataset, column):
+        return torch.stack([TrainingImages(dataset, column, preprocess)[i] for i in range(len(pixels))])
+
+    files = [str(folder / f"{i}.png") for i in range(6)]
+    expected = tensors(datasets.Dataset.from_dict({"image": files}).cast_column("image", datasets.Image()), "image")
+    monkeypatch.chdir(tmp_path)
+    array3d = datasets.Features({"photo": datasets.Array3D((12, 10, 3), "uint8"), "label": datasets.Value("int64")})
+    columns = {
+        "absolute paths": datasets.Dataset.from_dict({"photo": files}),
+        "relative paths": datasets.Dataset.from_dict({"photo": [f"pictures/{i}.png" for i in range(6)]}),
+        "Array3D": datasets.Dataset.from_dict({"photo": list(pixels), "label": list(range(6))}, features=array3d),
+        "nested lists": datasets.Dataset.from_dict({"photo": pixels}),
+        "channels first": datasets.Dataset.from_dict({"photo": pixels.transpose(0, 3, 1, 2)}),
+        "floats in [0, 1]": datasets.Dataset.from_dict({"photo": pixels.astype(np.float32) / 255}),
+    }
+    for name, dataset in columns.items():
+        assert ImageSource(dataset, "photo").kind == ("paths" if "paths" in name else "arrays"), name
+        assert torch.equal(tensors(dataset, "photo"), expected), name
+        assert inspect_images(ImageSource(dataset, "photo")).describe() == "RGB, 10px (6 images inspected)"
+    assert column_kind(datasets.Image()) == "images" and column_kind(datasets.Value("int64")) is None
+    assert column_kind(datasets.Sequence(datasets.Value("float32"))) is None  # one row of numbers is no image
+    with pytest.raises(TypeError, match="Column 'label' holds int, not images .*: name the column that holds them with --image_column"):
+        TrainingImages(columns["Array3D"], "label", preprocess)[0]
+    # arrays that are not images: each one is a bad image, named with what is wrong
+    scaled = datasets.Dataset.from_dict({"photo": pixels.astype(np.float32)})
+    with pytest.raises(ValueError, match=r"None of the 6 images inspected can be read \(the first: image 0 cannot be used: "
+                                         r"its float pixels span \[.*\], not \[0, 1\]"):  # fmt: skip
+        inspect_images(ImageSource(scaled, "photo"))
+    with pytest.raises(BadImageError, match="image 2 cannot be used: its float pixels span .* --bad_images skip"):
+        TrainingImages(scaled, "photo", preprocess, bad_images="fail")[2]
