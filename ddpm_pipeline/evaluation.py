@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .bound_store import BoundStore
-from .data import describe_data_source, find_image_column
+from .data import describe_data_source
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
-from .images import ImagePreprocessor, ImageSource, check_padding, inspect_images
+from .images import ImagePreprocessor, check_padding, inspect_images
 from .likelihood import BoundTerms, batch_bound
 from .metrics import FEATURE_METRICS, REFERENCE_METRICS, SCORE_NAMES, feature_metrics, parse_metrics
 from .pipeline_ddpm_target import DDPMTargetPipeline
@@ -92,6 +92,7 @@ class EvaluationConfig:
     kid_subsets: int = field(default=100, metadata={"help": "KID: random subsets."})
     kid_subset_size: int = field(default=1000, metadata={"help": "KID: subset size (capped at the sample count)."})
     isc_splits: int = field(default=10, metadata={"help": "Inception Score: splits (mean and std over them)."})
+    image_column: str | None = field(default=None, metadata={"help": "The column holding the images in the --reference and --bpd_data data sets (default: the training run's --image_column for its own data, else image, img or the one Image column)."})  # noqa: E501
     bpd_data: str | None = field(default=None, metadata={"help": "Data for bits/dim (default: --reference), same forms as --reference."})
     bpd_split: str | None = field(default=None, metadata={"help": "Split for bits/dim data (default: with --reference left to the model's training data, the images its run held out, its --validation_split, where it had one; else --reference_split)."})  # noqa: E501
     bpd_num_images: int | None = field(default=1000, metadata={"help": "Images to average bits/dim over (none = all)."})
@@ -211,11 +212,28 @@ def model_preprocessing(pipeline: DDPMTargetPipeline, training: dict[str, Any] |
     return ImagePreprocessor(pipeline.unet.config.sample_size, int(pipeline.unet.config.in_channels), mode)
 
 
-def check_reference_padding(dataset: datasets.Dataset, preprocess: ImagePreprocessor) -> None:
+def data_source(data: str, split: str | None, dataset_config: str | None, config: EvaluationConfig,
+                training: dict[str, Any] | None) -> DataSource:  # fmt: skip
+    """``data`` (``--reference`` or ``--bpd_data``) as a :class:`~ddpm_pipeline.reference.DataSource`,
+    its images read from ``--image_column``, else, where ``data`` is the data the ``--model`` was
+    trained on (the same folder or Hub data set), from the column its run read them from."""
+    source = DataSource.parse(data, split, dataset_config, config.image_column)
+    trained_column = (training or {}).get("image_column")
+    if config.image_column is None and trained_column and source.kind != "stats":
+        try:
+            trained_on = DataSource.parse(training_data_reference(training, config.model)[0])
+        except FileNotFoundError:  # its folder is gone: whatever this is, it is not that data
+            return source
+        if (trained_on.kind, trained_on.location) == (source.kind, source.location):
+            source = replace(source, image_column=trained_column)
+    return source
+
+
+def check_reference_padding(source: DataSource, dataset: datasets.Dataset, preprocess: ImagePreprocessor) -> None:
     """A reference image that ``resize_mode="pad"`` cannot fit on the canvas would fail after the
     sampling: :func:`~ddpm_pipeline.images.check_padding` of the images it inspects, before."""
     if preprocess.resize_mode == "pad":
-        image_format = inspect_images(ImageSource(dataset, find_image_column(dataset)))
+        image_format = inspect_images(source.images(dataset))
         check_padding(image_format, preprocess.resolution, "pad", what="reference images", skips_bad_images=False)
 
 
@@ -237,6 +255,7 @@ def bound_store(folder: str | Path, model: str, source: DataSource, preprocess: 
         "data": source.location,
         "split": source.split,
         "config": source.dataset_config,
+        **({"image_column": source.image_column} if source.image_column else {}),  # a store made without it still matches
         "preprocessing": [preprocess.resolution, preprocess.channels, preprocess.resize_mode],
         "num_images": num_images,
         "timesteps": num_timesteps,
@@ -279,7 +298,7 @@ def bound_over_data(
     processes = processes or LaunchedProcesses(device)
     with processes.main_first():  # one download of a Hub data set, which the others then read from the cache
         dataset = source.load()
-    source_images = ImageSource(dataset, find_image_column(dataset))  # read as in training: upright, bad files named
+    source_images = source.images(dataset)  # read as in training: upright, bad files named
     count = len(dataset) if num_images is None else min(num_images, len(dataset))
     scheduler = pipeline.scheduler
     if not isinstance(scheduler, DDPMTargetScheduler):  # a folder saved with DDIM, DPM-Solver, …
@@ -314,6 +333,7 @@ def bound_over_data(
         "kind": source.kind,
         "split": source.split,
         "config": source.dataset_config,
+        "image_column": source.image_column,
         "prediction_type": scheduler.config.prediction_type,
         "variance_type": scheduler.config.variance_type,
     }
@@ -385,9 +405,9 @@ def _measure_bound(config: EvaluationConfig, pipeline: DDPMTargetPipeline, sourc
 
 def _add_feature_scores(report: dict[str, Any], timings: dict[str, float], config: EvaluationConfig,
                         feature_wanted: list[str], extractor: FeatureExtractorSpec, images: ScoredImages,
-                        preprocess: ImagePreprocessor, device: torch.device, reference_images: Any,
-                        needs_reference: bool, grid_path: Path) -> None:  # fmt: skip
-    """The feature metrics of ``images`` (against the reference's statistics, computed or
+                        preprocess: ImagePreprocessor, device: torch.device, reference_source: DataSource | None,
+                        reference_images: Any, grid_path: Path) -> None:  # fmt: skip
+    """The feature metrics of ``images`` (against the statistics of ``reference_source``, computed or
     read from the cache, where a metric needs them) into ``report``, with the reference's record,
     the extractor's identity and a grid of the first 64 images at ``grid_path``."""
     if len(images) < 2:
@@ -402,11 +422,12 @@ def _add_feature_scores(report: dict[str, Any], timings: dict[str, float], confi
     timings["sample_features_s"] = time.perf_counter() - tick
     tick = time.perf_counter()
     reference = None
-    if needs_reference:
+    if reference_source is not None:
         reference = reference_statistics(
             config.reference, preprocess, extractor, device, split=config.reference_split,
             dataset_config=config.reference_config, max_images=config.reference_max_images,
             batch_size=config.batch_size, cache_dir=config.cache_dir, dataset=reference_images,
+            image_column=reference_source.image_column,
         )  # fmt: skip
         summarized = reference.key.get("source", {})
         report["reference"] = {
@@ -415,6 +436,7 @@ def _add_feature_scores(report: dict[str, Any], timings: dict[str, float], confi
             "location": summarized.get("location"),
             "split": summarized.get("split"),
             "config": summarized.get("dataset_config"),
+            "image_column": summarized.get("image_column"),
             "num_images": reference.num_images,
             "statistics_file": str(reference.path) if reference.path else None,
             "cache_hit": reference.cache_hit,
@@ -480,16 +502,15 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
             check_pipeline_folder(config.model)
     training = load_training_config(config.model) if config.model is not None else None  # read once, used twice
     config = resolve_reference(config, training, announce=processes.is_main)
-    needs_reference = any(m in feature_wanted for m in REFERENCE_METRICS)
-    reference_images = None  # the reference's images, loaded (a Hub data set downloaded) by the main process now
-    if needs_reference:
-        reference_source = DataSource.parse(config.reference, config.reference_split, config.reference_config)
+    reference_source, reference_images = None, None  # the images loaded (a Hub data set downloaded) by the main process now
+    if any(m in feature_wanted for m in REFERENCE_METRICS):
+        reference_source = data_source(config.reference, config.reference_split, config.reference_config, config, training)
         if processes.is_main and reference_source.kind != "stats":
             reference_images = reference_source.load()
     bpd_source = None
     if "bpd" in metrics:
-        bpd_source = DataSource.parse(config.bpd_data or config.reference, config.bpd_split or config.reference_split,
-                                      config.reference_config)  # fmt: skip
+        bpd_source = data_source(config.bpd_data or config.reference, config.bpd_split or config.reference_split,
+                                 config.reference_config, config, training)  # fmt: skip
         if bpd_source.kind == "stats":
             raise ValueError("bits/dim needs images: --reference is a statistics file, so pass --bpd_data (a data source).")
     if feature_wanted:
@@ -511,7 +532,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
                 f"of {config.model}: give at most {num_train_timesteps}."
             )
         if reference_images is not None:  # padding never shrinks: a reference image too big for it would fail after sampling
-            check_reference_padding(reference_images, preprocess)
+            check_reference_padding(reference_source, reference_images, preprocess)
         samples_folder, reused, scored = None, 0, ScoredImages(Path())
         if feature_wanted:
             samples = _draw_samples(config, device, processes, store_folder)
@@ -553,7 +574,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     }
     if feature_wanted:
         _add_feature_scores(report, timings, config, feature_wanted, extractor, scored, preprocess, device,
-                            reference_images, needs_reference, Path(f"{stem}-grid.png"))  # fmt: skip
+                            reference_source, reference_images, Path(f"{stem}-grid.png"))  # fmt: skip
 
     if bound is not None:
         curve = bound.pop("per_timestep_mean", None)

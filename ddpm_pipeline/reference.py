@@ -12,8 +12,9 @@ A reference is given as one string, like a training data source:
 Its images are preprocessed exactly as for training (:class:`~ddpm_pipeline.images.ImagePreprocessor`),
 turned to ``uint8`` RGB, and passed through the feature extractor once: the features and their
 Gaussian statistics are cached in ``cache_dir`` under a key made of the source (with the data
-set's fingerprint), split, image count, resolution, channels, resize mode and the extractor's
-name and weights digest. Changing any of them computes new statistics; repeating them reuses the file.
+set's fingerprint and the column its images are read from, where one is named), split, image
+count, resolution, channels, resize mode and the extractor's name and weights digest. Changing
+any of them computes new statistics; repeating them reuses the file.
 """
 
 from __future__ import annotations
@@ -56,25 +57,43 @@ class DataSource:
     location: str
     split: str = "train"
     dataset_config: str | None = None
+    image_column: str | None = None
+    """The column that holds the images; None: ``image``, ``img`` or the one ``Image`` column
+    (:func:`~ddpm_pipeline.data.find_image_column`)."""
 
     @classmethod
-    def parse(cls, spec: str | os.PathLike, split: str = "train", dataset_config: str | None = None) -> DataSource:
+    def parse(cls, spec: str | os.PathLike, split: str = "train", dataset_config: str | None = None,
+              image_column: str | None = None) -> DataSource:  # fmt: skip
         """Classify ``spec`` as the module docstring says."""
         text = str(spec)
         if text in ("bundled", ""):
-            return cls("bundled", "bundled", split)  # one split, sliced as a saved data set's (train[:1000])
+            # one split, sliced as a saved data set's (train[:1000])
+            return cls("bundled", "bundled", split, image_column=image_column)
         path = Path(text)
         if path.suffix == STATS_SUFFIX:
             if not path.is_file():
                 raise FileNotFoundError(f"Reference statistics {path} do not exist.")
             return cls("stats", str(path.resolve()), split)
         if path.is_dir():
-            return cls("saved" if is_saved_dataset(path) else "imagefolder", str(path.resolve()), split)
+            return cls("saved" if is_saved_dataset(path) else "imagefolder", str(path.resolve()), split, image_column=image_column)
         if path.exists() or text.startswith((".", "/", "~")):
             raise FileNotFoundError(
                 f"Reference {text!r} is neither a folder, a .npz statistics file, 'bundled' nor a Hub data set name."
             )
-        return cls("hub", text, split, dataset_config)
+        return cls("hub", text, split, dataset_config, image_column)
+
+    def identity(self) -> dict[str, Any]:
+        """What the source is, for cache keys and reports: its fields, without ``image_column`` when
+        it names none (so keys made before the option existed still match)."""
+        fields = asdict(self)
+        if fields["image_column"] is None:
+            del fields["image_column"]
+        return fields
+
+    def images(self, dataset: datasets.Dataset) -> ImageSource:
+        """The image column of ``dataset``, this source's loaded split, read as training reads it
+        (:class:`~ddpm_pipeline.images.ImageSource`: upright, an unreadable file named)."""
+        return ImageSource(dataset, find_image_column(dataset, self.image_column))
 
     def load(self, cache_dir: str | None = None) -> datasets.Dataset:
         """The split as a `datasets.Dataset` (not for ``"stats"``)."""
@@ -161,7 +180,7 @@ def reference_key(
     """Everything the reference features depend on."""
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     return {
-        "source": asdict(source),
+        "source": source.identity(),
         "fingerprint": _dataset_fingerprint(dataset),
         "num_images": count,
         "resolution": preprocess.resolution,
@@ -179,14 +198,12 @@ def cache_path_for(key: dict[str, Any], cache_dir: str | Path) -> Path:
 
 
 def preprocessed_batches(
-    dataset: datasets.Dataset, preprocess: ImagePreprocessor, count: int, batch_size: int
+    images: ImageSource, preprocess: ImagePreprocessor, count: int, batch_size: int
 ) -> Iterator[torch.Tensor]:
-    """``uint8 [B, 3, R, R]`` batches of the first ``count`` images, read and preprocessed as in
-    training (:class:`~ddpm_pipeline.images.ImageSource`: upright, an unreadable file named)."""
-    source = ImageSource(dataset, find_image_column(dataset))
+    """``uint8 [B, 3, R, R]`` batches of the first ``count`` images, preprocessed as in training."""
     for start in range(0, count, batch_size):
         indices = range(start, min(start + batch_size, count))
-        yield torch.stack([pil_to_uint8(preprocess.to_pil(source.open(index))) for index in indices])
+        yield torch.stack([pil_to_uint8(preprocess.to_pil(images.open(index))) for index in indices])
 
 
 def reference_statistics(
@@ -201,11 +218,13 @@ def reference_statistics(
     cache_dir: str | Path | None = None,
     data_cache_dir: str | None = None,
     dataset: datasets.Dataset | None = None,
+    image_column: str | None = None,
 ) -> ReferenceStatistics:
     """The reference's features and statistics: from a stats file, from the cache, or computed
     (then cached). ``max_images`` keeps the first N images of the split; ``dataset`` is the
-    reference's split when the caller has loaded it already."""
-    source = DataSource.parse(reference, split, dataset_config)
+    reference's split when the caller has loaded it already; ``image_column`` the column that
+    holds its images (default: found, :func:`~ddpm_pipeline.data.find_image_column`)."""
+    source = DataSource.parse(reference, split, dataset_config, image_column)
     if source.kind == "stats":
         return ReferenceStatistics.load(source.location)
     if dataset is None:
@@ -219,7 +238,7 @@ def reference_statistics(
     network = extractor.create(["2048"], device)
     count = key["num_images"]
     features = extract_features(
-        network, preprocessed_batches(dataset, preprocess, count, batch_size), device, total=count,
+        network, preprocessed_batches(source.images(dataset), preprocess, count, batch_size), device, total=count,
         description=f"reference features ({source.location if source.kind != 'bundled' else 'bundled data'})",
     )["2048"]  # fmt: skip
     result = ReferenceStatistics(gaussian_statistics(features), features, count, path, False, key)

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -24,7 +25,7 @@ from pixel_features import FEATURES, PixelFeatures, logits_of
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, evaluate
 from ddpm_pipeline import evaluation as evaluation_module
-from ddpm_pipeline.evaluation import EvaluationConfig, bound_store, main
+from ddpm_pipeline.evaluation import EvaluationConfig, bound_store, data_source, main
 from ddpm_pipeline.features import MissingClassifierError
 from ddpm_pipeline.generation import generate_samples, read_images, write_npz
 from ddpm_pipeline.images import ImagePreprocessor
@@ -737,6 +738,37 @@ def test_without_reference_a_model_is_compared_with_the_data_it_was_trained_on(t
     with pytest.raises(ValueError, match="--samples are images alone: give --reference"):
         evaluate(samples=str(folder), metrics="fid", feature_extractor=FEATURES, output=str(tmp_path / "s.json"))
     assert not list(tmp_path.glob("unrecorded*/*-samples")) and not (tmp_path / "s-samples").exists()
+
+
+def test_the_training_data_are_read_from_the_column_the_run_trained_on(tmp_path, tiny_pipeline, reference_data):
+    """A run trained with --image_column: its data, as the default reference and bound data (or named
+    again), are read from that column, also where another column is called ``image``; --image_column
+    chooses otherwise, and other data are not given the run's column."""
+    pictures = np.stack([np.asarray(image) for image in datasets.load_from_disk(str(reference_data))["image"]])
+    two_columns = tmp_path / "two-columns"
+    datasets.Dataset.from_dict({"image": 255 - pictures, "photo": pictures}).save_to_disk(str(two_columns))  # arrays
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline, model)
+    TrainingConfig(dataset_path=str(two_columns), image_column="photo").save(model / "training_config.json")
+    options = dict(metrics="fid,bpd", bpd_num_images=4, bpd_timesteps=2, bpd_batch_size=4, cache_dir=str(tmp_path / "cache"))
+    implicit = run(tmp_path / "implicit", model, None, **options)
+    assert implicit["reference"]["image_column"] == "photo" and implicit["reference"]["num_images"] == 24
+    assert implicit["metrics"]["bpd"]["image_column"] == "photo"
+    same_pictures = run(tmp_path / "same", model, reference_data, **options)  # the photos, stored as PNGs
+    assert same_pictures["reference"]["image_column"] is None and not same_pictures["reference"]["cache_hit"]
+    assert implicit["metrics"]["fid"] == same_pictures["metrics"]["fid"]
+    assert implicit["metrics"]["bpd"]["bits_per_dim"] == same_pictures["metrics"]["bpd"]["bits_per_dim"]
+    assert run(tmp_path / "named", model, two_columns, **options)["reference"]["cache_hit"]  # its data, named
+    inverted = run(tmp_path / "inverted", model, None, image_column="image", **options)
+    assert inverted["reference"]["image_column"] == "image" and inverted["metrics"]["fid"] != implicit["metrics"]["fid"]
+    training = json.loads((model / "training_config.json").read_text())
+    config = EvaluationConfig(model=str(model))
+    assert data_source(str(two_columns), "train", None, config, training).image_column == "photo"
+    assert data_source(str(reference_data), "train", None, config, training).image_column is None  # other data
+    assert data_source("bundled", "train", None, config, None).image_column is None
+    assert data_source(str(reference_data), "train", None, replace(config, image_column="x"), training).image_column == "x"
+    # a reference without a column named keys its statistics as before the option existed
+    assert "image_column" not in DataSource.parse(reference_data).identity()
 
 
 def test_a_training_record_names_its_data_as_a_reference():
