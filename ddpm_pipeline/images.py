@@ -2,9 +2,9 @@
 opaque; a file that cannot be read named), inspecting a data set's sizes and colours from headers,
 and preprocessing onto the network's canvas (pad, crop or auto) in [-1, 1].
 
-A data set's image column may hold images (a `datasets.Image` feature), paths to image files
-(strings, read as `datasets` reads an ``Image`` column of paths: a relative one from the current
-directory), or arrays of pixels (``Array2D`` / ``Array3D`` or nested lists of numbers, as
+A data set's image column may hold images (a `datasets.Image` feature, or the files' bytes), paths
+to image files (strings, read as `datasets` reads an ``Image`` column of paths: a relative one from
+the current directory), or arrays of pixels (``Array2D`` / ``Array3D`` or nested lists of numbers, as
 ``Dataset.from_dict`` stores a NumPy array; see :func:`pixels_to_image`).
 """
 
@@ -206,9 +206,15 @@ def pixels_to_image(pixels: np.ndarray) -> Image.Image:
 
 def column_kind(feature: object) -> str | None:
     """What an image column holds, from its `datasets` feature: ``"images"`` (an ``Image``
-    feature), ``"paths"`` (strings), ``"arrays"`` (``Array2D`` / ``Array3D``, or lists of lists of
+    feature, or image files' bytes: a binary column, or the ``{bytes, path}`` struct that an
+    ``Image`` column is stored as, read where the feature was lost, say from Parquet written by
+    pandas), ``"paths"`` (strings), ``"arrays"`` (``Array2D`` / ``Array3D``, or lists of lists of
     numbers, two or three deep), or None for anything else."""
     if isinstance(feature, datasets.Image):
+        return "images"
+    if isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary"):
+        return "images"
+    if isinstance(feature, dict) and set(feature) == {"bytes", "path"}:
         return "images"
     if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
         return "paths"

@@ -393,9 +393,10 @@ def test_arrays_of_pixels_become_the_images_they_hold():
 
 
 def test_a_column_may_hold_images_paths_or_arrays_and_each_trains_on_the_same_tensors(tmp_path, monkeypatch):
-    """The same pictures stored as PNG files (an image folder), as paths to them (absolute or
-    relative to the current directory), as an Array3D and as nested lists (what from_dict makes of a
-    NumPy array), in HWC and CHW, are the same training tensors; a column of labels is refused."""
+    """The same pictures stored as PNG files (an Image column), as their bytes (without the Image
+    feature), as paths to them (absolute or relative to the current directory), as an Array3D and
+    as nested lists (what from_dict makes of a NumPy array), in HWC and CHW and as floats, are the
+    same training tensors; a column of labels is refused."""
     rng = np.random.default_rng(1)
     pixels = rng.integers(0, 256, (6, 12, 10, 3), dtype=np.uint8)
     folder = tmp_path / "pictures"
@@ -408,10 +409,13 @@ def test_a_column_may_hold_images_paths_or_arrays_and_each_trains_on_the_same_te
         return torch.stack([TrainingImages(dataset, column, preprocess)[i] for i in range(len(pixels))])
 
     files = [str(folder / f"{i}.png") for i in range(6)]
+    encoded = [(folder / f"{i}.png").read_bytes() for i in range(6)]
     expected = tensors(datasets.Dataset.from_dict({"image": files}).cast_column("image", datasets.Image()), "image")
     monkeypatch.chdir(tmp_path)
     array3d = datasets.Features({"photo": datasets.Array3D((12, 10, 3), "uint8"), "label": datasets.Value("int64")})
     columns = {
+        "the files' bytes": datasets.Dataset.from_dict({"photo": encoded}),
+        "a {bytes, path} struct": datasets.Dataset.from_dict({"photo": [{"bytes": data, "path": None} for data in encoded]}),
         "absolute paths": datasets.Dataset.from_dict({"photo": files}),
         "relative paths": datasets.Dataset.from_dict({"photo": [f"pictures/{i}.png" for i in range(6)]}),
         "Array3D": datasets.Dataset.from_dict({"photo": list(pixels), "label": list(range(6))}, features=array3d),
@@ -420,7 +424,8 @@ def test_a_column_may_hold_images_paths_or_arrays_and_each_trains_on_the_same_te
         "floats in [0, 1]": datasets.Dataset.from_dict({"photo": pixels.astype(np.float32) / 255}),
     }
     for name, dataset in columns.items():
-        assert ImageSource(dataset, "photo").kind == ("paths" if "paths" in name else "arrays"), name
+        kind = "paths" if "paths" in name else "images" if "bytes" in name else "arrays"
+        assert ImageSource(dataset, "photo").kind == kind, name
         assert torch.equal(tensors(dataset, "photo"), expected), name
         assert inspect_images(ImageSource(dataset, "photo")).describe() == "RGB, 10px (6 images inspected)"
     assert column_kind(datasets.Image()) == "images" and column_kind(datasets.Value("int64")) is None
