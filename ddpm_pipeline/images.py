@@ -167,13 +167,14 @@ def upright_size(image: Image.Image) -> tuple[int, int]:
 
 
 #: What an image column may hold besides images and paths: arrays ``[H, W]``, ``[H, W, C]`` or
-#: ``[C, H, W]`` with ``C`` one of these (gray, RGB, RGBA).
-ARRAY_CHANNELS = (1, 3, 4)
+#: ``[C, H, W]`` with ``C`` one of these (gray, gray with alpha, RGB, RGBA).
+ARRAY_CHANNELS = (1, 2, 3, 4)
 
 
 def pixels_to_image(pixels: np.ndarray) -> Image.Image:
     """An array of pixels as a PIL image: ``[H, W]`` (gray), ``[H, W, C]`` or ``[C, H, W]`` with
-    ``C`` = 1 (gray), 3 (RGB) or 4 (RGBA; channels last where either end could be ``C``), of
+    ``C`` = 1 (gray), 2 (gray and alpha), 3 (RGB) or 4 (RGBA; channels last where either end could
+    be ``C``; alpha is composited on black when the image is preprocessed, as for files), of
     integers in 0‥255 (as they are) or floats in [0, 1] (``round(255 v)``, the nearest of an 8-bit
     image's 256 levels, so that ``k / 255`` gives back ``k``). A `ValueError` says what else it is."""
     array = np.asarray(pixels)

@@ -32,6 +32,7 @@ from ddpm_pipeline.images import (
     inspect_images,
     padded_coverage,
     pixels_to_image,
+    to_8bit_opaque,
     warn_if_mostly_padding,
 )
 
@@ -377,9 +378,12 @@ def test_arrays_of_pixels_become_the_images_they_hold():
         assert image.mode == "L" and np.array_equal(np.asarray(image), gray)
     rgba = pixels_to_image(np.dstack([rgb, np.full((5, 7), 128, np.uint8)]))
     assert rgba.mode == "RGBA" and rgba.size == (7, 5)
+    gray_alpha = pixels_to_image(np.stack([gray, np.full((5, 7), 255, np.uint8)]))  # [2, H, W]
+    assert gray_alpha.mode == "LA" and np.array_equal(np.asarray(to_8bit_opaque(gray_alpha).convert("L")), gray)
     assert np.asarray(pixels_to_image(np.array([[0.0, 0.5 / 255, 1.5 / 255, 1.0]]))).tolist() == [[0, 0, 2, 255]]  # rounded
     for pixels, message in [
-        (np.zeros((5, 5, 2), np.uint8), r"shape \[5, 5, 2\] is not an image: expected \[H, W\], \[H, W, C\] or \[C, H, W\]"),
+        (np.zeros((5, 5, 5), np.uint8), r"shape \[5, 5, 5\] is not an image: expected \[H, W\], \[H, W, C\] or \[C, H, W\] "
+                                        "with C = 1, 2, 3, 4"),
         (np.zeros(16, np.uint8), r"shape \[16\] is not an image"),
         (np.zeros((0, 4), np.uint8), r"shape \[0, 4\] is not an image"),
         (np.full((2, 2), 256), r"integer pixels span 256‥256, not 0‥255 \(for 16-bit pixels, store x // 257\)"),
