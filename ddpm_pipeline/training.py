@@ -9,7 +9,6 @@ would have (on the CPU: bit for bit).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -42,17 +41,14 @@ from .checkpointing import (
     write_checkpoint,
 )
 from .data import (
-    EpochShuffleSampler,
-    IndexDataset,
     TrainingImages,
     data_identity,
     describe_data_source,
     find_image_column,
     has_named_splits,
     load_image_dataset,
-    stack_images,
 )
-from .images import ImageFormat, ImagePreprocessor, ImageSource, check_padding, inspect_images, warn_if_mostly_padding
+from .images import ImageSource, check_padding, inspect_images, warn_if_mostly_padding
 from .losses import diffusion_loss_terms, has_bound_term
 from .lr_schedule import RunLengthLR, warmup_advice
 from .model_card import EVAL_REPORT_NAME, eval_outputs
@@ -96,10 +92,8 @@ from .speed import (
     compile_module,
     cpu_precision_advice,
     cpu_threads_per_process,
-    default_num_workers,
     device_description,
     explain_compile_failure,
-    fits_on_device,
     launcher_precision,
     needs_full_precision,
     resolve_channels_last,
@@ -109,11 +103,12 @@ from .speed import (
     set_tf32,
     to_channels_last,
 )
-from .stop_signals import LAUNCHER_EXITED, StopRequest, ignore_signals, signal_number, started_by_launcher
+from .stop_signals import LAUNCHER_EXITED, StopRequest, signal_number, started_by_launcher
 from .timestep_sampling import ImportanceTimestepSampler
 from .trackers import check_tracker_installed, check_wandb_login, log_image, tracker_config, tracker_init_kwargs
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
-from .unet import CPU_PRESETS, DDPMUNet, describe_sample_size, sample_height_width
+from .training_data import TrainingData, describe_fine_tuning_data, fit_network_to_data
+from .unet import DDPMUNet, describe_sample_size
 from .validation import HeldOutBound, HeldOutMonitor, check_held_out_split, first_images
 
 logger = get_logger(__name__, log_level="INFO")
@@ -321,9 +316,9 @@ class Trainer:
         dataset, image_column = self._load_dataset()
         image_format = inspect_images(ImageSource(dataset, image_column))
         if self.pretrained is None:
-            self.config = config = self._fit_network_to_data(image_format)
+            self.config = config = fit_network_to_data(config, image_format, self.accelerator.device.type)
         else:
-            self._compare_data_with_pretrained(image_format)
+            describe_fine_tuning_data(self.pretrained, config, image_format)
         if self.checkpoint is not None:
             self._check_resumable(self.checkpoint)
         if config.push_to_hub and self.accelerator.is_main_process:
@@ -349,7 +344,7 @@ class Trainer:
             parameters = sum(p.numel() for p in self.unet.parameters())
             snapshots = len(config.snapshot_minutes or ()) + len(config.snapshot_steps or ())
             check_free_space(self.output_dir, run_output_bytes(parameters, config.checkpoints_total_limit, snapshots))
-        self._build_data(dataset, image_column)
+        self.data = TrainingData.build(dataset, image_column, config, self.unet_config, self.accelerator)
         self.held_out = self._build_held_out()
         self.grid_cost_warned = False  # grid_cost_advice is given once a run
         if self.channels_last:
@@ -359,7 +354,7 @@ class Trainer:
         self.ema = build_ema(self.unet, config) if config.use_ema else None
         self.optimizer = build_adamw(self.unet.parameters(), fused=self.fused_adam, **adamw_hyperparameters(config))
         self.unet, self.optimizer, self.dataloader = self.accelerator.prepare(
-            self.unet, self.optimizer, self.dataloader
+            self.unet, self.optimizer, self.data.dataloader
         )
         if self.compile_unet:
             compile_module(self.unet, config.compile_mode)
@@ -414,91 +409,15 @@ class Trainer:
                 "--output_dir."
             )
 
-    def _data_source(self, split: str) -> dict[str, Any]:
-        """The options that name ``split`` of the run's data, as :func:`load_image_dataset` and
-        :func:`describe_data_source` take them."""
-        config = self.config
-        return dict(dataset_name=config.dataset_name, dataset_config=config.dataset_config, split=split,
-                    train_data_dir=config.train_data_dir, dataset_path=config.dataset_path)  # fmt: skip
-
     def _load_dataset(self) -> tuple[datasets.Dataset, str]:
         """The training split and its image column; sets :attr:`data_identity`, what checkpoints
         record of the data."""
         config = self.config
-        source = self._data_source(config.split)
+        source = config.data_source(config.split)
         with self.accelerator.main_process_first():
             dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
         self.data_identity = data_identity(dataset, describe_data_source(**source))
         return dataset, find_image_column(dataset, config.image_column)
-
-    def _fit_network_to_data(self, image_format: ImageFormat) -> TrainingConfig:
-        """The config with the network options it leaves open taken from the images
-        (:meth:`TrainingConfig.with_data_defaults`), saying what was chosen."""
-        config, chosen = self.config.with_data_defaults(image_format)
-        if chosen:
-            logger.info(f"the data: {image_format.describe()}; so {' '.join(chosen)} (give these options to choose otherwise)")
-        if self.config.model is None and config.model not in CPU_PRESETS and self.accelerator.device.type == "cpu":
-            height, width = sample_height_width(config.resolution)
-            scaled = ""
-            if self.config.resolution is None and max(height, width) > 32:  # the small preset's own size would win
-                scaled = (f"; without --resolution it trains at 32px, these images scaled down to it, and with "
-                          f"--resolution {config.resolution} at their size, at about {height * width / 32**2:.0f}× the "
-                          "cost of a step")  # fmt: skip
-            logger.warning(
-                f"--model {config.model}, chosen for images of {describe_sample_size(config.resolution)}, is the DDPM "
-                "paper's GPU-sized network: on a CPU its steps take seconds each (the progress bar estimates the run's "
-                "length). For a network sized for a CPU, pass --model ddpm-small-32 (2.5M parameters, made for 32px "
-                f"images{scaled})."
-            )
-        return config
-
-    def _compare_data_with_pretrained(self, image_format: ImageFormat) -> None:
-        """Fine-tuning keeps the pretrained network's channels: say what the images are turned into,
-        and warn when that drops their colour."""
-        channels = self.pretrained.unet_config["in_channels"]
-        size = self.config.resolution or self.pretrained.unet_config["sample_size"]
-        kind = "grayscale" if channels == 1 else "RGB"
-        logger.info(f"the data: {image_format.describe()}; {self.pretrained.source} takes {kind} images; this run trains at {size}px")
-        if image_format.channels == 3 and channels == 1:
-            logger.warning(
-                f"{self.pretrained.source} takes grayscale images, so these colour images are trained on in gray and its "
-                "samples stay gray: for colour, fine-tune a colour network or train a new one (without "
-                "--pretrained_model_name_or_path)."
-            )
-
-    def _build_data(self, dataset: datasets.Dataset, column: str) -> None:
-        config = self.config
-        preprocess = ImagePreprocessor(
-            resolution=self.unet_config["sample_size"],
-            channels=self.unet_config["in_channels"],
-            resize_mode=config.resize_mode,
-        )
-        self.train_images = TrainingImages(dataset, column, preprocess, bad_images=config.bad_images)
-        per_step = config.train_batch_size * self.accelerator.num_processes
-        if len(self.train_images) < per_step:
-            raise ValueError(
-                f"The data set has {len(self.train_images)} images, fewer than one batch of {per_step} "
-                f"(--train_batch_size {config.train_batch_size} × {self.accelerator.num_processes} processes): "
-                "lower --train_batch_size or add images."
-            )
-        self.sampler = EpochShuffleSampler(len(self.train_images), seed=config.seed)
-        self.device_images = self._device_resident_images()
-        on_device = self.device_images is not None
-        workers = config.dataloader_num_workers
-        if workers is None:
-            workers = default_num_workers(self.accelerator.device, self.accelerator.num_processes, on_device)
-        self.num_workers = workers
-        self.dataloader = torch.utils.data.DataLoader(
-            IndexDataset(len(self.train_images)) if on_device else self.train_images,
-            batch_size=config.train_batch_size,
-            sampler=self.sampler,
-            drop_last=True,
-            num_workers=workers,
-            pin_memory=self.accelerator.device.type == "cuda" and not on_device,
-            persistent_workers=workers > 0,
-            # the trainer alone answers a stop signal; workers keep serving it until it has stopped
-            worker_init_fn=functools.partial(ignore_signals, tuple(config.checkpoint_on_signals)) if workers > 0 else None,
-        )
 
     def _build_held_out(self) -> HeldOutMonitor | None:
         """With ``--validation_split``: the held-out bound's monitor, over the first
@@ -510,20 +429,20 @@ class Trainer:
             return None
 
         def split_size(name: str) -> int:  # read from the cache: the training split was just loaded
-            return len(load_image_dataset(**self._data_source(name), cache_dir=config.cache_dir))
+            return len(load_image_dataset(**config.data_source(name), cache_dir=config.cache_dir))
 
         one_split = not has_named_splits(config.dataset_name, config.train_data_dir, config.dataset_path)
         check_held_out_split(config.split, config.validation_split, split_size, one_split)
-        source = self._data_source(config.validation_split)
+        source = config.data_source(config.validation_split)
         with self.accelerator.main_process_first():
             dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
         monitor = HeldOutMonitor(None, config.validation_split, config.validation_steps, config.validation_timesteps)
         if not self.accelerator.is_main_process:
             return monitor
-        images = TrainingImages(dataset, find_image_column(dataset, config.image_column), self.train_images.preprocess,
+        images = TrainingImages(dataset, find_image_column(dataset, config.image_column), self.data.images.preprocess,
                                 bad_images=config.bad_images)  # fmt: skip
         monitor.bound = HeldOutBound(first_images(images, config.validation_images),
-                                     first_images(self.train_images, config.validation_images),
+                                     first_images(self.data.images, config.validation_images),
                                      config.validation_timesteps, config.seed, batch_size=config.train_batch_size)  # fmt: skip
         timesteps = "every timestep" if config.validation_timesteps is None else f"{config.validation_timesteps} timesteps per image"
         logger.info(
@@ -560,32 +479,12 @@ class Trainer:
         settings.append("fused AdamW" if self.fused_adam else "foreach AdamW")
         if config.gradient_checkpointing:
             settings.append("gradient checkpointing")
-        if self.device_images is not None:
+        if self.data.device_images is not None:
             settings.append("data on the device")
         else:
-            settings.append(f"{self.num_workers} loader workers" if self.num_workers else "data loaded in the main process")
+            settings.append(f"{self.data.num_workers} loader workers" if self.data.num_workers else "data loaded in the main process")
         settings.append(f"loss read every {self.log_every} step{'s' if self.log_every > 1 else ''}")
         return ", ".join(settings)
-
-    def _device_resident_images(self) -> torch.Tensor | None:
-        """The whole preprocessed data set on the device, when ``--data_on_device`` asks for it (or,
-        by default, on a GPU when it takes at most a quarter of its memory); else None."""
-        config, device = self.config, self.accelerator.device
-        height, width = sample_height_width(self.unet_config["sample_size"])
-        item_bytes = 4 * self.unet_config["in_channels"] * height * width
-        total_bytes = item_bytes * len(self.train_images)
-        wanted = config.data_on_device
-        if wanted is None:
-            wanted = fits_on_device(total_bytes, device)
-        elif wanted and device.type == "cuda" and not fits_on_device(total_bytes, device, fraction=0.9):
-            raise ValueError(
-                f"--data_on_device: the preprocessed data set takes {total_bytes / 2**30:.1f} GiB, more than the "
-                f"GPU can hold beside the model; drop --data_on_device (the loader streams it instead)."
-            )
-        if not wanted:
-            return None
-        logger.info(f"preprocessing {len(self.train_images)} images into {device} memory ({total_bytes / 2**20:.0f} MiB)")
-        return stack_images(self.train_images, device, progress=self.accelerator.is_local_main_process)
 
     # -- pieces of the loop ------------------------------------------------------------------
 
@@ -876,8 +775,8 @@ class Trainer:
         complete); returns its :func:`~ddpm_pipeline.run_records.step_record` (the loss first, then
         its parts and its quarters of the timesteps), detached and still on the device (no host sync)."""
         config = self.config
-        if self.device_images is not None and not images.is_floating_point():
-            images = self.device_images[images]  # a batch of indices into the device-resident data set
+        if self.data.device_images is not None and not images.is_floating_point():
+            images = self.data.device_images[images]  # a batch of indices into the device-resident data set
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         processes, rank, batch = self.accelerator.num_processes, self.accelerator.process_index, images.shape[0]
@@ -1086,7 +985,7 @@ class Trainer:
         config = self.config
         parameters = sum(p.numel() for p in self.unet.parameters())
         logger.info(
-            f"{len(self.train_images)} images, {self.unet_config['in_channels']}×{describe_sample_size(self.unet_config['sample_size'])}; "
+            f"{len(self.data.images)} images, {self.unet_config['in_channels']}×{describe_sample_size(self.unet_config['sample_size'])}; "
             f"{self.model_name}: {parameters:,} parameters; {self.steps_per_epoch} steps per epoch; "
             f"training to step {self.total_steps} (batch {config.train_batch_size} × "
             f"{config.gradient_accumulation_steps} accumulation × {self.accelerator.num_processes} processes)"
@@ -1131,7 +1030,7 @@ class Trainer:
             loader = accelerator.skip_first_batches(self.dataloader, skip) if skip else self.dataloader
             # Accelerate's loaders pass their own epoch count to the sampler when iterated; set it.
             loader.set_epoch(epoch)
-            self.sampler.set_epoch(epoch)
+            self.data.sampler.set_epoch(epoch)
             self.unet.train()
             for batch_index, images in enumerate(loader, start=skip):
                 seed = micro_batch_seed(config.seed, epoch, batch_index)
@@ -1244,8 +1143,8 @@ class Trainer:
             + f"; writing the pipeline, then the final grid and trajectory ({self.config.num_grid_images} images × "
             f"{self.config.grid_inference_steps} steps, EMA weights)"
         )
-        if self.train_images.skipped:  # counted here when the main process loaded them (workers count their own)
-            logger.warning(f"{len(self.train_images.skipped)} bad image(s) were skipped (see the warnings above)")
+        if self.data.images.skipped:  # counted here when the main process loaded them (workers count their own)
+            logger.warning(f"{len(self.data.images.skipped)} bad image(s) were skipped (see the warnings above)")
         self.save_checkpoint(global_step, train_seconds)
         if not self.accelerator.is_main_process:
             return None

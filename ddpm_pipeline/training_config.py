@@ -381,6 +381,13 @@ class TrainingConfig:
         """The JSON of ``--unet_overrides`` as a dict (empty without it)."""
         return json.loads(self.unet_overrides) if self.unet_overrides else {}
 
+    def data_source(self, split: str) -> dict[str, Any]:
+        """The options that name ``split`` of this run's data, as
+        :func:`~ddpm_pipeline.data.load_image_dataset` and
+        :func:`~ddpm_pipeline.data.describe_data_source` take them."""
+        return dict(dataset_name=self.dataset_name, dataset_config=self.dataset_config, split=split,
+                    train_data_dir=self.train_data_dir, dataset_path=self.dataset_path)  # fmt: skip
+
     def unet_overrides_dict(self) -> dict[str, Any]:
         """The preset overrides these options ask for: the JSON of ``--unet_overrides``, then
         ``--resolution`` → ``sample_size``, ``--channels`` → ``in_channels`` (and ``out_channels``

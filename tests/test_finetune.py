@@ -212,7 +212,7 @@ def test_the_training_resolution_and_dropout_may_change(tmp_path):
     source = stock_pipeline_folder(tmp_path / "stock")
     trainer = Trainer(fine_tune_config(source, tmp_path / "out", "--resolution", "8", "--dropout", "0.1"))
     assert trainer.unet_config["sample_size"] == 8 and trainer.unet_config["dropout"] == 0.1
-    assert trainer.train_images[0].shape == (1, 8, 8)
+    assert trainer.data.images[0].shape == (1, 8, 8)
     assert same_weights(trainer.accelerator.unwrap_model(trainer.unet), DDPMPipeline.from_pretrained(source).unet)
 
 

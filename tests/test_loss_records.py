@@ -228,7 +228,7 @@ def test_a_training_step_returns_its_record(tmp_path):
     config = TrainingConfig.from_args(["--model", "ddpm-tiny-16", "--resolution", "16", "--report_to", "none",
                                        "--output_dir", str(tmp_path)])  # fmt: skip
     trainer = Trainer(config)
-    images = torch.stack([trainer.train_images[i] for i in range(8)])
+    images = torch.stack([trainer.data.images[i] for i in range(8)])
     record = trainer.training_step(images, seed=0)
     assert record.shape == (11,) and record.device == images.device
     torch.testing.assert_close(record[3:7].sum(), record[0])
@@ -243,7 +243,7 @@ def test_the_trainer_weights_its_loss_by_min_snr_with_the_given_gamma(tmp_path):
         config = TrainingConfig.from_args(["--model", "ddpm-tiny-16", "--resolution", "16", "--report_to", "none",
                                            "--output_dir", str(tmp_path / "-".join(options or ("simple",))), *options])  # fmt: skip
         trainer = Trainer(config)
-        images = torch.stack([trainer.train_images[i] for i in range(8)])
+        images = torch.stack([trainer.data.images[i] for i in range(8)])
         return trainer.training_step(images, seed=0)[0]
 
     simple = first_step_loss()

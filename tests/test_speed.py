@@ -292,14 +292,14 @@ def test_device_resident_data_equals_the_loader(tmp_path):
     config = TrainingConfig.from_args([*TINY, *FAST_CPU, "--output_dir", str(tmp_path)])
     trainer = Trainer(config)
     assert isinstance(trainer.dataloader.dataset, IndexDataset)
-    stacked = trainer.device_images
-    assert stacked.shape == (len(trainer.train_images), 1, 16, 16) and stacked.dtype == torch.float32
-    for index in (0, 7, len(trainer.train_images) - 1):
-        assert torch.equal(stacked[index], trainer.train_images[index])
-    assert torch.equal(stack_images(trainer.train_images, "cpu", batch_size=333, progress=False), stacked)
+    stacked = trainer.data.device_images
+    assert stacked.shape == (len(trainer.data.images), 1, 16, 16) and stacked.dtype == torch.float32
+    for index in (0, 7, len(trainer.data.images) - 1):
+        assert torch.equal(stacked[index], trainer.data.images[index])
+    assert torch.equal(stack_images(trainer.data.images, "cpu", batch_size=333, progress=False), stacked)
     # the index loader follows the same seeded order as the image loader would
-    trainer.sampler.set_epoch(3)
-    order = list(trainer.sampler)[:8]
+    trainer.data.sampler.set_epoch(3)
+    order = list(trainer.data.sampler)[:8]
     trainer.dataloader.set_epoch(3)
     assert next(iter(trainer.dataloader)).tolist() == order
 
@@ -406,7 +406,7 @@ def test_bf16_autocast_step_keeps_fp32_master_weights_and_loss(tmp_path):
                                            "--output_dir", str(tmp_path / precision)])  # fmt: skip
         trainer = trainers[precision] = Trainer(config)
         assert trainer.mixed_precision == precision
-        images = torch.stack([trainer.train_images[i] for i in range(8)])
+        images = torch.stack([trainer.data.images[i] for i in range(8)])
         losses[precision] = [trainer.training_step(images, seed=s)[0] for s in range(3)]
     for fp32, bf16 in zip(losses["no"], losses["bf16"], strict=True):
         assert bf16.dtype == torch.float32

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
 import numpy as np
@@ -22,12 +21,13 @@ from diffusers import DDPMPipeline, UNet2DModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddpm_pipeline import speed, training
+from ddpm_pipeline import speed, training, training_data
 from ddpm_pipeline.checkpointing import list_checkpoints, read_trainer_state
 from ddpm_pipeline.evaluation import EvaluationConfig
 from ddpm_pipeline.images import ImageFormat
 from ddpm_pipeline.training import TIMESTEP_SAMPLER_STATE_NAME, Trainer, build_ema, grid_cost_advice, main
 from ddpm_pipeline.training_config import TrainingConfig
+from ddpm_pipeline.training_data import fit_network_to_data
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -201,7 +201,7 @@ def test_an_image_folder_trains_at_its_own_size_and_colour(tmp_path, caplog, mon
     assert "GPU-sized" not in caplog.text  # a network made for the CPU
     # the same command resumes: the data give the same network again; had it been one of the paper's
     # GPU-sized networks, the CPU run says so, naming the CPU-sized one
-    monkeypatch.setattr(training, "CPU_PRESETS", ())
+    monkeypatch.setattr(training_data, "CPU_PRESETS", ())
     with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
         assert main([*options, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"]).global_step == 3
     assert "--model ddpm-small-28, chosen for images of 20², is the DDPM paper's GPU-sized network" in caplog.text
@@ -216,17 +216,17 @@ def test_the_cpu_hint_for_large_images_says_what_the_small_network_does_with_the
     """64 px images pick the GPU-sized ddpm-64; the CPU hint names ddpm-small-32 and says that it
     trains at 32 px (the images scaled down) unless --resolution 64 keeps their size, at 4× the cost."""
     PartialState(cpu=True)
-    trainer = SimpleNamespace(config=TrainingConfig(output_dir="unused"), accelerator=SimpleNamespace(device=torch.device("cpu")))
+    options = TrainingConfig(output_dir="unused")
     large = ImageFormat(size=64, channels=3, smallest=64, largest=64, inspected=8, sizes=((64, 64),) * 8)
-    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
-        config = Trainer._fit_network_to_data(trainer, large)
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training_data"):
+        config = fit_network_to_data(options, large, "cpu")
     assert (config.model, config.resolution) == ("ddpm-64", 64)
     assert ("pass --model ddpm-small-32 (2.5M parameters, made for 32px images; without --resolution it trains at 32px, "
             "these images scaled down to it, and with --resolution 64 at their size, at about 4× the cost of a step)") in caplog.text
     caplog.clear()
     small = ImageFormat(size=32, channels=3, smallest=32, largest=32, inspected=8, sizes=((32, 32),) * 8)
-    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training"):
-        assert Trainer._fit_network_to_data(trainer, small).model == "ddpm-cifar10-32"
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.training_data"):
+        assert fit_network_to_data(options, small, "cpu").model == "ddpm-cifar10-32"
     assert "pass --model ddpm-small-32 (2.5M parameters, made for 32px images)." in caplog.text  # nothing to scale
 
 
