@@ -23,7 +23,7 @@ from datasets.data_files import DataFilesDict, get_data_patterns
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 
-from .images import BadImageError, ImagePreprocessor, ImageSource, upright_size
+from .images import BadImageError, ImagePreprocessor, ImageSource, column_kind, upright_size
 
 #: Fashion-MNIST's 10,000 test images (MIT license, © 2017 Zalando SE; LICENSE beside them).
 BUNDLED_DIR = Path(__file__).parent / "bundled_data" / "fashion_mnist"
@@ -386,7 +386,9 @@ def hub_unreachable_message(dataset_name: str, error: Exception, cache_dir: str 
 
 def find_image_column(dataset: datasets.Dataset, image_column: str | None = None) -> str:
     """The column holding the images: ``image_column`` if given, else ``image`` or ``img``, else
-    the only column with an `Image` feature."""
+    the only column with an `Image` feature, else the only one of images' bytes or arrays of pixels
+    (:func:`~ddpm_pipeline.images.column_kind`; a column of strings may be captions as well as
+    paths, so it is only read when named)."""
     columns = dataset.column_names
     if image_column:
         if image_column not in columns:
@@ -398,6 +400,9 @@ def find_image_column(dataset: datasets.Dataset, image_column: str | None = None
     image_features = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
     if len(image_features) == 1:
         return image_features[0]
+    pixels = [name for name, feature in dataset.features.items() if column_kind(feature) in ("images", "arrays")]
+    if len(pixels) == 1:
+        return pixels[0]
     raise ValueError(f"Cannot tell which column holds the images (columns: {columns}); pass --image_column.")
 
 

@@ -92,7 +92,7 @@ class EvaluationConfig:
     kid_subsets: int = field(default=100, metadata={"help": "KID: random subsets."})
     kid_subset_size: int = field(default=1000, metadata={"help": "KID: subset size (capped at the sample count)."})
     isc_splits: int = field(default=10, metadata={"help": "Inception Score: splits (mean and std over them)."})
-    image_column: str | None = field(default=None, metadata={"help": "The column holding the images in the --reference and --bpd_data data sets (default: the training run's --image_column for its own data, else image, img or the one Image column)."})  # noqa: E501
+    image_column: str | None = field(default=None, metadata={"help": "The column holding the images in the --reference and --bpd_data data sets (default: the training run's --image_column for its own data, else image, img, the one Image column, or the one column of image bytes or arrays)."})  # noqa: E501
     bpd_data: str | None = field(default=None, metadata={"help": "Data for bits/dim (default: --reference), same forms as --reference."})
     bpd_split: str | None = field(default=None, metadata={"help": "Split for bits/dim data (default: with --reference left to the model's training data, the images its run held out, its --validation_split, where it had one; else --reference_split)."})  # noqa: E501
     bpd_num_images: int | None = field(default=1000, metadata={"help": "Images to average bits/dim over (none = all)."})

@@ -58,7 +58,7 @@ class DataSource:
     split: str = "train"
     dataset_config: str | None = None
     image_column: str | None = None
-    """The column that holds the images; None: ``image``, ``img`` or the one ``Image`` column
+    """The column that holds the images; None: found as training finds it
     (:func:`~ddpm_pipeline.data.find_image_column`)."""
 
     @classmethod

@@ -142,7 +142,7 @@ class TrainingConfig:
                          "subfolders), a slice (train[:1000], train[:10%]) or a sum (train+test).")
     train_data_dir: str | None = _option(None, "A local folder of images (read with the `imagefolder` builder).")
     dataset_path: str | None = _option(None, "A data set written by `Dataset.save_to_disk` (see ddpm_pipeline.convert).")
-    image_column: str | None = _option(None, "The column holding the images: images, paths to image files, or arrays of pixels [H, W], [H, W, C] or [C, H, W] (integers 0-255 or floats in [0, 1]) (default: image, img, or the one Image column).")
+    image_column: str | None = _option(None, "The column holding the images: images, paths to image files, or arrays of pixels [H, W], [H, W, C] or [C, H, W] (integers 0-255 or floats in [0, 1]) (default: image, img, the one Image column, or the one column of image bytes or arrays).")
     cache_dir: str | None = _option(None, "Where `datasets` and --pretrained_model_name_or_path cache their downloads.")
     resolution: int | None = _option(None, f"Training image size in pixels (default: the pretrained network's or --model's sample_size; without either, the data's: the median shorter side of 64 images spread over the data set, at most {LARGEST_DATA_RESOLUTION}, rounded to a size the network's down-sampling divides).")
     channels: int | None = _option(None, "1 = grayscale, 3 = RGB (default: the pretrained network's in_channels; for a new network, the data's: 3 if any of 64 images spread over the data set has colour).", choices=(1, 3))

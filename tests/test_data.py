@@ -251,6 +251,13 @@ def test_saved_dataset_dict_and_column_rules(tmp_path):
     )
     with pytest.raises(ValueError, match="pass --image_column"):
         find_image_column(two)
+    # without an Image feature: the one column of arrays (or of files' bytes); strings only when named
+    arrays = np.zeros((2, 4, 4), np.uint8)
+    assert find_image_column(datasets.Dataset.from_dict({"caption": ["a", "b"], "pixels": arrays, "n": [0, 1]})) == "pixels"
+    assert find_image_column(datasets.Dataset.from_dict({"png": [b"x", b"y"], "n": [0, 1]})) == "png"
+    for ambiguous in ({"pixels": arrays, "mask": arrays}, {"path": ["a.png", "b.png"], "n": [0, 1]}):
+        with pytest.raises(ValueError, match="Cannot tell which column holds the images .* pass --image_column"):
+            find_image_column(datasets.Dataset.from_dict(ambiguous))
 
 
 def test_split_slices_and_sums_select_rows_of_every_source(tmp_path):
