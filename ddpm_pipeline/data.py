@@ -13,6 +13,7 @@ import os
 import pickle
 import tarfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 
 from .images import BadImageError, ImagePreprocessor, ImageSource, column_kind, upright_size
+from .speed import available_cores
 
 #: Fashion-MNIST's 10,000 test images (MIT license, © 2017 Zalando SE; LICENSE beside them).
 BUNDLED_DIR = Path(__file__).parent / "bundled_data" / "fashion_mnist"
@@ -506,16 +508,20 @@ class IndexDataset(torch.utils.data.Dataset):
         return int(index)
 
 
-def stack_images(images: TrainingImages, device: torch.device | str, batch_size: int = 512, progress: bool = True) -> torch.Tensor:
+def stack_images(images: TrainingImages, device: torch.device | str, batch_size: int = 512, progress: bool = True,
+                 threads: int | None = None) -> torch.Tensor:  # fmt: skip
     """Every preprocessed image of ``images`` in one float32 tensor ``[N, C, R, R]`` on ``device``:
-    ``stack_images(images)[i]`` equals ``images[i]`` exactly."""
+    ``stack_images(images)[i]`` equals ``images[i]`` exactly. The images are read by ``threads``
+    threads (default: :func:`~ddpm_pipeline.speed.available_cores`): Pillow lets go of the GIL
+    while it decodes and resizes, which is most of the work for photos."""
     from tqdm.auto import tqdm
 
     first = images[0]
     stacked = torch.empty((len(images), *first.shape), dtype=first.dtype, device=device)
     # No DataLoader here: iterating one draws from the global RNG, which would change the weights'
     # initialization that follows.
-    for start in tqdm(range(0, len(images), batch_size), desc="data to device", disable=not progress):
-        stop = min(start + batch_size, len(images))
-        stacked[start:stop] = torch.stack([images[i] for i in range(start, stop)]).to(device)
+    with ThreadPoolExecutor(threads or available_cores()) as pool:
+        for start in tqdm(range(0, len(images), batch_size), desc="data to device", disable=not progress):
+            stop = min(start + batch_size, len(images))
+            stacked[start:stop] = torch.stack(list(pool.map(images.__getitem__, range(start, stop)))).to(device)
     return stacked

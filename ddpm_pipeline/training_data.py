@@ -18,7 +18,7 @@ from accelerate.logging import get_logger
 from .data import EpochShuffleSampler, IndexDataset, TrainingImages, stack_images
 from .images import ImageFormat, ImagePreprocessor
 from .pretrained import PretrainedDDPM
-from .speed import default_num_workers, fits_on_device
+from .speed import cpu_threads_per_process, default_num_workers, fits_on_device
 from .stop_signals import ignore_signals
 from .training_config import TrainingConfig
 from .unet import CPU_PRESETS, describe_sample_size, sample_height_width
@@ -65,11 +65,12 @@ def describe_fine_tuning_data(pretrained: PretrainedDDPM, config: TrainingConfig
 
 
 def device_resident_images(
-    images: TrainingImages, wanted: bool | None, device: torch.device, show_progress: bool = True
+    images: TrainingImages, wanted: bool | None, device: torch.device, show_progress: bool = True, threads: int | None = None
 ) -> torch.Tensor | None:
     """Every preprocessed image of ``images`` in one tensor on ``device``
-    (:func:`~ddpm_pipeline.data.stack_images`) when ``wanted`` (``--data_on_device``), or, when
-    ``wanted`` is None, on a GPU where it takes at most a quarter of its memory; else None."""
+    (:func:`~ddpm_pipeline.data.stack_images`, reading them with ``threads`` threads) when
+    ``wanted`` (``--data_on_device``), or, when ``wanted`` is None, on a GPU where it takes at most
+    a quarter of its memory; else None."""
     height, width = sample_height_width(images.preprocess.resolution)
     total_bytes = 4 * images.preprocess.channels * height * width * len(images)
     if wanted is None:
@@ -82,7 +83,7 @@ def device_resident_images(
     if not wanted:
         return None
     logger.info(f"preprocessing {len(images)} images into {device} memory ({total_bytes / 2**20:.0f} MiB)")
-    return stack_images(images, device, progress=show_progress)
+    return stack_images(images, device, progress=show_progress, threads=threads)
 
 
 @dataclass
@@ -116,7 +117,8 @@ class TrainingData:
             )
         sampler = EpochShuffleSampler(len(images), seed=config.seed)
         device = accelerator.device
-        device_images = device_resident_images(images, config.data_on_device, device, accelerator.is_local_main_process)
+        device_images = device_resident_images(images, config.data_on_device, device, accelerator.is_local_main_process,
+                                               threads=cpu_threads_per_process(accelerator.num_processes))  # fmt: skip
         on_device = device_images is not None
         workers = config.dataloader_num_workers
         if workers is None:

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import reset_accelerate
+from PIL import Image
 from safetensors.torch import load_file
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, speed
-from ddpm_pipeline.data import IndexDataset, stack_images
+from ddpm_pipeline.data import IndexDataset, TrainingImages, load_image_dataset, stack_images
 from ddpm_pipeline.evaluation import EvaluationConfig
+from ddpm_pipeline.images import ImagePreprocessor
 from ddpm_pipeline.losses import diffusion_loss
 from ddpm_pipeline.sampling import sampling_pipeline
 from ddpm_pipeline.speed import (
@@ -286,6 +288,21 @@ def test_strict_float32_turns_tf32_off_for_a_block_and_restores_it():
             assert flags() == (True, True)  # nothing to do on the CPU
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_images_stacked_by_several_threads_are_those_of_one(tmp_path):
+    """Reading the data set onto the device with threads changes nothing: each image lands at its
+    index, and a bad file is replaced by the next readable image, as one thread does."""
+    rng = np.random.default_rng(0)
+    for index in range(10):
+        size = (int(rng.integers(20, 60)), int(rng.integers(20, 60)))
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / f"{index}.jpg")
+    (tmp_path / "5.jpg").write_bytes(b"not a jpeg")
+    dataset = load_image_dataset(train_data_dir=tmp_path)
+    one, many = (TrainingImages(dataset, "image", ImagePreprocessor(16, 3)) for _ in range(2))
+    alone = stack_images(one, "cpu", batch_size=4, progress=False, threads=1)
+    assert torch.equal(stack_images(many, "cpu", batch_size=4, progress=False, threads=4), alone)
+    assert len(one.skipped) == len(many.skipped) == 1 and one.skipped == many.skipped
 
 
 def test_device_resident_data_equals_the_loader(tmp_path):
