@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from .data import find_image_column, is_saved_dataset, load_image_dataset
 from .features import FeatureExtractorSpec, extract_features, pil_to_uint8
 from .images import ImagePreprocessor, ImageSource
 from .metrics import gaussian_statistics
+from .speed import available_cores
 
 STATS_SUFFIX = ".npz"
 
@@ -198,12 +200,18 @@ def cache_path_for(key: dict[str, Any], cache_dir: str | Path) -> Path:
 
 
 def preprocessed_batches(
-    images: ImageSource, preprocess: ImagePreprocessor, count: int, batch_size: int
+    images: ImageSource, preprocess: ImagePreprocessor, count: int, batch_size: int, threads: int | None = None
 ) -> Iterator[torch.Tensor]:
-    """``uint8 [B, 3, R, R]`` batches of the first ``count`` images, preprocessed as in training."""
-    for start in range(0, count, batch_size):
-        indices = range(start, min(start + batch_size, count))
-        yield torch.stack([pil_to_uint8(preprocess.to_pil(images.open(index))) for index in indices])
+    """``uint8 [B, 3, R, R]`` batches of the first ``count`` images, preprocessed as in training,
+    each batch read by ``threads`` threads (default: :func:`~ddpm_pipeline.speed.available_cores`;
+    Pillow lets go of the GIL while it decodes and resizes)."""
+
+    def read(index: int) -> torch.Tensor:
+        return pil_to_uint8(preprocess.to_pil(images.open(index)))
+
+    with ThreadPoolExecutor(threads or available_cores()) as pool:
+        for start in range(0, count, batch_size):
+            yield torch.stack(list(pool.map(read, range(start, min(start + batch_size, count)))))
 
 
 def reference_statistics(

@@ -33,7 +33,7 @@ from ddpm_pipeline.inception_weights import file_digest
 from ddpm_pipeline.likelihood import BoundTerms
 from ddpm_pipeline.metrics import inception_score
 from ddpm_pipeline.model_card import build_model_card
-from ddpm_pipeline.reference import DataSource, training_data_reference
+from ddpm_pipeline.reference import DataSource, preprocessed_batches, training_data_reference
 from ddpm_pipeline.sampling import sample_store
 from ddpm_pipeline.snapshot_scores import run_pipelines
 from ddpm_pipeline.speed import cpu_threads_per_process
@@ -660,6 +660,14 @@ def test_a_folder_scored_as_samples_and_as_reference_reads_the_same_pixels(tmp_p
     report = evaluate(samples=str(folder), reference=str(folder), metrics="fid", feature_extractor=FEATURES,
                       output=str(tmp_path / "fid.json"), cache_dir=str(tmp_path / "cache"), device="cpu")  # fmt: skip
     assert report["metrics"]["fid"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_reference_images_read_by_threads_are_those_of_one(reference_data):
+    source = DataSource.parse(reference_data)
+    images, preprocess = source.images(source.load()), ImagePreprocessor(12, 1, "crop")
+    alone = torch.cat(list(preprocessed_batches(images, preprocess, 23, 5, threads=1)))
+    assert alone.shape == (23, 3, 12, 12) and alone.dtype == torch.uint8
+    assert torch.equal(torch.cat(list(preprocessed_batches(images, preprocess, 23, 5, threads=4))), alone)
 
 
 def test_reference_forms_are_recognised(tmp_path, reference_data):
