@@ -521,7 +521,7 @@ def stack_images(images: TrainingImages, device: torch.device | str, batch_size:
     # No DataLoader here: iterating one draws from the global RNG, which would change the weights'
     # initialization that follows.
     with ThreadPoolExecutor(threads or available_cores()) as pool:
-        for start in tqdm(range(0, len(images), batch_size), desc="data to device", disable=not progress):
+        for start in tqdm(range(0, len(images), batch_size), desc="preprocessing the data", disable=not progress):
             stop = min(start + batch_size, len(images))
             stacked[start:stop] = torch.stack(list(pool.map(images.__getitem__, range(start, stop)))).to(device)
     return stacked

@@ -362,14 +362,23 @@ def build_adamw(parameters: Iterable[torch.nn.Parameter], fused: bool, **hyperpa
     return torch.optim.AdamW(parameters, foreach=True, **hyperparameters)
 
 
-def fits_on_device(num_bytes: int, device: torch.device | str, fraction: float = 0.25) -> bool:
-    """Whether a tensor of ``num_bytes`` takes at most ``fraction`` of the CUDA device's memory
-    (always false for other devices, where the data set already lives in host memory)."""
+def fits_on_device(num_bytes: int, device: torch.device | str, fraction: float = 0.25, processes: int = 1) -> bool:
+    """Whether a tensor of ``num_bytes`` takes at most ``fraction`` of the CUDA device's memory,
+    or on the CPU, where ``processes`` each keep one, of the machine's memory (``processes``
+    copies); false where that memory is not known (other devices, or no ``sysconf``)."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return False
-    total = torch.cuda.get_device_properties(device).total_memory
-    return num_bytes <= fraction * total
+    if device.type == "cuda":
+        return num_bytes <= fraction * torch.cuda.get_device_properties(device).total_memory
+    total = physical_memory()
+    return device.type == "cpu" and total is not None and num_bytes * processes <= fraction * total
+
+
+def physical_memory() -> int | None:
+    """The machine's memory in bytes (``sysconf``: Linux, macOS), None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def device_description(device: torch.device | str) -> str:

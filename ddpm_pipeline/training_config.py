@@ -206,7 +206,7 @@ class TrainingConfig:
     compile_mode: str | None = _option(None, f"torch.compile mode: {', '.join(COMPILE_MODES)} (none = default).")
     fused_adam: bool | None = _option(None, "One fused AdamW kernel per step (else multi-tensor foreach kernels); auto: on for CUDA and the CPU.")
     gradient_checkpointing: bool = _option(False, "Recompute each UNet block's activations in the backward pass instead of keeping them: less memory (larger batches or images) for more compute (README: measured on a CPU); the same gradients.")
-    data_on_device: bool | None = _option(None, "Preprocess the whole data set once into device memory (auto: on a GPU when it takes at most a quarter of its memory).")
+    data_on_device: bool | None = _option(None, "Preprocess the whole data set once into device memory (auto: when it takes at most a quarter of the GPU's memory, or on the CPU of the machine's, there only when the run reads every image at least once).")
     seed: int = _option(0, "Seed for weights, data order, noise and dropout: a run is reproducible on the CPU.")
     # outputs
     output_dir: str = _option("outputs/ddpm-fashion-mnist", "Where the pipeline, checkpoints, grids and logs go.")

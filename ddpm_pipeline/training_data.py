@@ -65,16 +65,21 @@ def describe_fine_tuning_data(pretrained: PretrainedDDPM, config: TrainingConfig
 
 
 def device_resident_images(
-    images: TrainingImages, wanted: bool | None, device: torch.device, show_progress: bool = True, threads: int | None = None
-) -> torch.Tensor | None:
+    images: TrainingImages, wanted: bool | None, device: torch.device, show_progress: bool = True,
+    threads: int | None = None, processes: int = 1, images_to_read: int | None = None,
+) -> torch.Tensor | None:  # fmt: skip
     """Every preprocessed image of ``images`` in one tensor on ``device``
     (:func:`~ddpm_pipeline.data.stack_images`, reading them with ``threads`` threads) when
-    ``wanted`` (``--data_on_device``), or, when ``wanted`` is None, on a GPU where it takes at most
-    a quarter of its memory; else None."""
+    ``wanted`` (``--data_on_device``); when ``wanted`` is None, where it takes at most a quarter of
+    the memory (:func:`~ddpm_pipeline.speed.fits_on_device`: a GPU's, or on the CPU the machine's,
+    shared by ``processes``), on the CPU only when the run reads at least every image once
+    (``images_to_read``, None: unknown, as under a time budget), so that no image is decoded for
+    nothing. Else None: the loader reads each batch as it comes."""
     height, width = sample_height_width(images.preprocess.resolution)
     total_bytes = 4 * images.preprocess.channels * height * width * len(images)
     if wanted is None:
-        wanted = fits_on_device(total_bytes, device)
+        reads_every_image = images_to_read is None or images_to_read >= len(images)
+        wanted = fits_on_device(total_bytes, device, processes=processes) and (device.type != "cpu" or reads_every_image)
     elif wanted and device.type == "cuda" and not fits_on_device(total_bytes, device, fraction=0.9):
         raise ValueError(
             f"--data_on_device: the preprocessed data set takes {total_bytes / 2**30:.1f} GiB, more than the "
@@ -82,7 +87,8 @@ def device_resident_images(
         )
     if not wanted:
         return None
-    logger.info(f"preprocessing {len(images)} images into {device} memory ({total_bytes / 2**20:.0f} MiB)")
+    where = "memory" if device.type == "cpu" else f"{device} memory"
+    logger.info(f"preprocessing {len(images)} images into {where} ({total_bytes / 2**20:.0f} MiB), once")
     return stack_images(images, device, progress=show_progress, threads=threads)
 
 
@@ -117,8 +123,12 @@ class TrainingData:
             )
         sampler = EpochShuffleSampler(len(images), seed=config.seed)
         device = accelerator.device
+        images_to_read = None
+        if config.max_train_steps is not None:  # with no step limit, a run trains for --num_epochs (at least one)
+            images_to_read = config.max_train_steps * per_step * config.gradient_accumulation_steps
         device_images = device_resident_images(images, config.data_on_device, device, accelerator.is_local_main_process,
-                                               threads=cpu_threads_per_process(accelerator.num_processes))  # fmt: skip
+                                               threads=cpu_threads_per_process(accelerator.num_processes),
+                                               processes=accelerator.num_processes, images_to_read=images_to_read)  # fmt: skip
         on_device = device_images is not None
         workers = config.dataloader_num_workers
         if workers is None:
