@@ -7,12 +7,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from accelerate.state import PartialState
 from conftest import reset_accelerate
 from PIL import Image
 from safetensors.torch import load_file
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, speed
-from ddpm_pipeline.data import IndexDataset, TrainingImages, load_image_dataset, stack_images
+from ddpm_pipeline.data import IndexDataset, TrainingImages, bundled_dataset, load_image_dataset, stack_images
 from ddpm_pipeline.evaluation import EvaluationConfig
 from ddpm_pipeline.images import ImagePreprocessor
 from ddpm_pipeline.losses import diffusion_loss
@@ -35,6 +36,7 @@ from ddpm_pipeline.speed import (
 )
 from ddpm_pipeline.training import Trainer, main
 from ddpm_pipeline.training_config import TrainingConfig
+from ddpm_pipeline.training_data import device_resident_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -303,6 +305,29 @@ def test_images_stacked_by_several_threads_are_those_of_one(tmp_path):
     alone = stack_images(one, "cpu", batch_size=4, progress=False, threads=1)
     assert torch.equal(stack_images(many, "cpu", batch_size=4, progress=False, threads=4), alone)
     assert len(one.skipped) == len(many.skipped) == 1 and one.skipped == many.skipped
+
+
+def test_on_the_cpu_the_data_set_is_kept_in_memory_when_it_fits_and_every_image_is_read(monkeypatch):
+    PartialState(cpu=True)  # for accelerate's logger
+    images = TrainingImages(bundled_dataset().select(range(20)), "image", ImagePreprocessor(8, 1))
+    cpu = torch.device("cpu")
+    kept = device_resident_images(images, None, cpu, False, images_to_read=20)  # one epoch
+    assert kept.shape == (20, 1, 8, 8) and all(torch.equal(kept[i], images[i]) for i in range(20))
+    assert device_resident_images(images, None, cpu, False, images_to_read=19) is None  # less: read as it comes
+    assert device_resident_images(images, None, cpu, False, images_to_read=None) is not None  # a time budget
+    assert device_resident_images(images, False, cpu, False, images_to_read=40) is None  # --no-data_on_device
+    assert device_resident_images(images, True, cpu, False, images_to_read=1) is not None  # --data_on_device
+    memory = speed.physical_memory()
+    assert memory > 2**30 and speed.fits_on_device(memory // 4, "cpu")
+    assert not speed.fits_on_device(memory // 4, "cpu", processes=2)  # each process keeps a copy
+    monkeypatch.setattr(speed, "physical_memory", lambda: 4 * images_bytes(images) - 1)
+    assert device_resident_images(images, None, cpu, False, images_to_read=20) is None  # over a quarter of it
+    monkeypatch.setattr(speed, "physical_memory", lambda: None)  # unknown: not kept
+    assert device_resident_images(images, None, cpu, False, images_to_read=20) is None
+
+
+def images_bytes(images):
+    return len(images) * images[0].numel() * 4
 
 
 def test_device_resident_data_equals_the_loader(tmp_path):
