@@ -363,9 +363,10 @@ def build_adamw(parameters: Iterable[torch.nn.Parameter], fused: bool, **hyperpa
 
 
 def fits_on_device(num_bytes: int, device: torch.device | str, fraction: float = 0.25, processes: int = 1) -> bool:
-    """Whether a tensor of ``num_bytes`` takes at most ``fraction`` of the CUDA device's memory,
-    or on the CPU, where ``processes`` each keep one, of the machine's memory (``processes``
-    copies); false where that memory is not known (other devices, or no ``sysconf``)."""
+    """Whether a tensor of ``num_bytes`` that each process keeps takes at most ``fraction`` of the
+    memory it lives in: the CUDA device's (one process per device), or on the CPU the machine's,
+    shared by the machine's ``processes``; false where that memory is not known (other devices,
+    or no ``sysconf``)."""
     device = torch.device(device)
     if device.type == "cuda":
         return num_bytes <= fraction * torch.cuda.get_device_properties(device).total_memory
