@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_path, move_into_place, remove, temporary_sibling
 from .checkpointing import (
     check_start,
+    checkpoint_step,
     list_checkpoints,
     prune_checkpoints,
     read_trainer_state,
@@ -344,7 +345,8 @@ class Trainer:
             parameters = sum(p.numel() for p in self.unet.parameters())
             snapshots = len(config.snapshot_minutes or ()) + len(config.snapshot_steps or ())
             check_free_space(self.output_dir, run_output_bytes(parameters, config.checkpoints_total_limit, snapshots))
-        self.data = TrainingData.build(dataset, image_column, config, self.unet_config, self.accelerator)
+        steps_done = (checkpoint_step(self.checkpoint) or 0) if self.checkpoint is not None else 0
+        self.data = TrainingData.build(dataset, image_column, config, self.unet_config, self.accelerator, steps_done)
         self.held_out = self._build_held_out()
         self.grid_cost_warned = False  # grid_cost_advice is given once a run
         if self.channels_last:

@@ -72,8 +72,8 @@ def device_resident_images(
     (:func:`~ddpm_pipeline.data.stack_images`, reading them with ``threads`` threads) when
     ``wanted`` (``--data_on_device``); when ``wanted`` is None, where it takes at most a quarter of
     the memory (:func:`~ddpm_pipeline.speed.fits_on_device`: a GPU's, or on the CPU the machine's,
-    shared by ``processes``), on the CPU only when the run reads at least every image once
-    (``images_to_read``, None: unknown, as under a time budget), so that no image is decoded for
+    shared by ``processes``), on the CPU only when the run has at least every image left to read
+    (``images_to_read``; None: not known, taken as enough), so that no image is decoded for
     nothing. Else None: the loader reads each batch as it comes."""
     height, width = sample_height_width(images.preprocess.resolution)
     total_bytes = 4 * images.preprocess.channels * height * width * len(images)
@@ -106,12 +106,13 @@ class TrainingData:
 
     @classmethod
     def build(cls, dataset: datasets.Dataset, column: str, config: TrainingConfig, unet_config: dict[str, Any],
-              accelerator: Accelerator) -> TrainingData:  # fmt: skip
+              accelerator: Accelerator, steps_done: int = 0) -> TrainingData:  # fmt: skip
         """The images of ``dataset``'s ``column``, preprocessed for the network (``unet_config``'s
-        size and channels, ``--resize_mode``), with ``--bad_images``, ``--data_on_device``,
-        ``--dataloader_num_workers`` (default: :func:`~ddpm_pipeline.speed.default_num_workers`)
-        and ``--train_batch_size``; raises when the data set holds less than one batch of all the
-        processes."""
+        size and channels, ``--resize_mode``), with ``--bad_images``, ``--data_on_device`` (whose
+        default on the CPU weighs the images the run has left to read, after the ``steps_done`` of
+        the checkpoint it resumes), ``--dataloader_num_workers`` (default:
+        :func:`~ddpm_pipeline.speed.default_num_workers`) and ``--train_batch_size``; raises when the
+        data set holds less than one batch of all the processes."""
         preprocess = ImagePreprocessor(unet_config["sample_size"], unet_config["in_channels"], config.resize_mode)
         images = TrainingImages(dataset, column, preprocess, bad_images=config.bad_images)
         per_step = config.train_batch_size * accelerator.num_processes
@@ -123,9 +124,11 @@ class TrainingData:
             )
         sampler = EpochShuffleSampler(len(images), seed=config.seed)
         device = accelerator.device
-        images_to_read = None
-        if config.max_train_steps is not None:  # with no step limit, a run trains for --num_epochs (at least one)
-            images_to_read = config.max_train_steps * per_step * config.gradient_accumulation_steps
+        images_per_step = per_step * config.gradient_accumulation_steps
+        if config.max_train_steps is not None:
+            images_to_read = max(0, config.max_train_steps - steps_done) * images_per_step
+        else:  # --num_epochs
+            images_to_read = max(0, config.num_epochs * len(images) - steps_done * images_per_step)
         device_images = device_resident_images(images, config.data_on_device, device, accelerator.is_local_main_process,
                                                threads=cpu_threads_per_process(accelerator.num_processes),
                                                processes=accelerator.num_processes, images_to_read=images_to_read)  # fmt: skip

@@ -36,7 +36,7 @@ from ddpm_pipeline.speed import (
 )
 from ddpm_pipeline.training import Trainer, main
 from ddpm_pipeline.training_config import TrainingConfig
-from ddpm_pipeline.training_data import device_resident_images
+from ddpm_pipeline.training_data import TrainingData, device_resident_images
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -314,7 +314,7 @@ def test_on_the_cpu_the_data_set_is_kept_in_memory_when_it_fits_and_every_image_
     kept = device_resident_images(images, None, cpu, False, images_to_read=20)  # one epoch
     assert kept.shape == (20, 1, 8, 8) and all(torch.equal(kept[i], images[i]) for i in range(20))
     assert device_resident_images(images, None, cpu, False, images_to_read=19) is None  # less: read as it comes
-    assert device_resident_images(images, None, cpu, False, images_to_read=None) is not None  # a time budget
+    assert device_resident_images(images, None, cpu, False, images_to_read=None) is not None  # not known
     assert device_resident_images(images, False, cpu, False, images_to_read=40) is None  # --no-data_on_device
     assert device_resident_images(images, True, cpu, False, images_to_read=1) is not None  # --data_on_device
     memory = speed.physical_memory()
@@ -324,6 +324,25 @@ def test_on_the_cpu_the_data_set_is_kept_in_memory_when_it_fits_and_every_image_
     assert device_resident_images(images, None, cpu, False, images_to_read=20) is None  # over a quarter of it
     monkeypatch.setattr(speed, "physical_memory", lambda: None)  # unknown: not kept
     assert device_resident_images(images, None, cpu, False, images_to_read=20) is None
+
+
+def test_what_a_run_has_left_to_read_decides_whether_the_cpu_keeps_its_data_in_memory():
+    """Kept when the steps left (after a resumed checkpoint's) read every image at least once."""
+    PartialState(cpu=True)
+    dataset = bundled_dataset().select(range(40))
+    accelerator = SimpleNamespace(num_processes=1, device=torch.device("cpu"), is_local_main_process=False)
+
+    def kept(*options, steps_done=0):
+        config = TrainingConfig.from_args(["--train_batch_size", "4", *options])
+        data = TrainingData.build(dataset, "image", config, {"sample_size": 8, "in_channels": 1}, accelerator, steps_done)
+        return data.device_images is not None
+
+    assert kept("--max_train_steps", "10") and not kept("--max_train_steps", "9")  # 40 and 36 images
+    assert not kept("--max_train_steps", "12", steps_done=3) and kept("--max_train_steps", "13", steps_done=3)
+    assert kept("--max_train_steps", "5", "--gradient_accumulation_steps", "2")  # 5 steps of 2 batches
+    assert kept("--max_train_steps", "none", "--num_epochs", "1")
+    assert not kept("--max_train_steps", "none", "--num_epochs", "1", steps_done=1)  # the rest of its one epoch
+    assert kept("--max_train_steps", "none", "--num_epochs", "2", steps_done=10)
 
 
 def images_bytes(images):
