@@ -252,7 +252,8 @@ class ImageSource:
 
     def open(self, index: int, load: bool = True) -> Image.Image:
         """Image ``index``, turned :func:`upright`; with ``load=False`` only opened (size and mode
-        read, as stored: :func:`upright_size` gives the upright size), its pixels not decoded."""
+        read, as stored: :func:`upright_size` gives the upright size), its pixels not decoded (an
+        array's pixels are at hand either way: :func:`pixels_to_image`)."""
         item = self.images[int(index)][self.image_column]
         if self.kind == "arrays":  # nested lists: NumPy makes the array ~15× faster than datasets' numpy format
             try:
