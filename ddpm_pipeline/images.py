@@ -242,10 +242,14 @@ class ImageSource:
             raise ValueError("The data set is empty (no images to read).")
         self.images = dataset.select_columns([image_column])
         self.kind = column_kind(dataset.features.get(image_column))
-        self.undecoded = self.kind in ("images", "paths")
         if self.undecoded:
             self.images = self.images.cast_column(image_column, datasets.Image(decode=False))
         self.image_column = image_column
+
+    @property
+    def undecoded(self) -> bool:
+        """Whether the column holds image files (their bytes or paths), which are decoded here."""
+        return self.kind in ("images", "paths")
 
     def __len__(self) -> int:
         return len(self.images)
