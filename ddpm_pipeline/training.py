@@ -484,7 +484,8 @@ class Trainer:
         if self.data.device_images is not None:
             settings.append("data preprocessed in memory" if self.data.device_images.device.type == "cpu" else "data on the device")
         else:
-            settings.append(f"{self.data.num_workers} loader workers" if self.data.num_workers else "data loaded in the main process")
+            workers = self.data.dataloader.num_workers
+            settings.append(f"{workers} loader workers" if workers else "data loaded in the main process")
         settings.append(f"loss read every {self.log_every} step{'s' if self.log_every > 1 else ''}")
         return ", ".join(settings)
 

@@ -101,7 +101,6 @@ class TrainingData:
     images: TrainingImages
     sampler: EpochShuffleSampler
     device_images: torch.Tensor | None
-    num_workers: int
     dataloader: torch.utils.data.DataLoader
 
     @classmethod
@@ -147,4 +146,4 @@ class TrainingData:
             # the trainer alone answers a stop signal; workers keep serving it until it has stopped
             worker_init_fn=functools.partial(ignore_signals, tuple(config.checkpoint_on_signals)) if workers > 0 else None,
         )
-        return cls(images, sampler, device_images, workers, dataloader)
+        return cls(images, sampler, device_images, dataloader)
