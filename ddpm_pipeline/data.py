@@ -12,7 +12,7 @@ import logging
 import os
 import pickle
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -508,20 +508,30 @@ class IndexDataset(torch.utils.data.Dataset):
         return int(index)
 
 
+def read_batches(read: Callable[[int], torch.Tensor], count: int, batch_size: int,
+                 threads: int | None = None) -> Iterator[torch.Tensor]:  # fmt: skip
+    """``torch.stack([read(i) for i in batch])`` for the consecutive batches of ``range(count)``,
+    each batch read by ``threads`` threads (default: :func:`~ddpm_pipeline.speed.available_cores`):
+    Pillow lets go of the GIL while it decodes and resizes, which is most of the work for photos.
+    No DataLoader: iterating one draws from the global RNG."""
+    with ThreadPoolExecutor(threads or available_cores()) as pool:
+        for start in range(0, count, batch_size):
+            yield torch.stack(list(pool.map(read, range(start, min(start + batch_size, count)))))
+
+
 def stack_images(images: TrainingImages, device: torch.device | str, batch_size: int = 512, progress: bool = True,
                  threads: int | None = None) -> torch.Tensor:  # fmt: skip
     """Every preprocessed image of ``images`` in one float32 tensor ``[N, C, R, R]`` on ``device``:
     ``stack_images(images)[i]`` equals ``images[i]`` exactly. The images are read by ``threads``
-    threads (default: :func:`~ddpm_pipeline.speed.available_cores`): Pillow lets go of the GIL
-    while it decodes and resizes, which is most of the work for photos."""
+    threads (:func:`read_batches`), and no random number is drawn, which would change the weights'
+    initialization that follows."""
     from tqdm.auto import tqdm
 
     first = images[0]
     stacked = torch.empty((len(images), *first.shape), dtype=first.dtype, device=device)
-    # No DataLoader here: iterating one draws from the global RNG, which would change the weights'
-    # initialization that follows.
-    with ThreadPoolExecutor(threads or available_cores()) as pool:
-        for start in tqdm(range(0, len(images), batch_size), desc="preprocessing the data", disable=not progress):
-            stop = min(start + batch_size, len(images))
-            stacked[start:stop] = torch.stack(list(pool.map(images.__getitem__, range(start, stop)))).to(device)
+    batches = read_batches(images.__getitem__, len(images), batch_size, threads)
+    start = 0
+    for batch in tqdm(batches, total=-(-len(images) // batch_size), desc="preprocessing the data", disable=not progress):
+        stacked[start : start + len(batch)] = batch.to(device)
+        start += len(batch)
     return stacked

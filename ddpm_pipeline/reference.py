@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +32,10 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .data import find_image_column, is_saved_dataset, load_image_dataset
+from .data import find_image_column, is_saved_dataset, load_image_dataset, read_batches
 from .features import FeatureExtractorSpec, extract_features, pil_to_uint8
 from .images import ImagePreprocessor, ImageSource
 from .metrics import gaussian_statistics
-from .speed import available_cores
 
 STATS_SUFFIX = ".npz"
 
@@ -203,15 +201,12 @@ def preprocessed_batches(
     images: ImageSource, preprocess: ImagePreprocessor, count: int, batch_size: int, threads: int | None = None
 ) -> Iterator[torch.Tensor]:
     """``uint8 [B, 3, R, R]`` batches of the first ``count`` images, preprocessed as in training,
-    each batch read by ``threads`` threads (default: :func:`~ddpm_pipeline.speed.available_cores`;
-    Pillow lets go of the GIL while it decodes and resizes)."""
+    each batch read by ``threads`` threads (:func:`~ddpm_pipeline.data.read_batches`)."""
 
     def read(index: int) -> torch.Tensor:
         return pil_to_uint8(preprocess.to_pil(images.open(index)))
 
-    with ThreadPoolExecutor(threads or available_cores()) as pool:
-        for start in range(0, count, batch_size):
-            yield torch.stack(list(pool.map(read, range(start, min(start + batch_size, count)))))
+    return read_batches(read, count, batch_size, threads)
 
 
 def reference_statistics(
