@@ -26,7 +26,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.state import PartialState
+from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import SCALER_NAME, DataLoaderConfiguration, ProjectConfiguration, broadcast, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
@@ -1175,8 +1175,25 @@ def train(config: TrainingConfig) -> TrainingResult:
     """Train a DDPM as ``config`` says and write, into ``config.output_dir``: the EMA pipeline
     (``model_index.json``, ``unet/``, ``scheduler/``) with ``training_config.json``; ``samples.png``
     and ``trajectory.png``; ``samples/step_N.png`` grids; ``loss_history.csv`` and
-    ``loss_curve.png``; ``checkpoint-N/`` folders; TensorBoard logs in ``logs/``."""
-    return Trainer(config).run()
+    ``loss_curve.png``; ``checkpoint-N/`` folders; TensorBoard logs in ``logs/``.
+
+    Accelerate keeps the mixed precision and gradient accumulation of a process's first
+    ``Accelerator`` for every later one; they are released when the run returns or fails, so the
+    next ``train`` in the same process (a notebook's next cell) runs with its own options."""
+    try:
+        return Trainer(config).run()
+    finally:
+        release_accelerate_state()
+
+
+def release_accelerate_state() -> None:
+    """Forget Accelerate's process-wide ``AcceleratorState`` and ``GradientState`` (its mixed
+    precision, gradient accumulation, …), so the next ``Accelerator`` of this process is built from
+    its own arguments rather than refused or given the first one's. ``PartialState`` (the
+    processes, the device and a distributed launch's process group) is kept: it describes the
+    process, not the run."""
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 def exit_status(result: TrainingResult) -> int:

@@ -111,19 +111,23 @@ class TrainingData:
         default on the CPU weighs the images the run has left to read, after the ``steps_done`` of
         the checkpoint it resumes), ``--dataloader_num_workers`` (default:
         :func:`~ddpm_pipeline.speed.default_num_workers`) and ``--train_batch_size``; raises when the
-        data set holds less than one batch of all the processes."""
+        data set holds less than one optimizer step's batch, ``--train_batch_size`` ×
+        ``--gradient_accumulation_steps`` × processes: an epoch ends the accumulation of gradients
+        (an optimizer step, as in Accelerate and diffusers' examples), so each step would average
+        fewer batches than the run says."""
         preprocess = ImagePreprocessor(unet_config["sample_size"], unet_config["in_channels"], config.resize_mode)
         images = TrainingImages(dataset, column, preprocess, bad_images=config.bad_images)
-        per_step = config.train_batch_size * accelerator.num_processes
-        if len(images) < per_step:
+        images_per_step = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+        if len(images) < images_per_step:
+            accumulation = (f" × {config.gradient_accumulation_steps} accumulation"
+                            if config.gradient_accumulation_steps > 1 else "")  # fmt: skip
             raise ValueError(
-                f"The data set has {len(images)} images, fewer than one batch of {per_step} "
-                f"(--train_batch_size {config.train_batch_size} × {accelerator.num_processes} processes): "
-                "lower --train_batch_size or add images."
+                f"The data set has {len(images)} images, fewer than one optimizer step's batch of {images_per_step} "
+                f"(--train_batch_size {config.train_batch_size}{accumulation} × {accelerator.num_processes} processes): "
+                f"lower --train_batch_size{' or --gradient_accumulation_steps' if accumulation else ''}, or add images."
             )
         sampler = EpochShuffleSampler(len(images), seed=config.seed)
         device = accelerator.device
-        images_per_step = per_step * config.gradient_accumulation_steps
         if config.max_train_steps is not None:
             images_to_read = max(0, config.max_train_steps - steps_done) * images_per_step
         else:  # --num_epochs

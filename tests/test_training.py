@@ -651,8 +651,30 @@ def test_resuming_in_fp16_from_a_checkpoint_without_loss_scaling_starts_the_scal
 
 def test_too_few_images_for_a_batch_is_a_clear_error(tmp_path):
     data = saved_dataset(tmp_path / "data", count=3, size=16)
-    with pytest.raises(ValueError, match="lower --train_batch_size"):
+    with pytest.raises(ValueError, match=r"3 images, fewer than one optimizer step's batch of 4 .*: lower --train_batch_size, or add"):
         run_training(tmp_path / "run", "--dataset_path", data, "--train_batch_size", "4")
+    reset_accelerate()
+    # an epoch ends the accumulation, so 2 batches of 2 (one epoch) could not make a step of 3 batches
+    with pytest.raises(ValueError, match=r"batch of 6 \(--train_batch_size 2 × 3 accumulation × 1 processes\): "
+                                         "lower --train_batch_size or --gradient_accumulation_steps"):  # fmt: skip
+        run_training(tmp_path / "run", "--dataset_path", data, "--train_batch_size", "2", "--gradient_accumulation_steps", "3")
+
+
+def test_train_can_be_called_again_in_the_same_process_with_other_options(tmp_path):
+    """A notebook's cells: each train() gets its own mixed precision and gradient accumulation,
+    after a run that finished and after one that failed, though Accelerate keeps both per process."""
+    data = saved_dataset(tmp_path / "data", count=8, size=16)
+    options = [*TINY, "--dataset_path", str(data), "--train_batch_size", "2", "--max_train_steps", "2"]
+    first = training.train(TrainingConfig.from_args([*options, "--output_dir", str(tmp_path / "fp32")]))
+    with pytest.raises(ValueError, match="fewer than one optimizer step's batch"):
+        training.train(TrainingConfig.from_args([*options, "--output_dir", str(tmp_path / "bad"), "--train_batch_size", "9"]))
+    bf16 = training.train(TrainingConfig.from_args([*options, "--output_dir", str(tmp_path / "bf16"), "--mixed_precision", "bf16"]))
+    accumulated = training.train(TrainingConfig.from_args([*options, "--output_dir", str(tmp_path / "acc"),
+                                                           "--gradient_accumulation_steps", "2"]))  # fmt: skip
+    assert first.finished and bf16.finished and accumulated.finished
+    assert json.loads((tmp_path / "bf16" / "training_summary.json").read_text())["mixed_precision"] == "bf16"
+    assert json.loads((tmp_path / "fp32" / "training_summary.json").read_text())["epochs"] == 0.5  # 2 steps of 2 batches
+    assert json.loads((tmp_path / "acc" / "training_summary.json").read_text())["epochs"] == 1.0  # 2 steps of 4 batches
 
 
 def test_training_config_json_matches_the_command_line(tmp_path):
