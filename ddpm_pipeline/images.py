@@ -113,17 +113,38 @@ class ImagePreprocessor:
 
 
 def to_8bit_opaque(image: Image.Image) -> Image.Image:
-    """``image`` with 8-bit channels and no alpha: 16-bit (``I;16``, ``I``) gray scaled by 255/65535
-    (``I`` only when its values exceed 255), transparency composited on black (like the padding)."""
-    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
-        array = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(array * (255 / 65535) + 0.5, 0, 255).astype(np.uint8), "L")
+    """``image`` with 8-bit channels and no alpha: 16-bit gray (``I;16``, or ``I`` whose values
+    exceed 255) scaled by 255/65535; 32-bit float gray (``F``, as TIFFs store it) read as floats in
+    [0, 1] (``round(255 v)``, as arrays of pixels are) when every pixel lies there, else as levels
+    in 0‥255; transparency composited on black (like the padding). A `ValueError` says when an
+    ``I`` or ``F`` image lies outside those ranges (negative, beyond 16 bits or 255, NaN), which no
+    8-bit picture can show without a scale only its data set knows."""
+    if image.mode.startswith("I;16"):
+        return Image.fromarray(np.rint(np.asarray(image, dtype=np.float64) * (255 / 65535)).astype(np.uint8), "L")
     if image.mode in ("I", "F"):
-        return Image.fromarray(np.clip(np.asarray(image, dtype=np.float64) + 0.5, 0, 255).astype(np.uint8), "L")
+        return gray_levels_to_8bit(np.asarray(image, dtype=np.float64), image.mode)
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
     return image
+
+
+def gray_levels_to_8bit(pixels: np.ndarray, mode: str) -> Image.Image:
+    """A 32-bit gray image's ``pixels`` (PIL mode ``mode``: ``"I"`` integers, ``"F"`` floats) as
+    8-bit gray: integers in 0‥255 as they are, in 0‥65535 (16 bits) scaled by 255/65535; floats all
+    in [0, 1] scaled by 255, else in [0, 255] as they are; each rounded to the nearest level.
+    Raises `ValueError` naming the range for anything else."""
+    low, high = float(pixels.min()), float(pixels.max())
+    if mode == "F" and 0 <= low and high <= 1:
+        return Image.fromarray(np.rint(pixels * 255).astype(np.uint8), "L")
+    if mode == "I" and not (0 <= low and high <= 65535):
+        raise ValueError(f"its 32-bit integer pixels span {low:.0f}‥{high:.0f}, beyond 16 bits (0‥65535, which are "
+                         "scaled to 8): store the images with 8 or 16 bits")  # fmt: skip
+    if mode == "F" and not (0 <= low and high <= 255):  # NaN fails this too
+        raise ValueError(f"its float pixels span [{low:.4g}, {high:.4g}], neither [0, 1] nor 0‥255: scale them to "
+                         "[0, 1] (with one scale for the whole data set) or store the images with 8 or 16 bits")  # fmt: skip
+    scale = 255 / 65535 if high > 255 else 1.0
+    return Image.fromarray(np.rint(pixels * scale).astype(np.uint8), "L")
 
 
 #: PIL modes without colour: their images train as one channel.

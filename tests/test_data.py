@@ -403,6 +403,43 @@ def test_arrays_of_pixels_become_the_images_they_hold():
             pixels_to_image(pixels)
 
 
+def test_gray_files_of_16_and_32_bits_are_read_as_8_bit_levels_or_refused(tmp_path):
+    """A float TIFF (PIL mode F) in [0, 1] is read as arrays of floats are, round(255 v), and one in
+    0‥255 as levels; 16-bit PNGs (I;16) and 32-bit integer TIFFs (I) within 16 bits are scaled by
+    255/65535. Out of those ranges an image is bad, named with its range and the fix, rather than
+    clipped to black or white."""
+    rng = np.random.default_rng(3)
+    levels = rng.integers(0, 256, (6, 5), dtype=np.uint8)
+    levels[0, :2] = 0, 255
+    sixteen = levels.astype(np.uint16) * 257  # k·257 is k exactly at 8 bits
+    files = {
+        "unit.tif": Image.fromarray(levels.astype(np.float32) / 255, "F"),
+        "levels.tif": Image.fromarray(levels.astype(np.float32), "F"),
+        "sixteen.png": Image.fromarray(sixteen),
+        "int32.tif": Image.fromarray(sixteen.astype(np.int32), "I"),
+        "small-int32.tif": Image.fromarray(levels.astype(np.int32), "I"),
+        "negative.tif": Image.fromarray(levels.astype(np.float32) / 255 - 0.5, "F"),
+        "hdr.tif": Image.fromarray(levels.astype(np.float32) * 4, "F"),
+        "wide.tif": Image.fromarray(sixteen.astype(np.int32) * 16, "I"),
+    }
+    for name, image in files.items():
+        image.save(tmp_path / name)
+    opened = {name: Image.open(tmp_path / name) for name in files}
+    assert [opened[name].mode for name in ("unit.tif", "sixteen.png", "int32.tif")] == ["F", "I;16", "I"]
+    for name in ("unit.tif", "levels.tif", "sixteen.png", "int32.tif", "small-int32.tif"):
+        assert np.array_equal(np.asarray(to_8bit_opaque(opened[name])), levels), name
+    dataset = datasets.Dataset.from_dict({"image": [str(tmp_path / name) for name in files]}).cast_column("image", datasets.Image())
+    images = TrainingImages(dataset, "image", ImagePreprocessor(8, 1), bad_images="fail")
+    assert torch.equal(images[0], images[2]) and torch.equal(images[0], images[4])
+    for index, message in [
+        (5, r"negative.tif cannot be used: its float pixels span \[-0.5, 0.5\], neither \[0, 1\] nor 0‥255: scale them"),
+        (6, r"hdr.tif cannot be used: its float pixels span \[0, 1020\], neither"),
+        (7, r"wide.tif cannot be used: its 32-bit integer pixels span 0‥1048560, beyond 16 bits .*with 8 or 16 bits"),
+    ]:
+        with pytest.raises(BadImageError, match=message):
+            images[index]
+
+
 def test_a_column_may_hold_images_paths_or_arrays_and_each_trains_on_the_same_tensors(tmp_path, monkeypatch):
     """The same pictures stored as PNG files (an Image column), as their bytes (without the Image
     feature), as paths to them (absolute or relative to the current directory), as an Array3D and
