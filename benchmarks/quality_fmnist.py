@@ -71,7 +71,7 @@ from ddpm_pipeline.data import (
     stack_images,
 )
 from ddpm_pipeline.evaluation import bound_over_data, bound_store, evaluate
-from ddpm_pipeline.images import ImagePreprocessor
+from ddpm_pipeline.images import ImagePreprocessor, levels_to_model_range
 from ddpm_pipeline.pipeline_ddpm_target import DDPMTargetPipeline
 from ddpm_pipeline.plots import save_labelled_images, save_loss_curve, save_metric_curves
 from ddpm_pipeline.provenance import package_versions
@@ -312,7 +312,8 @@ class Study:
         args, output = self.args, run_dir / "train"
         output.mkdir(parents=True, exist_ok=True)
         dataset = DataSource.parse(str(self.data["train"])).load()
-        images = stack_images(TrainingImages(dataset, find_image_column(dataset), self.preprocess), self.device)
+        levels = stack_images(TrainingImages(dataset, find_image_column(dataset), self.preprocess), self.device)
+        images = levels_to_model_range(levels)
         steps_per_epoch = len(images) // args.batch_size
         if steps_per_epoch < 1:
             raise ValueError(f"The data set has {len(images)} images, fewer than one batch of {args.batch_size}.")

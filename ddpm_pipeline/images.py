@@ -104,12 +104,24 @@ class ImagePreprocessor:
         return min(size[0], size_w) * min(size[1], size_h) / (size_w * size_h)
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        array = np.asarray(self.to_pil(image), dtype=np.float32)
-        tensor = torch.from_numpy(array.reshape(*self.height_width, self.channels)).permute(2, 0, 1)
-        tensor = tensor / 127.5 - 1.0
+        levels = torch.from_numpy(np.array(self.to_pil(image)).reshape(*self.height_width, self.channels)).permute(2, 0, 1)
+        tensor = levels_to_model_range(levels)
         if self.random_flip and torch.rand((), generator=generator).item() < 0.5:
             tensor = tensor.flip(-1)
         return tensor.contiguous()
+
+
+def levels_to_model_range(levels: torch.Tensor) -> torch.Tensor:
+    """8-bit pixel levels ``k`` (0‥255, of any dtype) as the network sees them:
+    ``x = k / 127.5 - 1``, float32 in [-1, 1], computed as the preprocessing computes it."""
+    return levels.to(torch.float32) / 127.5 - 1.0
+
+
+def model_range_to_levels(images: torch.Tensor) -> torch.Tensor:
+    """The levels ``k = round((x + 1) · 127.5)`` of images in [-1, 1], as uint8: a quarter of
+    float32's memory, and exact for :func:`levels_to_model_range`'s outputs
+    (``levels_to_model_range(model_range_to_levels(x))`` is ``x`` bit for bit)."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def to_8bit_opaque(image: Image.Image) -> Image.Image:

@@ -49,7 +49,7 @@ from .data import (
     has_named_splits,
     load_image_dataset,
 )
-from .images import ImageSource, check_padding, inspect_images, warn_if_mostly_padding
+from .images import ImageSource, check_padding, inspect_images, levels_to_model_range, warn_if_mostly_padding
 from .losses import diffusion_loss_terms, has_bound_term
 from .lr_schedule import RunLengthLR, warmup_advice
 from .model_card import EVAL_REPORT_NAME, eval_outputs
@@ -779,7 +779,8 @@ class Trainer:
         its parts and its quarters of the timesteps), detached and still on the device (no host sync)."""
         config = self.config
         if self.data.device_images is not None and not images.is_floating_point():
-            images = self.data.device_images[images]  # a batch of indices into the device-resident data set
+            # a batch of indices into the device-resident data set, whose 8-bit levels become the inputs
+            images = levels_to_model_range(self.data.device_images[images])
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         processes, rank, batch = self.accelerator.num_processes, self.accelerator.process_index, images.shape[0]

@@ -68,7 +68,7 @@ def device_resident_images(
     images: TrainingImages, wanted: bool | None, device: torch.device, show_progress: bool = True,
     threads: int | None = None, processes: int = 1, images_to_read: int | None = None,
 ) -> torch.Tensor | None:  # fmt: skip
-    """Every preprocessed image of ``images`` in one tensor on ``device``
+    """Every preprocessed image of ``images`` in one tensor of 8-bit levels on ``device``
     (:func:`~ddpm_pipeline.data.stack_images`, reading them with ``threads`` threads) when
     ``wanted`` (``--data_on_device``); when ``wanted`` is None, where it takes at most a quarter of
     the memory (:func:`~ddpm_pipeline.speed.fits_on_device`: a GPU's, or on the CPU the machine's,
@@ -76,7 +76,7 @@ def device_resident_images(
     (``images_to_read``; None: not known, taken as enough), so that no image is decoded for
     nothing. Else None: the loader reads each batch as it comes."""
     height, width = sample_height_width(images.preprocess.resolution)
-    total_bytes = 4 * images.preprocess.channels * height * width * len(images)
+    total_bytes = images.preprocess.channels * height * width * len(images)  # 8-bit levels (stack_images)
     if wanted is None:
         reads_every_image = images_to_read is None or images_to_read >= len(images)
         wanted = fits_on_device(total_bytes, device, processes=processes) and (device.type != "cpu" or reads_every_image)

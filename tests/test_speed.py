@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, speed
 from ddpm_pipeline.data import IndexDataset, TrainingImages, bundled_dataset, load_image_dataset, stack_images
 from ddpm_pipeline.evaluation import EvaluationConfig
-from ddpm_pipeline.images import ImagePreprocessor
+from ddpm_pipeline.images import ImagePreprocessor, levels_to_model_range, model_range_to_levels
 from ddpm_pipeline.losses import diffusion_loss
 from ddpm_pipeline.sampling import sampling_pipeline
 from ddpm_pipeline.speed import (
@@ -305,6 +305,16 @@ def test_images_stacked_by_several_threads_are_those_of_one(tmp_path):
     alone = stack_images(one, "cpu", batch_size=4, progress=False, threads=1)
     assert torch.equal(stack_images(many, "cpu", batch_size=4, progress=False, threads=4), alone)
     assert len(one.skipped) == len(many.skipped) == 1 and one.skipped == many.skipped
+    # kept as 8-bit levels, which give back the preprocessed images bit for bit (resized JPEGs included)
+    assert alone.dtype == torch.uint8 and all(torch.equal(levels_to_model_range(alone[i]), one[i]) for i in range(10))
+
+
+def test_8_bit_levels_and_the_networks_inputs_convert_exactly():
+    levels = torch.arange(256, dtype=torch.uint8)
+    inputs = levels_to_model_range(levels)
+    assert inputs.dtype == torch.float32 and inputs[0] == -1 and inputs[255] == 1
+    assert torch.equal(inputs, torch.arange(256, dtype=torch.float32) / 127.5 - 1)  # the preprocessing's formula
+    assert torch.equal(model_range_to_levels(inputs), levels)
 
 
 def test_on_the_cpu_the_data_set_is_kept_in_memory_when_it_fits_and_every_image_is_read(monkeypatch):
@@ -312,7 +322,7 @@ def test_on_the_cpu_the_data_set_is_kept_in_memory_when_it_fits_and_every_image_
     images = TrainingImages(bundled_dataset().select(range(20)), "image", ImagePreprocessor(8, 1))
     cpu = torch.device("cpu")
     kept = device_resident_images(images, None, cpu, False, images_to_read=20)  # one epoch
-    assert kept.shape == (20, 1, 8, 8) and all(torch.equal(kept[i], images[i]) for i in range(20))
+    assert kept.shape == (20, 1, 8, 8) and all(torch.equal(levels_to_model_range(kept[i]), images[i]) for i in range(20))
     assert device_resident_images(images, None, cpu, False, images_to_read=19) is None  # less: read as it comes
     assert device_resident_images(images, None, cpu, False, images_to_read=None) is not None  # not known
     assert device_resident_images(images, False, cpu, False, images_to_read=40) is None  # --no-data_on_device
@@ -346,7 +356,7 @@ def test_what_a_run_has_left_to_read_decides_whether_the_cpu_keeps_its_data_in_m
 
 
 def images_bytes(images):
-    return len(images) * images[0].numel() * 4
+    return len(images) * images[0].numel()  # one byte a value: the 8-bit levels
 
 
 def test_device_resident_data_equals_the_loader(tmp_path):
@@ -354,9 +364,9 @@ def test_device_resident_data_equals_the_loader(tmp_path):
     trainer = Trainer(config)
     assert isinstance(trainer.dataloader.dataset, IndexDataset)
     stacked = trainer.data.device_images
-    assert stacked.shape == (len(trainer.data.images), 1, 16, 16) and stacked.dtype == torch.float32
+    assert stacked.shape == (len(trainer.data.images), 1, 16, 16) and stacked.dtype == torch.uint8  # 8-bit levels
     for index in (0, 7, len(trainer.data.images) - 1):
-        assert torch.equal(stacked[index], trainer.data.images[index])
+        assert torch.equal(levels_to_model_range(stacked[index]), trainer.data.images[index])
     assert torch.equal(stack_images(trainer.data.images, "cpu", batch_size=333, progress=False), stacked)
     # the index loader follows the same seeded order as the image loader would
     trainer.data.sampler.set_epoch(3)
