@@ -26,7 +26,7 @@ from .atomic import atomic_path
 from .bound_store import BoundStore
 from .data import describe_data_source
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
-from .images import ImagePreprocessor, check_padding, inspect_images
+from .images import MOSTLY_PADDING, ImagePreprocessor, check_padding, inspect_images, padded_coverage
 from .likelihood import BoundTerms, batch_bound
 from .metrics import FEATURE_METRICS, REFERENCE_METRICS, SCORE_NAMES, feature_metrics, parse_metrics
 from .pipeline_ddpm_target import DDPMTargetPipeline
@@ -229,12 +229,28 @@ def data_source(data: str, split: str | None, dataset_config: str | None, config
     return source
 
 
-def check_reference_padding(source: DataSource, dataset: datasets.Dataset, preprocess: ImagePreprocessor) -> None:
+def check_reference_padding(source: DataSource, dataset: datasets.Dataset, preprocess: ImagePreprocessor,
+                            canvas_guessed: bool = False) -> None:  # fmt: skip
     """A reference image that ``resize_mode="pad"`` cannot fit on the canvas would fail after the
-    sampling: :func:`~ddpm_pipeline.images.check_padding` of the images it inspects, before."""
+    sampling: :func:`~ddpm_pipeline.images.check_padding` of the images it inspects, before. Where
+    the canvas was taken from the samples or the network rather than from a training run or
+    ``--resize_mode`` (``canvas_guessed``), a warning when ``"auto"`` pads the reference's images
+    onto it and they cover under :data:`~ddpm_pipeline.images.MOSTLY_PADDING` of it: the samples
+    would be compared with small pictures in a black frame (28 px images on a 64 px canvas)."""
     if preprocess.resize_mode == "pad":
         image_format = inspect_images(source.images(dataset))
         check_padding(image_format, preprocess.resolution, "pad", what="reference images", skips_bad_images=False)
+    elif canvas_guessed and preprocess.resize_mode == "auto":
+        image_format = inspect_images(source.images(dataset))
+        coverage = padded_coverage(image_format, preprocess.resolution, "auto")
+        if coverage is not None and coverage < MOSTLY_PADDING:
+            height, width = preprocess.height_width
+            logger.warning(
+                f"the reference's {image_format.shorter_sides()} images are padded onto the {width}×{height} canvas of "
+                f"what is scored, where they cover {coverage:.0%} of it (the median of {image_format.inspected} "
+                "inspected): the scores would compare what is scored with small pictures in a black frame. If it shows "
+                "these images scaled up, pass --resize_mode crop; else pass a --reference of images its size."
+            )
 
 
 def samples_preprocessing(images: ScoredImages, config: EvaluationConfig) -> ImagePreprocessor:
@@ -532,7 +548,8 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
                 f"of {config.model}: give at most {num_train_timesteps}."
             )
         if reference_images is not None:  # padding never shrinks: a reference image too big for it would fail after sampling
-            check_reference_padding(reference_source, reference_images, preprocess)
+            check_reference_padding(reference_source, reference_images, preprocess,
+                                    canvas_guessed=training is None and config.resize_mode is None)  # fmt: skip
         samples_folder, reused, scored = None, 0, ScoredImages(Path())
         if feature_wanted:
             samples = _draw_samples(config, device, processes, store_folder)
@@ -543,6 +560,9 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     else:
         scored = ScoredImages.from_path(config.samples).head(config.num_samples)
         preprocess = samples_preprocessing(scored, config)
+        if reference_images is not None:
+            check_reference_padding(reference_source, reference_images, preprocess,
+                                    canvas_guessed=config.resolution is None and config.resize_mode is None)  # fmt: skip
         samples_folder, reused = scored.source, len(scored)
 
     bound, terms_store = None, None

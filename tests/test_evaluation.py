@@ -8,6 +8,7 @@ wheel is not installed; CI installs it).
 
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -660,6 +661,31 @@ def test_a_folder_scored_as_samples_and_as_reference_reads_the_same_pixels(tmp_p
     report = evaluate(samples=str(folder), reference=str(folder), metrics="fid", feature_extractor=FEATURES,
                       output=str(tmp_path / "fid.json"), cache_dir=str(tmp_path / "cache"), device="cpu")  # fmt: skip
     assert report["metrics"]["fid"] == pytest.approx(0.0, abs=1e-3)
+
+
+def test_a_reference_mostly_padded_onto_the_samples_canvas_is_warned_of(tmp_path, caplog):
+    """Scoring --samples of 64 px against 28 px images pads those onto the samples' canvas, where they
+    cover 19% of it: a warning names --resize_mode crop. 32 px samples (the 28 → 32 convention, 77%)
+    and an explicit --resize_mode pass quietly."""
+    folders = {}
+    for size in (64, 32):
+        folders[size] = tmp_path / f"samples-{size}"
+        folders[size].mkdir()
+        for index in range(4):
+            Image.fromarray(np.full((size, size), 40 * index, np.uint8)).save(folders[size] / f"{index}.png")
+
+    def warnings(size, **options):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.evaluation"):
+            evaluate(samples=str(folders[size]), reference="bundled", reference_max_images=8, metrics="fid",
+                     feature_extractor=FEATURES, output=str(tmp_path / f"fid-{size}.json"),
+                     cache_dir=str(tmp_path / "cache"), device="cpu", **options)  # fmt: skip
+        return [r.getMessage() for r in caplog.records if "black frame" in r.getMessage()]
+
+    (warning,) = warnings(64)
+    assert "reference's 28px images are padded onto the 64×64 canvas of what is scored, where they cover 19%" in warning
+    assert "pass --resize_mode crop" in warning
+    assert warnings(32) == [] and warnings(64, resize_mode="crop") == [] and warnings(64, resize_mode="auto") == []
 
 
 def test_reference_images_read_by_threads_are_those_of_one(reference_data):
