@@ -7,8 +7,7 @@
 N GPUs. ``--help`` lists every option; the work is done by :func:`ddpm_pipeline.evaluate`.
 """
 
-from ddpm_pipeline.console import run_command
-from ddpm_pipeline.evaluation import main
+from ddpm_pipeline.commands import evaluate
 
 if __name__ == "__main__":
-    run_command(main, "eval_metrics.py")
+    evaluate()

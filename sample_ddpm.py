@@ -8,8 +8,7 @@ GPUs. ``--help`` lists every option; the work is done by
 :func:`ddpm_pipeline.generation.generate_samples`.
 """
 
-from ddpm_pipeline.console import run_command
-from ddpm_pipeline.generation import main
+from ddpm_pipeline.commands import sample
 
 if __name__ == "__main__":
-    run_command(main, "sample_ddpm.py")
+    sample()

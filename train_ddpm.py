@@ -5,11 +5,7 @@ and writes a `DDPMPipeline` folder to ``outputs/ddpm-fashion-mnist``. ``--help``
 the loop lives in :mod:`ddpm_pipeline.training`.
 """
 
-import sys
-
-from ddpm_pipeline.console import keep_stderr_writable, run_command
-from ddpm_pipeline.training import exit_status, main
+from ddpm_pipeline.commands import train
 
 if __name__ == "__main__":
-    keep_stderr_writable()  # a launcher that relays stderr may die first: the run still checkpoints
-    sys.exit(exit_status(run_command(main, "train_ddpm.py")))
+    train()

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .bound_store import BoundStore
+from .commands import program_name
 from .data import describe_data_source
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .images import MOSTLY_PADDING, ImagePreprocessor, check_padding, inspect_images, padded_coverage
@@ -140,7 +141,7 @@ class EvaluationConfig:
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> EvaluationConfig:
         """The options of the ``eval_metrics.py`` command line (``argv``, default: ``sys.argv[1:]``)."""
-        parser = dataclass_parser(cls, "eval_metrics.py",
+        parser = dataclass_parser(cls, program_name("eval_metrics.py"),
                                   "Score a DDPM pipeline (or images) with torch-fidelity and the variational bound.")  # fmt: skip
         return cls(**vars(parser.parse_args(argv)))
 

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_path
+from .commands import program_name
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid
 from .preflight import check_output_dir, check_pipeline_folder, refuse_pipeline_folder
@@ -101,7 +102,7 @@ class SampleConfig:
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> SampleConfig:
         """The options of the ``sample_ddpm.py`` command line (``argv``, default: ``sys.argv[1:]``)."""
-        parser = dataclass_parser(cls, "sample_ddpm.py", "Sample a trained DDPM pipeline into a folder of PNGs.")
+        parser = dataclass_parser(cls, program_name("sample_ddpm.py"), "Sample a trained DDPM pipeline into a folder of PNGs.")
         return cls(**vars(parser.parse_args(argv)))
 
 

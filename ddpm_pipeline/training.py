@@ -41,6 +41,7 @@ from .checkpointing import (
     resolve_checkpoint,
     write_checkpoint,
 )
+from .commands import invocation
 from .data import (
     TrainingImages,
     data_identity,
@@ -1217,11 +1218,12 @@ def main(argv: list[str] | None = None) -> TrainingResult:
         scoring, scores = " --metrics fid,kid,prc,bpd", "FID, KID, precision/recall and bits/dim"
         if result.device_type == "cpu":
             scoring, scores = f" {QUICK_CPU_EVALUATION}", "a quick FID-1k, KID and bits/dim on a CPU"
-        snapshots = (f", `python eval_metrics.py --model {folder}{scoring} --snapshots` for them at each snapshot too"
+        evaluate, sample = invocation("eval_metrics.py"), invocation("sample_ddpm.py")
+        snapshots = (f", `{evaluate} --model {folder}{scoring} --snapshots` for them at each snapshot too"
                      if config.snapshot_minutes or config.snapshot_steps else "")  # fmt: skip
         logger.info(
             f"done: the pipeline, samples.png and loss_curve.png are in {result.output_dir}. Next: "
-            f"`python sample_ddpm.py --model {folder}` for more samples, `python eval_metrics.py --model {folder}{scoring}` "
+            f"`{sample} --model {folder}` for more samples, `{evaluate} --model {folder}{scoring}` "
             f"for {scores}{snapshots}"
         )
     return result

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .commands import program_name
 from .images import RESIZE_MODES, ImageFormat
 from .losses import DEFAULT_VLB_WEIGHT
 from .schedules import (
@@ -488,7 +489,7 @@ class TrainingConfig:
         """An `argparse` parser with one ``--option`` per field (``--no_option`` for booleans;
         ``none`` for optional numbers)."""
         parser = argparse.ArgumentParser(
-            prog="train_ddpm.py",
+            prog=program_name("train_ddpm.py"),
             description="Train a DDPM (ε, x0 or μ target) with diffusers and Accelerate; "
             "with no options, the small preset on the bundled Fashion-MNIST images.",
             formatter_class=DefaultsHelpFormatter,

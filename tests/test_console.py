@@ -51,6 +51,32 @@ def test_the_commands_report_bad_input_without_a_traceback(tmp_path):
     assert f"eval_metrics.py: error: --model {tmp_path / 'missing'} is not a folder, nor a Hub repo id" in evaluate.stderr
 
 
+def test_installing_the_package_puts_the_three_programs_on_the_path(tmp_path, monkeypatch):
+    """ddpm-train, ddpm-eval and ddpm-sample run what the repository's scripts run, and name
+    themselves (usage, errors, the commands suggested next) as they were started."""
+    from importlib.metadata import entry_points
+
+    from ddpm_pipeline import commands
+
+    installed = {point.name: point.value for point in entry_points(group="console_scripts") if point.name.startswith("ddpm-")}
+    assert installed == {"ddpm-train": "ddpm_pipeline.commands:train", "ddpm-eval": "ddpm_pipeline.commands:evaluate",
+                         "ddpm-sample": "ddpm_pipeline.commands:sample"}  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop(TRACEBACK_VARIABLE, None)
+    train = subprocess.run([str(Path(sys.executable).parent / "ddpm-train"), "--model", "ddpm-small-28", "--resolution", "30",
+                            "--output_dir", str(tmp_path / "run")], capture_output=True, text=True, env=env)  # fmt: skip
+    assert train.returncode == 1 and "Traceback" not in train.stderr
+    assert "ddpm-train: error: The UNet configuration cannot train" in train.stderr
+    usage = subprocess.run([str(Path(sys.executable).parent / "ddpm-sample"), "--help"], capture_output=True, text=True, env=env)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: ddpm-sample ")
+    monkeypatch.setattr(sys, "argv", ["/somewhere/bin/ddpm-train"])
+    assert commands.program_name("train_ddpm.py") == "ddpm-train" and commands.invocation("eval_metrics.py") == "ddpm-eval"
+    assert TrainingConfig.argument_parser().prog == "ddpm-train"
+    monkeypatch.setattr(sys, "argv", ["train_ddpm.py"])
+    assert commands.program_name("train_ddpm.py") == "train_ddpm.py"
+    assert commands.invocation("eval_metrics.py") == "python eval_metrics.py"
+
+
 def test_stderr_outlives_its_reader(tmp_path, monkeypatch):
     """A launcher that relays stderr through a pipe and dies: writing goes on, to os.devnull, for
     the wrapper and for every other writer of that descriptor, instead of raising BrokenPipeError."""
