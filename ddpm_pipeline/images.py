@@ -304,6 +304,11 @@ class ImageSource:
                     "image files, or arrays of pixels): name the column that holds them with --image_column."
                 )
             return item
+        if not item.get("bytes") and "://" in (item.get("path") or ""):
+            raise BadImageError(
+                f"{self.name(index)} is a URL, and images are read from files, not downloaded as they train: download "
+                "them first (with img2dataset, say) and point the data set at the files"
+            )
         try:
             image = Image.open(io.BytesIO(item["bytes"])) if item.get("bytes") else Image.open(item["path"])
             if load:

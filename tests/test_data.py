@@ -440,6 +440,15 @@ def test_gray_files_of_16_and_32_bits_are_read_as_8_bit_levels_or_refused(tmp_pa
             images[index]
 
 
+def test_a_column_of_urls_is_refused_with_what_to_do():
+    dataset = datasets.Dataset.from_dict({"url": ["https://example.com/0.jpg", "hf://datasets/user/data/1.png"]})
+    for index in range(2):
+        with pytest.raises(BadImageError, match=r"is a URL, and images are read from files, not downloaded .*download them first"):
+            ImageSource(dataset, "url").open(index)
+    with pytest.raises(ValueError, match=r"None of the 2 images inspected can be read \(the first: https://example.com/0.jpg is a URL"):
+        inspect_images(ImageSource(dataset, "url"))
+
+
 def test_a_column_may_hold_images_paths_or_arrays_and_each_trains_on_the_same_tensors(tmp_path, monkeypatch):
     """The same pictures stored as PNG files (an Image column), as their bytes (without the Image
     feature), as paths to them (absolute or relative to the current directory), as an Array3D and
