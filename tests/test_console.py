@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ddpm_pipeline.console import TRACEBACK_VARIABLE, OutlivesItsReader, keep_stderr_writable, run_command
+from ddpm_pipeline.generation import SampleConfig
 from ddpm_pipeline.training_config import TrainingConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,10 +41,11 @@ def test_bad_input_is_one_line_and_other_errors_keep_their_traceback(capsys, mon
 def test_the_commands_report_bad_input_without_a_traceback(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     env.pop(TRACEBACK_VARIABLE, None)
-    train = subprocess.run([sys.executable, str(ROOT / "train_ddpm.py"), "--model", "ddpm-small-28", "--resolution", "30",
+    # the installed command (train_ddpm.py runs the same function: test_training's launches run it)
+    train = subprocess.run([str(Path(sys.executable).parent / "ddpm-train"), "--model", "ddpm-small-28", "--resolution", "30",
                             "--output_dir", str(tmp_path / "run")], capture_output=True, text=True, env=env)  # fmt: skip
     assert train.returncode == 1 and "Traceback" not in train.stderr, train.stderr
-    assert "train_ddpm.py: error: The UNet configuration cannot train:\n  resolution 30 is not divisible by 4" in train.stderr
+    assert "ddpm-train: error: The UNet configuration cannot train:\n  resolution 30 is not divisible by 4" in train.stderr
     evaluate = subprocess.run([sys.executable, str(ROOT / "eval_metrics.py"), "--model", str(tmp_path / "missing"),
                                "--metrics", "bpd", "--output", str(tmp_path / "results.json")],
                               capture_output=True, text=True, env=env)  # fmt: skip
@@ -51,7 +53,7 @@ def test_the_commands_report_bad_input_without_a_traceback(tmp_path):
     assert f"eval_metrics.py: error: --model {tmp_path / 'missing'} is not a folder, nor a Hub repo id" in evaluate.stderr
 
 
-def test_installing_the_package_puts_the_three_programs_on_the_path(tmp_path, monkeypatch):
+def test_installing_the_package_puts_the_three_programs_on_the_path(monkeypatch, capsys):
     """ddpm-train, ddpm-eval and ddpm-sample run what the repository's scripts run, and name
     themselves (usage, errors, the commands suggested next) as they were started."""
     from importlib.metadata import entry_points
@@ -61,14 +63,11 @@ def test_installing_the_package_puts_the_three_programs_on_the_path(tmp_path, mo
     installed = {point.name: point.value for point in entry_points(group="console_scripts") if point.name.startswith("ddpm-")}
     assert installed == {"ddpm-train": "ddpm_pipeline.commands:train", "ddpm-eval": "ddpm_pipeline.commands:evaluate",
                          "ddpm-sample": "ddpm_pipeline.commands:sample"}  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop(TRACEBACK_VARIABLE, None)
-    train = subprocess.run([str(Path(sys.executable).parent / "ddpm-train"), "--model", "ddpm-small-28", "--resolution", "30",
-                            "--output_dir", str(tmp_path / "run")], capture_output=True, text=True, env=env)  # fmt: skip
-    assert train.returncode == 1 and "Traceback" not in train.stderr
-    assert "ddpm-train: error: The UNet configuration cannot train" in train.stderr
-    usage = subprocess.run([str(Path(sys.executable).parent / "ddpm-sample"), "--help"], capture_output=True, text=True, env=env)
-    assert usage.returncode == 0 and usage.stdout.startswith("usage: ddpm-sample ")
+    assert all((Path(sys.executable).parent / name).is_file() for name in installed)  # run in the test above
+    monkeypatch.setattr(sys, "argv", ["/somewhere/bin/ddpm-sample"])
+    with pytest.raises(SystemExit):
+        SampleConfig.from_args(["--help"])
+    assert capsys.readouterr().out.startswith("usage: ddpm-sample ")
     monkeypatch.setattr(sys, "argv", ["/somewhere/bin/ddpm-train"])
     assert commands.program_name("train_ddpm.py") == "ddpm-train" and commands.invocation("eval_metrics.py") == "ddpm-eval"
     assert TrainingConfig.argument_parser().prog == "ddpm-train"
