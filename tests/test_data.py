@@ -425,7 +425,8 @@ def test_gray_files_of_16_and_32_bits_are_read_as_8_bit_levels_or_refused(tmp_pa
     for name, image in files.items():
         image.save(tmp_path / name)
     opened = {name: Image.open(tmp_path / name) for name in files}
-    assert [opened[name].mode for name in ("unit.tif", "sixteen.png", "int32.tif")] == ["F", "I;16", "I"]
+    assert [opened[name].mode for name in ("unit.tif", "int32.tif")] == ["F", "I"]
+    assert opened["sixteen.png"].mode in ("I;16", "I")  # Pillow 10.0 (the floor) opens them as I
     for name in ("unit.tif", "levels.tif", "sixteen.png", "int32.tif", "small-int32.tif"):
         assert np.array_equal(np.asarray(to_8bit_opaque(opened[name])), levels), name
     dataset = datasets.Dataset.from_dict({"image": [str(tmp_path / name) for name in files]}).cast_column("image", datasets.Image())
