@@ -12,6 +12,7 @@ import logging
 import os
 import pickle
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -177,9 +178,11 @@ def load_image_dataset(
         if not holds_image_files(folder):
             if is_saved_dataset(folder):
                 raise ValueError(f"--train_data_dir {folder} is a data set written by save_to_disk: pass it as --dataset_path {folder}.")
+            others = other_files(folder)
             raise ValueError(
-                f"The image folder {folder} holds no image files (.png, .jpg, .webp, … in it or its subfolders): "
-                "point at the folder of images."
+                f"The image folder {folder} holds no image files (.png, .jpg, .webp, … in it or its subfolders)"
+                + (f"; it holds {others}, which are not read as images: convert them to PNG or JPEG, or point at the "
+                   "folder of images." if others else ": point at the folder of images.")  # fmt: skip
             )
         check_image_folder_split(folder, split)
         return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, cache_dir=cache_dir)
@@ -225,6 +228,21 @@ def is_image_file(path: Path) -> bool:
 def holds_image_files(folder: Path) -> bool:
     """Whether ``folder`` or one of its subfolders holds an image file (:func:`is_image_file`)."""
     return any(is_image_file(path) for path in folder.rglob("*"))
+
+
+def other_files(folder: Path, shown: int = 3) -> str:
+    """What ``folder`` (and its subfolders, hidden ones aside) holds instead of image files, for the
+    error that says it holds none: ``"3 .heic files"``, the ``shown`` most common extensions, or
+    ``""`` when it holds no file at all."""
+    counts = Counter(path.suffix.lower() or "extensionless" for path in folder.rglob("*")
+                     if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))  # fmt: skip
+    if not counts:
+        return ""
+    common = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:shown]  # the same order on every filesystem
+    kinds = ", ".join(f"{count} {suffix}" for suffix, count in common)
+    others = len(counts) - shown
+    more = f" and files of {others} other kind{'s' if others > 1 else ''}" if others > 0 else ""
+    return f"{kinds} file{'s' if sum(counts.values()) > 1 else ''}{more}"
 
 
 def image_folder_splits(folder: Path) -> dict[str, list[Path]]:

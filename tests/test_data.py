@@ -217,7 +217,12 @@ def test_an_image_folder_whose_names_datasets_reads_as_splits_says_so(tmp_path, 
     # only files datasets reads as images count
     (tmp_path / "documents").mkdir()
     (tmp_path / "documents" / "scan.pdf").write_bytes(b"%PDF-1.4")
-    with pytest.raises(ValueError, match="holds no image files"):
+    with pytest.raises(ValueError, match=r"holds no image files .*; it holds 1 \.pdf file, which are not read as images: "
+                                         "convert them to PNG or JPEG, or point at the folder of images"):  # fmt: skip
+        load_image_dataset(train_data_dir=tmp_path / "documents")
+    for name in ("IMG_1.HEIC", "IMG_2.heic", "IMG_3.heic", "notes.txt", "clip.mov", "data.xyz", ".DS_Store"):
+        (tmp_path / "documents" / name).write_bytes(b"\0")
+    with pytest.raises(ValueError, match=r"it holds 3 \.heic, 1 \.mov, 1 \.pdf files and files of 2 other kinds, which"):
         load_image_dataset(train_data_dir=tmp_path / "documents")
 
 
