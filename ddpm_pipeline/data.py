@@ -184,6 +184,7 @@ def load_image_dataset(
                 + (f"; it holds {others}, which are not read as images: convert them to PNG or JPEG, or point at the "
                    "folder of images." if others else ": point at the folder of images.")  # fmt: skip
             )
+        warn_of_unread_photos(folder)
         check_image_folder_split(folder, split)
         return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, cache_dir=cache_dir)
     if dataset_path:
@@ -228,6 +229,26 @@ def is_image_file(path: Path) -> bool:
 def holds_image_files(folder: Path) -> bool:
     """Whether ``folder`` or one of its subfolders holds an image file (:func:`is_image_file`)."""
     return any(is_image_file(path) for path in folder.rglob("*"))
+
+
+#: Photo formats that cameras and phones write and that ``datasets`` does not read as images: a
+#: folder's files of these kinds are left out of its data set (HEIC/HEIF: iPhones; the rest: raw files).
+UNREAD_PHOTO_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf",
+                                     ".orf", ".rw2"})  # fmt: skip
+
+
+def warn_of_unread_photos(folder: Path) -> None:
+    """Warn when the image folder ``folder`` holds photos of a format ``datasets`` leaves out
+    (:data:`UNREAD_PHOTO_EXTENSIONS`), which would otherwise be missing from the data set unsaid."""
+    unread = sorted(path.relative_to(folder) for path in folder.rglob("*")
+                    if path.suffix.lower() in UNREAD_PHOTO_EXTENSIONS and not _hidden(path.relative_to(folder)))  # fmt: skip
+    if unread:
+        kinds = Counter(path.suffix.lower() for path in unread)
+        listed = ", ".join(f"{count} {suffix}" for suffix, count in sorted(kinds.items(), key=lambda item: (-item[1], item[0])))
+        logger.warning(
+            f"{listed} file{'s' if len(unread) > 1 else ''} in {folder} (e.g. {unread[0].as_posix()}) are not read as "
+            "images and will not be used: convert them to JPEG or PNG to train on them."
+        )
 
 
 def other_files(folder: Path, shown: int = 3) -> str:

@@ -224,6 +224,15 @@ def test_an_image_folder_whose_names_datasets_reads_as_splits_says_so(tmp_path, 
         (tmp_path / "documents" / name).write_bytes(b"\0")
     with pytest.raises(ValueError, match=r"it holds 3 \.heic, 1 \.mov, 1 \.pdf files and files of 2 other kinds, which"):
         load_image_dataset(train_data_dir=tmp_path / "documents")
+    # beside readable images, photos of a format datasets leaves out are named, not dropped unsaid
+    image(tmp_path / "documents" / "a.png")
+    (tmp_path / "documents" / "raw").mkdir()
+    (tmp_path / "documents" / "raw" / "DSC_1.NEF").write_bytes(b"\0")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.data"):
+        assert load_image_dataset(train_data_dir=tmp_path / "documents").num_rows == 1
+    assert (f"3 .heic, 1 .nef files in {tmp_path / 'documents'} (e.g. IMG_1.HEIC) are not read as images and will not "
+            "be used: convert them to JPEG or PNG") in caplog.text  # fmt: skip
 
 
 def test_saved_dataset_dict_and_column_rules(tmp_path):
