@@ -240,8 +240,9 @@ UNREAD_PHOTO_EXTENSIONS = frozenset({".heic", ".heif", ".avif", ".jxl", ".dng", 
 def warn_of_unread_photos(folder: Path) -> None:
     """Warn when the image folder ``folder`` holds photos of a format ``datasets`` leaves out
     (:data:`UNREAD_PHOTO_EXTENSIONS`), which would otherwise be missing from the data set unsaid."""
+    unread_kinds = UNREAD_PHOTO_EXTENSIONS - _IMAGE_FOLDER_EXTENSIONS  # should a later datasets read some of them
     unread = sorted(path.relative_to(folder) for path in folder.rglob("*")
-                    if path.suffix.lower() in UNREAD_PHOTO_EXTENSIONS and not _hidden(path.relative_to(folder)))  # fmt: skip
+                    if path.suffix.lower() in unread_kinds and not _hidden(path.relative_to(folder)))  # fmt: skip
     if unread:
         kinds = Counter(path.suffix.lower() for path in unread)
         listed = ", ".join(f"{count} {suffix}" for suffix, count in sorted(kinds.items(), key=lambda item: (-item[1], item[0])))
