@@ -548,6 +548,22 @@ class IndexDataset(torch.utils.data.Dataset):
         return int(index)
 
 
+class ImageLevels(torch.utils.data.Dataset):
+    """The images of a :class:`TrainingImages` as their 8-bit levels (uint8,
+    :func:`~ddpm_pipeline.images.model_range_to_levels`): what a loader sends to the device when the
+    data set is not kept there, a quarter of float32's bytes to collate, pin and copy, made the
+    network's inputs on the device, bit for bit the same."""
+
+    def __init__(self, images: TrainingImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return model_range_to_levels(self.images[index])
+
+
 def read_batches(read: Callable[[int], torch.Tensor], count: int, batch_size: int,
                  threads: int | None = None) -> Iterator[torch.Tensor]:  # fmt: skip
     """``torch.stack([read(i) for i in batch])`` for the consecutive batches of ``range(count)``,

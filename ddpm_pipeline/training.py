@@ -777,11 +777,14 @@ class Trainer:
     def training_step(self, images: torch.Tensor, seed: int) -> torch.Tensor:
         """Forward and backward of one micro-batch (and the optimizer step when the gradients are
         complete); returns its :func:`~ddpm_pipeline.run_records.step_record` (the loss first, then
-        its parts and its quarters of the timesteps), detached and still on the device (no host sync)."""
+        its parts and its quarters of the timesteps), detached and still on the device (no host sync).
+        ``images`` is a batch of images in [-1, 1], of their 8-bit levels (uint8, what the loader
+        yields) or of indices (int64) into the device-resident data set."""
         config = self.config
-        if self.data.device_images is not None and not images.is_floating_point():
-            # a batch of indices into the device-resident data set, whose 8-bit levels become the inputs
-            images = levels_to_model_range(self.data.device_images[images])
+        if self.data.device_images is not None and images.dtype == torch.int64:
+            images = self.data.device_images[images]  # a batch of indices into the device-resident data set
+        if images.dtype == torch.uint8:  # the images' 8-bit levels (TrainingData): the network's inputs here
+            images = levels_to_model_range(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         processes, rank, batch = self.accelerator.num_processes, self.accelerator.process_index, images.shape[0]

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
-from .data import EpochShuffleSampler, IndexDataset, TrainingImages, stack_images
+from .data import EpochShuffleSampler, ImageLevels, IndexDataset, TrainingImages, stack_images
 from .images import ImageFormat, ImagePreprocessor
 from .pretrained import PretrainedDDPM
 from .speed import cpu_threads_per_process, default_num_workers, fits_on_device
@@ -95,8 +95,8 @@ def device_resident_images(
 @dataclass
 class TrainingData:
     """The training images and how the loop reads them: ``dataloader`` yields batches of images
-    in ``sampler``'s order, or, with ``device_images`` (the whole preprocessed data set on the
-    device), batches of indices into it."""
+    as their 8-bit levels (uint8) in ``sampler``'s order, or, with ``device_images`` (the whole
+    preprocessed data set on the device, as levels too), batches of indices into it."""
 
     images: TrainingImages
     sampler: EpochShuffleSampler
@@ -140,7 +140,7 @@ class TrainingData:
         if workers is None:
             workers = default_num_workers(device, accelerator.num_processes, on_device)
         dataloader = torch.utils.data.DataLoader(
-            IndexDataset(len(images)) if on_device else images,
+            IndexDataset(len(images)) if on_device else ImageLevels(images),
             batch_size=config.train_batch_size,
             sampler=sampler,
             drop_last=True,

@@ -373,6 +373,29 @@ def test_device_resident_data_equals_the_loader(tmp_path):
     order = list(trainer.data.sampler)[:8]
     trainer.dataloader.set_epoch(3)
     assert next(iter(trainer.dataloader)).tolist() == order
+    reset_accelerate()
+    # without it, the loader yields the images' 8-bit levels in that order: the same inputs
+    streamed = Trainer(TrainingConfig.from_args([*TINY, *FAST_CPU, "--no-data_on_device", "--output_dir", str(tmp_path / "s")]))
+    assert streamed.data.device_images is None
+    streamed.dataloader.set_epoch(3)
+    batch = next(iter(streamed.dataloader))
+    assert batch.dtype == torch.uint8 and torch.equal(batch, stacked[order])
+
+
+def test_streamed_and_device_resident_data_train_the_same_weights(tmp_path):
+    """The loader's 8-bit levels and the device-resident levels are the same inputs: bit for bit
+    the same losses and weights."""
+    for name, where in (("streamed", "--no-data_on_device"), ("resident", "--data_on_device")):
+        reset_accelerate()
+        main([*TINY, "--no-channels_last", "--no-compile_unet", "--mixed_precision", "no", where, "--split", "train[:64]",
+              "--max_train_steps", "6", "--output_dir", str(tmp_path / name)])  # fmt: skip
+    assert read_losses(tmp_path / "streamed") == read_losses(tmp_path / "resident")
+    streamed, resident = final_unet_weights(tmp_path / "streamed"), final_unet_weights(tmp_path / "resident")
+    assert all(torch.equal(streamed[key], resident[key]) for key in streamed)
+
+
+def read_losses(out):
+    return (out / "loss_history.csv").read_text().splitlines()
 
 
 def test_fused_and_foreach_adamw_agree():
