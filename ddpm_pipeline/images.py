@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from dataclasses import dataclass
 
 import datasets
@@ -316,7 +317,11 @@ class ImageSource:
                 image = upright(image)
             return image
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            raise BadImageError(f"{self.name(index)} cannot be used: {type(error).__name__}: {error}") from error
+            hint = ""
+            if isinstance(error, FileNotFoundError) and not item.get("bytes") and not os.path.isabs(item["path"]):
+                hint = (f" (a relative path is read from the current directory, {os.getcwd()}: run from the folder the "
+                        "paths are relative to, or store absolute paths)")  # fmt: skip
+            raise BadImageError(f"{self.name(index)} cannot be used: {type(error).__name__}: {error}{hint}") from error
 
     def name(self, index: int) -> str:
         """How messages name image ``index``: its file, where it has one."""

@@ -464,6 +464,18 @@ def test_a_column_of_urls_is_refused_with_what_to_do():
         inspect_images(ImageSource(dataset, "url"))
 
 
+def test_a_missing_relative_path_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    (tmp_path / "imgs").mkdir()
+    Image.new("L", (4, 4)).save(tmp_path / "imgs" / "a.png")
+    dataset = datasets.Dataset.from_dict({"file": ["imgs/a.png"]})
+    monkeypatch.chdir(tmp_path / "imgs")  # not the folder the path is relative to
+    with pytest.raises(BadImageError, match=r"imgs/a.png cannot be used: FileNotFoundError: .* \(a relative path is read "
+                                            r"from the current directory, .*imgs: run from the folder the paths are relative to"):  # fmt: skip
+        ImageSource(dataset, "file").open(0)
+    monkeypatch.chdir(tmp_path)
+    assert ImageSource(dataset, "file").open(0).size == (4, 4)
+
+
 def test_a_column_may_hold_images_paths_or_arrays_and_each_trains_on_the_same_tensors(tmp_path, monkeypatch):
     """The same pictures stored as PNG files (an Image column), as their bytes (without the Image
     feature), as paths to them (absolute or relative to the current directory), as an Array3D and
