@@ -14,19 +14,24 @@ from pathlib import Path
 INSTALLED_COMMANDS = {"ddpm-train": "train_ddpm.py", "ddpm-eval": "eval_metrics.py", "ddpm-sample": "sample_ddpm.py"}
 
 
+def started_by_installed_command() -> str | None:
+    """The installed command (``ddpm-train``, …) that started this process, or None."""
+    started_as = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return started_as if started_as in INSTALLED_COMMANDS else None
+
+
 def program_name(script: str) -> str:
     """The name ``script``'s program was started by, for its usage line, its errors and the
     commands it suggests: the installed command (``ddpm-train``) when that started this process,
     else ``script`` (``train_ddpm.py``: run as a script, or called from Python)."""
-    started_as = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    return started_as if INSTALLED_COMMANDS.get(started_as) == script else script
+    command = started_by_installed_command()
+    return command if command is not None and INSTALLED_COMMANDS[command] == script else script
 
 
 def invocation(script: str) -> str:
     """How to run ``script``'s program the way this one was started: ``python eval_metrics.py``
     from a clone, ``ddpm-eval`` where the installed commands are in use."""
-    installed = INSTALLED_COMMANDS.get(Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "")
-    if installed is not None:
+    if started_by_installed_command() is not None:
         return next(command for command, name in INSTALLED_COMMANDS.items() if name == script)
     return f"python {script}"
 

@@ -257,7 +257,7 @@ def other_files(folder: Path, shown: int = 3) -> str:
     error that says it holds none: ``"3 .heic files"``, the ``shown`` most common extensions, or
     ``""`` when it holds no file at all."""
     counts = Counter(path.suffix.lower() or "extensionless" for path in folder.rglob("*")
-                     if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts))  # fmt: skip
+                     if path.is_file() and not _hidden(path.relative_to(folder)))  # fmt: skip
     if not counts:
         return ""
     common = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:shown]  # the same order on every filesystem
