@@ -673,8 +673,8 @@ def test_train_can_be_called_again_in_the_same_process_with_other_options(tmp_pa
                                                            "--gradient_accumulation_steps", "2"]))  # fmt: skip
     assert first.finished and bf16.finished and accumulated.finished
     assert json.loads((tmp_path / "bf16" / "training_summary.json").read_text())["mixed_precision"] == "bf16"
-    assert json.loads((tmp_path / "fp32" / "training_summary.json").read_text())["epochs"] == 0.5  # 2 steps of 2 batches
-    assert json.loads((tmp_path / "acc" / "training_summary.json").read_text())["epochs"] == 1.0  # 2 steps of 4 batches
+    assert json.loads((tmp_path / "fp32" / "training_summary.json").read_text())["epochs"] == 0.5  # 2 steps of one batch of 2
+    assert json.loads((tmp_path / "acc" / "training_summary.json").read_text())["epochs"] == 1.0  # 2 steps of two batches of 2
 
 
 def test_training_config_json_matches_the_command_line(tmp_path):
