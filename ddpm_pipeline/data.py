@@ -25,7 +25,7 @@ from datasets.data_files import DataFilesDict, get_data_patterns
 from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 
-from .images import BadImageError, ImagePreprocessor, ImageSource, column_kind, model_range_to_levels, upright_size
+from .images import BadImageError, ImagePreprocessor, ImageSource, column_kind, levels_to_model_range, upright_size
 from .speed import available_cores
 
 #: Fashion-MNIST's 10,000 test images (MIT license, © 2017 Zalando SE; LICENSE beside them).
@@ -127,7 +127,7 @@ def bundled_images(num_images: int | None = None, size: int = 28) -> torch.Tenso
     """The first ``num_images`` bundled images as a ``[N, 1, size, size]`` float32 tensor of
     ``pixel/127.5 - 1`` (the 256 levels in [-1, 1]), centred as the data pipeline centres them:
     padded with black (-1) to a larger ``size``, cropped to a smaller one."""
-    x0 = torch.tensor(read_idx(BUNDLED_IMAGES)[:num_images], dtype=torch.float32)[:, None] / 127.5 - 1.0
+    x0 = levels_to_model_range(torch.tensor(read_idx(BUNDLED_IMAGES)[:num_images])[:, None])
     side = x0.shape[-1]
     if size > side:
         before = (size - side) // 2
@@ -472,11 +472,13 @@ class TrainingImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def load(self, index: int) -> torch.Tensor:
-        """Image ``index`` preprocessed; `BadImageError` naming it when it cannot be."""
+    def load(self, index: int, levels: bool = False) -> torch.Tensor:
+        """Image ``index`` preprocessed (with ``levels``, as its 8-bit levels:
+        :meth:`~ddpm_pipeline.images.ImagePreprocessor.levels`); `BadImageError` naming it when it
+        cannot be."""
         image = self.source.open(index)
         try:
-            return self.preprocess(image)
+            return self.preprocess.levels(image) if levels else self.preprocess(image)
         except ValueError as error:
             raise BadImageError(f"{self.source.name(index)} cannot be used: {error}") from error
 
@@ -490,14 +492,19 @@ class TrainingImages(torch.utils.data.Dataset):
         header): the share of the canvas it fills."""
         return self.preprocess.data_share(upright_size(self.source.open(index, load=False)))
 
-    def usable(self, index: int) -> tuple[int, torch.Tensor]:
+    def levels(self, index: int) -> torch.Tensor:
+        """``self[index]`` as its 8-bit levels, uint8 (the same image, bad ones replaced alike):
+        ``levels_to_model_range(self.levels(i))`` is ``self[i]`` exactly."""
+        return self.usable(index, levels=True)[1]
+
+    def usable(self, index: int, levels: bool = False) -> tuple[int, torch.Tensor]:
         """``(i, image i)`` for the image that ``self[index]`` gives: ``index``, or the readable one
-        that replaces a bad one (see :meth:`__getitem__`)."""
+        that replaces a bad one (see :meth:`__getitem__`); with ``levels``, as its 8-bit levels."""
         last_error = None
         for offset in range(len(self)):
             candidate = (int(index) + offset) % len(self)
             try:
-                return candidate, self.load(candidate)
+                return candidate, self.load(candidate, levels)
             except BadImageError as error:
                 last_error = error
                 if self.bad_images == "fail":
@@ -550,9 +557,9 @@ class IndexDataset(torch.utils.data.Dataset):
 
 class ImageLevels(torch.utils.data.Dataset):
     """The images of a :class:`TrainingImages` as their 8-bit levels (uint8,
-    :func:`~ddpm_pipeline.images.model_range_to_levels`): what a loader sends to the device when the
-    data set is not kept there, a quarter of float32's bytes to collate, pin and copy, made the
-    network's inputs on the device, bit for bit the same."""
+    :meth:`TrainingImages.levels`): what a loader sends to the device when the data set is not kept
+    there, a quarter of float32's bytes to collate, pin and copy, made the network's inputs on the
+    device, bit for bit the same."""
 
     def __init__(self, images: TrainingImages):
         self.images = images
@@ -561,7 +568,7 @@ class ImageLevels(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return model_range_to_levels(self.images[index])
+        return self.images.levels(index)
 
 
 def read_batches(read: Callable[[int], torch.Tensor], count: int, batch_size: int,
@@ -580,16 +587,16 @@ def stack_images(images: TrainingImages, device: torch.device | str, batch_size:
     """Every preprocessed image of ``images`` in one tensor ``[N, C, R, R]`` on ``device``, as its
     8-bit levels (uint8: a quarter of float32's memory, so four times the images fit):
     ``levels_to_model_range(stack_images(images)[i])`` equals ``images[i]`` exactly
-    (:func:`~ddpm_pipeline.images.model_range_to_levels`). The images are read by ``threads``
+    (:meth:`TrainingImages.levels`). The images are read by ``threads``
     threads (:func:`read_batches`), and no random number is drawn, which would change the weights'
     initialization that follows."""
     from tqdm.auto import tqdm
 
-    first = images[0]
-    stacked = torch.empty((len(images), *first.shape), dtype=torch.uint8, device=device)
-    batches = read_batches(images.__getitem__, len(images), batch_size, threads)
+    first = images.levels(0)
+    stacked = torch.empty((len(images), *first.shape), dtype=first.dtype, device=device)
+    batches = read_batches(images.levels, len(images), batch_size, threads)
     start = 0
     for batch in tqdm(batches, total=-(-len(images) // batch_size), desc="preprocessing the data", disable=not progress):
-        stacked[start : start + len(batch)] = model_range_to_levels(batch).to(device)
+        stacked[start : start + len(batch)] = batch.to(device)
         start += len(batch)
     return stacked

@@ -104,9 +104,14 @@ class ImagePreprocessor:
         size_h, size_w = self.height_width
         return min(size[0], size_w) * min(size[1], size_h) / (size_w * size_h)
 
+    def levels(self, image: Image.Image) -> torch.Tensor:
+        """Steps 1–2 as a tensor: the canvas's 8-bit levels, uint8 ``[C, H, W]`` (what step 3
+        scales, :func:`levels_to_model_range`)."""
+        pixels = np.array(self.to_pil(image)).reshape(*self.height_width, self.channels)
+        return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
+
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        levels = torch.from_numpy(np.array(self.to_pil(image)).reshape(*self.height_width, self.channels)).permute(2, 0, 1)
-        tensor = levels_to_model_range(levels)
+        tensor = levels_to_model_range(self.levels(image))
         if self.random_flip and torch.rand((), generator=generator).item() < 0.5:
             tensor = tensor.flip(-1)
         return tensor.contiguous()
@@ -116,13 +121,6 @@ def levels_to_model_range(levels: torch.Tensor) -> torch.Tensor:
     """8-bit pixel levels ``k`` (0‥255, of any dtype) as the network sees them:
     ``x = k / 127.5 - 1``, float32 in [-1, 1], computed as the preprocessing computes it."""
     return levels.to(torch.float32) / 127.5 - 1.0
-
-
-def model_range_to_levels(images: torch.Tensor) -> torch.Tensor:
-    """The levels ``k = round((x + 1) · 127.5)`` of images in [-1, 1], as uint8: a quarter of
-    float32's memory, and exact for :func:`levels_to_model_range`'s outputs
-    (``levels_to_model_range(model_range_to_levels(x))`` is ``x`` bit for bit)."""
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def to_8bit_opaque(image: Image.Image) -> Image.Image:

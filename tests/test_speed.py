@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, speed
 from ddpm_pipeline.data import IndexDataset, TrainingImages, bundled_dataset, load_image_dataset, stack_images
 from ddpm_pipeline.evaluation import EvaluationConfig
-from ddpm_pipeline.images import ImagePreprocessor, levels_to_model_range, model_range_to_levels
+from ddpm_pipeline.images import ImagePreprocessor, levels_to_model_range
 from ddpm_pipeline.losses import diffusion_loss
 from ddpm_pipeline.sampling import sampling_pipeline
 from ddpm_pipeline.speed import (
@@ -314,7 +314,10 @@ def test_8_bit_levels_and_the_networks_inputs_convert_exactly():
     inputs = levels_to_model_range(levels)
     assert inputs.dtype == torch.float32 and inputs[0] == -1 and inputs[255] == 1
     assert torch.equal(inputs, torch.arange(256, dtype=torch.float32) / 127.5 - 1)  # the preprocessing's formula
-    assert torch.equal(model_range_to_levels(inputs), levels)
+    image = Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16))
+    preprocess = ImagePreprocessor(16, 1)
+    assert torch.equal(preprocess.levels(image)[0], torch.from_numpy(np.array(image)))
+    assert torch.equal(levels_to_model_range(preprocess.levels(image)), preprocess(image))
 
 
 def test_on_the_cpu_the_data_set_is_kept_in_memory_when_it_fits_and_every_image_is_read(monkeypatch):
