@@ -244,8 +244,7 @@ def warn_of_unread_photos(folder: Path) -> None:
     unread = sorted(path.relative_to(folder) for path in folder.rglob("*")
                     if path.suffix.lower() in unread_kinds and not _hidden(path.relative_to(folder)))  # fmt: skip
     if unread:
-        kinds = Counter(path.suffix.lower() for path in unread)
-        listed = ", ".join(f"{count} {suffix}" for suffix, count in sorted(kinds.items(), key=lambda item: (-item[1], item[0])))
+        listed = _counts_in_words(Counter(path.suffix.lower() for path in unread))
         logger.warning(
             f"{listed} file{'s' if len(unread) > 1 else ''} in {folder} (e.g. {unread[0].as_posix()}) are not read as "
             "images and will not be used: convert them to JPEG or PNG to train on them."
@@ -260,11 +259,16 @@ def other_files(folder: Path, shown: int = 3) -> str:
                      if path.is_file() and not _hidden(path.relative_to(folder)))  # fmt: skip
     if not counts:
         return ""
-    common = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:shown]  # the same order on every filesystem
-    kinds = ", ".join(f"{count} {suffix}" for suffix, count in common)
     others = len(counts) - shown
     more = f" and files of {others} other kind{'s' if others > 1 else ''}" if others > 0 else ""
-    return f"{kinds} file{'s' if sum(counts.values()) > 1 else ''}{more}"
+    return f"{_counts_in_words(counts, shown)} file{'s' if sum(counts.values()) > 1 else ''}{more}"
+
+
+def _counts_in_words(counts: Counter, shown: int | None = None) -> str:
+    """``"3 .heic, 1 .nef"``: the ``shown`` (default all) most common of ``counts``, ties by name,
+    so that the order is the same on every filesystem."""
+    common = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:shown]
+    return ", ".join(f"{count} {name}" for name, count in common)
 
 
 def image_folder_splits(folder: Path) -> dict[str, list[Path]]:
