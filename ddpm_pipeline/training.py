@@ -111,7 +111,15 @@ from .trackers import check_tracker_installed, check_wandb_login, log_image, tra
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
 from .training_data import TrainingData, describe_fine_tuning_data, fit_network_to_data
 from .unet import DDPMUNet, describe_sample_size
-from .validation import HeldOutBound, HeldOutMonitor, check_held_out_split, first_images
+from .validation import (
+    HeldOutBound,
+    HeldOutMonitor,
+    check_held_out_split,
+    first_images,
+    held_out_amount,
+    hold_out_last_rows,
+    unbalanced_classes_warning,
+)
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -315,6 +323,7 @@ class Trainer:
         if deleted and self.accelerator.is_main_process:  # the rest of what the other run wrote, which this run's would sit among
             remove_outputs_past(self.output_dir, start_step, pipeline=any(path.name == TRAINING_SUMMARY_NAME for path in deleted))
         self.accelerator.wait_for_everyone()  # no process looks at the folder before the deletion is done
+        self.config = config = self._hold_out_share(config)
         dataset, image_column = self._load_dataset()
         image_format = inspect_images(ImageSource(dataset, image_column))
         if self.pretrained is None:
@@ -348,7 +357,7 @@ class Trainer:
             check_free_space(self.output_dir, run_output_bytes(parameters, config.checkpoints_total_limit, snapshots))
         steps_done = (checkpoint_step(self.checkpoint) or 0) if self.checkpoint is not None else 0
         self.data = TrainingData.build(dataset, image_column, config, self.unet_config, self.accelerator, steps_done)
-        self.held_out = self._build_held_out()
+        self.held_out = self._build_held_out(dataset)
         self.grid_cost_warned = False  # grid_cost_advice is given once a run
         if self.channels_last:
             to_channels_last(self.unet)
@@ -412,6 +421,25 @@ class Trainer:
                 "--output_dir."
             )
 
+    def _split_size(self, name: str) -> int:
+        """How many images split ``name`` of the training source has (loaded as training loads it:
+        after the first time, from the cache)."""
+        with self.accelerator.main_process_first():
+            return len(load_image_dataset(**self.config.data_source(name), cache_dir=self.config.cache_dir))
+
+    def _hold_out_share(self, config: TrainingConfig) -> TrainingConfig:
+        """``config`` with a ``--validation_split`` share or count of ``--split``'s images
+        (:func:`~ddpm_pipeline.validation.held_out_amount`) made the two splits it means, the last
+        rows held out (:func:`~ddpm_pipeline.validation.hold_out_last_rows`), as the run records
+        them (so evaluation and a resumed run read the same images); ``config`` itself otherwise."""
+        amount = None if config.validation_split is None else held_out_amount(config.validation_split)
+        if amount is None:
+            return config
+        split, held_out = hold_out_last_rows(config.split, amount, self._split_size)
+        logger.info(f"--validation_split {config.validation_split}: trains on --split {split!r} and holds out "
+                    f"--validation_split {held_out!r}, the last images of --split {config.split!r}")  # fmt: skip
+        return replace(config, split=split, validation_split=held_out)
+
     def _load_dataset(self) -> tuple[datasets.Dataset, str]:
         """The training split and its image column; sets :attr:`data_identity`, what checkpoints
         record of the data."""
@@ -422,20 +450,18 @@ class Trainer:
         self.data_identity = data_identity(dataset, describe_data_source(**source))
         return dataset, find_image_column(dataset, config.image_column)
 
-    def _build_held_out(self) -> HeldOutMonitor | None:
+    def _build_held_out(self, training: datasets.Dataset) -> HeldOutMonitor | None:
         """With ``--validation_split``: the held-out bound's monitor, over the first
-        ``--validation_images`` images of that split of the training source and as many training
-        images, preprocessed as training preprocesses them (measured by the main process alone, so
-        the images are only loaded there); None without it."""
+        ``--validation_images`` images of that split of the training source and as many of the
+        ``training`` images, preprocessed as training preprocesses them (measured by the main
+        process alone, so the images are only loaded there; it warns when either set holds few of
+        the training images' classes); None without it."""
         config = self.config
         if config.validation_split is None:
             return None
 
-        def split_size(name: str) -> int:  # read from the cache: the training split was just loaded
-            return len(load_image_dataset(**config.data_source(name), cache_dir=config.cache_dir))
-
         one_split = not has_named_splits(config.dataset_name, config.train_data_dir, config.dataset_path)
-        check_held_out_split(config.split, config.validation_split, split_size, one_split)
+        check_held_out_split(config.split, config.validation_split, self._split_size, one_split)
         source = config.data_source(config.validation_split)
         with self.accelerator.main_process_first():
             dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
@@ -447,6 +473,12 @@ class Trainer:
         monitor.bound = HeldOutBound(first_images(images, config.validation_images),
                                      first_images(self.data.images, config.validation_images),
                                      config.validation_timesteps, config.seed, batch_size=config.train_batch_size)  # fmt: skip
+        warning = unbalanced_classes_warning(training, {
+            f"held-out images measured ({config.validation_split})": dataset.select(range(len(monitor.bound.validation))),
+            f"training images measured (the first {len(monitor.bound.training)})": training.select(range(len(monitor.bound.training))),
+        })  # fmt: skip
+        if warning is not None:
+            logger.warning(warning)
         timesteps = "every timestep" if config.validation_timesteps is None else f"{config.validation_timesteps} timesteps per image"
         logger.info(
             f"held out: {len(monitor.bound.validation)} images of {describe_data_source(**source)}; the bound ({timesteps}) "

@@ -38,6 +38,7 @@ from .unet import (
     nearest_trainable_size,
     preset_for_image_size,
 )
+from .validation import held_out_amount
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 BETA_SCHEDULES = ("linear", "cosine")
@@ -220,7 +221,7 @@ class TrainingConfig:
         "checkpoint-N folder (another run's starts a branch of that run in --output_dir, with its loss history up to step N).",
     )
     save_images_steps: int | None = _option(400, "Write a sample grid every N optimizer steps (none = only the one at the end).")
-    validation_split: str | None = _option(None, "Held-out images of the same source (a split or slice, e.g. test, or train[-500:] with --split 'train[:-500]'): every --validation_steps steps, the EMA network's bound in bits/dim on --validation_images of them and on as many training images is logged and plotted (validation_curve.png), to see it learn or overfit.")
+    validation_split: str | None = _option(None, "Held-out images of the same source: a share or a count of --split's images, its last ones, held out of training (0.05, 5%, 500), or a split (test; or a slice, train[-500:] with --split 'train[:-500]'): every --validation_steps steps, the EMA network's bound in bits/dim on --validation_images of them and on as many training images is logged and plotted (validation_curve.png), to see it learn or overfit.")
     validation_steps: int | None = _option(400, "With --validation_split: measure every N optimizer steps (none = only at the end; always at the end).")
     validation_images: int = _option(256, "With --validation_split: the held-out images measured (the first N), and as many training images.")
     validation_timesteps: int | None = _option(20, "With --validation_split: timesteps per image of the bound's unbiased estimate, one from each of K log-spaced strata (none = every timestep, exact: T network evaluations per image).")
@@ -269,11 +270,16 @@ class TrainingConfig:
                      "resolution", "layers_per_block", "num_cpu_threads", "log_every", "max_skipped_steps",
                      "num_train_timesteps", "validation_steps", "validation_timesteps"):  # fmt: skip
             positive(name, allow_none=True)
-        if self.validation_split is not None and self.validation_split.replace(" ", "") == self.split.replace(" ", ""):
-            problems.append(
-                f"--validation_split {self.validation_split!r} is the training split itself: hold images out, e.g. "
-                "--split 'train[:-500]' --validation_split 'train[-500:]', or name another split (test)."
-            )
+        if self.validation_split is not None:
+            try:
+                held_out_amount(self.validation_split)
+            except ValueError as error:
+                problems.append(str(error))
+            if self.validation_split.replace(" ", "") == self.split.replace(" ", ""):
+                problems.append(
+                    f"--validation_split {self.validation_split!r} is the training split itself: hold images out, e.g. "
+                    "--validation_split 0.05 (a share or a count of --split's images), or name another split (test)."
+                )
         if self.pretrained_model_name_or_path is not None:
             given = [f"--{name}" for name in WEIGHT_SHAPE_FIELDS if getattr(self, name) is not None]
             if given:

@@ -15,18 +15,24 @@ random draws (common random numbers): the curves move with the weights, not with
 gap is a paired difference, and a resumed run measures what the uninterrupted one did.
 
 :class:`HeldOutBound` measures; :class:`HeldOutMonitor` is what a training run keeps of it (when a
-measurement is due, ``validation_history.csv``, the summary's record and the curve); and
-:func:`check_held_out_split` refuses a held-out split that shares rows with the training split.
+measurement is due, ``validation_history.csv``, the summary's record and the curve);
+:func:`hold_out_last_rows` turns ``--validation_split 0.05`` (a share or a count of the training
+split) into the two splits it means; :func:`check_held_out_split` refuses a held-out split that
+shares rows with the training split; and :func:`unbalanced_classes_warning` says when the
+measured images leave out most of the training images' classes.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -111,6 +117,136 @@ class HeldOutBound:
         return {"train_bpd": float(training.total.mean()), "validation_bpd": float(held_out.total.mean())}
 
 
+_COUNT = re.compile(r"\d+")
+_SHARE = re.compile(r"\d*\.\d+|\d+\.")
+_PERCENT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)%")
+
+
+def held_out_amount(validation_split: str) -> int | float | None:
+    """``--validation_split`` read as an amount of the training split to hold out: a count
+    (``"500"`` → ``500``, an int) or a share (``"0.05"`` and ``"5%"`` → ``0.05``, a float in
+    (0, 1)); None when it names a split (``"test"``, ``"train[-500:]"``), which ``datasets`` reads.
+    Raises ValueError for a count below 1 or a share outside (0, 1)."""
+    text = validation_split.strip()
+    if _COUNT.fullmatch(text):
+        if int(text) < 1:
+            raise ValueError(f"--validation_split {validation_split!r} holds out no image: give a count of at least 1 (500) "
+                             "or a share (0.05, 5%).")  # fmt: skip
+        return int(text)
+    percent = _PERCENT.fullmatch(text)
+    if percent is None and not _SHARE.fullmatch(text):
+        return None
+    share = float(percent.group(1)) / 100 if percent else float(text)
+    if not 0 < share < 1:
+        raise ValueError(f"--validation_split {validation_split!r} is not a share between 0 and 1 of the training split: "
+                         "give one like 0.05 or 5%, a count of images (500), or a split (test, train[-500:]).")  # fmt: skip
+    return share
+
+
+def _split_part(name: str, start: int, end: int, size: int) -> str:
+    """One part of a split spec, as ``datasets`` reads it: ``train``, ``train[:9500]``, ``train[9500:]``, ``train[10:20]``."""
+    if start == 0 and end == size:
+        return name
+    return f"{name}[{start or ''}:{'' if end == size else end}]"
+
+
+def hold_out_last_rows(split: str, amount: int | float, split_size: Callable[[str], int]) -> tuple[str, str]:
+    """``(training split, held-out split)``: ``split``'s rows (read as ``datasets`` reads a split
+    spec, with ``split_size(name)`` rows in split ``name``) less their last ``n``, and those ``n``.
+    ``n = amount`` for a count (an int); for a share ``f`` (a float), ``n = ⌊f·M + ½⌋``, at least 1,
+    of the ``M`` rows ``split`` selects. A sum of splits gives up the rows of its last parts.
+    ``hold_out_last_rows("train", 0.05, {"train": 10_000}.get)`` → ``("train[:9500]", "train[9500:]")``.
+    Raises ValueError when ``n`` leaves no row to train on."""
+    names = dict.fromkeys(split_names(split))
+    sizes = {name: split_size(name) for name in names}
+    parts = [(part.splitname, part.from_, part.to) for part in datasets.ReadInstruction.from_spec(split).to_absolute(sizes)]
+    parts = [(name, start, end) for name, start, end in parts if start < end]
+    total = sum(end - start for _, start, end in parts)
+    count = amount if isinstance(amount, int) else max(1, int(amount * total + 0.5))
+    if count >= total:
+        raise ValueError(f"--validation_split {amount} would hold out {count:,} of the {total:,} images of --split {split!r}, "
+                         "leaving none to train on: hold out fewer, e.g. --validation_split 0.05.")  # fmt: skip
+    training, held_out, left = [], [], count
+    for name, start, end in reversed(parts):
+        taken = min(left, end - start)
+        left -= taken
+        if taken:
+            held_out.insert(0, _split_part(name, end - taken, end, sizes[name]))
+        if end - taken > start:
+            training.insert(0, _split_part(name, start, end - taken, sizes[name]))
+    return "+".join(training), "+".join(held_out)
+
+
+def class_column(dataset: datasets.Dataset) -> str | None:
+    """The data set's first column of class labels (a ``datasets.ClassLabel`` feature: an image
+    folder's class subfolders, a Hub data set's ``label``), or None."""
+    return next((name for name, feature in dataset.features.items() if isinstance(feature, datasets.ClassLabel)), None)
+
+
+def class_labels(dataset: datasets.Dataset, column: str) -> np.ndarray:
+    """The class label of each row of ``dataset`` (its ``column`` alone is read, not the images)."""
+    return np.asarray(dataset.select_columns([column]).with_format("numpy")[column], dtype=np.int64)
+
+
+def expected_classes(frequencies: np.ndarray, count: int) -> float:
+    """How many distinct classes ``count`` images drawn at random (with replacement) hold, on
+    average, from classes of these ``frequencies``: ``Σ_k 1 − (1 − p_k)^count``."""
+    shares = frequencies[frequencies > 0] / frequencies.sum()
+    return float(np.sum(1 - (1 - shares) ** count))
+
+
+def chance_of_so_few_classes(frequencies: np.ndarray, count: int, classes: int, draws: int = 4000) -> float:
+    """The chance that ``count`` images drawn at random (with replacement) from classes of these
+    ``frequencies`` hold at most ``classes`` distinct classes, estimated from ``draws`` seeded
+    draws (the same estimate each time)."""
+    shares = frequencies[frequencies > 0] / frequencies.sum()
+    if classes >= expected_classes(frequencies, count):
+        return 0.5  # at least as many as on average: no need to count draws
+    rng, at_most = np.random.default_rng(0), 0
+    rows = max(1, 1_000_000 // count)  # draws at a time: at most a million labels in memory
+    for start in range(0, draws, rows):
+        labels = np.sort(rng.choice(len(shares), size=(min(rows, draws - start), count), p=shares), axis=1)
+        held = 1 + np.count_nonzero(np.diff(labels, axis=1), axis=1)
+        at_most += int(np.count_nonzero(held <= classes))
+    return at_most / draws
+
+
+def unbalanced_classes_warning(training: datasets.Dataset, measured: dict[str, datasets.Dataset]) -> str | None:
+    """A warning when a set of measured images (``measured``: a description of each set, and its
+    images) holds so few of the ``training`` images' classes (their :func:`class_column`) that as
+    many images drawn at random from them would hold as few in under 1% of draws
+    (:func:`chance_of_so_few_classes`; the message gives the :func:`expected_classes` too): a source
+    that lists its images class by class (an image folder of class subfolders) gives its first or
+    last rows one class or two, and a bound measured on them measures those classes alone. None when
+    no set is so, or there are no classes."""
+    column = class_column(training)
+    if column is None:
+        return None
+    labels = class_labels(training, column)
+    frequencies = np.bincount(labels)
+    names = training.features[column].names
+    few = []
+    for what, images in measured.items():
+        if column not in images.column_names or not len(images):
+            continue
+        held = sorted(set(class_labels(images, column).tolist()))
+        if chance_of_so_few_classes(frequencies, len(images), len(held)) < 0.01:
+            expected = expected_classes(frequencies, len(images))
+            shown = ", ".join(repr(names[label]) for label in held[:3]) + (", …" if len(held) > 3 else "")
+            few.append(f"the {len(images):,} {what} hold {len(held)} of the training images' {np.count_nonzero(frequencies)} "
+                       f"classes ({shown}), where as many drawn at random would hold {expected:.1f} on average")  # fmt: skip
+    if not few:
+        return None
+    return (
+        f"{'; '.join(few)}: the source lists its images class by class ({column}), so the bound measures those classes "
+        "alone, and the held-out and training bounds differ by class as well as by whether the network saw them. "
+        "Measure images of every class: hold out a split of its own (an image folder's test/ subfolder, "
+        "--validation_split test), or save the data shuffled and train on that, e.g. for an image folder "
+        "datasets.load_dataset('imagefolder', data_dir=FOLDER, split='train').shuffle(seed=0).save_to_disk(OUT), then "
+        "--dataset_path OUT."
+    )
+
+
 def check_held_out_split(split: str, validation_split: str, split_size: Callable[[str], int], one_split: bool) -> None:
     """Raise when ``validation_split`` selects rows that ``split`` trains on (say ``--validation_split
     'train[-500:]'`` with ``--split train``): the held-out bound would then measure training images,
@@ -125,8 +261,8 @@ def check_held_out_split(split: str, validation_split: str, split_size: Callable
         raise ValueError(
             f"--validation_split {validation_split!r} holds {sum(end - start for _, start, end in shared):,} "
             f"images that --split {split!r} trains on ({rows}): the held-out bound would measure training "
-            "images. Hold them out of training, e.g. --split 'train[:-500]' --validation_split 'train[-500:]', or "
-            "name another split (test)."
+            "images. Hold them out of training: --validation_split 0.05 (a share or a count of --split's images, its "
+            "last ones), --split 'train[:-500]' --validation_split 'train[-500:]', or another split (test)."
         )
 
 

@@ -14,14 +14,24 @@ from PIL import Image
 from test_training import run_training
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
-from ddpm_pipeline.data import TrainingImages, bundled_dataset
+from ddpm_pipeline.data import TrainingImages, bundled_dataset, shared_rows
 from ddpm_pipeline.evaluation import bound_over_data, evaluate
 from ddpm_pipeline.images import ImagePreprocessor
 from ddpm_pipeline.likelihood import batch_bound
 from ddpm_pipeline.model_card import build_model_card
 from ddpm_pipeline.reference import DataSource
 from ddpm_pipeline.training_config import TrainingConfig
-from ddpm_pipeline.validation import HeldOutBound, HeldOutMonitor, check_held_out_split, first_images
+from ddpm_pipeline.validation import (
+    HeldOutBound,
+    HeldOutMonitor,
+    chance_of_so_few_classes,
+    check_held_out_split,
+    expected_classes,
+    first_images,
+    held_out_amount,
+    hold_out_last_rows,
+    unbalanced_classes_warning,
+)
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -200,3 +210,107 @@ def test_rows_shared_by_two_splits_of_a_source_with_named_splits(tmp_path):
     with pytest.raises(ValueError, match=r"holds 2 images that --split 'train' trains on \(rows 6–7 of train\)"):
         run_training(tmp_path / "bad", *HELD_OUT, "--dataset_path", tmp_path / "dict", "--split", "train",
                      "--validation_split", "train[6:]", "--max_train_steps", "1")  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "amount"), [
+    ("500", 500), ("1", 1), ("0.05", 0.05), (".5", 0.5), ("5%", 0.05), ("12.5%", 0.125), (" 0.1 ", 0.1),
+    ("test", None), ("train[-500:]", None), ("train[:5%]", None), ("validation", None),
+])  # fmt: skip
+def test_a_held_out_share_or_count_is_read_apart_from_split_names(text, amount):
+    assert held_out_amount(text) == (pytest.approx(amount) if isinstance(amount, float) else amount)
+    assert type(held_out_amount(text)) is type(amount)
+
+
+@pytest.mark.parametrize("text", ["0", "0.0", "1.0", "1.", "150%", "0%", "100%"])
+def test_a_held_out_share_outside_0_and_1_is_refused(text):
+    with pytest.raises(ValueError, match=re.escape(f"--validation_split {text!r}")):
+        held_out_amount(text)
+    with pytest.raises(ValueError, match=re.escape(f"--validation_split {text!r}")):
+        TrainingConfig(validation_split=text).validate()
+
+
+@pytest.mark.parametrize(("split", "amount", "sizes", "expected"), [
+    ("train", 0.05, {"train": 10_000}, ("train[:9500]", "train[9500:]")),
+    ("train", 500, {"train": 10_000}, ("train[:9500]", "train[9500:]")),
+    ("train[:1000]", 100, {"train": 10_000}, ("train[:900]", "train[900:1000]")),
+    ("train[100:200]", 0.25, {"train": 10_000}, ("train[100:175]", "train[175:200]")),
+    ("train[:10%]", 0.5, {"train": 1005}, ("train[:50]", "train[50:100]")),  # 10% of 1005 rows: 100, as datasets rounds
+    ("train+test", 0.1, {"train": 60, "test": 10}, ("train+test[:3]", "test[3:]")),  # 7 of 70 rows
+    ("train+test[:4]", 6, {"train": 60, "test": 10}, ("train[:58]", "train[58:]+test[:4]")),  # past the last part
+    ("train", 0.001, {"train": 30}, ("train[:29]", "train[29:]")),  # a share is at least one image
+])  # fmt: skip
+def test_a_held_out_share_holds_out_the_last_rows_of_the_training_split(split, amount, sizes, expected):
+    training, held_out = hold_out_last_rows(split, amount, sizes.get)
+    assert (training, held_out) == expected
+    # the two parts are the training split's rows, each once, as datasets reads the specs
+    assert shared_rows(training, held_out, sizes.get) == []
+    whole = sum(end - start for _, start, end in shared_rows(split, split, sizes.get))
+    assert sum(end - start for _, start, end in shared_rows(split, training, sizes.get) + shared_rows(split, held_out, sizes.get)) == whole
+
+
+def test_a_held_out_share_that_leaves_nothing_to_train_on_is_refused():
+    with pytest.raises(ValueError, match=r"would hold out 30 of the 30 images of --split 'train\[:30\]', leaving none"):
+        hold_out_last_rows("train[:30]", 30, {"train": 100}.get)
+    with pytest.raises(ValueError, match="leaving none"):
+        hold_out_last_rows("train", 0.99, {"train": 20}.get)
+
+
+def test_the_classes_random_images_hold_on_average_and_the_chance_of_fewer():
+    assert expected_classes(np.array([5, 5]), 1) == pytest.approx(1.0)
+    assert expected_classes(np.array([1, 1, 1, 0]), 2) == pytest.approx(3 * (1 - (2 / 3) ** 2))
+    assert expected_classes(np.array([99, 1]), 10) == pytest.approx(1 + 1 - 0.99**10)
+    # one class of two in n draws: 2 · 2^-n; the estimate is within its sampling error of 4,000 draws
+    for count in (4, 8):
+        assert chance_of_so_few_classes(np.array([10, 10]), count, 1) == pytest.approx(2 * 0.5**count, abs=4 * (0.5**count / 4000) ** 0.5)
+    assert chance_of_so_few_classes(np.array([3, 3, 3]), 5, 1) == pytest.approx(3 * (1 / 3) ** 5, abs=0.01)
+    assert chance_of_so_few_classes(np.array([3, 3, 3]), 5, 3) == 0.5  # all: no fewer than on average
+
+
+def labelled(labels):
+    return datasets.Dataset.from_dict({"label": labels, "x": list(range(len(labels)))},
+                                      features=datasets.Features({"label": datasets.ClassLabel(names=["cat", "dog", "owl"]),
+                                                                  "x": datasets.Value("int64")}))  # fmt: skip
+
+
+def test_measured_images_of_few_classes_are_warned_of():
+    """Rows sorted by class give a slice of the first or last rows one class: warned of, naming the
+    sets; rows in no order, or a set that random images could equally give, are not."""
+    ordered = labelled([0] * 20 + [1] * 20 + [2] * 20)
+    warning = unbalanced_classes_warning(ordered, {"held-out images (train[48:])": ordered.select(range(48, 60)),
+                                                   "training images (the first 12)": ordered.select(range(12))})  # fmt: skip
+    assert warning.startswith("the 12 held-out images (train[48:]) hold 1 of the training images' 3 classes ('owl'), where as "
+                              "many drawn at random would hold 3.0 on average; the 12 training images (the first 12) hold 1 "
+                              "of the training images' 3 classes ('cat')")  # fmt: skip
+    assert "class by class (label)" in warning and "--validation_split test" in warning
+    mixed = ordered.shuffle(seed=0)
+    assert unbalanced_classes_warning(mixed, {"held-out images": mixed.select(range(48, 60))}) is None
+    # 4 images of one class: random ones are so 3 times in 81 (3.7%), not rare enough to warn of
+    assert unbalanced_classes_warning(ordered, {"held-out images": ordered.select(range(4))}) is None
+    assert unbalanced_classes_warning(ordered.remove_columns("label"), {"held-out images": ordered.select(range(5))}) is None
+    assert unbalanced_classes_warning(labelled([1] * 30), {"held-out images": labelled([1] * 5)}) is None  # one class
+
+
+def test_a_run_holds_out_a_share_of_its_split_and_records_the_two_splits(tmp_path, caplog):
+    """--validation_split 0.25 of an image folder of class subfolders: the run trains on the first
+    three quarters, measures the last quarter, records both splits (so eval_metrics.py measures the
+    same images), and warns that the measured images are of one class each."""
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "owl"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for index in range(16):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "images" / name / f"{index}.png")
+    options = [*HELD_OUT, "--train_data_dir", tmp_path / "images", "--split", "train", "--validation_split", "0.25",
+               "--validation_images", "8", "--max_train_steps", "2"]  # fmt: skip
+    with caplog.at_level("INFO"):
+        run_training(tmp_path / "run", *options)
+    config = TrainingConfig.load(tmp_path / "run" / "training_config.json")
+    assert (config.split, config.validation_split) == ("train[:36]", "train[36:]")
+    assert "trains on --split 'train[:36]' and holds out --validation_split 'train[36:]'" in caplog.text
+    # 8 images of one class, where the training images are 16 cats, 16 dogs and 4 owls: 0.4% of random draws
+    assert "the 8 held-out images measured (train[36:]) hold 1 of the training images' 3 classes ('owl')" in caplog.text
+    assert "the 8 training images measured (the first 8) hold 1 of the training images' 3 classes ('cat')" in caplog.text
+    summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    scored = evaluate(model=str(tmp_path / "run"), metrics="bpd", bpd_num_images=8, bpd_timesteps=3, bpd_batch_size=4,
+                      output=str(tmp_path / "r.json"), device="cpu")  # fmt: skip
+    assert scored["metrics"]["bpd"]["split"] == "train[36:]"
+    assert scored["metrics"]["bpd"]["bits_per_dim"] == pytest.approx(summary["held_out"]["validation_bpd"], rel=1e-6)
