@@ -390,6 +390,23 @@ def shared_rows(split: str, other: str, split_size: Callable[[str], int], one_sp
     return shared
 
 
+def spread_rows(total: int, count: int | None) -> range | list[int]:
+    """The rows of ``count`` of ``total`` rows spread evenly over them: row ``⌊(2i + 1)·M / 2N⌋``
+    for ``i < N`` (the middle row of each of ``N`` equal strata; all rows when ``count`` is None or
+    at least ``total``). A subset of a data set is taken so, not as its first rows: a source that
+    lists its images class by class (an image folder of class subfolders) would give those one
+    class or two."""
+    if count is None or count >= total:
+        return range(total)
+    return [(2 * index + 1) * total // (2 * count) for index in range(count)]
+
+
+def spread_subset(dataset: datasets.Dataset, count: int | None) -> datasets.Dataset:
+    """``count`` rows of ``dataset`` spread evenly over it (:func:`spread_rows`); all of it when
+    ``count`` is None or at least its length."""
+    return dataset if count is None or count >= len(dataset) else dataset.select(spread_rows(len(dataset), count))
+
+
 def describe_data_source(
     dataset_name: str | None = None,
     dataset_config: str | None = None,

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_path
 from .bound_store import BoundStore
 from .commands import program_name
-from .data import describe_data_source
+from .data import describe_data_source, spread_subset
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .images import MOSTLY_PADDING, ImagePreprocessor, check_padding, inspect_images, padded_coverage
 from .likelihood import BoundTerms, batch_bound
@@ -71,7 +71,7 @@ class EvaluationConfig:
     reference: str | None = field(default=None, metadata={"help": "Reference data: 'bundled', a saved data set or image folder, a Hub data set name, or a .npz statistics file (default: the data the --model was trained on, from its training_config.json)."})  # noqa: E501
     reference_split: str | None = field(default=None, metadata={"help": "Split of a saved / Hub / image-folder reference, as datasets reads it: a name, a slice (train[:5000]) or a sum (train+test) (default: the training run's --split for its own data, else train)."})  # noqa: E501
     reference_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub reference data set (default: the training run's, for its own data)."})  # noqa: E501
-    reference_max_images: int | None = field(default=None, metadata={"help": "Use only the first N reference images (none = all)."})
+    reference_max_images: int | None = field(default=None, metadata={"help": "Use only N reference images, spread evenly over the split (not its first N, which may be of one class; none = all)."})  # noqa: E501
     metrics: str = field(default="fid,kid,prc", metadata={"help": "Comma-separated: fid, isc, kid, prc, bpd."})
     num_samples: int = field(default=50000, metadata={"help": "Samples to generate and score."})
     num_inference_steps: int = field(default=1000, metadata={"help": "Sampling steps (fewer = respaced chain)."})
@@ -96,7 +96,7 @@ class EvaluationConfig:
     image_column: str | None = field(default=None, metadata={"help": "The column holding the images in the --reference and --bpd_data data sets (default: the training run's --image_column for its own data, else image, img, the one Image column, or the one column of image bytes or arrays)."})  # noqa: E501
     bpd_data: str | None = field(default=None, metadata={"help": "Data for bits/dim (default: --reference), same forms as --reference."})
     bpd_split: str | None = field(default=None, metadata={"help": "Split for bits/dim data (default: with --reference left to the model's training data, the images its run held out, its --validation_split, where it had one; else --reference_split)."})  # noqa: E501
-    bpd_num_images: int | None = field(default=1000, metadata={"help": "Images to average bits/dim over (none = all)."})
+    bpd_num_images: int | None = field(default=1000, metadata={"help": "Images to average bits/dim over, spread evenly over the split (none = all)."})
     bpd_timesteps: int | None = field(default=None, metadata={"help": "Timesteps per image for bits/dim (none = every t, exact; K = an unbiased estimate from one timestep in each of K log-spaced strata)."})  # noqa: E501
     bpd_batch_size: int = field(default=64, metadata={"help": "Images per bits/dim batch."})
     cache_dir: str | None = field(default=None, metadata={"help": "Reference statistics cache (default: ~/.cache/ddpm_pipeline)."})
@@ -275,6 +275,7 @@ def bound_store(folder: str | Path, model: str, source: DataSource, preprocess: 
         **({"image_column": source.image_column} if source.image_column else {}),  # a store made without it still matches
         "preprocessing": [preprocess.resolution, preprocess.channels, preprocess.resize_mode],
         "num_images": num_images,
+        "rows": "spread evenly",  # the terms of the first rows, which earlier versions measured, are not reused
         "timesteps": num_timesteps,
         "batch_size": batch_size,
         "seed": seed,
@@ -296,7 +297,8 @@ def bound_over_data(
     store: BoundStore | None = None,
     before_batch: Callable[[], None] | None = None,
 ) -> dict[str, Any] | None:
-    """bits/dim averaged over the first ``num_images`` images of ``source``, with its per-term
+    """bits/dim averaged over ``num_images`` images of ``source`` spread evenly over it
+    (:func:`~ddpm_pipeline.data.spread_subset`; all when None), with its per-term
     breakdown, the standard error over images, and the mean per-timestep curve when exact; each
     image's per dimension of its own (an image padded onto the canvas: the padding's dimensions not
     counted, :meth:`~ddpm_pipeline.likelihood.BoundTerms.per_data_dimension`). The
@@ -314,9 +316,9 @@ def bound_over_data(
     """
     processes = processes or LaunchedProcesses(device)
     with processes.main_first():  # one download of a Hub data set, which the others then read from the cache
-        dataset = source.load()
+        dataset = spread_subset(source.load(), num_images)
     source_images = source.images(dataset)  # read as in training: upright, bad files named
-    count = len(dataset) if num_images is None else min(num_images, len(dataset))
+    count = len(dataset)
     scheduler = pipeline.scheduler
     if not isinstance(scheduler, DDPMTargetScheduler):  # a folder saved with DDIM, DPM-Solver, …
         scheduler = DDPMTargetScheduler.from_config(scheduler.config)

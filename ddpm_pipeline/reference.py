@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .data import find_image_column, is_saved_dataset, load_image_dataset, read_batches
+from .data import find_image_column, is_saved_dataset, load_image_dataset, read_batches, spread_subset
 from .features import FeatureExtractorSpec, extract_features, pil_to_uint8
 from .images import ImagePreprocessor, ImageSource
 from .metrics import gaussian_statistics
@@ -177,12 +177,14 @@ def reference_key(
     extractor: FeatureExtractorSpec,
     max_images: int | None,
 ) -> dict[str, Any]:
-    """Everything the reference features depend on."""
+    """Everything the reference features depend on (a subset's, ``max_images`` of the split, by
+    the rows it is taken from: :func:`~ddpm_pipeline.data.spread_rows`)."""
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     return {
         "source": source.identity(),
         "fingerprint": _dataset_fingerprint(dataset),
         "num_images": count,
+        **({"rows": "spread evenly"} if count < len(dataset) else {}),  # the first rows were taken before
         "resolution": preprocess.resolution,
         "channels": preprocess.channels,
         "resize_mode": preprocess.resize_mode,
@@ -224,7 +226,8 @@ def reference_statistics(
     image_column: str | None = None,
 ) -> ReferenceStatistics:
     """The reference's features and statistics: from a stats file, from the cache, or computed
-    (then cached). ``max_images`` keeps the first N images of the split; ``dataset`` is the
+    (then cached). ``max_images`` keeps N images of the split spread evenly over it
+    (:func:`~ddpm_pipeline.data.spread_subset`); ``dataset`` is the
     reference's split when the caller has loaded it already; ``image_column`` the column that
     holds its images (default: found, :func:`~ddpm_pipeline.data.find_image_column`)."""
     source = DataSource.parse(reference, split, dataset_config, image_column)
@@ -240,8 +243,9 @@ def reference_statistics(
             return cached
     network = extractor.create(["2048"], device)
     count = key["num_images"]
+    subset = spread_subset(dataset, count)
     features = extract_features(
-        network, preprocessed_batches(source.images(dataset), preprocess, count, batch_size), device, total=count,
+        network, preprocessed_batches(source.images(subset), preprocess, count, batch_size), device, total=count,
         description=f"reference features ({source.location if source.kind != 'bundled' else 'bundled data'})",
     )["2048"]  # fmt: skip
     result = ReferenceStatistics(gaussian_statistics(features), features, count, path, False, key)

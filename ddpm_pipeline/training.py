@@ -49,6 +49,7 @@ from .data import (
     find_image_column,
     has_named_splits,
     load_image_dataset,
+    spread_subset,
 )
 from .images import ImageSource, check_padding, inspect_images, levels_to_model_range, warn_if_mostly_padding
 from .losses import diffusion_loss_terms, has_bound_term
@@ -115,9 +116,9 @@ from .validation import (
     HeldOutBound,
     HeldOutMonitor,
     check_held_out_split,
-    first_images,
     held_out_amount,
     hold_out_last_rows,
+    spread_images,
     unbalanced_classes_warning,
 )
 
@@ -451,9 +452,9 @@ class Trainer:
         return dataset, find_image_column(dataset, config.image_column)
 
     def _build_held_out(self, training: datasets.Dataset) -> HeldOutMonitor | None:
-        """With ``--validation_split``: the held-out bound's monitor, over the first
-        ``--validation_images`` images of that split of the training source and as many of the
-        ``training`` images, preprocessed as training preprocesses them (measured by the main
+        """With ``--validation_split``: the held-out bound's monitor, over ``--validation_images``
+        images of that split of the training source and as many of the ``training`` images, each
+        set's spread evenly over it (:func:`~ddpm_pipeline.validation.spread_images`), preprocessed as training preprocesses them (measured by the main
         process alone, so the images are only loaded there; it warns when either set holds few of
         the training images' classes); None without it."""
         config = self.config
@@ -470,12 +471,12 @@ class Trainer:
             return monitor
         images = TrainingImages(dataset, find_image_column(dataset, config.image_column), self.data.images.preprocess,
                                 bad_images=config.bad_images)  # fmt: skip
-        monitor.bound = HeldOutBound(first_images(images, config.validation_images),
-                                     first_images(self.data.images, config.validation_images),
+        monitor.bound = HeldOutBound(spread_images(images, config.validation_images),
+                                     spread_images(self.data.images, config.validation_images),
                                      config.validation_timesteps, config.seed, batch_size=config.train_batch_size)  # fmt: skip
         warning = unbalanced_classes_warning(training, {
-            f"held-out images measured ({config.validation_split})": dataset.select(range(len(monitor.bound.validation))),
-            f"training images measured (the first {len(monitor.bound.training)})": training.select(range(len(monitor.bound.training))),
+            f"held-out images measured ({config.validation_split})": spread_subset(dataset, config.validation_images),
+            "training images measured": spread_subset(training, config.validation_images),
         })  # fmt: skip
         if warning is not None:
             logger.warning(warning)

@@ -3,7 +3,8 @@
 Every ``--validation_steps`` optimizer steps the trainer measures the variational bound in
 bits/dim (:func:`~ddpm_pipeline.likelihood.variational_bound`: ``L_T + Σ_{t≥2} L_{t-1} + L_0``, the
 negative log-likelihood bound of the 256-level images) of the EMA network on ``N`` held-out images
-(``--validation_split``) and on the first ``N`` training images. The two fall together while the
+(``--validation_split``) and on ``N`` training images, each set's spread evenly over it
+(:func:`spread_images`). The two fall together while the
 network generalizes; a training bound that goes on falling while the held-out one stalls or rises
 is overfitting, which small data sets reach soon.
 
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import TrainingImages, shared_rows, split_names
+from .data import TrainingImages, shared_rows, split_names, spread_rows
 from .likelihood import BoundTerms, batch_bound
 from .plots import save_metric_curves
 from .run_outputs import VALIDATION_CURVE_NAME, VALIDATION_HISTORY_NAME
@@ -64,10 +65,10 @@ class PreprocessedImages:
         return len(self.images)
 
 
-def first_images(images: TrainingImages, count: int) -> PreprocessedImages:
-    """The first ``count`` images of ``images`` (all of them if fewer), preprocessed; a bad image is
-    replaced as training replaces it."""
-    picked = [images.usable(index) for index in range(min(count, len(images)))]
+def spread_images(images: TrainingImages, count: int) -> PreprocessedImages:
+    """``count`` images of ``images`` spread evenly over them (:func:`~ddpm_pipeline.data.spread_rows`;
+    all of them if fewer), preprocessed; a bad image is replaced as training replaces it."""
+    picked = [images.usable(index) for index in spread_rows(len(images), count)]
     return PreprocessedImages(torch.stack([image for _, image in picked]),
                               torch.tensor([images.data_share(index) for index, _ in picked]))  # fmt: skip
 
@@ -75,7 +76,7 @@ def first_images(images: TrainingImages, count: int) -> PreprocessedImages:
 class HeldOutBound:
     """The bound of a network on held-out images and on as many training images (module docstring).
 
-    ``validation`` and ``training`` are preprocessed images (:func:`first_images`),
+    ``validation`` and ``training`` are preprocessed images (:func:`spread_images`),
     ``num_timesteps`` the ``K`` of the estimate (None: exact), ``seed`` the draws' seed and
     ``batch_size`` the images per network batch.
     """

@@ -523,3 +523,19 @@ def test_a_column_may_hold_images_paths_or_arrays_and_each_trains_on_the_same_te
         inspect_images(ImageSource(scaled, "photo"))
     with pytest.raises(BadImageError, match="image 2 cannot be used: its float pixels span .* --bad_images skip"):
         TrainingImages(scaled, "photo", preprocess, bad_images="fail")[2]
+
+
+def test_a_subset_is_spread_evenly_over_the_rows():
+    """The middle row of each of N equal strata: a class-sorted source gives a subset of every class."""
+    from ddpm_pipeline.data import spread_rows, spread_subset
+
+    assert spread_rows(24, 12) == list(range(1, 24, 2))
+    assert spread_rows(10, 3) == [1, 5, 8]
+    assert spread_rows(10_000, 4) == [1250, 3750, 6250, 8750]
+    assert list(spread_rows(5, 5)) == list(spread_rows(5, 9)) == list(spread_rows(5, None)) == [0, 1, 2, 3, 4]
+    for total, count in ((7, 1), (7, 6), (1000, 999), (3, 2)):
+        rows = spread_rows(total, count)
+        assert len(set(rows)) == count and 0 <= min(rows) and max(rows) < total
+    sorted_by_class = datasets.Dataset.from_dict({"label": [0] * 50 + [1] * 50 + [2] * 50})
+    assert set(spread_subset(sorted_by_class, 6)["label"]) == {0, 1, 2}
+    assert spread_subset(sorted_by_class, None) is sorted_by_class

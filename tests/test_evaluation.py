@@ -260,6 +260,11 @@ def test_reference_statistics_are_cached_and_invalidated_by_preprocessing(tmp_pa
     assert cropped["reference"]["statistics_file"] != first["reference"]["statistics_file"]
     fewer = run(tmp_path, tiny_pipeline, reference_data, metrics="fid", reference_max_images=12)
     assert fewer["reference"]["cache_hit"] is False and fewer["reference"]["num_images"] == 12
+    # the 12 are spread over the 24 (rows 1, 3, …, 23), not the first 12: the statistics of those rows saved apart
+    odd_rows = tmp_path / "odd_rows"
+    datasets.load_from_disk(str(reference_data)).select(range(1, 24, 2)).save_to_disk(str(odd_rows))
+    apart = run(tmp_path, tiny_pipeline, odd_rows, metrics="fid")
+    assert apart["metrics"]["fid"] == pytest.approx(fewer["metrics"]["fid"], rel=1e-9)
     # The cache file is itself a statistics file users can pass as --reference.
     from_file = run(tmp_path, tiny_pipeline, first["reference"]["statistics_file"], metrics="fid,kid")
     assert from_file["metrics"]["fid"] == pytest.approx(first["metrics"]["fid"], rel=1e-12)
