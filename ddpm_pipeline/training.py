@@ -454,9 +454,10 @@ class Trainer:
     def _build_held_out(self, training: datasets.Dataset) -> HeldOutMonitor | None:
         """With ``--validation_split``: the held-out bound's monitor, over ``--validation_images``
         images of that split of the training source and as many of the ``training`` images, each
-        set's spread evenly over it (:func:`~ddpm_pipeline.validation.spread_images`), preprocessed as training preprocesses them (measured by the main
-        process alone, so the images are only loaded there; it warns when either set holds few of
-        the training images' classes); None without it."""
+        set's spread evenly over it (:func:`~ddpm_pipeline.validation.spread_images`), preprocessed
+        as training preprocesses them (measured by the main process alone, so the images are only
+        loaded there; it warns when either set holds few of the training images' classes); None
+        without it."""
         config = self.config
         if config.validation_split is None:
             return None

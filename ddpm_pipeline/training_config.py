@@ -223,7 +223,7 @@ class TrainingConfig:
     save_images_steps: int | None = _option(400, "Write a sample grid every N optimizer steps (none = only the one at the end).")
     validation_split: str | None = _option(None, "Held-out images of the same source: a share or a count of --split's images, its last ones, held out of training (0.05, 5%, 500), or a split (test; or a slice, train[-500:] with --split 'train[:-500]'): every --validation_steps steps, the EMA network's bound in bits/dim on --validation_images of them and on as many training images is logged and plotted (validation_curve.png), to see it learn or overfit.")
     validation_steps: int | None = _option(400, "With --validation_split: measure every N optimizer steps (none = only at the end; always at the end).")
-    validation_images: int = _option(256, "With --validation_split: the held-out images measured (the first N), and as many training images.")
+    validation_images: int = _option(256, "With --validation_split: the held-out images measured, and as many training images (each set's spread evenly over it).")
     validation_timesteps: int | None = _option(20, "With --validation_split: timesteps per image of the bound's unbiased estimate, one from each of K log-spaced strata (none = every timestep, exact: T network evaluations per image).")
     num_grid_images: int = _option(64, "Images in each sample grid (a square number looks best).")
     grid_inference_steps: int = _option(100, "Sampling steps for the grids (respaced; T gives the full chain).")

@@ -185,8 +185,10 @@ def class_column(dataset: datasets.Dataset) -> str | None:
 
 
 def class_labels(dataset: datasets.Dataset, column: str) -> np.ndarray:
-    """The class label of each row of ``dataset`` (its ``column`` alone is read, not the images)."""
-    return np.asarray(dataset.select_columns([column]).with_format("numpy")[column], dtype=np.int64)
+    """The class labels of the rows of ``dataset`` that have one (``-1`` is ``datasets``' missing
+    label); its ``column`` alone is read, not the images."""
+    labels = np.asarray(dataset.select_columns([column]).with_format("numpy")[column], dtype=np.int64)
+    return labels[labels >= 0]
 
 
 def expected_classes(frequencies: np.ndarray, count: int) -> float:
@@ -224,13 +226,15 @@ def unbalanced_classes_warning(training: datasets.Dataset, measured: dict[str, d
     if column is None:
         return None
     labels = class_labels(training, column)
+    if not len(labels):
+        return None
     frequencies = np.bincount(labels)
     names = training.features[column].names
     few = []
     for what, images in measured.items():
-        if column not in images.column_names or not len(images):
+        held = sorted(set(class_labels(images, column).tolist())) if column in images.column_names else []
+        if not held:
             continue
-        held = sorted(set(class_labels(images, column).tolist()))
         if chance_of_so_few_classes(frequencies, len(images), len(held)) < 0.01:
             expected = expected_classes(frequencies, len(images))
             shown = ", ".join(repr(names[label]) for label in held[:3]) + (", …" if len(held) > 3 else "")

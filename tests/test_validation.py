@@ -288,6 +288,7 @@ def test_measured_images_of_few_classes_are_warned_of():
     assert unbalanced_classes_warning(ordered, {"held-out images": ordered.select(range(4))}) is None
     assert unbalanced_classes_warning(ordered.remove_columns("label"), {"held-out images": ordered.select(range(5))}) is None
     assert unbalanced_classes_warning(labelled([1] * 30), {"held-out images": labelled([1] * 5)}) is None  # one class
+    assert unbalanced_classes_warning(labelled([-1] * 30), {"held-out images": labelled([-1] * 5)}) is None  # no labels
 
 
 def test_a_run_holds_out_a_share_of_its_split_and_records_the_two_splits(tmp_path, caplog):
