@@ -41,6 +41,7 @@ from .checkpointing import (
     resolve_checkpoint,
     write_checkpoint,
 )
+from .class_balance import sliced_classes_warning
 from .commands import invocation
 from .data import (
     TrainingImages,
@@ -443,12 +444,16 @@ class Trainer:
 
     def _load_dataset(self) -> tuple[datasets.Dataset, str]:
         """The training split and its image column; sets :attr:`data_identity`, what checkpoints
-        record of the data."""
+        record of the data, and warns when a slice of it took few of its classes
+        (:func:`~ddpm_pipeline.class_balance.sliced_classes_warning`)."""
         config = self.config
         source = config.data_source(config.split)
         with self.accelerator.main_process_first():
             dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
         self.data_identity = data_identity(dataset, describe_data_source(**source))
+        warning = sliced_classes_warning(dataset, config.split)
+        if warning is not None:
+            logger.warning(warning)
         return dataset, find_image_column(dataset, config.image_column)
 
     def _build_held_out(self, training: datasets.Dataset) -> HeldOutMonitor | None:

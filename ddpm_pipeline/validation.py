@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .class_balance import RARE, chance_of_so_few_classes, class_column, class_labels, expected_classes
 from .data import TrainingImages, shared_rows, split_names, spread_rows
 from .likelihood import BoundTerms, batch_bound
 from .plots import save_metric_curves
@@ -178,42 +179,6 @@ def hold_out_last_rows(split: str, amount: int | float, split_size: Callable[[st
     return "+".join(training), "+".join(held_out)
 
 
-def class_column(dataset: datasets.Dataset) -> str | None:
-    """The data set's first column of class labels (a ``datasets.ClassLabel`` feature: an image
-    folder's class subfolders, a Hub data set's ``label``), or None."""
-    return next((name for name, feature in dataset.features.items() if isinstance(feature, datasets.ClassLabel)), None)
-
-
-def class_labels(dataset: datasets.Dataset, column: str) -> np.ndarray:
-    """The class labels of the rows of ``dataset`` that have one (``-1`` is ``datasets``' missing
-    label); its ``column`` alone is read, not the images."""
-    labels = np.asarray(dataset.select_columns([column]).with_format("numpy")[column], dtype=np.int64)
-    return labels[labels >= 0]
-
-
-def expected_classes(frequencies: np.ndarray, count: int) -> float:
-    """How many distinct classes ``count`` images drawn at random (with replacement) hold, on
-    average, from classes of these ``frequencies``: ``Σ_k 1 − (1 − p_k)^count``."""
-    shares = frequencies[frequencies > 0] / frequencies.sum()
-    return float(np.sum(1 - (1 - shares) ** count))
-
-
-def chance_of_so_few_classes(frequencies: np.ndarray, count: int, classes: int, draws: int = 4000) -> float:
-    """The chance that ``count`` images drawn at random (with replacement) from classes of these
-    ``frequencies`` hold at most ``classes`` distinct classes, estimated from ``draws`` seeded
-    draws (the same estimate each time)."""
-    shares = frequencies[frequencies > 0] / frequencies.sum()
-    if classes >= expected_classes(frequencies, count):
-        return 0.5  # at least as many as on average: no need to count draws
-    rng, at_most = np.random.default_rng(0), 0
-    rows = max(1, 1_000_000 // count)  # draws at a time: at most a million labels in memory
-    for start in range(0, draws, rows):
-        labels = np.sort(rng.choice(len(shares), size=(min(rows, draws - start), count), p=shares), axis=1)
-        held = 1 + np.count_nonzero(np.diff(labels, axis=1), axis=1)
-        at_most += int(np.count_nonzero(held <= classes))
-    return at_most / draws
-
-
 def unbalanced_classes_warning(training: datasets.Dataset, measured: dict[str, datasets.Dataset]) -> str | None:
     """A warning when a set of measured images (``measured``: a description of each set, and its
     images) holds so few of the ``training`` images' classes (their :func:`class_column`) that as
@@ -235,7 +200,7 @@ def unbalanced_classes_warning(training: datasets.Dataset, measured: dict[str, d
         held = sorted(set(class_labels(images, column).tolist())) if column in images.column_names else []
         if not held:
             continue
-        if chance_of_so_few_classes(frequencies, len(images), len(held)) < 0.01:
+        if chance_of_so_few_classes(frequencies, len(images), len(held)) < RARE:
             expected = expected_classes(frequencies, len(images))
             shown = ", ".join(repr(names[label]) for label in held[:3]) + (", …" if len(held) > 3 else "")
             few.append(f"the {len(images):,} {what} hold {len(held)} of the training images' {np.count_nonzero(frequencies)} "

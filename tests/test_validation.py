@@ -14,6 +14,7 @@ from PIL import Image
 from test_training import run_training
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
+from ddpm_pipeline.class_balance import chance_of_so_few_classes, expected_classes, sliced_classes_warning
 from ddpm_pipeline.data import TrainingImages, bundled_dataset, shared_rows
 from ddpm_pipeline.evaluation import bound_over_data, evaluate
 from ddpm_pipeline.images import ImagePreprocessor
@@ -24,9 +25,7 @@ from ddpm_pipeline.training_config import TrainingConfig
 from ddpm_pipeline.validation import (
     HeldOutBound,
     HeldOutMonitor,
-    chance_of_so_few_classes,
     check_held_out_split,
-    expected_classes,
     held_out_amount,
     hold_out_last_rows,
     spread_images,
@@ -291,11 +290,25 @@ def test_measured_images_of_few_classes_are_warned_of():
     assert unbalanced_classes_warning(labelled([-1] * 30), {"held-out images": labelled([-1] * 5)}) is None  # no labels
 
 
+def test_a_slice_of_few_of_the_named_classes_is_warned_of():
+    """A slice of a class-sorted source takes its first classes: warned of, naming them; a slice of
+    mixed rows, the whole split, or a source without class labels are not."""
+    ordered = labelled([0] * 20 + [1] * 20 + [2] * 20)
+    warning = sliced_classes_warning(ordered.select(range(12)), "train[:12]")
+    assert warning.startswith("--split 'train[:12]' holds 1 of the 3 classes that its label column names ('cat'): ")
+    assert "--dataset_path OUT --split 'train[:12]'" in warning
+    assert sliced_classes_warning(ordered.shuffle(seed=0).select(range(12)), "train[:12]") is None
+    assert sliced_classes_warning(ordered.select(range(20)), "train") is None  # not a slice: the data as it is
+    assert sliced_classes_warning(ordered.select(range(3)), "train[:3]") is None  # 3 images of one class: 1 in 9 at random
+    assert sliced_classes_warning(ordered.remove_columns("label").select(range(12)), "train[:12]") is None
+
+
 def test_a_run_holds_out_a_share_of_its_split_and_records_the_two_splits(tmp_path, caplog):
     """--validation_split 0.25 of an image folder of class subfolders: the run trains on the first
     three quarters, measures the last quarter, records both splits (so eval_metrics.py measures the
     same images), and warns that the held-out images are of one class; the training images
-    measured, spread over the training split, hold all three."""
+    measured, spread over the training split, hold all three. A slice of the first images is
+    warned of too."""
     rng = np.random.default_rng(0)
     for name in ("cat", "dog", "owl"):
         (tmp_path / "images" / name).mkdir(parents=True)
@@ -316,3 +329,10 @@ def test_a_run_holds_out_a_share_of_its_split_and_records_the_two_splits(tmp_pat
                       output=str(tmp_path / "r.json"), device="cpu")  # fmt: skip
     assert scored["metrics"]["bpd"]["split"] == "train[36:]"
     assert scored["metrics"]["bpd"]["bits_per_dim"] == pytest.approx(summary["held_out"]["validation_bpd"], rel=1e-6)
+    # a slice of the folder's first images is of its first class: the run says so
+    reset_accelerate()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run_training(tmp_path / "slice", "--train_data_dir", tmp_path / "images", "--split", "train[:12]", "--train_batch_size", "4",
+                     "--max_train_steps", "1", "--save_images_steps", "none")  # fmt: skip
+    assert "--split 'train[:12]' holds 1 of the 3 classes that its label column names ('cat')" in caplog.text

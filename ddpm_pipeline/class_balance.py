@@ -1,0 +1,75 @@
+"""The class labels of a data set's images, where it has them (a ``datasets.ClassLabel`` column:
+an image folder's class subfolders, a Hub data set's ``label``): how many classes a set of its
+images holds, against what as many images drawn at random would hold. A source that lists its
+images class by class gives a slice of its first or last rows one class or two, which the
+training run warns of (:func:`sliced_classes_warning`; the held-out bound's sets:
+:func:`~ddpm_pipeline.validation.unbalanced_classes_warning`).
+"""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+
+#: A set of images holds "too few" classes when random images would hold as few this rarely.
+RARE = 0.01
+
+
+def class_column(dataset: datasets.Dataset) -> str | None:
+    """The data set's first column of class labels (a ``datasets.ClassLabel`` feature: an image
+    folder's class subfolders, a Hub data set's ``label``), or None."""
+    return next((name for name, feature in dataset.features.items() if isinstance(feature, datasets.ClassLabel)), None)
+
+
+def class_labels(dataset: datasets.Dataset, column: str) -> np.ndarray:
+    """The class labels of the rows of ``dataset`` that have one (``-1`` is ``datasets``' missing
+    label); its ``column`` alone is read, not the images."""
+    labels = np.asarray(dataset.select_columns([column]).with_format("numpy")[column], dtype=np.int64)
+    return labels[labels >= 0]
+
+
+def expected_classes(frequencies: np.ndarray, count: int) -> float:
+    """How many distinct classes ``count`` images drawn at random (with replacement) hold, on
+    average, from classes of these ``frequencies``: ``Σ_k 1 − (1 − p_k)^count``."""
+    shares = frequencies[frequencies > 0] / frequencies.sum()
+    return float(np.sum(1 - (1 - shares) ** count))
+
+
+def chance_of_so_few_classes(frequencies: np.ndarray, count: int, classes: int, draws: int = 4000) -> float:
+    """The chance that ``count`` images drawn at random (with replacement) from classes of these
+    ``frequencies`` hold at most ``classes`` distinct classes, estimated from ``draws`` seeded
+    draws (the same estimate each time)."""
+    shares = frequencies[frequencies > 0] / frequencies.sum()
+    if classes >= expected_classes(frequencies, count):
+        return 0.5  # at least as many as on average: no need to count draws
+    rng, at_most = np.random.default_rng(0), 0
+    rows = max(1, 1_000_000 // count)  # draws at a time: at most a million labels in memory
+    for start in range(0, draws, rows):
+        labels = np.sort(rng.choice(len(shares), size=(min(rows, draws - start), count), p=shares), axis=1)
+        held = 1 + np.count_nonzero(np.diff(labels, axis=1), axis=1)
+        at_most += int(np.count_nonzero(held <= classes))
+    return at_most / draws
+
+
+def sliced_classes_warning(dataset: datasets.Dataset, split: str) -> str | None:
+    """A warning when ``split`` is a slice (``train[:1000]``) whose images hold so few of the
+    classes their :func:`class_column` names that as many images drawn at random from those
+    classes, equally often, would hold as few under :data:`RARE` of the time: the slice of a source
+    that lists its images class by class took its first (or last) classes alone. None otherwise."""
+    column = class_column(dataset)
+    if "[" not in split or column is None:
+        return None
+    named = len(dataset.features[column].names)
+    labels = class_labels(dataset, column)
+    held = sorted(set(labels.tolist()))
+    if named < 2 or not held or chance_of_so_few_classes(np.ones(named), len(labels), len(held)) >= RARE:
+        return None
+    names = dataset.features[column].names
+    shown = ", ".join(repr(names[label]) for label in held[:3]) + (", …" if len(held) > 3 else "")
+    return (
+        f"--split {split!r} holds {len(held)} of the {named} classes that its {column} column names ({shown}): the source "
+        "lists its images class by class, so a slice of it takes the first (or last) classes alone. To train on fewer "
+        "images of every class, save the data shuffled and slice that, e.g. for an image folder "
+        "datasets.load_dataset('imagefolder', data_dir=FOLDER, split='train').shuffle(seed=0).save_to_disk(OUT), then "
+        f"--dataset_path OUT --split {split!r}."
+    )
