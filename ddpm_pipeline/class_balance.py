@@ -51,25 +51,22 @@ def chance_of_so_few_classes(frequencies: np.ndarray, count: int, classes: int, 
     return at_most / draws
 
 
-def sliced_classes_warning(dataset: datasets.Dataset, split: str) -> str | None:
-    """A warning when ``split`` is a slice (``train[:1000]``) whose images hold so few of the
-    classes their :func:`class_column` names that as many images drawn at random from those
-    classes, equally often, would hold as few under :data:`RARE` of the time: the slice of a source
-    that lists its images class by class took its first (or last) classes alone. None otherwise."""
+def sliced_classes_warning(dataset: datasets.Dataset, split: str, option: str, fix: str) -> str | None:
+    """A warning when ``split`` (the value of ``option``) is a slice (``train[:1000]``) whose images
+    hold so few of the classes their :func:`class_column` names that as many images drawn at random
+    from those classes, equally often, would hold as few under :data:`RARE` of the time: the slice
+    of a source that lists its images class by class took its first (or last) classes alone. The
+    warning ends with ``fix``. None otherwise."""
     column = class_column(dataset)
     if "[" not in split or column is None:
         return None
-    named = len(dataset.features[column].names)
+    names = dataset.features[column].names
     labels = class_labels(dataset, column)
     held = sorted(set(labels.tolist()))
-    if named < 2 or not held or chance_of_so_few_classes(np.ones(named), len(labels), len(held)) >= RARE:
+    if len(names) < 2 or not held or chance_of_so_few_classes(np.ones(len(names)), len(labels), len(held)) >= RARE:
         return None
-    names = dataset.features[column].names
     shown = ", ".join(repr(names[label]) for label in held[:3]) + (", …" if len(held) > 3 else "")
     return (
-        f"--split {split!r} holds {len(held)} of the {named} classes that its {column} column names ({shown}): the source "
-        "lists its images class by class, so a slice of it takes the first (or last) classes alone. To train on fewer "
-        "images of every class, save the data shuffled and slice that, e.g. for an image folder "
-        "datasets.load_dataset('imagefolder', data_dir=FOLDER, split='train').shuffle(seed=0).save_to_disk(OUT), then "
-        f"--dataset_path OUT --split {split!r}."
+        f"{option} {split!r} holds {len(held)} of the {len(names)} classes that its {column} column names ({shown}): the "
+        f"source lists its images class by class, so a slice of it takes the first (or last) classes alone. {fix}"
     )

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .bound_store import BoundStore
+from .class_balance import sliced_classes_warning
 from .commands import program_name
 from .data import describe_data_source, spread_subset
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
@@ -526,6 +527,11 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         reference_source = data_source(config.reference, config.reference_split, config.reference_config, config, training)
         if processes.is_main and reference_source.kind != "stats":
             reference_images = reference_source.load()
+            warning = sliced_classes_warning(reference_images, config.reference_split, "the reference split",
+                                             "For fewer reference images of every class, give the whole split and "
+                                             "--reference_max_images N, which spreads them over it.")  # fmt: skip
+            if warning is not None:
+                logger.warning(warning)
     bpd_source = None
     if "bpd" in metrics:
         bpd_source = data_source(config.bpd_data or config.reference, config.bpd_split or config.reference_split,

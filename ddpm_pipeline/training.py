@@ -451,7 +451,11 @@ class Trainer:
         with self.accelerator.main_process_first():
             dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
         self.data_identity = data_identity(dataset, describe_data_source(**source))
-        warning = sliced_classes_warning(dataset, config.split)
+        warning = sliced_classes_warning(dataset, config.split, "--split", (
+            "To train on fewer images of every class, save the data shuffled and slice that, e.g. for an image folder "
+            "datasets.load_dataset('imagefolder', data_dir=FOLDER, split='train').shuffle(seed=0).save_to_disk(OUT), then "
+            f"--dataset_path OUT --split {config.split!r}."
+        ))  # fmt: skip
         if warning is not None:
             logger.warning(warning)
         return dataset, find_image_column(dataset, config.image_column)

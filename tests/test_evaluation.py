@@ -693,6 +693,32 @@ def test_a_reference_mostly_padded_onto_the_samples_canvas_is_warned_of(tmp_path
     assert warnings(32) == [] and warnings(64, resize_mode="crop") == [] and warnings(64, resize_mode="auto") == []
 
 
+def test_a_reference_slice_of_few_classes_is_warned_of_and_a_spread_subset_holds_them_all(tmp_path, caplog):
+    """An image folder of class subfolders: its first 8 images (--reference_split 'train[:8]') are
+    all cats, which the log says, naming --reference_max_images; the whole split with
+    --reference_max_images 8 (8 images spread over it: test_data) passes quietly."""
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    for index in range(4):
+        Image.fromarray(np.full((16, 16), 40 * index, np.uint8)).save(samples / f"{index}.png")
+    for name in ("cat", "dog"):
+        (tmp_path / "pets" / name).mkdir(parents=True)
+        for index in range(16):
+            Image.fromarray(np.full((16, 16), 10 * index, np.uint8)).save(tmp_path / "pets" / name / f"{index}.png")
+
+    def warnings(**options):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.evaluation"):
+            evaluate(samples=str(samples), reference=str(tmp_path / "pets"), metrics="fid", feature_extractor=FEATURES,
+                     output=str(tmp_path / "fid.json"), cache_dir=str(tmp_path / "cache"), device="cpu", **options)  # fmt: skip
+        return [r.getMessage() for r in caplog.records if "classes" in r.getMessage()]
+
+    (warning,) = warnings(reference_split="train[:8]")
+    assert warning.startswith("the reference split 'train[:8]' holds 1 of the 2 classes that its label column names ('cat')")
+    assert warning.endswith("give the whole split and --reference_max_images N, which spreads them over it.")
+    assert warnings(reference_max_images=8) == []
+
+
 def test_reference_images_read_by_threads_are_those_of_one(reference_data):
     source = DataSource.parse(reference_data)
     images, preprocess = source.images(source.load()), ImagePreprocessor(12, 1, "crop")

@@ -294,13 +294,13 @@ def test_a_slice_of_few_of_the_named_classes_is_warned_of():
     """A slice of a class-sorted source takes its first classes: warned of, naming them; a slice of
     mixed rows, the whole split, or a source without class labels are not."""
     ordered = labelled([0] * 20 + [1] * 20 + [2] * 20)
-    warning = sliced_classes_warning(ordered.select(range(12)), "train[:12]")
-    assert warning.startswith("--split 'train[:12]' holds 1 of the 3 classes that its label column names ('cat'): ")
-    assert "--dataset_path OUT --split 'train[:12]'" in warning
-    assert sliced_classes_warning(ordered.shuffle(seed=0).select(range(12)), "train[:12]") is None
-    assert sliced_classes_warning(ordered.select(range(20)), "train") is None  # not a slice: the data as it is
-    assert sliced_classes_warning(ordered.select(range(3)), "train[:3]") is None  # 3 images of one class: 1 in 9 at random
-    assert sliced_classes_warning(ordered.remove_columns("label").select(range(12)), "train[:12]") is None
+    warning = sliced_classes_warning(ordered.select(range(12)), "train[:12]", "--split", "Shuffle it.")
+    assert warning == ("--split 'train[:12]' holds 1 of the 3 classes that its label column names ('cat'): the source lists "
+                       "its images class by class, so a slice of it takes the first (or last) classes alone. Shuffle it.")  # fmt: skip
+    assert sliced_classes_warning(ordered.shuffle(seed=0).select(range(12)), "train[:12]", "--split", "") is None
+    assert sliced_classes_warning(ordered.select(range(20)), "train", "--split", "") is None  # not a slice: the data as it is
+    assert sliced_classes_warning(ordered.select(range(3)), "train[:3]", "--split", "") is None  # one class: 1 in 9 at random
+    assert sliced_classes_warning(ordered.remove_columns("label").select(range(12)), "train[:12]", "--split", "") is None
 
 
 def test_a_run_holds_out_a_share_of_its_split_and_records_the_two_splits(tmp_path, caplog):
@@ -336,3 +336,4 @@ def test_a_run_holds_out_a_share_of_its_split_and_records_the_two_splits(tmp_pat
         run_training(tmp_path / "slice", "--train_data_dir", tmp_path / "images", "--split", "train[:12]", "--train_batch_size", "4",
                      "--max_train_steps", "1", "--save_images_steps", "none")  # fmt: skip
     assert "--split 'train[:12]' holds 1 of the 3 classes that its label column names ('cat')" in caplog.text
+    assert "--dataset_path OUT --split 'train[:12]'" in caplog.text
