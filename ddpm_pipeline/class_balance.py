@@ -8,6 +8,8 @@ training run warns of (:func:`sliced_classes_warning`; the held-out bound's sets
 
 from __future__ import annotations
 
+import math
+
 import datasets
 import numpy as np
 
@@ -37,11 +39,19 @@ def expected_classes(frequencies: np.ndarray, count: int) -> float:
 
 def chance_of_so_few_classes(frequencies: np.ndarray, count: int, classes: int, draws: int = 4000) -> float:
     """The chance that ``count`` images drawn at random (with replacement) from classes of these
-    ``frequencies`` hold at most ``classes`` distinct classes, estimated from ``draws`` seeded
-    draws (the same estimate each time)."""
-    shares = frequencies[frequencies > 0] / frequencies.sum()
+    ``frequencies`` hold at most ``classes`` distinct classes ``h``, estimated from ``draws`` seeded
+    draws (the same estimate each time; fewer for large ``count``: 20 million labels in all, and
+    at least 200 draws). Where the union bound over the sets of ``h`` classes,
+    ``C(K, h) · (p_1 + … + p_h)^count`` with the ``h`` largest shares, is below 10⁻⁶, or
+    ``count`` exceeds 100,000 (a draw would take seconds), that bound instead."""
+    shares = np.sort(frequencies[frequencies > 0] / frequencies.sum())[::-1]
     if classes >= expected_classes(frequencies, count):
         return 0.5  # at least as many as on average: no need to count draws
+    sets = math.lgamma(len(shares) + 1) - math.lgamma(classes + 1) - math.lgamma(len(shares) - classes + 1)
+    bound = math.exp(min(0.0, sets + count * math.log(float(shares[:classes].sum())))) if classes else 0.0
+    if bound < 1e-6 or count > 100_000:
+        return bound
+    draws = min(draws, max(200, 20_000_000 // count))  # at most 20 million labels drawn (seconds), at least 200 draws
     rng, at_most = np.random.default_rng(0), 0
     rows = max(1, 1_000_000 // count)  # draws at a time: at most a million labels in memory
     for start in range(0, draws, rows):

@@ -334,16 +334,22 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith((".", "__")) for part in relative.parts)
 
 
+def read_instruction(split: str) -> datasets.ReadInstruction:
+    """``split`` parsed as ``load_dataset(split=...)`` parses it; a spec it cannot read raises a
+    ValueError that names the forms it can."""
+    try:
+        return datasets.ReadInstruction.from_spec(split)
+    except (ValueError, AssertionError) as error:
+        raise ValueError(f"--split {split!r} is not a split name or slice ({error}); e.g. train, train[:1000], train[:10%].") from error
+
+
 def select_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, what: str = "the data set") -> datasets.Dataset:
     """The rows that ``split`` names in a ``save_to_disk`` data set, read as
     ``load_dataset(split=...)`` reads it (``datasets.ReadInstruction``): ``"test"``,
     ``"train[:1000]"``, ``"train[10%:20%]"``, ``"train[-500:]"``, ``"train+test"``. A
     ``DatasetDict``'s splits are its keys; a lone ``Dataset`` is one split under any name, so
     there only the slice counts (``"train[:1000]"`` = its first 1000 rows)."""
-    try:
-        instruction = datasets.ReadInstruction.from_spec(split)
-    except (ValueError, AssertionError) as error:
-        raise ValueError(f"--split {split!r} is not a split name or slice ({error}); e.g. train, train[:1000], train[:10%].") from error
+    instruction = read_instruction(split)
     names = split_names(split)
     if isinstance(loaded, datasets.DatasetDict):
         missing = sorted(set(names) - set(loaded))

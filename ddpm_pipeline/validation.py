@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .class_balance import RARE, chance_of_so_few_classes, class_column, class_labels, expected_classes
-from .data import TrainingImages, shared_rows, split_names, spread_rows
+from .data import TrainingImages, read_instruction, shared_rows, split_names, spread_rows
 from .likelihood import BoundTerms, batch_bound
 from .plots import save_metric_curves
 from .run_outputs import VALIDATION_CURVE_NAME, VALIDATION_HISTORY_NAME
@@ -161,7 +161,7 @@ def hold_out_last_rows(split: str, amount: int | float, split_size: Callable[[st
     Raises ValueError when ``n`` leaves no row to train on."""
     names = dict.fromkeys(split_names(split))
     sizes = {name: split_size(name) for name in names}
-    parts = [(part.splitname, part.from_, part.to) for part in datasets.ReadInstruction.from_spec(split).to_absolute(sizes)]
+    parts = [(part.splitname, part.from_, part.to) for part in read_instruction(split).to_absolute(sizes)]
     parts = [(name, start, end) for name, start, end in parts if start < end]
     total = sum(end - start for _, start, end in parts)
     count = amount if isinstance(amount, int) else max(1, int(amount * total + 0.5))

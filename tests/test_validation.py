@@ -252,6 +252,8 @@ def test_a_held_out_share_that_leaves_nothing_to_train_on_is_refused():
         hold_out_last_rows("train[:30]", 30, {"train": 100}.get)
     with pytest.raises(ValueError, match="leaving none"):
         hold_out_last_rows("train", 0.99, {"train": 20}.get)
+    with pytest.raises(ValueError, match=r"--split 'train\[::2\]' is not a split name or slice"):
+        hold_out_last_rows("train[::2]", 0.1, {"train": 20}.get)
 
 
 def test_the_classes_random_images_hold_on_average_and_the_chance_of_fewer():
@@ -263,6 +265,9 @@ def test_the_classes_random_images_hold_on_average_and_the_chance_of_fewer():
         assert chance_of_so_few_classes(np.array([10, 10]), count, 1) == pytest.approx(2 * 0.5**count, abs=4 * (0.5**count / 4000) ** 0.5)
     assert chance_of_so_few_classes(np.array([3, 3, 3]), 5, 1) == pytest.approx(3 * (1 / 3) ** 5, abs=0.01)
     assert chance_of_so_few_classes(np.array([3, 3, 3]), 5, 3) == 0.5  # all: no fewer than on average
+    # where the union bound C(K, h)·(top h shares)^n is below 1e-6 it is returned (exact here: one class of two)
+    assert chance_of_so_few_classes(np.array([10, 10]), 30, 1) == pytest.approx(2 * 0.5**30, rel=1e-9)
+    assert chance_of_so_few_classes(np.ones(1000), 1_200_000, 1) == 0.0  # a slice of ImageNet's size: no draws
 
 
 def labelled(labels):
