@@ -325,6 +325,7 @@ class Trainer:
         if deleted and self.accelerator.is_main_process:  # the rest of what the other run wrote, which this run's would sit among
             remove_outputs_past(self.output_dir, start_step, pipeline=any(path.name == TRAINING_SUMMARY_NAME for path in deleted))
         self.accelerator.wait_for_everyone()  # no process looks at the folder before the deletion is done
+        self.split_sizes: dict[str, int] = {}  # of the training source's splits, as far as they are asked for
         self.config = config = self._hold_out_share(config)
         dataset, image_column = self._load_dataset()
         image_format = inspect_images(ImageSource(dataset, image_column))
@@ -424,10 +425,12 @@ class Trainer:
             )
 
     def _split_size(self, name: str) -> int:
-        """How many images split ``name`` of the training source has (loaded as training loads it:
-        after the first time, from the cache)."""
-        with self.accelerator.main_process_first():
-            return len(load_image_dataset(**self.config.data_source(name), cache_dir=self.config.cache_dir))
+        """How many images split ``name`` of the training source has (loaded as training loads it,
+        once a run: an image folder's files are listed at each load)."""
+        if name not in self.split_sizes:
+            with self.accelerator.main_process_first():
+                self.split_sizes[name] = len(load_image_dataset(**self.config.data_source(name), cache_dir=self.config.cache_dir))
+        return self.split_sizes[name]
 
     def _hold_out_share(self, config: TrainingConfig) -> TrainingConfig:
         """``config`` with a ``--validation_split`` share or count of ``--split``'s images
