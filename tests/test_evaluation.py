@@ -693,7 +693,7 @@ def test_a_reference_mostly_padded_onto_the_samples_canvas_is_warned_of(tmp_path
     assert warnings(32) == [] and warnings(64, resize_mode="crop") == [] and warnings(64, resize_mode="auto") == []
 
 
-def test_a_reference_slice_of_few_classes_is_warned_of_and_a_spread_subset_holds_them_all(tmp_path, caplog):
+def test_a_reference_slice_of_few_classes_is_warned_of_naming_reference_max_images(tmp_path, caplog):
     """An image folder of class subfolders: its first 8 images (--reference_split 'train[:8]') are
     all cats, which the log says, naming --reference_max_images; the whole split with
     --reference_max_images 8 (8 images spread over it: test_data) passes quietly."""
