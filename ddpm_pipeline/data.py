@@ -334,13 +334,15 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith((".", "__")) for part in relative.parts)
 
 
-def read_instruction(split: str) -> datasets.ReadInstruction:
+def read_instruction(split: str, option: str = "--split", forms: str = "") -> datasets.ReadInstruction:
     """``split`` parsed as ``load_dataset(split=...)`` parses it; a spec it cannot read raises a
-    ValueError that names the forms it can."""
+    ValueError that names the ``option`` it came from and the forms it can take (``forms``: more of
+    them, for an option that takes others too)."""
     try:
         return datasets.ReadInstruction.from_spec(split)
     except (ValueError, AssertionError) as error:
-        raise ValueError(f"--split {split!r} is not a split name or slice ({error}); e.g. train, train[:1000], train[:10%].") from error
+        raise ValueError(f"{option} {split!r} is not a split name or slice ({error}); e.g. train, train[:1000], "
+                         f"train[:10%], train+test{forms}.") from error  # fmt: skip
 
 
 def select_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, what: str = "the data set") -> datasets.Dataset:
@@ -385,7 +387,7 @@ def shared_rows(split: str, other: str, split_size: Callable[[str], int], one_sp
 
     def ranges(spec: str) -> list[tuple[str, int, int]]:
         names = dict.fromkeys(split_names(spec))
-        parts = datasets.ReadInstruction.from_spec(spec).to_absolute({name: split_size(name) for name in names})
+        parts = read_instruction(spec).to_absolute({name: split_size(name) for name in names})
         return [("" if one_split else part.splitname, part.from_, part.to) for part in parts]
 
     shared = []

@@ -54,7 +54,7 @@ from .sampling import (
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .scored_images import ScoredImages
 from .speed import device_description, strict_float32
-from .training_config import CONFIG_FILE_NAME, dataclass_parser
+from .training_config import CONFIG_FILE_NAME, dataclass_parser, split_problems
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,11 @@ class EvaluationConfig:
             refuse_pipeline_folder(self.samples_dir, "--samples_dir", harm="")
         if self.bpd_timesteps is not None and self.bpd_timesteps < 1:
             raise ValueError("--bpd_timesteps must be positive (or none for every timestep).")
+        for option in ("reference_split", "bpd_split"):
+            if getattr(self, option) is not None:
+                problems = split_problems(getattr(self, option), f"--{option}")
+                if problems:
+                    raise ValueError(problems[0])
         check_sampling_options(self)
 
     @classmethod

@@ -10,12 +10,14 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .commands import program_name
+from .data import read_instruction
 from .images import RESIZE_MODES, ImageFormat
 from .losses import DEFAULT_VLB_WEIGHT
 from .schedules import (
@@ -39,6 +41,19 @@ from .unet import (
     preset_for_image_size,
 )
 from .validation import held_out_amount
+
+
+def split_problems(split: str, option: str, forms: str = "") -> list[str]:
+    """The problem with ``option``'s ``split``, before any data is read: a spec that ``datasets``
+    cannot read (:func:`~ddpm_pipeline.data.read_instruction`), with a hint for a decimal comma
+    (``0,05``); ``[]`` when it reads."""
+    try:
+        read_instruction(split, option, forms)
+    except ValueError as error:
+        comma = "; write a share with a point: 0.05" if re.fullmatch(r"\s*\d*,\d+\s*%?\s*", split) else ""
+        return [f"{str(error).rstrip('.')}{comma}."]
+    return []
+
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 BETA_SCHEDULES = ("linear", "cosine")
@@ -270,11 +285,16 @@ class TrainingConfig:
                      "resolution", "layers_per_block", "num_cpu_threads", "log_every", "max_skipped_steps",
                      "num_train_timesteps", "validation_steps", "validation_timesteps"):  # fmt: skip
             positive(name, allow_none=True)
+        problems += split_problems(self.split, "--split")
         if self.validation_split is not None:
             try:
-                held_out_amount(self.validation_split)
+                amount = held_out_amount(self.validation_split)
             except ValueError as error:
                 problems.append(str(error))
+            else:
+                if amount is None:
+                    problems += split_problems(self.validation_split, "--validation_split",
+                                               ", or a share or a count of --split's images to hold out (0.05, 5%, 500)")  # fmt: skip
             if self.validation_split.replace(" ", "") == self.split.replace(" ", ""):
                 problems.append(
                     f"--validation_split {self.validation_split!r} is the training split itself: hold images out, e.g. "

@@ -129,7 +129,7 @@ def held_out_amount(validation_split: str) -> int | float | None:
     (``"500"`` → ``500``, an int) or a share (``"0.05"`` and ``"5%"`` → ``0.05``, a float in
     (0, 1)); None when it names a split (``"test"``, ``"train[-500:]"``), which ``datasets`` reads.
     Raises ValueError for a count below 1 or a share outside (0, 1)."""
-    text = validation_split.strip()
+    text = "".join(validation_split.split())  # "5 %" as "5%"
     if _COUNT.fullmatch(text):
         if int(text) < 1:
             raise ValueError(f"--validation_split {validation_split!r} holds out no image: give a count of at least 1 (500) "

@@ -16,7 +16,7 @@ from test_training import run_training
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet
 from ddpm_pipeline.class_balance import chance_of_so_few_classes, expected_classes, sliced_classes_warning
 from ddpm_pipeline.data import TrainingImages, bundled_dataset, shared_rows
-from ddpm_pipeline.evaluation import bound_over_data, evaluate
+from ddpm_pipeline.evaluation import EvaluationConfig, bound_over_data, evaluate
 from ddpm_pipeline.images import ImagePreprocessor
 from ddpm_pipeline.likelihood import batch_bound
 from ddpm_pipeline.model_card import build_model_card
@@ -212,7 +212,7 @@ def test_rows_shared_by_two_splits_of_a_source_with_named_splits(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "amount"), [
-    ("500", 500), ("1", 1), ("0.05", 0.05), (".5", 0.5), ("5%", 0.05), ("12.5%", 0.125), (" 0.1 ", 0.1),
+    ("500", 500), ("1", 1), ("0.05", 0.05), (".5", 0.5), ("5%", 0.05), ("12.5%", 0.125), (" 0.1 ", 0.1), ("5 %", 0.05),
     ("test", None), ("train[-500:]", None), ("train[:5%]", None), ("validation", None),
 ])  # fmt: skip
 def test_a_held_out_share_or_count_is_read_apart_from_split_names(text, amount):
@@ -245,6 +245,25 @@ def test_a_held_out_share_holds_out_the_last_rows_of_the_training_split(split, a
     assert shared_rows(training, held_out, sizes.get) == []
     whole = sum(end - start for _, start, end in shared_rows(split, split, sizes.get))
     assert sum(end - start for _, start, end in shared_rows(split, training, sizes.get) + shared_rows(split, held_out, sizes.get)) == whole
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("validation_split", "0,05", "--validation_split '0,05' is not a split name or slice (Unrecognized instruction format: "
+     "0,05); e.g. train, train[:1000], train[:10%], train+test, or a share or a count of --split's images to hold out "
+     "(0.05, 5%, 500); write a share with a point: 0.05."),
+    ("validation_split", "train[::2]", "--validation_split 'train[::2]' is not a split name or slice"),
+    ("split", "train[:1O0]", "--split 'train[:1O0]' is not a split name or slice (Unrecognized instruction format: "
+     "train[:1O0]); e.g. train, train[:1000], train[:10%], train+test."),
+])  # fmt: skip
+def test_a_split_datasets_cannot_read_is_refused_before_any_work(tmp_path, option, value, message):
+    """Refused with the options' other problems, naming the option and the forms it takes, instead
+    of datasets' traceback once the data is read; eval_metrics.py's splits alike."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainingConfig(**{option: value}).validate()
+    with pytest.raises(ValueError, match=re.escape("--reference_split 'train[:1O0]' is not a split name or slice")):
+        EvaluationConfig(model="m", reference_split="train[:1O0]").validate()
+    with pytest.raises(ValueError, match=re.escape("--bpd_split '0,05' is not a split name or slice")):
+        EvaluationConfig(model="m", bpd_split="0,05").validate()
 
 
 def test_a_held_out_share_that_leaves_nothing_to_train_on_is_refused():
