@@ -232,6 +232,22 @@ def build_ema(unet: torch.nn.Module, config: TrainingConfig) -> EMAModel:
     return EMAModel(unet.parameters(), **ema_settings(config), foreach=True)
 
 
+def build_unet(unet_config: dict[str, Any], unet_overrides: str | None) -> DDPMUNet:
+    """``DDPMUNet(**unet_config)``; where ``--unet_overrides`` gave values that ``UNet2DModel``
+    cannot be built from (a string where it takes a number, say), a ValueError that names them,
+    instead of the error from deep inside diffusers."""
+    try:
+        return DDPMUNet(**unet_config)
+    except (TypeError, ValueError, KeyError, IndexError) as error:
+        if not unet_overrides:
+            raise
+        raise ValueError(
+            f"The UNet cannot be built with --unet_overrides {unet_overrides} ({type(error).__name__}: {error}): its "
+            "values go to diffusers' UNet2DModel as they are, so give them the names and types of its config.json "
+            "(e.g. {\"attention_head_dim\": 8, \"norm_num_groups\": 16})."
+        ) from error
+
+
 def _option_text(value: Any) -> str:
     """An option's value as a log line shows it (``2e-05``, ``True``)."""
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -350,7 +366,7 @@ class Trainer:
         check_padding(image_format, self.unet_config["sample_size"], config.resize_mode)
         if self.accelerator.is_main_process:
             warn_if_mostly_padding(image_format, self.unet_config["sample_size"], config.resize_mode)
-        self.unet = DDPMUNet(**self.unet_config)
+        self.unet = build_unet(self.unet_config, config.unet_overrides)
         if self.pretrained is not None and self.checkpoint is None:  # resuming loads the checkpoint's weights
             self.pretrained.load_weights(self.unet)
             logger.info(f"starting from the weights of {self.pretrained.source}")

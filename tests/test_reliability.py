@@ -250,6 +250,8 @@ def test_empty_image_folder_is_a_clear_error(tmp_path):
         (["--resolution", "29"], "not divisible by 2"),
         (["--unet_overrides", '{"out_channels": 3}'], "in_channels 1 and out_channels 3, but with variance_type fixed_small"),
         (["--block_out_channels", "12", "24"], "not divisible by norm_num_groups 8"),
+        (["--unet_overrides", '{"attention_head_dim": "x"}'],
+         r'The UNet cannot be built with --unet_overrides \{"attention_head_dim": "x"\} \(TypeError: '),  # diffusers' error, named
     ],
 )
 def test_bad_network_options_fail_before_any_work(tmp_path, options, message):
