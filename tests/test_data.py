@@ -539,3 +539,13 @@ def test_a_subset_is_spread_evenly_over_the_rows():
     sorted_by_class = datasets.Dataset.from_dict({"label": [0] * 50 + [1] * 50 + [2] * 50})
     assert set(spread_subset(sorted_by_class, 6)["label"]) == {0, 1, 2}
     assert spread_subset(sorted_by_class, None) is sorted_by_class
+
+
+def test_a_slice_past_the_end_of_an_image_folder_names_the_split_and_its_size(tmp_path):
+    """datasets' "Instruction ... corresponds to no data!" becomes the split, the folder and its size."""
+    for index in range(3):
+        Image.fromarray(np.full((8, 8), 50 * index, np.uint8)).save(tmp_path / f"{index}.png")
+    with pytest.raises(ValueError, match=r"--split 'train\[10:\]' selects no images of the image folder .* \(train: 3 images\): "
+                                         r"a slice past the end\?"):  # fmt: skip
+        load_image_dataset(train_data_dir=tmp_path, split="train[10:]")
+    assert len(load_image_dataset(train_data_dir=tmp_path, split="train[1:]")) == 2
