@@ -484,6 +484,13 @@ def find_image_column(dataset: datasets.Dataset, image_column: str | None = None
     if image_column:
         if image_column not in columns:
             raise ValueError(f"--image_column {image_column!r} is not a column; the columns are {columns}.")
+        if column_kind(dataset.features[image_column]) is None:
+            readable = [name for name, feature in dataset.features.items() if column_kind(feature) is not None]
+            raise ValueError(
+                f"--image_column {image_column!r} holds {dataset.features[image_column]}, not images (an Image feature, "
+                "image files' bytes, paths to image files, or arrays of pixels): name the column that holds them"
+                + (f" ({', '.join(readable)} could)." if readable else "; this data set has none.")
+            )
         return image_column
     for name in IMAGE_COLUMN_NAMES:
         if name in columns:

@@ -516,6 +516,10 @@ def test_a_column_may_hold_images_paths_or_arrays_and_each_trains_on_the_same_te
     assert column_kind(datasets.Sequence(datasets.Value("float32"))) is None  # one row of numbers is no image
     with pytest.raises(TypeError, match="Column 'label' holds int, not images .*: name the column that holds them with --image_column"):
         TrainingImages(columns["Array3D"], "label", preprocess)[0]
+    # named as the image column, it is refused before any image is read, naming the columns that could be
+    with pytest.raises(ValueError, match=r"--image_column 'label' holds Value\(.*int64.*\), not images .*: name the column that "
+                                         r"holds them \(photo could\)\."):  # fmt: skip
+        find_image_column(columns["Array3D"], "label")
     # arrays that are not images: each one is a bad image, named with what is wrong
     scaled = datasets.Dataset.from_dict({"photo": pixels.astype(np.float32)})
     with pytest.raises(ValueError, match=r"None of the 6 images inspected can be read \(the first: image 0 cannot be used: "
