@@ -16,6 +16,9 @@ import numpy as np
 #: A set of images holds "too few" classes when random images would hold as few this rarely.
 RARE = 0.01
 
+#: The one line that saves an image folder shuffled, for the warnings' fixes (then ``--dataset_path OUT``).
+SHUFFLED_COPY = "datasets.load_dataset('imagefolder', data_dir=FOLDER, split='train').shuffle(seed=0).save_to_disk(OUT)"
+
 
 def class_column(dataset: datasets.Dataset) -> str | None:
     """The data set's first column of class labels (a ``datasets.ClassLabel`` feature: an image
@@ -61,6 +64,11 @@ def chance_of_so_few_classes(frequencies: np.ndarray, count: int, classes: int, 
     return at_most / draws
 
 
+def classes_in_words(names: list[str], labels: list[int], shown: int = 3) -> str:
+    """``"'cat', 'dog', …"``: the class ``names`` of the first ``shown`` of ``labels``."""
+    return ", ".join(repr(names[label]) for label in labels[:shown]) + (", …" if len(labels) > shown else "")
+
+
 def sliced_classes_warning(dataset: datasets.Dataset, split: str, option: str, fix: str) -> str | None:
     """A warning when ``split`` (the value of ``option``) is a slice (``train[:1000]``) whose images
     hold so few of the classes their :func:`class_column` names that as many images drawn at random
@@ -75,8 +83,8 @@ def sliced_classes_warning(dataset: datasets.Dataset, split: str, option: str, f
     held = sorted(set(labels.tolist()))
     if len(names) < 2 or not held or chance_of_so_few_classes(np.ones(len(names)), len(labels), len(held)) >= RARE:
         return None
-    shown = ", ".join(repr(names[label]) for label in held[:3]) + (", …" if len(held) > 3 else "")
     return (
-        f"{option} {split!r} holds {len(held)} of the {len(names)} classes that its {column} column names ({shown}): the "
+        f"{option} {split!r} holds {len(held)} of the {len(names)} classes that its {column} column names "
+        f"({classes_in_words(names, held)}): the "
         f"source lists its images class by class, so a slice of it takes the first (or last) classes alone. {fix}"
     )

@@ -41,7 +41,7 @@ from .checkpointing import (
     resolve_checkpoint,
     write_checkpoint,
 )
-from .class_balance import sliced_classes_warning
+from .class_balance import SHUFFLED_COPY, sliced_classes_warning
 from .commands import invocation
 from .data import (
     TrainingImages,
@@ -471,9 +471,8 @@ class Trainer:
             dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
         self.data_identity = data_identity(dataset, describe_data_source(**source))
         warning = sliced_classes_warning(dataset, config.split, "--split", (
-            "To train on fewer images of every class, save the data shuffled and slice that, e.g. for an image folder "
-            "datasets.load_dataset('imagefolder', data_dir=FOLDER, split='train').shuffle(seed=0).save_to_disk(OUT), then "
-            f"--dataset_path OUT --split {config.split!r}."
+            f"To train on fewer images of every class, save the data shuffled and slice that, e.g. for an image folder "
+            f"{SHUFFLED_COPY}, then --dataset_path OUT --split {config.split!r}."
         ))  # fmt: skip
         if warning is not None:
             logger.warning(warning)

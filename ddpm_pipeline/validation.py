@@ -37,7 +37,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .class_balance import RARE, chance_of_so_few_classes, class_column, class_labels, expected_classes
+from .class_balance import (
+    RARE,
+    SHUFFLED_COPY,
+    chance_of_so_few_classes,
+    class_column,
+    class_labels,
+    classes_in_words,
+    expected_classes,
+)
 from .data import TrainingImages, read_instruction, shared_rows, split_names, spread_rows
 from .likelihood import BoundTerms, batch_bound
 from .plots import save_metric_curves
@@ -202,18 +210,17 @@ def unbalanced_classes_warning(training: datasets.Dataset, measured: dict[str, d
             continue
         if chance_of_so_few_classes(frequencies, len(images), len(held)) < RARE:
             expected = expected_classes(frequencies, len(images))
-            shown = ", ".join(repr(names[label]) for label in held[:3]) + (", …" if len(held) > 3 else "")
             few.append(f"the {len(images):,} {what} hold {len(held)} of the training images' {np.count_nonzero(frequencies)} "
-                       f"classes ({shown}), where as many drawn at random would hold {expected:.1f} on average")  # fmt: skip
+                       f"classes ({classes_in_words(names, held)}), where as many drawn at random would hold {expected:.1f} "
+                       "on average")  # fmt: skip
     if not few:
         return None
     return (
         f"{'; '.join(few)}: the source lists its images class by class ({column}), so the bound measures those classes "
         "alone, and the held-out and training bounds differ by class as well as by whether the network saw them. "
         "Measure images of every class: hold out a split of its own (an image folder's test/ subfolder, "
-        "--validation_split test), or save the data shuffled and train on that, e.g. for an image folder "
-        "datasets.load_dataset('imagefolder', data_dir=FOLDER, split='train').shuffle(seed=0).save_to_disk(OUT), then "
-        "--dataset_path OUT."
+        f"--validation_split test), or save the data shuffled and train on that, e.g. for an image folder {SHUFFLED_COPY}, "
+        "then --dataset_path OUT."
     )
 
 
