@@ -15,7 +15,6 @@ import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -169,9 +168,8 @@ def load_image_dataset(
         raise ValueError(f"Give one data source, not {' and '.join(given)}.")
     if dataset_name:
         try:
-            with empty_slices_named(split, f"the Hub data set {dataset_name}",
-                                    lambda name: len(datasets.load_dataset(dataset_name, dataset_config, split=name, cache_dir=cache_dir))):  # fmt: skip
-                return datasets.load_dataset(dataset_name, dataset_config, split=split, cache_dir=cache_dir)
+            return load_split(lambda name: datasets.load_dataset(dataset_name, dataset_config, split=name, cache_dir=cache_dir),
+                              split, f"the Hub data set {dataset_name}")  # fmt: skip
         except ConnectionError as error:  # neither cached nor reachable
             raise ConnectionError(hub_unreachable_message(dataset_name, error, cache_dir)) from error
     if train_data_dir:
@@ -189,9 +187,8 @@ def load_image_dataset(
             )
         warn_of_unread_photos(folder)
         check_image_folder_split(folder, split)
-        with empty_slices_named(split, f"the image folder {folder}",
-                                lambda name: len(datasets.load_dataset("imagefolder", data_dir=str(folder), split=name, cache_dir=cache_dir))):  # fmt: skip
-            return datasets.load_dataset("imagefolder", data_dir=str(folder), split=split, cache_dir=cache_dir)
+        return load_split(lambda name: datasets.load_dataset("imagefolder", data_dir=str(folder), split=name, cache_dir=cache_dir),
+                          split, f"the image folder {folder}")  # fmt: skip
     if dataset_path:
         path = Path(dataset_path)
         if not path.exists():
@@ -210,18 +207,17 @@ def load_image_dataset(
     return select_split(bundled_dataset(), split, what="the bundled data set")
 
 
-@contextmanager
-def empty_slices_named(split: str, what: str, split_size: Callable[[str], int]) -> Iterator[None]:
-    """Turn ``datasets``' error for a slice that selects no rows (``Instruction "train[100:]"
-    corresponds to no data!``, a slice past the end of the split) into one that names the split,
-    the source and its splits' sizes (``split_size(name)``), as :func:`select_split` does for a
-    saved data set."""
+def load_split(load: Callable[[str], datasets.Dataset], split: str, what: str) -> datasets.Dataset:
+    """``load(split)``, the split of the source ``what`` that ``load_dataset`` reads; its error for
+    a slice that selects no rows (``Instruction "train[100:]" corresponds to no data!``, a slice
+    past the end) turned into one that names the split, the source and its splits' sizes
+    (``len(load(name))``), as :func:`select_split` does for a saved data set."""
     try:
-        yield
+        return load(split)
     except ValueError as error:
         if "corresponds to no data" not in str(error):
             raise
-        sizes = ", ".join(f"{name}: {split_size(name):,}" for name in dict.fromkeys(split_names(split)))
+        sizes = ", ".join(f"{name}: {len(load(name)):,}" for name in dict.fromkeys(split_names(split)))
         raise ValueError(f"--split {split!r} selects no images of {what} ({sizes} images): a slice past the end?") from error
 
 
