@@ -28,6 +28,7 @@ from .class_balance import sliced_classes_warning
 from .commands import program_name
 from .data import describe_data_source, spread_subset
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
+from .hold_out import held_out_amount
 from .images import MOSTLY_PADDING, ImagePreprocessor, check_padding, inspect_images, padded_coverage
 from .likelihood import BoundTerms, batch_bound
 from .metrics import FEATURE_METRICS, REFERENCE_METRICS, SCORE_NAMES, feature_metrics, parse_metrics
@@ -97,6 +98,7 @@ class EvaluationConfig:
     image_column: str | None = field(default=None, metadata={"help": "The column holding the images in the --reference and --bpd_data data sets (default: the training run's --image_column for its own data, else image, img, the one Image column, or the one column of image bytes or arrays)."})  # noqa: E501
     bpd_data: str | None = field(default=None, metadata={"help": "Data for bits/dim (default: --reference), same forms as --reference."})
     bpd_split: str | None = field(default=None, metadata={"help": "Split for bits/dim data (default: with --reference left to the model's training data, the images its run held out, its --validation_split, where it had one; else --reference_split)."})  # noqa: E501
+    bpd_held_out: str | None = field(default=None, metadata={"help": "Measure bits/dim on only the images of --bpd_split that train_ddpm.py --validation_split SHARE holds out at random (0.05, 5%, 500) (default: with --reference left to the model's training data, the share its run held out at random, where it did)."})  # noqa: E501
     bpd_num_images: int | None = field(default=1000, metadata={"help": "Images to average bits/dim over, spread evenly over the split (none = all)."})
     bpd_timesteps: int | None = field(default=None, metadata={"help": "Timesteps per image for bits/dim (none = every t, exact; K = an unbiased estimate from one timestep in each of K log-spaced strata)."})  # noqa: E501
     bpd_batch_size: int = field(default=64, metadata={"help": "Images per bits/dim batch."})
@@ -142,6 +144,17 @@ class EvaluationConfig:
                 problems = split_problems(getattr(self, option), f"--{option}")
                 if problems:
                     raise ValueError(problems[0])
+        if self.bpd_held_out is not None:
+            if "bpd" not in metrics:
+                raise ValueError("--bpd_held_out picks the images of the bits/dim: add bpd to --metrics, or drop it.")
+            try:
+                amount = held_out_amount(self.bpd_held_out)
+            except ValueError:  # its message names --validation_split
+                amount = None
+            if amount is None:
+                raise ValueError(f"--bpd_held_out {self.bpd_held_out!r} is not a share between 0 and 1 (0.05, 5%) or a count "
+                                 "of at least 1 (500): give the --validation_split of the training run whose held-out "
+                                 "images to measure.")  # fmt: skip
         check_sampling_options(self)
 
     @classmethod
@@ -203,14 +216,20 @@ def resolve_reference(config: EvaluationConfig, training: dict[str, Any] | None,
                                  training.get("dataset_path"))  # fmt: skip
     if announce:
         logger.info(f"reference: the data {config.model} was trained on, {words}")
-    bpd_split = config.bpd_split
+    bpd_split, bpd_held_out = config.bpd_split, config.bpd_held_out
     held_out = training.get("validation_split")
     if "bpd" in config.metric_list() and config.bpd_data is None and bpd_split is None and held_out:
-        bpd_split = held_out  # a likelihood is measured on images the model did not train on
+        # a likelihood is measured on images the model did not train on
+        if held_out_amount(held_out) is None:  # a split, or the last rows of --split made two splits
+            bpd_split, words = held_out, f"split {held_out}"
+        else:  # a share of --split drawn at random, which the run records as given
+            bpd_split, bpd_held_out = training.get("split") or "train", bpd_held_out or held_out
+            words = f"the {bpd_held_out} of split {bpd_split} drawn at random"
         if announce:
-            logger.info(f"bits/dim: on the images {config.model} held out from its training, split {held_out} "
+            logger.info(f"bits/dim: on the images {config.model} held out from its training, {words} "
                         "(its --validation_split)")  # fmt: skip
-    return replace(config, reference=source, reference_split=split, reference_config=dataset_config, bpd_split=bpd_split)
+    return replace(config, reference=source, reference_split=split, reference_config=dataset_config, bpd_split=bpd_split,
+                   bpd_held_out=bpd_held_out)  # fmt: skip
 
 
 def model_preprocessing(pipeline: DDPMTargetPipeline, training: dict[str, Any] | None, resize_mode: str | None) -> ImagePreprocessor:
@@ -279,6 +298,7 @@ def bound_store(folder: str | Path, model: str, source: DataSource, preprocess: 
         "split": source.split,
         "config": source.dataset_config,
         **({"image_column": source.image_column} if source.image_column else {}),  # a store made without it still matches
+        **({"held_out": source.held_out} if source.held_out else {}),
         "preprocessing": [preprocess.resolution, preprocess.channels, preprocess.resize_mode],
         "num_images": num_images,
         "rows": "spread evenly",  # the terms of the first rows, which earlier versions measured, are not reused
@@ -359,6 +379,7 @@ def bound_over_data(
         "split": source.split,
         "config": source.dataset_config,
         "image_column": source.image_column,
+        "held_out": source.held_out,
         "prediction_type": scheduler.config.prediction_type,
         "variance_type": scheduler.config.variance_type,
     }
@@ -541,6 +562,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     if "bpd" in metrics:
         bpd_source = data_source(config.bpd_data or config.reference, config.bpd_split or config.reference_split,
                                  config.reference_config, config, training)  # fmt: skip
+        bpd_source = replace(bpd_source, held_out=config.bpd_held_out)
         if bpd_source.kind == "stats":
             raise ValueError("bits/dim needs images: --reference is a statistics file, so pass --bpd_data (a data source).")
     if feature_wanted:

@@ -128,8 +128,9 @@ def eval_results(report: dict[str, Any], dataset: str | None, dataset_name: str 
     bpd = metrics.get("bpd")
     if isinstance(bpd, dict) and isinstance(bpd.get("bits_per_dim"), int | float):
         on_bound_data = {"task_type": PIPELINE_TAG, **eval_dataset(bpd, "data", dataset, dataset_name)}
+        held_out = f", {bpd['held_out']} held out of {bpd.get('split')}" if bpd.get("held_out") else ""
         results.append(EvalResult(metric_type="bits_per_dim", metric_value=round(float(bpd["bits_per_dim"]), 6),
-                                  metric_name="NLL bound (bits/dim)", **on_bound_data))  # fmt: skip
+                                  metric_name=f"NLL bound (bits/dim{held_out})", **on_bound_data))  # fmt: skip
     return results
 
 
@@ -411,8 +412,9 @@ def _metrics_table(report: dict[str, Any]) -> str:
         padded = (f" {bpd['padded_images']} of them are padded onto the network's canvas: their bound is per dimension of "
                   f"the image itself, the padding not counted (per dimension of the canvas: {bpd['canvas_bits_per_dim']:.4g})."
                   if bpd.get("padded_images") and isinstance(bpd.get("canvas_bits_per_dim"), int | float) else "")  # fmt: skip
+        held_out = f" (the {bpd['held_out']} of it held out of training at random)" if bpd.get("held_out") else ""
         notes.append(f"Bits/dim: the variational bound over {bpd.get('num_images')} images of "
-                     f"{_data_words(bpd.get('data'), bpd.get('split'), bpd.get('kind'))}, {how}.{padded}")
+                     f"{_data_words(bpd.get('data'), bpd.get('split'), bpd.get('kind'))}{held_out}, {how}.{padded}")
     notes.append("Computed by `eval_metrics.py` (torch-fidelity for the sample metrics).")
     return "\n".join(rows) + "\n\n" + " ".join(notes)
 

@@ -34,6 +34,7 @@ import torch
 from .atomic import atomic_path
 from .data import find_image_column, is_saved_dataset, load_image_dataset, read_batches, spread_subset
 from .features import FeatureExtractorSpec, extract_features, pil_to_uint8
+from .hold_out import held_out_share
 from .images import ImagePreprocessor, ImageSource
 from .metrics import gaussian_statistics
 
@@ -60,6 +61,10 @@ class DataSource:
     image_column: str | None = None
     """The column that holds the images; None: found as training finds it
     (:func:`~ddpm_pipeline.data.find_image_column`)."""
+    held_out: str | None = None
+    """A share or a count of ``split``'s images (``"5%"``, ``"500"``): only the images that
+    ``train_ddpm.py --validation_split`` of it holds out at random
+    (:func:`~ddpm_pipeline.hold_out.held_out_share`); None: all of the split."""
 
     @classmethod
     def parse(cls, spec: str | os.PathLike, split: str = "train", dataset_config: str | None = None,
@@ -86,8 +91,9 @@ class DataSource:
         """What the source is, for cache keys and reports: its fields, without ``image_column`` when
         it names none (so keys made before the option existed still match)."""
         fields = asdict(self)
-        if fields["image_column"] is None:
-            del fields["image_column"]
+        for name in ("image_column", "held_out"):
+            if fields[name] is None:
+                del fields[name]
         return fields
 
     def images(self, dataset: datasets.Dataset) -> ImageSource:
@@ -96,10 +102,10 @@ class DataSource:
         return ImageSource(dataset, find_image_column(dataset, self.image_column))
 
     def load(self, cache_dir: str | None = None) -> datasets.Dataset:
-        """The split as a `datasets.Dataset` (not for ``"stats"``)."""
+        """The split as a `datasets.Dataset`, or the images of it :attr:`held_out` names (not for ``"stats"``)."""
         if self.kind == "stats":
             raise ValueError(f"{self.location} is a statistics file, not a data set of images.")
-        return load_image_dataset(
+        dataset = load_image_dataset(
             dataset_name=self.location if self.kind == "hub" else None,
             dataset_config=self.dataset_config,
             split=self.split,
@@ -107,6 +113,7 @@ class DataSource:
             dataset_path=self.location if self.kind == "saved" else None,
             cache_dir=cache_dir,
         )
+        return dataset if self.held_out is None else held_out_share(dataset, self.held_out, self.split)
 
 
 def training_data_reference(training: dict[str, Any], model: str) -> tuple[str, str, str | None]:

@@ -52,6 +52,7 @@ from .data import (
     load_image_dataset,
     spread_subset,
 )
+from .hold_out import held_out_amount, hold_out_last_rows, split_at_random
 from .images import ImageSource, check_padding, inspect_images, levels_to_model_range, warn_if_mostly_padding
 from .losses import diffusion_loss_terms, has_bound_term
 from .lr_schedule import RunLengthLR, warmup_advice
@@ -117,8 +118,6 @@ from .validation import (
     HeldOutBound,
     HeldOutMonitor,
     check_held_out_split,
-    held_out_amount,
-    hold_out_last_rows,
     spread_images,
     unbalanced_classes_warning,
 )
@@ -450,11 +449,12 @@ class Trainer:
 
     def _hold_out_share(self, config: TrainingConfig) -> TrainingConfig:
         """``config`` with a ``--validation_split`` share or count of ``--split``'s images
-        (:func:`~ddpm_pipeline.validation.held_out_amount`) made the two splits it means, the last
-        rows held out (:func:`~ddpm_pipeline.validation.hold_out_last_rows`), as the run records
-        them (so evaluation and a resumed run read the same images); ``config`` itself otherwise."""
+        (:func:`~ddpm_pipeline.hold_out.held_out_amount`) and ``--validation_rows last`` made the
+        two splits it means, the last rows held out (:func:`~ddpm_pipeline.hold_out.hold_out_last_rows`),
+        as the run records them (so evaluation and a resumed run read the same images); ``config``
+        itself otherwise (rows held out at random are drawn as the split is loaded: :meth:`_load_dataset`)."""
         amount = None if config.validation_split is None else held_out_amount(config.validation_split)
-        if amount is None:
+        if amount is None or config.validation_rows != "last":
             return config
         split, held_out = hold_out_last_rows(config.split, amount, self._split_size)
         logger.info(f"--validation_split {config.validation_split}: trains on --split {split!r} and holds out "
@@ -462,14 +462,26 @@ class Trainer:
         return replace(config, split=split, validation_split=held_out)
 
     def _load_dataset(self) -> tuple[datasets.Dataset, str]:
-        """The training split and its image column; sets :attr:`data_identity`, what checkpoints
-        record of the data, and warns when a slice of it took few of its classes
+        """The training split and its image column: ``--split`` less the images a ``--validation_split``
+        share holds out at random (:func:`~ddpm_pipeline.hold_out.split_at_random`; kept as
+        :attr:`held_out_images`, else None). Sets :attr:`data_identity`, what checkpoints record of
+        the data, and warns when a slice of it took few of its classes
         (:func:`~ddpm_pipeline.class_balance.sliced_classes_warning`)."""
         config = self.config
         source = config.data_source(config.split)
         with self.accelerator.main_process_first():
             dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
-        self.data_identity = data_identity(dataset, describe_data_source(**source))
+        words = describe_data_source(**source)
+        self.held_out_images: datasets.Dataset | None = None
+        amount = None if config.validation_split is None else held_out_amount(config.validation_split)
+        if amount is not None:  # drawn at random: a share of the last rows is two splits by now (_hold_out_share)
+            total = len(dataset)
+            dataset, self.held_out_images = split_at_random(dataset, amount, config.split)
+            words += f", less the {len(self.held_out_images):,} images --validation_split {config.validation_split} holds out"
+            logger.info(f"--validation_split {config.validation_split}: holds out {len(self.held_out_images):,} of the "
+                        f"{total:,} images of --split {config.split!r}, drawn at random (--validation_rows random), and "
+                        f"trains on the other {len(dataset):,}")  # fmt: skip
+        self.data_identity = data_identity(dataset, words)
         warning = sliced_classes_warning(dataset, config.split, "--split", (
             f"To train on fewer images of every class, save the data shuffled and slice that, e.g. for an image folder "
             f"{SHUFFLED_COPY}, then --dataset_path OUT --split {config.split!r}."
@@ -489,12 +501,17 @@ class Trainer:
         if config.validation_split is None:
             return None
 
-        one_split = not has_named_splits(config.dataset_name, config.train_data_dir, config.dataset_path)
-        check_held_out_split(config.split, config.validation_split, self._split_size, one_split)
-        source = config.data_source(config.validation_split)
-        with self.accelerator.main_process_first():
-            dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
-        monitor = HeldOutMonitor(None, config.validation_split, config.validation_steps, config.validation_timesteps)
+        if self.held_out_images is not None:  # rows of --split drawn at random, which it does not train on
+            dataset, held_out = self.held_out_images, f"{config.validation_split} of {config.split} at random"
+            words = f"{describe_data_source(**config.data_source(config.split))}, drawn at random"
+        else:
+            one_split = not has_named_splits(config.dataset_name, config.train_data_dir, config.dataset_path)
+            check_held_out_split(config.split, config.validation_split, self._split_size, one_split)
+            source = config.data_source(config.validation_split)
+            with self.accelerator.main_process_first():
+                dataset = load_image_dataset(**source, cache_dir=config.cache_dir)
+            held_out, words = config.validation_split, describe_data_source(**source)
+        monitor = HeldOutMonitor(None, held_out, config.validation_steps, config.validation_timesteps)
         if not self.accelerator.is_main_process:
             return monitor
         images = TrainingImages(dataset, find_image_column(dataset, config.image_column), self.data.images.preprocess,
@@ -503,15 +520,15 @@ class Trainer:
                                      spread_images(self.data.images, config.validation_images),
                                      config.validation_timesteps, config.seed, batch_size=config.train_batch_size)  # fmt: skip
         warning = unbalanced_classes_warning(training, {
-            f"held-out images measured ({config.validation_split})": spread_subset(dataset, config.validation_images),
+            f"held-out images measured ({held_out})": spread_subset(dataset, config.validation_images),
             "training images measured": spread_subset(training, config.validation_images),
         })  # fmt: skip
         if warning is not None:
             logger.warning(warning)
         timesteps = "every timestep" if config.validation_timesteps is None else f"{config.validation_timesteps} timesteps per image"
         logger.info(
-            f"held out: {len(monitor.bound.validation)} images of {describe_data_source(**source)}; the bound ({timesteps}) "
-            f"on them and on {len(monitor.bound.training)} training images is measured "
+            f"held out: {len(dataset):,} images of {words}; the bound ({timesteps}) on {len(monitor.bound.validation)} "
+            f"of them and on {len(monitor.bound.training)} training images is measured "
             + (f"every {config.validation_steps} steps and at the end" if config.validation_steps else "at the end")
         )
         return monitor

@@ -18,6 +18,7 @@ from typing import Any
 
 from .commands import program_name
 from .data import read_instruction
+from .hold_out import HOLD_OUT_ROWS, held_out_amount
 from .images import RESIZE_MODES, ImageFormat
 from .losses import DEFAULT_VLB_WEIGHT
 from .schedules import (
@@ -40,7 +41,6 @@ from .unet import (
     nearest_trainable_size,
     preset_for_image_size,
 )
-from .validation import held_out_amount
 
 
 def split_problems(split: str, option: str, forms: str = "") -> list[str]:
@@ -236,7 +236,8 @@ class TrainingConfig:
         "checkpoint-N folder (another run's starts a branch of that run in --output_dir, with its loss history up to step N).",
     )
     save_images_steps: int | None = _option(400, "Write a sample grid every N optimizer steps (none = only the one at the end).")
-    validation_split: str | None = _option(None, "Held-out images of the same source: a share or a count of --split's images, its last ones, held out of training (0.05, 5%, 500), or a split (test; or a slice, train[-500:] with --split 'train[:-500]'): every --validation_steps steps, the EMA network's bound in bits/dim on --validation_images of them and on as many training images is logged and plotted (validation_curve.png), to see it learn or overfit.")
+    validation_split: str | None = _option(None, "Held-out images of the same source: a share or a count of --split's images held out of training (0.05, 5%, 500; which ones: --validation_rows), or a split (test; or a slice, train[-500:] with --split 'train[:-500]'): every --validation_steps steps, the EMA network's bound in bits/dim on --validation_images of them and on as many training images is logged and plotted (validation_curve.png), to see it learn or overfit.")
+    validation_rows: str = _option("random", "Which images a --validation_split share or count holds out: random (drawn by a fixed seed, the same for every run of the data and share: a fair sample of the split however it is ordered) or last (its last rows, as Keras takes them; an image folder lists its images class by class, so they may be one class).", choices=HOLD_OUT_ROWS)
     validation_steps: int | None = _option(400, "With --validation_split: measure every N optimizer steps (none = only at the end; always at the end).")
     validation_images: int = _option(256, "With --validation_split: the held-out images measured, and as many training images (each set's spread evenly over it).")
     validation_timesteps: int | None = _option(20, "With --validation_split: timesteps per image of the bound's unbiased estimate, one from each of K log-spaced strata (none = every timestep, exact: T network evaluations per image).")

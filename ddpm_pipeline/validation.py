@@ -17,8 +17,8 @@ gap is a paired difference, and a resumed run measures what the uninterrupted on
 
 :class:`HeldOutBound` measures; :class:`HeldOutMonitor` is what a training run keeps of it (when a
 measurement is due, ``validation_history.csv``, the summary's record and the curve);
-:func:`hold_out_last_rows` turns ``--validation_split 0.05`` (a share or a count of the training
-split) into the two splits it means; :func:`check_held_out_split` refuses a held-out split that
+:mod:`~ddpm_pipeline.hold_out` picks the images that ``--validation_split 0.05`` (a share or a count
+of the training split) holds out; :func:`check_held_out_split` refuses a held-out split that
 shares rows with the training split; and :func:`unbalanced_classes_warning` says when the
 measured images leave out most of the training images' classes.
 """
@@ -26,7 +26,6 @@ measured images leave out most of the training images' classes.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,7 @@ from .class_balance import (
     classes_in_words,
     expected_classes,
 )
-from .data import TrainingImages, read_instruction, shared_rows, split_names, spread_rows
+from .data import TrainingImages, shared_rows, split_names, spread_rows
 from .likelihood import BoundTerms, batch_bound
 from .plots import save_metric_curves
 from .run_outputs import VALIDATION_CURVE_NAME, VALIDATION_HISTORY_NAME
@@ -127,66 +126,6 @@ class HeldOutBound:
         return {"train_bpd": float(training.total.mean()), "validation_bpd": float(held_out.total.mean())}
 
 
-_COUNT = re.compile(r"\d+")
-_SHARE = re.compile(r"\d*\.\d+|\d+\.")
-_PERCENT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)%")
-
-
-def held_out_amount(validation_split: str) -> int | float | None:
-    """``--validation_split`` read as an amount of the training split to hold out: a count
-    (``"500"`` → ``500``, an int) or a share (``"0.05"`` and ``"5%"`` → ``0.05``, a float in
-    (0, 1)); None when it names a split (``"test"``, ``"train[-500:]"``), which ``datasets`` reads.
-    Raises ValueError for a count below 1 or a share outside (0, 1)."""
-    text = "".join(validation_split.split())  # "5 %" as "5%"
-    if _COUNT.fullmatch(text):
-        if int(text) < 1:
-            raise ValueError(f"--validation_split {validation_split!r} holds out no image: give a count of at least 1 (500) "
-                             "or a share (0.05, 5%).")  # fmt: skip
-        return int(text)
-    percent = _PERCENT.fullmatch(text)
-    if percent is None and not _SHARE.fullmatch(text):
-        return None
-    share = float(percent.group(1)) / 100 if percent else float(text)
-    if not 0 < share < 1:
-        raise ValueError(f"--validation_split {validation_split!r} is not a share between 0 and 1 of the training split: "
-                         "give one like 0.05 or 5%, a count of images (500), or a split (test, train[-500:]).")  # fmt: skip
-    return share
-
-
-def _split_part(name: str, start: int, end: int, size: int) -> str:
-    """One part of a split spec, as ``datasets`` reads it: ``train``, ``train[:9500]``, ``train[9500:]``, ``train[10:20]``."""
-    if start == 0 and end == size:
-        return name
-    return f"{name}[{start or ''}:{'' if end == size else end}]"
-
-
-def hold_out_last_rows(split: str, amount: int | float, split_size: Callable[[str], int]) -> tuple[str, str]:
-    """``(training split, held-out split)``: ``split``'s rows (read as ``datasets`` reads a split
-    spec, with ``split_size(name)`` rows in split ``name``) less their last ``n``, and those ``n``.
-    ``n = amount`` for a count (an int); for a share ``f`` (a float), ``n = ⌊f·M + ½⌋``, at least 1,
-    of the ``M`` rows ``split`` selects. A sum of splits gives up the rows of its last parts.
-    ``hold_out_last_rows("train", 0.05, {"train": 10_000}.get)`` → ``("train[:9500]", "train[9500:]")``.
-    Raises ValueError when ``n`` leaves no row to train on."""
-    names = dict.fromkeys(split_names(split))
-    sizes = {name: split_size(name) for name in names}
-    parts = [(part.splitname, part.from_, part.to) for part in read_instruction(split).to_absolute(sizes)]
-    parts = [(name, start, end) for name, start, end in parts if start < end]
-    total = sum(end - start for _, start, end in parts)
-    count = amount if isinstance(amount, int) else max(1, int(amount * total + 0.5))
-    if count >= total:
-        raise ValueError(f"--validation_split {amount} would hold out {count:,} of the {total:,} images of --split {split!r}, "
-                         "leaving none to train on: hold out fewer, e.g. --validation_split 0.05.")  # fmt: skip
-    training, held_out, left = [], [], count
-    for name, start, end in reversed(parts):
-        taken = min(left, end - start)
-        left -= taken
-        if taken:
-            held_out.insert(0, _split_part(name, end - taken, end, sizes[name]))
-        if end - taken > start:
-            training.insert(0, _split_part(name, start, end - taken, sizes[name]))
-    return "+".join(training), "+".join(held_out)
-
-
 def unbalanced_classes_warning(training: datasets.Dataset, measured: dict[str, datasets.Dataset]) -> str | None:
     """A warning when a set of measured images (``measured``: a description of each set, and its
     images) holds so few of the ``training`` images' classes (their :func:`class_column`) that as
@@ -218,7 +157,8 @@ def unbalanced_classes_warning(training: datasets.Dataset, measured: dict[str, d
     return (
         f"{'; '.join(few)}: the source lists its images class by class ({column}), so the bound measures those classes "
         "alone, and the held-out and training bounds differ by class as well as by whether the network saw them. "
-        "Measure images of every class: hold out a split of its own (an image folder's test/ subfolder, "
+        "Measure images of every class: hold out a share drawn at random (--validation_split 0.05 with "
+        "--validation_rows random, the default), a split of its own (an image folder's test/ subfolder, "
         f"--validation_split test), or save the data shuffled and train on that, e.g. for an image folder {SHUFFLED_COPY}, "
         "then --dataset_path OUT."
     )
@@ -238,8 +178,8 @@ def check_held_out_split(split: str, validation_split: str, split_size: Callable
         raise ValueError(
             f"--validation_split {validation_split!r} holds {sum(end - start for _, start, end in shared):,} "
             f"images that --split {split!r} trains on ({rows}): the held-out bound would measure training "
-            "images. Hold them out of training: --validation_split 0.05 (a share or a count of --split's images, its "
-            "last ones), --split 'train[:-500]' --validation_split 'train[-500:]', or another split (test)."
+            "images. Hold them out of training: --validation_split 0.05 (a share or a count of --split's images), "
+            "--split 'train[:-500]' --validation_split 'train[-500:]', or another split (test)."
         )
 
 

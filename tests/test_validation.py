@@ -26,8 +26,6 @@ from ddpm_pipeline.validation import (
     HeldOutBound,
     HeldOutMonitor,
     check_held_out_split,
-    held_out_amount,
-    hold_out_last_rows,
     spread_images,
     unbalanced_classes_warning,
 )
@@ -191,7 +189,7 @@ def test_the_split_check_reads_split_sizes_only_where_rows_can_be_shared():
 def test_rows_shared_by_two_splits_of_a_source_with_named_splits(tmp_path):
     from test_training import saved_dataset
 
-    from ddpm_pipeline.data import has_named_splits, shared_rows
+    from ddpm_pipeline.data import has_named_splits
 
     sizes = {"train": 30, "test": 10}.get
     assert shared_rows("train[:-5]", "train[-5:]", sizes) == [] and shared_rows("train", "test", sizes) == []
@@ -211,42 +209,6 @@ def test_rows_shared_by_two_splits_of_a_source_with_named_splits(tmp_path):
                      "--validation_split", "train[6:]", "--max_train_steps", "1")  # fmt: skip
 
 
-@pytest.mark.parametrize(("text", "amount"), [
-    ("500", 500), ("1", 1), ("0.05", 0.05), (".5", 0.5), ("5%", 0.05), ("12.5%", 0.125), (" 0.1 ", 0.1), ("5 %", 0.05),
-    ("test", None), ("train[-500:]", None), ("train[:5%]", None), ("validation", None),
-])  # fmt: skip
-def test_a_held_out_share_or_count_is_read_apart_from_split_names(text, amount):
-    assert held_out_amount(text) == (pytest.approx(amount) if isinstance(amount, float) else amount)
-    assert type(held_out_amount(text)) is type(amount)
-
-
-@pytest.mark.parametrize("text", ["0", "0.0", "1.0", "1.", "150%", "0%", "100%"])
-def test_a_held_out_share_outside_0_and_1_is_refused(text):
-    with pytest.raises(ValueError, match=re.escape(f"--validation_split {text!r}")):
-        held_out_amount(text)
-    with pytest.raises(ValueError, match=re.escape(f"--validation_split {text!r}")):
-        TrainingConfig(validation_split=text).validate()
-
-
-@pytest.mark.parametrize(("split", "amount", "sizes", "expected"), [
-    ("train", 0.05, {"train": 10_000}, ("train[:9500]", "train[9500:]")),
-    ("train", 500, {"train": 10_000}, ("train[:9500]", "train[9500:]")),
-    ("train[:1000]", 100, {"train": 10_000}, ("train[:900]", "train[900:1000]")),
-    ("train[100:200]", 0.25, {"train": 10_000}, ("train[100:175]", "train[175:200]")),
-    ("train[:10%]", 0.5, {"train": 1005}, ("train[:50]", "train[50:100]")),  # 10% of 1005 rows: 100, as datasets rounds
-    ("train+test", 0.1, {"train": 60, "test": 10}, ("train+test[:3]", "test[3:]")),  # 7 of 70 rows
-    ("train+test[:4]", 6, {"train": 60, "test": 10}, ("train[:58]", "train[58:]+test[:4]")),  # past the last part
-    ("train", 0.001, {"train": 30}, ("train[:29]", "train[29:]")),  # a share is at least one image
-])  # fmt: skip
-def test_a_held_out_share_holds_out_the_last_rows_of_the_training_split(split, amount, sizes, expected):
-    training, held_out = hold_out_last_rows(split, amount, sizes.get)
-    assert (training, held_out) == expected
-    # the two parts are the training split's rows, each once, as datasets reads the specs
-    assert shared_rows(training, held_out, sizes.get) == []
-    whole = sum(end - start for _, start, end in shared_rows(split, split, sizes.get))
-    assert sum(end - start for _, start, end in shared_rows(split, training, sizes.get) + shared_rows(split, held_out, sizes.get)) == whole
-
-
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("validation_split", "0,05", "--validation_split '0,05' is not a split name or slice (Unrecognized instruction format: "
      "0,05); e.g. train, train[:1000], train[:10%], train+test, or a share or a count of --split's images to hold out "
@@ -264,15 +226,6 @@ def test_a_split_datasets_cannot_read_is_refused_before_any_work(tmp_path, optio
         EvaluationConfig(model="m", reference_split="train[:1O0]").validate()
     with pytest.raises(ValueError, match=re.escape("--bpd_split '0,05' is not a split name or slice")):
         EvaluationConfig(model="m", bpd_split="0,05").validate()
-
-
-def test_a_held_out_share_that_leaves_nothing_to_train_on_is_refused():
-    with pytest.raises(ValueError, match=r"would hold out 30 of the 30 images of --split 'train\[:30\]', leaving none"):
-        hold_out_last_rows("train[:30]", 30, {"train": 100}.get)
-    with pytest.raises(ValueError, match="leaving none"):
-        hold_out_last_rows("train", 0.99, {"train": 20}.get)
-    with pytest.raises(ValueError, match=r"--split 'train\[::2\]' is not a split name or slice"):
-        hold_out_last_rows("train[::2]", 0.1, {"train": 20}.get)
 
 
 def test_the_classes_random_images_hold_on_average_and_the_chance_of_fewer():
@@ -327,19 +280,64 @@ def test_a_slice_of_few_of_the_named_classes_is_warned_of():
     assert sliced_classes_warning(ordered.remove_columns("label").select(range(12)), "train[:12]", "--split", "") is None
 
 
-def test_a_run_holds_out_a_share_of_its_split_and_records_the_two_splits(tmp_path, caplog):
-    """--validation_split 0.25 of an image folder of class subfolders: the run trains on the first
-    three quarters, measures the last quarter, records both splits (so eval_metrics.py measures the
-    same images), and warns that the held-out images are of one class; the training images
-    measured, spread over the training split, hold all three. A slice of the first images is
-    warned of too."""
+def class_folder(folder, per_class=16):
+    """An image folder of three class subfolders (cat, dog, owl) of ``per_class`` random 16×16 images each."""
     rng = np.random.default_rng(0)
     for name in ("cat", "dog", "owl"):
-        (tmp_path / "images" / name).mkdir(parents=True)
-        for index in range(16):
-            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(tmp_path / "images" / name / f"{index}.png")
+        (folder / name).mkdir(parents=True)
+        for index in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / name / f"{index}.png")
+    return folder
+
+
+def test_a_run_holds_out_a_share_drawn_at_random_and_evaluation_measures_the_same_images(tmp_path, caplog):
+    """--validation_split 0.25 of an image folder of class subfolders (listed class by class): the
+    run holds out 12 images drawn at random, of every class (so nothing is warned of), trains on the
+    other 36, records the share as given, and eval_metrics.py measures the same 12 images by default
+    (the same bound); the model card says which images. A resumed run holds out the same images, so
+    its data is the checkpoint's."""
+    images = class_folder(tmp_path / "images")
+    options = [*HELD_OUT, "--train_data_dir", images, "--split", "train", "--validation_split", "0.25",
+               "--validation_images", "12", "--checkpointing_steps", "2"]  # fmt: skip
+    with caplog.at_level("INFO"):
+        run_training(tmp_path / "run", *options, "--max_train_steps", "2")
+    config = TrainingConfig.load(tmp_path / "run" / "training_config.json")
+    assert (config.split, config.validation_split, config.validation_rows) == ("train", "0.25", "random")
+    assert ("--validation_split 0.25: holds out 12 of the 48 images of --split 'train', drawn at random (--validation_rows "
+            "random), and trains on the other 36") in caplog.text  # fmt: skip
+    assert "classes" not in caplog.text  # 12 images drawn at random hold all three classes
+    summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    assert summary["held_out"]["split"] == "0.25 of train at random" and summary["held_out"]["num_images"] == 12
+    with caplog.at_level("INFO"):
+        scored = evaluate(model=str(tmp_path / "run"), metrics="bpd", bpd_num_images=12, bpd_timesteps=3, bpd_batch_size=4,
+                          output=str(tmp_path / "r.json"), device="cpu")  # fmt: skip
+    assert "bits/dim: on the images" in caplog.text and "the 0.25 of split train drawn at random" in caplog.text
+    bound = scored["metrics"]["bpd"]
+    assert (bound["split"], bound["held_out"], bound["num_images"]) == ("train", "0.25", 12)
+    assert bound["bits_per_dim"] == pytest.approx(summary["held_out"]["validation_bpd"], rel=1e-6)
+    # the same images named by hand: the folder as --reference, and the share
+    by_hand = evaluate(model=str(tmp_path / "run"), metrics="bpd", reference=str(images), bpd_held_out="0.25",
+                       bpd_num_images=12, bpd_timesteps=3, bpd_batch_size=4, output=str(tmp_path / "h.json"), device="cpu")  # fmt: skip
+    assert by_hand["metrics"]["bpd"]["bits_per_dim"] == bound["bits_per_dim"]
+    card = str(build_model_card(tmp_path / "run", "me/model", eval_report=tmp_path / "r.json"))
+    assert "(the 0.25 of it held out of training at random)" in card and "(0.25 of train at random)" in card
+    # resumed: the same 36 training images (the checkpoint's data, no warning) and the same held-out bound's rows
+    reset_accelerate()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run_training(tmp_path / "run", *options, "--max_train_steps", "3", "--resume_from_checkpoint", "latest")
+    assert "holds out 12 of the 48 images" in caplog.text and "was trained on" not in caplog.text
+
+
+def test_a_run_holds_out_the_last_rows_of_its_split_and_records_the_two_splits(tmp_path, caplog):
+    """--validation_split 0.25 --validation_rows last of an image folder of class subfolders: the run
+    trains on the first three quarters, measures the last quarter, records both splits (so
+    eval_metrics.py measures the same images), and warns that the held-out images are of one class;
+    the training images measured, spread over the training split, hold all three. A slice of the
+    first images is warned of too."""
+    class_folder(tmp_path / "images")
     options = [*HELD_OUT, "--train_data_dir", tmp_path / "images", "--split", "train", "--validation_split", "0.25",
-               "--validation_images", "8", "--max_train_steps", "2"]  # fmt: skip
+               "--validation_rows", "last", "--validation_images", "8", "--max_train_steps", "2"]  # fmt: skip
     with caplog.at_level("INFO"):
         run_training(tmp_path / "run", *options)
     config = TrainingConfig.load(tmp_path / "run" / "training_config.json")
