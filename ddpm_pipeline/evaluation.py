@@ -214,10 +214,12 @@ def resolve_reference(config: EvaluationConfig, training: dict[str, Any] | None,
     split, dataset_config = config.reference_split or split, config.reference_config or dataset_config
     words = describe_data_source(training.get("dataset_name"), dataset_config, split, training.get("train_data_dir"),
                                  training.get("dataset_path"))  # fmt: skip
+    held_out = training.get("validation_split")
+    if held_out and held_out_amount(held_out) is not None and split == (training.get("split") or "train"):
+        words += f", with the {held_out} of it held out of training at random"  # the statistics of the whole split
     if announce:
         logger.info(f"reference: the data {config.model} was trained on, {words}")
     bpd_split, bpd_held_out = config.bpd_split, config.bpd_held_out
-    held_out = training.get("validation_split")
     if "bpd" in config.metric_list() and config.bpd_data is None and bpd_split is None and held_out:
         # a likelihood is measured on images the model did not train on
         if held_out_amount(held_out) is None:  # a split, or the last rows of --split made two splits

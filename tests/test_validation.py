@@ -312,6 +312,7 @@ def test_a_run_holds_out_a_share_drawn_at_random_and_evaluation_measures_the_sam
         scored = evaluate(model=str(tmp_path / "run"), metrics="bpd", bpd_num_images=12, bpd_timesteps=3, bpd_batch_size=4,
                           output=str(tmp_path / "r.json"), device="cpu")  # fmt: skip
     assert "bits/dim: on the images" in caplog.text and "the 0.25 of split train drawn at random" in caplog.text
+    assert "image folder" in caplog.text and ", with the 0.25 of it held out of training at random" in caplog.text
     bound = scored["metrics"]["bpd"]
     assert (bound["split"], bound["held_out"], bound["num_images"]) == ("train", "0.25", 12)
     assert bound["bits_per_dim"] == pytest.approx(summary["held_out"]["validation_bpd"], rel=1e-6)
