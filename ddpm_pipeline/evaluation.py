@@ -324,6 +324,7 @@ def bound_over_data(
     processes: LaunchedProcesses | None = None,
     store: BoundStore | None = None,
     before_batch: Callable[[], None] | None = None,
+    dataset: datasets.Dataset | None = None,
 ) -> dict[str, Any] | None:
     """bits/dim averaged over ``num_images`` images of ``source`` spread evenly over it
     (:func:`~ddpm_pipeline.data.spread_subset`; all when None), with its per-term
@@ -341,10 +342,13 @@ def bound_over_data(
     With a ``store`` (:func:`bound_store`), each batch's terms are kept as soon as they are
     computed and a repeated call reads them back, so an interrupted run resumes where it stopped.
     ``before_batch`` is called before each batch that is computed (a time limit may raise there).
+    ``dataset`` is ``source``'s images where this process has loaded them already.
     """
     processes = processes or LaunchedProcesses(device)
-    with processes.main_first():  # one download of a Hub data set, which the others then read from the cache
-        dataset = spread_subset(source.load(), num_images)
+    if dataset is None:
+        with processes.main_first():  # one download of a Hub data set, which the others then read from the cache
+            dataset = source.load()
+    dataset = spread_subset(dataset, num_images)
     source_images = source.images(dataset)  # read as in training: upright, bad files named
     count = len(dataset)
     scheduler = pipeline.scheduler
@@ -422,11 +426,11 @@ def _draw_samples(config: EvaluationConfig, device: torch.device, processes: Lau
 
 def _measure_bound(config: EvaluationConfig, pipeline: DDPMTargetPipeline, source: DataSource,
                    preprocess: ImagePreprocessor, device: torch.device, processes: LaunchedProcesses,
-                   partial_folder: Path) -> tuple[dict[str, Any] | None, BoundStore]:  # fmt: skip
+                   partial_folder: Path, dataset: datasets.Dataset | None) -> tuple[dict[str, Any] | None, BoundStore]:  # fmt: skip
     """The bound in bits/dim over ``source``'s images (:func:`bound_over_data`, every process taking
-    part), each batch's terms kept in ``partial_folder`` until the report is written, so that an
-    interrupted evaluation reuses them. Returns the bound (``None`` on processes other than the
-    main one) and the store of terms."""
+    part; ``dataset``: those images, where this process has loaded them), each batch's terms kept
+    in ``partial_folder`` until the report is written, so that an interrupted evaluation reuses
+    them. Returns the bound (``None`` on processes other than the main one) and the store of terms."""
     with processes.main_first():  # the main process writes (or clears) the store's settings first
         terms_store = bound_store(partial_folder, config.model, source, preprocess, config.bpd_num_images,
                                   config.bpd_timesteps, config.bpd_batch_size, config.seed)  # fmt: skip
@@ -436,7 +440,7 @@ def _measure_bound(config: EvaluationConfig, pipeline: DDPMTargetPipeline, sourc
     processes.wait()  # counted before any process adds its own
     bound = bound_over_data(
         pipeline, source, preprocess, config.bpd_num_images, config.bpd_timesteps, config.bpd_batch_size,
-        config.seed, device, processes, store=terms_store,
+        config.seed, device, processes, store=terms_store, dataset=dataset,
     )  # fmt: skip
     if bound is not None:
         bound["data"] = config.bpd_data or config.reference  # as given, as the reference is: no more of the disk
@@ -560,13 +564,15 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
                                              "--reference_max_images N, which spreads them over it.")  # fmt: skip
             if warning is not None:
                 logger.warning(warning)
-    bpd_source = None
+    bpd_source, bpd_images = None, None
     if "bpd" in metrics:
         bpd_source = data_source(config.bpd_data or config.reference, config.bpd_split or config.reference_split,
                                  config.reference_config, config, training)  # fmt: skip
         bpd_source = replace(bpd_source, held_out=config.bpd_held_out)
         if bpd_source.kind == "stats":
             raise ValueError("bits/dim needs images: --reference is a statistics file, so pass --bpd_data (a data source).")
+        if processes.is_main:  # a folder that is not there, a slice past the end: refused before the sampling
+            bpd_images = bpd_source.load()
     if feature_wanted:
         with processes.main_first():  # one download, before the sampling: the others find it cached
             extractor.ensure_weights()
@@ -607,7 +613,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     if "bpd" in metrics:  # before the features: every process takes part, then only the main one goes on
         tick = time.perf_counter()
         bound, terms_store = _measure_bound(config, pipeline, bpd_source, preprocess, device, processes,
-                                            Path(f"{stem}-bpd-partial"))  # fmt: skip
+                                            Path(f"{stem}-bpd-partial"), bpd_images)  # fmt: skip
         timings["bpd_s"] = time.perf_counter() - tick
     if not processes.is_main:
         return helper_result

@@ -54,14 +54,14 @@ def held_out_amount(validation_split: str) -> int | float | None:
     return share
 
 
-def held_out_count(amount: int | float, total: int, split: str) -> int:
-    """How many of the ``total`` images of ``split`` an ``amount`` (:func:`held_out_amount`) holds
-    out: ``amount`` itself for a count (an int); for a share ``f`` (a float), ``n = ⌊f·M + ½⌋``, at
-    least 1. Raises ValueError when ``n`` leaves no image to train on."""
+def held_out_count(amount: int | float, total: int, split: str, option: str = "--validation_split") -> int:
+    """How many of the ``total`` images of ``split`` an ``amount`` (:func:`held_out_amount`, given
+    as ``option``) holds out: ``amount`` itself for a count (an int); for a share ``f`` (a float),
+    ``n = ⌊f·M + ½⌋``, at least 1. Raises ValueError when ``n`` leaves no image to train on."""
     count = amount if isinstance(amount, int) else max(1, int(amount * total + 0.5))
     if count >= total:
-        raise ValueError(f"--validation_split {amount} would hold out {count:,} of the {total:,} images of --split {split!r}, "
-                         "leaving none to train on: hold out fewer, e.g. --validation_split 0.05.")  # fmt: skip
+        raise ValueError(f"{option} {amount} would hold out {count:,} of the {total:,} images of split {split!r}, leaving "
+                         f"none to train on: hold out fewer, e.g. {option} 0.05.")  # fmt: skip
     return count
 
 
@@ -90,12 +90,12 @@ def random_rows(total: int, count: int, seed: int = HOLD_OUT_SEED) -> np.ndarray
     return np.sort(np.argsort(draws, kind="stable")[:count])
 
 
-def split_at_random(dataset: datasets.Dataset, amount: int | float, split: str,
-                    seed: int = HOLD_OUT_SEED) -> tuple[datasets.Dataset, datasets.Dataset]:  # fmt: skip
+def split_at_random(dataset: datasets.Dataset, amount: int | float, split: str, seed: int = HOLD_OUT_SEED,
+                    option: str = "--validation_split") -> tuple[datasets.Dataset, datasets.Dataset]:  # fmt: skip
     """``(training images, held-out images)`` of ``dataset``, the loaded ``split``: the rows that
-    ``amount`` (:func:`held_out_amount`, :func:`held_out_count`) holds out at random
-    (:func:`random_rows`), and the others, each in the split's order."""
-    held_out = random_rows(len(dataset), held_out_count(amount, len(dataset), split), seed)
+    ``amount`` (:func:`held_out_amount`, :func:`held_out_count`; given as ``option``) holds out at
+    random (:func:`random_rows`), and the others, each in the split's order."""
+    held_out = random_rows(len(dataset), held_out_count(amount, len(dataset), split, option), seed)
     kept = np.ones(len(dataset), dtype=bool)
     kept[held_out] = False
     return dataset.select(np.flatnonzero(kept)), dataset.select(held_out)
@@ -104,11 +104,12 @@ def split_at_random(dataset: datasets.Dataset, amount: int | float, split: str,
 def held_out_share(dataset: datasets.Dataset, amount: str, split: str, seed: int = HOLD_OUT_SEED) -> datasets.Dataset:
     """The images of ``dataset`` (the loaded ``split``) that a run with ``--validation_split amount``
     and ``--validation_rows random`` held out (:func:`split_at_random`): what ``eval_metrics.py``
-    measures the bound on by default. Raises ValueError when ``amount`` is not a share or a count."""
+    measures the bound on by default (its ``--bpd_held_out``). Raises ValueError when ``amount`` is
+    not a share or a count, or holds out the whole split."""
     parsed = held_out_amount(amount)
     if parsed is None:
         raise ValueError(f"{amount!r} is not a share (0.05, 5%) or a count (500) of images to hold out.")
-    return split_at_random(dataset, parsed, split, seed)[1]
+    return split_at_random(dataset, parsed, split, seed, option="--bpd_held_out")[1]
 
 
 def _split_part(name: str, start: int, end: int, size: int) -> str:

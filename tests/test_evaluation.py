@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -897,3 +898,16 @@ def test_full_weights_with_the_classifier_allow_the_inception_score(tmp_path, co
     network = spec.create(["logits_unbiased"], "cpu")
     logits = network(torch.zeros(1, 3, 299, 299, dtype=torch.uint8))[0]
     assert logits.shape == (1, 1008)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"bpd_held_out": "30"}, "--bpd_held_out 30 would hold out 30 of the 24 images of split 'train', leaving none"),
+    ({"bpd_split": "train[30:]"}, "selects no rows"),
+    ({"bpd_data": "someone/unknown-set"}, "The Hub data set 'someone/unknown-set' is not in the datasets cache"),
+])  # fmt: skip
+def test_bits_per_dim_data_that_cannot_be_read_is_refused_before_sampling(tmp_path, tiny_pipeline, reference_data, options, message):
+    """The bound's data is loaded before the sampling, which may take hours: a share that holds out
+    the whole split, a slice past its end or a Hub data set that cannot be fetched stop the evaluation first."""
+    with pytest.raises((ValueError, ConnectionError), match=re.escape(message)):
+        run(tmp_path, tiny_pipeline, reference_data, metrics="fid,bpd", **options)
+    assert not (tmp_path / "results-samples").exists()

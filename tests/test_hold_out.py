@@ -58,7 +58,7 @@ def test_a_held_out_share_holds_out_the_last_rows_of_the_training_split(split, a
 
 
 def test_a_held_out_share_that_leaves_nothing_to_train_on_is_refused():
-    with pytest.raises(ValueError, match=r"would hold out 30 of the 30 images of --split 'train\[:30\]', leaving none"):
+    with pytest.raises(ValueError, match=r"would hold out 30 of the 30 images of split 'train\[:30\]', leaving none"):
         hold_out_last_rows("train[:30]", 30, {"train": 100}.get)
     with pytest.raises(ValueError, match="leaving none"):
         hold_out_last_rows("train", 0.99, {"train": 20}.get)
@@ -124,7 +124,7 @@ def test_a_split_held_out_at_random_is_a_partition_of_its_rows():
     assert list(held_out["x"]) == random_rows(40, 10).tolist() == sorted(held_out["x"])
     assert list(held_out_share(dataset, "25%", "train")["x"]) == list(held_out["x"])
     assert list(split_at_random(dataset, 10, "train")[1]["x"]) == list(held_out["x"])  # a count of 10 is the same share
-    with pytest.raises(ValueError, match=r"would hold out 40 of the 40 images of --split 'train', leaving none"):
+    with pytest.raises(ValueError, match=r"would hold out 40 of the 40 images of split 'train', leaving none"):
         split_at_random(dataset, 40, "train")
     with pytest.raises(ValueError, match=r"'test' is not a share \(0.05, 5%\) or a count \(500\)"):
         held_out_share(dataset, "test", "train")
