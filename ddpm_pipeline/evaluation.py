@@ -345,8 +345,8 @@ def bound_over_data(
     ``dataset`` is ``source``'s images where this process has loaded them already.
     """
     processes = processes or LaunchedProcesses(device)
-    if dataset is None:
-        with processes.main_first():  # one download of a Hub data set, which the others then read from the cache
+    with processes.main_first():  # one download of a Hub data set, which the others then read from the cache
+        if dataset is None:  # every process passes the barriers, loading or not
             dataset = source.load()
     dataset = spread_subset(dataset, num_images)
     source_images = source.images(dataset)  # read as in training: upright, bad files named
