@@ -45,9 +45,14 @@ def move_into_place(source: str | Path, target: str | Path) -> None:
     """Move ``source`` onto ``target`` atomically (``os.replace``). A folder already at ``target``
     (which ``os.replace`` cannot overwrite) is first renamed aside to ``.{name}.old`` and deleted
     only after the move, so a crash between the two renames loses no data: the old folder is then
-    under that name, and ``target`` is absent rather than partial."""
+    under that name, and ``target`` is absent rather than partial. A file never replaces a folder:
+    ``IsADirectoryError``, naming it (a report written to ``--output outputs/my-run`` would delete
+    the run)."""
     source, target = Path(source), Path(target)
     if target.is_dir() and not target.is_symlink():
+        if not source.is_dir():
+            raise IsADirectoryError(f"{target} is a folder, which writing a file there would delete with all it holds: "
+                                    "nothing was written; name a file instead.")  # fmt: skip
         stale = temporary_sibling(target, "old")
         remove(stale)
         os.replace(target, stale)
@@ -74,7 +79,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     remove(temporary)
     try:
         yield temporary
+        move_into_place(temporary, path)
     except BaseException:
         remove(temporary)
         raise
-    move_into_place(temporary, path)

@@ -122,6 +122,9 @@ class EvaluationConfig:
             raise ValueError(f"--num_samples must be at least 2, got {self.num_samples}.")
         if not str(self.output).strip():
             raise ValueError("--output is empty: name the JSON report to write (e.g. results.json).")
+        if Path(self.output).is_dir():
+            raise ValueError(f"--output {self.output} is a folder: name the JSON report to write, e.g. "
+                             f"{Path(self.output) / 'results.json'} (a report never replaces a folder).")  # fmt: skip
         if self.seed < 0:
             raise ValueError(f"--seed must be ≥ 0, got {self.seed}.")
         if self.num_inference_steps < 1:

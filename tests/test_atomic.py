@@ -66,3 +66,16 @@ def test_move_into_place_clears_an_old_folder_left_by_a_crash(tmp_path):
     move_into_place(source, target)
     assert (target / "model.safetensors").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4"]
+
+
+def test_a_file_never_replaces_a_folder(tmp_path):
+    """A report written to a folder's name (eval_metrics.py --output outputs/my-run) is refused,
+    naming the folder: the folder keeps all it holds, and no partial file is left beside it."""
+    run = tmp_path / "my-run"
+    run.mkdir()
+    (run / "model_index.json").write_text("{}")
+    with pytest.raises(IsADirectoryError, match=f"{run} is a folder, which writing a file there would delete"):
+        with atomic_path(run) as partial:
+            partial.write_text('{"fid": 1}')
+    assert (run / "model_index.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-run"]

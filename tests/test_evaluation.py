@@ -911,3 +911,12 @@ def test_bits_per_dim_data_that_cannot_be_read_is_refused_before_sampling(tmp_pa
     with pytest.raises((ValueError, ConnectionError), match=re.escape(message)):
         run(tmp_path, tiny_pipeline, reference_data, metrics="fid,bpd", **options)
     assert not (tmp_path / "results-samples").exists()
+
+
+def test_a_report_is_never_written_over_a_folder(tmp_path, tiny_pipeline):
+    """--output naming a folder (the run itself, say) is refused before any work, and the folder
+    keeps what it holds; an atomic write would have replaced it with the report."""
+    with pytest.raises(ValueError, match=re.escape(f"--output {tiny_pipeline} is a folder: name the JSON report to write, "
+                                                   f"e.g. {tiny_pipeline / 'results.json'}")):  # fmt: skip
+        evaluate(model=str(tiny_pipeline), metrics="bpd", output=str(tiny_pipeline), device="cpu")
+    assert (tiny_pipeline / "model_index.json").is_file()
