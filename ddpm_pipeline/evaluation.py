@@ -31,7 +31,15 @@ from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .hold_out import held_out_amount
 from .images import MOSTLY_PADDING, ImagePreprocessor, check_padding, inspect_images, padded_coverage
 from .likelihood import BoundTerms, batch_bound
-from .metrics import FEATURE_METRICS, REFERENCE_METRICS, SCORE_NAMES, feature_metrics, parse_metrics
+from .metrics import (
+    FEATURE_METRICS,
+    PRC_NEIGHBORHOOD,
+    REFERENCE_METRICS,
+    SCORE_NAMES,
+    feature_metrics,
+    fewest_images,
+    parse_metrics,
+)
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder, refuse_pipeline_folder
@@ -118,8 +126,12 @@ class EvaluationConfig:
             raise ValueError("--snapshots scores the pipelines a training run saved: give --model, that run's --output_dir.")
         if "bpd" in metrics and self.model is None:
             raise ValueError("bits/dim (bpd) needs --model: --samples, images alone, have no likelihood.")
-        if self.num_samples < 2:
-            raise ValueError(f"--num_samples must be at least 2, got {self.num_samples}.")
+        fewest = fewest_images(metrics)
+        why = f" (precision/recall compares each image with its {PRC_NEIGHBORHOOD} nearest neighbours)" if fewest > 2 else ""
+        if self.num_samples < fewest:
+            raise ValueError(f"--num_samples must be at least {fewest}{why}, got {self.num_samples}.")
+        if self.reference_max_images is not None and self.reference_max_images < fewest and set(metrics) & set(REFERENCE_METRICS):
+            raise ValueError(f"--reference_max_images must be at least {fewest}{why}, got {self.reference_max_images}.")
         if not str(self.output).strip():
             raise ValueError("--output is empty: name the JSON report to write (e.g. results.json).")
         if Path(self.output).is_dir():
@@ -258,6 +270,32 @@ def data_source(data: str, split: str | None, dataset_config: str | None, config
         if (trained_on.kind, trained_on.location) == (source.kind, source.location):
             source = replace(source, image_column=trained_column)
     return source
+
+
+def check_reference_size(source: DataSource, dataset: datasets.Dataset | None, max_images: int | None,
+                         metrics: list[str]) -> None:  # fmt: skip
+    """Raise, before the sampling, when the reference cannot give ``metrics``: a data set of fewer
+    images (``dataset``, up to ``max_images`` of them) than they need (:func:`~ddpm_pipeline.metrics.fewest_images`),
+    or a statistics file without the ``features`` that KID and precision/recall need."""
+    compared = [metric for metric in metrics if metric in REFERENCE_METRICS]
+    if source.kind == "stats":
+        with np.load(source.location, allow_pickle=False) as data:
+            has_features = "features" in data.files
+        needs_features = [{"kid": "KID", "prc": "precision/recall"}[metric] for metric in compared if metric in ("kid", "prc")]
+        if needs_features and not has_features:
+            raise ValueError(
+                f"{' and '.join(needs_features)} need{'s' if len(needs_features) == 1 else ''} the reference's features, "
+                f"but {source.location} holds only FID "
+                "statistics (mu, sigma): pass a data source as --reference, or a stats file that has 'features'."
+            )
+        return
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    fewest = fewest_images(compared)
+    if count < fewest:
+        raise ValueError(
+            f"The reference's split {source.split} holds {count} image(s), too few for {', '.join(compared)}: "
+            f"{'precision/recall needs' if fewest > 2 else 'they need'} at least {fewest}. Give a --reference_split with more."
+        )
 
 
 def check_reference_padding(source: DataSource, dataset: datasets.Dataset, preprocess: ImagePreprocessor,
@@ -567,6 +605,8 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
                                              "--reference_max_images N, which spreads them over it.")  # fmt: skip
             if warning is not None:
                 logger.warning(warning)
+        if processes.is_main:
+            check_reference_size(reference_source, reference_images, config.reference_max_images, feature_wanted)
     bpd_source, bpd_images = None, None
     if "bpd" in metrics:
         bpd_source = data_source(config.bpd_data or config.reference, config.bpd_split or config.reference_split,

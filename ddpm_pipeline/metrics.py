@@ -26,6 +26,8 @@ METRICS = ("fid", "isc", "kid", "prc", "bpd")
 FEATURE_METRICS = ("fid", "isc", "kid", "prc")
 #: The feature metrics that compare the samples with reference data (the Inception Score needs none).
 REFERENCE_METRICS = ("fid", "kid", "prc")
+#: k of precision/recall's k-NN balls
+PRC_NEIGHBORHOOD = 3
 #: The headline scores the feature metrics put in a report (:func:`feature_metrics`), with their names for people.
 SCORE_NAMES = {"fid": "FID", "kid_mean": "KID", "isc_mean": "Inception Score", "precision": "Precision", "recall": "Recall"}
 
@@ -84,7 +86,14 @@ def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 2020) ->
     return {"isc_mean": result["inception_score_mean"], "isc_std": result["inception_score_std"], "isc_splits": splits}
 
 
-def precision_recall(generated: torch.Tensor, reference: torch.Tensor, neighborhood: int = 3) -> dict[str, float]:
+def fewest_images(metrics: Iterable[str]) -> int:
+    """The fewest images on each side (samples, reference) that ``metrics`` can be computed from:
+    ``k + 1`` with precision/recall (each image's ``k`` nearest neighbours, :data:`PRC_NEIGHBORHOOD`),
+    else 2 (FID's unbiased covariance divides by ``N − 1``, KID's unbiased MMD² by ``m(m − 1)``)."""
+    return PRC_NEIGHBORHOOD + 1 if "prc" in metrics else 2
+
+
+def precision_recall(generated: torch.Tensor, reference: torch.Tensor, neighborhood: int = PRC_NEIGHBORHOOD) -> dict[str, float]:
     """Improved precision/recall and their F-score with ``neighborhood``-NN balls."""
     if min(len(generated), len(reference)) <= neighborhood:
         raise ValueError(f"Precision/recall needs more than {neighborhood} samples on each side.")

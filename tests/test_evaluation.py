@@ -920,3 +920,28 @@ def test_a_report_is_never_written_over_a_folder(tmp_path, tiny_pipeline):
                                                    f"e.g. {tiny_pipeline / 'results.json'}")):  # fmt: skip
         evaluate(model=str(tiny_pipeline), metrics="bpd", output=str(tiny_pipeline), device="cpu")
     assert (tiny_pipeline / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"metrics": "prc", "num_samples": 3}, "--num_samples must be at least 4 (precision/recall compares each image with its 3 "
+     "nearest neighbours), got 3."),
+    ({"metrics": "fid", "num_samples": 1}, "--num_samples must be at least 2, got 1."),
+    ({"metrics": "fid", "reference_max_images": 1}, "--reference_max_images must be at least 2, got 1."),
+    ({"metrics": "fid,kid", "reference_split": "train[:1]"}, "The reference's split train[:1] holds 1 image(s), too few for "
+     "fid, kid: they need at least 2."),
+    ({"metrics": "prc", "reference_split": "train[:3]"}, "holds 3 image(s), too few for prc: precision/recall needs at least 4."),
+])  # fmt: skip
+def test_too_few_images_for_a_metric_are_refused_before_sampling(tmp_path, tiny_pipeline, reference_data, options, message):
+    """FID and KID need 2 images on each side (an unbiased covariance, an unbiased MMD²) and
+    precision/recall 4 (3 nearest neighbours): too few samples or reference images stop the
+    evaluation before any sample is drawn, instead of numpy's LinAlgError after the sampling."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run(tmp_path, tiny_pipeline, reference_data, **options)
+    assert not (tmp_path / "results-samples").exists()
+
+
+def test_a_statistics_file_without_features_is_refused_for_kid_before_sampling(tmp_path, tiny_pipeline):
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match=re.escape(f"KID needs the reference's features, but {tmp_path / 'stats.npz'} holds only FID")):
+        run(tmp_path, tiny_pipeline, tmp_path / "stats.npz", metrics="fid,kid")
+    assert not (tmp_path / "results-samples").exists()
