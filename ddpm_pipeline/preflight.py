@@ -63,6 +63,17 @@ def check_unet_config(config: dict[str, Any], variance_type: str = "fixed_small"
     groups divide."""
     problems = []
     levels = len(config["block_out_channels"])
+    blocks = {key: list(config.get(key) or ()) for key in ("down_block_types", "up_block_types")}
+    if any(len(names) != levels for names in blocks.values()):
+        down, up = blocks["down_block_types"], blocks["up_block_types"]
+        example = " ".join(str(config["block_out_channels"][min(i, levels - 1)]) for i in range(len(down)))
+        problems.append(
+            f"block_out_channels {config['block_out_channels']} gives {levels} level(s), but the network has {len(down)} "
+            f"down blocks ({', '.join(down)}) and {len(up)} up blocks: give one channel count per level "
+            f"(--block_out_channels {example}), or blocks to match with --unet_overrides "
+            "'{\"down_block_types\": [...], \"up_block_types\": [...]}'."
+        )
+        raise ValueError("The UNet configuration cannot train:\n  " + "\n  ".join(problems))  # the checks below need the levels
     factor = downsampling_factor(config)
     size = config["sample_size"]
     sizes = sample_height_width(size)

@@ -61,8 +61,12 @@ def check_sampling_options(config: Any) -> None:
     if config.compile_unet and config.fast_sampling == "off":
         raise ValueError("--compile_unet compiles the fast sampling path, which --fast_sampling off turns off: "
                          "drop one of the two.")  # fmt: skip
-    if config.eta < 0:
-        raise ValueError(f"--eta must be ≥ 0, got {config.eta}.")
+    if not 0 <= config.eta <= 1:
+        # DDIM's x_{t-1} takes √(1 − ᾱ_{t-1} − σ_t²) with σ_t = η·√((1 − ᾱ_{t-1})/(1 − ᾱ_t))·√(1 − ᾱ_t/ᾱ_{t-1}),
+        # which η > 1 makes the root of a negative number at some step: NaN images
+        raise ValueError(f"--eta must be between 0 (deterministic DDIM) and 1 (the DDPM posterior's variance), got "
+                         f"{config.eta}: beyond 1 the DDIM step's noise exceeds what x_(t-1) can hold, and the images "
+                         "become NaN.")  # fmt: skip
     if config.eta != 0 and config.scheduler != "ddim":
         raise ValueError(f"--eta is DDIM's η: it applies with --scheduler ddim, not {config.scheduler}.")
     if config.timestep_spacing is not None and config.timestep_spacing not in TIMESTEP_SPACINGS:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -191,9 +192,11 @@ def test_bad_options_name_the_fix(tmp_path, tiny_pipeline):
         ({"scheduler": "pndm"}, "--scheduler must be one of ddpm, ddim"),
         ({"compile_unet": True, "fast_sampling": "off"}, "drop one of the two"),
         ({"eta": 0.5}, "--eta is DDIM's η: it applies with --scheduler ddim, not ddpm"),
-        ({"eta": -1.0, "scheduler": "ddim"}, "--eta must be ≥ 0"),
+        ({"eta": -1.0, "scheduler": "ddim"}, "--eta must be between 0 (deterministic DDIM) and 1"),
+        ({"eta": 2.0, "scheduler": "ddim"}, "--eta must be between 0 (deterministic DDIM) and 1 (the DDPM posterior's "
+         "variance), got 2.0"),
     ]:
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError, match=re.escape(message)):
             SampleConfig(**{"model": str(tiny_pipeline), **options}).validate()
     with pytest.raises(FileNotFoundError, match="is not a folder, nor a Hub repo id"):
         sample(tmp_path, tmp_path / "no-such-run")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 
 import datasets
 import numpy as np
@@ -236,6 +237,9 @@ def test_inspecting_images_reads_their_size_and_colour_from_headers(tmp_path):
         inspect_images(ImageSource(datasets.Dataset.from_dict({"image": [str(folder / "broken.png")]}).cast_column("image", datasets.Image()), "image"))
 
 
+FOUR_LEVELS = json.dumps({"down_block_types": ["DownBlock2D"] * 4, "up_block_types": ["UpBlock2D"] * 4})
+
+
 @pytest.mark.parametrize(
     ("options", "size", "channels", "chosen"),
     [
@@ -248,7 +252,8 @@ def test_inspecting_images_reads_their_size_and_colour_from_headers(tmp_path):
         (["--resolution", "48"], 256, 1, {"model": "ddpm-64", "channels": 1}),
         (["--channels", "3", "--model", "ddpm-small-28", "--resolution", "16"], 64, 1, {}),
         (["--unet_overrides", '{"in_channels": 3, "out_channels": 3}'], 20, 1, {"model": "ddpm-small-28", "resolution": 20}),
-        (["--block_out_channels", "32", "32", "64", "64"], 28, 1, {"model": "ddpm-small-28", "resolution": 32, "channels": 1}),
+        (["--block_out_channels", "32", "32", "64", "64", "--unet_overrides", FOUR_LEVELS], 28, 1,
+         {"model": "ddpm-small-28", "resolution": 32, "channels": 1}),  # 8x down-sampling: 28 padded to 32
         (["--unet_overrides", '{"sample_size": [32, 64]}'], 28, 1, {"model": "ddpm-64", "channels": 1}),  # by its larger side
     ],
 )
@@ -263,6 +268,19 @@ def test_a_new_network_takes_what_its_options_leave_open_from_the_data(options, 
     check_unet_config(unet_config)
     fine_tuning = TrainingConfig.from_args(["--pretrained_model_name_or_path", "some/ddpm"])
     assert fine_tuning.with_data_defaults(image_format) == (fine_tuning, [])
+
+
+def test_channel_counts_for_another_number_of_levels_are_refused_naming_the_blocks():
+    """--block_out_channels 32 with a 3-level preset: refused with the levels, the blocks and a fix,
+    instead of the error from inside diffusers' UNet2DModel."""
+    unet_config = DDPMUNet.preset_config("ddpm-small-28", block_out_channels=[32])
+    with pytest.raises(ValueError, match=re.escape(
+        "block_out_channels [32] gives 1 level(s), but the network has 3 down blocks (DownBlock2D, DownBlock2D, "
+        "DownBlock2D) and 3 up blocks: give one channel count per level (--block_out_channels 32 32 32)"
+    )):  # fmt: skip
+        check_unet_config(unet_config)
+    blocks = {"down_block_types": ["DownBlock2D"], "up_block_types": ["UpBlock2D"]}
+    check_unet_config(DDPMUNet.preset_config("ddpm-small-28", block_out_channels=[32], **blocks))  # blocks to match
 
 
 def test_runs_recorded_before_data_defaults_still_resume():
