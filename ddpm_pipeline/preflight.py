@@ -23,6 +23,10 @@ OUTPUT_SLACK_BYTES = 64 * 2**20
 def check_output_dir(output_dir: str | Path) -> Path:
     """Create ``output_dir`` if needed and prove it writable by writing and deleting a probe file."""
     folder = Path(output_dir)
+    taken = next((path for path in (folder, *folder.parents) if path.exists() or path.is_symlink()), None)
+    if taken is not None and not taken.is_dir():
+        where = "" if taken == folder else f" ({taken}, a folder it would be in, is a file)"
+        raise FileExistsError(f"--output_dir {folder} is not a folder{where}: name a folder (a new one is created).")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{uuid.uuid4().hex}"

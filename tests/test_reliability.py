@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -291,11 +292,16 @@ def test_diffusers_example_spellings_get_this_scripts_equivalents(capsys):
     assert (config.resize_mode, config.resolution, config.beta_schedule, config.prediction_type) == ("crop", 64, "cosine", "x0")
 
 
-def test_unwritable_output_dir_fails_at_start_up(tmp_path):
+def test_an_output_dir_that_cannot_be_a_folder_fails_at_start_up(tmp_path):
+    """A file where the folder (or one it would be in) should be is named as such, not as a
+    permission problem."""
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(PermissionError, match="is not writable"):
+    with pytest.raises(FileExistsError, match=re.escape(f"--output_dir {blocker / 'run'} is not a folder ({blocker}, a folder "
+                                                        "it would be in, is a file)")):  # fmt: skip
         main([*TINY, "--max_train_steps", "2", "--output_dir", str(blocker / "run")])
+    with pytest.raises(FileExistsError, match=re.escape(f"--output_dir {blocker} is not a folder: name a folder")):
+        main([*TINY, "--max_train_steps", "2", "--output_dir", str(blocker)])
 
 
 def test_full_disk_fails_at_start_up(tmp_path, monkeypatch):
