@@ -21,7 +21,8 @@ OUTPUT_SLACK_BYTES = 64 * 2**20
 
 
 def check_output_dir(output_dir: str | Path) -> Path:
-    """Create ``output_dir`` if needed and prove it writable by writing and deleting a probe file."""
+    """Create ``output_dir`` if needed and prove it writable by writing and deleting a probe file;
+    a file at its name (or at a folder's it would be in) is named as such."""
     folder = Path(output_dir)
     taken = next((path for path in (folder, *folder.parents) if path.exists() or path.is_symlink()), None)
     if taken is not None and not taken.is_dir():
@@ -63,21 +64,19 @@ def check_free_space(output_dir: str | Path, needed_bytes: int) -> None:
 def check_unet_config(config: dict[str, Any], variance_type: str = "fixed_small", fine_tuning: bool = False) -> None:
     """The network can be built and trained on its images: as many output channels as the variance
     type needs (:func:`~ddpm_pipeline.schedules.model_output_channels`: the input's, or twice them for
-    a learned variance), a resolution the down-sampling path divides, channel counts its GroupNorm
-    groups divide."""
+    a learned variance), one channel count per level of blocks, a resolution the down-sampling path
+    divides, channel counts its GroupNorm groups divide."""
     problems = []
     levels = len(config["block_out_channels"])
-    blocks = {key: list(config.get(key) or ()) for key in ("down_block_types", "up_block_types")}
-    if any(len(names) != levels for names in blocks.values()):
-        down, up = blocks["down_block_types"], blocks["up_block_types"]
+    down, up = list(config.get("down_block_types") or ()), list(config.get("up_block_types") or ())
+    if down and up and (len(down) != levels or len(up) != levels):  # raised alone: the checks below count on the levels
         example = " ".join(str(config["block_out_channels"][min(i, levels - 1)]) for i in range(len(down)))
-        problems.append(
-            f"block_out_channels {config['block_out_channels']} gives {levels} level(s), but the network has {len(down)} "
-            f"down blocks ({', '.join(down)}) and {len(up)} up blocks: give one channel count per level "
-            f"(--block_out_channels {example}), or blocks to match with --unet_overrides "
+        raise ValueError(
+            f"The UNet configuration cannot train:\n  block_out_channels {config['block_out_channels']} gives {levels} "
+            f"level(s), but the network has {len(down)} down blocks ({', '.join(down)}) and {len(up)} up blocks: give one "
+            f"channel count per level (--block_out_channels {example}), or blocks to match with --unet_overrides "
             "'{\"down_block_types\": [...], \"up_block_types\": [...]}'."
         )
-        raise ValueError("The UNet configuration cannot train:\n  " + "\n  ".join(problems))  # the checks below need the levels
     factor = downsampling_factor(config)
     size = config["sample_size"]
     sizes = sample_height_width(size)
