@@ -516,12 +516,12 @@ class Trainer:
             return monitor
         images = TrainingImages(dataset, find_image_column(dataset, config.image_column), self.data.images.preprocess,
                                 bad_images=config.bad_images)  # fmt: skip
-        monitor.bound = HeldOutBound(spread_images(images, config.validation_images),
-                                     spread_images(self.data.images, config.validation_images),
+        measured = min(config.validation_images, len(dataset))  # and as many training images
+        monitor.bound = HeldOutBound(spread_images(images, measured), spread_images(self.data.images, measured),
                                      config.validation_timesteps, config.seed, batch_size=config.train_batch_size)  # fmt: skip
         warning = unbalanced_classes_warning(training, {
-            f"held-out images measured ({held_out})": spread_subset(dataset, config.validation_images),
-            "training images measured": spread_subset(training, config.validation_images),
+            f"held-out images measured ({held_out})": spread_subset(dataset, measured),
+            "training images measured": spread_subset(training, measured),
         })  # fmt: skip
         if warning is not None:
             logger.warning(warning)
@@ -1052,6 +1052,12 @@ class Trainer:
         self._warn_if_data_changed(state)
         stopped = f"; it had stopped: {state['stopped_because']}" if state.get("stopped_because") else ""
         logger.info(f"resumed from {self.checkpoint} at step {global_step} ({earlier_seconds / 60:.1f} min trained{stopped})")
+        if global_step >= self.total_steps:
+            option = "--max_train_steps" if self.config.max_train_steps else "--num_epochs"
+            limit = (f"--max_train_steps {self.total_steps}" if self.config.max_train_steps
+                     else f"--num_epochs {self.config.num_epochs} ({self.total_steps} steps)")  # fmt: skip
+            logger.warning(f"{limit} is not beyond the checkpoint's step {global_step}: nothing is trained, and the "
+                           f"pipeline is written from its weights. To train further, give a larger {option}.")  # fmt: skip
         return global_step, earlier_seconds
 
     def _open_histories(self, global_step: int) -> LossHistory:

@@ -251,6 +251,12 @@ def test_resuming_on_changed_data_goes_on_and_says_what_changed(tmp_path, caplog
         main([*options[2:], "--dataset_path", str(saved_dataset(tmp_path / "saved", count=8, size=16)),
               "--channels", "3", "--max_train_steps", "4", "--resume_from_checkpoint", "latest"])  # fmt: skip
     assert f"was trained on image folder {folder.resolve()}, this run reads saved data set {(tmp_path / 'saved').resolve()}, split train" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.training"):  # a limit the checkpoint has passed: said so
+        assert main([*options[2:], "--dataset_path", str(tmp_path / "saved"), "--channels", "3", "--max_train_steps", "2",
+                     "--resume_from_checkpoint", "latest"]).global_step == 4  # fmt: skip
+    assert ("--max_train_steps 2 is not beyond the checkpoint's step 4: nothing is trained, and the pipeline is written "
+            "from its weights. To train further, give a larger --max_train_steps.") in caplog.text  # fmt: skip
 
 
 def test_accelerate_launch_runs_the_script(tmp_path):

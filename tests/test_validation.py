@@ -294,11 +294,11 @@ def test_a_run_holds_out_a_share_drawn_at_random_and_evaluation_measures_the_sam
     """--validation_split 0.25 of an image folder of class subfolders (listed class by class): the
     run holds out 12 images drawn at random, of every class (so nothing is warned of), trains on the
     other 36, records the share as given, and eval_metrics.py measures the same 12 images by default
-    (the same bound); the model card says which images. A resumed run holds out the same images, so
-    its data is the checkpoint's."""
+    (the same bound); the model card says which images. --validation_images 20 measures all 12 and
+    as many training images. A resumed run holds out the same images, so its data is the checkpoint's."""
     images = class_folder(tmp_path / "images")
     options = [*HELD_OUT, "--train_data_dir", images, "--split", "train", "--validation_split", "0.25",
-               "--validation_images", "12", "--checkpointing_steps", "2"]  # fmt: skip
+               "--validation_images", "20", "--checkpointing_steps", "2"]  # fmt: skip
     with caplog.at_level("INFO"):
         run_training(tmp_path / "run", *options, "--max_train_steps", "2")
     config = TrainingConfig.load(tmp_path / "run" / "training_config.json")
@@ -307,7 +307,9 @@ def test_a_run_holds_out_a_share_drawn_at_random_and_evaluation_measures_the_sam
             "random), and trains on the other 36") in caplog.text  # fmt: skip
     assert "classes" not in caplog.text  # 12 images drawn at random hold all three classes
     summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
-    assert summary["held_out"]["split"] == "0.25 of train at random" and summary["held_out"]["num_images"] == 12
+    assert summary["held_out"]["split"] == "0.25 of train at random"
+    # --validation_images 20: all 12 held-out images, and as many training images
+    assert (summary["held_out"]["num_images"], summary["held_out"]["num_train_images"]) == (12, 12)
     with caplog.at_level("INFO"):
         scored = evaluate(model=str(tmp_path / "run"), metrics="bpd", bpd_num_images=12, bpd_timesteps=3, bpd_batch_size=4,
                           output=str(tmp_path / "r.json"), device="cpu")  # fmt: skip
