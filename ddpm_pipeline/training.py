@@ -1052,7 +1052,9 @@ class Trainer:
         self._warn_if_data_changed(state)
         stopped = f"; it had stopped: {state['stopped_because']}" if state.get("stopped_because") else ""
         logger.info(f"resumed from {self.checkpoint} at step {global_step} ({earlier_seconds / 60:.1f} min trained{stopped})")
-        if global_step >= self.total_steps:
+        if global_step == self.total_steps:  # a run that stopped after its last checkpoint: it finishes
+            logger.info(f"the checkpoint is at the run's last step ({global_step}): the pipeline is written from its weights")
+        elif global_step > self.total_steps:
             option = "--max_train_steps" if self.config.max_train_steps else "--num_epochs"
             limit = (f"--max_train_steps {self.total_steps}" if self.config.max_train_steps
                      else f"--num_epochs {self.config.num_epochs} ({self.total_steps} steps)")  # fmt: skip
