@@ -229,18 +229,20 @@ def resolve_reference(config: EvaluationConfig, training: dict[str, Any] | None,
     split, dataset_config = config.reference_split or split, config.reference_config or dataset_config
     words = describe_data_source(training.get("dataset_name"), dataset_config, split, training.get("train_data_dir"),
                                  training.get("dataset_path"))  # fmt: skip
-    held_out = training.get("validation_split")
-    if held_out and held_out_amount(held_out) is not None and split == (training.get("split") or "train"):
+    held_out, trained_split = training.get("validation_split"), training.get("split") or "train"
+    # a share of --split drawn at random, which the run records as given (the last rows are two splits by then)
+    random_share = bool(held_out) and held_out_amount(held_out) is not None
+    if random_share and split == trained_split:
         words += f", with the {held_out} of it held out of training at random"  # the statistics of the whole split
     if announce:
         logger.info(f"reference: the data {config.model} was trained on, {words}")
     bpd_split, bpd_held_out = config.bpd_split, config.bpd_held_out
     if "bpd" in config.metric_list() and config.bpd_data is None and bpd_split is None and held_out:
         # a likelihood is measured on images the model did not train on
-        if held_out_amount(held_out) is None:  # a split, or the last rows of --split made two splits
+        if not random_share:  # a split of its own
             bpd_split, words = held_out, f"split {held_out}"
-        else:  # a share of --split drawn at random, which the run records as given
-            bpd_split, bpd_held_out = training.get("split") or "train", bpd_held_out or held_out
+        else:
+            bpd_split, bpd_held_out = trained_split, bpd_held_out or held_out
             words = f"the {bpd_held_out} of split {bpd_split} drawn at random"
         if announce:
             logger.info(f"bits/dim: on the images {config.model} held out from its training, {words} "

@@ -1055,9 +1055,10 @@ class Trainer:
         if global_step == self.total_steps:  # a run that stopped after its last checkpoint: it finishes
             logger.info(f"the checkpoint is at the run's last step ({global_step}): the pipeline is written from its weights")
         elif global_step > self.total_steps:
-            option = "--max_train_steps" if self.config.max_train_steps else "--num_epochs"
-            limit = (f"--max_train_steps {self.total_steps}" if self.config.max_train_steps
-                     else f"--num_epochs {self.config.num_epochs} ({self.total_steps} steps)")  # fmt: skip
+            if self.config.max_train_steps:
+                option, limit = "--max_train_steps", f"--max_train_steps {self.total_steps}"
+            else:
+                option, limit = "--num_epochs", f"--num_epochs {self.config.num_epochs} ({self.total_steps} steps)"
             logger.warning(f"{limit} is not beyond the checkpoint's step {global_step}: nothing is trained, and the "
                            f"pipeline is written from its weights. To train further, give a larger {option}.")  # fmt: skip
         return global_step, earlier_seconds
