@@ -167,6 +167,7 @@ def load_image_dataset(
     if len(given) > 1:
         raise ValueError(f"Give one data source, not {' and '.join(given)}.")
     if dataset_name:
+        check_hub_name_is_not_a_path(dataset_name)
         try:
             return load_split(lambda name: datasets.load_dataset(dataset_name, dataset_config, split=name, cache_dir=cache_dir),
                               split, f"the Hub data set {dataset_name}")  # fmt: skip
@@ -194,6 +195,9 @@ def load_image_dataset(
         if not path.exists():
             raise FileNotFoundError(f"--dataset_path {path} does not exist (write one with Dataset.save_to_disk).")
         if not is_saved_dataset(path):
+            if path.is_file() and is_saved_dataset(path.parent):
+                raise ValueError(f"--dataset_path {path} is a file of the data set that save_to_disk wrote: pass its folder, "
+                                 f"--dataset_path {path.parent}.")  # fmt: skip
             fix = (
                 f"it holds image files: pass it as --train_data_dir {path}"
                 if path.is_dir() and holds_image_files(path)
@@ -205,6 +209,26 @@ def load_image_dataset(
             )
         return select_split(datasets.load_from_disk(str(path)), split, what=str(path))
     return select_split(bundled_dataset(), split, what="the bundled data set")
+
+
+def check_hub_name_is_not_a_path(dataset_name: str) -> None:
+    """Raise where ``--dataset_name`` names a local path that ``load_dataset`` would not read as the
+    user meant: a data set written by ``save_to_disk`` (``--dataset_path``), a path that does not
+    exist (a Hub id never starts with ``.``, ``/`` or ``~``), or a file of a saved data set. A
+    folder of images passes: ``load_dataset`` reads it with the ``imagefolder`` builder."""
+    path = Path(dataset_name).expanduser()
+    if path.is_dir() and is_saved_dataset(path):
+        raise ValueError(f"--dataset_name {dataset_name} is a data set written by save_to_disk, which load_dataset does not "
+                         f"read: pass it as --dataset_path {dataset_name}.")  # fmt: skip
+    if path.is_file():
+        fix = (f"pass its folder as --dataset_path {path.parent}" if is_saved_dataset(path.parent)
+               else "give a Hub data set name, a folder of images as --train_data_dir, or a data set written by "
+               "save_to_disk as --dataset_path")  # fmt: skip
+        raise ValueError(f"--dataset_name {dataset_name} is a file: {fix}.")
+    if not path.exists() and dataset_name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"--dataset_name {dataset_name} does not exist: a local path must name a folder of images "
+                                "or a data set written by save_to_disk (as --dataset_path), a Hub data set a name like "
+                                "ylecun/mnist.")  # fmt: skip
 
 
 def load_split(load: Callable[[str], datasets.Dataset], split: str, what: str) -> datasets.Dataset:

@@ -255,6 +255,17 @@ def test_saved_dataset_dict_and_column_rules(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="is not a data set written by save_to_disk .* or a folder of images"):
         load_image_dataset(dataset_path=tmp_path / "empty")
+    with pytest.raises(ValueError, match=f"is a file of the data set that save_to_disk wrote: pass its folder, --dataset_path {tmp_path / 'dd'}."):
+        load_image_dataset(dataset_path=tmp_path / "dd" / "dataset_dict.json")
+    # load_dataset reads a saved data set given as --dataset_name with an error that names neither option
+    with pytest.raises(ValueError, match=f"--dataset_name {tmp_path / 'dd'} is a data set written by save_to_disk, .* pass it as --dataset_path {tmp_path / 'dd'}."):
+        load_image_dataset(dataset_name=str(tmp_path / "dd"))
+    with pytest.raises(ValueError, match=f"is a file: pass its folder as --dataset_path {tmp_path / 'dd'}."):
+        load_image_dataset(dataset_name=str(tmp_path / "dd" / "dataset_dict.json"))
+    with pytest.raises(FileNotFoundError, match="--dataset_name ./missing does not exist: a local path must name"):
+        load_image_dataset(dataset_name="./missing")
+    # a folder of images is what load_dataset reads as one (the imagefolder builder)
+    assert load_image_dataset(dataset_name=str(tmp_path / "pictures")).num_rows == 1
     assert find_image_column(dataset) == "picture"  # the only Image feature
     assert find_image_column(dataset, "picture") == "picture"
     with pytest.raises(ValueError, match="--image_column 'photo' is not a column"):
