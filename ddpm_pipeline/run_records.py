@@ -128,6 +128,22 @@ class LossHistory:
         """The number of rows (steps) recorded, the resumed run's kept rows included."""
         return len(self._values["step"])
 
+    @classmethod
+    def read(cls, path: Path, up_to_step: int | None = None) -> LossHistory:
+        """A ``loss_history.csv`` read back, its rows up to ``up_to_step`` (all: None); not written to."""
+        with path.open(newline="") as handle:
+            columns = tuple(next(csv.reader(handle), ()))
+        history = cls(path, 0, enabled=False, columns=columns or None)
+        for row in iter_loss_history(path):
+            if up_to_step is None or row["step"] <= up_to_step:
+                history._keep(row)
+        return history
+
+    def recent_loss(self, steps: int = SUMMARY_STEPS) -> dict[str, float]:
+        """:meth:`recent_means` with ``steps``, the number of rows they average (at most ``steps``):
+        a run summary's ``recent_loss``."""
+        return {"steps": min(steps, len(self)), **self.recent_means(steps)}
+
     def recent_means(self, steps: int = SUMMARY_STEPS) -> dict[str, float]:
         """Each loss column's mean over the last ``steps`` rows, ``(1/n) Σ value`` over the n of
         them with a finite value (a quarter's cell is empty on a step without an image there, and a

@@ -194,7 +194,12 @@ class DDPMTargetScheduler(DDPMScheduler):
                 "A μ-prediction scheduler has no stock diffusers equivalent: save it as "
                 "DDPMTargetScheduler (loading it then needs `pip install ddpm_pipeline`)."
             )
-        return DDPMScheduler(**{k: _json_safe(v) for k, v in self.config.items() if not k.startswith("_")})
+        return DDPMScheduler(**self.config_options())
+
+    def config_options(self) -> dict[str, Any]:
+        """The config's options (not its ``_``-prefixed entries) as JSON values: what
+        :meth:`from_config` rebuilds this scheduler from, and what a checkpoint records of it."""
+        return {key: _json_safe(value) for key, value in self.config.items() if not key.startswith("_")}
 
     # ------------------------------------------------------------------ coefficient lookup
     def _coefficient(

@@ -247,6 +247,15 @@ def build_unet(unet_config: dict[str, Any], unet_overrides: str | None) -> DDPMU
         ) from error
 
 
+def unet_config_for(config: TrainingConfig, pretrained: PretrainedDDPM | None = None) -> dict[str, Any]:
+    """The `UNet2DModel` options of the network these (data-fitted) options train: the preset's
+    with ``--block_out_channels``/``--layers_per_block``/``--unet_overrides``, or, when
+    fine-tuning, the pretrained network's at the training resolution and dropout."""
+    if pretrained is not None:
+        return pretrained.unet_options(config.resolution, config.dropout, config.channels)
+    return DDPMUNet.preset_config(config.model, **config.unet_overrides_dict())
+
+
 def _option_text(value: Any) -> str:
     """An option's value as a log line shows it (``2e-05``, ``True``)."""
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -354,12 +363,11 @@ class Trainer:
             user = check_hub_access(config.hub_token)
             logger.info(f"will push the finished pipeline to {config.hub_model_id} as {user}")
         set_seed(config.seed)
+        self.unet_config = unet_config_for(config, self.pretrained)
         if self.pretrained is not None:
-            self.unet_config = self.pretrained.unet_options(config.resolution, config.dropout, config.channels)
             source = self.pretrained.source  # a Hub id, or a folder by its name (its path says nothing more in a plot title)
             self.model_name = f"{Path(source).name if is_local_source(source) else source} (fine-tuned)"
         else:
-            self.unet_config = DDPMUNet.preset_config(config.model, **config.unet_overrides_dict())
             self.model_name = config.model
         check_unet_config(self.unet_config, self.noise_scheduler.config.variance_type, fine_tuning=self.pretrained is not None)
         check_padding(image_format, self.unet_config["sample_size"], config.resize_mode)
@@ -786,6 +794,13 @@ class Trainer:
                 "global_batch_size": self.global_batch_size(),
                 "data": self.data_identity,
                 "training_config": self.config.to_dict(),
+                # what a pipeline of this step needs besides the weights (python -m ddpm_pipeline.export_checkpoint)
+                "epochs": step / self.steps_per_epoch,
+                "device": device_description(self.accelerator.device),
+                "mixed_precision": self.accelerator.mixed_precision,
+                "unet_config": self.unet_config,
+                "scheduler_config": self.noise_scheduler.config_options(),
+                **({"held_out": self.held_out.record} if self.held_out is not None and self.held_out.record else {}),
                 **({"stopped_because": stop_reason} if stop_reason else {}),
             },
             is_main_process=self.accelerator.is_main_process,
@@ -810,7 +825,7 @@ class Trainer:
             "device": device_description(self.accelerator.device),
             "mixed_precision": self.accelerator.mixed_precision,
             "data": self.data_identity,
-            "recent_loss": {"steps": min(SUMMARY_STEPS, len(history)), **history.recent_means(SUMMARY_STEPS)},
+            "recent_loss": history.recent_loss(SUMMARY_STEPS),
             **({"held_out": self.held_out.record} if self.held_out is not None and self.held_out.record else {}),
         }
 
