@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .run_outputs import snapshot_name
 from .schedules import is_learned_variance, model_output_channels
 from .unet import downsampling_factor, nearest_trainable_size, sample_height_width
 
@@ -137,9 +138,18 @@ def check_pipeline_folder(folder: str | Path) -> None:
     if not weights and (folder / "unet").is_dir():
         missing.append("unet/diffusion_pytorch_model.safetensors")
     if missing:
+        if (folder / "trainer_state.json").is_file():
+            step = json.loads((folder / "trainer_state.json").read_text()).get("global_step", 0)
+            raise ValueError(
+                f"{folder} is a training checkpoint, not a pipeline: `python -m ddpm_pipeline.export_checkpoint {folder}` "
+                f"writes its pipeline, as {folder.parent / snapshot_name(step, 'steps')}."
+            )
+        if folder.name in ("unet", "scheduler") and (folder.parent / "model_index.json").is_file():
+            raise ValueError(f"{folder} is a part of the pipeline in {folder.parent}: give that folder.")
         raise FileNotFoundError(
             f"{folder} is not a complete pipeline folder: missing {', '.join(missing)}. Point to a finished "
-            "train_ddpm.py --output_dir (an interrupted run can be finished with --resume_from_checkpoint latest)."
+            "train_ddpm.py --output_dir (an interrupted run can be finished with --resume_from_checkpoint latest, "
+            "or a checkpoint-N of it exported with `python -m ddpm_pipeline.export_checkpoint`)."
         )
     index = json.loads((folder / "model_index.json").read_text())
     for part in ("unet", "scheduler"):

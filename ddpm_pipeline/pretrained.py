@@ -211,7 +211,8 @@ def _check_local_folder(folder: Path, given: str) -> None:
     if checkpoint_step(folder) is not None or (folder / TRAINER_STATE_NAME).is_file():
         raise ValueError(
             f"--pretrained_model_name_or_path {given} is a training checkpoint: continue that run with "
-            "--resume_from_checkpoint, or fine-tune from the pipeline its run wrote (the --output_dir above it)."
+            "--resume_from_checkpoint, or fine-tune from the pipeline its run wrote (the --output_dir above it), or "
+            f"from this step's, which `python -m ddpm_pipeline.export_checkpoint {given}` writes."
         )
 
 

@@ -58,7 +58,8 @@ def run_pipelines(run_dir: str | Path) -> list[RunPipeline]:
     if not candidates:
         raise ValueError(
             f"{run_dir} holds no snapshot-* pipelines: train with --snapshot_minutes (e.g. 1 2 5) or --snapshot_steps "
-            "(e.g. 1000 5000) to save the pipeline part-way, or leave out --snapshots to score the final pipeline alone."
+            "(e.g. 1000 5000) to save the pipeline part-way, export the run's checkpoints as snapshots (`python -m "
+            "ddpm_pipeline.export_checkpoint RUN/checkpoint-N`), or leave out --snapshots to score the final pipeline alone."
         )
     if (run_dir / "model_index.json").is_file():
         candidates.append((FINAL_NAME, run_dir))

@@ -256,7 +256,8 @@ def _empty(path):
         (_class_conditional, ValueError, "class-conditional"),
         (_odd_output, ValueError, "outputs 3 channels for 1 in"),
         (_score_sde, ValueError, "no β schedule"),
-        (_checkpoint, ValueError, "is a training checkpoint: continue that run with --resume_from_checkpoint"),
+        (_checkpoint, ValueError, "is a training checkpoint: continue that run with --resume_from_checkpoint.* or "
+                                  "from this step's, which `python -m ddpm_pipeline.export_checkpoint "),
         (_empty, FileNotFoundError, "holds neither model_index.json"),
         (lambda path: path / "missing", FileNotFoundError, "no such folder"),
     ],
