@@ -745,6 +745,13 @@ def test_reference_forms_are_recognised(tmp_path, reference_data):
         DataSource.parse(tmp_path / "missing.npz")
     with pytest.raises(FileNotFoundError, match="neither a folder"):
         DataSource.parse(str(tmp_path / "missing-folder"))
+    # a run folder's PNGs (its grids, loss curve) are no data set: a pipeline or a checkpoint is refused
+    (images / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"folder holds a pipeline \(model_index.json\), not the images to compare"):
+        DataSource.parse(images)
+    (images / "model_index.json").rename(images / "trainer_state.json")
+    with pytest.raises(ValueError, match=r"holds a training checkpoint \(trainer_state.json\).* leave them out for"):
+        DataSource.parse(images)
     np.savez(tmp_path / "only-mu.npz", mu=np.zeros(3))
     from ddpm_pipeline.reference import ReferenceStatistics
 
