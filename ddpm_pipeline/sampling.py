@@ -26,6 +26,8 @@ from .speed import cpu_precision_advice, cpu_threads_per_process, is_compiled
 from .stop_signals import started_by_launcher
 
 logger = logging.getLogger(__name__)
+#: The CPU precision advice already logged in this process (it is the same for every pipeline it samples).
+_ADVICE_GIVEN: set[str] = set()
 
 FAST_SAMPLING_CHOICES = ("auto", "off")
 SAMPLING_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -267,6 +269,8 @@ def sampling_pipeline(model: str, device: torch.device, fast_sampling: str = "au
         pipeline.enable_fast_sampling(dtype=dtype, compile=compile)
         advice = cpu_precision_advice(pipeline.unet.dtype, dtype == "auto", device,
                                       pipeline.scheduler.config.prediction_type, "--sampling_dtype bfloat16")  # fmt: skip
-        if advice is not None and advice[0] == logging.INFO:  # a warning came from enable_fast_sampling
+        # a warning came from enable_fast_sampling; the advice, once a process (not for each of --snapshots' pipelines)
+        if advice is not None and advice[0] == logging.INFO and advice[1] not in _ADVICE_GIVEN:
+            _ADVICE_GIVEN.add(advice[1])
             logger.info(advice[1])
     return pipeline

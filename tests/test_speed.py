@@ -12,7 +12,7 @@ from conftest import reset_accelerate
 from PIL import Image
 from safetensors.torch import load_file
 
-from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, speed
+from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, sampling, speed
 from ddpm_pipeline.data import IndexDataset, TrainingImages, bundled_dataset, load_image_dataset, stack_images
 from ddpm_pipeline.evaluation import EvaluationConfig
 from ddpm_pipeline.images import ImagePreprocessor, levels_to_model_range
@@ -610,10 +610,12 @@ def test_half_precision_sampling_on_the_cpu_is_cast_quietly_and_advised(tmp_path
         tiny_pipeline().enable_fast_sampling(dtype="bfloat16", compile=False)
     tiny_pipeline().save_pretrained(tmp_path)
     fake_cpu(monkeypatch, avx512_bf16=True)
+    monkeypatch.setattr(sampling, "_ADVICE_GIVEN", set())  # as in a new process
     with caplog.at_level(logging.INFO, logger="ddpm_pipeline.evaluation"):
         assert sampling_pipeline(str(tmp_path), torch.device("cpu")).unet.dtype == torch.float32
         sampling_pipeline(str(tmp_path), torch.device("cpu"), dtype="float32")
         sampling_pipeline(str(tmp_path), torch.device("cpu"), fast_sampling="off")
+        sampling_pipeline(str(tmp_path), torch.device("cpu"))  # once a process: not again for each snapshot
     assert caplog.text.count("--sampling_dtype bfloat16 is faster here") == 1
 
 
