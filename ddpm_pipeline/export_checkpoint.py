@@ -65,7 +65,12 @@ def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
             f"{folder} is not a train_ddpm.py checkpoint (it has no {TRAINER_STATE_NAME}): give a "
             f"{CHECKPOINT_PREFIX}N folder of a run's --output_dir."
         )
-    return read_trainer_state(folder)
+    state = read_trainer_state(folder)
+    missing = [key for key in ("global_step", "training_config") if key not in state]
+    if missing:
+        raise ValueError(f"{folder / TRAINER_STATE_NAME} has no {' or '.join(missing)}: the checkpoint was written by "
+                         "a version of ddpm_pipeline too early to export; resume the run from it to save a pipeline.")  # fmt: skip
+    return state
 
 
 def checkpoint_configs(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

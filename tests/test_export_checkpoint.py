@@ -131,6 +131,9 @@ def test_what_is_not_a_checkpoint_is_named(finished_run, tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="is not a train_ddpm.py checkpoint .it has no trainer_state.json"):
         export_checkpoint(empty)
+    (empty / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    with pytest.raises(ValueError, match="trainer_state.json has no training_config: the checkpoint was written by a version"):
+        export_checkpoint(empty)
     # where a pipeline is wanted, a checkpoint or a part of a pipeline names what to give instead
     with pytest.raises(ValueError, match=r"is a training checkpoint, not a pipeline: `python -m ddpm_pipeline.export_checkpoint .*checkpoint-2` writes its pipeline, as .*snapshot-2steps"):
         check_pipeline_folder(out / "checkpoint-2")
