@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 from conftest import reset_accelerate
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from safetensors.torch import load_file, save_file
 from test_finetune import FINE_TUNE, same_weights, tiny_unet
 from test_training import run_training, saved_dataset
@@ -139,3 +139,14 @@ def test_what_is_not_a_checkpoint_is_named(finished_run, tmp_path):
         check_pipeline_folder(out / "checkpoint-2")
     with pytest.raises(ValueError, match=f"is a part of the pipeline in {out}: give that folder"):
         check_pipeline_folder(out / "unet")
+
+
+def test_a_mu_model_with_a_learned_variance_exports_with_this_package_s_scheduler(tmp_path):
+    out = tmp_path / "run"
+    run_training(out, "--max_train_steps", 2, "--train_batch_size", 4, "--split", "train[:8]", "--save_images_steps",
+                 "none", "--prediction_type", "mu", "--variance_type", "learned_range")  # fmt: skip
+    exported = export_checkpoint(out / "checkpoint-2", tmp_path / "mu")
+    assert same_files(exported, out)
+    assert same_weights(UNet2DModel.from_pretrained(exported / "unet"), UNet2DModel.from_pretrained(out / "unet"))
+    pipeline = DiffusionPipeline.from_pretrained(exported)
+    assert type(pipeline.scheduler).__name__ == "DDPMTargetScheduler" and pipeline.scheduler.config.prediction_type == "mu"
