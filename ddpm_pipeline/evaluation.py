@@ -63,7 +63,7 @@ from .sampling import (
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .scored_images import ScoredImages
 from .speed import device_description, strict_float32
-from .training_config import CONFIG_FILE_NAME, dataclass_parser, split_problems
+from .training_config import CONFIG_FILE_NAME, dataclass_parser, split_problems, take_python_values
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,10 @@ class EvaluationConfig:
     def metric_list(self) -> list[str]:
         """``--metrics`` as a list of known metric names."""
         return parse_metrics(self.metrics)
+
+    def __post_init__(self) -> None:
+        # from Python: paths and numbers as the command line gives them (a `Path` as its text)
+        take_python_values(self, numbers_as_text=("bpd_held_out",))
 
     def validate(self) -> None:
         """Clear errors before any work."""

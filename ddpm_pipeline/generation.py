@@ -43,7 +43,7 @@ from .sampling import (
     timestep_spacing_of,
 )
 from .speed import device_description
-from .training_config import dataclass_parser
+from .training_config import dataclass_parser, take_python_values
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +78,10 @@ class SampleConfig:
     trajectory: bool = field(default=False, metadata={"help": "Also write trajectory.png: x_t, the predicted noise and the predicted x0 of the first 4 images at 8 steps (samples the first batch once more)."})  # noqa: E501
     npz: bool = field(default=False, metadata={"help": "Also write samples.npz: arr_0 = the images as uint8 [N, H, W, C]."})
     device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
+
+    def __post_init__(self) -> None:
+        # from Python: paths and numbers as the command line gives them (a `Path` as its text)
+        take_python_values(self, numbers_as_text=())
 
     def validate(self) -> None:
         """Clear errors before any work."""

@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 import json
 import math
+import numbers
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -116,6 +118,39 @@ ARCHITECTURE_FIELDS = (
     "variance_type",
     "use_ema",
 )
+
+
+def take_python_values(config: Any, numbers_as_text: tuple[str, ...] = (), heading: str = "Bad options:") -> None:
+    """Turn, in place, what a Python caller gives a config dataclass into what its command line
+    gives: a path (`pathlib.Path`) into its text, a numpy integer or float into Python's, and a
+    number given for an option of ``numbers_as_text`` (read as text, such as a share of images:
+    ``0.05``, ``500``) into its text. Then raise a ValueError (under ``heading``) naming each
+    option of type ``int`` or ``float`` given something else (``max_train_steps="100"``), which
+    would otherwise fail later in a comparison, or after hours of work in the JSON of a report."""
+    problems = []
+    for option in dataclasses.fields(config):
+        value = getattr(config, option.name)
+        kind = option.type if isinstance(option.type, str) else getattr(option.type, "__name__", str(option.type))
+        kind = kind.removesuffix(" | None")
+        if isinstance(value, os.PathLike):
+            setattr(config, option.name, os.fspath(value))
+        elif value is None or isinstance(value, bool):
+            if isinstance(value, bool) and kind in ("int", "float"):
+                problems.append(f"--{option.name} must be a{'n integer' if kind == 'int' else ' number'}, got {value!r}.")
+        elif option.name in numbers_as_text and isinstance(value, numbers.Real):
+            setattr(config, option.name, str(value.item() if hasattr(value, "item") else value))
+        elif kind == "int":
+            if isinstance(value, numbers.Integral):
+                setattr(config, option.name, int(value))
+            else:
+                problems.append(f"--{option.name} must be an integer, got {value!r}.")
+        elif kind == "float":
+            if isinstance(value, numbers.Real):
+                setattr(config, option.name, float(value))
+            else:
+                problems.append(f"--{option.name} must be a number, got {value!r}.")
+    if problems:
+        raise ValueError(heading + "\n  " + "\n  ".join(problems))
 
 
 def _is_positive_int(value: Any) -> bool:
@@ -255,6 +290,12 @@ class TrainingConfig:
     )
 
     def __post_init__(self) -> None:
+        # from Python, values in the types one would write there rather than the command line's text
+        take_python_values(self, numbers_as_text=("validation_split",), heading="Bad training options:")
+        if isinstance(self.unet_overrides, dict):
+            self.unet_overrides = json.dumps(self.unet_overrides)
+        if isinstance(self.checkpoint_on_signals, str):
+            self.checkpoint_on_signals = [self.checkpoint_on_signals]
         if self.pretrained_model_name_or_path is None:
             for name, value in FRESH_RUN_DEFAULTS.items():
                 if getattr(self, name) is None:
@@ -276,8 +317,8 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is None and allow_none:
                 return
-            if value is None or value < 1:
-                problems.append(f"--{name} must be a positive integer{' or none' if allow_none else ''}, got {value}.")
+            if not _is_positive_int(value):
+                problems.append(f"--{name} must be a positive integer{' or none' if allow_none else ''}, got {value!r}.")
 
         for name in ("train_batch_size", "gradient_accumulation_steps", "num_epochs", "num_grid_images",
                      "grid_inference_steps", "validation_images"):  # fmt: skip

@@ -14,6 +14,7 @@ from pixel_features import FEATURES
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, evaluate
 from ddpm_pipeline.console import run_command
+from ddpm_pipeline.evaluation import EvaluationConfig
 from ddpm_pipeline.generation import SampleConfig, generate_samples, main
 from ddpm_pipeline.sample_store import SETTINGS_FILE
 from ddpm_pipeline.sampling import sample_store, sampling_pipeline
@@ -209,6 +210,21 @@ def test_bad_options_name_the_fix(tmp_path, tiny_pipeline):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device on this machine; drop --device"):
             sample(tmp_path, tiny_pipeline, device="cuda")
+
+
+def test_options_from_python_may_be_paths_and_numpy_numbers_and_text_for_a_number_is_named(tmp_path, tiny_pipeline):
+    """A `Path` and numpy's integers, natural in Python, were written into the JSON report after the
+    sampling (a TypeError then); text where a number is wanted failed in a comparison."""
+    report = generate_samples(model=tiny_pipeline, output_dir=tmp_path / "out", num_images=np.int64(2),
+                              num_inference_steps=2, batch_size=2, grid_images=0, device="cpu")  # fmt: skip
+    assert report["num_images"] == 2 and json.loads((tmp_path / "out" / "sampling_report.json").read_text()) == report
+    with pytest.raises(ValueError, match="--num_images must be an integer, got '10'"):
+        SampleConfig(model=str(tiny_pipeline), num_images="10")
+    config = EvaluationConfig(model=tiny_pipeline, metrics="bpd", bpd_held_out=0.05, output=tmp_path / "results.json")
+    assert config.model == str(tiny_pipeline) and config.output == str(tmp_path / "results.json")
+    assert config.bpd_held_out == "0.05"  # a share, as --bpd_held_out 0.05 gives it
+    with pytest.raises(ValueError, match="--num_samples must be an integer, got '100'"):
+        EvaluationConfig(model=str(tiny_pipeline), num_samples="100")
 
 
 def test_the_command_line(tmp_path, tiny_pipeline):

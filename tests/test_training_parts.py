@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -48,6 +49,27 @@ def test_command_line_types_none_and_booleans():
         "norm_num_groups": 4, "sample_size": 32, "in_channels": 3, "out_channels": 3,
         "block_out_channels": [8, 16], "dropout": 0.1,
     }  # fmt: skip
+
+
+def test_options_given_from_python_in_python_s_types():
+    """``TrainingConfig(...)`` takes what one writes in Python for what the command line reads as
+    text: a number of images to hold out, a dict of UNet options, one signal; and a number given as
+    text, where an integer is wanted, is named instead of failing on a comparison."""
+    config = TrainingConfig(validation_split=0.05, unet_overrides={"norm_num_groups": 4}, checkpoint_on_signals="SIGTERM")
+    assert config.validation_split == "0.05" and config.checkpoint_on_signals == ["SIGTERM"]
+    assert config.unet_overrides_dict()["norm_num_groups"] == 4
+    assert config == TrainingConfig.from_args(["--validation_split", "0.05", "--unet_overrides", '{"norm_num_groups": 4}',
+                                               "--checkpoint_on_signals", "SIGTERM"])  # fmt: skip
+    assert TrainingConfig(validation_split=500).validation_split == "500"
+    # a Path as its text, numpy's numbers as Python's: the config is saved as JSON
+    config = TrainingConfig(output_dir=Path("runs") / "a", train_batch_size=np.int64(8), learning_rate=np.float32(0.5))
+    assert config.output_dir == str(Path("runs") / "a") and type(config.train_batch_size) is int
+    assert type(config.learning_rate) is float and json.dumps(config.to_dict())
+    with pytest.raises(ValueError, match=r"Bad training options:\n  --learning_rate must be a number, got '1e-4'.\n"
+                                         r"  --max_train_steps must be an integer, got '100'."):
+        TrainingConfig(max_train_steps="100", learning_rate="1e-4")
+    with pytest.raises(ValueError, match="--train_batch_size must be an integer, got 8.5"):
+        TrainingConfig(train_batch_size=8.5)
 
 
 @pytest.mark.parametrize(
