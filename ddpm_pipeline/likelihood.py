@@ -223,6 +223,7 @@ def variational_bound(
     form given ``x_t``, so the bound is an expectation over those draws, as in DDPM and
     improved-diffusion).
     """
+    check_model_range(original_samples)
     device = original_samples.device
     model_dtype = original_samples.dtype  # the network sees x_t in the images' dtype; the terms are float64
     x0 = quantize(original_samples.double())
@@ -270,6 +271,22 @@ def batch_bound(
     the held-out bound during training alike)."""
     generator = torch.Generator(device="cpu").manual_seed(derive_seed(seed, batch_index))
     return variational_bound(unet, scheduler, images, num_timesteps, generator, show_progress=show_progress)
+
+
+def check_model_range(images: torch.Tensor) -> None:
+    """Raise unless ``images`` are floats in the model's range ``[-1, 1]`` (``pixel/127.5 - 1``),
+    within half a bin (:data:`HALF_BIN`): :func:`quantize` would clamp pixels of 0–255 to white,
+    and the bound would be that of other images, without a word."""
+    if images.numel() == 0:
+        return
+    if not images.is_floating_point():
+        raise TypeError(f"The bound takes float images in [-1, 1], got {images.dtype}: convert 0–255 pixels with "
+                        "ddpm_pipeline.images.levels_to_model_range (pixel/127.5 - 1).")  # fmt: skip
+    low, high = images.min().item(), images.max().item()
+    if low < -1 - HALF_BIN or high > 1 + HALF_BIN:
+        hint = "0–255 pixels with levels_to_model_range (pixel/127.5 - 1)" if high > 2 else "them to [-1, 1]"
+        raise ValueError(f"The bound takes images in [-1, 1], the range the model was trained on; these span "
+                         f"[{low:.4g}, {high:.4g}]. Convert {hint}.")  # fmt: skip
 
 
 def quantize(images: torch.Tensor) -> torch.Tensor:

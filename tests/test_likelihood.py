@@ -242,3 +242,20 @@ def test_terms_per_data_dimension_count_each_image_own_dimensions():
     assert canvas.per_data_dimension(torch.ones(2)).summary() == canvas.summary()
     # a part without shares (terms per canvas dimension) joins as images that fill the canvas
     assert BoundTerms.concatenate([own, canvas]).data_share.tolist() == pytest.approx([784 / 1024, 1, 1, 1])
+
+
+def test_the_bound_refuses_images_outside_the_model_range():
+    """Pixels of 0–255 would be clamped to white before the bound: a number about other images."""
+    scheduler = DDPMTargetScheduler(num_train_timesteps=20, beta_schedule="cosine")
+    unet = DDPMUNet.from_preset("ddpm-tiny-16")
+    pixels = torch.randint(0, 256, (2, 1, 16, 16))
+    with pytest.raises(TypeError, match=r"float images in \[-1, 1\], got torch.int64: convert 0–255 pixels with "
+                                        "ddpm_pipeline.images.levels_to_model_range"):  # fmt: skip
+        variational_bound(unet, scheduler, pixels)
+    with pytest.raises(ValueError, match=r"these span \[0, 255\]. Convert 0–255 pixels with levels_to_model_range"):
+        variational_bound(unet, scheduler, torch.arange(256.0).reshape(1, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"these span \[-1.5, 1\]. Convert them to \[-1, 1\]"):
+        variational_bound(unet, scheduler, torch.full((1, 1, 16, 16), -1.5).index_fill(3, torch.tensor([0]), 1.0))
+    # the ends of the range are the data's, and half a bin beyond them is rounding
+    edge = torch.tensor([-1.0, 1.0 + 0.9 / 255]).repeat(128).reshape(1, 1, 16, 16)
+    assert variational_bound(unet, scheduler, edge, num_timesteps=2, generator=torch.Generator().manual_seed(0))
