@@ -73,6 +73,9 @@ def diffusion_loss_terms(
 
     Returns the :class:`DiffusionLossTerms`: the loss that is trained, and its parts for logging.
     """
+    if not clean_images.is_floating_point():  # torch.randn_like would fail with "normal_kernel_cpu not implemented"
+        raise TypeError(f"clean_images must be float images in [-1, 1], got {clean_images.dtype}: convert 0–255 "
+                        "pixels with ddpm_pipeline.images.levels_to_model_range (pixel/127.5 - 1).")  # fmt: skip
     batch = clean_images.shape[0]
     device = clean_images.device
     if timesteps is None:

@@ -130,3 +130,10 @@ def test_min_snr_loss_is_the_same_for_every_target(gamma):
         tolerance = 3e-2 if target == "mu" else 1e-4
         torch.testing.assert_close(terms.loss.double(), expected, rtol=tolerance, atol=1e-7, msg=target)
         assert terms.vlb is None and torch.equal(terms.mse, terms.loss)
+
+
+def test_integer_pixels_are_refused_with_the_conversion_named():
+    unet, scheduler = DDPMUNet.from_preset("ddpm-tiny-16"), DDPMTargetScheduler(num_train_timesteps=40)
+    with pytest.raises(TypeError, match="clean_images must be float images in .-1, 1., got torch.uint8: convert 0–255 "
+                                        "pixels with ddpm_pipeline.images.levels_to_model_range"):  # fmt: skip
+        diffusion_loss(unet, scheduler, torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
