@@ -175,6 +175,9 @@ def test_imagefolder_source_and_column_detection(tmp_path):
         load_image_dataset(train_data_dir=folder, dataset_path=folder)
     with pytest.raises(FileNotFoundError, match="not a folder"):
         load_image_dataset(train_data_dir=tmp_path / "missing")
+    (folder / "model_index.json").write_text("{}")  # a run folder: its grids and loss curve are PNGs
+    with pytest.raises(ValueError, match=r"holds a pipeline \(model_index.json\), not training images: point at the"):
+        load_image_dataset(train_data_dir=folder)
 
 
 def test_an_image_folder_whose_names_datasets_reads_as_splits_says_so(tmp_path, caplog):
