@@ -26,6 +26,7 @@ from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 from PIL import Image
 
 from .images import BadImageError, ImagePreprocessor, ImageSource, column_kind, levels_to_model_range, upright_size
+from .run_outputs import model_folder_kind
 from .speed import available_cores
 
 #: Fashion-MNIST's 10,000 test images (MIT license, © 2017 Zalando SE; LICENSE beside them).
@@ -177,10 +178,10 @@ def load_image_dataset(
         folder = Path(train_data_dir)
         if not folder.is_dir():
             raise FileNotFoundError(f"--train_data_dir {folder} is not a folder.")
-        for marker, what in (("model_index.json", "a pipeline"), ("trainer_state.json", "a training checkpoint")):
-            if (folder / marker).is_file():  # its PNGs (samples.png, loss_curve.png, grids) would be the data
-                raise ValueError(f"--train_data_dir {folder} holds {what} ({marker}), not training images: point at the "
-                                 "folder of images (to start from a trained model, --pretrained_model_name_or_path).")  # fmt: skip
+        model = model_folder_kind(folder)
+        if model:  # its PNGs (samples.png, loss_curve.png, grids) would be the data
+            raise ValueError(f"--train_data_dir {folder} holds {model}, not training images: point at the folder of "
+                             "images (to start from a trained model, --pretrained_model_name_or_path).")  # fmt: skip
         if not holds_image_files(folder):
             if is_saved_dataset(folder):
                 raise ValueError(f"--train_data_dir {folder} is a data set written by save_to_disk: pass it as --dataset_path {folder}.")

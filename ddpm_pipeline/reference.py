@@ -37,6 +37,7 @@ from .features import FeatureExtractorSpec, extract_features, pil_to_uint8
 from .hold_out import held_out_share
 from .images import ImagePreprocessor, ImageSource
 from .metrics import gaussian_statistics
+from .run_outputs import model_folder_kind
 
 STATS_SUFFIX = ".npz"
 
@@ -80,13 +81,13 @@ class DataSource:
                 raise FileNotFoundError(f"Reference statistics {path} do not exist.")
             return cls("stats", str(path.resolve()), split)
         if path.is_dir():
-            for marker, what in (("model_index.json", "a pipeline"), ("trainer_state.json", "a training checkpoint")):
-                if (path / marker).is_file():  # its PNGs (samples.png, loss_curve.png, grids) would be read as the data
-                    raise ValueError(
-                        f"{text} holds {what} ({marker}), not the images to compare samples with or to measure the bound "
-                        "on: give --reference / --bpd_data an image folder, a save_to_disk folder, a Hub data set or "
-                        "'bundled', or leave them out for the data the --model trained on."
-                    )
+            model = model_folder_kind(path)
+            if model:  # its PNGs (samples.png, loss_curve.png, grids) would be read as the data
+                raise ValueError(
+                    f"{text} holds {model}, not the images to compare samples with or to measure the bound on: give "
+                    "--reference / --bpd_data an image folder, a save_to_disk folder, a Hub data set or 'bundled', or "
+                    "leave them out for the data the --model trained on."
+                )
             return cls("saved" if is_saved_dataset(path) else "imagefolder", str(path.resolve()), split, image_column=image_column)
         if path.exists() or text.startswith((".", "/", "~")):
             raise FileNotFoundError(

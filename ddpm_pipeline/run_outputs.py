@@ -28,6 +28,18 @@ GRID_PREFIX = "step_"
 #: :func:`~ddpm_pipeline.model_card.eval_outputs`).
 PIPELINE_OUTPUTS = ("model_index.json", "unet", "scheduler", TRAINING_SUMMARY_NAME, SAMPLES_NAME, TRAJECTORY_NAME,
                     LOSS_CURVE_NAME, VALIDATION_CURVE_NAME)  # fmt: skip
+#: The file that marks each kind of model folder a run writes, and the kind in words.
+MODEL_FOLDER_MARKERS = (("model_index.json", "a pipeline"), ("trainer_state.json", "a training checkpoint"))
+
+
+def model_folder_kind(folder: Path) -> str | None:
+    """What model ``folder`` holds, with the file that says so (``"a pipeline (model_index.json)"``,
+    ``"a training checkpoint (trainer_state.json)"``), or None for any other folder: a run's or a
+    checkpoint's folder is no data set, though its grids and loss curve are PNGs."""
+    for marker, kind in MODEL_FOLDER_MARKERS:
+        if (Path(folder) / marker).is_file():
+            return f"{kind} ({marker})"
+    return None
 
 
 def grid_path(output_dir: Path, step: int) -> Path:
