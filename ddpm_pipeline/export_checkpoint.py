@@ -43,7 +43,8 @@ PROGRAM = "python -m ddpm_pipeline.export_checkpoint"
 WEIGHTS_NAMES = ("model.safetensors", "pytorch_model.bin")
 #: What wrapping adds in front of the network's parameter names: DistributedDataParallel, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-#: The summary entries a checkpoint records as a snapshot's ``snapshot.json`` has them.
+#: The summary entries a checkpoint records as a snapshot's ``snapshot.json`` has them
+#: (:meth:`~ddpm_pipeline.training.Trainer.run_progress`; an older checkpoint has some of them).
 SUMMARY_KEYS = ("global_step", "epochs", "global_batch_size", "num_processes", "train_seconds", "device",
                 "mixed_precision", "data", "held_out")  # fmt: skip
 

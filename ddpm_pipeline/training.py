@@ -787,20 +787,12 @@ class Trainer:
             step,
             save_state=self._save_state,
             trainer_state={
-                "global_step": step,
+                **self.run_progress(step, train_seconds),
                 "epoch": step // self.steps_per_epoch,
-                "train_seconds": train_seconds,
-                "num_processes": self.accelerator.num_processes,
-                "global_batch_size": self.global_batch_size(),
-                "data": self.data_identity,
                 "training_config": self.config.to_dict(),
                 # what a pipeline of this step needs besides the weights (python -m ddpm_pipeline.export_checkpoint)
-                "epochs": step / self.steps_per_epoch,
-                "device": device_description(self.accelerator.device),
-                "mixed_precision": self.accelerator.mixed_precision,
                 "unet_config": self.unet_config,
                 "scheduler_config": self.noise_scheduler.config_options(),
-                **({"held_out": self.held_out.record} if self.held_out is not None and self.held_out.record else {}),
                 **({"stopped_because": stop_reason} if stop_reason else {}),
             },
             is_main_process=self.accelerator.is_main_process,
@@ -811,11 +803,10 @@ class Trainer:
                 logger.info(f"removed old checkpoint {removed}")
         return path
 
-    def run_summary(self, global_step: int, train_seconds: float, history: LossHistory) -> dict[str, Any]:
-        """What the run has done by ``global_step``, for the model card and for people: the steps,
-        epochs (steps ÷ steps per epoch), global batch, processes, training seconds, device,
-        precision and data, and each loss column's mean over the last :data:`SUMMARY_STEPS` steps
-        (``recent_loss``, with the number of steps averaged, ``steps``)."""
+    def run_progress(self, global_step: int, train_seconds: float) -> dict[str, Any]:
+        """How far the run is at ``global_step``, as a checkpoint records it and a summary shows it:
+        the steps, epochs (steps ÷ steps per epoch), global batch, processes, training seconds,
+        device, precision, data and the last held-out bound."""
         return {
             "global_step": global_step,
             "epochs": global_step / self.steps_per_epoch,
@@ -825,9 +816,14 @@ class Trainer:
             "device": device_description(self.accelerator.device),
             "mixed_precision": self.accelerator.mixed_precision,
             "data": self.data_identity,
-            "recent_loss": history.recent_loss(SUMMARY_STEPS),
             **({"held_out": self.held_out.record} if self.held_out is not None and self.held_out.record else {}),
         }
+
+    def run_summary(self, global_step: int, train_seconds: float, history: LossHistory) -> dict[str, Any]:
+        """What the run has done by ``global_step``, for the model card and for people: its
+        :meth:`run_progress` and each loss column's mean over the last :data:`SUMMARY_STEPS` steps
+        (``recent_loss``, with the number of steps averaged, ``steps``)."""
+        return {**self.run_progress(global_step, train_seconds), "recent_loss": history.recent_loss(SUMMARY_STEPS)}
 
     def save_pipeline(self, summary: dict[str, Any]) -> None:
         """``save_pretrained`` of the EMA pipeline into ``output_dir``, with the options and the run's
