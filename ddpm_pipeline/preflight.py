@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from .checkpointing import TRAINER_STATE_NAME, read_trainer_state
 from .run_outputs import snapshot_name
 from .schedules import is_learned_variance, model_output_channels
 from .unet import downsampling_factor, nearest_trainable_size, sample_height_width
@@ -138,8 +139,8 @@ def check_pipeline_folder(folder: str | Path) -> None:
     if not weights and (folder / "unet").is_dir():
         missing.append("unet/diffusion_pytorch_model.safetensors")
     if missing:
-        if (folder / "trainer_state.json").is_file():
-            step = json.loads((folder / "trainer_state.json").read_text()).get("global_step", 0)
+        if (folder / TRAINER_STATE_NAME).is_file():
+            step = read_trainer_state(folder).get("global_step", 0)
             raise ValueError(
                 f"{folder} is a training checkpoint, not a pipeline: `python -m ddpm_pipeline.export_checkpoint {folder}` "
                 f"writes its pipeline, as {folder.parent / snapshot_name(step, 'steps')}."

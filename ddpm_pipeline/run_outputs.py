@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .checkpointing import TRAINER_STATE_NAME
 from .run_records import TRAINING_SUMMARY_NAME
 
 LOSS_HISTORY_NAME = "loss_history.csv"
@@ -29,7 +30,7 @@ GRID_PREFIX = "step_"
 PIPELINE_OUTPUTS = ("model_index.json", "unet", "scheduler", TRAINING_SUMMARY_NAME, SAMPLES_NAME, TRAJECTORY_NAME,
                     LOSS_CURVE_NAME, VALIDATION_CURVE_NAME)  # fmt: skip
 #: The file that marks each kind of model folder a run writes, and the kind in words.
-MODEL_FOLDER_MARKERS = (("model_index.json", "a pipeline"), ("trainer_state.json", "a training checkpoint"))
+MODEL_FOLDER_MARKERS = (("model_index.json", "a pipeline"), (TRAINER_STATE_NAME, "a training checkpoint"))
 
 
 def model_folder_kind(folder: Path) -> str | None:
