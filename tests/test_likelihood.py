@@ -258,4 +258,5 @@ def test_the_bound_refuses_images_outside_the_model_range():
         variational_bound(unet, scheduler, torch.full((1, 1, 16, 16), -1.5).index_fill(3, torch.tensor([0]), 1.0))
     # the ends of the range are the data's, and half a bin beyond them is rounding
     edge = torch.tensor([-1.0, 1.0 + 0.9 / 255]).repeat(128).reshape(1, 1, 16, 16)
-    assert variational_bound(unet, scheduler, edge, num_timesteps=2, generator=torch.Generator().manual_seed(0))
+    terms = variational_bound(unet, scheduler, edge, num_timesteps=2, generator=torch.Generator().manual_seed(0))
+    assert terms.total.shape == (1,) and torch.isfinite(terms.total).all() and terms.total.item() > 0
