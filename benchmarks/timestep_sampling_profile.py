@@ -32,9 +32,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from ddpm_pipeline import DDPMTargetPipeline, ImportanceTimestepSampler, diffusion_loss_terms  # noqa: E402
 from ddpm_pipeline.data import bundled_images  # noqa: E402
-from ddpm_pipeline.schedules import DEFAULT_SNR_GAMMA  # noqa: E402
-from ddpm_pipeline.scheduling_ddpm_target import LOSS_WEIGHTINGS  # noqa: E402
-from ddpm_pipeline.timestep_sampling import DEFAULT_IMPORTANCE_UNIFORM_PROB  # noqa: E402
+from ddpm_pipeline.option_values import DEFAULT_IMPORTANCE_UNIFORM_PROB, DEFAULT_SNR_GAMMA, LOSS_WEIGHTINGS  # noqa: E402
 from ddpm_pipeline.training_config import CONFIG_FILE_NAME, TrainingConfig  # noqa: E402
 
 

@@ -36,26 +36,39 @@ def invocation(script: str) -> str:
     return f"python {script}"
 
 
+# Each command parses its options before it imports the module that does the work: `--help`, a
+# misspelt option and a bad value answer at once, without the seconds torch and diffusers take to load.
+
+
 def train() -> None:
     """``train_ddpm.py`` / ``ddpm-train``: exits with :func:`~ddpm_pipeline.training.exit_status`."""
     from .console import keep_stderr_writable, run_command
-    from .training import exit_status, main
+    from .training_config import TrainingConfig
 
     keep_stderr_writable()  # a launcher that relays stderr may die first: the run still checkpoints
-    sys.exit(exit_status(run_command(main, program_name("train_ddpm.py"))))
+    config = TrainingConfig.from_args()
+    from .training import exit_status, main
+
+    sys.exit(exit_status(run_command(lambda: main(config=config), program_name("train_ddpm.py"))))
 
 
 def evaluate() -> None:
     """``eval_metrics.py`` / ``ddpm-eval``."""
     from .console import run_command
+    from .evaluation_config import EvaluationConfig
+
+    config = EvaluationConfig.from_args()
     from .evaluation import main
 
-    run_command(main, program_name("eval_metrics.py"))
+    run_command(lambda: main(config=config), program_name("eval_metrics.py"))
 
 
 def sample() -> None:
     """``sample_ddpm.py`` / ``ddpm-sample``."""
     from .console import run_command
+    from .sample_config import SampleConfig
+
+    config = SampleConfig.from_args()
     from .generation import main
 
-    run_command(main, program_name("sample_ddpm.py"))
+    run_command(lambda: main(config=config), program_name("sample_ddpm.py"))

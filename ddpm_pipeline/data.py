@@ -28,6 +28,7 @@ from PIL import Image
 from .images import BadImageError, ImagePreprocessor, ImageSource, column_kind, levels_to_model_range, upright_size
 from .run_outputs import model_folder_kind
 from .speed import available_cores
+from .splits import read_instruction, split_names
 
 #: Fashion-MNIST's 10,000 test images (MIT license, © 2017 Zalando SE; LICENSE beside them).
 BUNDLED_DIR = Path(__file__).parent / "bundled_data" / "fashion_mnist"
@@ -379,17 +380,6 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith((".", "__")) for part in relative.parts)
 
 
-def read_instruction(split: str, option: str = "--split", forms: str = "") -> datasets.ReadInstruction:
-    """``split`` parsed as ``load_dataset(split=...)`` parses it; a spec it cannot read raises a
-    ValueError that names the ``option`` it came from and the forms it can take (``forms``: more of
-    them, for an option that takes others too)."""
-    try:
-        return datasets.ReadInstruction.from_spec(split)
-    except (ValueError, AssertionError) as error:
-        raise ValueError(f"{option} {split!r} is not a split name or slice ({error}); e.g. train, train[:1000], "
-                         f"train[:10%], train+test{forms}.") from error  # fmt: skip
-
-
 def select_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, what: str = "the data set") -> datasets.Dataset:
     """The rows that ``split`` names in a ``save_to_disk`` data set, read as
     ``load_dataset(split=...)`` reads it (``datasets.ReadInstruction``): ``"test"``,
@@ -416,11 +406,6 @@ def select_split(loaded: datasets.Dataset | datasets.DatasetDict, split: str, wh
     if not parts or not sum(len(rows) for rows in parts):
         raise ValueError(f"--split {split!r} selects no rows of {what} ({', '.join(f'{n}: {len(r)}' for n, r in splits.items())} rows).")
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-
-
-def split_names(split: str) -> list[str]:
-    """The split names in a split spec: ``"train[:10%]+test"`` → ``["train", "test"]``."""
-    return [part.split("[", 1)[0].strip() for part in split.split("+")]
 
 
 def shared_rows(split: str, other: str, split_size: Callable[[str], int], one_split: bool = False) -> list[tuple[str, int, int]]:

@@ -17,7 +17,7 @@ import datetime
 import json
 import logging
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,24 +26,21 @@ import torch
 from PIL import Image
 
 from .atomic import atomic_path
-from .commands import program_name
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid
-from .preflight import check_output_dir, check_pipeline_folder, refuse_pipeline_folder
+from .preflight import check_output_dir, check_pipeline_folder
 from .provenance import model_training, package_versions
+from .sample_config import DEFAULT_BATCH_SIZE, SampleConfig
 from .sample_store import SampleStore, recorded_batch_size
 from .sampling import (
     LaunchedProcesses,
-    check_sampling_options,
     noise_device,
     sample_store,
-    sampling_option,
     sampling_pipeline,
     sampling_record,
     timestep_spacing_of,
 )
 from .speed import device_description
-from .training_config import dataclass_parser, take_python_values
 
 logger = logging.getLogger(__name__)
 
@@ -54,62 +51,6 @@ TRAJECTORY_NAME = "trajectory.png"
 #: The steps a trajectory shows, spread over the chain.
 TRAJECTORY_STEPS = 8
 REPORT_NAME = "sampling_report.json"
-#: Images per sampling batch in a new folder when no --batch_size is given.
-DEFAULT_BATCH_SIZE = 64
-
-
-@dataclass
-class SampleConfig:
-    """Options of :func:`generate_samples` and ``sample_ddpm.py`` (one field per command-line flag)."""
-
-    model: str | None = field(default=None, metadata={"help": "Pipeline folder (a train_ddpm.py --output_dir) or Hub id to sample from."})  # noqa: E501
-    output_dir: str = field(default="samples", metadata={"help": "Where images/ (the numbered PNGs), grid.png and sampling_report.json go (and trajectory.png, samples.npz)."})  # noqa: E501
-    num_images: int = field(default=64, metadata={"help": "How many images to have in <output_dir>/images (those already there are kept)."})  # noqa: E501
-    num_inference_steps: int | None = field(default=None, metadata={"help": "Sampling steps (fewer = respaced chain; default: the model's T, the full chain)."})  # noqa: E501
-    scheduler: str = sampling_option("scheduler")
-    eta: float = sampling_option("eta")
-    timestep_spacing: str | None = sampling_option("timestep_spacing")
-    batch_size: int | None = field(default=None, metadata={"help": f"Images per sampling batch (default: the batch size of the images already in <output_dir>/images, else {DEFAULT_BATCH_SIZE}). Image i depends on the seed and the batch size."})  # noqa: E501
-    seed: int = field(default=0, metadata={"help": "Sampling seed (image i is the same for any --num_images)."})
-    fast_sampling: str = sampling_option("fast_sampling")
-    compile_unet: bool | None = sampling_option("compile_unet")
-    sampling_dtype: str = sampling_option("sampling_dtype")
-    grid_images: int = field(default=64, metadata={"help": "Images in grid.png, the first ones (0 = no grid)."})
-    trajectory: bool = field(default=False, metadata={"help": "Also write trajectory.png: x_t, the predicted noise and the predicted x0 of the first 4 images at 8 steps (samples the first batch once more)."})  # noqa: E501
-    npz: bool = field(default=False, metadata={"help": "Also write samples.npz: arr_0 = the images as uint8 [N, H, W, C]."})
-    device: str | None = field(default=None, metadata={"help": "cuda or cpu (default: cuda when available)."})
-
-    def __post_init__(self) -> None:
-        # from Python: paths and numbers as the command line gives them (a `Path` as its text)
-        take_python_values(self, numbers_as_text=())
-
-    def validate(self) -> None:
-        """Clear errors before any work."""
-        if not self.model:
-            raise ValueError("Give --model: a train_ddpm.py --output_dir, a save_pretrained folder or a Hub repo id.")
-        if not str(self.output_dir).strip():
-            raise ValueError("--output_dir is empty: name the folder to write the samples to (e.g. samples).")
-        refuse_pipeline_folder(self.output_dir, "--output_dir", harm="replace its training trajectory.png and ")
-        for name in ("num_images", "batch_size", "num_inference_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name} must be positive, got {value}.")
-        if self.seed < 0:
-            raise ValueError(f"--seed must be ≥ 0, got {self.seed}.")
-        if self.grid_images < 0:
-            raise ValueError(f"--grid_images must be ≥ 0 (0 = no grid), got {self.grid_images}.")
-        check_sampling_options(self)
-        if self.trajectory and self.scheduler == "euler":
-            raise ValueError("--trajectory needs a sampler with integer timesteps; euler visits fractional ones: drop "
-                             "--trajectory, or sample with ddpm, ddim or dpmsolver++.")  # fmt: skip
-
-    @classmethod
-    def from_args(cls, argv: list[str] | None = None) -> SampleConfig:
-        """The options of the ``sample_ddpm.py`` command line (``argv``, default: ``sys.argv[1:]``)."""
-        parser = dataclass_parser(cls, program_name("sample_ddpm.py"), "Sample a trained DDPM pipeline into a folder of PNGs.")
-        return cls(**vars(parser.parse_args(argv)))
-
-
 def read_images(paths: list[Path]) -> np.ndarray:
     """The PNGs at ``paths`` as one ``uint8 [N, H, W, C]`` array (``C`` = 1 for grayscale, 3 for
     RGB), exactly the stored pixels."""
@@ -214,7 +155,8 @@ def _report(config: SampleConfig, store: SampleStore, pipeline: DDPMTargetPipeli
     }
 
 
-def main(argv: Iterable[str] | None = None) -> dict[str, Any]:
-    """The ``sample_ddpm.py`` command line."""
+def main(argv: Iterable[str] | None = None, config: SampleConfig | None = None) -> dict[str, Any]:
+    """The ``sample_ddpm.py`` command line ``argv``, or its options ``config`` already parsed (as
+    :func:`~ddpm_pipeline.commands.sample` parses them)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    return generate_samples(SampleConfig.from_args(list(argv) if argv is not None else None))
+    return generate_samples(config if config is not None else SampleConfig.from_args(list(argv) if argv is not None else None))

@@ -20,10 +20,8 @@ from collections.abc import Callable
 import datasets
 import numpy as np
 
-from .data import read_instruction, split_names
+from .splits import read_instruction, split_names
 
-#: ``--validation_rows``: how a share picks the rows it holds out
-HOLD_OUT_ROWS = ("random", "last")
 #: the seed of :func:`random_rows` for a run's share. It is fixed, not the run's ``--seed``, so that
 #: runs that differ in their seed hold out the same images and their held-out bounds compare.
 HOLD_OUT_SEED = 0

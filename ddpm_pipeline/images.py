@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .unet import sample_height_width
-
-RESIZE_MODES = ("auto", "crop", "pad")
+from .option_values import RESIZE_MODES
+from .unet_presets import sample_height_width
 
 logger = logging.getLogger(__name__)
 

@@ -8,11 +8,8 @@ import torch
 from diffusers import UNet2DModel
 
 from .likelihood import timestep_bpd
-from .schedules import DEFAULT_SNR_GAMMA
+from .option_values import DEFAULT_SNR_GAMMA, DEFAULT_VLB_WEIGHT
 from .scheduling_ddpm_target import DDPMTargetScheduler
-
-#: Improved DDPM's λ in ``L_hybrid = L_simple + λ L_vlb``.
-DEFAULT_VLB_WEIGHT = 0.001
 
 
 class DiffusionLossTerms(NamedTuple):

@@ -18,15 +18,15 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from .atomic import atomic_path
 from .data import describe_data_source
 from .metrics import SCORE_NAMES
+from .option_values import is_learned_variance
 from .preflight import check_pipeline_folder
 from .pretrained import is_local_source
 from .run_outputs import LOSS_CURVE_NAME, SAMPLES_NAME, TRAJECTORY_NAME, VALIDATION_CURVE_NAME
 from .run_records import QUARTER_COLUMNS, load_run_summary
 from .sampling import weights_fingerprint
-from .schedules import is_learned_variance
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
-from .unet import sample_height_width
+from .unet_presets import sample_height_width
 
 logger = logging.getLogger(__name__)
 

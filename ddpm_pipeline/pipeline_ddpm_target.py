@@ -31,7 +31,7 @@ from .speed import (
     to_channels_last,
 )
 from .trajectory import DDPMTrajectory
-from .unet import sample_height_width
+from .unet_presets import sample_height_width
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 #: how to sample without torch.compile, for the error that says it failed

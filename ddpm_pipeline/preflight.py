@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpointing import TRAINER_STATE_NAME, read_trainer_state
+from .option_values import is_learned_variance, model_output_channels
 from .run_outputs import snapshot_name
-from .schedules import is_learned_variance, model_output_channels
-from .unet import downsampling_factor, nearest_trainable_size, sample_height_width
+from .unet_presets import downsampling_factor, nearest_trainable_size, sample_height_width
 
 #: Bytes one checkpoint holds per parameter: fp32 weights, EMA weights, AdamW's two moments.
 CHECKPOINT_BYTES_PER_PARAMETER = 16

@@ -35,7 +35,7 @@ from huggingface_hub.utils import (
 )
 
 from .checkpointing import TRAINER_STATE_NAME, checkpoint_step
-from .schedules import LEARNED_VARIANCE_TYPES, canonical_prediction_type
+from .option_values import LEARNED_VARIANCE_TYPES, canonical_prediction_type
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .training_config import FRESH_RUN_DEFAULTS
 

@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +18,11 @@ from accelerate import PartialState
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from .inception_weights import file_digest
+from .option_values import FAST_SAMPLING_CHOICES, SAMPLING_DTYPE_CHOICES, SCHEDULER_CHOICES, TIMESTEP_SPACINGS
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .pretrained import is_local_source
 from .sample_store import UNRECORDED_DEFAULTS, SampleStore
-from .scheduling_ddpm_target import TIMESTEP_SPACINGS, DDPMTargetScheduler
+from .scheduling_ddpm_target import DDPMTargetScheduler
 from .speed import cpu_precision_advice, cpu_threads_per_process, is_compiled
 from .stop_signals import started_by_launcher
 
@@ -29,33 +30,14 @@ logger = logging.getLogger(__name__)
 #: The CPU precision advice already logged in this process (it is the same for every pipeline it samples).
 _ADVICE_GIVEN: set[str] = set()
 
-FAST_SAMPLING_CHOICES = ("auto", "off")
-SAMPLING_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-#: --scheduler: the saved scheduler ("ddpm": this package's ancestral sampler), or a diffusers one
-#: built from its config (same betas), for ε, x0 and v models
+#: --scheduler's diffusers samplers, built from the saved scheduler's config (same betas), for ε, x0
+#: and v models; with "ddpm" (this package's ancestral sampler) they are :data:`SCHEDULER_CHOICES`
 SAMPLER_SCHEDULERS = {"ddim": DDIMScheduler, "dpmsolver++": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler}
-SCHEDULER_CHOICES = ("ddpm", *SAMPLER_SCHEDULERS)
-#: The options every sampling command line (``sample_ddpm.py``, ``eval_metrics.py``) has: default and help.
-SAMPLING_OPTIONS: dict[str, tuple[Any, str]] = {
-    "scheduler": ("ddpm", "Sampler: ddpm (the folder's own: ancestral, respaced exactly), or ddim (η = --eta), dpmsolver++ or euler, built from its config with the same betas (ε, x0 and v models; 20-100 steps are usual)."),  # noqa: E501
-    "fast_sampling": ("auto", "auto: sample with pipe.enable_fast_sampling() (on CUDA: bf16 UNet for ε/x0, channels_last, torch.compile with CUDA graphs; nothing on the CPU); off: the plain float32 pipeline."),  # noqa: E501
-    "compile_unet": (None, "torch.compile the UNet when sampling fast: auto = on CUDA where Triton supports the GPU; on the CPU an opt-in (--compile_unet, with channels_last; needs a C++ compiler) that gave 1.28-1.37x the UNet evaluations/s on the 2-core reference CPU after 15-60 s of compiling: for long sampling."),  # noqa: E501
-    "eta": (0.0, "DDIM's η with --scheduler ddim: 0 = deterministic DDIM, 1 = the respaced ancestral sampler (fixed_small), in between the DDIM paper's family."),  # noqa: E501
-    "timestep_spacing": (None, "Which timesteps fewer --num_inference_steps than the model's T visit: leading (diffusers' default; 100 of 1000 start at t = 990), trailing (start at t = T-1, the pure noise the chain was trained to reach; Lin et al. 2024 advise it for few steps) or linspace; default: the saved scheduler's own (leading for this package's)."),  # noqa: E501
-    "sampling_dtype": ("auto", "The UNet's dtype when sampling fast: auto (bfloat16 on CUDA, float16 on GPUs older than Ampere, float32 for μ and on the CPU), float32, bfloat16 (faster on a CPU with AVX512-BF16 or AMX too), float16."),  # noqa: E501
-}
-
-
-def sampling_option(name: str) -> Any:
-    """A new dataclass field for the sampling option ``name`` of :data:`SAMPLING_OPTIONS`, with its
-    default and help, for a command line's config class."""
-    default, text = SAMPLING_OPTIONS[name]
-    return field(default=default, metadata={"help": text})
 
 
 def check_sampling_options(config: Any) -> None:
     """Clear errors for bad sampling options of ``config`` (an object with the fields of
-    :data:`SAMPLING_OPTIONS`), before any work."""
+    :data:`~ddpm_pipeline.option_values.SAMPLING_OPTIONS`), before any work."""
     if config.fast_sampling not in FAST_SAMPLING_CHOICES:
         raise ValueError(f"--fast_sampling must be one of {', '.join(FAST_SAMPLING_CHOICES)}, got {config.fast_sampling!r}.")
     if config.scheduler not in SCHEDULER_CHOICES:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .option_values import DEFAULT_SNR_GAMMA, VARIANCE_TYPES, canonical_prediction_type, is_learned_variance
+
 #: The linear schedule's end points for T = 1000 steps (DDPM paper).
 LINEAR_BETA_START = 1e-4
 LINEAR_BETA_END = 0.02
@@ -29,43 +31,6 @@ COSINE_MAX_BETA = 0.999
 #: Schedule names understood by :func:`make_betas`; ``"squaredcos_cap_v2"`` is diffusers' name
 #: for the same cosine schedule.
 BETA_SCHEDULES = ("linear", "cosine", "squaredcos_cap_v2", "scaled_linear", "sigmoid")
-
-#: What a network can be trained to predict: the noise ε, the clean image x0 (diffusers calls it
-#: ``"sample"``), the posterior mean μ̃_t, or the velocity v = √ᾱ ε - √(1-ᾱ) x0.
-PREDICTION_TYPES = ("epsilon", "sample", "mu", "v_prediction")
-#: Accepted spellings of the prediction types, mapped to their canonical name.
-PREDICTION_TYPE_ALIASES = {"x0": "sample", "eps": "epsilon", "v": "v_prediction"}
-#: Min-SNR-γ loss weighting's γ (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
-#: Weighting Strategy", whose experiments found 5 best; diffusers' training scripts' --snr_gamma).
-DEFAULT_SNR_GAMMA = 5.0
-#: The reverse process variance: fixed to ``β̃_t`` or ``β_t``, or learned by the network as an
-#: interpolation between their logs (Improved DDPM's ``"learned_range"``, diffusers' name for it).
-FIXED_VARIANCE_TYPES = ("fixed_small", "fixed_large")
-LEARNED_VARIANCE_TYPES = ("learned_range",)
-VARIANCE_TYPES = FIXED_VARIANCE_TYPES + LEARNED_VARIANCE_TYPES
-
-
-def is_learned_variance(variance_type: str) -> bool:
-    """Whether the network predicts its own variance (and so outputs twice its input's channels)."""
-    return variance_type in LEARNED_VARIANCE_TYPES
-
-
-def model_output_channels(in_channels: int, variance_type: str) -> int:
-    """The channels a DDPM network outputs: one prediction per input channel, and with a learned
-    variance one variance value per input channel after them (``2 · in_channels``)."""
-    return 2 * in_channels if is_learned_variance(variance_type) else in_channels
-
-
-def canonical_prediction_type(prediction_type: str) -> str:
-    """The canonical name of a prediction type (``"x0"`` → ``"sample"``), or a clear error."""
-    name = PREDICTION_TYPE_ALIASES.get(prediction_type, prediction_type)
-    if name not in PREDICTION_TYPES:
-        raise ValueError(
-            f"Unknown prediction_type {prediction_type!r}: choose 'epsilon' (noise), "
-            "'sample' or 'x0' (clean image), 'mu' (posterior mean) or 'v_prediction'."
-        )
-    return name
-
 
 def linear_betas(
     num_train_timesteps: int,

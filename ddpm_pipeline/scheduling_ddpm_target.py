@@ -19,26 +19,21 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .schedules import (
-    BETA_SCHEDULES,
+from .option_values import (
     DEFAULT_SNR_GAMMA,
-    LINEAR_REFERENCE_STEPS,
+    LOSS_WEIGHTINGS,
+    TIMESTEP_SPACINGS,
     VARIANCE_TYPES,
-    NoiseSchedule,
     canonical_prediction_type,
     is_learned_variance,
-    learned_log_variance,
-    make_betas,
 )
+from .schedules import BETA_SCHEDULES, LINEAR_REFERENCE_STEPS, NoiseSchedule, learned_log_variance, make_betas
 
 #: Key under which stock-class scheduler configs saved by earlier versions kept this class's
 #: original config, whose terms then differed from stock ("cosine", a scaled linear schedule
 #: without its betas); read when loading those folders, no longer written: the config is now in
 #: stock terms itself.
 ORIGINAL_CONFIG_KEY = "_ddpm_pipeline_config"
-TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
-#: Per-timestep loss weights: none (``L_simple``), the true variational bound's, or Min-SNR-γ's.
-LOSS_WEIGHTINGS = ("simple", "vlb", "min_snr")
 
 Timesteps = int | torch.Tensor
 

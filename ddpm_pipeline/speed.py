@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .schedules import canonical_prediction_type
+from .option_values import canonical_prediction_type
 
 logger = logging.getLogger(__name__)
 
@@ -321,10 +321,6 @@ def explain_compile_failure(off_switch: str) -> Iterator[None]:
             f"torch.compile failed on the UNet ({summarize_error(error)}). The model and data are "
             f"fine; without compiling, which computes the same results only slower: {off_switch}."
         ) from error
-
-
-#: ``torch.compile``'s modes (None is "default").
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_module(module: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:

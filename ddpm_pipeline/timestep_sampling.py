@@ -20,10 +20,7 @@ from typing import Any
 
 import torch
 
-TIMESTEP_SAMPLINGS = ("uniform", "importance")
-#: Improved DDPM's values: the last 10 losses per timestep, mixed with 0.1% of the uniform distribution.
-DEFAULT_IMPORTANCE_HISTORY = 10
-DEFAULT_IMPORTANCE_UNIFORM_PROB = 0.001
+from .option_values import DEFAULT_IMPORTANCE_HISTORY, DEFAULT_IMPORTANCE_UNIFORM_PROB
 
 
 def _table_dtype(device: torch.device) -> torch.dtype:

@@ -57,6 +57,7 @@ from .images import ImageSource, check_padding, inspect_images, levels_to_model_
 from .losses import diffusion_loss_terms, has_bound_term
 from .lr_schedule import RunLengthLR, warmup_advice
 from .model_card import EVAL_REPORT_NAME, eval_outputs
+from .option_values import DEFAULT_SNR_GAMMA
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_image_grid, save_loss_curve
 from .preflight import check_free_space, check_output_dir, check_unet_config, run_output_bytes
@@ -87,7 +88,6 @@ from .run_records import (
     TrainingClock,
     step_record,
 )
-from .schedules import DEFAULT_SNR_GAMMA
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .seeding import derive_seed
 from .speed import (
@@ -113,7 +113,8 @@ from .timestep_sampling import ImportanceTimestepSampler
 from .trackers import check_tracker_installed, check_wandb_login, log_image, tracker_config, tracker_init_kwargs
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
 from .training_data import TrainingData, describe_fine_tuning_data, fit_network_to_data
-from .unet import DDPMUNet, describe_sample_size
+from .unet import DDPMUNet
+from .unet_presets import describe_sample_size
 from .validation import (
     HeldOutBound,
     HeldOutMonitor,
@@ -1308,10 +1309,11 @@ def exit_status(result: TrainingResult) -> int:
     return 128 + signal_number(result.stopped_by) if result.stopped_by else 0
 
 
-def main(argv: list[str] | None = None) -> TrainingResult:
-    """The ``train_ddpm.py`` command line (its exit status: :func:`exit_status`)."""
+def main(argv: list[str] | None = None, config: TrainingConfig | None = None) -> TrainingResult:
+    """The ``train_ddpm.py`` command line ``argv`` (its exit status: :func:`exit_status`), or its
+    options ``config`` already parsed (as :func:`~ddpm_pipeline.commands.train` parses them)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    config = TrainingConfig.from_args(argv)
+    config = config if config is not None else TrainingConfig.from_args(argv)
     result = train(config)
     if result.finished:
         folder = shlex.quote(str(result.output_dir))

@@ -16,38 +16,42 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .commands import program_name
-from .data import read_instruction
-from .hold_out import HOLD_OUT_ROWS, held_out_amount
-from .images import RESIZE_MODES, ImageFormat
-from .losses import DEFAULT_VLB_WEIGHT
-from .schedules import (
+from .hold_out import held_out_amount
+from .option_values import (
+    COMPILE_MODES,
+    DEFAULT_IMPORTANCE_HISTORY,
+    DEFAULT_IMPORTANCE_UNIFORM_PROB,
     DEFAULT_SNR_GAMMA,
+    DEFAULT_VLB_WEIGHT,
+    HOLD_OUT_ROWS,
+    LOSS_WEIGHTINGS,
+    RESIZE_MODES,
+    TIMESTEP_SAMPLINGS,
     VARIANCE_TYPES,
     canonical_prediction_type,
     is_learned_variance,
-    make_betas,
     model_output_channels,
 )
-from .scheduling_ddpm_target import LOSS_WEIGHTINGS
-from .speed import COMPILE_MODES
+from .splits import read_instruction
 from .stop_signals import DEFAULT_STOP_SIGNALS, signal_name
-from .timestep_sampling import DEFAULT_IMPORTANCE_HISTORY, DEFAULT_IMPORTANCE_UNIFORM_PROB, TIMESTEP_SAMPLINGS
-from .unet import (
+from .unet_presets import (
     PRESETS,
     PRESETS_BY_IMAGE_SIZE,
-    DDPMUNet,
     downsampling_factor,
     nearest_trainable_size,
     preset_for_image_size,
 )
 
+if TYPE_CHECKING:
+    from .images import ImageFormat
+
 
 def split_problems(split: str, option: str, forms: str = "") -> list[str]:
     """The problem with ``option``'s ``split``, before any data is read: a spec that ``datasets``
-    cannot read (:func:`~ddpm_pipeline.data.read_instruction`), with a hint for a decimal comma
+    cannot read (:func:`~ddpm_pipeline.splits.read_instruction`), with a hint for a decimal comma
     (``0,05``); ``[]`` when it reads."""
     try:
         read_instruction(split, option, forms)
@@ -356,6 +360,8 @@ class TrainingConfig:
             )
         if self.num_train_timesteps is not None and self.num_train_timesteps >= 2 and self.beta_schedule == "linear":
             try:
+                from .schedules import make_betas  # torch: imported for the linear schedule alone
+
                 make_betas("linear", self.num_train_timesteps)
             except ValueError as error:
                 problems.append(f"--num_train_timesteps {self.num_train_timesteps} --beta_schedule linear: {error}")
@@ -490,11 +496,13 @@ class TrainingConfig:
         - ``--channels``: the data's (unless ``--unet_overrides`` sets ``in_channels``);
         - ``--resolution``: ``--model``'s ``sample_size``; without ``--model``, the data's size
           ``min(size, LARGEST_DATA_RESOLUTION)`` made a multiple of the network's down-sampling
-          (:func:`~ddpm_pipeline.unet.nearest_trainable_size`);
-        - ``--model``: :func:`~ddpm_pipeline.unet.preset_for_image_size` of the image size.
+          (:func:`~ddpm_pipeline.unet_presets.nearest_trainable_size`);
+        - ``--model``: :func:`~ddpm_pipeline.unet_presets.preset_for_image_size` of the image size.
 
         A fine-tuning run's options come from its pretrained network instead: it is returned as is.
         """
+        from .unet import DDPMUNet  # diffusers: imported when a run starts, not to parse its options
+
         if self.pretrained_model_name_or_path is not None:
             return self, []
         explicit = self.explicit_unet_overrides()
@@ -538,6 +546,8 @@ class TrainingConfig:
     def architecture(self) -> dict[str, Any]:
         """The :data:`ARCHITECTURE_FIELDS`, with a new network's unset ``resolution`` and
         ``channels`` read as its preset's (as runs recorded them before these came from the data)."""
+        from .unet import DDPMUNet  # diffusers: imported when a run starts, not to parse its options
+
         values = {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
         if self.model is not None:
             preset = DDPMUNet.preset_config(self.model, **self.explicit_unet_overrides())

@@ -21,7 +21,7 @@ from .pretrained import PretrainedDDPM
 from .speed import cpu_threads_per_process, default_num_workers, fits_on_device
 from .stop_signals import ignore_signals
 from .training_config import TrainingConfig
-from .unet import CPU_PRESETS, describe_sample_size, sample_height_width
+from .unet_presets import CPU_PRESETS, describe_sample_size, sample_height_width
 
 logger = get_logger(__name__, log_level="INFO")
 

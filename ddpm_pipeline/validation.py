@@ -45,13 +45,14 @@ from .class_balance import (
     classes_in_words,
     expected_classes,
 )
-from .data import TrainingImages, shared_rows, split_names, spread_rows
+from .data import TrainingImages, shared_rows, spread_rows
 from .likelihood import BoundTerms, batch_bound
 from .plots import save_metric_curves
 from .run_outputs import VALIDATION_CURVE_NAME, VALIDATION_HISTORY_NAME
 from .run_records import LossHistory
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .speed import strict_float32
+from .splits import split_names
 
 logger = logging.getLogger(__name__)
 

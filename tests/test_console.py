@@ -76,6 +76,90 @@ def test_installing_the_package_puts_the_three_programs_on_the_path(monkeypatch,
     assert commands.invocation("eval_metrics.py") == "python eval_metrics.py"
 
 
+#: The imports that take seconds: none of them may load before a command line's options are good.
+HEAVY_MODULES = ("torch", "diffusers", "accelerate", "torch_fidelity", "PIL")
+#: Runs one command function of ddpm_pipeline.commands on the given command line in a fresh
+#: interpreter, and prints its exit status and which of the heavy modules it had loaded.
+_COMMAND_PROBE = f"""
+import sys
+from ddpm_pipeline import commands
+function, *argv = sys.argv[1:]
+sys.argv = [function, *argv]
+try:
+    getattr(commands, function)()
+except SystemExit as stop:
+    print("exit", stop.code)
+print("loaded", *sorted(name for name in {HEAVY_MODULES} if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    ("function", "argv", "status", "says"),
+    [
+        ("train", ["--help"], 0, "usage: train_ddpm.py"),
+        ("train", ["--learning-rate", "1e-3"], 2, "unrecognized arguments: --learning-rate"),
+        ("train", ["--beta_schedule", "quadratic"], 2, "invalid choice: 'quadratic'"),
+        ("train", ["--max_train_steps", "0", "--validation_split", "5,5"], 2, "write a share with a point: 0.05"),
+        ("train", ["--ddpm_num_steps", "100"], 2, "--ddpm_num_steps → --num_train_timesteps"),
+        ("evaluate", ["--help"], 0, "usage: eval_metrics.py"),
+        ("evaluate", ["--num_samples", "many"], 2, "invalid int value: 'many'"),
+        ("sample", ["--help"], 0, "usage: sample_ddpm.py"),
+        ("sample", ["--model", "m", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    ],
+)
+def test_the_commands_answer_help_and_bad_options_before_loading_torch_or_diffusers(function, argv, status, says):
+    """``--help``, a misspelt option, a bad choice and a bad value are answered from the option
+    modules alone: torch, diffusers, accelerate and torch-fidelity (seconds to import on a CPU) load
+    only once the options are good."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    probe = subprocess.run([sys.executable, "-c", _COMMAND_PROBE, function, *argv], capture_output=True, text=True,
+                           env=env, cwd=ROOT)  # fmt: skip
+    printed = probe.stdout.splitlines()
+    assert printed[-2:] == [f"exit {status}", "loaded"], probe.stdout + probe.stderr
+    assert says in probe.stdout + probe.stderr
+
+
+def test_good_options_parse_without_loading_torch_or_diffusers():
+    """Every option of the three command lines, checks included, parses without the heavy modules
+    (the linear schedule's step check alone needs torch's schedule functions), and the package's
+    public names load on first use."""
+    probe = f"""
+import sys
+import ddpm_pipeline
+from ddpm_pipeline.evaluation_config import EvaluationConfig
+from ddpm_pipeline.sample_config import SampleConfig
+from ddpm_pipeline.training_config import TrainingConfig
+
+TrainingConfig.from_args(["--validation_split", "5%", "--prediction_type", "x0", "--variance_type", "learned_range",
+                          "--timestep_sampling", "importance", "--snr_gamma", "3", "--model", "ddpm-small-32",
+                          "--unet_overrides", '{{"norm_num_groups": 16}}', "--checkpoint_on_signals", "TERM", "USR1"])
+EvaluationConfig.from_args(["--model", "run", "--metrics", "fid,bpd", "--bpd_held_out", "0.05", "--scheduler", "ddim"])
+SampleConfig.from_args(["--model", "run", "--num_images", "8", "--sampling_dtype", "bfloat16"])
+print("loaded", *sorted(name for name in {HEAVY_MODULES} if name in sys.modules))
+print(ddpm_pipeline.DDPMUNet.__module__, ddpm_pipeline.ModelMixin.__module__, "DDPMTargetScheduler" in dir(ddpm_pipeline))
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["loaded", "ddpm_pipeline.unet diffusers.models.modeling_utils True"]
+
+
+def test_the_package_names_what_it_lacks():
+    import ddpm_pipeline
+
+    with pytest.raises(AttributeError, match="has no attribute 'DDPMUNetX'"):
+        ddpm_pipeline.DDPMUNetX  # noqa: B018
+    assert set(ddpm_pipeline.__all__) <= set(dir(ddpm_pipeline))
+    assert all(getattr(ddpm_pipeline, name) is not None for name in ddpm_pipeline.__all__)
+
+
+def test_the_option_values_are_what_their_modules_implement():
+    """The light option vocabulary (``option_values``) agrees with the modules that act on it."""
+    from ddpm_pipeline.option_values import SCHEDULER_CHOICES
+    from ddpm_pipeline.sampling import SAMPLER_SCHEDULERS
+
+    assert SCHEDULER_CHOICES == ("ddpm", *SAMPLER_SCHEDULERS)
+
+
 def test_stderr_outlives_its_reader(tmp_path, monkeypatch):
     """A launcher that relays stderr through a pipe and dies: writing goes on, to os.devnull, for
     the wrapper and for every other writer of that descriptor, instead of raising BrokenPipeError."""

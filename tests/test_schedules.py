@@ -8,7 +8,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from ddpm_pipeline import NoiseSchedule, cosine_betas, linear_betas, make_betas
-from ddpm_pipeline.schedules import canonical_prediction_type
+from ddpm_pipeline.option_values import canonical_prediction_type
 
 
 def closed_form_linear(num_steps: int) -> np.ndarray:

@@ -6,7 +6,7 @@ from conftest import public_config
 from diffusers import UNet2DModel
 
 from ddpm_pipeline import DDPMUNet
-from ddpm_pipeline.unet import downsampling_factor, nearest_trainable_size, preset_for_image_size
+from ddpm_pipeline.unet_presets import downsampling_factor, nearest_trainable_size, preset_for_image_size
 
 
 def test_cifar10_preset_is_the_ddpm_paper_network():
