@@ -3,18 +3,25 @@
 A checkpoint is a folder ``checkpoint-<step>`` holding Accelerate's ``save_state`` (weights,
 optimizer, learning-rate schedule, EMA, random states) and ``trainer_state.json``. It is written
 under a temporary name and renamed into place only once complete, so a crash mid-write never
-leaves a folder that looks like a checkpoint.
+leaves a folder that looks like a checkpoint. ``trainer_state.json`` records the size of every
+other file (:data:`FILE_SIZES_KEY`), so that a checkpoint damaged afterwards (a copy cut short, a
+disk error) is refused before a run resumes from it, naming the file, rather than failing inside
+Accelerate, or resuming without its random states, which Accelerate skips when it cannot read them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from safetensors import SafetensorError
 
 from .atomic import atomic_path, delete_atomically, move_into_place, temporary_sibling
 from .run_records import SNAPSHOT_SUMMARY_NAME, TRAINING_SUMMARY_NAME
@@ -23,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE_NAME = "trainer_state.json"
+#: The key of ``trainer_state.json`` that records the size in bytes of each of the checkpoint's
+#: other files, by its path in the checkpoint (absent from checkpoints of earlier versions).
+FILE_SIZES_KEY = "file_sizes"
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -118,11 +128,88 @@ def write_checkpoint(
         ) from error
     wait_for_everyone()
     if is_main_process:
+        trainer_state = {**trainer_state, FILE_SIZES_KEY: file_sizes(temporary)}
         with atomic_path(temporary / TRAINER_STATE_NAME) as partial:
             partial.write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
         move_into_place(temporary, final)
     wait_for_everyone()
     return final
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """The size in bytes of each file in ``folder`` and its subfolders but ``trainer_state.json``,
+    by its path relative to ``folder``."""
+    return {
+        path.relative_to(folder).as_posix(): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != TRAINER_STATE_NAME
+    }
+
+
+def damaged_files(checkpoint: str | Path) -> list[str]:
+    """What differs from the file sizes ``checkpoint`` recorded when it was written (its
+    ``trainer_state.json``'s :data:`FILE_SIZES_KEY`): each file missing (``"optimizer.bin is
+    missing"``) or of another size (``"model.safetensors has 2,048 bytes, not the 4,096 it was written with"``); ``[]``
+    when all agree, or for a checkpoint that recorded none."""
+    checkpoint = Path(checkpoint)
+    problems = []
+    for name, size in (read_trainer_state(checkpoint).get(FILE_SIZES_KEY) or {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != size:
+            problems.append(f"{name} has {path.stat().st_size:,} bytes, not the {size:,} it was written with")
+    return problems
+
+
+#: What reading a damaged file raises: torch.load's RuntimeError says "PytorchStreamReader failed
+#: reading zip archive", the others are read errors by their type alone.
+UNREADABLE_FILE_ERRORS = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, SafetensorError)
+
+
+def unreadable_file_damage(error: BaseException) -> str | None:
+    """``"SafetensorError: Error while deserializing header"``: the type and first sentence of an
+    error that reading a damaged file raised (:data:`UNREADABLE_FILE_ERRORS`); None for others."""
+    if not isinstance(error, UNREADABLE_FILE_ERRORS):
+        return None
+    text = str(error).splitlines()[0] if str(error) else "no details"
+    if isinstance(error, RuntimeError) and "PytorchStreamReader" not in text:
+        return None
+    first_sentence = re.split(r"(?<=[.!])\s", text, maxsplit=1)[0].rstrip(".")
+    return f"{type(error).__name__}: {first_sentence}"
+
+
+def damaged_checkpoint_message(checkpoint: str | Path, damage: str) -> str:
+    """``"Checkpoint … is damaged (damage): …"``, to which the caller adds what to do instead."""
+    return f"Checkpoint {checkpoint} is damaged ({damage}): a copy cut short, a full disk or a disk error."
+
+
+def earlier_checkpoint(checkpoint: str | Path) -> Path | None:
+    """The complete checkpoint before ``checkpoint`` in its folder, or None."""
+    step = checkpoint_step(checkpoint)
+    earlier = [path for path in list_checkpoints(Path(checkpoint).parent) if step is None or checkpoint_step(path) < step]
+    return earlier[-1] if earlier else None
+
+
+def resume_elsewhere_advice(checkpoint: str | Path, output_dir: str | Path) -> str:
+    """How to resume when ``checkpoint`` cannot be: from the checkpoint before it (deleting the
+    run's outputs past it), or from a copy."""
+    earlier = earlier_checkpoint(checkpoint)
+    if earlier is None:
+        return "No earlier checkpoint is there: restore the folder from a copy, or start again with --overwrite_output_dir."
+    named = earlier.name if earlier.parent.resolve() == Path(output_dir).resolve() else str(earlier)
+    return (f"Resume from the checkpoint before it, --resume_from_checkpoint {named} --overwrite_output_dir (which "
+            f"deletes what the run wrote after step {checkpoint_step(earlier)}, this checkpoint with it), or restore the "
+            "folder from a copy.")  # fmt: skip
+
+
+def check_checkpoint_intact(checkpoint: str | Path, output_dir: str | Path) -> None:
+    """Raise a ValueError naming each file of ``checkpoint`` that is missing or not the size it was
+    written at (:func:`damaged_files`), and the checkpoint to resume from instead."""
+    problems = damaged_files(checkpoint)
+    if problems:
+        raise ValueError(f"{damaged_checkpoint_message(checkpoint, '; '.join(problems))} "
+                         f"{resume_elsewhere_advice(checkpoint, output_dir)}")  # fmt: skip
 
 
 def prune_checkpoints(output_dir: str | Path, total_limit: int | None) -> list[Path]:

@@ -25,7 +25,17 @@ import torch
 from safetensors.torch import load_file
 
 from .atomic import atomic_path
-from .checkpointing import CHECKPOINT_PREFIX, TRAINER_STATE_NAME, list_checkpoints, read_trainer_state
+from .checkpointing import (
+    CHECKPOINT_PREFIX,
+    TRAINER_STATE_NAME,
+    UNREADABLE_FILE_ERRORS,
+    damaged_checkpoint_message,
+    damaged_files,
+    earlier_checkpoint,
+    list_checkpoints,
+    read_trainer_state,
+    unreadable_file_damage,
+)
 from .console import run_command
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .pretrained import PretrainedDDPM
@@ -67,11 +77,22 @@ def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
             f"{CHECKPOINT_PREFIX}N folder of a run's --output_dir."
         )
     state = read_trainer_state(folder)
+    problems = damaged_files(folder)
+    if problems:
+        raise ValueError(f"{damaged_checkpoint_message(folder, '; '.join(problems))} {_export_elsewhere_advice(folder)}")
     missing = [key for key in ("global_step", "training_config") if key not in state]
     if missing:
         raise ValueError(f"{folder / TRAINER_STATE_NAME} has no {' or '.join(missing)}: the checkpoint was written by "
                          "a version of ddpm_pipeline too early to export; resume the run from it to save a pipeline.")  # fmt: skip
     return state
+
+
+def _export_elsewhere_advice(checkpoint: Path) -> str:
+    """What to export when ``checkpoint`` is damaged: the checkpoint before it, or a copy of it."""
+    earlier = earlier_checkpoint(checkpoint)
+    if earlier is None:
+        return "Restore the folder from a copy."
+    return f"Export the checkpoint before it ({earlier}) instead, or restore the folder from a copy."
 
 
 def checkpoint_configs(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -124,10 +145,17 @@ def checkpoint_pipeline(checkpoint: str | Path, state: dict[str, Any] | None = N
     state = read_checkpoint(checkpoint) if state is None else state
     unet_config, scheduler_config = checkpoint_configs(state)
     unet = DDPMUNet(**unet_config)
-    unet.load_state_dict({name: tensor.float() for name, tensor in read_network_weights(checkpoint).items()})
-    if state["training_config"].get("use_ema", True):
+    use_ema = state["training_config"].get("use_ema", True)
+    try:  # a checkpoint written before checkpoints recorded their file sizes, or damaged within a file
+        weights, shadow = read_network_weights(checkpoint), read_ema_weights(checkpoint) if use_ema else None
+    except UNREADABLE_FILE_ERRORS as error:
+        damage = unreadable_file_damage(error)
+        if damage is None:
+            raise
+        raise ValueError(f"{damaged_checkpoint_message(checkpoint, damage)} {_export_elsewhere_advice(checkpoint)}") from error
+    unet.load_state_dict({name: tensor.float() for name, tensor in weights.items()})
+    if shadow is not None:
         parameters = list(unet.parameters())
-        shadow = read_ema_weights(checkpoint)
         if len(shadow) != len(parameters) or any(s.shape != p.shape for s, p in zip(shadow, parameters, strict=False)):
             raise ValueError(f"The EMA weights in {checkpoint} do not fit its network ({len(shadow)} tensors for "
                              f"{len(parameters)} parameters).")  # fmt: skip

@@ -33,12 +33,17 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path, move_into_place, remove, temporary_sibling
 from .checkpointing import (
+    UNREADABLE_FILE_ERRORS,
+    check_checkpoint_intact,
     check_start,
     checkpoint_step,
+    damaged_checkpoint_message,
     list_checkpoints,
     prune_checkpoints,
     read_trainer_state,
     resolve_checkpoint,
+    resume_elsewhere_advice,
+    unreadable_file_damage,
     write_checkpoint,
 )
 from .class_balance import SHUFFLED_COPY, sliced_classes_warning
@@ -343,6 +348,8 @@ class Trainer:
             if config.report_to == "wandb":
                 check_wandb_login()
         self.checkpoint = resolve_checkpoint(self.output_dir, config.resume_from_checkpoint)
+        if self.checkpoint is not None:
+            check_checkpoint_intact(self.checkpoint, self.output_dir)  # before anything is deleted or trained
         if self.checkpoint is None and config.resume_from_checkpoint == "latest":
             logger.info(f"--resume_from_checkpoint latest: no checkpoint in {self.output_dir} yet, so the run starts at step 0")
         start_step, deleted = check_start(self.output_dir, self.checkpoint, config.overwrite_output_dir,
@@ -670,6 +677,13 @@ class Trainer:
             accelerator.scaler = None
         try:
             accelerator.load_state(str(checkpoint))
+        except UNREADABLE_FILE_ERRORS as error:
+            # a checkpoint written before checkpoints recorded their file sizes, or damaged within a file
+            damage = unreadable_file_damage(error)
+            if damage is None:
+                raise
+            advice = resume_elsewhere_advice(checkpoint, self.output_dir)
+            raise ValueError(f"{damaged_checkpoint_message(checkpoint, damage)} {advice}") from error
         finally:
             accelerator.scaler = scaler
         for group, flags in zip(self.optimizer.param_groups, kernels, strict=True):

@@ -1,6 +1,7 @@
 """python -m ddpm_pipeline.export_checkpoint: a checkpoint's pipeline is the one its run saves at that step."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from test_finetune import FINE_TUNE, same_weights, tiny_unet
 from test_training import run_training, saved_dataset
 
-from ddpm_pipeline.checkpointing import TRAINER_STATE_NAME, read_trainer_state
+from ddpm_pipeline.checkpointing import FILE_SIZES_KEY, TRAINER_STATE_NAME, file_sizes, read_trainer_state
 from ddpm_pipeline.export_checkpoint import SUMMARY_KEYS, export_checkpoint, main
 from ddpm_pipeline.generation import SampleConfig, generate_samples
 from ddpm_pipeline.preflight import check_pipeline_folder
@@ -31,7 +32,7 @@ def old_checkpoint(checkpoint, copy):
     """``checkpoint`` as runs wrote it before checkpoints recorded the network and the scheduler."""
     shutil.copytree(checkpoint, copy)
     state = read_trainer_state(copy)
-    for key in ("unet_config", "scheduler_config", "epochs", "device", "mixed_precision", "held_out"):
+    for key in ("unet_config", "scheduler_config", "epochs", "device", "mixed_precision", "held_out", FILE_SIZES_KEY):
         state.pop(key, None)
     (copy / TRAINER_STATE_NAME).write_text(json.dumps(state))
     return copy
@@ -106,6 +107,8 @@ def test_wrapped_weight_names_and_a_run_without_ema(tmp_path):
     # the names a DistributedDataParallel or compiled network gives its weights in the checkpoint
     weights = load_file(checkpoint / "model.safetensors")
     save_file({f"module._orig_mod.{name}": tensor for name, tensor in weights.items()}, checkpoint / "model.safetensors")
+    state = read_trainer_state(checkpoint)  # as such a run records its files
+    (checkpoint / TRAINER_STATE_NAME).write_text(json.dumps({**state, FILE_SIZES_KEY: file_sizes(checkpoint)}))
     wrapped = export_checkpoint(checkpoint, tmp_path / "wrapped")
     assert same_weights(UNet2DModel.from_pretrained(wrapped / "unet"), UNet2DModel.from_pretrained(out / "unet"))
 
@@ -139,6 +142,25 @@ def test_what_is_not_a_checkpoint_is_named(finished_run, tmp_path):
         check_pipeline_folder(out / "checkpoint-2")
     with pytest.raises(ValueError, match=f"is a part of the pipeline in {out}: give that folder"):
         check_pipeline_folder(out / "unet")
+
+
+def test_a_damaged_checkpoint_is_named_with_the_one_before_it(finished_run, tmp_path):
+    run = tmp_path / "run"
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(finished_run / name, run / name)
+    ema = run / "checkpoint-4" / "custom_checkpoint_1.pkl"
+    assert "shadow_params" in torch.load(ema, weights_only=True)  # the EMA's state, which the export reads
+    ema.write_bytes(ema.read_bytes()[:500])
+    with pytest.raises(ValueError) as refused:
+        export_checkpoint(run / "checkpoint-4")
+    assert str(refused.value).startswith(f"Checkpoint {run / 'checkpoint-4'} is damaged (custom_checkpoint_1.pkl has 500 bytes, not the ")
+    assert str(refused.value).endswith(f"Export the checkpoint before it ({run / 'checkpoint-2'}) instead, or restore the folder "
+                                       "from a copy.")  # fmt: skip
+    old = old_checkpoint(run / "checkpoint-4", run / "checkpoint-6")  # no sizes recorded: the read fails, and is named
+    with pytest.raises(ValueError, match=re.escape(f"Checkpoint {old} is damaged (RuntimeError: PytorchStreamReader failed "
+                                                   "reading zip archive: failed finding central directory)")):  # fmt: skip
+        export_checkpoint(old)
+    assert not list(run.glob("snapshot-*"))
 
 
 def test_a_mu_model_with_a_learned_variance_exports_with_this_package_s_scheduler(tmp_path):

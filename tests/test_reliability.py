@@ -22,7 +22,13 @@ from safetensors.torch import load_file
 
 import ddpm_pipeline.training as training_module
 from ddpm_pipeline import evaluate, preflight
-from ddpm_pipeline.checkpointing import list_checkpoints, resolve_checkpoint
+from ddpm_pipeline.checkpointing import (
+    FILE_SIZES_KEY,
+    TRAINER_STATE_NAME,
+    list_checkpoints,
+    read_trainer_state,
+    resolve_checkpoint,
+)
 from ddpm_pipeline.data import TrainingImages, load_image_dataset
 from ddpm_pipeline.images import (
     BadImageError,
@@ -354,6 +360,34 @@ def test_disk_full_during_a_checkpoint_frees_the_partial_copy_and_names_the_last
     monkeypatch.undo()
     reset_accelerate()
     assert main([*options, "--resume_from_checkpoint", "latest"]).global_step == 6
+
+
+def test_a_damaged_checkpoint_is_refused_before_resuming_naming_the_file_and_the_one_before(tmp_path):
+    """A checkpoint cut short after it was written (a copy, a disk error): its random states, which
+    Accelerate would skip without a word (the run then resumes without them), and its weights in a
+    checkpoint of an earlier version, which records no file sizes and fails inside safetensors."""
+    options = [*TINY, "--max_train_steps", "6", "--checkpointing_steps", "2", "--output_dir", str(tmp_path)]
+    assert main([*options, "--max_train_steps", "4"]).global_step == 4
+    latest = tmp_path / "checkpoint-4"
+    states = latest / "random_states_0.pkl"
+    states.write_bytes(states.read_bytes()[:100])
+    reset_accelerate()
+    with pytest.raises(ValueError, match=re.escape(f"Checkpoint {latest} is damaged (random_states_0.pkl has 100 bytes, not the ")) as refused:
+        main([*options, "--resume_from_checkpoint", "latest"])
+    assert "--resume_from_checkpoint checkpoint-2 --overwrite_output_dir" in str(refused.value)
+    assert (tmp_path / "model_index.json").is_file()  # refused before anything was deleted
+    # an earlier version's checkpoint: no sizes recorded, and its weights cut short
+    state = read_trainer_state(latest)
+    del state[FILE_SIZES_KEY]
+    (latest / TRAINER_STATE_NAME).write_text(json.dumps(state))
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    reset_accelerate()
+    with pytest.raises(ValueError, match=re.escape(f"Checkpoint {latest} is damaged (SafetensorError: ")):
+        main([*options, "--resume_from_checkpoint", "latest"])
+    reset_accelerate()  # the advice works: the run goes on from checkpoint-2
+    resumed = main([*options, "--resume_from_checkpoint", "checkpoint-2", "--overwrite_output_dir"])
+    assert resumed.global_step == 6 and [path.name for path in list_checkpoints(tmp_path)][-1] == "checkpoint-6"
 
 
 def test_out_of_device_memory_says_how_to_fit_the_same_step(tmp_path, monkeypatch):

@@ -12,10 +12,14 @@ import torch
 from PIL import Image
 
 from ddpm_pipeline.checkpointing import (
+    FILE_SIZES_KEY,
     TRAINER_STATE_NAME,
+    check_checkpoint_intact,
+    damaged_files,
     list_checkpoints,
     prune_checkpoints,
     resolve_checkpoint,
+    unreadable_file_damage,
     write_checkpoint,
 )
 from ddpm_pipeline.data import EpochShuffleSampler, TrainingImages, load_image_dataset
@@ -159,6 +163,65 @@ def test_checkpoints_are_atomic_listed_pruned_and_resolved(tmp_path):
     write_checkpoint(tmp_path, 15, fake_state, {"global_step": 15, "again": True})
     assert json.loads((tmp_path / "checkpoint-15" / TRAINER_STATE_NAME).read_text())["again"] is True
     assert not list(tmp_path.glob(".checkpoint-1*"))
+
+
+def test_a_checkpoint_records_its_file_sizes_and_a_damaged_one_is_named(tmp_path):
+    def two_files(folder):
+        (folder / "model.safetensors").write_bytes(b"w" * 4096)
+        (folder / "sub").mkdir()
+        (folder / "sub" / "optimizer.bin").write_bytes(b"o" * 100)
+
+    for step in (5, 10):
+        write_checkpoint(tmp_path, step, two_files, {"global_step": step})
+    latest = tmp_path / "checkpoint-10"
+    recorded = json.loads((latest / TRAINER_STATE_NAME).read_text())[FILE_SIZES_KEY]
+    assert recorded == {"model.safetensors": 4096, "sub/optimizer.bin": 100}
+    assert damaged_files(latest) == []
+    check_checkpoint_intact(latest, tmp_path)
+    (latest / "model.safetensors").write_bytes(b"w" * 2048)  # a copy cut short
+    (latest / "sub" / "optimizer.bin").unlink()
+    assert damaged_files(latest) == [
+        "model.safetensors has 2,048 bytes, not the 4,096 it was written with",
+        "sub/optimizer.bin is missing",
+    ]
+    with pytest.raises(ValueError) as refused:
+        check_checkpoint_intact(latest, tmp_path)
+    assert str(refused.value) == (
+        f"Checkpoint {latest} is damaged (model.safetensors has 2,048 bytes, not the 4,096 it was written with; "
+        "sub/optimizer.bin is missing): a copy cut short, a full disk or a disk error. Resume from the checkpoint before it, --resume_from_checkpoint "
+        "checkpoint-5 --overwrite_output_dir (which deletes what the run wrote after step 5, this checkpoint with it), "
+        "or restore the folder from a copy."
+    )
+    with pytest.raises(ValueError, match=f"--resume_from_checkpoint {re.escape(str(tmp_path / 'checkpoint-5'))} "):
+        check_checkpoint_intact(latest, tmp_path / "branch")  # resumed into another folder: the full path
+    (tmp_path / "checkpoint-5" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="No earlier checkpoint is there: restore the folder from a copy, or start again"):
+        check_checkpoint_intact(tmp_path / "checkpoint-5", tmp_path)
+    # a checkpoint of an earlier version records no sizes: nothing to compare
+    state = json.loads((latest / TRAINER_STATE_NAME).read_text())
+    del state[FILE_SIZES_KEY]
+    (latest / TRAINER_STATE_NAME).write_text(json.dumps(state))
+    assert damaged_files(latest) == []
+
+
+def test_read_errors_of_damaged_files_are_told_from_other_errors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_file({"w": torch.ones(64)}, tmp_path / "model.safetensors")
+    torch.save({"step": torch.ones(64)}, tmp_path / "optimizer.bin")
+    for path in (tmp_path / "model.safetensors", tmp_path / "optimizer.bin"):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(Exception) as safetensors_error:
+        load_file(tmp_path / "model.safetensors")
+    assert unreadable_file_damage(safetensors_error.value).startswith("SafetensorError: ")
+    with pytest.raises(RuntimeError) as torch_error:
+        torch.load(tmp_path / "optimizer.bin", weights_only=True)
+    assert unreadable_file_damage(torch_error.value) == (
+        "RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central directory"
+    )
+    assert unreadable_file_damage(EOFError("Ran out of input")) == "EOFError: Ran out of input"
+    assert unreadable_file_damage(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")) is None
+    assert unreadable_file_damage(ValueError("other")) is None
 
 
 def test_a_failed_save_leaves_no_checkpoint(tmp_path):
