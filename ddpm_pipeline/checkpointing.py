@@ -17,7 +17,8 @@ import pickle
 import re
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,20 @@ def unreadable_file_damage(error: BaseException) -> str | None:
         return None
     first_sentence = re.split(r"(?<=[.!])\s", text, maxsplit=1)[0].rstrip(".")
     return f"{type(error).__name__}: {first_sentence}"
+
+
+@contextmanager
+def naming_damage(checkpoint: str | Path, advice: str) -> Iterator[None]:
+    """Reading ``checkpoint`` within: an error that a damaged file of it raises
+    (:func:`unreadable_file_damage`) becomes a ValueError naming the checkpoint and the damage,
+    followed by ``advice`` (what to do instead); other errors pass as they are."""
+    try:
+        yield
+    except UNREADABLE_FILE_ERRORS as error:
+        damage = unreadable_file_damage(error)
+        if damage is None:
+            raise
+        raise ValueError(f"{damaged_checkpoint_message(checkpoint, damage)} {advice}") from error
 
 
 def damaged_checkpoint_message(checkpoint: str | Path, damage: str) -> str:

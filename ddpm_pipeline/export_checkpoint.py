@@ -28,13 +28,12 @@ from .atomic import atomic_path
 from .checkpointing import (
     CHECKPOINT_PREFIX,
     TRAINER_STATE_NAME,
-    UNREADABLE_FILE_ERRORS,
     damaged_checkpoint_message,
     damaged_files,
     earlier_checkpoint,
     list_checkpoints,
+    naming_damage,
     read_trainer_state,
-    unreadable_file_damage,
 )
 from .console import run_command
 from .pipeline_ddpm_target import DDPMTargetPipeline
@@ -146,13 +145,9 @@ def checkpoint_pipeline(checkpoint: str | Path, state: dict[str, Any] | None = N
     unet_config, scheduler_config = checkpoint_configs(state)
     unet = DDPMUNet(**unet_config)
     use_ema = state["training_config"].get("use_ema", True)
-    try:  # a checkpoint written before checkpoints recorded their file sizes, or damaged within a file
+    # a file damaged within, or in a checkpoint written before they recorded their sizes, is named
+    with naming_damage(checkpoint, _export_elsewhere_advice(checkpoint)):
         weights, shadow = read_network_weights(checkpoint), read_ema_weights(checkpoint) if use_ema else None
-    except UNREADABLE_FILE_ERRORS as error:
-        damage = unreadable_file_damage(error)
-        if damage is None:
-            raise
-        raise ValueError(f"{damaged_checkpoint_message(checkpoint, damage)} {_export_elsewhere_advice(checkpoint)}") from error
     unet.load_state_dict({name: tensor.float() for name, tensor in weights.items()})
     if shadow is not None:
         parameters = list(unet.parameters())

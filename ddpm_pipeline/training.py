@@ -33,17 +33,15 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path, move_into_place, remove, temporary_sibling
 from .checkpointing import (
-    UNREADABLE_FILE_ERRORS,
     check_checkpoint_intact,
     check_start,
     checkpoint_step,
-    damaged_checkpoint_message,
     list_checkpoints,
+    naming_damage,
     prune_checkpoints,
     read_trainer_state,
     resolve_checkpoint,
     resume_elsewhere_advice,
-    unreadable_file_damage,
     write_checkpoint,
 )
 from .class_balance import SHUFFLED_COPY, sliced_classes_warning
@@ -376,7 +374,7 @@ class Trainer:
             source = self.pretrained.source  # a Hub id, or a folder by its name (its path says nothing more in a plot title)
             self.model_name = f"{Path(source).name if is_local_source(source) else source} (fine-tuned)"
         else:
-            self.model_name = config.model
+            self.model_name = config.network_name()
         check_unet_config(self.unet_config, self.noise_scheduler.config.variance_type, fine_tuning=self.pretrained is not None)
         check_padding(image_format, self.unet_config["sample_size"], config.resize_mode)
         if self.accelerator.is_main_process:
@@ -675,15 +673,9 @@ class Trainer:
         if without_scaler:
             logger.info(f"{checkpoint} has no fp16 loss-scaler state (it was trained in bf16 or fp32): the loss scale starts afresh")
             accelerator.scaler = None
-        try:
-            accelerator.load_state(str(checkpoint))
-        except UNREADABLE_FILE_ERRORS as error:
-            # a checkpoint written before checkpoints recorded their file sizes, or damaged within a file
-            damage = unreadable_file_damage(error)
-            if damage is None:
-                raise
-            advice = resume_elsewhere_advice(checkpoint, self.output_dir)
-            raise ValueError(f"{damaged_checkpoint_message(checkpoint, damage)} {advice}") from error
+        try:  # a file damaged within, or in a checkpoint written before they recorded their sizes, is named
+            with naming_damage(checkpoint, resume_elsewhere_advice(checkpoint, self.output_dir)):
+                accelerator.load_state(str(checkpoint))
         finally:
             accelerator.scaler = scaler
         for group, flags in zip(self.optimizer.param_groups, kernels, strict=True):

@@ -80,7 +80,7 @@ FRESH_RUN_DEFAULTS: dict[str, Any] = {
 #: "unrecognized arguments"
 DIFFUSERS_EXAMPLE_OPTIONS = {
     "--dataset_config_name": "--dataset_config",
-    "--model_config_name_or_path": "--model (a preset) with --unet_overrides JSON, or --pretrained_model_name_or_path to start from trained weights",
+    "--model_config_name_or_path": "--unet_overrides CONFIG (a UNet2DModel config.json, or the folder holding it: that architecture with new weights), or --pretrained_model_name_or_path to start from trained weights",
     "--center_crop": "--resize_mode crop",
     "--eval_batch_size": "--num_grid_images",
     "--save_images_epochs": "--save_images_steps (in optimizer steps)",
@@ -157,6 +157,39 @@ def take_python_values(config: Any, numbers_as_text: tuple[str, ...] = (), headi
         raise ValueError(heading + "\n  " + "\n  ".join(problems))
 
 
+def unet_config_file_overrides(location: str) -> str:
+    """``--unet_overrides`` naming a file: the JSON text of the `UNet2DModel` ``config.json`` at
+    ``location`` (or in the folder ``location``, such as a pipeline's ``unet/``) without diffusers'
+    own entries (``_class_name``, ``_diffusers_version``, ``_name_or_path``: names starting with
+    ``_``). ``location`` unchanged when no such file or folder exists (the JSON check names it)."""
+    path = Path(location).expanduser()
+    if path.is_dir():
+        if (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+            raise ValueError(f"--unet_overrides {location} is a pipeline folder: give its "
+                             f"network's config, {path / 'unet'}.")  # fmt: skip
+        path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"--unet_overrides {location} is a folder without a config.json: "
+                             "give a UNet2DModel config.json or the folder holding one.")  # fmt: skip
+    elif not path.is_file():
+        return location
+    try:
+        options = json.loads(path.read_text())
+    except OSError as error:
+        raise ValueError(f"--unet_overrides {path} cannot be read ({error.strerror or error}).") from error
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--unet_overrides {path} is not a JSON file ({error}).") from error
+    if not isinstance(options, dict):
+        raise ValueError(f"--unet_overrides {path} holds no JSON object of UNet2DModel options.")
+    return json.dumps({name: value for name, value in options.items() if not name.startswith("_")})
+
+
+def sets_every_preset_option(model: str, overrides: dict[str, Any]) -> bool:
+    """Whether ``overrides`` (``--unet_overrides``) replace every option of preset ``model``, as a
+    whole ``config.json`` does: the network is then the file's, whatever the preset."""
+    return set(PRESETS[model]) <= set(overrides)
+
+
 def _is_positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -214,7 +247,7 @@ class TrainingConfig:
     block_out_channels: list[int] | None = _option(None, "Override the preset's channels per resolution level.", nargs="+", type=int)
     layers_per_block: int | None = _option(None, "Override the preset's ResNet blocks per level.")
     dropout: float | None = _option(None, "Override the preset's dropout rate.")
-    unet_overrides: str | None = _option(None, 'Any other UNet2DModel options as JSON, e.g. \'{"norm_num_groups": 16}\'.')
+    unet_overrides: str | None = _option(None, 'Any other UNet2DModel options as JSON, e.g. \'{"norm_num_groups": 16}\', or a UNet2DModel config.json (or the folder holding it, such as a pipeline\'s unet/), whose every option replaces the preset\'s: that architecture with new weights (--pretrained_model_name_or_path starts from trained ones). The run records the JSON itself.')
     # diffusion
     prediction_type: str | None = _option(None, "What the network predicts: the noise ε, the clean image x0, the posterior mean μ, or v = √ᾱ_t ε - √(1-ᾱ_t) x0 (default epsilon, or the pretrained scheduler's).", choices=TRAINING_PREDICTION_TYPES)
     beta_schedule: str | None = _option(None, "Noise schedule: cosine (Nichol & Dhariwal; better than linear for the main job in FID and bits/dim, see README) or linear (Ho et al.) (default cosine, or the pretrained scheduler's).", choices=BETA_SCHEDULES)
@@ -298,6 +331,11 @@ class TrainingConfig:
         take_python_values(self, numbers_as_text=("validation_split",), heading="Bad training options:")
         if isinstance(self.unet_overrides, dict):
             self.unet_overrides = json.dumps(self.unet_overrides)
+        elif self.unet_overrides and not self.unet_overrides.lstrip().startswith("{"):
+            try:
+                self.unet_overrides = unet_config_file_overrides(self.unet_overrides)
+            except ValueError as error:
+                raise ValueError(f"Bad training options:\n  {error}") from error
         if isinstance(self.checkpoint_on_signals, str):
             self.checkpoint_on_signals = [self.checkpoint_on_signals]
         if self.pretrained_model_name_or_path is None:
@@ -431,7 +469,8 @@ class TrainingConfig:
             try:
                 overrides = json.loads(self.unet_overrides)
             except json.JSONDecodeError as error:
-                problems.append(f"--unet_overrides is not valid JSON ({error}): give e.g. '{{\"dropout\": 0.1}}'.")
+                problems.append(f"--unet_overrides is not valid JSON ({error}), nor a file: give e.g. '{{\"dropout\": 0.1}}', or "
+                                "the path of a UNet2DModel config.json.")
             else:
                 if not isinstance(overrides, dict):
                     problems.append("--unet_overrides must be a JSON object of UNet2DModel options.")
@@ -455,6 +494,13 @@ class TrainingConfig:
     def explicit_unet_overrides(self) -> dict[str, Any]:
         """The JSON of ``--unet_overrides`` as a dict (empty without it)."""
         return json.loads(self.unet_overrides) if self.unet_overrides else {}
+
+    def network_name(self) -> str | None:
+        """How the log and plots name a new network: its ``--model``, or, where ``--unet_overrides``
+        sets every option of that preset (a whole ``config.json``), ``"UNet2DModel (--unet_overrides)"``."""
+        if self.model is not None and sets_every_preset_option(self.model, self.explicit_unet_overrides()):
+            return "UNet2DModel (--unet_overrides)"
+        return self.model
 
     def data_source(self, split: str) -> dict[str, Any]:
         """The options that name ``split`` of this run's data, as
@@ -518,7 +564,8 @@ class TrainingConfig:
             sized = dataclasses.replace(self, **{**chosen, "model": model})
             factor = downsampling_factor(DDPMUNet.preset_config(model, **sized.unet_overrides_dict()))
             chosen["resolution"] = nearest_trainable_size(data_size if self.model is None else PRESETS[model]["sample_size"], factor)
-        described = [f"--{name} {value}" for name, value in chosen.items()]
+        whole = sets_every_preset_option(model, explicit)  # a whole config.json: the preset does not show in the network
+        described = [f"--{name} {value}" for name, value in chosen.items() if not (name == "model" and whole)]
         return dataclasses.replace(self, **chosen), described
 
     # -- records -----------------------------------------------------------------------------

@@ -84,6 +84,7 @@ def test_options_given_from_python_in_python_s_types():
         (["--grid_inference_steps", "2000"], "exceeds --num_train_timesteps"),
         (["--ema_max_decay", "1.0"], "--ema_max_decay < 1"),
         (["--unet_overrides", "{oops"], "not valid JSON"),
+        (["--unet_overrides", "no/such/config.json"], "), nor a file: give e.g. '{\"dropout\": 0.1}', or the path of a UNet2DModel"),
         (["--dataset_name", "cifar10", "--train_data_dir", "x"], "Give one data source"),
         (["--prediction_type", "noise"], "invalid choice"),
         (["--loss_weighting", "vlb", "--snr_gamma", "2"], "does not apply to --loss_weighting vlb"),
@@ -135,6 +136,40 @@ def test_config_save_load_and_architecture_differences(tmp_path):
 
 def fake_state(folder):
     (folder / "model.safetensors").write_text("weights")
+
+
+def test_a_unet_config_file_gives_its_architecture(tmp_path):
+    """``--unet_overrides`` may name a diffusers UNet2DModel config.json, or the folder holding it (a
+    pipeline's unet/), as diffusers' training example takes --model_config_name_or_path: the run
+    builds that network afresh and records the JSON itself, without diffusers' own entries."""
+    source = DDPMUNet.from_preset("ddpm-small-32", norm_num_groups=4, attention_head_dim=8)
+    source.save_pretrained(tmp_path / "pipe" / "unet")
+    (tmp_path / "pipe" / "model_index.json").write_text("{}")
+    saved = json.loads((tmp_path / "pipe" / "unet" / "config.json").read_text())
+    assert {"_class_name", "_diffusers_version"} <= set(saved)
+    wanted = {name: value for name, value in saved.items() if not name.startswith("_")}
+    for given in (tmp_path / "pipe" / "unet", tmp_path / "pipe" / "unet" / "config.json"):
+        config = TrainingConfig.from_args(["--unet_overrides", str(given)])
+        assert json.loads(config.unet_overrides) == wanted  # the JSON, not the path: the run does not depend on the file
+        assert config == TrainingConfig(unet_overrides=given)  # a Path from Python
+        fitted, chosen = config.with_data_defaults(ImageFormat(size=28, channels=1, smallest=28, largest=28, inspected=1))
+        assert chosen == [] and fitted.network_name() == "UNet2DModel (--unet_overrides)"  # no preset shows in it
+        built = DDPMUNet(**DDPMUNet.preset_config(fitted.model, **fitted.unet_overrides_dict()))
+        assert {name: value for name, value in built.config.items() if not name.startswith("_")} == {
+            name: value for name, value in source.config.items() if not name.startswith("_")}
+    assert TrainingConfig(model="ddpm-tiny-16", unet_overrides={"norm_num_groups": 4}).network_name() == "ddpm-tiny-16"
+    refusals = {
+        tmp_path / "pipe": "is a pipeline folder: give its network's config, ",
+        tmp_path: "is a folder without a config.json",
+        (tmp_path / "bad.json", "{not json"): "is not a JSON file",
+        (tmp_path / "list.json", "[1, 2]"): "holds no JSON object of UNet2DModel options",
+    }
+    for given, message in refusals.items():
+        if isinstance(given, tuple):
+            given[0].write_text(given[1])
+            given = given[0]
+        with pytest.raises(ValueError, match=re.escape(f"--unet_overrides {given} {message}")):
+            TrainingConfig(unet_overrides=str(given))
 
 
 def test_checkpoints_are_atomic_listed_pruned_and_resolved(tmp_path):
