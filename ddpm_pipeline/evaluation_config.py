@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .commands import program_name
-from .hold_out import held_out_amount
 from .option_values import sampling_option
 from .training_config import dataclass_parser, split_problems, take_python_values
 
@@ -74,6 +73,7 @@ class EvaluationConfig:
 
     def validate(self) -> None:
         """Clear errors before any work."""
+        from .hold_out import held_out_amount
         from .metrics import PRC_NEIGHBORHOOD, REFERENCE_METRICS, fewest_images
         from .preflight import refuse_pipeline_folder
         from .sampling import check_sampling_options

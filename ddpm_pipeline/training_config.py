@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .commands import program_name
-from .hold_out import held_out_amount
 from .option_values import (
     COMPILE_MODES,
     DEFAULT_IMPORTANCE_HISTORY,
@@ -35,7 +34,6 @@ from .option_values import (
     is_learned_variance,
     model_output_channels,
 )
-from .splits import read_instruction
 from .stop_signals import DEFAULT_STOP_SIGNALS, signal_name
 from .unet_presets import (
     PRESETS,
@@ -53,6 +51,8 @@ def split_problems(split: str, option: str, forms: str = "") -> list[str]:
     """The problem with ``option``'s ``split``, before any data is read: a spec that ``datasets``
     cannot read (:func:`~ddpm_pipeline.splits.read_instruction`), with a hint for a decimal comma
     (``0,05``); ``[]`` when it reads."""
+    from .splits import read_instruction  # datasets: imported to check the options, not to list them (--help)
+
     try:
         read_instruction(split, option, forms)
     except ValueError as error:
@@ -371,6 +371,8 @@ class TrainingConfig:
             positive(name, allow_none=True)
         problems += split_problems(self.split, "--split")
         if self.validation_split is not None:
+            from .hold_out import held_out_amount  # datasets and numpy, as split_problems
+
             try:
                 amount = held_out_amount(self.validation_split)
             except ValueError as error:
