@@ -150,8 +150,8 @@ def file_sizes(folder: Path) -> dict[str, int]:
 def damaged_files(checkpoint: str | Path) -> list[str]:
     """What differs from the file sizes ``checkpoint`` recorded when it was written (its
     ``trainer_state.json``'s :data:`FILE_SIZES_KEY`): each file missing (``"optimizer.bin is
-    missing"``) or of another size (``"model.safetensors has 2,048 bytes, not the 4,096 it was written with"``); ``[]``
-    when all agree, or for a checkpoint that recorded none."""
+    missing"``) or of another size (``"model.safetensors has 2,048 bytes, not the 4,096 it was
+    written with"``); ``[]`` when all agree, or for a checkpoint that recorded none."""
     checkpoint = Path(checkpoint)
     problems = []
     for name, size in (read_trainer_state(checkpoint).get(FILE_SIZES_KEY) or {}).items():
@@ -207,15 +207,17 @@ def earlier_checkpoint(checkpoint: str | Path) -> Path | None:
 
 
 def resume_elsewhere_advice(checkpoint: str | Path, output_dir: str | Path) -> str:
-    """How to resume when ``checkpoint`` cannot be: from the checkpoint before it (deleting the
-    run's outputs past it), or from a copy."""
+    """How a run into ``output_dir`` resumes when ``checkpoint`` cannot be read: from the checkpoint
+    before it (in its own folder, deleting the outputs past it; another run's, as a branch), or
+    from a copy."""
     earlier = earlier_checkpoint(checkpoint)
     if earlier is None:
         return "No earlier checkpoint is there: restore the folder from a copy, or start again with --overwrite_output_dir."
-    named = earlier.name if earlier.parent.resolve() == Path(output_dir).resolve() else str(earlier)
-    return (f"Resume from the checkpoint before it, --resume_from_checkpoint {named} --overwrite_output_dir (which "
-            f"deletes what the run wrote after step {checkpoint_step(earlier)}, this checkpoint with it), or restore the "
-            "folder from a copy.")  # fmt: skip
+    if earlier.parent.resolve() != Path(output_dir).resolve():  # a branch of another run: nothing to delete
+        return f"Resume from the checkpoint before it, --resume_from_checkpoint {earlier}, or restore the folder from a copy."
+    return (f"Resume from the checkpoint before it, --resume_from_checkpoint {earlier.name} --overwrite_output_dir "
+            f"(which deletes what the run wrote after step {checkpoint_step(earlier)}, this checkpoint with it), or "
+            "restore the folder from a copy.")  # fmt: skip
 
 
 def check_checkpoint_intact(checkpoint: str | Path, output_dir: str | Path) -> None:

@@ -372,7 +372,8 @@ def test_a_damaged_checkpoint_is_refused_before_resuming_naming_the_file_and_the
     states = latest / "random_states_0.pkl"
     states.write_bytes(states.read_bytes()[:100])
     reset_accelerate()
-    with pytest.raises(ValueError, match=re.escape(f"Checkpoint {latest} is damaged (random_states_0.pkl has 100 bytes, not the ")) as refused:
+    damaged = re.escape(f"Checkpoint {latest} is damaged (random_states_0.pkl has 100 bytes, not the ")
+    with pytest.raises(ValueError, match=damaged) as refused:
         main([*options, "--resume_from_checkpoint", "latest"])
     assert "--resume_from_checkpoint checkpoint-2 --overwrite_output_dir" in str(refused.value)
     assert (tmp_path / "model_index.json").is_file()  # refused before anything was deleted

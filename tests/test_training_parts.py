@@ -227,8 +227,8 @@ def test_a_checkpoint_records_its_file_sizes_and_a_damaged_one_is_named(tmp_path
         "checkpoint-5 --overwrite_output_dir (which deletes what the run wrote after step 5, this checkpoint with it), "
         "or restore the folder from a copy."
     )
-    with pytest.raises(ValueError, match=f"--resume_from_checkpoint {re.escape(str(tmp_path / 'checkpoint-5'))} "):
-        check_checkpoint_intact(latest, tmp_path / "branch")  # resumed into another folder: the full path
+    with pytest.raises(ValueError, match=f"--resume_from_checkpoint {re.escape(str(tmp_path / 'checkpoint-5'))}, or "):
+        check_checkpoint_intact(latest, tmp_path / "branch")  # a branch into another folder: its path, nothing to delete
     (tmp_path / "checkpoint-5" / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="No earlier checkpoint is there: restore the folder from a copy, or start again"):
         check_checkpoint_intact(tmp_path / "checkpoint-5", tmp_path)
