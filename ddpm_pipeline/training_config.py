@@ -181,6 +181,10 @@ def unet_config_file_overrides(location: str) -> str:
         raise ValueError(f"--unet_overrides {path} is not a JSON file ({error}).") from error
     if not isinstance(options, dict):
         raise ValueError(f"--unet_overrides {path} holds no JSON object of UNet2DModel options.")
+    kind = options.get("_class_name", "UNet2DModel")
+    if kind not in ("UNet2DModel", "DDPMUNet"):
+        raise ValueError(f"--unet_overrides {path} is the config of a {kind}: this package trains diffusers' "
+                         "UNet2DModel (unconditional DDPMs); give a UNet2DModel config.json.")  # fmt: skip
     return json.dumps({name: value for name, value in options.items() if not name.startswith("_")})
 
 

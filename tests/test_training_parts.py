@@ -163,6 +163,8 @@ def test_a_unet_config_file_gives_its_architecture(tmp_path):
         tmp_path: "is a folder without a config.json",
         (tmp_path / "bad.json", "{not json"): "is not a JSON file",
         (tmp_path / "list.json", "[1, 2]"): "holds no JSON object of UNet2DModel options",
+        (tmp_path / "sd.json", '{"_class_name": "UNet2DConditionModel", "cross_attention_dim": 768}'): (
+            "is the config of a UNet2DConditionModel: this package trains diffusers' UNet2DModel"),
     }
     for given, message in refusals.items():
         if isinstance(given, tuple):
