@@ -59,6 +59,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
+    """The module's names, the public ones not yet imported among them."""
     return sorted([*globals(), *_EXPORTS])
 
 
