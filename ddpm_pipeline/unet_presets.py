@@ -46,35 +46,32 @@ def _ddpm_design(sample_size: int, block_out_channels: tuple[int, ...], dropout:
     }
 
 
+def _cpu_design(sample_size: int, block_out_channels: tuple[int, ...]) -> dict[str, Any]:
+    """The DDPM design narrowed for a CPU, for grayscale ``sample_size`` images: one ResNet block per
+    level of ``block_out_channels``, no attention in the levels (the middle block keeps
+    ``UNet2DModel``'s), 8 normalization groups and no dropout."""
+    levels = len(block_out_channels)
+    return {
+        **_DDPM_COMMON,
+        "sample_size": sample_size,
+        "in_channels": 1,
+        "out_channels": 1,
+        "layers_per_block": 1,
+        "block_out_channels": block_out_channels,
+        "down_block_types": ("DownBlock2D",) * levels,
+        "up_block_types": ("UpBlock2D",) * levels,
+        "norm_num_groups": 8,
+        "dropout": 0.0,
+    }
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Ho et al. 2020, CIFAR-10: 35.7M parameters, attention at 16x16, dropout 0.1.
     "ddpm-cifar10-32": _ddpm_design(32, (128, 256, 256, 256), dropout=0.1),
     # The same design, narrowed for a CPU: attention only in the 8x8 middle block.
-    "ddpm-small-32": {
-        **_DDPM_COMMON,
-        "sample_size": 32,
-        "in_channels": 1,
-        "out_channels": 1,
-        "layers_per_block": 1,
-        "block_out_channels": (32, 64, 128),
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 8,
-        "dropout": 0.0,
-    },
+    "ddpm-small-32": _cpu_design(32, (32, 64, 128)),
     # The main job's network: Fashion-MNIST at its native 28x28 (levels 28, 14, 7) on two CPU cores.
-    "ddpm-small-28": {
-        **_DDPM_COMMON,
-        "sample_size": 28,
-        "in_channels": 1,
-        "out_channels": 1,
-        "layers_per_block": 1,
-        "block_out_channels": (24, 48, 96),
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 8,
-        "dropout": 0.0,
-    },
+    "ddpm-small-28": _cpu_design(28, (24, 48, 96)),
     # Larger images, the DDPM design carried to them with guided-diffusion's channel multipliers,
     # (1,2,3,4) at 64 and (1,1,2,3,4) at 128. Dropout 0.1 as for CIFAR-10: own data sets are small.
     "ddpm-64": _ddpm_design(64, (128, 256, 384, 512), dropout=0.1),
@@ -83,18 +80,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # bedroom and cat models): channel multipliers (1,1,2,2,4,4), no dropout.
     "ddpm-celebahq-256": _ddpm_design(256, (128, 128, 256, 256, 512, 512), dropout=0.0),
     # For tests: a few thousand parameters per block, 16x16.
-    "ddpm-tiny-16": {
-        **_DDPM_COMMON,
-        "sample_size": 16,
-        "in_channels": 1,
-        "out_channels": 1,
-        "layers_per_block": 1,
-        "block_out_channels": (16, 32),
-        "down_block_types": ("DownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "UpBlock2D"),
-        "norm_num_groups": 8,
-        "dropout": 0.0,
-    },
+    "ddpm-tiny-16": _cpu_design(16, (16, 32)),
 }
 
 #: The presets made to train on a CPU (the others are the DDPM paper's GPU-sized designs).
