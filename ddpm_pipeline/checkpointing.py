@@ -158,8 +158,8 @@ def damaged_files(checkpoint: str | Path) -> list[str]:
         path = checkpoint / name
         if not path.is_file():
             problems.append(f"{name} is missing")
-        elif path.stat().st_size != size:
-            problems.append(f"{name} has {path.stat().st_size:,} bytes, not the {size:,} it was written with")
+        elif (actual := path.stat().st_size) != size:
+            problems.append(f"{name} has {actual:,} bytes, not the {size:,} it was written with")
     return problems
 
 
