@@ -24,7 +24,7 @@ from .pretrained import is_local_source
 from .sample_store import UNRECORDED_DEFAULTS, SampleStore
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .speed import cpu_precision_advice, cpu_threads_per_process, is_compiled
-from .stop_signals import started_by_launcher
+from .stop_signals import lone_process_advice, started_by_launcher
 
 logger = logging.getLogger(__name__)
 #: The CPU precision advice already logged in this process (it is the same for every pipeline it samples).
@@ -99,6 +99,8 @@ class LaunchedProcesses:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
             processes = cls(requested_device(device))
+            if (advice := lone_process_advice(program)) is not None:
+                logger.warning(advice)
         else:
             state = PartialState(cpu=device == "cpu" or not torch.cuda.is_available())
             if state.num_processes != world_size:

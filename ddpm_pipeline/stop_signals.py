@@ -46,6 +46,23 @@ def started_by_launcher() -> bool:
     return any(name in os.environ for name in LAUNCHER_MARKERS)
 
 
+def lone_process_advice(program: str) -> str | None:
+    """What to do when ``accelerate launch`` was asked for several processes and started this one
+    alone, else None.
+
+    Without ``--multi_gpu`` (or a config that sets it), ``accelerate launch --num_processes N``
+    starts a single process on a machine without CUDA, and with ``--cpu`` anywhere: its simple
+    launcher sets ``MASTER_ADDR`` for the N processes it was asked for, but not ``WORLD_SIZE``,
+    which a launch of several processes (``torchrun``, under ``--multi_gpu``) sets for each one.
+    """
+    if "ACCELERATE_DYNAMO_BACKEND" not in os.environ or "MASTER_ADDR" not in os.environ or "WORLD_SIZE" in os.environ:
+        return None
+    return (f"`accelerate launch` was asked for several processes (it set MASTER_ADDR) but started this one alone: "
+            "on a machine without CUDA, or with --cpu, it starts several only with --multi_gpu. This run goes on as "
+            f"one process; for N on the CPU, `accelerate launch --multi_gpu --num_processes N {program} ...` "
+            "(they join over gloo).")  # fmt: skip
+
+
 def signal_name(text: str) -> str:
     """The canonical name of a signal given as ``"SIGTERM"``, ``"TERM"``, ``"term"`` or ``"15"``.
 

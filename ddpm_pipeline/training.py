@@ -111,7 +111,7 @@ from .speed import (
     set_tf32,
     to_channels_last,
 )
-from .stop_signals import LAUNCHER_EXITED, StopRequest, signal_number, started_by_launcher
+from .stop_signals import LAUNCHER_EXITED, StopRequest, lone_process_advice, signal_number, started_by_launcher
 from .timestep_sampling import ImportanceTimestepSampler
 from .trackers import check_tracker_installed, check_wandb_login, log_image, tracker_config, tracker_init_kwargs
 from .training_config import CONFIG_FILE_NAME, TrainingConfig
@@ -328,6 +328,8 @@ class Trainer:
                 "each would train alone and overwrite the others' outputs. Launch with `accelerate launch "
                 "--multi_gpu --num_processes N train_ddpm.py` (GPUs, or gloo on CPUs) or a matching accelerate config."
             )
+        if (advice := lone_process_advice("train_ddpm.py")) is not None:
+            logger.warning(advice)
         if self.accelerator.device.type == "cpu":
             torch.set_num_threads(config.num_cpu_threads or cpu_threads_per_process(self.accelerator.num_processes))
         strict_fp32 = needs_full_precision(self.prediction_type)

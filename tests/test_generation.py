@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +252,19 @@ def test_two_launched_processes_write_the_images_one_process_would(tmp_path, tin
     assert report["processes"] == 2 and report["num_images"] == 7
     with np.load(tmp_path / "two" / "samples.npz") as two, np.load(tmp_path / "one" / "samples.npz") as one:
         np.testing.assert_array_equal(two["arr_0"], one["arr_0"])
+
+
+def test_a_launch_asked_for_two_processes_that_starts_one_says_so(tmp_path, tiny_pipeline):
+    """`accelerate launch --cpu --num_processes 2` (and, on a machine without CUDA, the same without
+    --cpu) starts one process: it samples everything alone, and the log names --multi_gpu."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    result = run_to_success([*launch, str(ROOT / "sample_ddpm.py"), "--model", str(tiny_pipeline), "--num_images", "2",
+                             "--num_inference_steps", "2", "--output_dir", str(tmp_path / "s"), "--grid_images", "0"],
+                            env=env, timeout=600, cwd=ROOT)  # fmt: skip
+    assert json.loads((tmp_path / "s" / "sampling_report.json").read_text())["processes"] == 1
+    assert "started this one alone" in result.stderr and "--multi_gpu --num_processes N sample_ddpm.py" in result.stderr
 
 
 def test_a_bad_option_is_one_line_on_the_command_line(tmp_path, monkeypatch, capsys):

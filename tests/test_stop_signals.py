@@ -17,7 +17,14 @@ from safetensors.torch import load_file
 
 import ddpm_pipeline.training as training_module
 from ddpm_pipeline.checkpointing import list_checkpoints, read_trainer_state
-from ddpm_pipeline.stop_signals import DEFAULT_STOP_SIGNALS, StopRequest, ignore_signals, signal_name, signal_number
+from ddpm_pipeline.stop_signals import (
+    DEFAULT_STOP_SIGNALS,
+    StopRequest,
+    ignore_signals,
+    lone_process_advice,
+    signal_name,
+    signal_number,
+)
 from ddpm_pipeline.training import exit_status, main
 from ddpm_pipeline.training_config import TrainingConfig
 
@@ -359,3 +366,24 @@ def test_ctrl_c_under_accelerate_launch_stops_with_a_checkpoint(tmp_path):
     last = list_checkpoints(out)[-1]
     assert int(last.name.split("-")[1]) > 2 and not list(out.glob(".*tmp")), log.read_text()[-3000:]
     assert read_trainer_state(last)["stopped_because"] == "received SIGINT", log.read_text()[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("environment", "alone"),
+    [
+        ({}, False),  # python train_ddpm.py
+        ({"ACCELERATE_DYNAMO_BACKEND": "NO"}, False),  # accelerate launch, one process
+        ({"ACCELERATE_DYNAMO_BACKEND": "NO", "MASTER_ADDR": "127.0.0.1"}, True),  # --num_processes 2, simple launcher
+        ({"ACCELERATE_DYNAMO_BACKEND": "NO", "MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "2"}, False),  # --multi_gpu
+        ({"MASTER_ADDR": "10.0.0.1"}, False),  # a cluster's environment, no launcher
+    ],
+)
+def test_a_launch_that_started_one_of_several_processes_is_told_apart(monkeypatch, environment, alone):
+    for name in ("ACCELERATE_DYNAMO_BACKEND", "MASTER_ADDR", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    advice = lone_process_advice("train_ddpm.py")
+    assert (advice is not None) == alone
+    if alone:
+        assert "accelerate launch --multi_gpu --num_processes N train_ddpm.py" in advice
