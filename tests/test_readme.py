@@ -16,7 +16,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 #: options of the other programs the README names: `accelerate launch`, pip, tensorboard, SLURM's sbatch
 OTHER_PROGRAMS_OPTIONS = {
     "config_file", "multi_gpu", "num_processes", "num_machines", "machine_rank", "main_process_ip",
-    "main_process_port", "no-deps", "logdir", "signal",
+    "main_process_port", "cpu", "no-deps", "logdir", "signal",
 }  # fmt: skip
 
 
