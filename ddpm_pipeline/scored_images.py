@@ -95,10 +95,23 @@ class ScoredImages:
             yield (batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch).contiguous()  # as files are stacked
 
     def size_and_channels(self) -> tuple[int, int, int]:
-        """The first image's ``(height, width, channels)``: 1 for grayscale, else 3."""
+        """The images' ``(height, width, channels)``: the size they share, and the first one's
+        channels (1 for grayscale, else 3). Files of more than one size are refused here, from
+        their headers, before any is scored: the reference is prepared at the samples' size."""
         if self.array is not None:
             _, height, width, channels = self.array.shape
             return height, width, channels
+        first_of_size: dict[tuple[int, int], Path] = {}
+        for path in self.files:
+            with Image.open(path) as image:
+                first_of_size.setdefault(upright_size(image), path)
+        if len(first_of_size) > 1:
+            shown = "; ".join(f"{width}×{height}: {path}" for (width, height), path in list(first_of_size.items())[:3])
+            more = f"; … {len(first_of_size)} sizes in all" if len(first_of_size) > 3 else ""
+            raise ValueError(
+                f"--samples {self.source} holds images of {len(first_of_size)} sizes ({shown}{more}): they are scored "
+                "at one size, against the reference prepared at it. Resize them to one size, or score each size apart."
+            )
         with Image.open(self.files[0]) as first:
             (width, height), mode = upright_size(first), first.mode
         return height, width, 1 if mode in GRAY_MODES else 3

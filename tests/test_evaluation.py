@@ -324,6 +324,14 @@ def test_samples_as_an_npz_score_as_the_same_images_as_files(tmp_path, tiny_pipe
             evaluate(samples=str(tmp_path / f"{name}.npz"), output=str(tmp_path / "bad.json"), **options)
     with pytest.raises(FileNotFoundError, match="is a file: give a folder of images or an .npz"):
         evaluate(samples=str(pngs[0]), output=str(tmp_path / "bad.json"), **options)
+    # files of several sizes are refused from their headers, one in a later batch than the first too
+    (tmp_path / "sizes").mkdir()
+    for index, side in enumerate([16, 16, 16, 16, 24, 20, 16, 18]):
+        Image.fromarray(np.zeros((side, side), np.uint8)).save(tmp_path / "sizes" / f"{index}.png")
+    with pytest.raises(ValueError, match=r"holds images of 4 sizes \(16×16: .*0\.png; 24×24: .*4\.png; 20×20: .*5\.png; "
+                                         r"… 4 sizes in all\): .* Resize them to one size"):  # fmt: skip
+        evaluate(samples=str(tmp_path / "sizes"), output=str(tmp_path / "bad.json"), **options)
+    assert not (tmp_path / "bad.json").exists()
     # sample_ddpm.py's --output_dir: the samples in its images/, not the grid beside them
     written = generate_samples(model=str(tiny_pipeline), output_dir=str(tmp_path / "sampled"), num_images=6, batch_size=4,
                                num_inference_steps=4, device="cpu")  # fmt: skip
