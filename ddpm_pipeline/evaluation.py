@@ -208,8 +208,9 @@ def check_reference_padding(source: DataSource, dataset: datasets.Dataset, prepr
 
 
 def samples_preprocessing(images: ScoredImages, config: EvaluationConfig) -> ImagePreprocessor:
-    """How reference images are prepared to match the ``--samples``: the first sample's size and
-    colour, unless ``--resolution`` / ``--channels`` say otherwise."""
+    """How reference images are prepared to match the ``--samples``: their size and colour
+    (:meth:`~ddpm_pipeline.scored_images.ScoredImages.size_and_channels`), unless ``--resolution`` /
+    ``--channels`` say otherwise."""
     height, width, channels = images.size_and_channels()
     return ImagePreprocessor(config.resolution or (height, width), config.channels or channels, config.resize_mode or "auto")
 

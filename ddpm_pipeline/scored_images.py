@@ -95,16 +95,19 @@ class ScoredImages:
             yield (batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch).contiguous()  # as files are stacked
 
     def size_and_channels(self) -> tuple[int, int, int]:
-        """The images' ``(height, width, channels)``: the size they share, and the first one's
-        channels (1 for grayscale, else 3). Files of more than one size are refused here, from
-        their headers, before any is scored: the reference is prepared at the samples' size."""
+        """The images' ``(height, width, channels)``: the size they share, and 1 channel when all
+        are grayscale, else 3 (a grayscale image among colour ones is read as RGB, its gray
+        repeated). Files of more than one size are refused here, from their headers, before any is
+        scored: the reference is prepared at the samples' size."""
         if self.array is not None:
             _, height, width, channels = self.array.shape
             return height, width, channels
         first_of_size: dict[tuple[int, int], Path] = {}
+        all_gray = True
         for path in self.files:
             with Image.open(path) as image:
                 first_of_size.setdefault(upright_size(image), path)
+                all_gray = all_gray and image.mode in GRAY_MODES
         if len(first_of_size) > 1:
             shown = "; ".join(f"{width}×{height}: {path}" for (width, height), path in list(first_of_size.items())[:3])
             more = f"; … {len(first_of_size)} sizes in all" if len(first_of_size) > 3 else ""
@@ -112,6 +115,5 @@ class ScoredImages:
                 f"--samples {self.source} holds images of {len(first_of_size)} sizes ({shown}{more}): they are scored "
                 "at one size, against the reference prepared at it. Resize them to one size, or score each size apart."
             )
-        with Image.open(self.files[0]) as first:
-            (width, height), mode = upright_size(first), first.mode
-        return height, width, 1 if mode in GRAY_MODES else 3
+        ((width, height),) = first_of_size
+        return height, width, 1 if all_gray else 3

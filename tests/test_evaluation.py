@@ -37,6 +37,7 @@ from ddpm_pipeline.metrics import inception_score
 from ddpm_pipeline.model_card import build_model_card
 from ddpm_pipeline.reference import DataSource, preprocessed_batches, training_data_reference
 from ddpm_pipeline.sampling import sample_store
+from ddpm_pipeline.scored_images import ScoredImages
 from ddpm_pipeline.snapshot_scores import run_pipelines
 from ddpm_pipeline.speed import cpu_threads_per_process
 from ddpm_pipeline.training import main as train_main
@@ -332,6 +333,12 @@ def test_samples_as_an_npz_score_as_the_same_images_as_files(tmp_path, tiny_pipe
                                          r"… 4 sizes in all\): .* Resize them to one size"):  # fmt: skip
         evaluate(samples=str(tmp_path / "sizes"), output=str(tmp_path / "bad.json"), **options)
     assert not (tmp_path / "bad.json").exists()
+    # a grayscale file among colour ones (first, even) is read as RGB: the reference is prepared in colour
+    (tmp_path / "mixed").mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "mixed" / "0.png")
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "mixed" / "1.png")
+    assert ScoredImages.from_path(tmp_path / "mixed").size_and_channels() == (16, 16, 3)
+    assert ScoredImages.from_path(folder).size_and_channels() == (16, 16, 1)
     # sample_ddpm.py's --output_dir: the samples in its images/, not the grid beside them
     written = generate_samples(model=str(tiny_pipeline), output_dir=str(tmp_path / "sampled"), num_images=6, batch_size=4,
                                num_inference_steps=4, device="cpu")  # fmt: skip
