@@ -3,7 +3,10 @@
 Everything this package writes that a later run reads back (checkpoints, snapshots, sample PNGs,
 reference statistics, reports, weights) is written under a temporary hidden name beside its final
 one and renamed into place (``os.replace``, atomic within one file system), so a crash — even a
-SIGKILL mid-write — leaves the previous version or nothing, never a truncated one.
+SIGKILL mid-write — leaves the previous version or nothing, never a truncated one. Checkpoints,
+which a long run cannot do without, are also flushed to the disk before their rename
+(:func:`flush_to_disk`), so that a power cut or a kernel crash right after it cannot leave them
+named but empty.
 """
 
 from __future__ import annotations
@@ -13,6 +16,47 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def flush_to_disk(path: str | Path) -> None:
+    """``fsync`` a file, or a folder with every file and folder below it: their data on the disk,
+    not only in the page cache, so that a rename that follows names complete files even after a
+    power cut or a kernel crash (without it, a file system may keep the rename and lose the data,
+    leaving files of zeros or of no bytes under the final name). A file's failure (``EIO``, or
+    ``ENOSPC`` from a file system that allocates on write-back) is raised; folders are synced where
+    the platform allows it."""
+    path = Path(path)
+    if path.is_dir():
+        for child in sorted(path.rglob("*")):
+            if child.is_file() and not child.is_symlink():
+                _fsync(child)
+        for folder in [*sorted(child for child in path.rglob("*") if child.is_dir()), path]:
+            flush_folder_entries(folder)
+    else:
+        _fsync(path)
+
+
+def flush_folder_entries(folder: str | Path) -> None:
+    """``fsync`` a folder itself: the names in it (a rename into it, a file created) on the disk.
+    Best effort: some platforms (Windows) and file systems cannot open or sync a folder."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _fsync(file: Path) -> None:
+    descriptor = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def temporary_sibling(path: str | Path, tag: str = "tmp") -> Path:

@@ -24,7 +24,14 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from .atomic import atomic_path, delete_atomically, move_into_place, temporary_sibling
+from .atomic import (
+    atomic_path,
+    delete_atomically,
+    flush_folder_entries,
+    flush_to_disk,
+    move_into_place,
+    temporary_sibling,
+)
 from .run_records import SNAPSHOT_SUMMARY_NAME, TRAINING_SUMMARY_NAME
 
 logger = logging.getLogger(__name__)
@@ -87,9 +94,30 @@ def resolve_checkpoint(output_dir: str | Path, resume_from_checkpoint: str | Non
     return path
 
 
+class UnreadableTrainerState(ValueError):
+    """A checkpoint's ``trainer_state.json`` is not a JSON object: emptied or cut short (a power cut
+    before its data reached the disk, a copy cut short), or overwritten. ``damage`` says how."""
+
+    def __init__(self, checkpoint: str | Path, damage: str):
+        super().__init__(damaged_checkpoint_message(checkpoint, damage))
+        self.damage = damage
+
+
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    """The ``trainer_state.json`` of a checkpoint (``global_step``, ``training_config``…)."""
-    return json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text())
+    """The ``trainer_state.json`` of a checkpoint (``global_step``, ``training_config``…); an
+    :class:`UnreadableTrainerState` when it is not a JSON object."""
+    path = Path(checkpoint) / TRAINER_STATE_NAME
+    text = path.read_bytes()
+    if not text.strip():
+        raise UnreadableTrainerState(checkpoint, f"{TRAINER_STATE_NAME} is empty")
+    try:
+        state = json.loads(text)
+    except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError
+        raise UnreadableTrainerState(checkpoint, f"{TRAINER_STATE_NAME} cannot be read, "
+                                                 f"{type(error).__name__}: {error}") from error  # fmt: skip
+    if not isinstance(state, dict):
+        raise UnreadableTrainerState(checkpoint, f"{TRAINER_STATE_NAME} holds a JSON {type(state).__name__}, not an object")
+    return state
 
 
 def write_checkpoint(
@@ -103,10 +131,11 @@ def write_checkpoint(
     """Write ``checkpoint-<step>`` atomically and return its path.
 
     ``save_state(folder)`` (every process calls it: Accelerate writes each process's random
-    state) fills a temporary folder; the main process then adds ``trainer_state.json`` last and
-    renames the folder into place. An older checkpoint of the same step is replaced. When the
-    write fails with an `OSError` (a full disk), the partial folder is deleted and the error names
-    the last complete checkpoint to resume from.
+    state) fills a temporary folder; the main process then adds ``trainer_state.json`` last, flushes
+    the folder to the disk (:func:`~ddpm_pipeline.atomic.flush_to_disk`) and renames it into place.
+    An older checkpoint of the same step is replaced. When the write or the flush fails with an
+    `OSError` (a full disk), the partial folder is deleted and the error names the last complete
+    checkpoint to resume from.
     """
     output_dir = Path(output_dir)
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
@@ -117,6 +146,12 @@ def write_checkpoint(
     wait_for_everyone()
     try:
         save_state(temporary)
+        wait_for_everyone()
+        if is_main_process:
+            trainer_state = {**trainer_state, FILE_SIZES_KEY: file_sizes(temporary)}
+            with atomic_path(temporary / TRAINER_STATE_NAME) as partial:
+                partial.write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
+            flush_to_disk(temporary)  # on the disk before it is named: a power cut cannot leave it named but empty
     except OSError as error:  # a full disk or quota, a lost mount: free what was written, say what is safe
         if is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
@@ -127,12 +162,9 @@ def write_checkpoint(
             f"The last complete checkpoint is {earlier[-1] if earlier else 'none'}: free disk space (or pass another "
             "--output_dir with the checkpoint copied there) and resume with --resume_from_checkpoint latest.",
         ) from error
-    wait_for_everyone()
     if is_main_process:
-        trainer_state = {**trainer_state, FILE_SIZES_KEY: file_sizes(temporary)}
-        with atomic_path(temporary / TRAINER_STATE_NAME) as partial:
-            partial.write_text(json.dumps(trainer_state, indent=2, sort_keys=True) + "\n")
         move_into_place(temporary, final)
+        flush_folder_entries(output_dir)  # the rename itself, before older checkpoints are pruned
     wait_for_everyone()
     return final
 
@@ -151,10 +183,15 @@ def damaged_files(checkpoint: str | Path) -> list[str]:
     """What differs from the file sizes ``checkpoint`` recorded when it was written (its
     ``trainer_state.json``'s :data:`FILE_SIZES_KEY`): each file missing (``"optimizer.bin is
     missing"``) or of another size (``"model.safetensors has 2,048 bytes, not the 4,096 it was
-    written with"``); ``[]`` when all agree, or for a checkpoint that recorded none."""
+    written with"``), or its ``trainer_state.json`` that cannot be read; ``[]`` when all agree, or
+    for a checkpoint that recorded none."""
     checkpoint = Path(checkpoint)
+    try:
+        recorded = read_trainer_state(checkpoint).get(FILE_SIZES_KEY) or {}
+    except UnreadableTrainerState as error:
+        return [error.damage]
     problems = []
-    for name, size in (read_trainer_state(checkpoint).get(FILE_SIZES_KEY) or {}).items():
+    for name, size in recorded.items():
         path = checkpoint / name
         if not path.is_file():
             problems.append(f"{name} is missing")

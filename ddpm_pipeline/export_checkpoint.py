@@ -75,10 +75,10 @@ def read_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
             f"{folder} is not a train_ddpm.py checkpoint (it has no {TRAINER_STATE_NAME}): give a "
             f"{CHECKPOINT_PREFIX}N folder of a run's --output_dir."
         )
-    state = read_trainer_state(folder)
     problems = damaged_files(folder)
     if problems:
         raise ValueError(f"{damaged_checkpoint_message(folder, '; '.join(problems))} {_export_elsewhere_advice(folder)}")
+    state = read_trainer_state(folder)
     missing = [key for key in ("global_step", "training_config") if key not in state]
     if missing:
         raise ValueError(f"{folder / TRAINER_STATE_NAME} has no {' or '.join(missing)}: the checkpoint was written by "

@@ -156,6 +156,13 @@ def test_a_damaged_checkpoint_is_named_with_the_one_before_it(finished_run, tmp_
     assert str(refused.value).startswith(f"Checkpoint {run / 'checkpoint-4'} is damaged (custom_checkpoint_1.pkl has 500 bytes, not the ")
     assert str(refused.value).endswith(f"Export the checkpoint before it ({run / 'checkpoint-2'}) instead, or restore the folder "
                                        "from a copy.")  # fmt: skip
+    state_text = (run / "checkpoint-4" / TRAINER_STATE_NAME).read_text()
+    (run / "checkpoint-4" / TRAINER_STATE_NAME).write_text('{"global_step": 4, "training_con')  # cut short
+    with pytest.raises(ValueError, match=re.escape("(trainer_state.json cannot be read, JSONDecodeError: ")) as refused:
+        export_checkpoint(run / "checkpoint-4")
+    assert str(refused.value).endswith(f"Export the checkpoint before it ({run / 'checkpoint-2'}) instead, or restore the folder "
+                                       "from a copy.")  # fmt: skip
+    (run / "checkpoint-4" / TRAINER_STATE_NAME).write_text(state_text)
     old = old_checkpoint(run / "checkpoint-4", run / "checkpoint-6")  # no sizes recorded: the read fails, and is named
     with pytest.raises(ValueError, match=re.escape(f"Checkpoint {old} is damaged (RuntimeError: PytorchStreamReader failed "
                                                    "reading zip archive: failed finding central directory)")):  # fmt: skip

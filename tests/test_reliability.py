@@ -377,6 +377,14 @@ def test_a_damaged_checkpoint_is_refused_before_resuming_naming_the_file_and_the
         main([*options, "--resume_from_checkpoint", "latest"])
     assert "--resume_from_checkpoint checkpoint-2 --overwrite_output_dir" in str(refused.value)
     assert (tmp_path / "model_index.json").is_file()  # refused before anything was deleted
+    # its trainer_state.json emptied (a power cut before the data of a checkpoint unsynced reached the disk)
+    state_text = (latest / TRAINER_STATE_NAME).read_text()
+    (latest / TRAINER_STATE_NAME).write_text("")
+    reset_accelerate()
+    with pytest.raises(ValueError, match=re.escape(f"Checkpoint {latest} is damaged (trainer_state.json is empty)")) as refused:
+        main([*options, "--resume_from_checkpoint", "latest"])
+    assert "--resume_from_checkpoint checkpoint-2 --overwrite_output_dir" in str(refused.value)
+    (latest / TRAINER_STATE_NAME).write_text(state_text)
     # an earlier version's checkpoint: no sizes recorded, and its weights cut short
     state = read_trainer_state(latest)
     del state[FILE_SIZES_KEY]

@@ -1,7 +1,9 @@
 """Training's parts on their own: options, checkpoint files, data order, plots."""
 
 import dataclasses
+import errno
 import json
+import os
 import re
 from pathlib import Path
 
@@ -14,10 +16,12 @@ from PIL import Image
 from ddpm_pipeline.checkpointing import (
     FILE_SIZES_KEY,
     TRAINER_STATE_NAME,
+    UnreadableTrainerState,
     check_checkpoint_intact,
     damaged_files,
     list_checkpoints,
     prune_checkpoints,
+    read_trainer_state,
     resolve_checkpoint,
     unreadable_file_damage,
     write_checkpoint,
@@ -239,6 +243,58 @@ def test_a_checkpoint_records_its_file_sizes_and_a_damaged_one_is_named(tmp_path
     del state[FILE_SIZES_KEY]
     (latest / TRAINER_STATE_NAME).write_text(json.dumps(state))
     assert damaged_files(latest) == []
+    # its trainer_state.json emptied (a power cut before its data reached the disk), cut short, or not an object
+    text = (latest / TRAINER_STATE_NAME).read_text()
+    for content, damage in [("", "trainer_state.json is empty"),
+                            (text[: len(text) // 2], "trainer_state.json cannot be read, JSONDecodeError: "),
+                            ("[1, 2]", "trainer_state.json holds a JSON list, not an object")]:  # fmt: skip
+        (latest / TRAINER_STATE_NAME).write_text(content)
+        with pytest.raises(UnreadableTrainerState, match=re.escape(f"Checkpoint {latest} is damaged ({damage}")):
+            read_trainer_state(latest)
+        assert len(damaged_files(latest)) == 1 and damaged_files(latest)[0].startswith(damage)
+        with pytest.raises(ValueError, match=re.escape(f"({damage}") + ".* --resume_from_checkpoint checkpoint-5 "):
+            check_checkpoint_intact(latest, tmp_path)
+
+
+def test_a_checkpoint_is_on_the_disk_before_it_is_named(tmp_path, monkeypatch):
+    """Every file of the checkpoint is fsynced under its temporary name, then the folder holding the
+    renamed checkpoint: a power cut cannot leave checkpoint-N with files of zeros or of no bytes."""
+    opened: dict[int, str] = {}
+    synced: list[str] = []
+    original_open, original_fsync = os.open, os.fsync
+
+    def recording_open(path, flags, *args, **kwargs):
+        descriptor = original_open(path, flags, *args, **kwargs)
+        opened[descriptor] = str(path)
+        return descriptor
+
+    def recording_fsync(descriptor):
+        synced.append(opened[descriptor])
+        original_fsync(descriptor)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    write_checkpoint(tmp_path, 5, fake_state, {"global_step": 5})
+    temporary = tmp_path / ".checkpoint-5.tmp"
+    written = {path.relative_to(tmp_path / "checkpoint-5") for path in (tmp_path / "checkpoint-5").rglob("*") if path.is_file()}
+    assert {Path(path).relative_to(temporary) for path in synced if path.startswith(f"{temporary}/")} >= written
+    assert TRAINER_STATE_NAME in {Path(path).name for path in synced}
+    assert synced.index(str(temporary)) < synced.index(str(tmp_path)) == len(synced) - 1  # the rename, synced last
+
+
+def test_a_flush_that_fails_leaves_no_checkpoint(tmp_path, monkeypatch):
+    """A file system that allocates on write-back reports a full disk at fsync: the checkpoint is not
+    named, its partial copy is removed, and the error names the last complete one."""
+    write_checkpoint(tmp_path, 5, fake_state, {"global_step": 5})
+
+    def full_disk(descriptor):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match=re.escape(f"The last complete checkpoint is {tmp_path / 'checkpoint-5'}")) as failed:
+        write_checkpoint(tmp_path, 10, fake_state, {"global_step": 10})
+    assert failed.value.errno == errno.ENOSPC
+    assert [path.name for path in tmp_path.iterdir()] == ["checkpoint-5"]
 
 
 def test_read_errors_of_damaged_files_are_told_from_other_errors(tmp_path):
