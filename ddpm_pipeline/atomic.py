@@ -52,7 +52,8 @@ def flush_folder_entries(folder: str | Path) -> None:
 
 
 def _fsync(file: Path) -> None:
-    descriptor = os.open(file, os.O_RDONLY)
+    # Windows flushes (FlushFileBuffers) only a handle opened for writing; POSIX, any descriptor
+    descriptor = os.open(file, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
