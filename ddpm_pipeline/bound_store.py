@@ -32,6 +32,15 @@ def batch_file_name(batch_index: int) -> str:
     return f"batch-{batch_index:06d}.pt"
 
 
+def _recorded_settings(path: Path) -> dict[str, Any] | None:
+    """The settings a store recorded, or None when the file cannot be read (emptied or cut short:
+    the terms beside it cannot be told from others')."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
 class BoundStore:
     """A folder of per-batch :class:`~ddpm_pipeline.likelihood.BoundTerms` for one set of options."""
 
@@ -39,7 +48,7 @@ class BoundStore:
         self.folder = Path(folder)
         self.settings = json.loads(json.dumps(settings))  # as it reads back from JSON
         settings_path = self.folder / SETTINGS_FILE
-        if settings_path.is_file() and json.loads(settings_path.read_text()) != self.settings:
+        if settings_path.is_file() and _recorded_settings(settings_path) != self.settings:
             logger.warning(f"{self.folder} holds bound terms computed with other options; computing them afresh")
             self.remove()
         if not settings_path.is_file():

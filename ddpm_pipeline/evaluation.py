@@ -30,6 +30,7 @@ from .evaluation_config import DEFAULT_BATCH_SIZE, EvaluationConfig
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .hold_out import held_out_amount
 from .images import MOSTLY_PADDING, ImagePreprocessor, check_padding, inspect_images, padded_coverage
+from .json_files import read_json_object
 from .likelihood import BoundTerms, batch_bound
 from .metrics import (
     FEATURE_METRICS,
@@ -70,13 +71,13 @@ def load_training_config(model: str) -> dict[str, Any] | None:
     """``training_config.json`` beside a pipeline (a local folder, or a Hub repo when online)."""
     local = Path(model) / CONFIG_FILE_NAME
     if local.is_file():
-        return json.loads(local.read_text())
+        return read_json_object(local)
     if Path(model).exists():
         return None
     try:
         from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(model, CONFIG_FILE_NAME)).read_text())
+        return read_json_object(hf_hub_download(model, CONFIG_FILE_NAME))
     except Exception:  # noqa: BLE001 - any Hub failure just means "no recorded options"
         return None
 

@@ -8,7 +8,6 @@ the training options.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .atomic import atomic_path
 from .data import describe_data_source
+from .json_files import read_json_object
 from .metrics import SCORE_NAMES
 from .option_values import is_learned_variance
 from .preflight import check_pipeline_folder
@@ -56,7 +56,7 @@ def eval_outputs(report: str | Path) -> list[Path]:
 
 def needs_package(pipeline_dir: str | Path) -> bool:
     """Whether loading the folder needs ``ddpm_pipeline`` (its scheduler is not a stock class: μ)."""
-    index = json.loads((Path(pipeline_dir) / "model_index.json").read_text())
+    index = read_json_object(Path(pipeline_dir) / "model_index.json")
     return index.get("scheduler", [None])[0] != "diffusers"
 
 
@@ -168,7 +168,7 @@ def load_eval_report(pipeline_dir: str | Path, eval_report: str | Path | None = 
         raise FileNotFoundError(f"--eval_report {path} does not exist: give the JSON file eval_metrics.py wrote.")
     if not path.is_file():
         return None
-    report = json.loads(path.read_text())
+    report = read_json_object(path, "give the JSON report eval_metrics.py wrote, or score the model again")
     if "points" in report and "metrics" not in report:  # the summary of eval_metrics.py --snapshots
         final = next((point["report"] for point in report["points"] if point["name"] == "final"), None)
         raise ValueError(
@@ -310,7 +310,7 @@ def _body(
     variance_type: str = "fixed_small",
     local_base: str | None = None,
 ) -> str:
-    unet = json.loads((pipeline_dir / "unet" / "config.json").read_text())
+    unet = read_json_object(pipeline_dir / "unet" / "config.json")
     if base_model:
         trained = f"fine-tuned from [{base_model}](https://huggingface.co/{base_model})"
     else:

@@ -5,15 +5,17 @@ Each raises an error that names the problem and the fix.
 
 from __future__ import annotations
 
-import json
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 from .checkpointing import TRAINER_STATE_NAME, read_trainer_state
+from .json_files import read_json_object
 from .option_values import is_learned_variance, model_output_channels
 from .run_outputs import snapshot_name
+from .run_records import SNAPSHOT_SUMMARY_NAME, TRAINING_SUMMARY_NAME
+from .training_config import CONFIG_FILE_NAME
 from .unet_presets import downsampling_factor, nearest_trainable_size, sample_height_width
 
 #: Bytes one checkpoint holds per parameter: fp32 weights, EMA weights, AdamW's two moments.
@@ -127,7 +129,8 @@ def refuse_pipeline_folder(folder: str | Path, option: str, harm: str) -> None:
 
 def check_pipeline_folder(folder: str | Path) -> None:
     """A saved pipeline folder has its index, a UNet (config and weights) and a scheduler, and
-    they agree; raise naming what is missing or mismatched."""
+    they agree, and the run's records beside them (read when the reports are written, after the
+    sampling) can be read; raise naming what is missing, mismatched or unreadable."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: give a train_ddpm.py --output_dir or a save_pretrained folder.")
@@ -152,12 +155,12 @@ def check_pipeline_folder(folder: str | Path) -> None:
             "train_ddpm.py --output_dir (an interrupted run can be finished with --resume_from_checkpoint latest, "
             "or a checkpoint-N of it exported with `python -m ddpm_pipeline.export_checkpoint`)."
         )
-    index = json.loads((folder / "model_index.json").read_text())
+    index = read_json_object(folder / "model_index.json")
     for part in ("unet", "scheduler"):
         if part not in index:
             raise ValueError(f"{folder}/model_index.json lists no {part!r}: it is not a DDPM pipeline folder.")
-    unet = json.loads((folder / "unet" / "config.json").read_text())
-    variance_type = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("variance_type", "fixed_small")
+    unet = read_json_object(folder / "unet" / "config.json")
+    variance_type = read_json_object(folder / "scheduler" / "scheduler_config.json").get("variance_type", "fixed_small")
     expected = model_output_channels(unet.get("in_channels", 0), variance_type)
     if unet.get("out_channels") != expected:
         raise ValueError(
@@ -165,3 +168,6 @@ def check_pipeline_folder(folder: str | Path) -> None:
             f"variance_type {variance_type!r} needs {expected}: a DDPM UNet outputs a tensor shaped like its input, "
             "or that and its variance (twice the channels) with variance_type 'learned_range'."
         )
+    for record in (CONFIG_FILE_NAME, TRAINING_SUMMARY_NAME, SNAPSHOT_SUMMARY_NAME):
+        if (folder / record).is_file():
+            read_json_object(folder / record)

@@ -18,7 +18,6 @@ options given explicitly (target, schedule, T, sampling variance) replace its ow
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from huggingface_hub.utils import (
 )
 
 from .checkpointing import TRAINER_STATE_NAME, checkpoint_step
+from .json_files import read_json_object
 from .option_values import LEARNED_VARIANCE_TYPES, canonical_prediction_type
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .training_config import FRESH_RUN_DEFAULTS
@@ -221,7 +221,7 @@ def _read_json(source: str, filename: str, subfolder: str | None, revision: str 
     """A JSON file of a local folder or Hub repo, or None when the source has no such file."""
     if is_local_source(source):
         path = Path(source, subfolder or "", filename)
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_json_object(path) if path.is_file() else None
     try:
         path = hf_hub_download(source, filename, subfolder=subfolder, revision=revision, cache_dir=cache_dir)
     except LocalEntryNotFoundError as error:
@@ -240,7 +240,7 @@ def _read_json(source: str, filename: str, subfolder: str | None, revision: str 
             f"repo on the Hub (and no local folder of that name), or it is private and no token is saved "
             f"({type(error).__name__}). Check the id (owner/name) or `hf auth login`; for a local folder, give its path."
         ) from error
-    return json.loads(Path(path).read_text())
+    return read_json_object(path)
 
 
 def _check_pipeline_index(index: dict[str, Any], source: str) -> None:

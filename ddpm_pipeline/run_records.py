@@ -5,7 +5,6 @@ and the clock of training seconds."""
 from __future__ import annotations
 
 import csv
-import json
 import math
 import time
 from array import array
@@ -19,6 +18,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
+from .json_files import read_json_object
 from .losses import DiffusionLossTerms
 
 #: The training loss is also logged per quarter of the timesteps: ``loss_q{q}`` for ``t ∈ [qT/4, (q+1)T/4)``.
@@ -176,7 +176,7 @@ def load_run_summary(folder: str | Path) -> tuple[dict[str, Any] | None, bool]:
     for name in (TRAINING_SUMMARY_NAME, SNAPSHOT_SUMMARY_NAME):
         path = Path(folder) / name
         if path.is_file():
-            return json.loads(path.read_text()), name == SNAPSHOT_SUMMARY_NAME
+            return read_json_object(path), name == SNAPSHOT_SUMMARY_NAME
     return None, False
 
 

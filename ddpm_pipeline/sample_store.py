@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .atomic import atomic_path
+from .json_files import read_json_object
 from .pipeline_ddpm_target import DDPMTargetPipeline, DDPMTargetPipelineOutput
 from .seeding import derive_seed
 
@@ -39,7 +40,9 @@ def recorded_settings(folder: str | Path) -> dict[str, Any] | None:
     """The sampling options ``folder``'s samples were made with (its ``sampling.json``), or None
     for a folder without samples yet."""
     settings_path = Path(folder) / SETTINGS_FILE
-    return json.loads(settings_path.read_text()) if settings_path.is_file() else None
+    if not settings_path.is_file():
+        return None
+    return read_json_object(settings_path, f"delete {Path(folder)} (or give another folder) to sample afresh")
 
 
 def recorded_batch_size(folder: str | Path, default: int) -> int:

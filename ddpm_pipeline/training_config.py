@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .commands import program_name
+from .json_files import read_json_object
 from .option_values import (
     COMPILE_MODES,
     DEFAULT_IMPORTANCE_HISTORY,
@@ -594,7 +595,7 @@ class TrainingConfig:
     @classmethod
     def load(cls, path: str | Path) -> TrainingConfig:
         """Read a file written by :meth:`save` (see :meth:`from_dict`)."""
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        return cls.from_dict(read_json_object(path))
 
     def architecture(self) -> dict[str, Any]:
         """The :data:`ARCHITECTURE_FIELDS`, with a new network's unset ``resolution`` and

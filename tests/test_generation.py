@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -265,6 +266,39 @@ def test_a_launch_asked_for_two_processes_that_starts_one_says_so(tmp_path, tiny
                             env=env, timeout=600, cwd=ROOT)  # fmt: skip
     assert json.loads((tmp_path / "s" / "sampling_report.json").read_text())["processes"] == 1
     assert "started this one alone" in result.stderr and "--multi_gpu --num_processes N sample_ddpm.py" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("damaged", "content", "problem"),
+    [
+        ("model_index.json", '{"_class_name": "DDPMPipeline",}', r"is not valid JSON \(Expecting property name .*line 1"),
+        ("unet/config.json", "", "is empty"),
+        ("scheduler/scheduler_config.json", "[]", "holds a JSON list, not an object"),
+        ("training_summary.json", '{"global_step": 4', r"is not valid JSON \("),
+    ],
+)
+def test_a_pipeline_file_that_is_not_json_is_named_on_the_command_line(tmp_path, tiny_pipeline, capsys, damaged, content,
+                                                                        problem):  # fmt: skip
+    """A JSON file of the pipeline edited by hand with a typo, emptied or cut short: the command
+    names the file and where its JSON breaks, in one line, before it samples anything."""
+    folder = tmp_path / "pipeline"
+    shutil.copytree(tiny_pipeline, folder)
+    (folder / damaged).write_text(content)
+    with pytest.raises(SystemExit):
+        run_command(lambda: main(["--model", str(folder), "--output_dir", str(tmp_path / "s"), "--num_images", "1"]),
+                    "sample_ddpm.py")  # fmt: skip
+    error = capsys.readouterr().err
+    assert re.match(f"sample_ddpm.py: error: {re.escape(str(folder / damaged))} {problem}", error), error
+    assert error.rstrip().endswith(": correct it, or restore it from a copy.")
+    assert not (tmp_path / "s" / "images").exists()
+
+
+def test_a_sample_folder_whose_record_is_not_json_says_how_to_start_afresh(tmp_path, tiny_pipeline):
+    sample(tmp_path, tiny_pipeline, num_images=2)
+    (tmp_path / "out" / "images" / SETTINGS_FILE).write_text('{"seed": 0, "num_inf')
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'out' / 'images' / SETTINGS_FILE} is not valid JSON (")
+                       + ".*" + re.escape(f"delete {tmp_path / 'out' / 'images'} (or give another folder) to sample afresh.")):
+        sample(tmp_path, tiny_pipeline, num_images=4)
 
 
 def test_a_bad_option_is_one_line_on_the_command_line(tmp_path, monkeypatch, capsys):
