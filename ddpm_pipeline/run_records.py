@@ -5,6 +5,7 @@ and the clock of training seconds."""
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import time
 from array import array
@@ -20,6 +21,8 @@ from tqdm.auto import tqdm
 from .atomic import atomic_path
 from .json_files import read_json_object
 from .losses import DiffusionLossTerms
+
+logger = logging.getLogger(__name__)
 
 #: The training loss is also logged per quarter of the timesteps: ``loss_q{q}`` for ``t ∈ [qT/4, (q+1)T/4)``.
 TIMESTEP_QUARTERS = 4
@@ -182,12 +185,30 @@ def load_run_summary(folder: str | Path) -> tuple[dict[str, Any] | None, bool]:
 
 def iter_loss_history(path: Path) -> Iterator[dict[str, float | None]]:
     """The rows of a ``loss_history.csv`` one at a time, each column's value a float (the step an
-    int), None for an empty cell."""
+    int), None for an empty cell.
+
+    A row that cannot be read, with fewer or more cells than the header or a cell that is not a
+    number, is left out with a warning: a write cut short (a disk that filled up while rows were
+    appended, a power cut) leaves the last row cut short. Such a row lies past the checkpoint a
+    resume starts from (the history is flushed before each checkpoint), which drops it anyway.
+    """
     with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            values: dict[str, float | None] = {name: None if text == "" else float(text) for name, text in row.items()}
-            values["step"] = int(row["step"])
+        reader = csv.reader(handle)
+        columns = next(reader, [])
+        unreadable = []
+        for row in reader:
+            try:  # a row of fewer or more cells fails zip's strict check
+                values: dict[str, float | None] = {name: None if text == "" else float(text)
+                                                   for name, text in zip(columns, row, strict=True)}  # fmt: skip
+                values["step"] = int(row[columns.index("step")])
+            except ValueError:
+                unreadable.append(reader.line_num)
+                continue
             yield values
+    if unreadable:
+        lines = ", ".join(map(str, unreadable[:5])) + (", …" if len(unreadable) > 5 else "")
+        logger.warning(f"{path}: left out {len(unreadable)} row(s) that cannot be read (line {lines}), such as the "
+                       "last row of a run that stopped while writing it")  # fmt: skip
 
 
 def read_loss_history(path: Path) -> list[dict[str, float | None]]:
