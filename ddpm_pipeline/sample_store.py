@@ -10,7 +10,9 @@ rather than mixed.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ from .atomic import atomic_path
 from .json_files import read_json_object
 from .pipeline_ddpm_target import DDPMTargetPipeline, DDPMTargetPipelineOutput
 from .seeding import derive_seed
+
+logger = logging.getLogger(__name__)
 
 SETTINGS_FILE = "sampling.json"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -63,10 +67,31 @@ def sample_name(index: int) -> str:
     return f"{index:06d}.png"
 
 
+#: What every PNG file starts with, and the IEND chunk it ends with (length 0, type, CRC).
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def is_whole_png(path: Path) -> bool:
+    """Whether ``path`` is a PNG file from its signature to its IEND chunk: a sample as
+    :func:`_write_png` wrote it, not one a power cut left empty or full of zeros under its name, or
+    a copy cut short (20 bytes read, so a store of 50,000 samples is checked in a second)."""
+    try:
+        with path.open("rb") as file:
+            start = file.read(len(PNG_SIGNATURE))
+            file.seek(0, 2)
+            if file.tell() < len(PNG_SIGNATURE) + len(PNG_END):
+                return False
+            file.seek(-len(PNG_END), 2)
+            return start == PNG_SIGNATURE and file.read() == PNG_END
+    except OSError:  # missing, or a folder
+        return False
+
+
 def count_complete(folder: Path) -> int:
-    """How many images ``000000.png, 000001.png, …`` exist without a gap."""
+    """How many images ``000000.png, 000001.png, …`` exist whole (:func:`is_whole_png`) without a gap."""
     count = 0
-    while (folder / sample_name(count)).is_file():
+    while is_whole_png(folder / sample_name(count)):
         count += 1
     return count
 
@@ -129,9 +154,17 @@ class SampleStore:
         return count_complete(self.folder)
 
     def count_existing(self, num_samples: int) -> int:
-        """How many of the first ``num_samples`` images exist (gaps allowed: several processes, or
-        one interrupted, may have written later batches before earlier ones)."""
-        return sum(path.is_file() for path in self.paths(num_samples))
+        """How many of the first ``num_samples`` images exist whole (gaps allowed: several processes,
+        or one interrupted, may have written later batches before earlier ones). A damaged one
+        (:func:`is_whole_png`) is named in a warning, and drawn again by :meth:`fill`."""
+        paths = self.paths(num_samples)
+        whole = [is_whole_png(path) for path in paths]
+        damaged = [path.name for path, ok in zip(paths, whole, strict=True) if not ok and path.exists()]
+        if damaged:
+            shown = ", ".join(damaged[:5]) + (f" and {len(damaged) - 5} more" if len(damaged) > 5 else "")
+            logger.warning(f"{self.folder}: {shown} cut short or empty (a power cut, a copy cut short): "
+                           "drawing them again")  # fmt: skip
+        return sum(whole)
 
     def batches_to_sample(self, num_samples: int, process_index: int = 0, num_processes: int = 1) -> list[int]:
         """The batches that process ``process_index`` of ``num_processes`` samples: every
@@ -145,7 +178,7 @@ class SampleStore:
         return [
             batch
             for batch in range(process_index, last_batch, num_processes)
-            if not all(path.is_file() for path in paths[batch * batch_size : (batch + 1) * batch_size])
+            if not all(is_whole_png(path) for path in paths[batch * batch_size : (batch + 1) * batch_size])
         ]
 
     def fill(
@@ -177,7 +210,7 @@ class SampleStore:
                 kept = images[: max(0, num_samples - batch * batch_size)]
                 for index, image in enumerate(kept, start=batch * batch_size):
                     path = self.folder / sample_name(index)
-                    if not path.is_file():
+                    if not is_whole_png(path):
                         _write_png(image, path)
                         written += 1
                 progress.update(len(kept))  # a batch at once: the rate and time left count whole batches
@@ -238,6 +271,21 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
+#: What PIL raises for a file it cannot read as an image (its UnidentifiedImageError is an OSError).
+IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@contextmanager
+def naming_unreadable_image(path: Path) -> Iterator[None]:
+    """Reading the image file ``path`` within: PIL's error for a file it cannot read (empty, cut
+    short, not an image) becomes a ValueError naming the file."""
+    try:
+        yield
+    except IMAGE_READ_ERRORS as error:
+        raise ValueError(f"{path} cannot be read as an image ({type(error).__name__}: {error}): replace it, or "
+                         "remove it.") from error  # fmt: skip
+
+
 def image_batches(paths: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
     """``uint8 [B, 3, H, W]`` batches of image files (grayscale repeated to RGB), each read as the
     training data's images are: turned :func:`~ddpm_pipeline.images.upright`, then
@@ -248,7 +296,7 @@ def image_batches(paths: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
     for start in range(0, len(paths), batch_size):
         tensors = []
         for path in paths[start : start + batch_size]:
-            with Image.open(path) as image:
+            with naming_unreadable_image(path), Image.open(path) as image:
                 tensors.append(pil_to_uint8(to_8bit_opaque(upright(image))))
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) > 1:

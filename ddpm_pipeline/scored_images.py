@@ -20,7 +20,7 @@ from PIL import Image
 
 from .generation import IMAGES_FOLDER, REPORT_NAME
 from .images import GRAY_MODES, upright_size
-from .sample_store import SETTINGS_FILE, image_batches, image_files
+from .sample_store import SETTINGS_FILE, image_batches, image_files, naming_unreadable_image
 
 NPZ_SUFFIX = ".npz"
 #: The array of an ``.npz`` that holds the images (numpy's name for the first positional array).
@@ -105,7 +105,7 @@ class ScoredImages:
         first_of_size: dict[tuple[int, int], Path] = {}
         all_gray = True
         for path in self.files:
-            with Image.open(path) as image:
+            with naming_unreadable_image(path), Image.open(path) as image:
                 first_of_size.setdefault(upright_size(image), path)
                 all_gray = all_gray and image.mode in GRAY_MODES
         if len(first_of_size) > 1:

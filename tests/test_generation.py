@@ -301,6 +301,26 @@ def test_a_sample_folder_whose_record_is_not_json_says_how_to_start_afresh(tmp_p
         sample(tmp_path, tiny_pipeline, num_images=4)
 
 
+def test_damaged_samples_are_drawn_again_as_they_were(tmp_path, tiny_pipeline, caplog):
+    """A sample cut short (a copy), emptied or zero-filled under its name (a power cut before its
+    data reached the disk) is not counted as there: the next call draws it again, the same image."""
+    sample(tmp_path, tiny_pipeline, num_images=6)
+    images = tmp_path / "out" / "images"
+    before = {path.name: path.read_bytes() for path in sorted(images.glob("*.png"))}
+    (images / "000001.png").write_bytes(before["000001.png"][: len(before["000001.png"]) // 2])
+    (images / "000002.png").write_bytes(b"")
+    (images / "000004.png").write_bytes(bytes(len(before["000004.png"])))
+    with caplog.at_level("WARNING"):
+        report = sample(tmp_path, tiny_pipeline, num_images=6)
+    assert "000001.png, 000002.png, 000004.png cut short or empty" in caplog.text
+    assert report["samples_reused"] == 3
+    assert {path.name: path.read_bytes() for path in sorted(images.glob("*.png"))} == before
+    (images / "000003.png").write_bytes(b"")  # and scoring the folder as --samples names a damaged file
+    with pytest.raises(ValueError, match=re.escape(f"{images / '000003.png'} cannot be read as an image (Unidentified")):
+        evaluate(samples=str(tmp_path / "out"), reference=str(images), metrics="fid", feature_extractor=FEATURES,
+                 output=str(tmp_path / "r.json"), device="cpu")  # fmt: skip
+
+
 def test_a_bad_option_is_one_line_on_the_command_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exited:
