@@ -43,7 +43,7 @@ from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder
 from .provenance import model_training, package_versions
-from .reference import DataSource, reference_statistics, training_data_reference
+from .reference import DataSource, naming_unreadable_npz, reference_statistics, training_data_reference
 from .sample_store import recorded_batch_size
 from .sampling import (
     LaunchedProcesses,
@@ -165,7 +165,7 @@ def check_reference_size(source: DataSource, dataset: datasets.Dataset | None, m
     or a statistics file without the ``features`` that KID and precision/recall need."""
     compared = [metric for metric in metrics if metric in REFERENCE_METRICS]
     if source.kind == "stats":
-        with np.load(source.location, allow_pickle=False) as data:
+        with naming_unreadable_npz(source.location, "statistics"), np.load(source.location, allow_pickle=False) as data:
             has_features = "features" in data.files
         needs_features = [{"kid": "KID", "prc": "precision/recall"}[metric] for metric in compared if metric in ("kid", "prc")]
         if needs_features and not has_features:

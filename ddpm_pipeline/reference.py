@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,12 @@ from .images import ImagePreprocessor, ImageSource
 from .metrics import gaussian_statistics
 from .run_outputs import model_folder_kind
 
+logger = logging.getLogger(__name__)
+
 STATS_SUFFIX = ".npz"
+#: What reading a damaged ``.npz`` raises: EOFError when empty, BadZipFile when cut short,
+#: ValueError when zero-filled (numpy then takes it for pickled data).
+NPZ_READ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile)
 
 
 def default_cache_dir() -> Path:
@@ -146,6 +154,16 @@ def training_data_reference(training: dict[str, Any], model: str) -> tuple[str, 
     return "bundled", split, None
 
 
+@contextmanager
+def naming_unreadable_npz(path: str | Path, holding: str) -> Iterator[None]:
+    """Reading the ``.npz`` file ``path`` (of ``holding``: "statistics", "images") within: what a
+    damaged one raises (:data:`NPZ_READ_ERRORS`) becomes a ValueError naming it."""
+    try:
+        yield
+    except NPZ_READ_ERRORS as error:
+        raise ValueError(f"{path} cannot be read as a .npz of {holding} ({type(error).__name__}: {error}).") from error
+
+
 @dataclass
 class ReferenceStatistics:
     """Features (``[N, 2048]``, or ``None`` for an ``mu``/``sigma``-only file) and FID statistics."""
@@ -169,14 +187,16 @@ class ReferenceStatistics:
 
     @classmethod
     def load(cls, path: str | Path, cache_hit: bool = True) -> ReferenceStatistics:
-        """Read a ``.npz`` with ``mu`` and ``sigma`` (and optionally ``features`` and ``key``)."""
-        with np.load(path, allow_pickle=False) as data:
-            missing = [name for name in ("mu", "sigma") if name not in data]
-            if missing:
-                raise ValueError(f"{path} lacks {missing}: a statistics file needs 'mu' and 'sigma' (and may have 'features').")
-            features = torch.from_numpy(data["features"]) if "features" in data else None
-            key = json.loads(str(data["key"])) if "key" in data else {"file": str(path)}
-            statistics = {"mu": data["mu"].astype(np.float64), "sigma": data["sigma"].astype(np.float64)}
+        """Read a ``.npz`` with ``mu`` and ``sigma`` (and optionally ``features`` and ``key``); a
+        ValueError naming the file when it lacks them or cannot be read (empty, cut short)."""
+        with naming_unreadable_npz(path, "statistics"), np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in ("mu", "sigma", "features", "key") if name in data}
+            key = json.loads(str(arrays["key"])) if "key" in arrays else {"file": str(path)}
+        missing = [name for name in ("mu", "sigma") if name not in arrays]
+        if missing:
+            raise ValueError(f"{path} lacks {missing}: a statistics file needs 'mu' and 'sigma' (and may have 'features').")
+        features = torch.from_numpy(arrays["features"]) if "features" in arrays else None
+        statistics = {"mu": arrays["mu"].astype(np.float64), "sigma": arrays["sigma"].astype(np.float64)}
         count = len(features) if features is not None else int(key.get("num_images", 0))
         return cls(statistics, features, count, Path(path), cache_hit, key)
 
@@ -253,9 +273,13 @@ def reference_statistics(
     key = reference_key(source, dataset, preprocess, extractor, max_images)
     path = cache_path_for(key, cache_dir or default_cache_dir())
     if path.is_file():
-        cached = ReferenceStatistics.load(path, cache_hit=True)
-        if cached.key == key:
-            return cached
+        try:
+            cached = ReferenceStatistics.load(path, cache_hit=True)
+        except ValueError as error:  # emptied or cut short (a power cut, a full disk): computed again
+            logger.warning(f"the cached reference statistics: {error} Computing them again.")
+        else:
+            if cached.key == key:
+                return cached
     network = extractor.create(["2048"], device)
     count = key["num_images"]
     subset = spread_subset(dataset, count)

@@ -20,6 +20,7 @@ from PIL import Image
 
 from .generation import IMAGES_FOLDER, REPORT_NAME
 from .images import GRAY_MODES, upright_size
+from .reference import naming_unreadable_npz
 from .sample_store import SETTINGS_FILE, image_batches, image_files, naming_unreadable_image
 
 NPZ_SUFFIX = ".npz"
@@ -33,13 +34,13 @@ def read_npz_images(path: str | Path) -> np.ndarray:
     composited on black, ``round(c·α/255)`` (as :func:`~ddpm_pipeline.images.to_8bit_opaque` reads
     files); a clear error for anything else."""
     path = Path(path)
-    with np.load(path, allow_pickle=False) as archive:
+    with naming_unreadable_npz(path, "images"), np.load(path, allow_pickle=False) as archive:
         names = list(archive.files)
         name = NPZ_ARRAY if NPZ_ARRAY in names else (names[0] if len(names) == 1 else None)
-        if name is None:
-            raise ValueError(f"--samples {path} holds no {NPZ_ARRAY} and {len(names)} arrays ({', '.join(names)}): "
-                             f"save the images as its first array, np.savez(path, images).")  # fmt: skip
-        array = archive[name]
+        array = archive[name] if name is not None else None
+    if array is None:
+        raise ValueError(f"--samples {path} holds no {NPZ_ARRAY} and {len(names)} arrays ({', '.join(names)}): "
+                         f"save the images as its first array, np.savez(path, images).")  # fmt: skip
     if array.ndim == 3:
         array = array[..., None]
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 2, 3, 4):

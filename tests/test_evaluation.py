@@ -270,6 +270,14 @@ def test_reference_statistics_are_cached_and_invalidated_by_preprocessing(tmp_pa
     # The cache file is itself a statistics file users can pass as --reference.
     from_file = run(tmp_path, tiny_pipeline, first["reference"]["statistics_file"], metrics="fid,kid")
     assert from_file["metrics"]["fid"] == pytest.approx(first["metrics"]["fid"], rel=1e-12)
+    # a cache file cut short (a power cut, a full disk) is computed again; a statistics file given so is named
+    cached = Path(first["reference"]["statistics_file"])
+    cached.write_bytes(cached.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=re.escape(f"{cached} cannot be read as a .npz of statistics (BadZipFile: ")):
+        run(tmp_path, tiny_pipeline, str(cached), metrics="fid")
+    again = run(tmp_path, tiny_pipeline, reference_data, metrics="fid,kid")
+    assert again["reference"]["cache_hit"] is False and again["metrics"] == first["metrics"]
+    assert run(tmp_path, tiny_pipeline, reference_data, metrics="fid,kid")["reference"]["cache_hit"] is True
 
 
 def test_inception_score_from_known_logits_equals_the_closed_form(tmp_path, reference_data):
@@ -319,8 +327,10 @@ def test_samples_as_an_npz_score_as_the_same_images_as_files(tmp_path, tiny_pipe
     assert fewer["num_samples"] == 4
     np.savez(tmp_path / "floats.npz", array.astype(np.float32) / 255)
     np.savez(tmp_path / "two.npz", a=array, b=array)
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "samples.npz").read_bytes()[:300])
     for name, message in [("floats", r"arr_0 is float32 \[6, 16, 16, 1\], not images as uint8 .*\.astype\(np.uint8\)"),
-                          ("two", r"holds no arr_0 and 2 arrays \(a, b\)")]:  # fmt: skip
+                          ("two", r"holds no arr_0 and 2 arrays \(a, b\)"),
+                          ("cut", r"cut\.npz cannot be read as a \.npz of images \(BadZipFile: ")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             evaluate(samples=str(tmp_path / f"{name}.npz"), output=str(tmp_path / "bad.json"), **options)
     with pytest.raises(FileNotFoundError, match="is a file: give a folder of images or an .npz"):
