@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_path
+from .checkpointing import UNREADABLE_FILE_ERRORS, unreadable_file_damage
 from .likelihood import BoundTerms
 
 logger = logging.getLogger(__name__)
@@ -56,11 +57,19 @@ class BoundStore:
                 partial.write_text(json.dumps(self.settings, indent=2, sort_keys=True) + "\n")
 
     def load(self, batch_index: int) -> BoundTerms | None:
-        """The stored terms of batch ``batch_index``, or None when it has not been computed."""
+        """The stored terms of batch ``batch_index``, or None when it has not been computed, or its
+        file cannot be read (emptied or cut short: a power cut, a full disk; computed again)."""
         path = self.folder / batch_file_name(batch_index)
         if not path.is_file():
             return None
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except UNREADABLE_FILE_ERRORS as error:
+            damage = unreadable_file_damage(error)
+            if damage is None:
+                raise
+            logger.warning(f"{path} cannot be read ({damage}): computing its batch again")
+            return None
         return BoundTerms(**{name: saved.get(name) for name in _TERMS})
 
     def save(self, batch_index: int, terms: BoundTerms) -> None:

@@ -418,6 +418,9 @@ def test_stored_bound_terms_from_other_options_or_rewritten_weights_are_discarde
     bound_store(folder, str(model), source, preprocess, 5, 3, 2, 0).save(0, terms)
     again = bound_store(folder, str(model), source, preprocess, 5, 3, 2, 0)
     assert torch.equal(again.load(0).total, torch.full((2,), 3.0)) and again.load(1) is None
+    again.save(1, terms)
+    (folder / "batch-000001.pt").write_bytes((folder / "batch-000001.pt").read_bytes()[:100])  # cut short: computed again
+    assert again.load(1) is None and again.load(0) is not None
     assert bound_store(folder, str(model), source, preprocess, 5, 4, 2, 0).count() == 0  # other timesteps
     bound_store(folder, str(model), source, preprocess, 5, 3, 2, 0).save(0, terms)
     train_further(model)
