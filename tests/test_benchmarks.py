@@ -157,6 +157,14 @@ def test_winograd_experiment_runs(tmp_path):
     assert json.loads((tmp_path / "w.jsonl").read_text())["model"] == "ddpm-tiny-16"
 
 
+def test_checkpoint_flush_cost_runs(tmp_path):
+    result = load_benchmark("checkpoint_flush").main(["--model", "ddpm-tiny-16", "--writes", "2", "--output_dir",
+                                                      str(tmp_path / "run"), "--output", str(tmp_path / "f.jsonl")])  # fmt: skip
+    assert result["with_flush_s"] > 0 and result["without_flush_s"] > 0 and result["checkpoint_mib"] > 1
+    assert [path.name for path in (tmp_path / "run").iterdir()] == ["checkpoint-2"]
+    assert json.loads((tmp_path / "f.jsonl").read_text())["model"] == "ddpm-tiny-16"
+
+
 def test_the_gpu_session_runs_tests_that_exist():
     """benchmarks/gpu_session.sh names the CUDA-only tests a GPU session runs; a renamed test would
     cost that session's scarce device time, so each name is checked here."""
