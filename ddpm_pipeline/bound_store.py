@@ -20,6 +20,7 @@ import torch
 
 from .atomic import atomic_path
 from .checkpointing import UNREADABLE_FILE_ERRORS, unreadable_file_damage
+from .json_files import UnreadableJSON, read_json_object
 from .likelihood import BoundTerms
 
 logger = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ def _recorded_settings(path: Path) -> dict[str, Any] | None:
     """The settings a store recorded, or None when the file cannot be read (emptied or cut short:
     the terms beside it cannot be told from others')."""
     try:
-        return json.loads(path.read_text())
-    except ValueError:
+        return read_json_object(path)
+    except UnreadableJSON:
         return None
 
 

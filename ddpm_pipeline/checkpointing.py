@@ -32,6 +32,7 @@ from .atomic import (
     move_into_place,
     temporary_sibling,
 )
+from .json_files import UnreadableJSON, read_json_object
 from .run_records import SNAPSHOT_SUMMARY_NAME, TRAINING_SUMMARY_NAME
 
 logger = logging.getLogger(__name__)
@@ -106,18 +107,10 @@ class UnreadableTrainerState(ValueError):
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     """The ``trainer_state.json`` of a checkpoint (``global_step``, ``training_config``…); an
     :class:`UnreadableTrainerState` when it is not a JSON object."""
-    path = Path(checkpoint) / TRAINER_STATE_NAME
-    text = path.read_bytes()
-    if not text.strip():
-        raise UnreadableTrainerState(checkpoint, f"{TRAINER_STATE_NAME} is empty")
     try:
-        state = json.loads(text)
-    except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError
-        raise UnreadableTrainerState(checkpoint, f"{TRAINER_STATE_NAME} cannot be read, "
-                                                 f"{type(error).__name__}: {error}") from error  # fmt: skip
-    if not isinstance(state, dict):
-        raise UnreadableTrainerState(checkpoint, f"{TRAINER_STATE_NAME} holds a JSON {type(state).__name__}, not an object")
-    return state
+        return read_json_object(Path(checkpoint) / TRAINER_STATE_NAME)
+    except UnreadableJSON as error:
+        raise UnreadableTrainerState(checkpoint, f"{TRAINER_STATE_NAME} {error.problem}") from error
 
 
 def write_checkpoint(

@@ -13,17 +13,28 @@ from typing import Any
 DEFAULT_FIX = "correct it, or restore it from a copy"
 
 
+class UnreadableJSON(ValueError):
+    """A JSON file that is not a JSON object: ``problem`` says how (``"is empty"``, ``"is not
+    valid JSON (Expecting value: line 1 column 1 (char 0))"``, ``"holds a JSON list, not an
+    object"``), and the message is ``"{path} {problem}: {fix}."``."""
+
+    def __init__(self, path: Path, problem: str, fix: str):
+        super().__init__(f"{path} {problem}: {fix}.")
+        self.path, self.problem = path, problem
+
+
 def read_json_object(path: str | Path, fix: str = DEFAULT_FIX) -> dict[str, Any]:
     """The JSON object in ``path``. A file that is empty, not JSON (``json.loads`` fails) or JSON
-    but not an object raises a ValueError naming the file, where its JSON breaks, and ``fix``."""
+    but not an object raises an :class:`UnreadableJSON` naming the file, where its JSON breaks,
+    and ``fix``."""
     path = Path(path)
     text = path.read_bytes()
     if not text.strip():
-        raise ValueError(f"{path} is empty: {fix}.")
+        raise UnreadableJSON(path, "is empty", fix)
     try:
         value = json.loads(text)
     except ValueError as error:  # json.JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path} is not valid JSON ({error}): {fix}.") from error
+        raise UnreadableJSON(path, f"is not valid JSON ({error})", fix) from error
     if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object: {fix}.")
+        raise UnreadableJSON(path, f"holds a JSON {type(value).__name__}, not an object", fix)
     return value

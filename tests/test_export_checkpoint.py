@@ -158,7 +158,7 @@ def test_a_damaged_checkpoint_is_named_with_the_one_before_it(finished_run, tmp_
                                        "from a copy.")  # fmt: skip
     state_text = (run / "checkpoint-4" / TRAINER_STATE_NAME).read_text()
     (run / "checkpoint-4" / TRAINER_STATE_NAME).write_text('{"global_step": 4, "training_con')  # cut short
-    with pytest.raises(ValueError, match=re.escape("(trainer_state.json cannot be read, JSONDecodeError: ")) as refused:
+    with pytest.raises(ValueError, match=re.escape("(trainer_state.json is not valid JSON (")) as refused:
         export_checkpoint(run / "checkpoint-4")
     assert str(refused.value).endswith(f"Export the checkpoint before it ({run / 'checkpoint-2'}) instead, or restore the folder "
                                        "from a copy.")  # fmt: skip

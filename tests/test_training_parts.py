@@ -246,7 +246,7 @@ def test_a_checkpoint_records_its_file_sizes_and_a_damaged_one_is_named(tmp_path
     # its trainer_state.json emptied (a power cut before its data reached the disk), cut short, or not an object
     text = (latest / TRAINER_STATE_NAME).read_text()
     for content, damage in [("", "trainer_state.json is empty"),
-                            (text[: len(text) // 2], "trainer_state.json cannot be read, JSONDecodeError: "),
+                            (text[: len(text) // 2], "trainer_state.json is not valid JSON ("),
                             ("[1, 2]", "trainer_state.json holds a JSON list, not an object")]:  # fmt: skip
         (latest / TRAINER_STATE_NAME).write_text(content)
         with pytest.raises(UnreadableTrainerState, match=re.escape(f"Checkpoint {latest} is damaged ({damage}")):
