@@ -17,10 +17,12 @@ import torch
 from accelerate import PartialState
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
+from .checkpointing import checkpoint_step, list_checkpoints
 from .inception_weights import file_digest
 from .option_values import FAST_SAMPLING_CHOICES, SAMPLING_DTYPE_CHOICES, SCHEDULER_CHOICES, TIMESTEP_SPACINGS
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .pretrained import is_local_source
+from .run_outputs import snapshot_name
 from .sample_store import UNRECORDED_DEFAULTS, SampleStore
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .speed import cpu_precision_advice, cpu_threads_per_process, is_compiled
@@ -222,12 +224,28 @@ def load_pipeline(model: str) -> DDPMTargetPipeline:
         return DDPMTargetPipeline.from_pretrained(model)
     except OSError as error:
         if Path(model).exists():
+            if "Unable to load weights" in str(error):  # diffusers' words for a weights file it cannot read
+                raise ValueError(damaged_weights_message(model, error)) from error
             raise
         raise FileNotFoundError(
             f"--model {model} is not a local folder, and as a Hub repo it is neither cached nor reachable (offline, "
             "HF_HUB_OFFLINE=1?). Download it once on a machine with network access (`hf download "
             f"{model}`, into the same HF_HOME), or give a local pipeline folder."
         ) from error
+
+
+def damaged_weights_message(model: str, error: OSError) -> str:
+    """Why a local pipeline folder's UNet weights cannot be loaded (diffusers' ``error``), and how to
+    get the model back: from the run's last checkpoint in the folder, when it has one."""
+    checkpoints = list_checkpoints(model)
+    if checkpoints:
+        latest = checkpoints[-1]
+        fix = (f"`python -m ddpm_pipeline.export_checkpoint {latest}` writes the model of its last checkpoint, as "
+               f"{Path(model) / snapshot_name(checkpoint_step(latest), 'steps')}; or restore the folder from a copy.")  # fmt: skip
+    else:
+        fix = "Restore the folder from a copy, or save the pipeline again."
+    first_sentence = str(error).split(". ")[0].rstrip(".")
+    return f"The weights of {model} cannot be read, cut short or damaged ({first_sentence}). {fix}"
 
 
 def sampling_pipeline(model: str, device: torch.device, fast_sampling: str = "auto", dtype: str = "auto",

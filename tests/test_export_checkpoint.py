@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -142,6 +143,26 @@ def test_what_is_not_a_checkpoint_is_named(finished_run, tmp_path):
         check_pipeline_folder(out / "checkpoint-2")
     with pytest.raises(ValueError, match=f"is a part of the pipeline in {out}: give that folder"):
         check_pipeline_folder(out / "unet")
+
+
+def test_a_pipeline_whose_weights_are_damaged_names_the_checkpoint_that_gives_them_back(finished_run, tmp_path):
+    """The finished pipeline's weights cut short (a power cut after the run, a copy): sampling it
+    names the export of the run's last checkpoint, which writes the same model again."""
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    weights = run / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    options = SampleConfig(model=str(run), output_dir=str(tmp_path / "samples"), num_images=2, num_inference_steps=2,
+                           device="cpu")  # fmt: skip
+    with pytest.raises(ValueError) as refused:
+        generate_samples(options)
+    assert str(refused.value).startswith(f"The weights of {run} cannot be read, cut short or damaged (Unable to load weights")
+    assert str(refused.value).endswith(f"`python -m ddpm_pipeline.export_checkpoint {run / 'checkpoint-4'}` writes the model "
+                                       f"of its last checkpoint, as {run / 'snapshot-4steps'}; or restore the folder from a copy.")  # fmt: skip
+    main([str(run / "checkpoint-4")])  # the advice, then the model it gives back is the run's own
+    assert same_weights(UNet2DModel.from_pretrained(run / "snapshot-4steps" / "unet"),
+                        UNet2DModel.from_pretrained(finished_run / "unet"))  # fmt: skip
+    assert generate_samples(replace(options, model=str(run / "snapshot-4steps")))["num_images"] == 2
 
 
 def test_a_damaged_checkpoint_is_named_with_the_one_before_it(finished_run, tmp_path):
