@@ -213,7 +213,13 @@ def load_image_dataset(
                 f"--dataset_path {path} is not a data set written by save_to_disk (it has no dataset_info.json or "
                 f"dataset_dict.json); {fix}."
             )
-        return select_split(datasets.load_from_disk(str(path)), split, what=str(path))
+        try:
+            saved = datasets.load_from_disk(str(path))
+        except (OSError, ValueError) as error:  # pyarrow's: an OSError, or ArrowInvalid (a ValueError)
+            reason = str(error).splitlines()[0] if str(error) else "no details"
+            raise ValueError(f"--dataset_path {path} cannot be read ({type(error).__name__}: {reason}): a file of it is "
+                             "cut short or damaged. Write it again with save_to_disk, or restore it from a copy.") from error  # fmt: skip
+        return select_split(saved, split, what=str(path))
     return select_split(bundled_dataset(), split, what="the bundled data set")
 
 

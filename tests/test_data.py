@@ -4,6 +4,7 @@ import gzip
 import io
 import logging
 import pickle
+import re
 import struct
 import tarfile
 
@@ -260,6 +261,13 @@ def test_saved_dataset_dict_and_column_rules(tmp_path):
         load_image_dataset(dataset_path=tmp_path / "empty")
     with pytest.raises(ValueError, match=f"is a file of the data set that save_to_disk wrote: pass its folder, --dataset_path {tmp_path / 'dd'}."):
         load_image_dataset(dataset_path=tmp_path / "dd" / "dataset_dict.json")
+    # a file of it cut short (a copy, a full disk): pyarrow's read error, named with the fix
+    dataset.save_to_disk(str(tmp_path / "cut"))
+    (arrow,) = (tmp_path / "cut").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    with pytest.raises(ValueError, match=re.escape(f"--dataset_path {tmp_path / 'cut'} cannot be read (") +
+                       ".*: a file of it is cut short or damaged. Write it again with save_to_disk"):  # fmt: skip
+        load_image_dataset(dataset_path=tmp_path / "cut")
     # load_dataset reads a saved data set given as --dataset_name with an error that names neither option
     with pytest.raises(ValueError, match=f"--dataset_name {tmp_path / 'dd'} is a data set written by save_to_disk, .* pass it as --dataset_path {tmp_path / 'dd'}."):
         load_image_dataset(dataset_name=str(tmp_path / "dd"))
