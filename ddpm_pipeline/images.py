@@ -26,6 +26,11 @@ from .unet_presets import sample_height_width
 logger = logging.getLogger(__name__)
 
 
+#: What PIL raises for a file it cannot read as an image (empty, cut short, corrupt, not an image:
+#: its UnidentifiedImageError is an OSError; too big: DecompressionBombError).
+IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 class BadImageError(ValueError):
     """An image of the data set that cannot be read or preprocessed; the message names it."""
 
@@ -313,7 +318,7 @@ class ImageSource:
                 image.load()
                 image = upright(image)
             return image
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        except IMAGE_READ_ERRORS as error:
             hint = ""
             if isinstance(error, FileNotFoundError) and not item.get("bytes") and not os.path.isabs(item["path"]):
                 hint = (f" (a relative path is read from the current directory, {os.getcwd()}: run from the folder the "

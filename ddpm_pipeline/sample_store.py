@@ -271,14 +271,13 @@ def image_files(folder: str | Path) -> list[Path]:
     return files
 
 
-#: What PIL raises for a file it cannot read as an image (its UnidentifiedImageError is an OSError).
-IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
 @contextmanager
 def naming_unreadable_image(path: Path) -> Iterator[None]:
     """Reading the image file ``path`` within: PIL's error for a file it cannot read (empty, cut
-    short, not an image) becomes a ValueError naming the file."""
+    short, not an image: :data:`~ddpm_pipeline.images.IMAGE_READ_ERRORS`) becomes a ValueError
+    naming the file."""
+    from .images import IMAGE_READ_ERRORS  # images imports datasets: not at sample_ddpm.py's start, as below
+
     try:
         yield
     except IMAGE_READ_ERRORS as error:
