@@ -47,6 +47,7 @@ from .reference import DataSource, naming_unreadable_npz, reference_statistics, 
 from .sample_store import recorded_batch_size
 from .sampling import (
     LaunchedProcesses,
+    check_hub_model,
     check_model_exists,
     load_pipeline,
     model_identity,
@@ -478,8 +479,10 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     # what can be wrong with the inputs is found before the sampling, which may take hours
     if config.model is not None:
         check_model_exists(config.model)
-        if Path(config.model).exists():  # else a Hub repo id, checked by from_pretrained
+        if Path(config.model).exists():
             check_pipeline_folder(config.model)
+        else:  # a Hub repo id (or a mistyped folder's name), found before its training_config.json is looked for
+            check_hub_model(config.model)
     training = load_training_config(config.model) if config.model is not None else None  # read once, used twice
     config = resolve_reference(config, training, announce=processes.is_main)
     reference_source, reference_images = None, None  # the images loaded (a Hub data set downloaded) by the main process now

@@ -215,6 +215,36 @@ def check_model_exists(model: str) -> None:
         )
 
 
+def unreachable_hub_model_message(model: str) -> str:
+    """Why ``model``, not a local folder, cannot be loaded as a Hub repo, and the fixes."""
+    return (f"--model {model} is not a local folder, and as a Hub repo it is neither cached nor reachable (offline, "
+            f"HF_HUB_OFFLINE=1?). Download it once on a machine with network access (`hf download {model}`, into "
+            "the same HF_HOME), or give a local pipeline folder (is the path right?).")  # fmt: skip
+
+
+def check_hub_model(model: str) -> None:
+    """Raise, naming the fix, when ``model`` (no local folder: a Hub repo id) is not a pipeline that can be
+    loaded: a repo neither cached nor reachable (a mistyped local folder's name, offline), no such repo, or
+    one without ``model_index.json``. Fetching that file (or finding it cached) is the first thing
+    ``from_pretrained`` does, so this costs nothing more; it lets an evaluation find the mistake before it
+    reads the reference data."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        hf_hub_download(model, "model_index.json")
+    except LocalEntryNotFoundError as error:  # before EntryNotFoundError: it is a subclass of it
+        raise FileNotFoundError(unreachable_hub_model_message(model)) from error
+    except EntryNotFoundError as error:
+        raise FileNotFoundError(f"--model {model}: the Hub repo has no model_index.json, so it is not a diffusers "
+                                "pipeline: give a DDPMPipeline repo or folder.") from error  # fmt: skip
+    except RepositoryNotFoundError as error:
+        raise FileNotFoundError(
+            f"--model {model} is not a local folder, nor a Hub repo (or it is private and no token is saved): check the "
+            "path, or the repo id (owner/name) and `hf auth login`."
+        ) from error
+
+
 def load_pipeline(model: str) -> DDPMTargetPipeline:
     """``DDPMTargetPipeline.from_pretrained(model)`` (float32, on the CPU), with an error that
     names the fixes when ``model`` is a path (:func:`~ddpm_pipeline.pretrained.is_local_source`)
@@ -227,11 +257,7 @@ def load_pipeline(model: str) -> DDPMTargetPipeline:
             if "Unable to load weights" in str(error):  # diffusers' words for a weights file it cannot read
                 raise ValueError(damaged_weights_message(model, error)) from error
             raise
-        raise FileNotFoundError(
-            f"--model {model} is not a local folder, and as a Hub repo it is neither cached nor reachable (offline, "
-            "HF_HUB_OFFLINE=1?). Download it once on a machine with network access (`hf download "
-            f"{model}`, into the same HF_HOME), or give a local pipeline folder."
-        ) from error
+        raise FileNotFoundError(unreachable_hub_model_message(model)) from error
 
 
 def damaged_weights_message(model: str, error: OSError) -> str:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -102,3 +103,15 @@ def run_to_success(command: list[str], **kwargs) -> subprocess.CompletedProcess:
                     f"--- stdout (end) ---\n{result.stdout[-2000:]}\n--- stderr (end) ---\n{result.stderr[-6000:]}")  # fmt: skip
     return result
 
+
+
+def hub_cache_repo(cache: Path, repo_id: str, folder: Path) -> Path:
+    """Lay ``folder`` out in ``cache`` as huggingface_hub caches the main revision of the model repo
+    ``repo_id`` (``models--owner--name/refs/main`` naming a ``snapshots/<commit>`` copy), so that the
+    Hub code paths run offline; return the snapshot folder."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit

@@ -17,10 +17,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from conftest import launched_cpu_threads, reset_accelerate, run_to_success, torch_threads, two_process_launch
+from conftest import (
+    hub_cache_repo,
+    launched_cpu_threads,
+    reset_accelerate,
+    run_to_success,
+    torch_threads,
+    two_process_launch,
+)
 from diffusers import DDIMScheduler
 from PIL import Image
 from pixel_features import FEATURES, PixelFeatures, logits_of
@@ -837,8 +845,14 @@ def test_without_reference_a_model_is_compared_with_the_data_it_was_trained_on(t
     # nothing names the data: refused, and nothing sampled
     with pytest.raises(ValueError, match=f"--model {tiny_pipeline} has no training_config.json .*: give --reference"):
         run(tmp_path / "unrecorded", tiny_pipeline, None, metrics="kid")
-    with pytest.raises(ValueError, match="--model ddpm-pipeline-tests/not-cached is a Hub repo without a training_config"):
-        run(tmp_path / "unrecorded-hub", "ddpm-pipeline-tests/not-cached", None, metrics="fid")
+    # a Hub repo that is not there (or a mistyped folder's name) is named as such, not as a model without a record
+    with pytest.raises(FileNotFoundError, match="--model run-with-a-typo is not a local folder, and as a Hub repo it is "
+                                                r"neither cached nor reachable .*\(is the path right\?\)"):  # fmt: skip
+        run(tmp_path / "unrecorded-hub", "run-with-a-typo", None, metrics="fid")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_cache_repo(tmp_path / "hub", "someone/tiny-ddpm", tiny_pipeline)
+    with pytest.raises(ValueError, match="--model someone/tiny-ddpm is a Hub repo without a training_config"):
+        run(tmp_path / "unrecorded-hub", "someone/tiny-ddpm", None, metrics="fid")
     with pytest.raises(ValueError, match="--samples are images alone: give --reference"):
         evaluate(samples=str(folder), metrics="fid", feature_extractor=FEATURES, output=str(tmp_path / "s.json"))
     assert not list(tmp_path.glob("unrecorded*/*-samples")) and not (tmp_path / "s-samples").exists()

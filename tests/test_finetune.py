@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import reset_accelerate
+from conftest import hub_cache_repo, reset_accelerate
 from diffusers import DDPMPipeline, DDPMScheduler, ScoreSdeVePipeline, ScoreSdeVeScheduler, UNet2DModel
 from PIL import Image
 from test_training import TINY, read_loss_history, run_training
@@ -194,11 +194,7 @@ def test_a_mu_pipeline_which_names_this_package_s_scheduler_fine_tunes_as_mu(tmp
 def test_a_hub_repo_id_loads_through_the_hub_cache(tmp_path):
     """The Hub code path, offline: a repo laid out in --cache_dir as huggingface_hub caches it."""
     source = stock_pipeline_folder(tmp_path / "stock", variance_type="fixed_large")
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "cache" / "models--someone--tiny-ddpm"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(source, repo / "snapshots" / commit)
+    hub_cache_repo(tmp_path / "cache", "someone/tiny-ddpm", source)
     config = fine_tune_config("someone/tiny-ddpm", tmp_path / "out", "--cache_dir", tmp_path / "cache")
     trainer = Trainer(config)
     assert trainer.config.pretrained_model_name_or_path == "someone/tiny-ddpm"  # a repo id stays one
