@@ -51,6 +51,7 @@ from .sampling import (
     check_model_exists,
     load_pipeline,
     model_identity,
+    new_folder_batch_size,
     noise_device,
     sample_store,
     sampling_pipeline,
@@ -465,7 +466,10 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
     store_folder = Path(config.samples_dir or f"{stem}-samples")  # where a model's samples go
     if config.batch_size is None:  # the samples' own, so that they are reused rather than refused for it
         # read before the processes join, so before any of them writes the folder's record
-        batch_size = recorded_batch_size(store_folder, DEFAULT_BATCH_SIZE) if config.model else DEFAULT_BATCH_SIZE
+        batch_size = DEFAULT_BATCH_SIZE
+        if config.model:
+            new_folder = new_folder_batch_size(DEFAULT_BATCH_SIZE, config.num_samples, config.device)
+            batch_size = recorded_batch_size(store_folder, new_folder)
         config = replace(config, batch_size=batch_size)
     processes = LaunchedProcesses.from_environment(config.device)
     device = processes.device

@@ -40,7 +40,7 @@ class EvaluationConfig:
     fast_sampling: str = sampling_option("fast_sampling")
     compile_unet: bool | None = sampling_option("compile_unet")
     sampling_dtype: str = sampling_option("sampling_dtype")
-    seed: int = field(default=0, metadata={"help": "Sampling seed (image i is the same for any --num_samples)."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed (image i is the same for any --num_samples at the same --batch_size)."})
     output: str = field(default="results.json", metadata={"help": "The JSON report; the grid and plots are written beside it."})
     samples_dir: str | None = field(default=None, metadata={"help": "Where samples are written and reused (default: <output stem>-samples/; with --snapshots, a subfolder per pipeline)."})
     inception_weights: str | None = field(default=None, metadata={"help": "torch-fidelity-format Inception weights (default: torch-fidelity downloads them)."})  # noqa: E501

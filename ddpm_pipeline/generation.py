@@ -34,6 +34,7 @@ from .sample_config import DEFAULT_BATCH_SIZE, SampleConfig
 from .sample_store import SampleStore, recorded_batch_size
 from .sampling import (
     LaunchedProcesses,
+    new_folder_batch_size,
     noise_device,
     sample_store,
     sampling_pipeline,
@@ -87,7 +88,8 @@ def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict
     output_dir = Path(config.output_dir)
     if config.batch_size is None:  # the folder's own, so that adding images to it is never refused for it;
         # read before the processes join, so before any of them writes the folder's record
-        config = replace(config, batch_size=recorded_batch_size(output_dir / IMAGES_FOLDER, DEFAULT_BATCH_SIZE))
+        new_folder = new_folder_batch_size(DEFAULT_BATCH_SIZE, config.num_images, config.device)
+        config = replace(config, batch_size=recorded_batch_size(output_dir / IMAGES_FOLDER, new_folder))
     processes = LaunchedProcesses.from_environment(config.device, program="sample_ddpm.py")
     device = processes.device
     if Path(config.model).exists():  # else a Hub repo id, checked by from_pretrained

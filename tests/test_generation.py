@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import launched_cpu_threads, run_to_success, torch_threads, two_process_launch
+from diffusers import UNet2DModel
 from PIL import Image
 from pixel_features import FEATURES
 
@@ -19,7 +20,7 @@ from ddpm_pipeline.console import run_command
 from ddpm_pipeline.evaluation import EvaluationConfig
 from ddpm_pipeline.generation import SampleConfig, generate_samples, main
 from ddpm_pipeline.sample_store import SETTINGS_FILE
-from ddpm_pipeline.sampling import sample_store, sampling_pipeline
+from ddpm_pipeline.sampling import new_folder_batch_size, sample_store, sampling_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,7 +87,7 @@ def test_the_trajectory_shows_the_chain_of_the_first_images(tmp_path, tiny_pipel
 
 def test_more_images_later_keep_the_first_and_equal_a_fresh_run(tmp_path, tiny_pipeline):
     """Asked for more images, a folder keeps its own and adds the rest, with its own batch size
-    when none is given (image i depends on it); a new folder's default batch is 64."""
+    when none is given (image i depends on it)."""
     sample(tmp_path, tiny_pipeline, num_images=6)
     first = pngs(tmp_path / "out" / "images")
     report = sample(tmp_path, tiny_pipeline, num_images=10, batch_size=None)
@@ -96,7 +97,28 @@ def test_more_images_later_keep_the_first_and_equal_a_fresh_run(tmp_path, tiny_p
     sample(tmp_path, tiny_pipeline, folder="fresh", num_images=10)
     assert pngs(tmp_path / "fresh" / "images") == grown  # image i does not depend on how many were asked for
     assert SampleConfig(model="m").batch_size is None
-    assert sample(tmp_path, tiny_pipeline, folder="new", num_images=1, batch_size=None, grid_images=0)["batch_size"] == 64
+
+
+def test_a_new_folder_on_a_cpu_samples_no_more_images_than_asked_for(tmp_path, tiny_pipeline, monkeypatch):
+    """A batch is sampled whole, so on a CPU (whose time per step grows with the batch) a new folder's
+    default batch is at most --num_images, and at most 64; the network sees only those images. A GPU
+    keeps 64 (a batch of 64 costs it about what one of 4 does), and so does a --batch_size given."""
+    seen = []
+    forward = UNet2DModel.forward  # the class a saved pipeline's network loads as
+    monkeypatch.setattr(UNet2DModel, "forward", lambda self, sample, *args, **kwargs: seen.append(len(sample))
+                        or forward(self, sample, *args, **kwargs))  # fmt: skip
+    report = sample(tmp_path, tiny_pipeline, folder="preview", num_images=3, batch_size=None, grid_images=0)
+    assert report["batch_size"] == 3 and seen == [3] * 3  # 3 steps of the 3 images, not of 64
+    seen.clear()
+    assert sample(tmp_path, tiny_pipeline, folder="many", num_images=70, batch_size=None, grid_images=0)["batch_size"] == 64
+    assert seen == [64] * 3 + [64] * 3  # two batches, the second sampled whole (images 64–127, 6 of them kept)
+    preview = pixels(tmp_path / "preview" / "images")
+    assert not np.array_equal(preview, pixels(tmp_path / "many" / "images")[:3])  # image i depends on the batch size
+    sample(tmp_path, tiny_pipeline, folder="preview-64", num_images=3, batch_size=64, grid_images=0)
+    np.testing.assert_array_equal(pixels(tmp_path / "preview-64" / "images"), pixels(tmp_path / "many" / "images")[:3])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert new_folder_batch_size(64, 3, None) == 64
+    assert new_folder_batch_size(256, 3, "cpu") == 3 and new_folder_batch_size(256, 1000, "cpu") == 256
 
 
 def test_the_full_chain_by_default_and_other_options_refused(tmp_path, tiny_pipeline):
