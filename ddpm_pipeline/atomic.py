@@ -4,9 +4,9 @@ Everything this package writes that a later run reads back (checkpoints, snapsho
 reference statistics, reports, weights) is written under a temporary hidden name beside its final
 one and renamed into place (``os.replace``, atomic within one file system), so a crash — even a
 SIGKILL mid-write — leaves the previous version or nothing, never a truncated one. Checkpoints,
-which a long run cannot do without, are also flushed to the disk before their rename
-(:func:`flush_to_disk`), so that a power cut or a kernel crash right after it cannot leave them
-named but empty.
+and the models a run saves (its pipeline, snapshots, exports), which a long run cannot do without, are
+also flushed to the disk before their rename (:func:`flush_to_disk`), so that a power cut or a kernel
+crash right after it cannot leave them named but empty.
 """
 
 from __future__ import annotations
@@ -108,10 +108,12 @@ def move_into_place(source: str | Path, target: str | Path) -> None:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, flush: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` (:func:`temporary_sibling`) to write a file or a folder
     to; when the block ends without an exception it is moved onto ``path`` (:func:`move_into_place`), when it
     raises it is deleted and ``path`` is left as it was. The parent folder is created if missing.
+    With ``flush``, what was written is flushed to the disk before the move (:func:`flush_to_disk`),
+    and the parent folder's entries after it: for what a later run cannot do without (a model).
 
     Example::
 
@@ -124,7 +126,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     remove(temporary)
     try:
         yield temporary
+        if flush:
+            flush_to_disk(temporary)
         move_into_place(temporary, path)
+        if flush:
+            flush_folder_entries(path.parent)
     except BaseException:
         remove(temporary)
         raise

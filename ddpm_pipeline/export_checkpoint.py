@@ -180,7 +180,7 @@ def checkpoint_summary(checkpoint: str | Path, state: dict[str, Any]) -> dict[st
 def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None) -> Path:
     """Write ``checkpoint``'s pipeline (:func:`checkpoint_pipeline`), its options and
     :func:`checkpoint_summary` into ``output`` (default: ``snapshot-<N>steps`` beside the
-    checkpoint), atomically; return the folder. An existing ``output`` is refused."""
+    checkpoint), atomically and flushed to the disk; return the folder. An existing ``output`` is refused."""
     checkpoint = Path(checkpoint)
     state = read_checkpoint(checkpoint)
     step = state["global_step"]
@@ -191,7 +191,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None = None) 
     pipeline = checkpoint_pipeline(checkpoint, state)
     summary = checkpoint_summary(checkpoint, state)
     output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(output) as staging:
+    with atomic_path(output, flush=True) as staging:
         pipeline.save_pretrained(staging)
         (staging / CONFIG_FILE_NAME).write_text(json.dumps(state["training_config"], indent=2, sort_keys=True) + "\n")
         (staging / SNAPSHOT_SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")

@@ -31,7 +31,7 @@ from accelerate.utils import SCALER_NAME, DataLoaderConfiguration, ProjectConfig
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from .atomic import atomic_path, move_into_place, remove, temporary_sibling
+from .atomic import atomic_path, flush_folder_entries, flush_to_disk, move_into_place, remove, temporary_sibling
 from .checkpointing import (
     check_checkpoint_intact,
     check_start,
@@ -836,28 +836,53 @@ class Trainer:
 
     def save_pipeline(self, summary: dict[str, Any]) -> None:
         """``save_pretrained`` of the EMA pipeline into ``output_dir``, with the options and the run's
-        ``summary`` (``training_summary.json``) beside it; written to a temporary folder first and
-        moved into place part by part."""
+        ``summary`` (``training_summary.json``) beside it; written to a temporary folder first, flushed
+        to the disk (:func:`~ddpm_pipeline.atomic.flush_to_disk`) and moved into place part by part."""
         staging = temporary_sibling(self.output_dir / "pipeline")
         remove(staging)
-        self.sampling_pipeline().save_pretrained(staging)
-        self.config.save(staging / CONFIG_FILE_NAME)
-        (staging / TRAINING_SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            self.sampling_pipeline().save_pretrained(staging)
+            self.config.save(staging / CONFIG_FILE_NAME)
+            (staging / TRAINING_SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+            flush_to_disk(staging)
+        except OSError as error:  # a full disk at the end of a long run: the last checkpoint holds the model
+            remove(staging)
+            raise self.write_error("the pipeline", error) from error
         for entry in sorted(staging.iterdir()):
             move_into_place(entry, self.output_dir / entry.name)
         staging.rmdir()
+        flush_folder_entries(self.output_dir)
 
     def save_snapshot(self, name: str, summary: dict[str, Any]) -> Path:
         """The EMA pipeline now, with the options and ``snapshot.json`` (the run's ``summary`` at
-        this step: :meth:`run_summary`), into ``output_dir/name`` (written beside it, then renamed
-        into place)."""
+        this step: :meth:`run_summary`), into ``output_dir/name`` (written beside it, flushed to the
+        disk, then renamed into place)."""
         folder = self.output_dir / name
-        with atomic_path(folder) as staging:
-            self.sampling_pipeline().save_pretrained(staging)
-            self.config.save(staging / CONFIG_FILE_NAME)
-            (staging / SNAPSHOT_SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            with atomic_path(folder, flush=True) as staging:
+                self.sampling_pipeline().save_pretrained(staging)
+                self.config.save(staging / CONFIG_FILE_NAME)
+                (staging / SNAPSHOT_SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+        except OSError as error:
+            raise self.write_error(name, error) from error
         logger.info(f"wrote {folder} (step {summary['global_step']}, {summary['train_seconds'] / 60:.2f} min trained)")
         return folder
+
+    def write_error(self, what: str, error: OSError) -> OSError:
+        """``error`` (a full disk or quota, a lost mount) met writing ``what`` into ``output_dir``,
+        whose partial copy is gone, as an error that names what is safe and the way on: the last
+        checkpoint, from which ``--resume_from_checkpoint latest`` goes on (and, at the run's last
+        step, writes the pipeline)."""
+        checkpoints = list_checkpoints(self.output_dir)
+        failed = f"Could not write {what} in {self.output_dir} ({error.strerror or error}); its partial copy was removed."
+        if not checkpoints:
+            return OSError(error.errno, f"{failed} No checkpoint was written yet: free disk space and start the run again.")
+        return OSError(
+            error.errno,
+            f"{failed} The last complete checkpoint is {checkpoints[-1]}: free disk space (or pass another --output_dir "
+            "with the run copied there) and run the same command with --resume_from_checkpoint latest, which goes on "
+            "from it (at the run's last step, it writes the pipeline).",
+        )
 
     def _due_snapshots(self, global_step: int, train_seconds: float) -> list[str]:
         """The snapshots whose step or training minute has come and that are not written yet."""

@@ -160,9 +160,13 @@ def test_winograd_experiment_runs(tmp_path):
 def test_checkpoint_flush_cost_runs(tmp_path):
     result = load_benchmark("checkpoint_flush").main(["--model", "ddpm-tiny-16", "--writes", "2", "--output_dir",
                                                       str(tmp_path / "run"), "--output", str(tmp_path / "f.jsonl")])  # fmt: skip
-    assert result["with_flush_s"] > 0 and result["without_flush_s"] > 0 and result["checkpoint_mib"] > 1
+    assert result["with_flush_s"] > 0 and result["without_flush_s"] > 0 and result["mib"] > 1
     assert [path.name for path in (tmp_path / "run").iterdir()] == ["checkpoint-2"]
     assert json.loads((tmp_path / "f.jsonl").read_text())["model"] == "ddpm-tiny-16"
+    pipelines = load_benchmark("checkpoint_flush").main(["--model", "ddpm-tiny-16", "--writes", "2", "--what", "pipeline",
+                                                         "--output_dir", str(tmp_path / "pipelines")])  # fmt: skip
+    assert pipelines["written"] == "pipeline" and pipelines["with_flush_s"] > 0 and 0.5 < pipelines["mib"] < 1
+    assert sorted(path.name for path in (tmp_path / "pipelines").iterdir()) == ["pipeline-1", "pipeline-2"]
 
 
 def test_the_gpu_session_runs_tests_that_exist():

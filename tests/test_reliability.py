@@ -617,6 +617,60 @@ def test_snapshots_hold_the_pipeline_of_their_step_or_minute(tmp_path, caplog):
     assert not list(out.glob(".*tmp"))
 
 
+def test_the_models_a_run_saves_are_on_the_disk_before_they_are_named(tmp_path, monkeypatch):
+    """The pipeline and each snapshot are flushed to the disk under their temporary names, then the
+    folder that names them: a power cut cannot leave a finished run's model named but empty."""
+    opened: dict[int, str] = {}
+    synced: list[str] = []
+    original_open, original_fsync = os.open, os.fsync
+
+    def recording_open(path, flags, *args, **kwargs):
+        descriptor = original_open(path, flags, *args, **kwargs)
+        opened[descriptor] = str(path)
+        return descriptor
+
+    def recording_fsync(descriptor):
+        synced.append(opened[descriptor])
+        original_fsync(descriptor)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = tmp_path / "run"
+    main([*TINY, "--max_train_steps", "2", "--snapshot_steps", "1", "--checkpointing_steps", "none", "--output_dir", str(out)])
+    for temporary, final in [(out / ".pipeline.tmp", out), (out / ".snapshot-1steps.tmp", out / "snapshot-1steps")]:
+        flushed = {Path(path).relative_to(temporary) for path in synced if path.startswith(f"{temporary}/")}
+        model_files = {Path("model_index.json"), Path("unet/diffusion_pytorch_model.safetensors"), Path("unet/config.json"),
+                       Path("scheduler/scheduler_config.json"), Path("training_config.json")}  # fmt: skip
+        assert model_files <= flushed and all((final / name).exists() for name in flushed)  # files and folders
+    assert str(out) in synced[synced.index(f"{out}/.pipeline.tmp") :]  # the folder, after the moves named the files
+
+
+def test_a_full_disk_when_the_pipeline_is_written_names_the_checkpoint_that_writes_it(tmp_path, monkeypatch):
+    """The run's last checkpoint is written before its pipeline: a full disk then leaves no partial
+    pipeline, and names the checkpoint and the resume that writes the pipeline from it."""
+    out = tmp_path / "run"
+    command = [*TINY, "--max_train_steps", "2", "--checkpointing_steps", "none", "--output_dir", str(out)]
+
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(training_module, "flush_to_disk", full_disk)
+    with pytest.raises(OSError, match=re.escape(f"Could not write the pipeline in {out} (No space left on device); its "
+                                                f"partial copy was removed. The last complete checkpoint is "
+                                                f"{out / 'checkpoint-2'}: free disk space")) as failed:  # fmt: skip
+        main(command)
+    assert failed.value.errno == errno.ENOSPC and "--resume_from_checkpoint latest" in str(failed.value)
+    assert not (out / "model_index.json").exists() and not list(out.glob(".*tmp"))
+    monkeypatch.undo()
+    reset_accelerate()
+    main([*command, "--resume_from_checkpoint", "latest"])
+    reset_accelerate()
+    main([*TINY, "--max_train_steps", "2", "--checkpointing_steps", "none", "--output_dir", str(tmp_path / "whole")])
+    resumed = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    whole = load_file(str(tmp_path / "whole" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(resumed[name], whole[name]) for name in whole)
+
+
 def test_bad_snapshot_options_are_refused():
     with pytest.raises(ValueError, match="snapshot_minutes must be positive"):
         TrainingConfig(snapshot_minutes=[1.0, 0.0])
