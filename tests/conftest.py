@@ -115,3 +115,24 @@ def hub_cache_repo(cache: Path, repo_id: str, folder: Path) -> Path:
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(folder, repo / "snapshots" / commit)
     return repo / "snapshots" / commit
+
+
+def record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths ``os.fsync`` is called on from now on (each opened by ``os.open``), in order: a list
+    that fills as the test runs; the fsyncs still happen."""
+    opened: dict[int, str] = {}
+    synced: list[str] = []
+    original_open, original_fsync = os.open, os.fsync
+
+    def recording_open(path, flags, *args, **kwargs):
+        descriptor = original_open(path, flags, *args, **kwargs)
+        opened[descriptor] = str(path)
+        return descriptor
+
+    def recording_fsync(descriptor):
+        synced.append(opened[descriptor])
+        original_fsync(descriptor)
+
+    monkeypatch.setattr(os, "open", recording_open)
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return synced

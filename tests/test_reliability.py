@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import reset_accelerate, run_to_success, two_process_launch
+from conftest import record_fsyncs, reset_accelerate, run_to_success, two_process_launch
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -620,21 +620,7 @@ def test_snapshots_hold_the_pipeline_of_their_step_or_minute(tmp_path, caplog):
 def test_the_models_a_run_saves_are_on_the_disk_before_they_are_named(tmp_path, monkeypatch):
     """The pipeline and each snapshot are flushed to the disk under their temporary names, then the
     folder that names them: a power cut cannot leave a finished run's model named but empty."""
-    opened: dict[int, str] = {}
-    synced: list[str] = []
-    original_open, original_fsync = os.open, os.fsync
-
-    def recording_open(path, flags, *args, **kwargs):
-        descriptor = original_open(path, flags, *args, **kwargs)
-        opened[descriptor] = str(path)
-        return descriptor
-
-    def recording_fsync(descriptor):
-        synced.append(opened[descriptor])
-        original_fsync(descriptor)
-
-    monkeypatch.setattr(os, "open", recording_open)
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = record_fsyncs(monkeypatch)
     out = tmp_path / "run"
     main([*TINY, "--max_train_steps", "2", "--snapshot_steps", "1", "--checkpointing_steps", "none", "--output_dir", str(out)])
     for temporary, final in [(out / ".pipeline.tmp", out), (out / ".snapshot-1steps.tmp", out / "snapshot-1steps")]:

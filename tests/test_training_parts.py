@@ -11,6 +11,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import record_fsyncs
 from PIL import Image
 
 from ddpm_pipeline.checkpointing import (
@@ -259,21 +260,7 @@ def test_a_checkpoint_records_its_file_sizes_and_a_damaged_one_is_named(tmp_path
 def test_a_checkpoint_is_on_the_disk_before_it_is_named(tmp_path, monkeypatch):
     """Every file of the checkpoint is fsynced under its temporary name, then the folder holding the
     renamed checkpoint: a power cut cannot leave checkpoint-N with files of zeros or of no bytes."""
-    opened: dict[int, str] = {}
-    synced: list[str] = []
-    original_open, original_fsync = os.open, os.fsync
-
-    def recording_open(path, flags, *args, **kwargs):
-        descriptor = original_open(path, flags, *args, **kwargs)
-        opened[descriptor] = str(path)
-        return descriptor
-
-    def recording_fsync(descriptor):
-        synced.append(opened[descriptor])
-        original_fsync(descriptor)
-
-    monkeypatch.setattr(os, "open", recording_open)
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    synced = record_fsyncs(monkeypatch)
     write_checkpoint(tmp_path, 5, fake_state, {"global_step": 5})
     temporary = tmp_path / ".checkpoint-5.tmp"
     written = {path.relative_to(tmp_path / "checkpoint-5") for path in (tmp_path / "checkpoint-5").rglob("*") if path.is_file()}
