@@ -874,14 +874,14 @@ class Trainer:
         checkpoint, from which ``--resume_from_checkpoint latest`` goes on (and, at the run's last
         step, writes the pipeline)."""
         checkpoints = list_checkpoints(self.output_dir)
-        failed = f"Could not write {what} in {self.output_dir} ({error.strerror or error}); its partial copy was removed."
-        if not checkpoints:
-            return OSError(error.errno, f"{failed} No checkpoint was written yet: free disk space and start the run again.")
+        safe = (f"The last complete checkpoint is {checkpoints[-1]}" if checkpoints else
+                "No checkpoint was written yet (the run starts again from step 0, its snapshots with it)")  # fmt: skip
         return OSError(
             error.errno,
-            f"{failed} The last complete checkpoint is {checkpoints[-1]}: free disk space (or pass another --output_dir "
-            "with the run copied there) and run the same command with --resume_from_checkpoint latest, which goes on "
-            "from it (at the run's last step, it writes the pipeline).",
+            f"Could not write {what} in {self.output_dir} ({error.strerror or error}); its partial copy was removed. "
+            f"{safe}: free disk space (or pass another --output_dir with the run copied there) and run the same "
+            "command with --resume_from_checkpoint latest, which goes on from there (at the run's last step, it writes "
+            "the pipeline).",
         )
 
     def _due_snapshots(self, global_step: int, train_seconds: float) -> list[str]:

@@ -20,6 +20,7 @@ from conftest import record_fsyncs, reset_accelerate, run_to_success, two_proces
 from PIL import Image
 from safetensors.torch import load_file
 
+import ddpm_pipeline.atomic as atomic_module
 import ddpm_pipeline.training as training_module
 from ddpm_pipeline import evaluate, preflight
 from ddpm_pipeline.checkpointing import (
@@ -655,6 +656,18 @@ def test_a_full_disk_when_the_pipeline_is_written_names_the_checkpoint_that_writ
     resumed = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     whole = load_file(str(tmp_path / "whole" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(resumed[name], whole[name]) for name in whole)
+    # a snapshot before the first checkpoint: the same resume starts the run again
+    reset_accelerate()
+    early = tmp_path / "early"
+    monkeypatch.setattr(atomic_module, "flush_to_disk", full_disk)
+    with pytest.raises(OSError, match=re.escape("Could not write snapshot-1steps in ") + ".* No checkpoint was written "
+                                      r"yet \(the run starts again from step 0.* --resume_from_checkpoint latest"):
+        main([*command[:-1], str(early), "--snapshot_steps", "1"])
+    assert not list(early.glob("*snapshot*"))
+    monkeypatch.undo()
+    reset_accelerate()
+    main([*command[:-1], str(early), "--snapshot_steps", "1", "--resume_from_checkpoint", "latest"])
+    assert (early / "snapshot-1steps" / "snapshot.json").is_file() and (early / "model_index.json").is_file()
 
 
 def test_bad_snapshot_options_are_refused():
