@@ -26,7 +26,7 @@ from .atomic import atomic_path
 from .bound_store import BoundStore
 from .class_balance import sliced_classes_warning
 from .data import describe_data_source, spread_subset
-from .evaluation_config import DEFAULT_BATCH_SIZE, EvaluationConfig
+from .evaluation_config import DEFAULT_BATCH_SIZE, QUICK_CPU_EVALUATION, EvaluationConfig
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .hold_out import held_out_amount
 from .images import MOSTLY_PADDING, ImagePreprocessor, check_padding, inspect_images, padded_coverage
@@ -338,6 +338,14 @@ class _DrawnSamples:
     seconds: float
 
 
+def long_evaluation_advice(config: EvaluationConfig) -> str:
+    """What a sampling that would take long on a CPU suggests: the quick protocol
+    (:data:`~ddpm_pipeline.evaluation_config.QUICK_CPU_EVALUATION`), unless it asks for no more."""
+    if config.num_samples <= 1000 and config.num_inference_steps <= 100:
+        return ""
+    return f"for a quick FID-1k on a CPU, stop it (Ctrl-C) and give {QUICK_CPU_EVALUATION}"
+
+
 def _draw_samples(config: EvaluationConfig, device: torch.device, processes: LaunchedProcesses,
                   folder: Path) -> _DrawnSamples:  # fmt: skip
     """Fill the sample store in ``folder`` with ``config.num_samples`` images of ``config.model``
@@ -349,7 +357,8 @@ def _draw_samples(config: EvaluationConfig, device: torch.device, processes: Lau
         store = sample_store(folder, config.model, config.num_inference_steps, config.seed, config.batch_size,
                              sampler.unet.dtype, config.scheduler, config.eta, noise_device(device),
                              timestep_spacing_of(sampler))  # fmt: skip
-    reused, written, seconds = processes.fill(store, sampler, config.num_samples)
+    reused, written, seconds = processes.fill(store, sampler, config.num_samples,
+                                              long_job_advice=long_evaluation_advice(config))  # fmt: skip
     return _DrawnSamples(folder, reused, store.paths(config.num_samples), sampling_record(sampler, config.fast_sampling),
                          written, seconds)  # fmt: skip
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from .atomic import atomic_path
 from .json_files import read_json_object
 from .pipeline_ddpm_target import DDPMTargetPipeline, DDPMTargetPipelineOutput
 from .seeding import derive_seed
+
+if TYPE_CHECKING:  # sampling imports this module
+    from .sampling import SamplingPace
 
 logger = logging.getLogger(__name__)
 
@@ -188,8 +191,11 @@ class SampleStore:
         show_progress: bool = True,
         process_index: int = 0,
         num_processes: int = 1,
+        pace: SamplingPace | None = None,
     ) -> int:
-        """Sample until ``num_samples`` images exist; returns how many were newly written.
+        """Sample until ``num_samples`` images exist; returns how many were newly written. ``pace``
+        (:class:`~ddpm_pipeline.sampling.SamplingPace`) times the first batch's steps, to tell early
+        how long the whole job will take.
 
         Whole batches are sampled (the last one's surplus is discarded) so that every image is the
         same whatever ``num_samples`` is. Each PNG is written to a temporary name and renamed.
@@ -203,9 +209,12 @@ class SampleStore:
         written = 0
         pipeline.set_progress_bar_config(disable=not show_progress, leave=False, desc="denoising a batch")
         todo = sum(min(batch_size, num_samples - batch * batch_size) for batch in batches)
+        if pace is not None:
+            pace.expect(len(batches), int(self.settings["num_inference_steps"]), batch_size)
         with tqdm(total=todo, desc="sampling", unit="img", disable=not show_progress or not batches) as progress:
             for batch in batches:
-                images = self.sample_batch(pipeline, batch).images
+                timed = pace if batch == batches[0] else None
+                images = self.sample_batch(pipeline, batch, callback_on_step_end=timed).images
                 _refuse_diverged(images, batch)
                 kept = images[: max(0, num_samples - batch * batch_size)]
                 for index, image in enumerate(kept, start=batch * batch_size):
@@ -216,11 +225,13 @@ class SampleStore:
                 progress.update(len(kept))  # a batch at once: the rate and time left count whole batches
         return written
 
-    def sample_batch(self, pipeline: DDPMTargetPipeline, batch: int, trajectory_steps: int | None = None) -> DDPMTargetPipelineOutput:
+    def sample_batch(self, pipeline: DDPMTargetPipeline, batch: int, trajectory_steps: int | None = None,
+                     callback_on_step_end: Callable | None = None) -> DDPMTargetPipelineOutput:  # fmt: skip
         """Batch ``batch`` as the store samples it: ``batch_size`` images (``output_type="np"``) from
         the generator seeded by :func:`batch_seed` of ``(seed, batch)`` (on the CPU, or on the
         pipeline's GPU for a store whose ``noise_device`` is ``"cuda"``), with the store's steps and
-        η; with ``trajectory_steps``, its trajectory recorded too (the images are the same)."""
+        η; with ``trajectory_steps``, its trajectory recorded too (the images are the same), and
+        ``callback_on_step_end`` called after each step, as the pipeline calls it."""
         # noise on the pipeline's GPU when the store says so (the GPU each process samples on)
         device = pipeline.device if self.option("noise_device") != "cpu" else "cpu"
         generator = torch.Generator(device=device).manual_seed(batch_seed(int(self.settings["seed"]), batch))
@@ -231,6 +242,7 @@ class SampleStore:
             eta=float(self.option("eta")),
             output_type="np",
             trajectory_steps=trajectory_steps,
+            callback_on_step_end=callback_on_step_end,
         )
 
     def paths(self, num_samples: int) -> list[Path]:

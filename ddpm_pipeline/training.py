@@ -55,6 +55,7 @@ from .data import (
     load_image_dataset,
     spread_subset,
 )
+from .evaluation_config import QUICK_CPU_EVALUATION
 from .hold_out import held_out_amount, hold_out_last_rows, split_at_random
 from .images import ImageSource, check_padding, inspect_images, levels_to_model_range, warn_if_mostly_padding
 from .losses import diffusion_loss_terms, has_bound_term
@@ -154,11 +155,6 @@ class TrainingResult:
     device_type: str = "cpu"
     """Where it trained: ``"cpu"``, ``"cuda"``, … (``torch.device.type``)."""
 
-
-#: The eval_metrics.py options a run trained on a CPU suggests: the README's protocol for the main job
-#: (11 to 14 minutes on the 2-core reference machine), where the defaults would sample for days.
-QUICK_CPU_EVALUATION = ("--metrics fid,kid,bpd --num_samples 1000 --num_inference_steps 100 --reference_max_images 1000 "
-                        "--bpd_num_images 500 --bpd_timesteps 20")
 
 #: A periodic grid that takes longer than this fraction of the training time between two grids gets
 #: a warning (once a run) naming the options that make grids cheaper.
