@@ -40,7 +40,7 @@ class EvaluationConfig:
     scheduler: str = sampling_option("scheduler")
     eta: float = sampling_option("eta")
     timestep_spacing: str | None = sampling_option("timestep_spacing")
-    batch_size: int | None = field(default=None, metadata={"help": f"Images per sampling / feature batch (default: with --model, the batch size of the samples already in the samples folder, else {DEFAULT_BATCH_SIZE}). Sample i depends on the seed and the batch size."})  # noqa: E501
+    batch_size: int | None = field(default=None, metadata={"help": f"Images per sampling / feature batch (default: with --model, the batch size of the samples already in the samples folder, else {DEFAULT_BATCH_SIZE}, on a CPU at most --num_samples). Sample i depends on the seed and the batch size."})  # noqa: E501
     fast_sampling: str = sampling_option("fast_sampling")
     compile_unet: bool | None = sampling_option("compile_unet")
     sampling_dtype: str = sampling_option("sampling_dtype")

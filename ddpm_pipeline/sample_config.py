@@ -29,7 +29,7 @@ class SampleConfig:
     scheduler: str = sampling_option("scheduler")
     eta: float = sampling_option("eta")
     timestep_spacing: str | None = sampling_option("timestep_spacing")
-    batch_size: int | None = field(default=None, metadata={"help": f"Images per sampling batch (default: the batch size of the images already in <output_dir>/images, else {DEFAULT_BATCH_SIZE}). Image i depends on the seed and the batch size."})  # noqa: E501
+    batch_size: int | None = field(default=None, metadata={"help": f"Images per sampling batch (default: the batch size of the images already in <output_dir>/images, else {DEFAULT_BATCH_SIZE}, on a CPU at most --num_images). Image i depends on the seed and the batch size."})  # noqa: E501
     seed: int = field(default=0, metadata={"help": "Sampling seed (image i is the same for any --num_images at the same --batch_size)."})
     fast_sampling: str = sampling_option("fast_sampling")
     compile_unet: bool | None = sampling_option("compile_unet")
