@@ -39,6 +39,7 @@ from .metrics import (
     feature_metrics,
     fewest_images,
 )
+from .pace import Pace
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder
@@ -255,6 +256,7 @@ def bound_over_data(
     store: BoundStore | None = None,
     before_batch: Callable[[], None] | None = None,
     dataset: datasets.Dataset | None = None,
+    long_job_advice: str = "",
 ) -> dict[str, Any] | None:
     """bits/dim averaged over ``num_images`` images of ``source`` spread evenly over it
     (:func:`~ddpm_pipeline.data.spread_subset`; all when None), with its per-term
@@ -272,7 +274,8 @@ def bound_over_data(
     With a ``store`` (:func:`bound_store`), each batch's terms are kept as soon as they are
     computed and a repeated call reads them back, so an interrupted run resumes where it stopped.
     ``before_batch`` is called before each batch that is computed (a time limit may raise there).
-    ``dataset`` is ``source``'s images where this process has loaded them already.
+    ``dataset`` is ``source``'s images where this process has loaded them already. On a CPU, a
+    bound that will take long is told early (:class:`~ddpm_pipeline.pace.Pace`, with ``long_job_advice``).
     """
     processes = processes or LaunchedProcesses(device)
     with processes.main_first():  # one download of a Hub data set, which the others then read from the cache
@@ -287,8 +290,12 @@ def bound_over_data(
     unet = pipeline.unet.to(device).eval()
     mine: list[tuple[int, BoundTerms]] = []
     batches = range(processes.index, -(-count // batch_size), processes.count)
+    # on a CPU, how long the batches left take, told from the first one computed (the main process's)
+    pace = Pace("the bound (bits/dim)", long_job_advice) if processes.is_main and device.type == "cpu" else None
+    num_train = scheduler.config.num_train_timesteps
+    evaluations_per_batch = num_train if num_timesteps is None else min(num_timesteps + 1, num_train)  # + the decoder
     with strict_float32(device):
-        for batch_index in tqdm(batches, desc="bits/dim", unit="batch", disable=not processes.is_main):
+        for position, batch_index in enumerate(tqdm(batches, desc="bits/dim", unit="batch", disable=not processes.is_main)):
             bound = store.load(batch_index) if store is not None else None
             if bound is None:
                 if before_batch is not None:
@@ -297,7 +304,11 @@ def bound_over_data(
                 opened = [source_images.open(index) for index in range(start, min(start + batch_size, count))]
                 batch = torch.stack([preprocess(image) for image in opened]).to(device)
                 share = torch.tensor([preprocess.data_share(image.size) for image in opened])
-                bound = batch_bound(unet, scheduler, batch, num_timesteps, seed, batch_index,
+                network = unet
+                if pace is not None and not pace.ticks:  # the first batch this call computes
+                    pace.expect((len(batches) - position) * evaluations_per_batch, len(opened))
+                    network = pace.timed(unet)
+                bound = batch_bound(network, scheduler, batch, num_timesteps, seed, batch_index,
                                     show_progress=processes.is_main).per_data_dimension(share)  # fmt: skip
                 if store is not None:
                     store.save(batch_index, bound)
@@ -346,6 +357,17 @@ def long_evaluation_advice(config: EvaluationConfig) -> str:
     return f"for a quick FID-1k on a CPU, stop it (Ctrl-C) and give {QUICK_CPU_EVALUATION}"
 
 
+def long_bound_advice(config: EvaluationConfig) -> str:
+    """What a bound that would take long on a CPU suggests: the quick protocol's ``--bpd_num_images``
+    and ``--bpd_timesteps`` (an unbiased estimate from that many timesteps per image), where it asks
+    for more."""
+    images, timesteps = config.bpd_num_images, config.bpd_timesteps
+    if images is not None and images <= 500 and timesteps is not None and timesteps <= 20:
+        return ""
+    return ("for an estimate on a CPU, stop it (Ctrl-C) and give --bpd_num_images 500 --bpd_timesteps 20 (an unbiased "
+            "estimate from 20 timesteps per image, as the quick protocol)")
+
+
 def _draw_samples(config: EvaluationConfig, device: torch.device, processes: LaunchedProcesses,
                   folder: Path) -> _DrawnSamples:  # fmt: skip
     """Fill the sample store in ``folder`` with ``config.num_samples`` images of ``config.model``
@@ -379,7 +401,7 @@ def _measure_bound(config: EvaluationConfig, pipeline: DDPMTargetPipeline, sourc
     processes.wait()  # counted before any process adds its own
     bound = bound_over_data(
         pipeline, source, preprocess, config.bpd_num_images, config.bpd_timesteps, config.bpd_batch_size,
-        config.seed, device, processes, store=terms_store, dataset=dataset,
+        config.seed, device, processes, store=terms_store, dataset=dataset, long_job_advice=long_bound_advice(config),
     )  # fmt: skip
     if bound is not None:
         bound["data"] = config.bpd_data or config.reference  # as given, as the reference is: no more of the disk

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,11 +23,9 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_path
 from .json_files import read_json_object
+from .pace import Pace
 from .pipeline_ddpm_target import DDPMTargetPipeline, DDPMTargetPipelineOutput
 from .seeding import derive_seed
-
-if TYPE_CHECKING:  # sampling imports this module
-    from .sampling import SamplingPace
 
 logger = logging.getLogger(__name__)
 
@@ -191,11 +189,11 @@ class SampleStore:
         show_progress: bool = True,
         process_index: int = 0,
         num_processes: int = 1,
-        pace: SamplingPace | None = None,
+        pace: Pace | None = None,
     ) -> int:
         """Sample until ``num_samples`` images exist; returns how many were newly written. ``pace``
-        (:class:`~ddpm_pipeline.sampling.SamplingPace`) times the first batch's steps, to tell early
-        how long the whole job will take.
+        (:class:`~ddpm_pipeline.pace.Pace`) times the first batch's steps, to tell early how long the
+        whole job will take.
 
         Whole batches are sampled (the last one's surplus is discarded) so that every image is the
         same whatever ``num_samples`` is. Each PNG is written to a temporary name and renamed.
@@ -210,7 +208,7 @@ class SampleStore:
         pipeline.set_progress_bar_config(disable=not show_progress, leave=False, desc="denoising a batch")
         todo = sum(min(batch_size, num_samples - batch * batch_size) for batch in batches)
         if pace is not None:
-            pace.expect(len(batches), int(self.settings["num_inference_steps"]), batch_size)
+            pace.expect(len(batches) * int(self.settings["num_inference_steps"]), batch_size)
         with tqdm(total=todo, desc="sampling", unit="img", disable=not show_progress or not batches) as progress:
             for batch in batches:
                 timed = pace if batch == batches[0] else None

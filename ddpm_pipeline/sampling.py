@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from .checkpointing import checkpoint_step, list_checkpoints
 from .inception_weights import file_digest
 from .option_values import FAST_SAMPLING_CHOICES, SAMPLING_DTYPE_CHOICES, SCHEDULER_CHOICES, TIMESTEP_SPACINGS
+from .pace import Pace
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .pretrained import is_local_source
 from .run_outputs import snapshot_name
@@ -92,53 +92,6 @@ def new_folder_batch_size(default: int, num_images: int, device: str | None) -> 
     return default
 
 
-#: A sampling job on a CPU that would take longer than this is announced with its length.
-LONG_SAMPLING_SECONDS = 10 * 60
-
-
-class SamplingPace:
-    """How long a sampling job on a CPU will take, told before it has run for long: used as the
-    first batch's ``callback_on_step_end``, it times that batch's second step (the first one pays
-    for one-off set-up) and, where the job's ``steps`` network evaluations of a batch (every step of
-    every batch it has to sample, :meth:`expect`) would take more than
-    :data:`LONG_SAMPLING_SECONDS`, logs that length once, with ``advice`` for a shorter job. The
-    progress bar's estimate only comes after the first whole batch, which on a CPU can be minutes."""
-
-    def __init__(self, advice: str = "", clock: Callable[[], float] = time.perf_counter):
-        self.advice = advice
-        self.clock = clock
-        self.steps = 0
-        self.batch_size = 0
-        self.step_ends: list[float] = []
-
-    def expect(self, batches: int, steps_per_batch: int, batch_size: int) -> None:
-        """The job ahead: ``batches`` batches of ``batch_size`` images, ``steps_per_batch`` steps each."""
-        self.steps, self.batch_size = batches * steps_per_batch, batch_size
-
-    def __call__(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Note the end of a step; after the second, estimate the job's length (``seconds a step × steps``)."""
-        self.step_ends.append(self.clock())
-        if len(self.step_ends) == 2:
-            seconds_per_step = self.step_ends[1] - self.step_ends[0]
-            seconds = seconds_per_step * self.steps
-            if seconds > LONG_SAMPLING_SECONDS:
-                logger.warning(
-                    f"this sampling takes about {_duration(seconds)} on this CPU ({self.steps:,} network evaluations of a "
-                    f"batch of {self.batch_size} at {seconds_per_step:.2f} s each, the pace of the first batch)"
-                    + (f"; {self.advice}" if self.advice else "")
-                )
-        return callback_kwargs
-
-
-def _duration(seconds: float) -> str:
-    """``seconds`` for people: minutes, hours or days."""
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
-
-
 @dataclass
 class LaunchedProcesses:
     """The processes a sampling or evaluation command runs in: this one alone, or the ``N`` that
@@ -197,9 +150,9 @@ class LaunchedProcesses:
         by the main process before any process writes; 0 on the others), how many this process
         wrote, and the seconds the sampling took, from the processes' start together to their end
         together. On a CPU, the main process tells early how long a long job will take
-        (:class:`SamplingPace`, with ``long_job_advice``)."""
+        (:class:`~ddpm_pipeline.pace.Pace`, with ``long_job_advice``)."""
         reused = store.count_existing(num_samples) if self.is_main else 0
-        pace = SamplingPace(long_job_advice) if self.is_main and self.device.type == "cpu" else None
+        pace = Pace("this sampling", long_job_advice) if self.is_main and self.device.type == "cpu" else None
         self.wait()
         started = time.perf_counter()
         written = store.fill(pipeline, num_samples, show_progress=self.is_main, process_index=self.index,

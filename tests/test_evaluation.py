@@ -35,7 +35,8 @@ from pixel_features import FEATURES, PixelFeatures, logits_of
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, evaluate
 from ddpm_pipeline import evaluation as evaluation_module
-from ddpm_pipeline.evaluation import EvaluationConfig, bound_store, data_source, main
+from ddpm_pipeline import pace as pace_module
+from ddpm_pipeline.evaluation import EvaluationConfig, bound_store, data_source, long_bound_advice, main
 from ddpm_pipeline.features import MissingClassifierError
 from ddpm_pipeline.generation import generate_samples, read_images, write_npz
 from ddpm_pipeline.images import ImagePreprocessor
@@ -394,7 +395,8 @@ def test_started_by_a_launcher_on_the_cpu_evaluation_takes_back_the_cores(tmp_pa
         assert torch.get_num_threads() == cpu_threads_per_process(1)
 
 
-def test_an_interrupted_bound_resumes_from_its_finished_batches(tmp_path, tiny_pipeline, reference_data, monkeypatch):
+def test_an_interrupted_bound_resumes_from_its_finished_batches(tmp_path, tiny_pipeline, reference_data, monkeypatch,
+                                                                 caplog):  # fmt: skip
     options = dict(metrics="bpd", bpd_num_images=5, bpd_batch_size=2, bpd_timesteps=3)
     whole = run(tmp_path, tiny_pipeline, reference_data, output=str(tmp_path / "whole.json"), **options)
     assert whole["metrics"]["bpd"]["batches_reused"] == 0 and not (tmp_path / "whole-bpd-partial").exists()
@@ -411,7 +413,14 @@ def test_an_interrupted_bound_resumes_from_its_finished_batches(tmp_path, tiny_p
         run(tmp_path, tiny_pipeline, reference_data, output=str(tmp_path / "resumed.json"), **options)
     assert sorted(p.name for p in (tmp_path / "resumed-bpd-partial").glob("batch-*")) == ["batch-000000.pt"]
     monkeypatch.setattr(evaluation_module, "batch_bound", original)
-    resumed = run(tmp_path, tiny_pipeline, reference_data, output=str(tmp_path / "resumed.json"), **options)
+    monkeypatch.setattr(pace_module, "LONG_JOB_SECONDS", 0.0)  # every bound is long: its length is told
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.pace"):
+        resumed = run(tmp_path, tiny_pipeline, reference_data, output=str(tmp_path / "resumed.json"), **options)
+    # the 2 batches left of 2 images, each 3 timesteps and the decoder, timed on the first of them
+    assert [m.split(" at ")[0] for m in caplog.messages if m.startswith("the bound")] == [
+        "the bound (bits/dim) takes about 0 min on this CPU (8 network evaluations of a batch of 2"]
+    assert long_bound_advice(EvaluationConfig(model="m", bpd_num_images=5, bpd_timesteps=3)) == ""
+    assert "--bpd_num_images 500 --bpd_timesteps 20" in long_bound_advice(EvaluationConfig(model="m"))  # every timestep
     assert resumed["metrics"]["bpd"].pop("batches_reused") == 1
     whole["metrics"]["bpd"].pop("batches_reused")
     assert resumed["metrics"]["bpd"] == whole["metrics"]["bpd"]  # the same numbers, exactly

@@ -17,13 +17,14 @@ from PIL import Image
 from pixel_features import FEATURES
 
 from ddpm_pipeline import DDPMTargetPipeline, DDPMTargetScheduler, DDPMUNet, evaluate
-from ddpm_pipeline import sampling as sampling_module
+from ddpm_pipeline import pace as pace_module
 from ddpm_pipeline.console import run_command
 from ddpm_pipeline.evaluation import EvaluationConfig, long_evaluation_advice
 from ddpm_pipeline.evaluation_config import QUICK_CPU_EVALUATION
 from ddpm_pipeline.generation import SampleConfig, generate_samples, main
+from ddpm_pipeline.pace import Pace, duration
 from ddpm_pipeline.sample_store import SETTINGS_FILE
-from ddpm_pipeline.sampling import SamplingPace, new_folder_batch_size, sample_store, sampling_pipeline
+from ddpm_pipeline.sampling import new_folder_batch_size, sample_store, sampling_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,22 +126,23 @@ def test_a_new_folder_on_a_cpu_samples_no_more_images_than_asked_for(tmp_path, t
 
 
 def test_a_long_sampling_on_a_cpu_is_announced_from_the_first_batchs_pace(tmp_path, tiny_pipeline, monkeypatch, caplog):
-    """The first batch's second step is timed, and a job longer than LONG_SAMPLING_SECONDS is told
-    with its length (the steps of every batch ahead at that pace) and how to shorten it, once; the
-    timing changes no image."""
+    """The first batch's second step is timed, and a job longer than LONG_JOB_SECONDS is told with
+    its length (the steps of every batch ahead at that pace) and how to shorten it, once; the timing
+    changes no image."""
     ticks = iter([10.0, 12.5, 99.0])  # the ends of steps 1 and 2: 2.5 s a step
-    pace = SamplingPace("fewer steps", clock=lambda: next(ticks))
-    pace.expect(batches=3, steps_per_batch=1000, batch_size=64)
-    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.sampling"):
+    pace = Pace("this sampling", "fewer steps", clock=lambda: next(ticks))
+    pace.expect(evaluations=3 * 1000, batch_size=64)
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.pace"):
         for step in range(3):
             assert pace(None, step, 999 - step, {"latents": step}) == {"latents": step}
     assert caplog.messages == ["this sampling takes about 2.1 h on this CPU (3,000 network evaluations of a batch of 64 "
                                "at 2.50 s each, the pace of the first batch); fewer steps"]  # fmt: skip
+    assert [duration(seconds) for seconds in (61, 7199, 7200, 172800)] == ["1 min", "120 min", "2.0 h", "2.0 days"]
     caplog.clear()
     quiet = sample(tmp_path, tiny_pipeline, folder="quiet", num_images=6, num_inference_steps=40, grid_images=0)
     assert "this sampling takes" not in caplog.text  # a few seconds
-    monkeypatch.setattr(sampling_module, "LONG_SAMPLING_SECONDS", 0.0)
-    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.sampling"):
+    monkeypatch.setattr(pace_module, "LONG_JOB_SECONDS", 0.0)
+    with caplog.at_level(logging.WARNING, logger="ddpm_pipeline.pace"):
         told = sample(tmp_path, tiny_pipeline, folder="told", num_images=6, num_inference_steps=40, grid_images=0)
     announced = [message for message in caplog.messages if message.startswith("this sampling takes about")]
     assert len(announced) == 1 and "(80 network evaluations of a batch of 4 at " in announced[0]  # 2 batches × 40
