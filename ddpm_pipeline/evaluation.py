@@ -45,14 +45,13 @@ from .plots import save_bound_terms_plot, save_image_grid
 from .preflight import check_pipeline_folder
 from .provenance import model_training, package_versions
 from .reference import DataSource, naming_unreadable_npz, reference_statistics, training_data_reference
-from .sample_store import recorded_batch_size
 from .sampling import (
     LaunchedProcesses,
     check_hub_model,
     check_model_exists,
+    folder_batch_size,
     load_pipeline,
     model_identity,
-    new_folder_batch_size,
     noise_device,
     sample_store,
     sampling_pipeline,
@@ -499,8 +498,7 @@ def evaluate(config: EvaluationConfig | None = None, **options: Any) -> dict[str
         # read before the processes join, so before any of them writes the folder's record
         batch_size = DEFAULT_BATCH_SIZE
         if config.model:
-            new_folder = new_folder_batch_size(DEFAULT_BATCH_SIZE, config.num_samples, config.device)
-            batch_size = recorded_batch_size(store_folder, new_folder)
+            batch_size = folder_batch_size(store_folder, DEFAULT_BATCH_SIZE, config.num_samples, config.device)
         config = replace(config, batch_size=batch_size)
     processes = LaunchedProcesses.from_environment(config.device)
     device = processes.device

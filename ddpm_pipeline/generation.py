@@ -31,10 +31,10 @@ from .plots import save_image_grid
 from .preflight import check_output_dir, check_pipeline_folder
 from .provenance import model_training, package_versions
 from .sample_config import DEFAULT_BATCH_SIZE, SampleConfig
-from .sample_store import SampleStore, recorded_batch_size
+from .sample_store import SampleStore
 from .sampling import (
     LaunchedProcesses,
-    new_folder_batch_size,
+    folder_batch_size,
     noise_device,
     sample_store,
     sampling_pipeline,
@@ -88,8 +88,8 @@ def generate_samples(config: SampleConfig | None = None, **options: Any) -> dict
     output_dir = Path(config.output_dir)
     if config.batch_size is None:  # the folder's own, so that adding images to it is never refused for it;
         # read before the processes join, so before any of them writes the folder's record
-        new_folder = new_folder_batch_size(DEFAULT_BATCH_SIZE, config.num_images, config.device)
-        config = replace(config, batch_size=recorded_batch_size(output_dir / IMAGES_FOLDER, new_folder))
+        batch_size = folder_batch_size(output_dir / IMAGES_FOLDER, DEFAULT_BATCH_SIZE, config.num_images, config.device)
+        config = replace(config, batch_size=batch_size)
     processes = LaunchedProcesses.from_environment(config.device, program="sample_ddpm.py")
     device = processes.device
     if Path(config.model).exists():  # else a Hub repo id, checked by from_pretrained

@@ -24,7 +24,7 @@ from .pace import Pace
 from .pipeline_ddpm_target import DDPMTargetPipeline
 from .pretrained import is_local_source
 from .run_outputs import snapshot_name
-from .sample_store import UNRECORDED_DEFAULTS, SampleStore
+from .sample_store import UNRECORDED_DEFAULTS, SampleStore, recorded_batch_size
 from .scheduling_ddpm_target import DDPMTargetScheduler
 from .speed import cpu_precision_advice, cpu_threads_per_process, is_compiled
 from .stop_signals import lone_process_advice, started_by_launcher
@@ -90,6 +90,19 @@ def new_folder_batch_size(default: int, num_images: int, device: str | None) -> 
     if requested_device(device).type == "cpu":
         return max(1, min(default, num_images))
     return default
+
+
+def folder_batch_size(folder: str | Path, default: int, num_images: int, device: str | None) -> int:
+    """``--batch_size`` when none is given: the batch size the samples in ``folder`` were drawn with
+    (image ``i`` depends on it, so a folder grows in its own), else :func:`new_folder_batch_size`.
+    Growing a folder whose batch is smaller than a new one's is logged, with the way to larger
+    batches: a new folder."""
+    new_folder = new_folder_batch_size(default, num_images, device)
+    batch_size = recorded_batch_size(folder, new_folder)
+    if batch_size < new_folder and num_images > batch_size:
+        logger.info(f"{folder} holds samples drawn in batches of {batch_size}, so its new ones are too (image i "
+                    f"depends on the batch size); a new folder would sample in batches of {new_folder}")  # fmt: skip
+    return batch_size
 
 
 @dataclass

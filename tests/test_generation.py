@@ -103,7 +103,7 @@ def test_more_images_later_keep_the_first_and_equal_a_fresh_run(tmp_path, tiny_p
     assert SampleConfig(model="m").batch_size is None
 
 
-def test_a_new_folder_on_a_cpu_samples_no_more_images_than_asked_for(tmp_path, tiny_pipeline, monkeypatch):
+def test_a_new_folder_on_a_cpu_samples_no_more_images_than_asked_for(tmp_path, tiny_pipeline, monkeypatch, caplog):
     """A batch is sampled whole, so on a CPU (whose time per step grows with the batch) a new folder's
     default batch is at most --num_images, and at most 64; the network sees only those images. A GPU
     keeps 64 (a batch of 64 costs it about what one of 4 does), and so does a --batch_size given."""
@@ -120,6 +120,12 @@ def test_a_new_folder_on_a_cpu_samples_no_more_images_than_asked_for(tmp_path, t
     assert not np.array_equal(preview, pixels(tmp_path / "many" / "images")[:3])  # image i depends on the batch size
     sample(tmp_path, tiny_pipeline, folder="preview-64", num_images=3, batch_size=64, grid_images=0)
     np.testing.assert_array_equal(pixels(tmp_path / "preview-64" / "images"), pixels(tmp_path / "many" / "images")[:3])
+    # a preview grown later keeps its batch, and says so
+    with caplog.at_level(logging.INFO, logger="ddpm_pipeline.sampling"):
+        grown = sample(tmp_path, tiny_pipeline, folder="preview", num_images=8, batch_size=None, grid_images=0)
+    assert grown["batch_size"] == 3 and grown["samples_reused"] == 3
+    assert f"{tmp_path / 'preview' / 'images'} holds samples drawn in batches of 3, so its new ones are too" in caplog.text
+    assert "a new folder would sample in batches of 8" in caplog.text
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert new_folder_batch_size(64, 3, None) == 64
     assert new_folder_batch_size(256, 3, "cpu") == 3 and new_folder_batch_size(256, 1000, "cpu") == 256
