@@ -28,9 +28,11 @@ from diffusers import UNet2DModel
 from huggingface_hub import hf_hub_download
 from huggingface_hub.utils import (
     EntryNotFoundError,
+    HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    validate_repo_id,
 )
 
 from .checkpointing import TRAINER_STATE_NAME, checkpoint_step
@@ -61,6 +63,21 @@ def is_local_source(source: str) -> bool:
     )
 
 
+def check_repo_id(source: str, option: str) -> None:
+    """Raise, naming ``option`` and the fix, when ``source`` is no local path
+    (:func:`is_local_source`) and no valid Hub repo id either (a folder's name with a space, say),
+    which huggingface_hub would refuse with its own traceback."""
+    if is_local_source(source):
+        return
+    try:
+        validate_repo_id(source)
+    except HFValidationError as error:
+        raise FileNotFoundError(
+            f"{option} {source!r} is not a folder, nor a Hub repo id (owner/name, of letters, digits, '-', '_' and "
+            "'.'): give a folder that exists (is the path right?) or a Hub repo id."
+        ) from error
+
+
 @dataclass(frozen=True)
 class PretrainedDDPM:
     """The configs of a trained DDPM (read without its weights), to build a run on.
@@ -86,6 +103,7 @@ class PretrainedDDPM:
             folder = Path(source).expanduser().resolve()
             _check_local_folder(folder, source)
             source = str(folder)
+        check_repo_id(source, "--pretrained_model_name_or_path")
         index = _read_json(source, PIPELINE_INDEX, None, revision, cache_dir)
         if index is not None:
             _check_pipeline_index(index, source)

@@ -22,7 +22,7 @@ from .inception_weights import file_digest
 from .option_values import FAST_SAMPLING_CHOICES, SAMPLING_DTYPE_CHOICES, SCHEDULER_CHOICES, TIMESTEP_SPACINGS
 from .pace import Pace
 from .pipeline_ddpm_target import DDPMTargetPipeline
-from .pretrained import is_local_source
+from .pretrained import check_repo_id, is_local_source
 from .run_outputs import snapshot_name
 from .sample_store import UNRECORDED_DEFAULTS, SampleStore, recorded_batch_size
 from .scheduling_ddpm_target import DDPMTargetScheduler
@@ -237,12 +237,14 @@ def sampling_record(pipeline: DDPMTargetPipeline, fast_sampling: str) -> dict[st
 
 def check_model_exists(model: str) -> None:
     """Raise, naming the fix, when ``model`` is a path (:func:`~ddpm_pipeline.pretrained.is_local_source`)
-    that does not exist: it cannot be a Hub repo id either."""
+    that does not exist (it cannot be a Hub repo id either), or a name that is no valid Hub repo id
+    (:func:`~ddpm_pipeline.pretrained.check_repo_id`)."""
     if is_local_source(model) and not Path(model).expanduser().exists():
         raise FileNotFoundError(
             f"--model {model} is not a folder, nor a Hub repo id (user/name): give a train_ddpm.py --output_dir "
             "or a save_pretrained folder (is the path right?)."
         )
+    check_repo_id(model, "--model")
 
 
 def unreachable_hub_model_message(model: str) -> str:

@@ -3,6 +3,7 @@ UNets and Hub repos (through the Hub cache, offline), keeping the network and it
 
 import json
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -202,6 +203,9 @@ def test_a_hub_repo_id_loads_through_the_hub_cache(tmp_path):
     assert trainer.noise_scheduler.config.variance_type == "fixed_large"
     with pytest.raises(FileNotFoundError, match="neither cached nor reachable"):
         PretrainedDDPM.load("someone/not-cached", cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match=re.escape("--pretrained_model_name_or_path 'my run' is not a folder, nor "
+                                                          "a Hub repo id")):  # fmt: skip
+        PretrainedDDPM.load("my run", cache_dir=str(tmp_path / "cache"))
 
 
 def test_the_training_resolution_and_dropout_may_change(tmp_path):

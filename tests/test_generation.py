@@ -264,6 +264,8 @@ def test_bad_options_name_the_fix(tmp_path, tiny_pipeline):
             SampleConfig(**{"model": str(tiny_pipeline), **options}).validate()
     with pytest.raises(FileNotFoundError, match="is not a folder, nor a Hub repo id"):
         sample(tmp_path, tmp_path / "no-such-run")
+    with pytest.raises(FileNotFoundError, match=re.escape("--model 'my run' is not a folder, nor a Hub repo id (owner/name")):
+        sample(tmp_path, "my run")  # a folder's name with a space: huggingface_hub's HFValidationError before
     refused = f"--output_dir {tiny_pipeline} holds a pipeline .* e.g. --output_dir {tiny_pipeline}-samples"
     with pytest.raises(ValueError, match=refused):  # its trajectory.png would be replaced, its push would carry the images
         SampleConfig(model=str(tiny_pipeline), output_dir=str(tiny_pipeline)).validate()
