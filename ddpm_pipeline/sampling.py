@@ -86,7 +86,7 @@ def new_folder_batch_size(default: int, num_images: int, device: str | None) -> 
     batch of 64 take the time of 64, and a CPU's time per step grows with the batch: on the 2-core
     reference CPU the DDPM CIFAR-10 network takes 0.2 s a step at batch 4 and 4 s at 64. A GPU
     evaluates a batch of 64 in about the time of 4, so there ``default`` stays, which a folder grown
-    later keeps. A folder with images keeps its own batch size (``recorded_batch_size``)."""
+    later keeps. A folder with images keeps its own batch size (:func:`folder_batch_size`)."""
     if requested_device(device).type == "cpu":
         return max(1, min(default, num_images))
     return default
