@@ -148,18 +148,29 @@ def write_checkpoint(
     except OSError as error:  # a full disk or quota, a lost mount: free what was written, say what is safe
         if is_main_process:
             shutil.rmtree(temporary, ignore_errors=True)
-        earlier = list_checkpoints(output_dir)
-        raise OSError(
-            error.errno,
-            f"Could not write {final.name} in {output_dir} ({error.strerror or error}); its partial copy was removed. "
-            f"The last complete checkpoint is {earlier[-1] if earlier else 'none'}: free disk space (or pass another "
-            "--output_dir with the checkpoint copied there) and resume with --resume_from_checkpoint latest.",
-        ) from error
+        raise disk_write_error(output_dir, final.name, error) from error
     if is_main_process:
         move_into_place(temporary, final)
         flush_folder_entries(output_dir)  # the rename itself, before older checkpoints are pruned
     wait_for_everyone()
     return final
+
+
+def disk_write_error(output_dir: str | Path, what: str, error: OSError) -> OSError:
+    """``error`` (a full disk or quota, a lost mount) met writing ``what`` (a checkpoint, the
+    pipeline, a snapshot) into a run's ``output_dir``, whose partial copy is gone, as an error with
+    the same ``errno`` that names what is safe and the way on: the last complete checkpoint, from
+    which ``--resume_from_checkpoint latest`` goes on (at the run's last step, writing the pipeline)."""
+    checkpoints = list_checkpoints(output_dir)
+    safe = (f"The last complete checkpoint is {checkpoints[-1]}" if checkpoints else
+            "No checkpoint was written yet (the run starts again from step 0)")  # fmt: skip
+    return OSError(
+        error.errno,
+        f"Could not write {what} in {output_dir} ({error.strerror or error}); its partial copy was removed. "
+        f"{safe}: free disk space (or pass another --output_dir with the run copied there) and run the same "
+        "command with --resume_from_checkpoint latest, which goes on from there (at the run's last step, it writes "
+        "the pipeline).",
+    )
 
 
 def file_sizes(folder: Path) -> dict[str, int]:

@@ -36,6 +36,7 @@ from .checkpointing import (
     check_checkpoint_intact,
     check_start,
     checkpoint_step,
+    disk_write_error,
     list_checkpoints,
     naming_damage,
     prune_checkpoints,
@@ -843,7 +844,7 @@ class Trainer:
             flush_to_disk(staging)
         except OSError as error:  # a full disk at the end of a long run: the last checkpoint holds the model
             remove(staging)
-            raise self.write_error("the pipeline", error) from error
+            raise disk_write_error(self.output_dir, "the pipeline", error) from error
         for entry in sorted(staging.iterdir()):
             move_into_place(entry, self.output_dir / entry.name)
         staging.rmdir()
@@ -860,25 +861,9 @@ class Trainer:
                 self.config.save(staging / CONFIG_FILE_NAME)
                 (staging / SNAPSHOT_SUMMARY_NAME).write_text(json.dumps(summary, indent=2) + "\n")
         except OSError as error:
-            raise self.write_error(name, error) from error
+            raise disk_write_error(self.output_dir, name, error) from error
         logger.info(f"wrote {folder} (step {summary['global_step']}, {summary['train_seconds'] / 60:.2f} min trained)")
         return folder
-
-    def write_error(self, what: str, error: OSError) -> OSError:
-        """``error`` (a full disk or quota, a lost mount) met writing ``what`` into ``output_dir``,
-        whose partial copy is gone, as an error that names what is safe and the way on: the last
-        checkpoint, from which ``--resume_from_checkpoint latest`` goes on (and, at the run's last
-        step, writes the pipeline)."""
-        checkpoints = list_checkpoints(self.output_dir)
-        safe = (f"The last complete checkpoint is {checkpoints[-1]}" if checkpoints else
-                "No checkpoint was written yet (the run starts again from step 0, its snapshots with it)")  # fmt: skip
-        return OSError(
-            error.errno,
-            f"Could not write {what} in {self.output_dir} ({error.strerror or error}); its partial copy was removed. "
-            f"{safe}: free disk space (or pass another --output_dir with the run copied there) and run the same "
-            "command with --resume_from_checkpoint latest, which goes on from there (at the run's last step, it writes "
-            "the pipeline).",
-        )
 
     def _due_snapshots(self, global_step: int, train_seconds: float) -> list[str]:
         """The snapshots whose step or training minute has come and that are not written yet."""
