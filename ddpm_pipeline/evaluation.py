@@ -31,7 +31,7 @@ from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .hold_out import held_out_amount
 from .images import MOSTLY_PADDING, ImagePreprocessor, check_padding, inspect_images, padded_coverage
 from .json_files import read_json_object
-from .likelihood import BoundTerms, batch_bound
+from .likelihood import BoundTerms, batch_bound, bound_evaluations_per_image
 from .metrics import (
     FEATURE_METRICS,
     REFERENCE_METRICS,
@@ -291,8 +291,7 @@ def bound_over_data(
     batches = range(processes.index, -(-count // batch_size), processes.count)
     # on a CPU, how long the batches left take, told from the first one computed (the main process's)
     pace = Pace("the bound (bits/dim)", long_job_advice) if processes.is_main and device.type == "cpu" else None
-    num_train = scheduler.config.num_train_timesteps
-    evaluations_per_batch = num_train if num_timesteps is None else min(num_timesteps + 1, num_train)  # + the decoder
+    evaluations_per_batch = bound_evaluations_per_image(scheduler.config.num_train_timesteps, num_timesteps)
     with strict_float32(device):
         for position, batch_index in enumerate(tqdm(batches, desc="bits/dim", unit="batch", disable=not processes.is_main)):
             bound = store.load(batch_index) if store is not None else None

@@ -204,6 +204,18 @@ def stratified_timesteps(
 
 
 @torch.no_grad()
+def is_exact_bound(num_train_timesteps: int, num_timesteps: int | None) -> bool:
+    """Whether :func:`variational_bound` with ``num_timesteps`` computes every ``L_{t-1}`` (None, or
+    at least ``T - 1`` timesteps) rather than an estimate from ``num_timesteps`` strata."""
+    return num_timesteps is None or num_timesteps >= num_train_timesteps - 1
+
+
+def bound_evaluations_per_image(num_train_timesteps: int, num_timesteps: int | None) -> int:
+    """The network evaluations :func:`variational_bound` makes per image: the decoder's at ``t = 0``
+    and one per timestep, ``T`` for the exact bound, ``K + 1`` for an estimate from ``K``."""
+    return num_train_timesteps if is_exact_bound(num_train_timesteps, num_timesteps) else num_timesteps + 1
+
+
 def variational_bound(
     unet: Callable[..., object],
     scheduler: DDPMTargetScheduler,
@@ -229,7 +241,7 @@ def variational_bound(
     x0 = quantize(original_samples.double())
     batch = x0.shape[0]
     num_train = scheduler.config.num_train_timesteps
-    exact = num_timesteps is None or num_timesteps >= num_train - 1
+    exact = is_exact_bound(num_train, num_timesteps)
     if exact:
         chosen = torch.arange(1, num_train, device=device).expand(batch, -1)
         weights = torch.ones(num_train - 1, dtype=torch.float64)

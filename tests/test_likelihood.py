@@ -11,6 +11,7 @@ from scipy.stats import norm
 from ddpm_pipeline import DDPMTargetScheduler, DDPMUNet, diffusion_loss
 from ddpm_pipeline.likelihood import (
     BoundTerms,
+    bound_evaluations_per_image,
     discretized_gaussian_log_likelihood,
     normal_kl,
     prior_bpd,
@@ -148,6 +149,13 @@ def test_stratified_timestep_estimate_is_unbiased_and_far_tighter_than_uniform_d
     assert standard_error > 0  # really random
     assert abs(estimate.diffusion.mean().item() - exact.diffusion.item()) < 4 * standard_error
     assert estimate.per_timestep is None
+    # the network evaluations each makes per batch, as bound_evaluations_per_image counts them
+    calls = []
+    counting = lambda *args: calls.append(1) or oracle(*args)  # noqa: E731
+    for timesteps in (None, K, T - 1):
+        calls.clear()
+        variational_bound(counting, scheduler, images[:3], num_timesteps=timesteps, generator=torch.Generator().manual_seed(1))
+        assert len(calls) == bound_evaluations_per_image(T, timesteps) == (T if timesteps in (None, T - 1) else K + 1)
     terms = exact.per_timestep[0, 1:].numpy()  # L_{t-1} for t = 1..T-1
     n = len(terms)
     uniform_std = math.sqrt(n**2 / K * terms.var() * (n - K) / (n - 1))  # K of n without replacement, scaled by n/K
