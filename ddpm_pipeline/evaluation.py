@@ -26,7 +26,7 @@ from .atomic import atomic_path
 from .bound_store import BoundStore
 from .class_balance import sliced_classes_warning
 from .data import describe_data_source, spread_subset
-from .evaluation_config import DEFAULT_BATCH_SIZE, QUICK_CPU_EVALUATION, EvaluationConfig
+from .evaluation_config import DEFAULT_BATCH_SIZE, QUICK_CPU_EVALUATION, QUICK_CPU_SETTINGS, EvaluationConfig
 from .features import METRIC_LAYERS, FeatureExtractorSpec, extract_features
 from .hold_out import held_out_amount
 from .images import MOSTLY_PADDING, ImagePreprocessor, check_padding, inspect_images, padded_coverage
@@ -347,10 +347,16 @@ class _DrawnSamples:
     seconds: float
 
 
+def _asks_for_more_than_quick(config: EvaluationConfig, names: tuple[str, ...]) -> bool:
+    """Whether any of ``config``'s settings ``names`` asks for more than :data:`QUICK_CPU_SETTINGS`
+    (None: all images, every timestep)."""
+    return any(getattr(config, name) is None or getattr(config, name) > QUICK_CPU_SETTINGS[name] for name in names)
+
+
 def long_evaluation_advice(config: EvaluationConfig) -> str:
     """What a sampling that would take long on a CPU suggests: the quick protocol
     (:data:`~ddpm_pipeline.evaluation_config.QUICK_CPU_EVALUATION`), unless it asks for no more."""
-    if config.num_samples <= 1000 and config.num_inference_steps <= 100:
+    if not _asks_for_more_than_quick(config, ("num_samples", "num_inference_steps")):
         return ""
     return f"for a quick FID-1k on a CPU, stop it (Ctrl-C) and give {QUICK_CPU_EVALUATION}"
 
@@ -359,11 +365,12 @@ def long_bound_advice(config: EvaluationConfig) -> str:
     """What a bound that would take long on a CPU suggests: the quick protocol's ``--bpd_num_images``
     and ``--bpd_timesteps`` (an unbiased estimate from that many timesteps per image), where it asks
     for more."""
-    images, timesteps = config.bpd_num_images, config.bpd_timesteps
-    if images is not None and images <= 500 and timesteps is not None and timesteps <= 20:
+    names = ("bpd_num_images", "bpd_timesteps")
+    if not _asks_for_more_than_quick(config, names):
         return ""
-    return ("for an estimate on a CPU, stop it (Ctrl-C) and give --bpd_num_images 500 --bpd_timesteps 20 (an unbiased "
-            "estimate from 20 timesteps per image, as the quick protocol)")
+    quick = " ".join(f"--{name} {QUICK_CPU_SETTINGS[name]}" for name in names)
+    return (f"for an estimate on a CPU, stop it (Ctrl-C) and give {quick} (an unbiased estimate from "
+            f"{QUICK_CPU_SETTINGS['bpd_timesteps']} timesteps per image, as the quick protocol)")
 
 
 def _draw_samples(config: EvaluationConfig, device: torch.device, processes: LaunchedProcesses,

@@ -16,10 +16,12 @@ from .training_config import dataclass_parser, split_problems, take_python_value
 
 #: Images per sampling and feature batch when no --batch_size is given and no samples are there.
 DEFAULT_BATCH_SIZE = 256
-#: The options a run trained on a CPU suggests, and a long evaluation on a CPU: the README's protocol
+#: The settings a run trained on a CPU suggests, and a long evaluation on a CPU: the README's protocol
 #: for the main job (11 to 14 minutes on the 2-core reference machine), where the defaults would sample for days.
-QUICK_CPU_EVALUATION = ("--metrics fid,kid,bpd --num_samples 1000 --num_inference_steps 100 --reference_max_images 1000 "
-                        "--bpd_num_images 500 --bpd_timesteps 20")
+QUICK_CPU_SETTINGS = {"num_samples": 1000, "num_inference_steps": 100, "reference_max_images": 1000,
+                      "bpd_num_images": 500, "bpd_timesteps": 20}  # fmt: skip
+#: :data:`QUICK_CPU_SETTINGS` as ``eval_metrics.py`` options.
+QUICK_CPU_EVALUATION = "--metrics fid,kid,bpd " + " ".join(f"--{name} {value}" for name, value in QUICK_CPU_SETTINGS.items())
 
 
 @dataclass
